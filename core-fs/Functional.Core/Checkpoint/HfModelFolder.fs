@@ -1,0 +1,81 @@
+namespace Functional.Checkpoint
+
+open System
+open System.IO
+open System.Text.Json
+open TorchSharp
+open Functional
+open Functional.Models
+
+/// Hugging Face model folders: `config.json` + `model.safetensors` (or shards listed by
+/// `model.safetensors.index.json`), with the tensor names save_pretrained of the LM-head model writes.
+[<RequireQualifiedAccess>]
+module HfModelFolder =
+
+    /// The weight files of a folder: model.safetensors, or the shards its index names.
+    let private weightFiles (folder: string) =
+        let single = Path.Combine(folder, "model.safetensors")
+        let index = Path.Combine(folder, "model.safetensors.index.json")
+        if File.Exists single then [ single ]
+        elif File.Exists index then
+            let document =
+                try JsonDocument.Parse(File.ReadAllText index)
+                with :? JsonException as e -> InvalidInput.fail index "" (sprintf "not valid JSON (%s)" e.Message)
+            use document = document
+            match document.RootElement.TryGetProperty "weight_map" with
+            | true, map when map.ValueKind = JsonValueKind.Object ->
+                [ for entry in map.EnumerateObject() do
+                      if entry.Value.ValueKind <> JsonValueKind.String then
+                          InvalidInput.fail index ("weight_map." + entry.Name) "expected a file name"
+                      yield Path.Combine(folder, entry.Value.GetString()) ]
+                |> List.distinct
+            | _ -> InvalidInput.fail index "weight_map" "expected an object mapping tensor names to shard files"
+        else
+            InvalidInput.fail folder "" "the model folder has no model.safetensors (nor model.safetensors.index.json)"
+
+    /// The state-dict spec of a model: its parameters and the buffers and tied keys files may hold.
+    let spec (model: CausalLm) : StateDictSpec =
+        { Expected = CausalLm.parameterSpec model
+          BasePrefix = model.BasePrefix
+          IgnoredSuffixes = model.IgnoredBufferSuffixes
+          TiedKeys = model.TiedKeys }
+
+    /// Loads a model folder: parses config.json, checks every tensor's name and shape against the config
+    /// (from the safetensors headers, before any data is read), builds the model and copies the weights in
+    /// as float32. Raises InvalidInputException naming the file and field or tensor at fault.
+    let load (folder: string) (seed: int64) : CausalLm =
+        Functional.Runtime.TorchRuntime.ensure ()
+        if not (Directory.Exists folder) then InvalidInput.fail folder "" "the model folder does not exist"
+        let config = ModelConfig.load (Path.Combine(folder, "config.json"))
+        let files = weightFiles folder
+        files |> List.iter (fun f -> if not (File.Exists f) then InvalidInput.fail f "" "the weight file does not exist")
+        let model = CausalLm.create config seed
+        let weights = StateDict.matchShards files (spec model) torch.float32
+        try
+            use _ = torch.no_grad ()
+            for struct (name, parameter) in model.Module.named_parameters () do
+                parameter.copy_ weights[name] |> ignore
+        finally
+            weights |> Map.iter (fun _ t -> t.Dispose())
+        model
+
+    /// Writes config.json and model.safetensors (save_pretrained's names, tied head omitted) to folder.
+    /// Files go to a staging folder first, which then replaces folder, so a failure never leaves a
+    /// half-written model behind.
+    let save (folder: string) (model: CausalLm) =
+        let full = Path.GetFullPath folder
+        let parent = Path.GetDirectoryName full
+        Directory.CreateDirectory parent |> ignore
+        let staging = Path.Combine(parent, sprintf ".%s.staging-%d" (Path.GetFileName full) Environment.ProcessId)
+        if Directory.Exists staging then Directory.Delete(staging, true)
+        Directory.CreateDirectory staging |> ignore
+        File.WriteAllText(Path.Combine(staging, "config.json"), ModelConfig.toJson model.Config)
+        let tensors = [ for struct (name, p) in model.Module.named_parameters () -> name, (p :> torch.Tensor) ]
+        StateDict.export (Path.Combine(staging, "model.safetensors")) (Map [ "format", "pt" ]) tensors
+        if Directory.Exists full then
+            let old = Path.Combine(parent, sprintf ".%s.old-%d" (Path.GetFileName full) Environment.ProcessId)
+            Directory.Move(full, old)
+            Directory.Move(staging, full)
+            Directory.Delete(old, true)
+        else
+            Directory.Move(staging, full)

@@ -1,0 +1,82 @@
+namespace Functional.Data
+
+open System
+open TorchSharp
+open Functional
+
+/// The order in which an epoch visits the rows of a dataset.
+[<RequireQualifiedAccess>]
+module Sampler =
+
+    /// SplitMix64: a small, fully specified generator, so a shuffle depends only on (seed, epoch)
+    /// and never on the .NET version.
+    let private splitMix64 (state: uint64 byref) =
+        state <- state + 0x9E3779B97F4A7C15UL
+        let mutable z = state
+        z <- (z ^^^ (z >>> 30)) * 0xBF58476D1CE4E5B9UL
+        z <- (z ^^^ (z >>> 27)) * 0x94D049BB133111EBUL
+        z ^^^ (z >>> 31)
+
+    /// Rows in file order.
+    let sequential (rowCount: int) : int[] = Array.init rowCount id
+
+    /// A permutation of the rows drawn from (seed, epoch) alone: the same for the same seed and epoch,
+    /// different across epochs (Fisher-Yates over SplitMix64).
+    let shuffled (seed: int64) (epoch: int) (rowCount: int) : int[] =
+        let order = Array.init rowCount id
+        let mutable state = uint64 seed * 0x100000001B3UL + uint64 epoch * 0x9E3779B97F4A7C15UL
+        for i in rowCount - 1 .. -1 .. 1 do
+            let j = int (splitMix64 &state % uint64 (i + 1))
+            let t = order[i]
+            order[i] <- order[j]
+            order[j] <- t
+        order
+
+/// One micro-batch: right-padded token ids and their labels.
+[<NoEquality; NoComparison>]
+type MicroBatch =
+    { /// Token ids (B, T) int64, rows right-padded with the pad id.
+      InputIds: torch.Tensor
+      /// Labels (B, T) int64: the token ids, with -100 at padding positions (ignored by the loss).
+      Labels: torch.Tensor
+      /// Positions the causal loss predicts: labels after the shift that are not -100.
+      PredictedTokens: int64
+      /// Real (non-padding) tokens in the micro-batch.
+      Tokens: int64 }
+    interface IDisposable with
+        member this.Dispose() =
+            this.InputIds.Dispose()
+            this.Labels.Dispose()
+
+/// Turning rows of token ids into padded micro-batches.
+[<RequireQualifiedAccess>]
+module Batching =
+
+    /// The label value the loss ignores (PyTorch's and HF's ignore_index).
+    [<Literal>]
+    let IgnoreIndex = -100L
+
+    /// Splits an epoch's row order into consecutive micro-batches of batchSize rows (the last may be smaller).
+    let microBatches (batchSize: int) (order: int[]) : int[][] =
+        if batchSize < 1 then invalidArg (nameof batchSize) "the batch size must be at least 1"
+        Array.chunkBySize batchSize order
+
+    /// Predicted tokens of a row of length n after truncation to maxSeqLen: every token but the first.
+    let predictedTokens (maxSeqLen: int) (row: int64[]) : int64 = int64 (max 0 (min row.Length maxSeqLen - 1))
+
+    /// Truncates each row to its first maxSeqLen tokens, right-pads all rows to the longest with padId,
+    /// and labels padding positions with -100.
+    let collate (maxSeqLen: int) (padId: int64) (rows: int64[][]) : MicroBatch =
+        let lengths = rows |> Array.map (fun r -> min r.Length maxSeqLen)
+        let width = max 1 (Array.max lengths)
+        let ids = Array.create (rows.Length * width) padId
+        let labels = Array.create (rows.Length * width) IgnoreIndex
+        rows
+        |> Array.iteri (fun r row ->
+            Array.blit row 0 ids (r * width) lengths[r]
+            Array.blit row 0 labels (r * width) lengths[r])
+        let shape = [| int64 rows.Length; int64 width |]
+        { InputIds = torch.tensor(ids, shape, dtype = torch.int64)
+          Labels = torch.tensor(labels, shape, dtype = torch.int64)
+          PredictedTokens = rows |> Array.sumBy (predictedTokens maxSeqLen)
+          Tokens = lengths |> Array.sumBy int64 }

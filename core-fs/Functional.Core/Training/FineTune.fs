@@ -1,0 +1,92 @@
+namespace Functional.Training
+
+open System
+open System.Diagnostics
+open System.IO
+open System.Text.Json
+open Functional
+open Functional.Checkpoint
+open Functional.Data
+
+/// A fine-tuning job: where the model, data and output are, and how to train.
+[<NoComparison>]
+type FineTuneRequest =
+    { /// A Hugging Face model folder (config.json + model.safetensors).
+      ModelPath: string
+      /// Pre-tokenized JSON Lines.
+      DataPath: string
+      /// The output folder (metrics.jsonl, final/).
+      OutputPath: string
+      /// Allow an output folder that is not empty.
+      OverwriteOutputDir: bool
+      /// The hyperparameters.
+      Options: TrainOptions }
+
+/// What a finished job wrote.
+[<NoComparison>]
+type FineTuneResult =
+    { /// Optimizer steps taken.
+      Steps: int
+      /// The last step's loss.
+      FinalLoss: float
+      /// OUTPUT/metrics.jsonl.
+      MetricsPath: string
+      /// OUTPUT/final: config.json + model.safetensors in HF naming.
+      FinalModelPath: string
+      /// Wall-clock seconds of the whole job.
+      Seconds: float }
+
+/// Runs a fine-tuning job end to end: everything is validated before anything is written.
+[<RequireQualifiedAccess>]
+module FineTune =
+
+    let private jsonOptions =
+        JsonSerializerOptions(NumberHandling = Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals)
+
+    /// One metrics.jsonl line (HF's names: step, epoch, loss, lr, grad_norm).
+    let metricsLine (log: StepLog) =
+        let fields =
+            Collections.Generic.Dictionary<string, obj>(
+                dict
+                    [ "step", box log.Step
+                      "epoch", box log.Epoch
+                      "loss", box log.Loss
+                      "lr", box log.LearningRate
+                      "grad_norm", box log.GradNorm
+                      "num_tokens", box log.PredictedTokens
+                      "tokens_per_second", box log.TokensPerSecond ])
+        JsonSerializer.Serialize(fields, jsonOptions)
+
+    let private checkOutputFolder (request: FineTuneRequest) =
+        let path = request.OutputPath
+        if File.Exists path then InvalidInput.fail path "" "the output path is a file (expected a folder)"
+        if Directory.Exists path && Directory.EnumerateFileSystemEntries path |> Seq.isEmpty |> not && not request.OverwriteOutputDir then
+            InvalidInput.fail path "" "the output folder already exists and is not empty; pass --overwrite-output-dir to write into it"
+
+    /// Validates options, output folder, model folder and data (raising InvalidInputException before
+    /// anything is written), then trains, writing OUTPUT/metrics.jsonl as it goes and OUTPUT/final/ at the
+    /// end (staged and renamed, so a failed run never leaves a half-written final/).
+    let run (request: FineTuneRequest) (onStep: StepLog -> unit) : FineTuneResult =
+        let clock = Stopwatch.StartNew()
+        TrainOptions.validate request.Options
+        checkOutputFolder request
+        let model = HfModelFolder.load request.ModelPath request.Options.Seed
+        let dataset = TokenizedDataset.load request.DataPath
+        TokenizedDataset.checkVocabulary (HfModelFolder.vocabSize model) dataset
+        if dataset.Rows |> Array.sumBy (Batching.predictedTokens request.Options.MaxSeqLen) = 0L then
+            InvalidInput.fail request.DataPath "" "no row has two or more tokens: there is nothing to predict"
+        Directory.CreateDirectory request.OutputPath |> ignore
+        let metricsPath = Path.Combine(request.OutputPath, "metrics.jsonl")
+        let finalPath = Path.Combine(request.OutputPath, "final")
+        let _, finalLoss, steps =
+            use metrics = new StreamWriter(metricsPath, false)
+            Trainer.train request.Options model dataset (fun log ->
+                metrics.WriteLine(metricsLine log)
+                metrics.Flush()
+                onStep log)
+        HfModelFolder.save finalPath model
+        { Steps = steps
+          FinalLoss = finalLoss
+          MetricsPath = metricsPath
+          FinalModelPath = finalPath
+          Seconds = clock.Elapsed.TotalSeconds }

@@ -1,0 +1,190 @@
+namespace Functional.Training
+
+open System
+open Functional
+
+/// The optimizer of a run (`--optimizer`).
+[<RequireQualifiedAccess>]
+type OptimizerKind =
+    /// torch.optim.AdamW: decoupled weight decay (HF Trainer's default, "adamw_torch").
+    | AdamW
+    /// torch.optim.SGD with optional momentum and Nesterov; its weight decay is coupled (L2).
+    | Sgd
+
+/// Hyperparameters of a fine-tuning run, named after HF TrainingArguments / DeepSpeed-Chat options.
+/// `TrainOptions.defaults` holds HF's defaults; `TrainOptions.validate` checks every field.
+[<NoComparison>]
+type TrainOptions =
+    { /// Rows per micro-batch (default 8, HF's per_device_train_batch_size).
+      PerDeviceTrainBatchSize: int
+      /// Micro-batches per optimizer step (default 1).
+      GradientAccumulationSteps: int
+      /// Peak learning rate (default 5e-5).
+      LearningRate: float
+      /// Weight decay; skipped for biases and normalization weights (default 0).
+      WeightDecay: float
+      /// Adam's beta1 (default 0.9).
+      AdamBeta1: float
+      /// Adam's beta2 (default 0.999).
+      AdamBeta2: float
+      /// Adam's epsilon, added after bias correction as torch.optim.AdamW does (default 1e-8).
+      AdamEpsilon: float
+      /// AdamW (default) or SGD.
+      Optimizer: OptimizerKind
+      /// SGD momentum (default 0).
+      Momentum: float
+      /// SGD Nesterov momentum (default false).
+      Nesterov: bool
+      /// The learning-rate schedule (default linear, as HF).
+      LrSchedulerType: SchedulerKind
+      /// Schedule-specific parameters (HF's lr_scheduler_kwargs).
+      LrSchedulerOptions: ScheduleOptions
+      /// Warmup steps; wins over WarmupRatio when > 0 (default 0).
+      NumWarmupSteps: int
+      /// Warmup as a fraction of the total steps, rounded up (default 0).
+      WarmupRatio: float
+      /// Epochs when MaxSteps is not set; may be fractional (default 3).
+      NumTrainEpochs: float
+      /// Total optimizer steps; -1 (default) means NumTrainEpochs decides. Data restarts after each epoch.
+      MaxSteps: int
+      /// Global gradient-norm clipping threshold; 0 turns clipping off (default 1.0).
+      MaxGradNorm: float
+      /// Rows are truncated to this many tokens (default 512, DeepSpeed-Chat's max_seq_len).
+      MaxSeqLen: int
+      /// Seeds weight initialization, dropout and shuffling (default 42).
+      Seed: int64
+      /// Shuffle rows each epoch from (seed, epoch); false keeps file order (default true).
+      Shuffle: bool
+      /// Write metrics every this many optimizer steps; the last step is always written (default 1).
+      LoggingSteps: int
+      /// Intra-op threads; 0 uses every core (default 0).
+      Threads: int }
+
+/// Defaults and validation of TrainOptions.
+[<RequireQualifiedAccess>]
+module TrainOptions =
+
+    /// HF TrainingArguments' defaults (max_seq_len from DeepSpeed-Chat, logging every step).
+    let defaults =
+        { PerDeviceTrainBatchSize = 8
+          GradientAccumulationSteps = 1
+          LearningRate = 5e-5
+          WeightDecay = 0.0
+          AdamBeta1 = 0.9
+          AdamBeta2 = 0.999
+          AdamEpsilon = 1e-8
+          Optimizer = OptimizerKind.AdamW
+          Momentum = 0.0
+          Nesterov = false
+          LrSchedulerType = SchedulerKind.Linear
+          LrSchedulerOptions = ScheduleOptions.Defaults
+          NumWarmupSteps = 0
+          WarmupRatio = 0.0
+          NumTrainEpochs = 3.0
+          MaxSteps = -1
+          MaxGradNorm = 1.0
+          MaxSeqLen = 512
+          Seed = 42L
+          Shuffle = true
+          LoggingSteps = 1
+          Threads = 0 }
+
+    let private check condition option (problem: unit -> string) =
+        if not condition then InvalidInput.option option (problem ())
+
+    let private finite (x: float) = not (Double.IsNaN x || Double.IsInfinity x)
+
+    /// Raises InvalidInputException naming the option (in its command-line spelling) of the first
+    /// field out of range.
+    let validate (o: TrainOptions) =
+        check (o.PerDeviceTrainBatchSize >= 1) "--per-device-train-batch-size" (fun () ->
+            sprintf "must be at least 1, got %d" o.PerDeviceTrainBatchSize)
+        check (o.GradientAccumulationSteps >= 1) "--gradient-accumulation-steps" (fun () ->
+            sprintf "must be at least 1, got %d" o.GradientAccumulationSteps)
+        check (finite o.LearningRate && o.LearningRate >= 0.0) "--learning-rate" (fun () ->
+            sprintf "must be a finite number >= 0, got %g" o.LearningRate)
+        check (finite o.WeightDecay && o.WeightDecay >= 0.0) "--weight-decay" (fun () ->
+            sprintf "must be a finite number >= 0, got %g" o.WeightDecay)
+        check (o.AdamBeta1 >= 0.0 && o.AdamBeta1 < 1.0) "--adam-beta1" (fun () ->
+            sprintf "must lie in [0, 1), got %g" o.AdamBeta1)
+        check (o.AdamBeta2 >= 0.0 && o.AdamBeta2 < 1.0) "--adam-beta2" (fun () ->
+            sprintf "must lie in [0, 1), got %g" o.AdamBeta2)
+        check (finite o.AdamEpsilon && o.AdamEpsilon >= 0.0) "--adam-epsilon" (fun () ->
+            sprintf "must be a finite number >= 0, got %g" o.AdamEpsilon)
+        check (finite o.Momentum && o.Momentum >= 0.0) "--momentum" (fun () ->
+            sprintf "must be a finite number >= 0, got %g" o.Momentum)
+        check (not o.Nesterov || o.Momentum > 0.0) "--nesterov" (fun () -> "needs --momentum > 0 (as torch.optim.SGD)")
+        check (o.NumWarmupSteps >= 0) "--num-warmup-steps" (fun () -> sprintf "must be >= 0, got %d" o.NumWarmupSteps)
+        check (o.WarmupRatio >= 0.0 && o.WarmupRatio <= 1.0) "--warmup-ratio" (fun () ->
+            sprintf "must lie in [0, 1], got %g" o.WarmupRatio)
+        check (finite o.NumTrainEpochs && o.NumTrainEpochs > 0.0) "--num-train-epochs" (fun () ->
+            sprintf "must be a finite number > 0, got %g" o.NumTrainEpochs)
+        check (o.MaxSteps = -1 || o.MaxSteps >= 1) "--max-steps" (fun () ->
+            sprintf "must be at least 1 (or -1 to train for --num-train-epochs), got %d" o.MaxSteps)
+        check (finite o.MaxGradNorm && o.MaxGradNorm >= 0.0) "--max-grad-norm" (fun () ->
+            sprintf "must be a finite number >= 0 (0 turns clipping off), got %g" o.MaxGradNorm)
+        check (o.MaxSeqLen >= 2) "--max-seq-len" (fun () ->
+            sprintf "must be at least 2 (a row needs two tokens to predict one), got %d" o.MaxSeqLen)
+        check (o.LoggingSteps >= 1) "--logging-steps" (fun () -> sprintf "must be at least 1, got %d" o.LoggingSteps)
+        check (o.Threads >= 0) "--threads" (fun () -> sprintf "must be >= 0 (0 uses every core), got %d" o.Threads)
+
+    /// Optimizer steps of the run: MaxSteps when set, else ceil(epochs * steps per epoch), as HF Trainer.
+    let totalSteps (o: TrainOptions) (stepsPerEpoch: int) =
+        if o.MaxSteps > 0 then o.MaxSteps
+        else max 1 (int (Math.Ceiling(o.NumTrainEpochs * float stepsPerEpoch)))
+
+    /// Warmup steps for a run of totalSteps; raises InvalidInputException when the warmup is longer than the run.
+    let warmupSteps (o: TrainOptions) (totalSteps: int) =
+        let warmup =
+            Schedule.warmupSteps totalSteps (Some o.NumWarmupSteps) (Some o.WarmupRatio)
+        if warmup > totalSteps then
+            InvalidInput.option (if o.NumWarmupSteps > 0 then "--num-warmup-steps" else "--warmup-ratio")
+                (sprintf "%d warmup steps are longer than the run's %d optimizer steps" warmup totalSteps)
+        warmup
+
+/// Reading HF's `--lr_scheduler_kwargs` JSON object into ScheduleOptions.
+[<RequireQualifiedAccess>]
+module SchedulerKwargs =
+
+    open System.Text.Json
+
+    /// Parses e.g. {"num_cycles": 2, "min_lr_rate": 0.1} with HF's key names: num_cycles, lr_end, power,
+    /// timescale, min_lr, min_lr_rate, num_decay_steps, num_stable_steps, warmup_type, decay_type,
+    /// min_lr_ratio. origin names the option for errors.
+    let parse (origin: string) (json: string) : ScheduleOptions =
+        let document =
+            try JsonDocument.Parse json
+            with :? JsonException as e -> InvalidInput.option origin (sprintf "not a JSON object (%s)" e.Message)
+        use document = document
+        if document.RootElement.ValueKind <> JsonValueKind.Object then
+            InvalidInput.option origin "expected a JSON object such as {\"num_cycles\": 2}"
+        let number (p: JsonProperty) =
+            match p.Value.ValueKind with
+            | JsonValueKind.Number -> p.Value.GetDouble()
+            | _ -> InvalidInput.fail origin p.Name (sprintf "expected a number, found %s" (p.Value.GetRawText()))
+        let integer (p: JsonProperty) =
+            match p.Value.TryGetInt32() with
+            | true, v when p.Value.ValueKind = JsonValueKind.Number -> v
+            | _ -> InvalidInput.fail origin p.Name (sprintf "expected an integer, found %s" (p.Value.GetRawText()))
+        let shape (p: JsonProperty) =
+            match (if p.Value.ValueKind = JsonValueKind.String then Schedule.parseShape (p.Value.GetString()) else None) with
+            | Some s -> s
+            | None -> InvalidInput.fail origin p.Name (sprintf "expected \"linear\", \"cosine\" or \"1-sqrt\", found %s" (p.Value.GetRawText()))
+        document.RootElement.EnumerateObject()
+        |> Seq.fold (fun (o: ScheduleOptions) p ->
+            match p.Name with
+            | "num_cycles" -> { o with NumCycles = Some(number p) }
+            | "lr_end" -> { o with LrEnd = Some(number p) }
+            | "power" -> { o with Power = Some(number p) }
+            | "timescale" -> { o with Timescale = Some(integer p) }
+            | "min_lr" -> { o with MinLr = Some(MinLearningRate.Absolute(number p)) }
+            | "min_lr_rate" -> { o with MinLr = Some(MinLearningRate.RatioOfBase(number p)) }
+            | "num_decay_steps" -> { o with NumDecaySteps = Some(integer p) }
+            | "num_stable_steps" -> { o with NumStableSteps = Some(integer p) }
+            | "warmup_type" -> { o with WarmupShape = Some(shape p) }
+            | "decay_type" -> { o with DecayShape = Some(shape p) }
+            | "min_lr_ratio" -> { o with MinLrRatio = Some(number p) }
+            | other ->
+                InvalidInput.fail origin other
+                    "unknown key (expected num_cycles, lr_end, power, timescale, min_lr, min_lr_rate, num_decay_steps, num_stable_steps, warmup_type, decay_type or min_lr_ratio)")
+            ScheduleOptions.Defaults

@@ -1,0 +1,125 @@
+namespace Functional.Training
+
+open System
+open System.Diagnostics
+open TorchSharp
+open Functional
+open Functional.Data
+open Functional.Models
+open Functional.Optim
+
+/// What the trainer reports after a logged optimizer step.
+[<NoComparison>]
+type StepLog =
+    { /// The optimizer step just taken, from 1.
+      Step: int
+      /// The optimizer steps of the whole run.
+      TotalSteps: int
+      /// Fractional epoch reached: completed micro-batches / micro-batches per epoch (HF's "epoch").
+      Epoch: float
+      /// The window's token-weighted mean loss.
+      Loss: float
+      /// The learning rate this update used.
+      LearningRate: float
+      /// The global gradient norm before clipping.
+      GradNorm: float
+      /// Predicted tokens in the window.
+      PredictedTokens: int64
+      /// Real tokens processed per second since training started.
+      TokensPerSecond: float
+      /// Seconds since training started.
+      ElapsedSeconds: float }
+
+/// The training loop: a fold of optimizer steps over accumulation windows of micro-batches.
+[<RequireQualifiedAccess>]
+module Trainer =
+
+    /// The optimizer chain for the options: optional clipping, then AdamW or SGD on the schedule.
+    let optimizer (options: TrainOptions) (schedule: int -> float) (decayMask: torch.Tensor) : Transform =
+        let update =
+            match options.Optimizer with
+            | OptimizerKind.AdamW ->
+                Optimizer.adamW schedule options.AdamBeta1 options.AdamBeta2 options.AdamEpsilon options.WeightDecay decayMask
+            | OptimizerKind.Sgd ->
+                Optimizer.sgd schedule options.Momentum options.Nesterov options.WeightDecay decayMask
+        Transform.chain [ Transform.clipByGlobalNorm options.MaxGradNorm; update ]
+
+    /// The rows of one epoch in the order the sampler gives, split into micro-batches.
+    let private epochMicroBatches (options: TrainOptions) (rowCount: int) (epoch: int) =
+        let order =
+            if options.Shuffle then Sampler.shuffled options.Seed epoch rowCount
+            else Sampler.sequential rowCount
+        Batching.microBatches options.PerDeviceTrainBatchSize order
+
+    /// Trains model on the dataset's rows for the options' number of optimizer steps, calling onStep
+    /// after every logged step (every LoggingSteps and the last). Each optimizer step runs in its own
+    /// dispose scope, so live tensors stay flat over the run. Returns the flat parameters, whose
+    /// Values the model's parameters alias.
+    let train (options: TrainOptions) (model: CausalLm) (dataset: TokenizedDataset) (onStep: StepLog -> unit) =
+        TrainOptions.validate options
+        Functional.Runtime.TorchRuntime.ensure ()
+        if options.Threads > 0 then torch.set_num_threads options.Threads
+        let microBatchesPerEpoch = (dataset.Rows.Length + options.PerDeviceTrainBatchSize - 1) / options.PerDeviceTrainBatchSize
+        let plan = Accumulation.plan microBatchesPerEpoch options.GradientAccumulationSteps
+        let totalSteps = TrainOptions.totalSteps options (Accumulation.stepsPerEpoch plan)
+        let warmup = TrainOptions.warmupSteps options totalSteps
+        let schedule =
+            try Schedule.create options.LrSchedulerType options.LearningRate warmup totalSteps options.LrSchedulerOptions
+            with :? ArgumentException as e -> InvalidInput.option "--lr-scheduler-kwargs" e.Message
+        torch.manual_seed options.Seed |> ignore
+        model.Module.train ()
+        let flat = FlatParameters.create (model.Module.named_parameters ())
+        let decayMask = FlatParameters.mask flat (fun name -> not (model.NoWeightDecay.Contains name))
+        let transform = optimizer options schedule decayMask
+        let mutable optimizerState = transform.Init flat.Values
+        let mutable accumulation = Accumulation.start
+        let mutable epochBatches = epochMicroBatches options dataset.Rows.Length 0
+        let clock = Stopwatch.StartNew()
+        let mutable tokensSeen = 0L
+        let mutable lastLoss = nan
+        while accumulation.OptimizerStep < totalSteps do
+            use _ = torch.NewDisposeScope()
+            if accumulation.MicroBatchInEpoch = 0 then
+                epochBatches <- epochMicroBatches options dataset.Rows.Length accumulation.Epoch
+            let first, size = Accumulation.currentWindow plan accumulation
+            let window =
+                [ for i in first .. first + size - 1 ->
+                      Batching.collate options.MaxSeqLen 0L (epochBatches[i] |> Array.map (fun r -> dataset.Rows[r])) ]
+            let windowTokens = window |> List.sumBy (fun b -> b.PredictedTokens)
+            accumulation <- Accumulation.beginWindow plan accumulation windowTokens
+            let scale = Accumulation.lossScale windowTokens
+            let mutable report = None
+            for batch in window do
+                use logits = model.Module.forward batch.InputIds // (B, T, V)
+                use lossSum = Loss.causalLmSum logits batch.Labels
+                use scaled = lossSum * scale
+                scaled.backward ()
+                tokensSeen <- tokensSeen + batch.Tokens
+                let next, event = Accumulation.observe plan accumulation (lossSum.item<float32> () |> float)
+                accumulation <- next
+                match event with
+                | AccumulationEvent.Step r -> report <- Some r
+                | AccumulationEvent.Accumulating -> ()
+            match report with
+            | Some r ->
+                let learningRate = schedule r.UpdateIndex
+                optimizerState <- Optimizer.apply transform flat optimizerState
+                let gradNorm = Transform.lastGradNorm optimizerState
+                FlatParameters.zeroGrads flat
+                lastLoss <- r.Loss
+                if r.OptimizerStep % options.LoggingSteps = 0 || r.OptimizerStep = totalSteps then
+                    let seconds = clock.Elapsed.TotalSeconds
+                    onStep
+                        { Step = r.OptimizerStep
+                          TotalSteps = totalSteps
+                          Epoch =
+                            float accumulation.Epoch + float accumulation.MicroBatchInEpoch / float microBatchesPerEpoch
+                          Loss = r.Loss
+                          LearningRate = learningRate
+                          GradNorm = gradNorm
+                          PredictedTokens = r.Tokens
+                          TokensPerSecond = float tokensSeen / max seconds 1e-9
+                          ElapsedSeconds = seconds }
+            | None -> invalidOp "an accumulation window ended without an optimizer step"
+        model.Module.eval ()
+        flat, lastLoss, totalSteps

@@ -1,0 +1,96 @@
+namespace Functional;
+
+/// <summary>The optimizer of a fine-tuning run.</summary>
+public enum OptimizerType
+{
+    /// <summary>torch.optim.AdamW: decoupled weight decay (the default).</summary>
+    AdamW,
+    /// <summary>torch.optim.SGD with optional momentum and Nesterov; weight decay is coupled (L2).</summary>
+    Sgd,
+}
+
+/// <summary>
+/// Everything a fine-tuning run needs: where the model, data and output are, and the hyperparameters,
+/// named after Hugging Face's TrainingArguments and DeepSpeed-Chat's options. Every default is HF's.
+/// </summary>
+public sealed class FineTuneOptions
+{
+    /// <summary>A Hugging Face model folder (config.json + model.safetensors). Required.</summary>
+    public string ModelPath { get; set; } = "";
+
+    /// <summary>Pre-tokenized JSON Lines, one {"input_ids": [...]} per line. Required.</summary>
+    public string DataPath { get; set; } = "";
+
+    /// <summary>The output folder: metrics.jsonl and final/ (an HF model folder). Required.</summary>
+    public string OutputPath { get; set; } = "";
+
+    /// <summary>Allow writing into an output folder that is not empty (default false).</summary>
+    public bool OverwriteOutputDir { get; set; }
+
+    /// <summary>Rows per micro-batch (default 8).</summary>
+    public int PerDeviceTrainBatchSize { get; set; } = 8;
+
+    /// <summary>Micro-batches per optimizer step (default 1).</summary>
+    public int GradientAccumulationSteps { get; set; } = 1;
+
+    /// <summary>Peak learning rate (default 5e-5).</summary>
+    public double LearningRate { get; set; } = 5e-5;
+
+    /// <summary>Weight decay, skipped for biases and normalization weights (default 0).</summary>
+    public double WeightDecay { get; set; }
+
+    /// <summary>Adam's beta1 (default 0.9).</summary>
+    public double AdamBeta1 { get; set; } = 0.9;
+
+    /// <summary>Adam's beta2 (default 0.999).</summary>
+    public double AdamBeta2 { get; set; } = 0.999;
+
+    /// <summary>Adam's epsilon (default 1e-8).</summary>
+    public double AdamEpsilon { get; set; } = 1e-8;
+
+    /// <summary>AdamW (default) or SGD.</summary>
+    public OptimizerType Optimizer { get; set; } = OptimizerType.AdamW;
+
+    /// <summary>SGD momentum (default 0).</summary>
+    public double Momentum { get; set; }
+
+    /// <summary>SGD Nesterov momentum (default false).</summary>
+    public bool Nesterov { get; set; }
+
+    /// <summary>HF schedule name: linear (default), cosine, constant, constant_with_warmup, cosine_with_restarts,
+    /// polynomial, inverse_sqrt, cosine_with_min_lr, warmup_stable_decay.</summary>
+    public string LrSchedulerType { get; set; } = "linear";
+
+    /// <summary>Schedule parameters as HF's lr_scheduler_kwargs JSON, e.g. {"num_cycles": 2} (default none).</summary>
+    public string? LrSchedulerKwargs { get; set; }
+
+    /// <summary>Warmup steps; wins over WarmupRatio when &gt; 0 (default 0).</summary>
+    public int NumWarmupSteps { get; set; }
+
+    /// <summary>Warmup as a fraction of all optimizer steps, rounded up (default 0).</summary>
+    public double WarmupRatio { get; set; }
+
+    /// <summary>Epochs when MaxSteps is not set (default 3).</summary>
+    public double NumTrainEpochs { get; set; } = 3.0;
+
+    /// <summary>Total optimizer steps; -1 (default) lets NumTrainEpochs decide.</summary>
+    public int MaxSteps { get; set; } = -1;
+
+    /// <summary>Gradient clipping by global norm; 0 turns it off (default 1.0).</summary>
+    public double MaxGradNorm { get; set; } = 1.0;
+
+    /// <summary>Rows are truncated to this many tokens (default 512).</summary>
+    public int MaxSeqLen { get; set; } = 512;
+
+    /// <summary>Seed of initialization, dropout and shuffling (default 42).</summary>
+    public long Seed { get; set; } = 42;
+
+    /// <summary>Keep the data in file order instead of shuffling each epoch (default false).</summary>
+    public bool NoShuffle { get; set; }
+
+    /// <summary>Write metrics every this many optimizer steps (default 1).</summary>
+    public int LoggingSteps { get; set; } = 1;
+
+    /// <summary>Intra-op threads; 0 uses every core (default 0).</summary>
+    public int Threads { get; set; }
+}
