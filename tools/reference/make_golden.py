@@ -1,0 +1,588 @@
+#!/usr/bin/python3
+"""Generate the golden files that the .NET training code is checked against.
+
+Plain PyTorch (no transformers / safetensors packages needed).  The models
+follow the semantics of Hugging Face's GPT2LMHeadModel and LlamaForCausalLM
+(eager attention) and the training loop follows the semantics described in
+tools/reference/README.md (token-weighted gradient accumulation, global grad
+norm clipping, torch.optim.AdamW with two parameter groups, LambdaLR with HF's
+linear / cosine warmup schedules).  Training runs in float64; the float32
+initial weights are converted exactly, the final weights are written as F32.
+
+Usage:  /usr/bin/python3 tools/reference/make_golden.py --out tests/golden
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import struct
+import sys
+
+import torch
+import torch.nn.functional as F
+
+SCRIPT_COMMAND = "/usr/bin/python3 tools/reference/make_golden.py --out tests/golden"
+
+# --------------------------------------------------------------------------
+# Configurations
+# --------------------------------------------------------------------------
+
+GPT2_CONFIG = {
+    "activation_function": "gelu_new",
+    "architectures": ["GPT2LMHeadModel"],
+    "attn_pdrop": 0.0,
+    "bos_token_id": 95,
+    "embd_pdrop": 0.0,
+    "eos_token_id": 95,
+    "initializer_range": 0.02,
+    "layer_norm_epsilon": 1e-05,
+    "model_type": "gpt2",
+    "n_embd": 32,
+    "n_head": 4,
+    "n_inner": None,
+    "n_layer": 2,
+    "n_positions": 64,
+    "reorder_and_upcast_attn": False,
+    "resid_pdrop": 0.0,
+    "scale_attn_by_inverse_layer_idx": False,
+    "scale_attn_weights": True,
+    "summary_activation": None,
+    "summary_first_dropout": 0.0,
+    "summary_proj_to_labels": True,
+    "summary_type": "cls_index",
+    "summary_use_proj": True,
+    "tie_word_embeddings": True,
+    "torch_dtype": "float32",
+    "use_cache": True,
+    "vocab_size": 96,
+}
+
+LLAMA_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "head_dim": 8,
+    "hidden_act": "silu",
+    "hidden_size": 32,
+    "initializer_range": 0.02,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+    "mlp_bias": False,
+    "model_type": "llama",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "num_key_value_heads": 2,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "use_cache": True,
+    "vocab_size": 96,
+}
+
+MODEL_SEEDS = {"gpt2": 20240601, "llama": 20240602}
+DATA_SEED = 4242
+DATA_ROWS = 13          # 13 rows / batch 2 -> 7 micro-batches per epoch (last has 1 row)
+DATA_MIN_LEN = 2
+DATA_MAX_LEN = 40
+
+BASE_OPTIONS = {
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": None,   # set per case
+    "learning_rate": 3e-3,
+    "weight_decay": 0.1,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.95,
+    "adam_epsilon": 1e-8,
+    "lr_scheduler_type": None,             # set per case
+    "num_warmup_steps": 2,
+    "max_steps": 10,
+    "max_grad_norm": None,                 # set per case
+    "max_seq_len": 32,
+    "no_shuffle": True,
+    "seed": 1234,
+}
+
+# (case name, family, scheduler, gradient_accumulation_steps, max_grad_norm)
+# max_grad_norm was chosen so that clipping triggers on some steps but not all
+# (see the summary table the script prints).
+CASES = [
+    ("gpt2-cosine", "gpt2", "cosine", 3, 1.0),
+    ("gpt2-linear", "gpt2", "linear", 2, 1.4),
+    ("llama-cosine", "llama", "cosine", 3, 1.0),
+    ("llama-linear", "llama", "linear", 2, 1.0),
+]
+
+# --------------------------------------------------------------------------
+# safetensors (hand written)
+# --------------------------------------------------------------------------
+
+
+def write_safetensors(path, tensors):
+    """tensors: dict name -> tensor.  Written as little-endian F32, names sorted."""
+    names = sorted(tensors)
+    header = {"__metadata__": {"format": "pt"}}
+    blobs = []
+    offset = 0
+    for name in names:
+        t = tensors[name].detach().to(torch.float32).contiguous().cpu()
+        data = t.numpy().astype("<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        blobs.append(data)
+    hbytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    hbytes += b" " * ((8 - len(hbytes) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hbytes)))
+        f.write(hbytes)
+        for b in blobs:
+            f.write(b)
+
+
+def read_safetensors(path):
+    import numpy as np
+    with open(path, "rb") as f:
+        raw = f.read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n].decode("utf-8"))
+    base = 8 + n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        assert info["dtype"] == "F32"
+        b, e = info["data_offsets"]
+        arr = np.frombuffer(raw[base + b:base + e], dtype="<f4").reshape(info["shape"])
+        out[name] = torch.from_numpy(arr.copy())
+    return out
+
+# --------------------------------------------------------------------------
+# Models (functional, parameters held in an ordered dict with HF names)
+# --------------------------------------------------------------------------
+
+
+def gpt2_param_shapes(cfg):
+    """Parameter names in HF module registration order, with shapes and init kind."""
+    d, V, P, L = cfg["n_embd"], cfg["vocab_size"], cfg["n_positions"], cfg["n_layer"]
+    inner = cfg["n_inner"] or 4 * d
+    std = cfg["initializer_range"]
+    proj_std = std / math.sqrt(2 * L)
+    spec = [("transformer.wte.weight", (V, d), ("normal", std)),
+            ("transformer.wpe.weight", (P, d), ("normal", std))]
+    for i in range(L):
+        p = "transformer.h.%d." % i
+        spec += [
+            (p + "ln_1.weight", (d,), ("ones",)),
+            (p + "ln_1.bias", (d,), ("zeros",)),
+            (p + "attn.c_attn.weight", (d, 3 * d), ("normal", std)),
+            (p + "attn.c_attn.bias", (3 * d,), ("zeros",)),
+            (p + "attn.c_proj.weight", (d, d), ("normal", proj_std)),
+            (p + "attn.c_proj.bias", (d,), ("zeros",)),
+            (p + "ln_2.weight", (d,), ("ones",)),
+            (p + "ln_2.bias", (d,), ("zeros",)),
+            (p + "mlp.c_fc.weight", (d, inner), ("normal", std)),
+            (p + "mlp.c_fc.bias", (inner,), ("zeros",)),
+            (p + "mlp.c_proj.weight", (inner, d), ("normal", proj_std)),
+            (p + "mlp.c_proj.bias", (d,), ("zeros",)),
+        ]
+    spec += [("transformer.ln_f.weight", (d,), ("ones",)),
+             ("transformer.ln_f.bias", (d,), ("zeros",))]
+    return spec
+
+
+def llama_param_shapes(cfg):
+    d, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    H, KV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg["head_dim"]
+    inter = cfg["intermediate_size"]
+    std = cfg["initializer_range"]
+    spec = [("model.embed_tokens.weight", (V, d), ("normal", std))]
+    for i in range(L):
+        p = "model.layers.%d." % i
+        spec += [
+            (p + "self_attn.q_proj.weight", (H * hd, d), ("normal", std)),
+            (p + "self_attn.k_proj.weight", (KV * hd, d), ("normal", std)),
+            (p + "self_attn.v_proj.weight", (KV * hd, d), ("normal", std)),
+            (p + "self_attn.o_proj.weight", (d, H * hd), ("normal", std)),
+            (p + "mlp.gate_proj.weight", (inter, d), ("normal", std)),
+            (p + "mlp.up_proj.weight", (inter, d), ("normal", std)),
+            (p + "mlp.down_proj.weight", (d, inter), ("normal", std)),
+            (p + "input_layernorm.weight", (d,), ("ones",)),
+            (p + "post_attention_layernorm.weight", (d,), ("ones",)),
+        ]
+    spec += [("model.norm.weight", (d,), ("ones",)),
+             ("lm_head.weight", (V, d), ("normal", std))]
+    return spec
+
+
+def init_params(spec, seed):
+    """Seeded float32 init; returns an ordered dict name -> float32 tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape, kind in spec:
+        if kind[0] == "normal":
+            t = torch.empty(shape, dtype=torch.float32).normal_(0.0, kind[1], generator=gen)
+        elif kind[0] == "ones":
+            t = torch.ones(shape, dtype=torch.float32)
+        else:
+            t = torch.zeros(shape, dtype=torch.float32)
+        out[name] = t
+    return out
+
+
+def gelu_new(x):
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def causal_mask(T, device):
+    return torch.tril(torch.ones(T, T, dtype=torch.bool, device=device))
+
+
+def gpt2_forward(p, cfg, input_ids):
+    B, T = input_ids.shape
+    d, H = cfg["n_embd"], cfg["n_head"]
+    hd = d // H
+    eps = cfg["layer_norm_epsilon"]
+    pos = torch.arange(T)
+    h = p["transformer.wte.weight"][input_ids] + p["transformer.wpe.weight"][pos][None]
+    mask = causal_mask(T, h.device)
+    for i in range(cfg["n_layer"]):
+        pre = "transformer.h.%d." % i
+        x = F.layer_norm(h, (d,), p[pre + "ln_1.weight"], p[pre + "ln_1.bias"], eps)
+        qkv = x @ p[pre + "attn.c_attn.weight"] + p[pre + "attn.c_attn.bias"]   # Conv1D
+        q, k, v = qkv.split(d, dim=2)
+        q = q.view(B, T, H, hd).permute(0, 2, 1, 3)
+        k = k.view(B, T, H, hd).permute(0, 2, 1, 3)
+        v = v.view(B, T, H, hd).permute(0, 2, 1, 3)
+        w = (q @ k.transpose(-1, -2)) / torch.full([], hd ** 0.5, dtype=q.dtype)
+        w = torch.where(mask, w, torch.tensor(torch.finfo(w.dtype).min, dtype=w.dtype))
+        w = torch.softmax(w, dim=-1)
+        a = (w @ v).permute(0, 2, 1, 3).reshape(B, T, d)
+        a = a @ p[pre + "attn.c_proj.weight"] + p[pre + "attn.c_proj.bias"]
+        h = h + a
+        x = F.layer_norm(h, (d,), p[pre + "ln_2.weight"], p[pre + "ln_2.bias"], eps)
+        m = gelu_new(x @ p[pre + "mlp.c_fc.weight"] + p[pre + "mlp.c_fc.bias"])
+        m = m @ p[pre + "mlp.c_proj.weight"] + p[pre + "mlp.c_proj.bias"]
+        h = h + m
+    h = F.layer_norm(h, (d,), p["transformer.ln_f.weight"], p["transformer.ln_f.bias"], eps)
+    return h @ p["transformer.wte.weight"].t()          # tied head
+
+
+def rms_norm(x, weight, eps):
+    # HF upcasts to float32; in float64 training we keep float64 (never downcast).
+    in_dtype = x.dtype
+    xc = x.to(torch.float32) if in_dtype not in (torch.float32, torch.float64) else x
+    var = xc.pow(2).mean(-1, keepdim=True)
+    xc = xc * torch.rsqrt(var + eps)
+    return weight * xc.to(in_dtype)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def llama_forward(p, cfg, input_ids):
+    B, T = input_ids.shape
+    d = cfg["hidden_size"]
+    H, KV, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    rep = H // KV
+    eps = cfg["rms_norm_eps"]
+    dtype = p["model.embed_tokens.weight"].dtype
+    # rotary tables: computed in float64 then cast to the working dtype
+    inv_freq = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    freqs = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(dtype)[None, None], emb.sin().to(dtype)[None, None]
+    scaling = hd ** -0.5
+    mask = causal_mask(T, None)
+    h = p["model.embed_tokens.weight"][input_ids]
+    for i in range(cfg["num_hidden_layers"]):
+        pre = "model.layers.%d." % i
+        x = rms_norm(h, p[pre + "input_layernorm.weight"], eps)
+        q = (x @ p[pre + "self_attn.q_proj.weight"].t()).view(B, T, H, hd).transpose(1, 2)
+        k = (x @ p[pre + "self_attn.k_proj.weight"].t()).view(B, T, KV, hd).transpose(1, 2)
+        v = (x @ p[pre + "self_attn.v_proj.weight"].t()).view(B, T, KV, hd).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        # GQA: query head j uses key/value head j // rep
+        k = k[:, :, None].expand(B, KV, rep, T, hd).reshape(B, H, T, hd)
+        v = v[:, :, None].expand(B, KV, rep, T, hd).reshape(B, H, T, hd)
+        w = (q @ k.transpose(2, 3)) * scaling
+        w = torch.where(mask, w, torch.tensor(torch.finfo(w.dtype).min, dtype=w.dtype))
+        w = torch.softmax(w, dim=-1)
+        a = (w @ v).transpose(1, 2).reshape(B, T, H * hd)
+        h = h + a @ p[pre + "self_attn.o_proj.weight"].t()
+        x = rms_norm(h, p[pre + "post_attention_layernorm.weight"], eps)
+        g = F.silu(x @ p[pre + "mlp.gate_proj.weight"].t())
+        u = x @ p[pre + "mlp.up_proj.weight"].t()
+        h = h + (g * u) @ p[pre + "mlp.down_proj.weight"].t()
+    h = rms_norm(h, p["model.norm.weight"], eps)
+    return h @ p["lm_head.weight"].t()
+
+
+FAMILIES = {
+    "gpt2": (GPT2_CONFIG, gpt2_param_shapes, gpt2_forward),
+    "llama": (LLAMA_CONFIG, llama_param_shapes, llama_forward),
+}
+
+NO_DECAY_MODULES = ("ln_1", "ln_2", "ln_f", "input_layernorm", "post_attention_layernorm", "norm")
+
+
+def no_decay(name):
+    parts = name.split(".")
+    return name.endswith(".bias") or (len(parts) >= 2 and parts[-2] in NO_DECAY_MODULES)
+
+# --------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------
+
+
+def make_data(seed, rows, vocab, max_seq_len):
+    rng = random.Random(seed)
+    data = []
+    for _ in range(rows):
+        n = rng.randint(DATA_MIN_LEN, DATA_MAX_LEN)
+        data.append([rng.randrange(vocab) for _ in range(n)])
+    lengths = [len(r) for r in data]
+    assert any(n > max_seq_len for n in lengths), "no row exercises truncation"
+    assert any(n <= max_seq_len for n in lengths)
+    return data
+
+
+def micro_batches(data, opts):
+    """One epoch of micro-batches: list of (input_ids, labels) LongTensors."""
+    L, bs = opts["max_seq_len"], opts["per_device_train_batch_size"]
+    rows = [r[:L] for r in data]
+    out = []
+    for s in range(0, len(rows), bs):
+        group = rows[s:s + bs]
+        T = max(len(r) for r in group)
+        ids = torch.zeros(len(group), T, dtype=torch.long)
+        labels = torch.full((len(group), T), -100, dtype=torch.long)
+        for j, r in enumerate(group):
+            ids[j, :len(r)] = torch.tensor(r, dtype=torch.long)
+            labels[j, :len(r)] = torch.tensor(r, dtype=torch.long)
+        out.append((ids, labels))
+    return out
+
+
+def windows(mbs, k):
+    return [mbs[s:s + k] for s in range(0, len(mbs), k)]
+
+# --------------------------------------------------------------------------
+# Schedules (HF formulas)
+# --------------------------------------------------------------------------
+
+
+def linear_lambda(warmup, total):
+    def f(step):
+        if step < warmup:
+            return float(step) / float(max(1, warmup))
+        return max(0.0, float(total - step) / float(max(1, total - warmup)))
+    return f
+
+
+def cosine_lambda(warmup, total, num_cycles=0.5):
+    def f(step):
+        if step < warmup:
+            return float(step) / float(max(1, warmup))
+        progress = float(step - warmup) / float(max(1, total - warmup))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * float(num_cycles) * 2.0 * progress)))
+    return f
+
+# --------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------
+
+
+def train(family, init_f32, data, opts, dtype):
+    cfg, _, forward = FAMILIES[family]
+    params = {n: t.to(dtype).clone().requires_grad_(True) for n, t in init_f32.items()}
+    order = list(params)
+    decay = [params[n] for n in order if not no_decay(n)]
+    nodecay = [params[n] for n in order if no_decay(n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": opts["weight_decay"]},
+         {"params": nodecay, "weight_decay": 0.0}],
+        lr=opts["learning_rate"], betas=(opts["adam_beta1"], opts["adam_beta2"]),
+        eps=opts["adam_epsilon"], weight_decay=opts["weight_decay"], foreach=False)
+    lam = {"linear": linear_lambda, "cosine": cosine_lambda}[opts["lr_scheduler_type"]](
+        opts["num_warmup_steps"], opts["max_steps"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+
+    epoch_windows = windows(micro_batches(data, opts), opts["gradient_accumulation_steps"])
+    steps = []
+    step = 0
+    while step < opts["max_steps"]:
+        for win in epoch_windows:
+            if step >= opts["max_steps"]:
+                break
+            step += 1
+            n_tok = sum(int((lab[:, 1:] != -100).sum()) for _, lab in win)
+            total = 0.0
+            for ids, lab in win:
+                logits = forward(params, cfg, ids)
+                V = logits.shape[-1]
+                loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, V), lab[:, 1:].reshape(-1),
+                                           ignore_index=-100, reduction="sum")
+                (loss_sum / n_tok).backward()
+                total += loss_sum.item()
+            gnorm = torch.nn.utils.clip_grad_norm_([params[n] for n in order], opts["max_grad_norm"])
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            steps.append({"step": step, "loss": total / n_tok, "lr": float(lr),
+                          "grad_norm": float(gnorm)})
+    final = {n: params[n].detach() for n in order}
+    return steps, final
+
+# --------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------
+
+
+def write_json(path, obj):
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def rel_diff(a, b):
+    """(max |a-b| / max |b|, max |a-b|, max |b|); b is the float64 reference."""
+    denom = b.abs().max().item()
+    num = (a.to(torch.float64) - b).abs().max().item()
+    return (num / denom if denom > 0 else float("inf"), num, denom)
+
+
+def fp32_report(family, cfg, f32, f64):
+    rows = []
+    for name in f64:
+        a, b = f32[name], f64[name]
+        if family == "gpt2" and name.endswith("attn.c_attn.bias"):
+            d = cfg["n_embd"]
+            for j, part in enumerate("qkv"):
+                rows.append(("%s[%s]" % (name, part), rel_diff(a[j * d:(j + 1) * d], b[j * d:(j + 1) * d])))
+        elif family == "gpt2" and name.endswith("attn.c_attn.weight"):
+            d = cfg["n_embd"]
+            for j, part in enumerate("qkv"):
+                rows.append(("%s[%s]" % (name, part),
+                             rel_diff(a[:, j * d:(j + 1) * d], b[:, j * d:(j + 1) * d])))
+        else:
+            rows.append((name, rel_diff(a, b)))
+    return rows
+
+
+def golden_readme(summary):
+    lines = [
+        "# Golden files (generated)",
+        "",
+        "Generated by `%s`" % SCRIPT_COMMAND,
+        "with Python %s, torch %s (CPU, 1 thread), %s." % (
+            platform.python_version(), torch.__version__, "float64 training"),
+        "Do not edit by hand; see tools/reference/README.md for the exact semantics and formats.",
+        "",
+        "Each case folder holds:",
+        "",
+        "- `model/config.json`, `model/model.safetensors`: initial model (HF config + HF tensor names, F32).",
+        "- `data.jsonl`: training rows, one `{\"input_ids\": [...]}` per line.",
+        "- `options.json`: training options (HF snake_case names).",
+        "- `steps.jsonl`: one line per optimizer step: step, loss, lr, grad_norm (pre-clip).",
+        "- `final/config.json`, `final/model.safetensors`: weights after `max_steps` steps (float64 training, stored F32).",
+        "",
+        "| case | steps | first loss | last loss | clipped steps |",
+        "|---|---|---|---|---|",
+    ]
+    for row in summary:
+        lines.append("| %s | %d | %.6f | %.6f | %d of %d |" % row)
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="tests/golden")
+    ap.add_argument("--skip-fp32-check", action="store_true")
+    args = ap.parse_args()
+
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    os.makedirs(args.out, exist_ok=True)
+
+    init = {}
+    for fam, (cfg, spec_fn, _) in FAMILIES.items():
+        init[fam] = init_params(spec_fn(cfg), MODEL_SEEDS[fam])
+    data = make_data(DATA_SEED, DATA_ROWS, 96, BASE_OPTIONS["max_seq_len"])
+
+    summary = []
+    fp32_rows = {}
+    for case, fam, sched, gas, mgn in CASES:
+        cfg = FAMILIES[fam][0]
+        opts = dict(BASE_OPTIONS)
+        opts.update(lr_scheduler_type=sched, gradient_accumulation_steps=gas, max_grad_norm=mgn)
+        cdir = os.path.join(args.out, case)
+        if os.path.isdir(cdir):
+            shutil.rmtree(cdir)
+        os.makedirs(os.path.join(cdir, "model"))
+        os.makedirs(os.path.join(cdir, "final"))
+        write_json(os.path.join(cdir, "model", "config.json"), cfg)
+        write_safetensors(os.path.join(cdir, "model", "model.safetensors"), init[fam])
+        write_jsonl(os.path.join(cdir, "data.jsonl"), [{"input_ids": r} for r in data])
+        write_json(os.path.join(cdir, "options.json"), opts)
+
+        steps, final = train(fam, init[fam], data, opts, torch.float64)
+        write_jsonl(os.path.join(cdir, "steps.jsonl"), steps)
+        write_json(os.path.join(cdir, "final", "config.json"), cfg)
+        write_safetensors(os.path.join(cdir, "final", "model.safetensors"), final)
+
+        # round-trip check of the hand written safetensors
+        back = read_safetensors(os.path.join(cdir, "model", "model.safetensors"))
+        assert set(back) == set(init[fam])
+        assert all(torch.equal(back[n], init[fam][n]) for n in back)
+
+        clipped = sum(1 for s in steps if s["grad_norm"] > mgn)
+        summary.append((case, len(steps), steps[0]["loss"], steps[-1]["loss"], clipped, len(steps)))
+        print("%s" % case)
+        for s in steps:
+            print("  step %2d  loss %.6f  lr %.6e  grad_norm %.6f%s" % (
+                s["step"], s["loss"], s["lr"], s["grad_norm"], "  (clipped)" if s["grad_norm"] > mgn else ""))
+
+        if not args.skip_fp32_check:
+            steps32, final32 = train(fam, init[fam], data, opts, torch.float32)
+            fp32_rows[case] = (fp32_report(fam, cfg, final32, final),
+                               max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(steps32, steps)))
+
+    with open(os.path.join(args.out, "README.md"), "w", encoding="utf-8", newline="\n") as f:
+        f.write(golden_readme(summary))
+
+    print()
+    print("%-14s %5s %12s %12s %8s" % ("case", "steps", "first loss", "last loss", "clipped"))
+    for row in summary:
+        print("%-14s %5d %12.6f %12.6f %4d/%-3d" % row)
+
+    if fp32_rows:
+        print()
+        print("fp32 vs fp64 final weights, per tensor: rel = max|w32-w64| / max|w64|")
+        for case, (rows, lossdiff) in fp32_rows.items():
+            print("%s  (max relative loss difference over steps: %.3e)" % (case, lossdiff))
+            print("  %-46s %10s %10s %10s" % ("tensor", "rel", "max|diff|", "max|w64|"))
+            for name, (r, num, den) in rows:
+                print("  %-46s %10.3e %10.3e %10.3e" % (name, r, num, den))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
