@@ -43,7 +43,8 @@ module FineTune =
     let private jsonOptions =
         JsonSerializerOptions(NumberHandling = Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals)
 
-    /// One metrics.jsonl line (HF's names: step, epoch, loss, lr, grad_norm).
+    /// One metrics.jsonl line (HF's names: step, epoch, loss, lr, grad_norm, and num_tokens: the
+    /// window's predicted tokens). Timings stay out, so the same seed gives the same file.
     let metricsLine (log: StepLog) =
         let fields =
             Collections.Generic.Dictionary<string, obj>(
@@ -53,8 +54,7 @@ module FineTune =
                       "loss", box log.Loss
                       "lr", box log.LearningRate
                       "grad_norm", box log.GradNorm
-                      "num_tokens", box log.PredictedTokens
-                      "tokens_per_second", box log.TokensPerSecond ])
+                      "num_tokens", box log.PredictedTokens ])
         JsonSerializer.Serialize(fields, jsonOptions)
 
     let private checkOutputFolder (request: FineTuneRequest) =

@@ -1,0 +1,166 @@
+/// End-to-end tests of the `functional` command, run as a separate process like a user would.
+module Functional.Tests.CliTests
+
+open System
+open System.Diagnostics
+open System.IO
+open System.Text
+open Expecto
+open Functional.Tests.TestUtil
+
+/// The result of one `functional` invocation.
+type CliRun = { ExitCode: int; Stdout: string; Stderr: string }
+
+/// Runs the built `functional` command (copied next to the tests) with the given arguments.
+let runCli (args: string list) =
+    let info = ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
+    info.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "functional.dll"))
+    for a in args do info.ArgumentList.Add a
+    use p = Process.Start info
+    let stdout = p.StandardOutput.ReadToEndAsync()
+    let stderr = p.StandardError.ReadToEndAsync()
+    p.WaitForExit()
+    { ExitCode = p.ExitCode; Stdout = stdout.Result; Stderr = stderr.Result }
+
+/// Arguments that train the small golden LLaMA for two steps.
+let private trainArgs (model: string) (data: string) (output: string) =
+    [ "train"; "--model"; model; "--data"; data; "--output"; output
+      "--per-device-train-batch-size"; "2"; "--gradient-accumulation-steps"; "2"; "--max-steps"; "2"
+      "--max-seq-len"; "32"; "--learning-rate"; "1e-3" ]
+
+/// A scratch copy of the golden LLaMA model and data, plus an output folder that already holds an
+/// earlier run's files (so "untouched" is checked against real content).
+type private Scratch() =
+    let root = new TempFolder()
+    do
+        copyFolder (Path.Combine(goldenDir "llama-cosine", "model")) (root.File "model")
+        File.Copy(Path.Combine(goldenDir "llama-cosine", "data.jsonl"), root.File "data.jsonl")
+        Directory.CreateDirectory(root.File "out/final") |> ignore
+        File.WriteAllText(root.File "out/metrics.jsonl", "{\"step\": 1, \"loss\": 1.0}\n")
+        File.WriteAllText(root.File "out/final/config.json", "{\"earlier\": true}")
+    member _.Model = root.File "model"
+    member _.Data = root.File "data.jsonl"
+    member _.Output = root.File "out"
+    member _.File name = root.File name
+    interface IDisposable with
+        member _.Dispose() = (root :> IDisposable).Dispose()
+
+/// Runs a bad-input case: exit code 2, a message naming what is wrong, no stack trace, output untouched.
+let private rejects (name: string) (breakIt: Scratch -> string list -> string list) (expectedInMessage: Scratch -> string list) =
+    test name {
+        use s = new Scratch()
+        let before = snapshot s.Output
+        let args = breakIt s (trainArgs s.Model s.Data s.Output @ [ "--overwrite-output-dir" ])
+        let run = runCli args
+        Expect.equal run.ExitCode 2 (sprintf "exit code 2 (stderr: %s)" run.Stderr)
+        for part in expectedInMessage s do
+            Expect.stringContains run.Stderr part "the message names the input and the problem"
+        Expect.isFalse (run.Stderr.Contains "   at ") "no stack trace"
+        Expect.equal (snapshot s.Output) before "the existing output folder is exactly as it was"
+    }
+
+let private replaceOption (name: string) (value: string) (args: string list) =
+    let i = List.findIndex ((=) name) args
+    List.updateAt (i + 1) value args
+
+let private writeSafetensorsHeader (path: string) (headerLength: uint64) (header: string) (dataBytes: int) =
+    use f = File.Create path
+    f.Write(BitConverter.GetBytes headerLength)
+    f.Write(Encoding.UTF8.GetBytes header)
+    f.Write(Array.zeroCreate<byte> dataBytes)
+
+let private badInput =
+    testList "bad input" [
+        rejects "missing config.json" (fun s a -> File.Delete(Path.Combine(s.Model, "config.json")); a)
+            (fun s -> [ "config.json"; "does not exist" ])
+        rejects "malformed config.json" (fun s a -> File.WriteAllText(Path.Combine(s.Model, "config.json"), "{\"model_type\": \"llama\",\n  \"vocab_size\": }"); a)
+            (fun s -> [ "config.json"; "JSON" ])
+        rejects "safetensors with a truncated header" (fun s a ->
+            writeSafetensorsHeader (Path.Combine(s.Model, "model.safetensors")) 4096UL "{\"a\":" 0; a)
+            (fun s -> [ "model.safetensors"; "header" ])
+        rejects "safetensors with offsets past the end" (fun s a ->
+            let header = "{\"model.norm.weight\":{\"dtype\":\"F32\",\"shape\":[32],\"data_offsets\":[0,128]}}"
+            writeSafetensorsHeader (Path.Combine(s.Model, "model.safetensors")) (uint64 header.Length) header 16; a)
+            (fun s -> [ "model.safetensors"; "model.norm.weight" ])
+        rejects "safetensors with an unknown dtype" (fun s a ->
+            let header = "{\"model.norm.weight\":{\"dtype\":\"Q4\",\"shape\":[32],\"data_offsets\":[0,128]}}"
+            writeSafetensorsHeader (Path.Combine(s.Model, "model.safetensors")) (uint64 header.Length) header 128; a)
+            (fun s -> [ "model.safetensors"; "Q4" ])
+        rejects "weights whose shapes disagree with the config" (fun s a ->
+            let config = Path.Combine(s.Model, "config.json")
+            File.WriteAllText(config, File.ReadAllText(config).Replace("\"intermediate_size\": 64", "\"intermediate_size\": 48")); a)
+            (fun s -> [ "model.safetensors"; "mlp" ])
+        rejects "a JSONL line that is not JSON" (fun s a ->
+            File.AppendAllText(s.Data, "{\"input_ids\": [1, 2,\n"); a)
+            (fun s -> [ s.Data + ":14"; "JSON" ])
+        rejects "a JSONL line without input_ids" (fun s a ->
+            let lines = File.ReadAllLines s.Data
+            lines[2] <- "{\"text\": \"hello\"}"
+            File.WriteAllLines(s.Data, lines); a)
+            (fun s -> [ s.Data + ":3"; "input_ids" ])
+        rejects "an empty dataset" (fun s a -> File.WriteAllText(s.Data, ""); a)
+            (fun s -> [ s.Data; "empty" ])
+        rejects "batch size 0" (fun _ a -> replaceOption "--per-device-train-batch-size" "0" a)
+            (fun _ -> [ "--per-device-train-batch-size"; "at least 1" ])
+        rejects "accumulation 0" (fun _ a -> replaceOption "--gradient-accumulation-steps" "0" a)
+            (fun _ -> [ "--gradient-accumulation-steps"; "at least 1" ])
+        rejects "a negative learning rate" (fun _ a -> replaceOption "--learning-rate" "-0.1" a)
+            (fun _ -> [ "--learning-rate"; ">= 0" ])
+        rejects "warmup longer than the run" (fun _ a -> a @ [ "--num-warmup-steps"; "5" ])
+            (fun _ -> [ "--num-warmup-steps"; "longer than the run" ])
+        rejects "an unknown scheduler name" (fun _ a -> a @ [ "--lr-scheduler-type"; "cosine_wave" ])
+            (fun _ -> [ "--lr-scheduler-type"; "cosine_wave" ])
+        rejects "a token id outside the vocabulary" (fun s a -> File.AppendAllText(s.Data, "{\"input_ids\": [1, 96]}\n"); a)
+            (fun s -> [ s.Data + ":14"; "vocab" ])
+        test "a non-empty output folder without --overwrite-output-dir is refused" {
+            use s = new Scratch()
+            let before = snapshot s.Output
+            let run = runCli (trainArgs s.Model s.Data s.Output)
+            Expect.equal run.ExitCode 2 "exit code 2"
+            Expect.stringContains run.Stderr "--overwrite-output-dir" "says how to proceed"
+            Expect.equal (snapshot s.Output) before "untouched"
+        }
+    ]
+
+[<Tests>]
+let tests =
+    testList "cli" [
+        test "train writes metrics.jsonl and an HF model folder; snake_case aliases work" {
+            use s = new Scratch()
+            let output = s.File "fresh"
+            let args =
+                [ "train"; "--model_name_or_path"; s.Model; "--data"; s.Data; "--output_dir"; output
+                  "--per_device_train_batch_size"; "2"; "--gradient_accumulation_steps"; "2"; "--max_steps"; "3"
+                  "--max_seq_len"; "32"; "--lr_scheduler_type"; "cosine"; "--num_warmup_steps"; "1"; "--seed"; "7" ]
+            let run = runCli args
+            Expect.equal run.ExitCode 0 (sprintf "exit code 0 (stderr: %s)" run.Stderr)
+            let lines = readJsonLines (Path.Combine(output, "metrics.jsonl"))
+            Expect.equal (lines |> Array.map (fun l -> l.GetProperty("step").GetInt32())) [| 1; 2; 3 |] "one line per step"
+            for l in lines do
+                for field in [ "loss"; "lr"; "grad_norm" ] do
+                    Expect.isTrue (l.TryGetProperty(field) |> fst) (sprintf "metrics carry %s" field)
+            Expect.equal (lines[0].GetProperty("lr").GetDouble()) 0.0 "the first update uses lr 0 with warmup"
+            Expect.isTrue (File.Exists(Path.Combine(output, "final", "config.json"))) "final/config.json"
+            Expect.isTrue (File.Exists(Path.Combine(output, "final", "model.safetensors"))) "final/model.safetensors"
+        }
+        test "same seed, same result; shuffled runs differ from file order" {
+            use s = new Scratch()
+            let go name extra =
+                let output = s.File name
+                let run = runCli (trainArgs s.Model s.Data output @ extra)
+                Expect.equal run.ExitCode 0 run.Stderr
+                File.ReadAllBytes(Path.Combine(output, "final", "model.safetensors")), File.ReadAllText(Path.Combine(output, "metrics.jsonl"))
+            let a = go "a" [ "--seed"; "5" ]
+            let b = go "b" [ "--seed"; "5" ]
+            let c = go "c" [ "--seed"; "5"; "--no-shuffle" ]
+            Expect.equal (fst a) (fst b) "identical weights"
+            Expect.equal (snd a) (snd b) "identical metrics"
+            Expect.notEqual (fst a) (fst c) "shuffling changes the result"
+        }
+        test "--help lists the train command" {
+            let run = runCli [ "--help" ]
+            Expect.equal run.ExitCode 0 "exit code 0"
+            Expect.stringContains run.Stdout "train" "mentions train"
+        }
+        badInput
+    ]

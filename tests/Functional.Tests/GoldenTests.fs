@@ -1,0 +1,94 @@
+/// Whole training runs compared with PyTorch: tools/reference/make_golden.py trained the same
+/// checkpoints on the same data in float64 and wrote per-step loss/lr/grad_norm and final weights.
+module Functional.Tests.GoldenTests
+
+open System
+open System.IO
+open System.Text.Json
+open Expecto
+open TorchSharp
+open Functional
+open Functional.Checkpoint
+open Functional.Training
+open Functional.Tests.TestUtil
+
+/// The training options a golden case was made with (options.json, HF snake_case names).
+let goldenOptions (case: string) =
+    use document = JsonDocument.Parse(File.ReadAllText(Path.Combine(goldenDir case, "options.json")))
+    let o = document.RootElement
+    let number (name: string) = o.GetProperty(name).GetDouble()
+    let integer (name: string) = o.GetProperty(name).GetInt32()
+    { TrainOptions.defaults with
+        PerDeviceTrainBatchSize = integer "per_device_train_batch_size"
+        GradientAccumulationSteps = integer "gradient_accumulation_steps"
+        LearningRate = number "learning_rate"
+        WeightDecay = number "weight_decay"
+        AdamBeta1 = number "adam_beta1"
+        AdamBeta2 = number "adam_beta2"
+        AdamEpsilon = number "adam_epsilon"
+        LrSchedulerType = Schedule.parseName (o.GetProperty("lr_scheduler_type").GetString()) |> Option.get
+        NumWarmupSteps = integer "num_warmup_steps"
+        MaxSteps = integer "max_steps"
+        MaxGradNorm = number "max_grad_norm"
+        MaxSeqLen = integer "max_seq_len"
+        Seed = int64 (integer "seed")
+        Shuffle = not (o.GetProperty("no_shuffle").GetBoolean()) }
+
+let private relativeError (actual: float) (expected: float) =
+    abs (actual - expected) / max (abs expected) 1e-12
+
+/// Relative L2 error ||a - e|| / ||e||.
+let private relativeL2 (actual: torch.Tensor) (expected: torch.Tensor) =
+    use diff = actual.to_type(torch.float64) - expected.to_type(torch.float64)
+    use num = diff.norm()
+    use den = expected.to_type(torch.float64).norm()
+    num.item<float>() / max (den.item<float>()) 1e-30
+
+/// Compares final weights per tensor. GPT-2's key slice of attn.c_attn.bias has an exactly-zero true
+/// gradient, so both sides only carry rounding noise there: it gets an absolute tolerance.
+let private compareWeights (case: string) (actualPath: string) (expectedPath: string) =
+    let actual = Safetensors.load actualPath
+    let expected = Safetensors.load expectedPath
+    Expect.sequenceEqual (actual |> Map.keys |> Seq.sort) (expected |> Map.keys |> Seq.sort) (case + ": same tensor names")
+    for KeyValue(name, e) in expected do
+        let a = actual[name]
+        Expect.sequenceEqual a.shape e.shape (sprintf "%s: %s shape" case name)
+        if name.EndsWith ".attn.c_attn.bias" then
+            let width = e.shape[0] / 3L
+            for part, slice in [ "query", 0L; "value", 2L ] do
+                let err = relativeL2 (a.narrow(0L, slice * width, width)) (e.narrow(0L, slice * width, width))
+                Expect.isLessThanOrEqual err 1e-4 (sprintf "%s: %s %s slice relative L2 error" case name part)
+            use keyDiff = (a.narrow(0L, width, width) - e.narrow(0L, width, width)).abs().max()
+            Expect.isLessThanOrEqual (keyDiff.item<float32>() |> float) 1e-4 (sprintf "%s: %s key slice absolute error" case name)
+        else
+            let err = relativeL2 a e
+            Expect.isLessThanOrEqual err 1e-4 (sprintf "%s: %s relative L2 error" case name)
+    actual |> Map.iter (fun _ t -> t.Dispose())
+    expected |> Map.iter (fun _ t -> t.Dispose())
+
+let private goldenRun (case: string) =
+    test (sprintf "%s: per-step loss, lr, grad_norm and final weights match PyTorch" case) {
+        use output = new TempFolder()
+        let dir = goldenDir case
+        let request =
+            { ModelPath = Path.Combine(dir, "model")
+              DataPath = Path.Combine(dir, "data.jsonl")
+              OutputPath = output.File "run"
+              OverwriteOutputDir = false
+              Options = goldenOptions case }
+        let result = FineTune.run request ignore
+        let expected = readJsonLines (Path.Combine(dir, "steps.jsonl"))
+        let actual = readJsonLines result.MetricsPath
+        Expect.equal actual.Length expected.Length (case + ": one metrics line per optimizer step")
+        for a, e in Array.zip actual expected do
+            let step = e.GetProperty("step").GetInt32()
+            let get (j: JsonElement) (name: string) = j.GetProperty(name).GetDouble()
+            Expect.equal (a.GetProperty("step").GetInt32()) step (case + ": step numbers")
+            Expect.isLessThanOrEqual (relativeError (get a "loss") (get e "loss")) 1e-4 (sprintf "%s step %d: loss relative error" case step)
+            Expect.isLessThanOrEqual (abs (get a "lr" - get e "lr")) 1e-9 (sprintf "%s step %d: lr absolute error" case step)
+            Expect.isLessThanOrEqual (relativeError (get a "grad_norm") (get e "grad_norm")) 1e-3 (sprintf "%s step %d: grad_norm relative error" case step)
+        compareWeights case (Path.Combine(result.FinalModelPath, "model.safetensors")) (Path.Combine(dir, "final", "model.safetensors"))
+    }
+
+[<Tests>]
+let tests = testList "golden" [ for case in goldenCases -> goldenRun case ]

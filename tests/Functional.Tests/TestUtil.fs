@@ -1,0 +1,47 @@
+/// Helpers shared by the test files: temporary folders, golden files, JSON reading.
+module Functional.Tests.TestUtil
+
+open System
+open System.IO
+open System.Text.Json
+
+/// A fresh empty folder under the system temp folder, deleted on Dispose.
+type TempFolder() =
+    let path = Path.Combine(Path.GetTempPath(), "functional-tests", Guid.NewGuid().ToString("N"))
+    do Directory.CreateDirectory path |> ignore
+    /// The folder's full path.
+    member _.Path = path
+    /// A path inside the folder.
+    member _.File(name: string) = Path.Combine(path, name)
+    interface IDisposable with
+        member _.Dispose() =
+            try Directory.Delete(path, true) with _ -> ()
+
+/// The golden files made by tools/reference/make_golden.py (copied next to the test binary).
+let goldenDir (case: string) = Path.Combine(AppContext.BaseDirectory, "golden", case)
+
+/// The golden cases.
+let goldenCases = [ "gpt2-cosine"; "gpt2-linear"; "llama-cosine"; "llama-linear" ]
+
+/// Reads each line of a JSON Lines file as a JsonElement.
+let readJsonLines (path: string) =
+    File.ReadAllLines path
+    |> Array.filter (String.IsNullOrWhiteSpace >> not)
+    |> Array.map (fun line -> JsonDocument.Parse(line).RootElement.Clone())
+
+/// Every file below a folder with its bytes, for "nothing changed" checks.
+let snapshot (folder: string) =
+    if Directory.Exists folder then
+        Directory.GetFiles(folder, "*", SearchOption.AllDirectories)
+        |> Array.sort
+        |> Array.map (fun f -> Path.GetRelativePath(folder, f), File.ReadAllBytes f)
+        |> Map.ofArray
+    else Map.empty
+
+/// Copies a folder recursively.
+let rec copyFolder (source: string) (target: string) =
+    Directory.CreateDirectory target |> ignore
+    for f in Directory.GetFiles source do
+        File.Copy(f, Path.Combine(target, Path.GetFileName f), true)
+    for d in Directory.GetDirectories source do
+        copyFolder d (Path.Combine(target, Path.GetFileName d))
