@@ -4,7 +4,6 @@ open System
 open System.Buffers.Binary
 open System.IO
 open System.Text
-open System.Text.Json
 open Expecto
 open TorchSharp
 open Functional
