@@ -31,9 +31,9 @@ let tests =
         test "the sum equals a hand-written log-softmax gather over the shifted positions" {
             TorchRuntime.ensure ()
             use scope = torch.NewDisposeScope()
-            torch.manual_seed 11L |> ignore
+            use generator = new torch.Generator(11UL)
             let batch, time, vocab = 3, 6, 9
-            let logits = (torch.randn(int64 batch, int64 time, int64 vocab) * 3.0).requires_grad_(true)
+            let logits = (torch.randn(int64 batch, int64 time, int64 vocab, generator = generator) * 3.0).requires_grad_(true)
             let labelData =
                 [| 4L; 1L; 8L; 0L; -100L; -100L
                    -100L; -100L; 2L; 3L; 5L; 7L
@@ -57,8 +57,8 @@ let tests =
         test "bf16 logits are upcast: the sum is fp32 and equals the fp32 loss of the same values" {
             TorchRuntime.ensure ()
             use scope = torch.NewDisposeScope()
-            torch.manual_seed 5L |> ignore
-            let logits = torch.randn(2L, 4L, 7L).to_type(torch.ScalarType.BFloat16)
+            use generator = new torch.Generator(5UL)
+            let logits = torch.randn(2L, 4L, 7L, generator = generator).to_type(torch.ScalarType.BFloat16)
             let labels = labelsOf [| [| 1L; 2L; 3L; 4L |]; [| 5L; 6L |] |]
             let fromBf16 = Loss.causalLmSum logits labels
             let fromFp32 = Loss.causalLmSum (logits.to_type torch.ScalarType.Float32) labels
@@ -84,8 +84,8 @@ let tests =
             let labels = labelsOf [| [| 7L |]; [| 1L; 2L; 3L |] |]
             let onlyLong = labelsOf [| [| 1L; 2L; 3L |] |]
             Expect.equal (Loss.predictedTokens labels) 2L "the short row adds 0"
-            torch.manual_seed 3L |> ignore
-            let logits = torch.randn(2L, 3L, 5L)
+            use generator = new torch.Generator(3UL)
+            let logits = torch.randn(2L, 3L, 5L, generator = generator)
             let both = Loss.causalLmSum logits labels
             let longRow = Loss.causalLmSum (logits.narrow(0L, 1L, 1L)) onlyLong
             Expect.floatClose Accuracy.high (both.item<float32> () |> float) (longRow.item<float32> () |> float) "same loss"
