@@ -120,6 +120,7 @@ module Accumulation =
         if windowTokens < 0L then argument "windowTokens" (sprintf "windowTokens must be >= 0, got %d." windowTokens)
         if state.WindowOpen || state.MicroStep <> 0 then
             raise (InvalidOperationException "beginWindow: the current window has not ended.")
+        // Raises when the state does not fit the plan (a window must start at a multiple of k below n).
         currentWindow plan state |> ignore
         { state with WindowOpen = true; WindowTokens = windowTokens; WindowLossSum = 0.0 }
 
@@ -139,10 +140,10 @@ module Accumulation =
         if not state.WindowOpen then
             raise (InvalidOperationException "observe: no window is open; call beginWindow first.")
         let first, size = currentWindow plan state
-        let lossSum = state.WindowLossSum + lossSum
+        let windowLossSum = state.WindowLossSum + lossSum
         let next = state.MicroBatchInEpoch + 1
         if state.MicroStep + 1 < size then
-            { state with MicroBatchInEpoch = next; MicroStep = state.MicroStep + 1; WindowLossSum = lossSum },
+            { state with MicroBatchInEpoch = next; MicroStep = state.MicroStep + 1; WindowLossSum = windowLossSum },
             AccumulationEvent.Accumulating
         else
             let report =
@@ -151,7 +152,7 @@ module Accumulation =
                   Epoch = state.Epoch
                   MicroBatches = size
                   Tokens = state.WindowTokens
-                  Loss = if state.WindowTokens = 0L then nan else lossSum / float state.WindowTokens }
+                  Loss = if state.WindowTokens = 0L then nan else windowLossSum / float state.WindowTokens }
             let epochEnds = first + size = plan.MicroBatchesPerEpoch
             { Epoch = if epochEnds then state.Epoch + 1 else state.Epoch
               MicroBatchInEpoch = if epochEnds then 0 else next

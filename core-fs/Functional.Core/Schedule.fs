@@ -58,6 +58,7 @@ type ScheduleOptions =
         /// Polynomial: the power of the decay (default 1.0, linear).
         Power: float option
         /// Inverse square root: the timescale (default: the warmup steps, or 10,000 without warmup).
+        /// HF's get_scheduler never passes it on; here it is honoured.
         Timescale: int option
         /// Cosine_with_min_lr: the floor, absolute or relative; required by that schedule.
         MinLr: MinLearningRate option
@@ -158,7 +159,7 @@ module Schedule =
         scaled baseLr (fun _ -> 1.0)
 
     /// Linear warmup from 0 over warmupSteps, then baseLr (HF's get_constant_schedule_with_warmup):
-    /// f(k) = k / max(1, w) for k &lt; w, else 1.
+    /// f(k) = k / max(1, w) for k < w, else 1.
     let constantWithWarmup (baseLr: float) (warmupSteps: int) : Schedule =
         checkBaseLr baseLr
         nonNegative "warmupSteps" warmupSteps
@@ -332,6 +333,13 @@ module Schedule =
     let unknownNameProblem (name: string) : string =
         sprintf "expected one of %s, got \"%s\"" (String.Join(", ", names)) name
 
+    /// The kind an option names (parseName), or InvalidInputException for optionName (e.g.
+    /// "--lr-scheduler-type") whose problem quotes the value and lists the valid names.
+    let parseOption (optionName: string) (name: string) : SchedulerKind =
+        match parseName name with
+        | Some kind -> kind
+        | None -> InvalidInput.option optionName (unknownNameProblem name)
+
     /// HF's shape names ("linear", "cosine", "1-sqrt") for warmup_type and decay_type, or None.
     let parseShape (name: string) : PhaseShape option =
         match name with
@@ -359,7 +367,7 @@ module Schedule =
     /// and total optimizer steps and the schedule-specific options (ScheduleOptions documents each
     /// default). Raises ArgumentException naming the bad argument or option (cosine_with_min_lr needs
     /// MinLr; warmup_stable_decay needs NumDecaySteps and, without NumStableSteps, warmup + decay
-    /// steps &lt;= total steps).
+    /// steps <= total steps).
     let create (kind: SchedulerKind) (baseLr: float) (warmupSteps: int) (totalSteps: int) (options: ScheduleOptions) : Schedule =
         let cycles defaultValue = options.NumCycles |> Option.defaultValue defaultValue
         match kind with

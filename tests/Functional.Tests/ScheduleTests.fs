@@ -288,6 +288,21 @@ let private names =
             for n in Schedule.names do
                 Expect.stringContains problem n "lists every valid name"
         }
+        test "warmup and decay shapes parse by HF's names" {
+            Expect.equal
+                ([ "linear"; "cosine"; "1-sqrt"; "sqrt" ] |> List.map Schedule.parseShape)
+                [ Some PhaseShape.Linear; Some PhaseShape.Cosine; Some PhaseShape.OneMinusSqrt; None ]
+                "three shapes"
+        }
+        test "an unknown --lr-scheduler-type is invalid input naming the option" {
+            Expect.equal (Schedule.parseOption "--lr-scheduler-type" "cosine") SchedulerKind.Cosine "valid name"
+            let ex = Expect.throwsC (fun () -> Schedule.parseOption "--lr-scheduler-type" "cosin" |> ignore) id
+            match ex with
+            | :? InvalidInputException as e ->
+                Expect.equal e.Origin "--lr-scheduler-type" "the option"
+                Expect.equal e.Problem (Schedule.unknownNameProblem "cosin") "quotes the value and lists the names"
+            | other -> failtestf "expected InvalidInputException, got %O" other
+        }
         test "create builds each kind with HF's defaults" {
             let d = ScheduleOptions.Defaults
             let create kind = Schedule.create kind 1.0 2 10 d
