@@ -52,10 +52,6 @@ type MicroBatch =
 [<RequireQualifiedAccess>]
 module Batching =
 
-    /// The label value the loss ignores (PyTorch's and HF's ignore_index).
-    [<Literal>]
-    let IgnoreIndex = -100L
-
     /// Splits an epoch's row order into consecutive micro-batches of batchSize rows (the last may be smaller).
     let microBatches (batchSize: int) (order: int[]) : int[][] =
         if batchSize < 1 then invalidArg (nameof batchSize) "the batch size must be at least 1"
@@ -70,7 +66,7 @@ module Batching =
         let lengths = rows |> Array.map (fun r -> min r.Length maxSeqLen)
         let width = max 1 (Array.max lengths)
         let ids = Array.create (rows.Length * width) padId
-        let labels = Array.create (rows.Length * width) IgnoreIndex
+        let labels = Array.create (rows.Length * width) Loss.IgnoreIndex
         rows
         |> Array.iteri (fun r row ->
             Array.blit row 0 ids (r * width) lengths[r]
