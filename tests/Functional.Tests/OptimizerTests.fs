@@ -309,6 +309,35 @@ let private roundTrip optimizer =
             original.Dispose()
             restored.Dispose()))
 
+/// Runs ours (through FlatParameters and Optimizer.apply) and one of TorchSharp's ports of
+/// torch.optim side by side for six steps on 1,000 parameters; returns both final parameter vectors.
+let private sideBySide (ours: torch.Tensor -> Transform) (theirs: Modules.Parameter -> torch.optim.Optimizer) =
+    torch.manual_seed 11L |> ignore
+    use initial = torch.randn 1000L
+    let grads = [ for _ in 1..6 -> torch.randn 1000L ]
+    use reference = new Modules.Parameter(initial.clone ())
+    let optimizer = theirs reference
+    use parameter = new Modules.Parameter(initial.clone ())
+    use flat = FlatParameters.create [ struct ("p", parameter) ]
+    use mask = FlatParameters.mask flat (fun _ -> true)
+    let transform = ours mask
+    let mutable state = transform.Init flat.Values
+    for g in grads do
+        reference.grad <- g.clone ()
+        optimizer.step () |> ignore
+        flat.Grads.copy_ g |> ignore
+        state <- Optimizer.apply transform flat state
+    state.Dispose()
+    toArray reference, toArray parameter
+
+let private expectNear (label: string) (expected: float[]) (actual: float[]) =
+    Array.iteri2
+        (fun i e a ->
+            if not (abs (e - a) <= 1e-5 * (abs e + 0.1)) then
+                failtestf "%s: element %d is %.9g, expected %.9g" label i a e)
+        expected
+        actual
+
 let private transformTests =
     testList "transforms" [
         testPropertyWithConfig config "Optimizer.adamW equals torch.optim.AdamW's recurrence in float64"
@@ -316,6 +345,35 @@ let private transformTests =
 
         testPropertyWithConfig config "Optimizer.sgd equals torch.optim.SGD's recurrence (momentum, Nesterov, L2) in float64"
             (equalsReference sgd sgdReference)
+
+        test "Optimizer.adamW and Optimizer.sgd track TorchSharp's ports of torch.optim.AdamW and SGD" {
+            withTorch (fun () ->
+                let expected, actual =
+                    sideBySide
+                        (Optimizer.adamW (fun _ -> 0.01) 0.9 0.99 1e-6 0.1)
+                        (fun p -> torch.optim.AdamW([ p ], 0.01, 0.9, 0.99, 1e-6, 0.1))
+                expectNear "AdamW" expected actual
+                for momentum, nesterov in [ 0.0, false; 0.9, false; 0.9, true ] do
+                    let expected, actual =
+                        sideBySide
+                            (Optimizer.sgd (fun _ -> 0.01) momentum nesterov 0.1)
+                            (fun p -> torch.optim.SGD([ p ], 0.01, momentum, 0.0, 0.1, nesterov))
+                    expectNear (sprintf "SGD momentum %g Nesterov %b" momentum nesterov) expected actual)
+        }
+
+        test "clipByGlobalNorm tracks torch.nn.utils.clip_grad_norm_" {
+            withTorch (fun () ->
+                torch.manual_seed 5L |> ignore
+                use gradient = torch.randn 100L * 3.0
+                use parameter = new Modules.Parameter(torch.zeros 100L)
+                parameter.grad <- gradient.clone ()
+                let norm = torch.nn.utils.clip_grad_norm_([ parameter ], 1.0)
+                let clip = Transform.clipByGlobalNorm 1.0
+                use values = torch.zeros 100L
+                let updates, state = clip.Update (gradient.clone ()) (clip.Init values) values
+                Expect.floatClose Accuracy.medium (Transform.lastGradNorm state) norm "reported norm"
+                expectNear "clipped gradient" (toArray parameter.grad) (toArray updates))
+        }
 
         testPropertyWithConfig config "clipByGlobalNorm scales by min(1, maxNorm / (norm + 1e-6)) and reports the pre-clip norm"
             (Prop.forAll clipCases (fun (size, maxNorm, seed) ->

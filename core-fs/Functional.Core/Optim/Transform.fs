@@ -32,8 +32,9 @@ type ITransformState =
 ///
 /// Update may work in place: it may write into the `updates` tensor it receives and return that very
 /// tensor (all transforms here do), so the updates passed in are consumed. Parameters are only read.
-/// Per-update temporaries (0-dim norms, Scalars) are disposed before Update returns or belong to the
-/// caller's dispose scope; state buffers are never reallocated.
+/// Scalars used at every update are created once, with the transform; per-update temporaries
+/// (0-dim norms, step-dependent Scalars) are disposed before Update returns, so an update leaves no
+/// tensor handle behind even outside a dispose scope; state buffers are never reallocated.
 [<NoEquality; NoComparison>]
 type Transform =
     {
@@ -85,6 +86,7 @@ module Transform =
     /// The state of a transform that keeps nothing (addDecayedWeights).
     [<NoEquality; NoComparison>]
     type EmptyState =
+        /// The only value: nothing to keep.
         | EmptyState
 
         interface ITransformState with
