@@ -573,6 +573,20 @@ let private numericTests =
                 expectClose 1e-6 (after.narrow(1, 0L, t)) (before.narrow(1, 0L, t)) "positions before t"
                 Expect.isGreaterThan (maxAbsDiff (after.narrow(1, t, 1L)) (before.narrow(1, t, 1L))) 1e-4 "position t"
                 expectClose 0.0 (after[1L]) (before[1L]) "the other sequence")
+        torchTest "backward reaches every parameter of both families" (fun () ->
+            for config in [ Gpt2 tinyGpt2; Llama { tinyLlama with AttentionBias = true; TieWordEmbeddings = true } ] do
+                let lm = CausalLm.create config 8L
+                use ids = randomIds (ModelConfig.vocabSize config) [| 2L; 6L |] 5L
+                use logits = lm.Module.forward ids
+                use loss = logits.square().mean()
+                loss.backward ()
+                for struct (name, p) in lm.Module.named_parameters () do
+                    Expect.isNotNull p.grad (name + " has a gradient")
+                    Expect.isGreaterThan (p.grad.abs().max().item<float32> ()) 0.0f (name + " gradient is not zero"))
+        torchTest "GPT-2 refuses inputs longer than n_positions" (fun () ->
+            let lm = CausalLm.create (Gpt2 tinyGpt2) 1L
+            use ids = torch.zeros(1L, 9L, dtype = torch.int64)
+            Expect.throwsT<ArgumentException> (fun () -> lm.Module.forward ids |> ignore) "9 > n_positions 8")
         torchTest "dropout is active in training and off in eval" (fun () ->
             let config = Gpt2 { tinyGpt2 with ResidPdrop = 0.5; EmbdPdrop = 0.5; AttnPdrop = 0.5 }
             let lm = CausalLm.create config 1L
