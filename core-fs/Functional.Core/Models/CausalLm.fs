@@ -1,0 +1,74 @@
+namespace Functional.Models
+
+open TorchSharp
+open TorchSharp.Modules
+open Functional.Runtime
+
+/// A causal language model of any supported family, with what the trainer and the checkpoint code
+/// need to know about its parameter names.
+[<NoEquality; NoComparison>]
+type CausalLm =
+    { /// The architecture.
+      Config: ModelConfig
+      /// input_ids (B, T) int64 -> logits (B, T, vocab_size) fp32. No attention mask: with right padding
+      /// and causal attention, real tokens never attend to padding.
+      Module: torch.nn.Module<torch.Tensor, torch.Tensor>
+      /// The prefix of the base model's names inside the LM-head model: "transformer." (GPT-2) or
+      /// "model." (LLaMA). Checkpoints of the bare base model lack it.
+      BasePrefix: string
+      /// Suffixes of buffers HF checkpoints may hold that this model does not (GPT-2's causal-mask
+      /// buffers ".attn.bias" and ".attn.masked_bias", LLaMA's ".rotary_emb.inv_freq"); loaders skip them.
+      IgnoredBufferSuffixes: string list
+      /// State-dict keys that alias another parameter and that save_pretrained leaves out:
+      /// ["lm_head.weight"] when the head is tied to the token embedding, else [].
+      TiedKeys: string list
+      /// Parameters exempt from weight decay: every bias and every LayerNorm/RMSNorm weight, the rule of
+      /// HF Trainer's get_decay_parameter_names and DeepSpeed-Chat.
+      NoWeightDecay: Set<string> }
+
+/// Creating causal language models and describing their parameters.
+[<RequireQualifiedAccess>]
+module CausalLm =
+
+    /// Names of the parameters that belong to normalization layers (LayerNorm, RMSNorm) or are biases.
+    let private noWeightDecay (model: torch.nn.Module) =
+        let normParameters =
+            [ for moduleName, m in model.named_modules () do
+                  match m with
+                  | :? LayerNorm
+                  | :? RmsNorm ->
+                      for name, _ in m.named_parameters () do
+                          yield moduleName + "." + name
+                  | _ -> () ]
+        let biases =
+            [ for name, _ in model.named_parameters () do
+                  if name = "bias" || name.EndsWith ".bias" then yield name ]
+        Set.ofList (normParameters @ biases)
+
+    /// Builds the model the config describes, with HF's initialization drawn from a generator seeded
+    /// with seed (the same seed gives the same weights).
+    let create (config: ModelConfig) (seed: int64) : CausalLm =
+        TorchRuntime.ensure ()
+        let lm, prefix, ignored, tied =
+            match config with
+            | Gpt2 c ->
+                Gpt2.build c seed :> torch.nn.Module<torch.Tensor, torch.Tensor>,
+                "transformer.",
+                [ ".attn.bias"; ".attn.masked_bias" ],
+                c.TieWordEmbeddings
+            | Llama c ->
+                Llama.build c seed :> torch.nn.Module<torch.Tensor, torch.Tensor>,
+                "model.",
+                [ ".rotary_emb.inv_freq" ],
+                c.TieWordEmbeddings
+        { Config = config
+          Module = lm
+          BasePrefix = prefix
+          IgnoredBufferSuffixes = ignored
+          TiedKeys = if tied then [ "lm_head.weight" ] else []
+          NoWeightDecay = noWeightDecay lm }
+
+    /// The parameters' names and shapes, in named_parameters() order (each tensor once: a tied head
+    /// does not appear).
+    let parameterSpec (lm: CausalLm) : (string * int64[]) list =
+        [ for name, p in lm.Module.named_parameters () -> name, p.shape ]

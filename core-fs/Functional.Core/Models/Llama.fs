@@ -1,0 +1,262 @@
+namespace Functional.Models
+
+open System
+open TorchSharp
+open TorchSharp.Modules
+open Functional.Runtime
+
+// LLaMA as HF transformers' LlamaForCausalLM (modeling_llama.py), built bottom-up.
+// As in Gpt2.fs, each module registers its parts explicitly under HF's names and in HF's order, so
+// named_parameters() yields the state-dict names ("model.layers.0.self_attn.q_proj.weight", ...) in
+// HF's order; the fields holding the parts carry the same names.
+
+/// LLaMA's RMSNorm as HF computes it: in fp32, x * rsqrt(mean(x^2) + eps), cast back to the input
+/// dtype, then scaled by weight.
+type RmsNorm(dim: int64, eps: float) as this =
+    inherit torch.nn.Module<torch.Tensor, torch.Tensor>("LlamaRMSNorm")
+    let weight = torch.nn.Parameter(torch.ones(dim).DetachFromDisposeScope()) // (dim)
+    do
+        this.register_parameter("weight", weight)
+        this.RegisterComponents()
+
+    /// The scale, shaped (dim).
+    member _.Weight = weight
+
+    /// (..., dim) -> (..., dim).
+    override _.forward(x) =
+        use scope = torch.NewDisposeScope()
+        let x32 = x.to_type torch.float32
+        let variance = x32.square().mean([| -1L |], keepdim = true) // (..., 1)
+        let normed = x32 * torch.rsqrt(variance + eps)
+        scope.MoveToOuter(weight * normed.to_type x.dtype)
+
+/// Rotary position embeddings in HF's rotate_half convention: a head vector's first and second
+/// halves are the two coordinates of each rotated pair.
+[<RequireQualifiedAccess>]
+module Rotary =
+
+    /// HF's inv_freq: 1 / theta^(arange(0, headDim, 2) / headDim), in fp32 as HF computes it. (headDim / 2)
+    let inverseFrequencies (headDim: int) (theta: float) : torch.Tensor =
+        use scope = torch.NewDisposeScope()
+        let exponents = torch.arange(0L, int64 headDim, 2L, dtype = torch.int64).to_type(torch.float32) / float headDim
+        let powers = torch.pow(torch.tensor(theta, dtype = torch.float32), exponents)
+        scope.MoveToOuter(powers.reciprocal())
+
+    /// cos and sin of the angles position * inv_freq, each half repeated: (T) positions -> (T, headDim) twice.
+    let cosSin (inverseFrequencies: torch.Tensor) (positions: torch.Tensor) : torch.Tensor * torch.Tensor =
+        use scope = torch.NewDisposeScope()
+        let freqs = torch.outer(positions.to_type torch.float32, inverseFrequencies) // (T, hd/2)
+        let angles = torch.cat([| freqs; freqs |], -1L) // (T, hd)
+        scope.MoveToOuter(angles.cos()), scope.MoveToOuter(angles.sin())
+
+    /// HF's rotate_half: (x1, x2) -> (-x2, x1) over the halves of the last dimension.
+    let rotateHalf (x: torch.Tensor) : torch.Tensor =
+        use scope = torch.NewDisposeScope()
+        let half = x.shape[x.shape.Length - 1] / 2L
+        let x1 = x.narrow(-1L, 0L, half)
+        let x2 = x.narrow(-1L, half, half)
+        scope.MoveToOuter(torch.cat([| x2.neg(); x1 |], -1L))
+
+    /// x * cos + rotate_half(x) * sin: (B, nh, T, hd) with cos, sin (T, hd) -> (B, nh, T, hd).
+    let apply (x: torch.Tensor) (cos: torch.Tensor) (sin: torch.Tensor) : torch.Tensor =
+        use scope = torch.NewDisposeScope()
+        scope.MoveToOuter(x * cos + rotateHalf x * sin)
+
+/// HF's LlamaRotaryEmbedding (default rope type): holds inv_freq as a non-persistent buffer, so it is
+/// neither a parameter nor part of the state dict. (TorchSharp 0.107 leaves non-persistent buffers out
+/// of named_buffers() and Module.to(), so CosSin brings inv_freq to the positions' device itself.)
+type LlamaRotaryEmbedding(headDim: int, theta: float) as this =
+    inherit torch.nn.Module("LlamaRotaryEmbedding")
+    let inv_freq = (Rotary.inverseFrequencies headDim theta).DetachFromDisposeScope() // (hd/2)
+    do
+        this.register_buffer("inv_freq", inv_freq, persistent = false)
+        this.RegisterComponents()
+
+    /// inv_freq, (headDim / 2) fp32.
+    member _.InverseFrequencies = inv_freq
+
+    /// The rotary cos and sin for (T) int64 positions, each (T, headDim) fp32 on the positions' device.
+    member _.CosSin(positions: torch.Tensor) =
+        use inverseFrequencies = inv_freq.``to`` positions.device
+        Rotary.cosSin inverseFrequencies positions
+
+/// Repeats each key/value head nRep times, as HF's repeat_kv: (B, nkv, T, hd) -> (B, nkv * nRep, T, hd).
+[<RequireQualifiedAccess>]
+module GroupedQuery =
+
+    /// Key/value head j serves query heads j * nRep .. j * nRep + nRep - 1.
+    let repeatKv (x: torch.Tensor) (nRep: int64) : torch.Tensor =
+        if nRep = 1L then x.alias ()
+        else
+            let B, nkv, T, hd = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+            use expanded = x.unsqueeze(2).expand(B, nkv, nRep, T, hd) // (B, nkv, nRep, T, hd)
+            expanded.reshape(B, nkv * nRep, T, hd)
+
+/// LLaMA's causal self-attention with grouped-query heads: q, k, v and o projections (nn.Linear,
+/// bias when attention_bias), rotary embeddings on q and k, k and v repeated to the query heads.
+/// attentionDropout applies to the attention probabilities in training only.
+type LlamaAttention
+    (q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear,
+     numHeads: int, numKeyValueHeads: int, headDim: int, attentionDropout: float) as this =
+    inherit torch.nn.Module<torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor>("LlamaAttention")
+    do
+        this.register_module("q_proj", q_proj)
+        this.register_module("k_proj", k_proj)
+        this.register_module("v_proj", v_proj)
+        this.register_module("o_proj", o_proj)
+        this.RegisterComponents()
+
+    /// x (B, T, hidden) with rotary cos, sin (T, hd) -> (B, T, hidden).
+    override this.forward(x, cos, sin) =
+        use scope = torch.NewDisposeScope()
+        let B, T = x.shape[0], x.shape[1]
+        let nh, nkv, hd = int64 numHeads, int64 numKeyValueHeads, int64 headDim
+        let q = q_proj.forward(x).view(B, T, nh, hd).transpose(1, 2) // (B, nh, T, hd)
+        let k = k_proj.forward(x).view(B, T, nkv, hd).transpose(1, 2) // (B, nkv, T, hd)
+        let v = v_proj.forward(x).view(B, T, nkv, hd).transpose(1, 2) // (B, nkv, T, hd)
+        let q = Rotary.apply q cos sin
+        let k = Rotary.apply k cos sin
+        let k = GroupedQuery.repeatKv k (nh / nkv) // (B, nh, T, hd)
+        let v = GroupedQuery.repeatKv v (nh / nkv) // (B, nh, T, hd)
+        let p = if this.training then attentionDropout else 0.0
+        // SDPA's default scale 1/sqrt(hd) is HF's head_dim ** -0.5.
+        let y = torch.nn.functional.scaled_dot_product_attention(q, k, v, null, p, true) // (B, nh, T, hd)
+        let y = y.transpose(1, 2).reshape(B, T, nh * hd) // (B, T, nh * hd)
+        scope.MoveToOuter(o_proj.forward y)
+
+/// LLaMA's gated MLP (SwiGLU with silu): down_proj(act(gate_proj(x)) * up_proj(x)).
+type LlamaMlp(gate_proj: Linear, up_proj: Linear, down_proj: Linear, activation: Activation) as this =
+    inherit torch.nn.Module<torch.Tensor, torch.Tensor>("LlamaMLP")
+    do
+        this.register_module("gate_proj", gate_proj)
+        this.register_module("up_proj", up_proj)
+        this.register_module("down_proj", down_proj)
+        this.RegisterComponents()
+
+    /// (B, T, hidden) -> (B, T, hidden).
+    override _.forward(x) =
+        use scope = torch.NewDisposeScope()
+        let gate = Activation.apply activation (gate_proj.forward x) // (B, T, intermediate)
+        scope.MoveToOuter(down_proj.forward (gate * up_proj.forward x))
+
+/// A pre-norm decoder layer: x + self_attn(input_layernorm(x)), then h + mlp(post_attention_layernorm(h)).
+type LlamaDecoderLayer(self_attn: LlamaAttention, mlp: LlamaMlp, input_layernorm: RmsNorm, post_attention_layernorm: RmsNorm) as this =
+    inherit torch.nn.Module<torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor>("LlamaDecoderLayer")
+    do
+        this.register_module("self_attn", self_attn)
+        this.register_module("mlp", mlp)
+        this.register_module("input_layernorm", input_layernorm)
+        this.register_module("post_attention_layernorm", post_attention_layernorm)
+        this.RegisterComponents()
+
+    /// x (B, T, hidden) with rotary cos, sin (T, hd) -> (B, T, hidden).
+    override _.forward(x, cos, sin) =
+        use scope = torch.NewDisposeScope()
+        let h = x + self_attn.forward(input_layernorm.forward x, cos, sin)
+        scope.MoveToOuter(h + mlp.forward (post_attention_layernorm.forward h))
+
+/// LlamaModel: token embedding, the decoder layers, a final RMSNorm; rotary embeddings shared by all
+/// layers. Returns the last hidden states.
+type LlamaModel(embed_tokens: Embedding, layers: ModuleList<LlamaDecoderLayer>, norm: RmsNorm, rotary_emb: LlamaRotaryEmbedding) as this =
+    inherit torch.nn.Module<torch.Tensor, torch.Tensor>("LlamaModel")
+    do
+        this.register_module("embed_tokens", embed_tokens)
+        this.register_module("layers", layers)
+        this.register_module("norm", norm)
+        this.register_module("rotary_emb", rotary_emb)
+        this.RegisterComponents()
+
+    /// The token embedding, (vocab_size, hidden); the tied LM head reads it.
+    member _.EmbedTokens = embed_tokens
+
+    /// input_ids (B, T) int64 -> hidden states (B, T, hidden).
+    override _.forward(inputIds) =
+        use scope = torch.NewDisposeScope()
+        let T = inputIds.shape[1]
+        // A key/value cache would start the positions at the cached length.
+        let positions = torch.arange(T, dtype = torch.int64, device = inputIds.device) // (T)
+        let cos, sin = rotary_emb.CosSin positions // (T, hd) each
+        let x = embed_tokens.forward inputIds // (B, T, hidden)
+        let x = layers |> Seq.fold (fun x layer -> layer.forward(x, cos, sin)) x
+        scope.MoveToOuter(norm.forward x)
+
+/// LlamaForCausalLM: the model and an LM head. An untied head (HF's default for LLaMA) is
+/// lm_head.weight, (vocab_size, hidden); a tied one computes logits = h @ embed_tokens.weight^T.
+type LlamaForCausalLm(model: LlamaModel, lmHead: Linear option) as this =
+    inherit torch.nn.Module<torch.Tensor, torch.Tensor>("LlamaForCausalLM")
+    do
+        this.register_module("model", model)
+        lmHead |> Option.iter (fun head -> this.register_module("lm_head", head))
+        this.RegisterComponents()
+
+    /// The LlamaModel below the head.
+    member _.Model = model
+
+    /// input_ids (B, T) int64 -> logits (B, T, vocab_size).
+    override _.forward(inputIds) =
+        use hidden = model.forward inputIds // (B, T, hidden)
+        match lmHead with
+        | Some head -> head.forward hidden
+        | None -> torch.nn.functional.linear(hidden, model.EmbedTokens.weight)
+
+/// Building LLaMA models.
+[<RequireQualifiedAccess>]
+module Llama =
+
+    /// HF's LlamaPreTrainedModel._init_weights, drawn from the generator: Linear and Embedding weights
+    /// from normal(0, initializer_range), biases zero, the padding row (pad_token_id) zero, RMSNorm
+    /// weights one.
+    let initialize (config: LlamaConfig) (generator: torch.Generator) (model: LlamaForCausalLm) =
+        let std = config.InitializerRange
+        use _ = torch.no_grad ()
+        for _, m in model.named_modules () do
+            match m with
+            | :? Linear as l ->
+                l.weight.normal_(0.0, std, generator) |> ignore
+                if not (isNull l.bias) then torch.nn.init.zeros_ l.bias |> ignore
+            | :? Embedding as e ->
+                e.weight.normal_(0.0, std, generator) |> ignore
+                config.PadTokenId |> Option.iter (fun pad -> e.weight[int64 pad].zero_() |> ignore)
+            | :? RmsNorm as n -> torch.nn.init.ones_ n.Weight |> ignore
+            | _ -> ()
+
+    /// Builds LlamaForCausalLM for the config, initialized as HF does from a generator seeded with seed.
+    let build (config: LlamaConfig) (seed: int64) : LlamaForCausalLm =
+        TorchRuntime.ensure ()
+        let hidden = int64 config.HiddenSize
+        let intermediate = int64 config.IntermediateSize
+        let qWidth = int64 (config.NumAttentionHeads * config.HeadDim)
+        let kvWidth = int64 (config.NumKeyValueHeads * config.HeadDim)
+        let linear inputs outputs hasBias = torch.nn.Linear(inputs, outputs, hasBias = hasBias)
+        let layer () =
+            let attention =
+                new LlamaAttention(
+                    linear hidden qWidth config.AttentionBias,
+                    linear hidden kvWidth config.AttentionBias,
+                    linear hidden kvWidth config.AttentionBias,
+                    linear qWidth hidden config.AttentionBias,
+                    config.NumAttentionHeads, config.NumKeyValueHeads, config.HeadDim, config.AttentionDropout)
+            let mlp =
+                new LlamaMlp(
+                    linear hidden intermediate config.MlpBias,
+                    linear hidden intermediate config.MlpBias,
+                    linear intermediate hidden config.MlpBias,
+                    config.HiddenAct)
+            new LlamaDecoderLayer(attention, mlp, new RmsNorm(hidden, config.RmsNormEps), new RmsNorm(hidden, config.RmsNormEps))
+        let embedding =
+            match config.PadTokenId with
+            | Some pad -> torch.nn.Embedding(int64 config.VocabSize, hidden, padding_idx = Nullable(int64 pad))
+            | None -> torch.nn.Embedding(int64 config.VocabSize, hidden)
+        let model =
+            new LlamaModel(
+                embedding,
+                torch.nn.ModuleList<LlamaDecoderLayer>([| for _ in 1 .. config.NumHiddenLayers -> layer () |]),
+                new RmsNorm(hidden, config.RmsNormEps),
+                new LlamaRotaryEmbedding(config.HeadDim, config.RopeTheta))
+        let lmHead =
+            if config.TieWordEmbeddings then None
+            else Some(linear hidden (int64 config.VocabSize) false)
+        let lm = new LlamaForCausalLm(model, lmHead)
+        use generator = new torch.Generator(uint64 seed)
+        initialize config generator lm
+        lm
