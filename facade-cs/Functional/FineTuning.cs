@@ -58,7 +58,7 @@ public static class FineTuning
         }
         var scheduleOptions = o.LrSchedulerKwargs is null
             ? ScheduleOptions.Defaults
-            : SchedulerKwargsModule.parse("--lr-scheduler-kwargs", o.LrSchedulerKwargs);
+            : SchedulerKwargs.parse("--lr-scheduler-kwargs", o.LrSchedulerKwargs);
         return new TrainOptions(
             o.PerDeviceTrainBatchSize,
             o.GradientAccumulationSteps,

@@ -11,10 +11,10 @@ open Functional.Tests.TestUtil
 /// The result of one `functional` invocation.
 type CliRun = { ExitCode: int; Stdout: string; Stderr: string }
 
-/// Runs the built `functional` command (copied next to the tests) with the given arguments.
+/// Runs the built `functional` command (Functional.Cli.dll, copied next to the tests) with the given arguments.
 let runCli (args: string list) =
     let info = ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
-    info.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "functional.dll"))
+    info.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "Functional.Cli.dll"))
     for a in args do info.ArgumentList.Add a
     use p = Process.Start info
     let stdout = p.StandardOutput.ReadToEndAsync()
@@ -65,14 +65,15 @@ let private replaceOption (name: string) (value: string) (args: string list) =
 
 let private writeSafetensorsHeader (path: string) (headerLength: uint64) (header: string) (dataBytes: int) =
     use f = File.Create path
-    f.Write(BitConverter.GetBytes headerLength)
-    f.Write(Encoding.UTF8.GetBytes header)
-    f.Write(Array.zeroCreate<byte> dataBytes)
+    let write (bytes: byte[]) = f.Write(bytes, 0, bytes.Length)
+    write (BitConverter.GetBytes headerLength)
+    write (Encoding.UTF8.GetBytes header)
+    write (Array.zeroCreate<byte> dataBytes)
 
 let private badInput =
     testList "bad input" [
         rejects "missing config.json" (fun s a -> File.Delete(Path.Combine(s.Model, "config.json")); a)
-            (fun s -> [ "config.json"; "does not exist" ])
+            (fun s -> [ "config.json"; "not found" ])
         rejects "malformed config.json" (fun s a -> File.WriteAllText(Path.Combine(s.Model, "config.json"), "{\"model_type\": \"llama\",\n  \"vocab_size\": }"); a)
             (fun s -> [ "config.json"; "JSON" ])
         rejects "safetensors with a truncated header" (fun s a ->

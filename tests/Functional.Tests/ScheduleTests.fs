@@ -205,7 +205,7 @@ let private phases =
             let fromRatio = Schedule.warmupSteps r.Total None (Some ratio)
             let exact = float r.Total * ratio
             float fromRatio >= exact
-            && float fromRatio < exact + 1.0
+            && float fromRatio - exact < 1.0
             && Schedule.warmupSteps r.Total (Some(r.Warmup + 1)) (Some ratio) = r.Warmup + 1
             && Schedule.warmupSteps r.Total (Some 0) (Some ratio) = fromRatio)
 

@@ -71,8 +71,8 @@ module Batching =
         |> Array.iteri (fun r row ->
             Array.blit row 0 ids (r * width) lengths[r]
             Array.blit row 0 labels (r * width) lengths[r])
-        let shape = [| int64 rows.Length; int64 width |]
-        { InputIds = torch.tensor(ids, shape, dtype = torch.int64)
-          Labels = torch.tensor(labels, shape, dtype = torch.int64)
+        let shape = ReadOnlySpan<int64>([| int64 rows.Length; int64 width |])
+        { InputIds = torch.tensor(ids, shape)
+          Labels = torch.tensor(labels, shape)
           PredictedTokens = rows |> Array.sumBy (predictedTokens maxSeqLen)
           Tokens = lengths |> Array.sumBy int64 }

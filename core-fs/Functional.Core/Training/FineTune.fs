@@ -72,21 +72,23 @@ module FineTune =
         checkOutputFolder request
         let model = HfModelFolder.load request.ModelPath request.Options.Seed
         let dataset = TokenizedDataset.load request.DataPath
-        TokenizedDataset.checkVocabulary (HfModelFolder.vocabSize model) dataset
+        TokenizedDataset.checkVocabulary (Functional.Models.ModelConfig.vocabSize model.Config) dataset
         if dataset.Rows |> Array.sumBy (Batching.predictedTokens request.Options.MaxSeqLen) = 0L then
             InvalidInput.fail request.DataPath "" "no row has two or more tokens: there is nothing to predict"
+        let plan = Trainer.plan request.Options dataset.Rows.Length
         Directory.CreateDirectory request.OutputPath |> ignore
         let metricsPath = Path.Combine(request.OutputPath, "metrics.jsonl")
         let finalPath = Path.Combine(request.OutputPath, "final")
-        let _, finalLoss, steps =
+        let trained =
             use metrics = new StreamWriter(metricsPath, false)
-            Trainer.train request.Options model dataset (fun log ->
+            Trainer.train plan model dataset (fun log ->
                 metrics.WriteLine(metricsLine log)
                 metrics.Flush()
                 onStep log)
         HfModelFolder.save finalPath model
-        { Steps = steps
-          FinalLoss = finalLoss
+        trained.Parameters.Dispose()
+        { Steps = trained.Steps
+          FinalLoss = trained.FinalLoss
           MetricsPath = metricsPath
           FinalModelPath = finalPath
           Seconds = clock.Elapsed.TotalSeconds }

@@ -30,6 +30,30 @@ type StepLog =
       /// Seconds since training started.
       ElapsedSeconds: float }
 
+/// A run's shape, computed from the options and the dataset size before training starts.
+[<NoComparison; NoEquality>]
+type TrainingPlan =
+    { /// The validated options.
+      Options: TrainOptions
+      /// Micro-batches per epoch and per optimizer step.
+      Accumulation: AccumulationPlan
+      /// Optimizer steps of the run.
+      TotalSteps: int
+      /// Warmup steps of the schedule.
+      WarmupSteps: int
+      /// The learning rate of update k (from 0).
+      Schedule: int -> float }
+
+/// What a finished training loop leaves.
+[<NoComparison; NoEquality>]
+type TrainResult =
+    { /// The flat parameter and gradient buffers the model's parameters alias.
+      Parameters: FlatParameters
+      /// The last step's loss.
+      FinalLoss: float
+      /// Optimizer steps taken.
+      Steps: int }
+
 /// The training loop: a fold of optimizer steps over accumulation windows of micro-batches.
 [<RequireQualifiedAccess>]
 module Trainer =
@@ -51,21 +75,34 @@ module Trainer =
             else Sampler.sequential rowCount
         Batching.microBatches options.PerDeviceTrainBatchSize order
 
-    /// Trains model on the dataset's rows for the options' number of optimizer steps, calling onStep
-    /// after every logged step (every LoggingSteps and the last). Each optimizer step runs in its own
-    /// dispose scope, so live tensors stay flat over the run. Returns the flat parameters, whose
-    /// Values the model's parameters alias.
-    let train (options: TrainOptions) (model: CausalLm) (dataset: TokenizedDataset) (onStep: StepLog -> unit) =
+    /// Plans a run over rowCount rows: micro-batches per epoch, accumulation windows, total steps,
+    /// warmup and schedule. Pure; raises InvalidInputException for options that cannot make a run
+    /// (e.g. a warmup longer than the run), so callers can check everything before writing anything.
+    let plan (options: TrainOptions) (rowCount: int) : TrainingPlan =
         TrainOptions.validate options
-        Functional.Runtime.TorchRuntime.ensure ()
-        if options.Threads > 0 then torch.set_num_threads options.Threads
-        let microBatchesPerEpoch = (dataset.Rows.Length + options.PerDeviceTrainBatchSize - 1) / options.PerDeviceTrainBatchSize
-        let plan = Accumulation.plan microBatchesPerEpoch options.GradientAccumulationSteps
-        let totalSteps = TrainOptions.totalSteps options (Accumulation.stepsPerEpoch plan)
+        let microBatchesPerEpoch = (rowCount + options.PerDeviceTrainBatchSize - 1) / options.PerDeviceTrainBatchSize
+        let accumulation = Accumulation.plan microBatchesPerEpoch options.GradientAccumulationSteps
+        let totalSteps = TrainOptions.totalSteps options (Accumulation.stepsPerEpoch accumulation)
         let warmup = TrainOptions.warmupSteps options totalSteps
         let schedule =
             try Schedule.create options.LrSchedulerType options.LearningRate warmup totalSteps options.LrSchedulerOptions
             with :? ArgumentException as e -> InvalidInput.option "--lr-scheduler-kwargs" e.Message
+        { Options = options
+          Accumulation = accumulation
+          TotalSteps = totalSteps
+          WarmupSteps = warmup
+          Schedule = schedule }
+
+    /// Trains model on the dataset's rows as planned, calling onStep after every logged step (every
+    /// LoggingSteps and the last). Each optimizer step runs in its own dispose scope, so live tensors
+    /// stay flat over the run. The model's parameters end up aliasing the returned flat buffer.
+    let train (plan: TrainingPlan) (model: CausalLm) (dataset: TokenizedDataset) (onStep: StepLog -> unit) : TrainResult =
+        let options = plan.Options
+        Functional.Runtime.TorchRuntime.ensure ()
+        if options.Threads > 0 then torch.set_num_threads options.Threads
+        let microBatchesPerEpoch = plan.Accumulation.MicroBatchesPerEpoch
+        let totalSteps = plan.TotalSteps
+        let schedule = plan.Schedule
         torch.manual_seed options.Seed |> ignore
         model.Module.train ()
         let flat = FlatParameters.create (model.Module.named_parameters ())
@@ -81,12 +118,12 @@ module Trainer =
             use _ = torch.NewDisposeScope()
             if accumulation.MicroBatchInEpoch = 0 then
                 epochBatches <- epochMicroBatches options dataset.Rows.Length accumulation.Epoch
-            let first, size = Accumulation.currentWindow plan accumulation
+            let first, size = Accumulation.currentWindow plan.Accumulation accumulation
             let window =
                 [ for i in first .. first + size - 1 ->
                       Batching.collate options.MaxSeqLen 0L (epochBatches[i] |> Array.map (fun r -> dataset.Rows[r])) ]
             let windowTokens = window |> List.sumBy (fun b -> b.PredictedTokens)
-            accumulation <- Accumulation.beginWindow plan accumulation windowTokens
+            accumulation <- Accumulation.beginWindow plan.Accumulation accumulation windowTokens
             let scale = Accumulation.lossScale windowTokens
             let mutable report = None
             for batch in window do
@@ -95,7 +132,7 @@ module Trainer =
                 use scaled = lossSum * scale
                 scaled.backward ()
                 tokensSeen <- tokensSeen + batch.Tokens
-                let next, event = Accumulation.observe plan accumulation (lossSum.item<float32> () |> float)
+                let next, event = Accumulation.observe plan.Accumulation accumulation (lossSum.item<float32> () |> float)
                 accumulation <- next
                 match event with
                 | AccumulationEvent.Step r -> report <- Some r
@@ -122,4 +159,4 @@ module Trainer =
                           ElapsedSeconds = seconds }
             | None -> invalidOp "an accumulation window ended without an optimizer step"
         model.Module.eval ()
-        flat, lastLoss, totalSteps
+        { Parameters = flat; FinalLoss = lastLoss; Steps = totalSteps }
