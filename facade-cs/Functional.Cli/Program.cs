@@ -36,6 +36,11 @@ public static class Program
             Console.Error.WriteLine($"error: {e.Message}");
             return BadInput;
         }
+        catch (Exception e)
+        {
+            Console.Error.WriteLine($"error: the run failed unexpectedly; please report this with the details below.\n{e}");
+            return 1;
+        }
     }
 
     /// <summary>Formats a number for console output with the invariant culture.</summary>

@@ -59,17 +59,29 @@ module HfModelFolder =
             weights |> Map.iter (fun _ t -> t.Dispose())
         model
 
-    /// Writes config.json and model.safetensors (save_pretrained's names, tied head omitted) to folder.
-    /// Files go to a staging folder first, which then replaces folder, so a failure never leaves a
-    /// half-written model behind.
-    let save (folder: string) (model: CausalLm) =
+    /// The config.json text of a model: our fields written over the source config's (so keys we do
+    /// not model, such as bos_token_id or transformers_version, survive a fine-tuning run).
+    let configJson (model: CausalLm) (sourceConfig: string option) =
+        let ours = ModelConfig.toJson model.Config
+        match sourceConfig with
+        | None -> ours
+        | Some source ->
+            let merged = Nodes.JsonNode.Parse(source).AsObject()
+            for KeyValue(key, value) in Nodes.JsonNode.Parse(ours).AsObject() do
+                merged[key] <- (if isNull value then null else value.DeepClone())
+            merged.ToJsonString(JsonSerializerOptions(WriteIndented = true))
+
+    /// Writes config.json (see configJson) and model.safetensors (save_pretrained's names, tied head
+    /// omitted) to folder. Files go to a staging folder first, which then replaces folder, so a failure
+    /// never leaves a half-written model behind.
+    let save (folder: string) (model: CausalLm) (sourceConfig: string option) =
         let full = Path.GetFullPath folder
         let parent = Path.GetDirectoryName full
         Directory.CreateDirectory parent |> ignore
         let staging = Path.Combine(parent, sprintf ".%s.staging-%d" (Path.GetFileName full) Environment.ProcessId)
         if Directory.Exists staging then Directory.Delete(staging, true)
         Directory.CreateDirectory staging |> ignore
-        File.WriteAllText(Path.Combine(staging, "config.json"), ModelConfig.toJson model.Config)
+        File.WriteAllText(Path.Combine(staging, "config.json"), configJson model sourceConfig)
         let tensors = [ for struct (name, p) in model.Module.named_parameters () -> name, (p :> torch.Tensor) ]
         StateDict.export (Path.Combine(staging, "model.safetensors")) (Map [ "format", "pt" ]) tensors
         if Directory.Exists full then

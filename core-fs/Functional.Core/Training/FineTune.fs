@@ -71,6 +71,7 @@ module FineTune =
         TrainOptions.validate request.Options
         checkOutputFolder request
         let model = HfModelFolder.load request.ModelPath request.Options.Seed
+        let sourceConfig = File.ReadAllText(Path.Combine(request.ModelPath, "config.json"))
         let dataset = TokenizedDataset.load request.DataPath
         TokenizedDataset.checkVocabulary (Functional.Models.ModelConfig.vocabSize model.Config) dataset
         if dataset.Rows |> Array.sumBy (Batching.predictedTokens request.Options.MaxSeqLen) = 0L then
@@ -85,7 +86,7 @@ module FineTune =
                 metrics.WriteLine(metricsLine log)
                 metrics.Flush()
                 onStep log)
-        HfModelFolder.save finalPath model
+        HfModelFolder.save finalPath model (Some sourceConfig)
         trained.Parameters.Dispose()
         { Steps = trained.Steps
           FinalLoss = trained.FinalLoss
