@@ -81,9 +81,12 @@ let tests =
             Array.concat batches = Array.init n id
             && batches |> Array.forall (fun m -> m.Length >= 1 && m.Length <= b)
             && batches.Length = (n + b - 1) / b)
-        testPropertyWithConfig config "collate truncates, right-pads and labels padding -100; counts match the loss's count" <| Prop.forAll (Arb.zip (rows, Arb.fromGen (Gen.choose (2, 24)))) (fun (rows, maxSeqLen) ->
+        testPropertyWithConfig config "collate truncates, right-pads and labels padding and prompts -100; counts match the loss's count" <| Prop.forAll (Arb.zip (rows, Arb.fromGen (Gen.zip (Gen.choose (2, 24)) (Gen.choose (0, 1000))))) (fun (rows, (maxSeqLen, seed)) ->
             TorchRuntime.ensure ()
-            use batch = Batching.collate maxSeqLen 0L rows
+            let random = System.Random seed
+            let prompts = rows |> Array.map (fun r -> random.Next(0, r.Length + 2))
+            let dataset = { Path = "mem"; Rows = rows; Lines = Array.init rows.Length ((+) 1); PromptLengths = prompts }
+            use batch = Batching.collate maxSeqLen 0L dataset (Array.init rows.Length id)
             let width = int batch.InputIds.shape[1]
             let ids = batch.InputIds.data<int64>().ToArray()
             let labels = batch.Labels.data<int64>().ToArray()
@@ -91,8 +94,9 @@ let tests =
             width = max 1 (Array.max lengths)
             && rows |> Array.indexed |> Array.forall (fun (r, row) ->
                 [ 0 .. width - 1 ] |> List.forall (fun t ->
-                    if t < lengths[r] then ids[r * width + t] = row[t] && labels[r * width + t] = row[t]
-                    else ids[r * width + t] = 0L && labels[r * width + t] = Loss.IgnoreIndex))
+                    let label = labels[r * width + t]
+                    if t < lengths[r] then ids[r * width + t] = row[t] && label = (if t < prompts[r] then Loss.IgnoreIndex else row[t])
+                    else ids[r * width + t] = 0L && label = Loss.IgnoreIndex))
             && batch.PredictedTokens = Loss.predictedTokens batch.Labels
             && batch.Tokens = Array.sumBy int64 lengths)
     ]

@@ -57,12 +57,17 @@ module Batching =
         if batchSize < 1 then invalidArg (nameof batchSize) "the batch size must be at least 1"
         Array.chunkBySize batchSize order
 
-    /// Predicted tokens of a row of length n after truncation to maxSeqLen: every token but the first.
-    let predictedTokens (maxSeqLen: int) (row: int64[]) : int64 = int64 (max 0 (min row.Length maxSeqLen - 1))
+    /// Predicted tokens of a row after truncation to maxSeqLen: positions after the first whose token
+    /// is not part of the prompt (the first promptLength tokens get label -100).
+    let predictedTokens (maxSeqLen: int) (promptLength: int) (row: int64[]) : int64 =
+        let length = min row.Length maxSeqLen
+        int64 (max 0 (length - max 1 promptLength))
 
-    /// Truncates each row to its first maxSeqLen tokens, right-pads all rows to the longest with padId,
-    /// and labels padding positions with -100.
-    let collate (maxSeqLen: int) (padId: int64) (rows: int64[][]) : MicroBatch =
+    /// Collates the dataset rows at indices: truncates each to its first maxSeqLen tokens, right-pads
+    /// all to the longest with padId, and labels padding and prompt positions with -100.
+    let collate (maxSeqLen: int) (padId: int64) (dataset: TokenizedDataset) (indices: int[]) : MicroBatch =
+        let rows = indices |> Array.map (fun i -> dataset.Rows[i])
+        let prompts = indices |> Array.map (fun i -> dataset.PromptLengths[i])
         let lengths = rows |> Array.map (fun r -> min r.Length maxSeqLen)
         let width = max 1 (Array.max lengths)
         let ids = Array.create (rows.Length * width) padId
@@ -70,9 +75,10 @@ module Batching =
         rows
         |> Array.iteri (fun r row ->
             Array.blit row 0 ids (r * width) lengths[r]
-            Array.blit row 0 labels (r * width) lengths[r])
+            let first = min prompts[r] lengths[r]
+            Array.blit row first labels (r * width + first) (lengths[r] - first))
         let shape = ReadOnlySpan<int64>([| int64 rows.Length; int64 width |])
         { InputIds = torch.tensor(ids, shape)
           Labels = torch.tensor(labels, shape)
-          PredictedTokens = rows |> Array.sumBy (predictedTokens maxSeqLen)
+          PredictedTokens = Array.map2 (predictedTokens maxSeqLen) prompts rows |> Array.sum
           Tokens = lengths |> Array.sumBy int64 }

@@ -14,8 +14,11 @@ type TokenizedDataset =
       Path: string
       /// Token ids of each row, in file order.
       Rows: int64[][]
-      /// The 1-based line number of each row in Path.
-      Lines: int[] }
+      /// The 1-based line number (or JSON array index + 1) of each row in Path.
+      Lines: int[]
+      /// Leading tokens of each row that the loss ignores (the prompt when training on the
+      /// completion only; 0 when every token is trained on).
+      PromptLengths: int[] }
 
 /// Reading pre-tokenized JSON Lines.
 [<RequireQualifiedAccess>]
@@ -64,7 +67,7 @@ module TokenizedDataset =
             |> Array.map (fun (n, line) -> parseRow path n line, n)
             |> Array.unzip
         if rows.Length = 0 then InvalidInput.fail path "" "the dataset is empty (expected JSON Lines, one {\"input_ids\": [...]} per line)"
-        { Path = path; Rows = rows; Lines = lines }
+        { Path = path; Rows = rows; Lines = lines; PromptLengths = Array.zeroCreate rows.Length }
 
     /// Raises InvalidInputException naming the line of the first token id >= vocabSize.
     let checkVocabulary (vocabSize: int) (dataset: TokenizedDataset) =

@@ -74,7 +74,7 @@ module FineTune =
         let sourceConfig = File.ReadAllText(Path.Combine(request.ModelPath, "config.json"))
         let dataset = TokenizedDataset.load request.DataPath
         TokenizedDataset.checkVocabulary (Functional.Models.ModelConfig.vocabSize model.Config) dataset
-        if dataset.Rows |> Array.sumBy (Batching.predictedTokens request.Options.MaxSeqLen) = 0L then
+        if Array.map2 (Batching.predictedTokens request.Options.MaxSeqLen) dataset.PromptLengths dataset.Rows |> Array.sum = 0L then
             InvalidInput.fail request.DataPath "" "no row has two or more tokens: there is nothing to predict"
         let plan = Trainer.plan request.Options dataset.Rows.Length
         Directory.CreateDirectory request.OutputPath |> ignore

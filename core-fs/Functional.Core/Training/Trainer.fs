@@ -121,7 +121,7 @@ module Trainer =
             let first, size = Accumulation.currentWindow plan.Accumulation accumulation
             let window =
                 [ for i in first .. first + size - 1 ->
-                      Batching.collate options.MaxSeqLen 0L (epochBatches[i] |> Array.map (fun r -> dataset.Rows[r])) ]
+                      Batching.collate options.MaxSeqLen 0L dataset epochBatches[i] ]
             let windowTokens = window |> List.sumBy (fun b -> b.PredictedTokens)
             accumulation <- Accumulation.beginWindow plan.Accumulation accumulation windowTokens
             let scale = Accumulation.lossScale windowTokens
