@@ -93,4 +93,10 @@ public sealed class FineTuneOptions
 
     /// <summary>Intra-op threads; 0 uses every core (default 0).</summary>
     public int Threads { get; set; }
+
+    /// <summary>Evaluate every this many optimizer steps when there is an evaluation set; 0 evaluates only at the end (default 0).</summary>
+    public int EvalSteps { get; set; }
+
+    /// <summary>Rows per evaluation micro-batch (default 8).</summary>
+    public int PerDeviceEvalBatchSize { get; set; } = 8;
 }

@@ -81,6 +81,8 @@ public static class FineTuning
             o.Seed,
             !o.NoShuffle,
             o.LoggingSteps,
-            o.Threads);
+            o.Threads,
+            o.EvalSteps,
+            o.PerDeviceEvalBatchSize);
     }
 }

@@ -27,8 +27,8 @@ let tests =
                     LrSchedulerType = SchedulerKind.Cosine
                     NumWarmupSteps = 10 }
             let live = Array.zeroCreate<int64> 201
-            Trainer.train (Trainer.plan options data.Rows.Length) model data (fun log ->
-                live[log.Step] <- DisposeScopeManager.Statistics.TensorStatistics.ThreadTotalLiveCount)
+            Trainer.train (Trainer.plan options data.Rows.Length) model data None (fun log ->
+                live[log.Step] <- DisposeScopeManager.Statistics.TensorStatistics.ThreadTotalLiveCount) (fun _ _ -> ())
             |> ignore
             // The count is read inside the step's scope, which holds that window's micro-batches; windows
             // repeat every 4 steps (7 micro-batches per epoch in windows of 2, 2, 2, 1), so compare those.

@@ -82,10 +82,10 @@ module FineTune =
         let finalPath = Path.Combine(request.OutputPath, "final")
         let trained =
             use metrics = new StreamWriter(metricsPath, false)
-            Trainer.train plan model dataset (fun log ->
+            Trainer.train plan model dataset None (fun log ->
                 metrics.WriteLine(metricsLine log)
                 metrics.Flush()
-                onStep log)
+                onStep log) (fun _ _ -> ())
         HfModelFolder.save finalPath model (Some sourceConfig)
         trained.Parameters.Dispose()
         { Steps = trained.Steps

@@ -58,7 +58,12 @@ type TrainOptions =
       /// Write metrics every this many optimizer steps; the last step is always written (default 1).
       LoggingSteps: int
       /// Intra-op threads; 0 uses every core (default 0).
-      Threads: int }
+      Threads: int
+      /// Evaluate every this many optimizer steps when there is an evaluation set; 0 evaluates only at
+      /// the end (default 0).
+      EvalSteps: int
+      /// Rows per evaluation micro-batch (default 8, HF's per_device_eval_batch_size).
+      PerDeviceEvalBatchSize: int }
 
 /// Defaults and validation of TrainOptions.
 [<RequireQualifiedAccess>]
@@ -87,7 +92,9 @@ module TrainOptions =
           Seed = 42L
           Shuffle = true
           LoggingSteps = 1
-          Threads = 0 }
+          Threads = 0
+          EvalSteps = 0
+          PerDeviceEvalBatchSize = 8 }
 
     let private check condition option (problem: unit -> string) =
         if not condition then InvalidInput.option option (problem ())
@@ -127,6 +134,9 @@ module TrainOptions =
             sprintf "must be at least 2 (a row needs two tokens to predict one), got %d" o.MaxSeqLen)
         check (o.LoggingSteps >= 1) "--logging-steps" (fun () -> sprintf "must be at least 1, got %d" o.LoggingSteps)
         check (o.Threads >= 0) "--threads" (fun () -> sprintf "must be >= 0 (0 uses every core), got %d" o.Threads)
+        check (o.EvalSteps >= 0) "--eval-steps" (fun () -> sprintf "must be >= 0 (0 evaluates only at the end), got %d" o.EvalSteps)
+        check (o.PerDeviceEvalBatchSize >= 1) "--per-device-eval-batch-size" (fun () ->
+            sprintf "must be at least 1, got %d" o.PerDeviceEvalBatchSize)
 
     /// Optimizer steps of the run: MaxSteps when set, else ceil(epochs * steps per epoch), as HF Trainer.
     let totalSteps (o: TrainOptions) (stepsPerEpoch: int) =

@@ -93,10 +93,24 @@ module Trainer =
           WarmupSteps = warmup
           Schedule = schedule }
 
+    /// The padding id of training and evaluation batches. Padding is right-aligned and labelled -100,
+    /// and attention is causal, so no real token sees it: any id gives the same result.
+    [<Literal>]
+    let PadId = 0L
+
     /// Trains model on the dataset's rows as planned, calling onStep after every logged step (every
-    /// LoggingSteps and the last). Each optimizer step runs in its own dispose scope, so live tensors
-    /// stay flat over the run. The model's parameters end up aliasing the returned flat buffer.
-    let train (plan: TrainingPlan) (model: CausalLm) (dataset: TokenizedDataset) (onStep: StepLog -> unit) : TrainResult =
+    /// LoggingSteps and the last) and, when evalSet is given, onEvaluate with the optimizer step and the
+    /// evaluation every EvalSteps steps and after the last. Each optimizer step runs in its own dispose
+    /// scope, so live tensors stay flat over the run. The model's parameters end up aliasing the
+    /// returned flat buffer.
+    let train
+        (plan: TrainingPlan)
+        (model: CausalLm)
+        (dataset: TokenizedDataset)
+        (evalSet: TokenizedDataset option)
+        (onStep: StepLog -> unit)
+        (onEvaluate: int -> EvalResult -> unit)
+        : TrainResult =
         let options = plan.Options
         Functional.Runtime.TorchRuntime.ensure ()
         if options.Threads > 0 then torch.set_num_threads options.Threads
@@ -121,7 +135,7 @@ module Trainer =
             let first, size = Accumulation.currentWindow plan.Accumulation accumulation
             let window =
                 [ for i in first .. first + size - 1 ->
-                      Batching.collate options.MaxSeqLen 0L dataset epochBatches[i] ]
+                      Batching.collate options.MaxSeqLen PadId dataset epochBatches[i] ]
             let windowTokens = window |> List.sumBy (fun b -> b.PredictedTokens)
             accumulation <- Accumulation.beginWindow plan.Accumulation accumulation windowTokens
             let scale = Accumulation.lossScale windowTokens
@@ -157,6 +171,10 @@ module Trainer =
                           PredictedTokens = r.Tokens
                           TokensPerSecond = float tokensSeen / max seconds 1e-9
                           ElapsedSeconds = seconds }
+                match evalSet with
+                | Some eval when (options.EvalSteps > 0 && r.OptimizerStep % options.EvalSteps = 0) || r.OptimizerStep = totalSteps ->
+                    onEvaluate r.OptimizerStep (Evaluation.evaluate model eval options.PerDeviceEvalBatchSize options.MaxSeqLen PadId)
+                | _ -> ()
             | None -> invalidOp "an accumulation window ended without an optimizer step"
         model.Module.eval ()
         { Parameters = flat; FinalLoss = lastLoss; Steps = totalSteps }
