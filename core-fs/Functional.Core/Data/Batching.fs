@@ -32,6 +32,26 @@ module Sampler =
             order[j] <- t
         order
 
+    /// The rows one process of a data-parallel run visits in an epoch, as torch's DistributedSampler
+    /// (drop_last=False): the epoch's order (shuffled seed epoch rowCount, or file order when shuffle
+    /// is false) is padded to ceil(rowCount / worldSize) * worldSize entries by repeating it from its
+    /// start, and rank takes entries rank, rank + worldSize, ... Every rank gets the same number of
+    /// rows, ceil(rowCount / worldSize); together they cover every row, exactly once when rowCount is a
+    /// multiple of worldSize.
+    ///
+    /// The position in the data is (epoch, micro-batch within the epoch), the plain numbers
+    /// AccumulationState.Epoch and AccumulationState.MicroBatchInEpoch. A resumed run jumps there by
+    /// recomputing the epoch's order from (seed, epoch) with this function and skipping the first
+    /// MicroBatchInEpoch micro-batches of it: no row is read or tokenized to get there.
+    let distributed (rank: int) (worldSize: int) (shuffle: bool) (seed: int64) (epoch: int) (rowCount: int) : int[] =
+        if worldSize < 1 then invalidArg (nameof worldSize) (sprintf "the world size must be at least 1, got %d" worldSize)
+        if rank < 0 || rank >= worldSize then
+            invalidArg (nameof rank) (sprintf "the rank must be in [0, %d) for world size %d, got %d" worldSize worldSize rank)
+        if rowCount < 0 then invalidArg (nameof rowCount) (sprintf "the row count must not be negative, got %d" rowCount)
+        let order = if shuffle then shuffled seed epoch rowCount else sequential rowCount
+        let perRank = (rowCount + worldSize - 1) / worldSize
+        Array.init perRank (fun i -> order[(rank + i * worldSize) % rowCount])
+
 /// One micro-batch: right-padded token ids and their labels.
 [<NoEquality; NoComparison>]
 type MicroBatch =
