@@ -30,7 +30,8 @@ let result =
           DataPath = Path.Combine(sample, "data.jsonl")
           OutputPath = output
           OverwriteOutputDir = true
-          Options = options }
+          Options = options
+          Data = FineTune.defaultData }
         (fun log -> printfn "step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f" log.Step log.TotalSteps log.Loss log.LearningRate log.GradNorm)
 
 printfn "final loss %.4f after %d steps; model in %s" result.FinalLoss result.Steps result.FinalModelPath

@@ -18,8 +18,48 @@ public sealed class FineTuneOptions
     /// <summary>A Hugging Face model folder (config.json + model.safetensors). Required.</summary>
     public string ModelPath { get; set; } = "";
 
-    /// <summary>Pre-tokenized JSON Lines, one {"input_ids": [...]} per line. Required.</summary>
+    /// <summary>Training data, JSON or JSON Lines: DeepSpeed-Chat prompt/chosen, phoenix from_human/from_gpt,
+    /// Alpaca instruction/input/output, plain text, or pre-tokenized input_ids. Required.</summary>
     public string DataPath { get; set; } = "";
+
+    /// <summary>A separate evaluation file (default none).</summary>
+    public string? EvalDataPath { get; set; }
+
+    /// <summary>auto (default: detected from the first row), deepspeed-chat, phoenix, alpaca, text or input-ids.</summary>
+    public string DataFormat { get; set; } = "auto";
+
+    /// <summary>Field holding the prompt, for data of another shape (default none).</summary>
+    public string? PromptField { get; set; }
+
+    /// <summary>Field holding the answer, for data of another shape (default none).</summary>
+    public string? AnswerField { get; set; }
+
+    /// <summary>Field holding plain text, for data of another shape (default none).</summary>
+    public string? TextField { get; set; }
+
+    /// <summary>"all" (default, DeepSpeed-Chat: loss on prompt and answer) or "completion" (prompt tokens get label -100).</summary>
+    public string TrainOn { get; set; } = "all";
+
+    /// <summary>Concatenate samples separated by eos into rows of max-seq-len tokens (default false).</summary>
+    public bool Packing { get; set; }
+
+    /// <summary>Skip and count bad rows instead of stopping (default false).</summary>
+    public bool SkipBadRows { get; set; }
+
+    /// <summary>DeepSpeed-Chat data split such as "2,4,4": this phase trains on the first share (default none).</summary>
+    public string? DataSplit { get; set; }
+
+    /// <summary>Fraction of the training rows held out for evaluation when no evaluation file is given (default 0).</summary>
+    public double EvalSplitRatio { get; set; }
+
+    /// <summary>A tiktoken encoding (cl100k_base, o200k_base) instead of the model folder's tokenizer (default none).</summary>
+    public string? Tokenizer { get; set; }
+
+    /// <summary>Cache tokenized data on disk (default true; in $FUNCTIONAL_CACHE or ~/.cache/functional/data).</summary>
+    public bool UseDataCache { get; set; } = true;
+
+    /// <summary>Evaluation samples whose greedy answers are scored by exact match before and after training (default 0: off).</summary>
+    public int ExactMatchSamples { get; set; }
 
     /// <summary>The output folder: metrics.jsonl and final/ (an HF model folder). Required.</summary>
     public string OutputPath { get; set; } = "";

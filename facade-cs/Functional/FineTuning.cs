@@ -14,13 +14,26 @@ namespace Functional;
 public readonly record struct TrainingProgress(
     int Step, int TotalSteps, double Epoch, double Loss, double LearningRate, double GradNorm, double TokensPerSecond);
 
+/// <summary>Evaluation figures at one point of a run.</summary>
+/// <param name="Loss">Token-weighted evaluation loss.</param>
+/// <param name="Perplexity">exp(Loss).</param>
+/// <param name="ExactMatch">Fraction of scored samples answered exactly, when scoring was asked for.</param>
+public sealed record EvaluationFigures(double Loss, double Perplexity, double? ExactMatch);
+
 /// <summary>The outcome of a finished run.</summary>
 /// <param name="Steps">Optimizer steps taken.</param>
 /// <param name="FinalLoss">Loss of the last step.</param>
 /// <param name="MetricsPath">The metrics.jsonl written.</param>
 /// <param name="FinalModelPath">The HF model folder of the trained weights.</param>
+/// <param name="PlotPath">The loss and learning-rate plot (PNG).</param>
+/// <param name="Before">Evaluation before training, when there is an evaluation set.</param>
+/// <param name="After">Evaluation after training, when there is an evaluation set.</param>
+/// <param name="SkippedRows">Rows skipped as bad.</param>
+/// <param name="TrainRuntime">Seconds in the training loop.</param>
 /// <param name="Seconds">Wall-clock duration of the run.</param>
-public sealed record FineTuneResult(int Steps, double FinalLoss, string MetricsPath, string FinalModelPath, double Seconds);
+public sealed record FineTuneResult(
+    int Steps, double FinalLoss, string MetricsPath, string FinalModelPath, string PlotPath,
+    EvaluationFigures? Before, EvaluationFigures? After, int SkippedRows, double TrainRuntime, double Seconds);
 
 /// <summary>Runs fine-tuning jobs described by <see cref="FineTuneOptions"/>.</summary>
 public static class FineTuning
@@ -39,11 +52,59 @@ public static class FineTuning
             Required(options.DataPath, "--data"),
             Required(options.OutputPath, "--output"),
             options.OverwriteOutputDir,
-            ToCore(options));
+            ToCore(options),
+            ToData(options));
         var report = FuncConvert.FromAction<StepLog>(log => onProgress?.Invoke(new TrainingProgress(
             log.Step, log.TotalSteps, log.Epoch, log.Loss, log.LearningRate, log.GradNorm, log.TokensPerSecond)));
-        var result = FineTune.run(request, report);
-        return new FineTuneResult(result.Steps, result.FinalLoss, result.MetricsPath, result.FinalModelPath, result.Seconds);
+        return ToResult(FineTune.run(request, report));
+    }
+
+    internal static FineTuneResult ToResult(Training.FineTuneResult r) => new(
+        r.Steps, r.FinalLoss, r.MetricsPath, r.FinalModelPath, r.PlotPath,
+        Figures(r.Before), Figures(r.After), r.SkippedRows, r.TrainRuntime, r.Seconds);
+
+    private static EvaluationFigures? Figures(FSharpOption<EvalFigures> figures) =>
+        FSharpOption<EvalFigures>.get_IsNone(figures)
+            ? null
+            : new EvaluationFigures(
+                figures.Value.Eval.Loss,
+                figures.Value.Eval.Perplexity,
+                FSharpOption<double>.get_IsNone(figures.Value.ExactMatch) ? null : figures.Value.ExactMatch.Value);
+
+    private static FSharpOption<T> Optional<T>(T? value) where T : class =>
+        value is null ? FSharpOption<T>.None : FSharpOption<T>.Some(value);
+
+    private static DataSettings ToData(FineTuneOptions o)
+    {
+        var trainOn = o.TrainOn.ToLowerInvariant() switch
+        {
+            "all" => Data.TrainOn.All,
+            "completion" => Data.TrainOn.Completion,
+            _ => throw new InvalidInputException("--train-on", "", $"expected all or completion, got '{o.TrainOn}'"),
+        };
+        var defaults = Data.PromptDataset.defaults;
+        var prompt = new Data.PromptDataOptions(
+            Data.PromptDataset.parseFormat(o.DataFormat),
+            new Data.FieldMap(Optional(o.PromptField), Optional(o.AnswerField), Optional(o.TextField)),
+            defaults.MaxSeqLen,
+            trainOn,
+            o.Packing,
+            defaults.AddBos,
+            o.SkipBadRows,
+            Optional(o.DataSplit),
+            o.EvalSplitRatio,
+            defaults.Seed);
+        if (o.ExactMatchSamples < 0)
+        {
+            throw new InvalidInputException("--exact-match-samples", "", $"must be >= 0, got {o.ExactMatchSamples}");
+        }
+        return new DataSettings(
+            Optional(o.EvalDataPath),
+            prompt,
+            Optional(o.Tokenizer),
+            o.UseDataCache ? FSharpOption<string>.Some(FineTune.defaultCachePath()) : FSharpOption<string>.None,
+            o.ExactMatchSamples,
+            FineTune.defaultData.ExactMatchMaxNewTokens);
     }
 
     private static string Required(string value, string option) =>

@@ -75,10 +75,11 @@ let private goldenRun (case: string) =
               DataPath = Path.Combine(dir, "data.jsonl")
               OutputPath = output.File "run"
               OverwriteOutputDir = false
-              Options = goldenOptions case }
+              Options = goldenOptions case
+              Data = FineTune.defaultData }
         let result = FineTune.run request ignore
         let expected = readJsonLines (Path.Combine(dir, "steps.jsonl"))
-        let actual = readJsonLines result.MetricsPath
+        let actual = readJsonLines result.MetricsPath |> Array.filter (fun l -> l.TryGetProperty("grad_norm") |> fst)
         Expect.equal actual.Length expected.Length (case + ": one metrics line per optimizer step")
         for a, e in Array.zip actual expected do
             let step = e.GetProperty("step").GetInt32()
