@@ -16,6 +16,7 @@ public static class Program
         var root = new RootCommand("Functional: train and fine-tune language models from .NET.")
         {
             TrainCommand.Create(),
+            TokenizeCommand.Create(),
         };
         var parsed = root.Parse(args);
         if (parsed.Errors.Count > 0)
