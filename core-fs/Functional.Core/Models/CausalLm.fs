@@ -72,3 +72,27 @@ module CausalLm =
     /// does not appear).
     let parameterSpec (lm: CausalLm) : (string * int64[]) list =
         [ for name, p in lm.Module.named_parameters () -> name, p.shape ]
+
+    let private decoder (lm: CausalLm) =
+        match box lm.Module with
+        | :? IIncrementalDecoder as d -> d
+        | _ -> invalidArg "lm" (sprintf "the %s module has no key/value cache path" (lm.Module.GetName()))
+
+    /// Incremental forward with a key/value cache, as HF's forward with past_key_values: input_ids
+    /// (B, T_new) int64; attention_mask (B, T_past + T_new) of 0/1 over the cached and the new positions
+    /// (0 marks left padding); the cache of the T_past earlier positions, None for the first call ->
+    /// logits (B, T_new, vocab_size) and the cache of all T_past + T_new positions. Positions are
+    /// cumsum(attention_mask) - 1, so a left-padded row equals the same prompt run alone; padded keys are
+    /// masked and the new positions attend causally. Each call costs only its new positions. Returns
+    /// fresh tensors (the caller disposes the new cache) and leaves the given cache untouched. Without
+    /// padding and cache, the logits equal Module.forward's. Meant for eval mode: dropout is active in
+    /// training mode as in forward.
+    let forwardCached (lm: CausalLm) (inputIds: torch.Tensor) (attentionMask: torch.Tensor) (cache: KvCache option) : torch.Tensor * KvCache =
+        (decoder lm).ForwardCached(inputIds, attentionMask, cache, false)
+
+    /// forwardCached, computing the logits of the last new position only: (B, vocab_size) and the cache
+    /// of all positions. The LM head then runs on one position per row (what generation needs).
+    let nextTokenLogits (lm: CausalLm) (inputIds: torch.Tensor) (attentionMask: torch.Tensor) (cache: KvCache option) : torch.Tensor * KvCache =
+        let logits, newCache = (decoder lm).ForwardCached(inputIds, attentionMask, cache, true) // (B, 1, V)
+        use logits = logits
+        logits.squeeze 1L, newCache

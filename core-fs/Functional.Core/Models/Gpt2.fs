@@ -12,6 +12,97 @@ open Functional.Runtime
 // same snake_case names: TorchSharp's RegisterComponents and Module.to() match fields to registered
 // components by name (F# does not keep constructor-parameter order in fields, hence the explicit order).
 
+// ---------------------------------------------------------------- incremental decoding
+// The key/value cache and the masks of incremental decoding are shared by both families; they sit at the
+// top of the first model file compiled.
+
+/// Keys and values of the positions a causal LM has already seen, one pair per layer, each shaped
+/// (B, kv_heads, T_past, head_dim): the state of incremental decoding. It owns its tensors: Dispose
+/// frees them.
+[<NoEquality; NoComparison>]
+type KvCache =
+    { /// Per layer: the keys (B, kv_heads, T_past, head_dim), with LLaMA's rotary embedding applied.
+      Keys: torch.Tensor[]
+      /// Per layer: the values (B, kv_heads, T_past, head_dim).
+      Values: torch.Tensor[] }
+
+    /// T_past: the number of positions (padding included) the cache holds.
+    member this.Length = this.Keys[0].shape[2]
+
+    /// Every tensor of the cache, keys first.
+    member this.Tensors = Array.append this.Keys this.Values
+
+    interface IDisposable with
+        /// Frees every tensor of the cache.
+        member this.Dispose() =
+            for t in this.Tensors do
+                t.Dispose()
+
+/// A causal LM that decodes incrementally with a key/value cache.
+type IIncrementalDecoder =
+    /// input_ids (B, T_new) int64; attention_mask (B, T_past + T_new) of 0/1 (0 marks left padding),
+    /// covering the cached positions and the new ones; the cache of the T_past earlier positions (None
+    /// when there are none) -> logits (B, T_new, vocab_size), or (B, 1, vocab_size) for the last position
+    /// only when lastPositionOnly, and the cache of all T_past + T_new positions. Returns fresh tensors
+    /// and leaves the input cache untouched.
+    abstract ForwardCached:
+        inputIds: torch.Tensor * attentionMask: torch.Tensor * cache: KvCache option * lastPositionOnly: bool ->
+            torch.Tensor * KvCache
+
+/// Position ids, attention masks and cache growth for incremental decoding, as HF transformers'
+/// generate computes them.
+[<RequireQualifiedAccess>]
+module IncrementalDecoding =
+
+    /// Checks that the attention mask covers the cached and the new positions of every row, and that the
+    /// cache has one entry per layer; raises ArgumentException otherwise.
+    let checkInputs (inputIds: torch.Tensor) (attentionMask: torch.Tensor) (cache: KvCache option) (layers: int) =
+        if inputIds.dim () <> 2L || attentionMask.dim () <> 2L then
+            invalidArg "inputIds" (sprintf "expected input ids (B, T_new) and an attention mask (B, T_past + T_new), found %A and %A" inputIds.shape attentionMask.shape)
+        let pastLength =
+            match cache with
+            | Some c ->
+                if c.Keys.Length <> layers || c.Values.Length <> layers then
+                    invalidArg "cache" (sprintf "the cache holds %d layers; the model has %d" c.Keys.Length layers)
+                if c.Keys[0].shape[0] <> inputIds.shape[0] then
+                    invalidArg "cache" (sprintf "the cache holds %d rows; the input has %d" c.Keys[0].shape[0] inputIds.shape[0])
+                c.Length
+            | None -> 0L
+        if attentionMask.shape[0] <> inputIds.shape[0] || attentionMask.shape[1] <> pastLength + inputIds.shape[1] then
+            invalidArg "attentionMask"
+                (sprintf "expected an attention mask of shape [%d; %d] (B, T_past + T_new), found %A"
+                     inputIds.shape[0] (pastLength + inputIds.shape[1]) attentionMask.shape)
+
+    /// HF's position ids: cumsum(attention_mask) - 1, clamped at 0 where the row has not started, so a
+    /// left-padded row starts at position 0 at its first real token. (B, T_past + T_new) -> (B, T_new) int64.
+    let positionIds (attentionMask: torch.Tensor) (newLength: int64) : torch.Tensor =
+        use scope = torch.NewDisposeScope()
+        let total = attentionMask.shape[1]
+        let positions = attentionMask.to_type(torch.int64).cumsum(1L) - 1L // (B, T_total)
+        scope.MoveToOuter(positions.clamp_min(0L).narrow(1L, total - newLength, newLength))
+
+    /// Which keys each new query attends to: the real (mask 1) keys at or before its own position, and
+    /// its own key always, so a padding query attends to itself instead of to nothing (softmax over no
+    /// key is NaN); real queries never see padding. (B, T_past + T_new) -> (B, 1, T_new, T_past + T_new) bool.
+    let attentionMask (attentionMask: torch.Tensor) (newLength: int64) : torch.Tensor =
+        use scope = torch.NewDisposeScope()
+        let total = attentionMask.shape[1]
+        let device = attentionMask.device
+        let keyPositions = torch.arange(total, dtype = torch.int64, device = device).unsqueeze 0 // (1, T_total)
+        let queryPositions = torch.arange(total - newLength, total, dtype = torch.int64, device = device).unsqueeze 1 // (T_new, 1)
+        let causal = keyPositions.le(queryPositions).unsqueeze 0 // (1, T_new, T_total)
+        let own = keyPositions.eq(queryPositions).unsqueeze 0 // (1, T_new, T_total)
+        let real = attentionMask.to_type(torch.ScalarType.Bool).unsqueeze 1 // (B, 1, T_total)
+        let allowed = torch.logical_or(torch.logical_and(causal, real), own) // (B, T_new, T_total)
+        scope.MoveToOuter(allowed.unsqueeze 1)
+
+    /// The layer's keys or values after the new positions: the cached ones followed by the new ones along
+    /// the time axis, (B, heads, T_past + T_new, head_dim); a compact copy of the new ones without a cache.
+    let append (past: torch.Tensor option) (fresh: torch.Tensor) : torch.Tensor =
+        match past with
+        | Some p -> torch.cat([| p; fresh |], 2L)
+        | None -> fresh.contiguous ()
+
 /// HF's Conv1D: a linear layer whose weight is stored transposed, (in, out), so y = x @ W + b.
 type Conv1D(inFeatures: int64, outFeatures: int64) as this =
     inherit torch.nn.Module<torch.Tensor, torch.Tensor>("Conv1D")
@@ -49,9 +140,9 @@ type Gpt2Attention
         this.register_module("resid_dropout", resid_dropout)
         this.RegisterComponents()
 
-    /// (B, T, C) -> (B, T, C).
-    override this.forward(x) =
-        use scope = torch.NewDisposeScope()
+    /// q, k, v of x (B, T, C), each (B, nh, T, hs); q pre-multiplied by sqrt(hs) without
+    /// scale_attn_weights, since SDPA always divides by sqrt(hs) and the scores must stay unscaled.
+    member private _.Heads(x: torch.Tensor) =
         let B, T, C = x.shape[0], x.shape[1], x.shape[2]
         let nh = int64 nHead
         let hs = C / nh
@@ -60,12 +151,34 @@ type Gpt2Attention
         let q = heads (qkv.narrow(2, 0L, C))
         let k = heads (qkv.narrow(2, C, C))
         let v = heads (qkv.narrow(2, 2L * C, C))
-        // SDPA always divides by sqrt(hs); without scale_attn_weights the scores stay unscaled.
         let q = if scaleAttnWeights then q else q * Math.Sqrt(float hs)
+        q, k, v
+
+    /// The heads' outputs y (B, nh, T, hs) merged and projected: (B, T, C).
+    member private _.Output(y: torch.Tensor) =
+        let B, nh, T, hs = y.shape[0], y.shape[1], y.shape[2], y.shape[3]
+        let y = y.transpose(1, 2).reshape(B, T, nh * hs) // (B, T, C)
+        resid_dropout.forward (c_proj.forward y)
+
+    /// (B, T, C) -> (B, T, C).
+    override this.forward(x) =
+        use scope = torch.NewDisposeScope()
+        let q, k, v = this.Heads x
         let p = if this.training then attnPdrop else 0.0
         let y = torch.nn.functional.scaled_dot_product_attention(q, k, v, null, p, true) // (B, nh, T, hs)
-        let y = y.transpose(1, 2).reshape(B, T, C) // (B, T, C)
-        scope.MoveToOuter(resid_dropout.forward (c_proj.forward y))
+        scope.MoveToOuter(this.Output y)
+
+    /// Attention of T_new new positions over the cached ones and themselves: x (B, T_new, C), the allowed
+    /// keys (B, 1, T_new, T_total) bool, the layer's cached keys and values (B, nh, T_past, hs) ->
+    /// (B, T_new, C) and the keys and values of all T_total positions (B, nh, T_total, hs).
+    member this.ForwardCached(x: torch.Tensor, allowed: torch.Tensor, past: (torch.Tensor * torch.Tensor) option) =
+        use scope = torch.NewDisposeScope()
+        let q, k, v = this.Heads x
+        let k = IncrementalDecoding.append (Option.map fst past) k // (B, nh, T_total, hs)
+        let v = IncrementalDecoding.append (Option.map snd past) v // (B, nh, T_total, hs)
+        let p = if this.training then attnPdrop else 0.0
+        let y = torch.nn.functional.scaled_dot_product_attention(q, k, v, allowed, p, false) // (B, nh, T_new, hs)
+        scope.MoveToOuter(this.Output y), scope.MoveToOuter k, scope.MoveToOuter v
 
 /// GPT-2's MLP: c_fc to the inner width, the activation, c_proj back, dropout (resid_pdrop).
 type Gpt2Mlp(c_fc: Conv1D, c_proj: Conv1D, activation: Activation, dropout: Dropout) as this =
@@ -99,6 +212,14 @@ type Gpt2Block(ln_1: LayerNorm, attn: Gpt2Attention, ln_2: LayerNorm, mlp: Gpt2M
         let h = x + attn.forward (ln_1.forward x)
         scope.MoveToOuter(h + mlp.forward (ln_2.forward h))
 
+    /// The block over T_new new positions with the layer's cache (see Gpt2Attention.ForwardCached):
+    /// (B, T_new, C) -> (B, T_new, C) and the keys and values of all positions.
+    member _.ForwardCached(x: torch.Tensor, allowed: torch.Tensor, past: (torch.Tensor * torch.Tensor) option) =
+        use scope = torch.NewDisposeScope()
+        let a, k, v = attn.ForwardCached(ln_1.forward x, allowed, past)
+        let h = x + a
+        scope.MoveToOuter(h + mlp.forward (ln_2.forward h)), scope.MoveToOuter k, scope.MoveToOuter v
+
 /// GPT2Model: token embedding (wte) plus learned position embedding (wpe), dropout, the blocks (h)
 /// and a final LayerNorm (ln_f). Returns the last hidden states.
 type Gpt2Model(wte: Embedding, wpe: Embedding, drop: Dropout, h: ModuleList<Gpt2Block>, ln_f: LayerNorm) as this =
@@ -121,11 +242,39 @@ type Gpt2Model(wte: Embedding, wpe: Embedding, drop: Dropout, h: ModuleList<Gpt2
         if T > nPositions then
             invalidArg "inputIds" (sprintf "GPT-2 input has %d positions; the model has n_positions = %d" T nPositions)
         use scope = torch.NewDisposeScope()
-        // A key/value cache would start the positions at the cached length.
         let positions = torch.arange(T, dtype = torch.int64, device = inputIds.device) // (T)
         let x = drop.forward (wte.forward inputIds + wpe.forward positions) // (B, T, C)
         let x = h |> Seq.fold (fun x block -> block.forward x) x
         scope.MoveToOuter(ln_f.forward x)
+
+    /// Incremental forward (see IIncrementalDecoder): input_ids (B, T_new), attention_mask
+    /// (B, T_past + T_new), the cache -> hidden states (B, T_new, C) and the cache of all positions.
+    /// Positions follow the attention mask, so left-padded rows start at position 0.
+    member _.ForwardCached(inputIds: torch.Tensor, attentionMask: torch.Tensor, cache: KvCache option) =
+        IncrementalDecoding.checkInputs inputIds attentionMask cache h.Count
+        let total = attentionMask.shape[1]
+        let nPositions = wpe.weight.shape[0]
+        if total > nPositions then
+            invalidArg "attentionMask" (sprintf "GPT-2 input spans %d positions; the model has n_positions = %d" total nPositions)
+        use scope = torch.NewDisposeScope()
+        let newLength = inputIds.shape[1]
+        let positions = IncrementalDecoding.positionIds attentionMask newLength // (B, T_new)
+        let allowed = IncrementalDecoding.attentionMask attentionMask newLength // (B, 1, T_new, T_total)
+        let x = drop.forward (wte.forward inputIds + wpe.forward positions) // (B, T_new, C)
+        let keysValues, x =
+            h
+            |> Seq.indexed
+            |> Seq.mapFold
+                (fun x (i, block: Gpt2Block) ->
+                    let past = cache |> Option.map (fun c -> c.Keys[i], c.Values[i])
+                    let y, k, v = block.ForwardCached(x, allowed, past)
+                    (k, v), y)
+                x
+        let keysValues = Array.ofSeq keysValues
+        let hidden = scope.MoveToOuter(ln_f.forward x)
+        hidden,
+        { Keys = keysValues |> Array.map (fst >> scope.MoveToOuter)
+          Values = keysValues |> Array.map (snd >> scope.MoveToOuter) }
 
 /// GPT2LMHeadModel: the transformer and an LM head. A tied head (tie_word_embeddings, HF's default
 /// for GPT-2) computes logits = h @ wte.weight^T and owns no parameter; an untied one is lm_head.weight.
@@ -139,12 +288,25 @@ type Gpt2LmHeadModel(transformer: Gpt2Model, lmHead: Linear option) as this =
     /// The GPT2Model below the head.
     member _.Transformer = transformer
 
-    /// input_ids (B, T) int64 -> logits (B, T, vocab_size).
-    override _.forward(inputIds) =
-        use hidden = transformer.forward inputIds // (B, T, C)
+    /// Logits of hidden states: (B, T, C) -> (B, T, vocab_size).
+    member private _.Logits(hidden: torch.Tensor) =
         match lmHead with
         | Some head -> head.forward hidden
         | None -> torch.nn.functional.linear(hidden, transformer.Wte.weight)
+
+    /// input_ids (B, T) int64 -> logits (B, T, vocab_size).
+    override this.forward(inputIds) =
+        use hidden = transformer.forward inputIds // (B, T, C)
+        this.Logits hidden
+
+    interface IIncrementalDecoder with
+        /// See IIncrementalDecoder.ForwardCached.
+        member this.ForwardCached(inputIds, attentionMask, cache, lastPositionOnly) =
+            let hidden, newCache = transformer.ForwardCached(inputIds, attentionMask, cache) // (B, T_new, C)
+            use hidden = hidden
+            let T = hidden.shape[1]
+            use kept = if lastPositionOnly then hidden.narrow(1L, T - 1L, 1L) else hidden.alias ()
+            this.Logits kept, newCache
 
 /// Building GPT-2 models.
 [<RequireQualifiedAccess>]

@@ -57,7 +57,8 @@ module Rotary =
         let x2 = x.narrow(-1L, half, half)
         scope.MoveToOuter(torch.cat([| x2.neg(); x1 |], -1L))
 
-    /// x * cos + rotate_half(x) * sin: (B, nh, T, hd) with cos, sin (T, hd) -> (B, nh, T, hd).
+    /// x * cos + rotate_half(x) * sin: (B, nh, T, hd) with cos, sin (T, hd) or per row (B, 1, T, hd)
+    /// -> (B, nh, T, hd).
     let apply (x: torch.Tensor) (cos: torch.Tensor) (sin: torch.Tensor) : torch.Tensor =
         use scope = torch.NewDisposeScope()
         scope.MoveToOuter(x * cos + rotateHalf x * sin)
@@ -79,6 +80,15 @@ type LlamaRotaryEmbedding(headDim: int, theta: float) as this =
     member _.CosSin(positions: torch.Tensor) =
         use inverseFrequencies = inv_freq.``to`` positions.device
         Rotary.cosSin inverseFrequencies positions
+
+    /// The rotary cos and sin for per-row (B, T) int64 positions, each (B, 1, T, headDim) fp32, so they
+    /// broadcast over the heads.
+    member this.CosSinPerRow(positions: torch.Tensor) =
+        use scope = torch.NewDisposeScope()
+        let B, T = positions.shape[0], positions.shape[1]
+        let cos, sin = this.CosSin(positions.reshape(-1L)) // (B * T, hd) each
+        let perRow (t: torch.Tensor) = scope.MoveToOuter(t.view(B, 1L, T, -1L)) // (B, 1, T, hd)
+        perRow cos, perRow sin
 
 /// Repeats each key/value head nRep times, as HF's repeat_kv: (B, nkv, T, hd) -> (B, nkv * nRep, T, hd).
 [<RequireQualifiedAccess>]
@@ -106,23 +116,45 @@ type LlamaAttention
         this.register_module("o_proj", o_proj)
         this.RegisterComponents()
 
-    /// x (B, T, hidden) with rotary cos, sin (T, hd) -> (B, T, hidden).
-    override this.forward(x, cos, sin) =
-        use scope = torch.NewDisposeScope()
+    /// q (B, nh, T, hd), k and v (B, nkv, T, hd) of x (B, T, hidden), rotary applied to q and k.
+    member private _.Heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) =
         let B, T = x.shape[0], x.shape[1]
         let nh, nkv, hd = int64 numHeads, int64 numKeyValueHeads, int64 headDim
         let q = q_proj.forward(x).view(B, T, nh, hd).transpose(1, 2) // (B, nh, T, hd)
         let k = k_proj.forward(x).view(B, T, nkv, hd).transpose(1, 2) // (B, nkv, T, hd)
         let v = v_proj.forward(x).view(B, T, nkv, hd).transpose(1, 2) // (B, nkv, T, hd)
-        let q = Rotary.apply q cos sin
-        let k = Rotary.apply k cos sin
-        let k = GroupedQuery.repeatKv k (nh / nkv) // (B, nh, T, hd)
-        let v = GroupedQuery.repeatKv v (nh / nkv) // (B, nh, T, hd)
+        Rotary.apply q cos sin, Rotary.apply k cos sin, v
+
+    /// Attention of q (B, nh, T, hd) over k, v (B, nkv, T_total, hd), repeated to the query heads, with
+    /// SDPA's mask and causal flag, merged and projected: (B, T, hidden).
+    member private this.Attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, causal: bool) =
+        let B, nh, T, hd = q.shape[0], q.shape[1], q.shape[2], q.shape[3]
+        let nRep = nh / int64 numKeyValueHeads
+        let k = GroupedQuery.repeatKv k nRep // (B, nh, T_total, hd)
+        let v = GroupedQuery.repeatKv v nRep // (B, nh, T_total, hd)
         let p = if this.training then attentionDropout else 0.0
         // SDPA's default scale 1/sqrt(hd) is HF's head_dim ** -0.5.
-        let y = torch.nn.functional.scaled_dot_product_attention(q, k, v, null, p, true) // (B, nh, T, hd)
+        let y = torch.nn.functional.scaled_dot_product_attention(q, k, v, allowed, p, causal) // (B, nh, T, hd)
         let y = y.transpose(1, 2).reshape(B, T, nh * hd) // (B, T, nh * hd)
-        scope.MoveToOuter(o_proj.forward y)
+        o_proj.forward y
+
+    /// x (B, T, hidden) with rotary cos, sin (T, hd) -> (B, T, hidden).
+    override this.forward(x, cos, sin) =
+        use scope = torch.NewDisposeScope()
+        let q, k, v = this.Heads(x, cos, sin)
+        scope.MoveToOuter(this.Attend(q, k, v, null, true))
+
+    /// Attention of T_new new positions over the cached ones and themselves: x (B, T_new, hidden), rotary
+    /// cos, sin (B, 1, T_new, hd), the allowed keys (B, 1, T_new, T_total) bool, the layer's cached keys
+    /// and values (B, nkv, T_past, hd) -> (B, T_new, hidden) and the keys and values of all T_total
+    /// positions (B, nkv, T_total, hd).
+    member this.ForwardCached
+        (x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor, past: (torch.Tensor * torch.Tensor) option) =
+        use scope = torch.NewDisposeScope()
+        let q, k, v = this.Heads(x, cos, sin)
+        let k = IncrementalDecoding.append (Option.map fst past) k // (B, nkv, T_total, hd)
+        let v = IncrementalDecoding.append (Option.map snd past) v // (B, nkv, T_total, hd)
+        scope.MoveToOuter(this.Attend(q, k, v, allowed, false)), scope.MoveToOuter k, scope.MoveToOuter v
 
 /// LLaMA's gated MLP (SwiGLU with silu): down_proj(act(gate_proj(x)) * up_proj(x)).
 type LlamaMlp(gate_proj: Linear, up_proj: Linear, down_proj: Linear, activation: Activation) as this =
@@ -155,6 +187,15 @@ type LlamaDecoderLayer(self_attn: LlamaAttention, mlp: LlamaMlp, input_layernorm
         let h = x + self_attn.forward(input_layernorm.forward x, cos, sin)
         scope.MoveToOuter(h + mlp.forward (post_attention_layernorm.forward h))
 
+    /// The layer over T_new new positions with the layer's cache (see LlamaAttention.ForwardCached):
+    /// (B, T_new, hidden) -> (B, T_new, hidden) and the keys and values of all positions.
+    member _.ForwardCached
+        (x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor, past: (torch.Tensor * torch.Tensor) option) =
+        use scope = torch.NewDisposeScope()
+        let a, k, v = self_attn.ForwardCached(input_layernorm.forward x, cos, sin, allowed, past)
+        let h = x + a
+        scope.MoveToOuter(h + mlp.forward (post_attention_layernorm.forward h)), scope.MoveToOuter k, scope.MoveToOuter v
+
 /// LlamaModel: token embedding, the decoder layers, a final RMSNorm; rotary embeddings shared by all
 /// layers. Returns the last hidden states.
 type LlamaModel(embed_tokens: Embedding, layers: ModuleList<LlamaDecoderLayer>, norm: RmsNorm, rotary_emb: LlamaRotaryEmbedding) as this =
@@ -173,12 +214,37 @@ type LlamaModel(embed_tokens: Embedding, layers: ModuleList<LlamaDecoderLayer>, 
     override _.forward(inputIds) =
         use scope = torch.NewDisposeScope()
         let T = inputIds.shape[1]
-        // A key/value cache would start the positions at the cached length.
         let positions = torch.arange(T, dtype = torch.int64, device = inputIds.device) // (T)
         let cos, sin = rotary_emb.CosSin positions // (T, hd) each
         let x = embed_tokens.forward inputIds // (B, T, hidden)
         let x = layers |> Seq.fold (fun x layer -> layer.forward(x, cos, sin)) x
         scope.MoveToOuter(norm.forward x)
+
+    /// Incremental forward (see IIncrementalDecoder): input_ids (B, T_new), attention_mask
+    /// (B, T_past + T_new), the cache -> hidden states (B, T_new, hidden) and the cache of all positions.
+    /// Rotary positions follow the attention mask, so left-padded rows start at position 0.
+    member _.ForwardCached(inputIds: torch.Tensor, attentionMask: torch.Tensor, cache: KvCache option) =
+        IncrementalDecoding.checkInputs inputIds attentionMask cache layers.Count
+        use scope = torch.NewDisposeScope()
+        let newLength = inputIds.shape[1]
+        let positions = IncrementalDecoding.positionIds attentionMask newLength // (B, T_new)
+        let cos, sin = rotary_emb.CosSinPerRow positions // (B, 1, T_new, hd) each
+        let allowed = IncrementalDecoding.attentionMask attentionMask newLength // (B, 1, T_new, T_total)
+        let x = embed_tokens.forward inputIds // (B, T_new, hidden)
+        let keysValues, x =
+            layers
+            |> Seq.indexed
+            |> Seq.mapFold
+                (fun x (i, layer: LlamaDecoderLayer) ->
+                    let past = cache |> Option.map (fun c -> c.Keys[i], c.Values[i])
+                    let y, k, v = layer.ForwardCached(x, cos, sin, allowed, past)
+                    (k, v), y)
+                x
+        let keysValues = Array.ofSeq keysValues
+        let hidden = scope.MoveToOuter(norm.forward x)
+        hidden,
+        { Keys = keysValues |> Array.map (fst >> scope.MoveToOuter)
+          Values = keysValues |> Array.map (snd >> scope.MoveToOuter) }
 
 /// LlamaForCausalLM: the model and an LM head. An untied head (HF's default for LLaMA) is
 /// lm_head.weight, (vocab_size, hidden); a tied one computes logits = h @ embed_tokens.weight^T.
@@ -192,12 +258,25 @@ type LlamaForCausalLm(model: LlamaModel, lmHead: Linear option) as this =
     /// The LlamaModel below the head.
     member _.Model = model
 
-    /// input_ids (B, T) int64 -> logits (B, T, vocab_size).
-    override _.forward(inputIds) =
-        use hidden = model.forward inputIds // (B, T, hidden)
+    /// Logits of hidden states: (B, T, hidden) -> (B, T, vocab_size).
+    member private _.Logits(hidden: torch.Tensor) =
         match lmHead with
         | Some head -> head.forward hidden
         | None -> torch.nn.functional.linear(hidden, model.EmbedTokens.weight)
+
+    /// input_ids (B, T) int64 -> logits (B, T, vocab_size).
+    override this.forward(inputIds) =
+        use hidden = model.forward inputIds // (B, T, hidden)
+        this.Logits hidden
+
+    interface IIncrementalDecoder with
+        /// See IIncrementalDecoder.ForwardCached.
+        member this.ForwardCached(inputIds, attentionMask, cache, lastPositionOnly) =
+            let hidden, newCache = model.ForwardCached(inputIds, attentionMask, cache) // (B, T_new, hidden)
+            use hidden = hidden
+            let T = hidden.shape[1]
+            use kept = if lastPositionOnly then hidden.narrow(1L, T - 1L, 1L) else hidden.alias ()
+            this.Logits kept, newCache
 
 /// Building LLaMA models.
 [<RequireQualifiedAccess>]

@@ -1,0 +1,261 @@
+namespace Functional.Generation
+
+open System
+open System.Diagnostics
+open System.Text
+open TorchSharp
+open Functional
+open Functional.Models
+open Functional.Runtime
+open Functional.Text
+
+/// What Generator.generate does, as the fields of HF's GenerationConfig of the same meaning.
+type GenerationOptions =
+    { /// How many tokens to generate per prompt at most (max_new_tokens; > 0).
+      MaxNewTokens: int
+      /// How each token is chosen.
+      Sampling: SamplingOptions
+      /// A row stops after producing this token (eos_token_id); None: rows run to MaxNewTokens.
+      EosId: int64 option
+      /// The token that left-pads shorter prompts and is fed to rows that have stopped (pad_token_id).
+      /// Padding is masked, so its value only has to be a valid id.
+      PadId: int64
+      /// Keep keys and values of earlier positions (use_cache), so each step computes one position per
+      /// row; false recomputes the whole sequence every step (for comparison and benchmarks).
+      UseCache: bool }
+
+/// Default generation options and their validation.
+[<RequireQualifiedAccess>]
+module GenerationOptions =
+
+    /// 64 new tokens, greedy, no eos, pad id 0, with the cache.
+    let defaults =
+        { MaxNewTokens = 64
+          Sampling = SamplingOptions.greedy
+          EosId = None
+          PadId = 0L
+          UseCache = true }
+
+    /// Checks the options, raising InvalidInputException naming the command-line option
+    /// (--max-new-tokens must be > 0; the sampling options as SamplingOptions.validate).
+    let validate (options: GenerationOptions) =
+        if options.MaxNewTokens <= 0 then
+            InvalidInput.option "--max-new-tokens" (sprintf "expected a positive integer, found %d" options.MaxNewTokens)
+        SamplingOptions.validate options.Sampling
+
+/// What Generator.generateWith reports after each step.
+type GenerationStep =
+    { /// The step's index from 0: step i chose the (i + 1)-th new token of each row still running.
+      Step: int
+      /// Per prompt, the token chosen at this step; None for a row that had already stopped.
+      Tokens: int64 option[] }
+
+/// The tensors carried from one step to the next; disposed when replaced.
+[<NoEquality; NoComparison>]
+type private DecodingState =
+    { /// What the next step feeds: the new tokens (B, T_new) with the cache, the whole sequence without.
+      Input: torch.Tensor
+      /// (B, T_total) 0/1, 0 at left padding.
+      Attention: torch.Tensor
+      /// The keys and values of every position but the input's (with the cache only).
+      Cache: KvCache option }
+
+    member this.Tensors =
+        [| yield this.Input
+           yield this.Attention
+           match this.Cache with
+           | Some c -> yield! c.Tensors
+           | None -> () |]
+
+/// Text generation with a causal LM: batched, left-padded prompts, a key/value cache and HF's
+/// stopping and sampling rules.
+[<RequireQualifiedAccess>]
+module Generator =
+
+    let private vocabularySize (lm: CausalLm) =
+        match lm.Config with
+        | Gpt2 c -> c.VocabSize
+        | Llama c -> c.VocabSize
+
+    /// The most positions the model can take (GPT-2's learned positions); None when unbounded (rotary).
+    let internal positionLimit (lm: CausalLm) =
+        match lm.Config with
+        | Gpt2 c -> Some c.NPositions
+        | Llama _ -> None
+
+    let private checkInputs (lm: CausalLm) (prompts: int64[][]) (options: GenerationOptions) =
+        GenerationOptions.validate options
+        let vocab = int64 (vocabularySize lm)
+        prompts
+        |> Array.iteri (fun i prompt ->
+            if prompt.Length = 0 then
+                InvalidInput.fail "prompts" (sprintf "prompt %d" (i + 1)) "expected at least one token, found an empty prompt"
+            prompt
+            |> Array.iteri (fun j id ->
+                if id < 0L || id >= vocab then
+                    InvalidInput.fail "prompts" (sprintf "prompt %d, token %d" (i + 1) (j + 1))
+                        (sprintf "expected a token id in [0, %d), found %d" vocab id)))
+        if options.PadId < 0L || options.PadId >= vocab then
+            InvalidInput.fail "pad token" "" (sprintf "expected a token id in [0, %d), found %d" vocab options.PadId)
+        match positionLimit lm with
+        | Some limit when prompts.Length > 0 ->
+            // The last new token is never fed back, so the model sees longest + MaxNewTokens - 1 positions.
+            let longest = prompts |> Array.map Array.length |> Array.max
+            let needed = longest + options.MaxNewTokens - 1
+            if needed > limit then
+                InvalidInput.option "--max-new-tokens"
+                    (sprintf "the longest prompt (%d tokens) with %d new tokens needs %d positions; the model has n_positions = %d"
+                         longest options.MaxNewTokens needed limit)
+        | _ -> ()
+
+    /// generate, calling onStep after every step with the tokens chosen in it (to stream output).
+    let generateWith (onStep: GenerationStep -> unit) (lm: CausalLm) (prompts: int64[][]) (options: GenerationOptions) : int64[][] =
+        TorchRuntime.ensure ()
+        checkInputs lm prompts options
+        if prompts.Length = 0 then [||]
+        else
+            let model = lm.Module
+            let device = (Seq.head (model.parameters ())).device
+            let rows = prompts.Length
+            let longest = prompts |> Array.map Array.length |> Array.max
+            // Left padding: every prompt ends in the last column, so all rows continue in the same column.
+            let padded = Array.init (rows * longest) (fun n ->
+                let prompt = prompts[n / longest]
+                let column = n % longest - (longest - prompt.Length)
+                if column >= 0 then prompt[column] else options.PadId)
+            let real = Array.init (rows * longest) (fun n -> if n % longest >= longest - prompts[n / longest].Length then 1L else 0L)
+            let generated = Array.init rows (fun _ -> ResizeArray<int64>())
+            let running = Array.create rows true
+            let wasTraining = model.training
+            model.eval ()
+            try
+                use _ = torch.no_grad ()
+                // Catches the state left at the end (or by an exception); each replaced state is freed at once.
+                use _ = torch.NewDisposeScope()
+                use generator = new torch.Generator(uint64 options.Sampling.Seed, device)
+                let shape = [| int64 rows; int64 longest |]
+                let mutable state =
+                    { Input = torch.tensor(padded, ReadOnlySpan shape, device = device)
+                      Attention = torch.tensor(real, ReadOnlySpan shape, device = device)
+                      Cache = None }
+                let mutable step = 0
+                while step < options.MaxNewTokens && Array.contains true running do
+                    let chosen, next =
+                        use scope = torch.NewDisposeScope()
+                        let cache = if options.UseCache then state.Cache else None
+                        let logits, newCache = CausalLm.nextTokenLogits lm state.Input state.Attention cache // (B, V)
+                        use drawn = (Sampling.nextTokens options.Sampling generator logits).cpu ()
+                        let drawn = drawn.data<int64>().ToArray()
+                        let chosen = Array.init rows (fun b -> if running[b] then Some drawn[b] else None)
+                        let tokens = chosen |> Array.map (Option.defaultValue options.PadId)
+                        let newTokens = torch.tensor(tokens, ReadOnlySpan [| int64 rows; 1L |], device = device) // (B, 1)
+                        let ones = torch.ones(int64 rows, 1L, dtype = state.Attention.dtype, device = device)
+                        let attention = torch.cat([| state.Attention; ones |], 1L) // (B, T_total + 1)
+                        let next =
+                            if options.UseCache then
+                                { Input = newTokens; Attention = attention; Cache = Some newCache }
+                            else
+                                newCache.Tensors |> Array.iter (fun t -> t.Dispose())
+                                { Input = torch.cat([| state.Input; newTokens |], 1L); Attention = attention; Cache = None }
+                        scope.MoveToOuter(next.Tensors |> Seq.cast<IDisposable>)
+                        chosen, next
+                    state.Tensors |> Array.iter (fun t -> t.Dispose())
+                    state <- next
+                    chosen
+                    |> Array.iteri (fun b token ->
+                        match token with
+                        | Some id ->
+                            generated[b].Add id
+                            if options.EosId = Some id then running[b] <- false
+                        | None -> ())
+                    onStep { Step = step; Tokens = chosen }
+                    step <- step + 1
+                generated |> Array.map (fun tokens -> tokens.ToArray())
+            finally
+                if wasTraining then model.train ()
+
+    /// Generates up to MaxNewTokens tokens after each prompt and returns the new tokens only, per prompt.
+    /// Prompts run as one batch, left-padded with PadId and masked, so each row equals its prompt run
+    /// alone. The prompts are processed once (prefill); then each step feeds one token per row, with the
+    /// key/value cache (UseCache). A row stops after producing EosId (the eos token is part of its
+    /// result); it is then fed padding, which is left out of its result, and generation ends when every
+    /// row has stopped. The model runs in eval mode under no_grad (its training mode is restored after),
+    /// each step in its own dispose scope, so live tensors stay flat. Sampling draws come from a
+    /// torch.Generator seeded with Sampling.Seed on the model's device. Raises InvalidInputException for
+    /// invalid options, empty prompts, token ids outside the vocabulary and, for GPT-2, more positions
+    /// than n_positions.
+    let generate (lm: CausalLm) (prompts: int64[][]) (options: GenerationOptions) : int64[][] =
+        generateWith ignore lm prompts options
+
+    /// generate over text: each prompt is encoded without special tokens (an empty prompt starts from
+    /// the bos token, or eos when there is no bos), and the new tokens are decoded (special tokens left
+    /// out). EosId and PadId come from tokenizer.Special (pad 0 when the tokenizer has neither pad nor
+    /// eos); the options' own EosId and PadId are not used.
+    let generateText (lm: CausalLm) (tokenizer: TextTokenizer) (prompts: string list) (options: GenerationOptions) : string list =
+        let special = tokenizer.Special
+        let start = special.Bos |> Option.orElse special.Eos
+        let encode i (prompt: string) =
+            match tokenizer.Encode prompt, start with
+            | [||], Some token -> [| token |]
+            | [||], None ->
+                InvalidInput.fail "prompts" (sprintf "prompt %d" (i + 1))
+                    "the prompt is empty and the tokenizer has no bos or eos token to start from"
+            | ids, _ -> ids
+        let options =
+            { options with
+                EosId = special.Eos
+                PadId = special.Pad |> Option.defaultValue 0L }
+        let encoded = prompts |> List.mapi encode |> Array.ofList
+        generate lm encoded options |> Array.map tokenizer.Decode |> List.ofArray
+
+/// One line of GenerationBenchmark.run's table.
+type GenerationBenchmarkRow =
+    { /// How many tokens were generated.
+      NewTokens: int
+      /// Wall-clock seconds per generated token with the key/value cache.
+      CachedSecondsPerToken: float
+      /// Wall-clock seconds per generated token recomputing the whole sequence every step.
+      UncachedSecondsPerToken: float }
+
+    /// How many times faster the cache made generation.
+    member this.Speedup = this.UncachedSecondsPerToken / this.CachedSecondsPerToken
+
+/// Measures what the key/value cache saves.
+[<RequireQualifiedAccess>]
+module GenerationBenchmark =
+
+    /// For each length N, greedily generates N tokens after a one-token prompt (token 0, no eos), once
+    /// with the cache and once recomputing the full forward every step, and returns the seconds per
+    /// generated token of each. A short warm-up run of each mode comes first. Raises
+    /// InvalidInputException (naming --lengths) for a length <= 0 or, for GPT-2, beyond n_positions.
+    let run (lm: CausalLm) (lengths: int list) : GenerationBenchmarkRow list =
+        TorchRuntime.ensure ()
+        for n in lengths do
+            if n <= 0 then InvalidInput.option "--lengths" (sprintf "expected positive token counts, found %d" n)
+            match Generator.positionLimit lm with
+            | Some limit when n > limit ->
+                InvalidInput.option "--lengths" (sprintf "%d new tokens exceed the model's n_positions = %d" n limit)
+            | _ -> ()
+        let prompt = [| [| 0L |] |]
+        let secondsPerToken useCache newTokens =
+            let options = { GenerationOptions.defaults with MaxNewTokens = newTokens; UseCache = useCache }
+            let clock = Stopwatch.StartNew()
+            let generated = Generator.generate lm prompt options
+            clock.Elapsed.TotalSeconds / float generated[0].Length
+        secondsPerToken true 2 |> ignore
+        secondsPerToken false 2 |> ignore
+        [ for n in lengths ->
+              { NewTokens = n
+                CachedSecondsPerToken = secondsPerToken true n
+                UncachedSecondsPerToken = secondsPerToken false n } ]
+
+    /// The rows as a text table: new tokens, milliseconds per token with and without the cache, speedup.
+    let format (rows: GenerationBenchmarkRow list) : string =
+        let text = StringBuilder()
+        text.AppendLine(sprintf "%10s %16s %18s %8s" "new tokens" "cached ms/token" "uncached ms/token" "speedup") |> ignore
+        for row in rows do
+            text.AppendLine(
+                sprintf "%10d %16.3f %18.3f %7.1fx"
+                    row.NewTokens (1000.0 * row.CachedSecondsPerToken) (1000.0 * row.UncachedSecondsPerToken) row.Speedup)
+            |> ignore
+        text.ToString()
