@@ -1,8 +1,7 @@
 // Fine-tunes the small LLaMA checkpoint shipped in tests/golden on its sample data, from F#.
 // Build the library first (dotnet build core-fs/Functional.Core -c Release), then:
 //   dotnet fsi notebooks/fine-tune.fsx [output-folder]
-#r "nuget: TorchSharp-cpu, 0.107.0"
-#r "../core-fs/Functional.Core/bin/Release/net10.0/Functional.Core.dll"
+#load "references.fsx"
 
 open System.IO
 open Functional

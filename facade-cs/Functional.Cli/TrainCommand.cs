@@ -5,56 +5,64 @@ namespace Functional.Cli;
 /// <summary>`functional train`: fine-tunes an HF model folder on pre-tokenized JSON Lines.</summary>
 internal static class TrainCommand
 {
-    /// <summary>An option spelled in kebab-case, also accepting HF/DeepSpeed snake_case spellings.</summary>
-    private static Option<T> Option<T>(string name, string description, T defaultValue, params string[] moreAliases)
-    {
-        var snake = "--" + name[2..].Replace('-', '_');
-        var aliases = new[] { snake }.Concat(moreAliases).Where(a => a != name).Distinct().ToArray();
-        return new Option<T>(name, aliases)
-        {
-            Description = description,
-            DefaultValueFactory = _ => defaultValue,
-        };
-    }
-
     public static Command Create()
     {
         var d = new FineTuneOptions();
-        var model = Option("--model", "Hugging Face model folder (config.json + model.safetensors).", "", "--model_name_or_path", "--model-name-or-path");
-        var data = Option("--data", "Pre-tokenized JSON Lines, one {\"input_ids\": [...]} per line.", "", "--data_path", "--data-path", "--train_file", "--train-file");
-        var output = Option("--output", "Output folder for metrics.jsonl and final/.", "", "--output_dir", "--output-dir");
-        var overwrite = Option("--overwrite-output-dir", "Write into an output folder that is not empty.", false);
-        var batch = Option("--per-device-train-batch-size", "Rows per micro-batch.", d.PerDeviceTrainBatchSize);
-        var accumulation = Option("--gradient-accumulation-steps", "Micro-batches per optimizer step.", d.GradientAccumulationSteps);
-        var lr = Option("--learning-rate", "Peak learning rate.", d.LearningRate);
-        var weightDecay = Option("--weight-decay", "Weight decay (not applied to biases and norm weights).", d.WeightDecay);
-        var beta1 = Option("--adam-beta1", "Adam beta1.", d.AdamBeta1);
-        var beta2 = Option("--adam-beta2", "Adam beta2.", d.AdamBeta2);
-        var epsilon = Option("--adam-epsilon", "Adam epsilon.", d.AdamEpsilon);
-        var optimizer = Option("--optimizer", "adamw or sgd.", "adamw", "--optim");
-        var momentum = Option("--momentum", "SGD momentum.", d.Momentum);
-        var nesterov = Option("--nesterov", "SGD Nesterov momentum.", false);
-        var scheduler = Option("--lr-scheduler-type", "linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt, cosine_with_min_lr or warmup_stable_decay.", d.LrSchedulerType);
-        var schedulerKwargs = Option<string?>("--lr-scheduler-kwargs", "Schedule parameters as JSON, e.g. {\"num_cycles\": 2}.", null);
-        var warmupSteps = Option("--num-warmup-steps", "Warmup optimizer steps.", d.NumWarmupSteps, "--warmup_steps", "--warmup-steps");
-        var warmupRatio = Option("--warmup-ratio", "Warmup as a fraction of all steps (rounded up).", d.WarmupRatio);
-        var epochs = Option("--num-train-epochs", "Epochs (when --max-steps is not set).", d.NumTrainEpochs);
-        var maxSteps = Option("--max-steps", "Total optimizer steps (-1: use epochs).", d.MaxSteps);
-        var maxGradNorm = Option("--max-grad-norm", "Clip gradients to this global norm (0: off).", d.MaxGradNorm);
-        var maxSeqLen = Option("--max-seq-len", "Truncate rows to this many tokens.", d.MaxSeqLen, "--max_seq_length", "--max-seq-length");
-        var seed = Option("--seed", "Random seed.", d.Seed);
-        var noShuffle = Option("--no-shuffle", "Keep rows in file order.", false);
-        var loggingSteps = Option("--logging-steps", "Write metrics every N optimizer steps.", d.LoggingSteps);
-        var threads = Option("--threads", "Intra-op threads (0: all cores).", d.Threads);
+        var model = CliOption.Create("--model", "Hugging Face model folder (config.json + model.safetensors).", "", "--model_name_or_path", "--model-name-or-path");
+        var data = CliOption.Create("--data", "Training data, JSON or JSON Lines: prompt/chosen (DeepSpeed-Chat), from_human/from_gpt, instruction/input/output (Alpaca), text, or input_ids.", "", "--data_path", "--data-path", "--train_file", "--train-file");
+        var evalData = CliOption.Create<string?>("--eval-data", "Evaluation data file (same formats).", null, "--validation_file", "--validation-file");
+        var dataFormat = CliOption.Create("--data-format", "auto, deepspeed-chat, phoenix, alpaca, text or input-ids.", d.DataFormat);
+        var promptField = CliOption.Create<string?>("--prompt-field", "Field holding the prompt (data of another shape).", null);
+        var answerField = CliOption.Create<string?>("--answer-field", "Field holding the answer (data of another shape).", null);
+        var textField = CliOption.Create<string?>("--text-field", "Field holding plain text (data of another shape).", null);
+        var trainOn = CliOption.Create("--train-on", "all (loss on prompt and answer) or completion (loss on the answer only).", d.TrainOn);
+        var packing = CliOption.Create("--packing", "Concatenate samples separated by eos into rows of --max-seq-len tokens.", false);
+        var skipBadRows = CliOption.Create("--skip-bad-rows", "Skip (and count) bad rows instead of stopping.", false);
+        var dataSplit = CliOption.Create<string?>("--data-split", "DeepSpeed-Chat split such as 2,4,4: this phase trains on the first share.", null);
+        var evalSplitRatio = CliOption.Create("--eval-split-ratio", "Hold out this fraction of the training rows for evaluation.", d.EvalSplitRatio);
+        var tokenizer = CliOption.Create<string?>("--tokenizer", "A tiktoken encoding (cl100k_base, o200k_base) instead of the model folder's tokenizer.", null, "--tokenizer_name", "--tokenizer-name");
+        var noDataCache = CliOption.Create("--no-data-cache", "Tokenize again instead of using the cache of tokenized data.", false);
+        var exactMatch = CliOption.Create("--exact-match-samples", "Score this many evaluation samples by exact match of greedy answers, before and after training.", d.ExactMatchSamples);
+        var evalSteps = CliOption.Create("--eval-steps", "Evaluate every N optimizer steps (0: only at the end).", d.EvalSteps);
+        var evalBatch = CliOption.Create("--per-device-eval-batch-size", "Rows per evaluation micro-batch.", d.PerDeviceEvalBatchSize);
+        var output = CliOption.Create("--output", "Output folder for metrics.jsonl and final/.", "", "--output_dir", "--output-dir");
+        var overwrite = CliOption.Create("--overwrite-output-dir", "Write into an output folder that is not empty.", false);
+        var batch = CliOption.Create("--per-device-train-batch-size", "Rows per micro-batch.", d.PerDeviceTrainBatchSize);
+        var accumulation = CliOption.Create("--gradient-accumulation-steps", "Micro-batches per optimizer step.", d.GradientAccumulationSteps);
+        var lr = CliOption.Create("--learning-rate", "Peak learning rate.", d.LearningRate);
+        var weightDecay = CliOption.Create("--weight-decay", "Weight decay (not applied to biases and norm weights).", d.WeightDecay);
+        var beta1 = CliOption.Create("--adam-beta1", "Adam beta1.", d.AdamBeta1);
+        var beta2 = CliOption.Create("--adam-beta2", "Adam beta2.", d.AdamBeta2);
+        var epsilon = CliOption.Create("--adam-epsilon", "Adam epsilon.", d.AdamEpsilon);
+        var optimizer = CliOption.Create("--optimizer", "adamw or sgd.", "adamw", "--optim");
+        var momentum = CliOption.Create("--momentum", "SGD momentum.", d.Momentum);
+        var nesterov = CliOption.Create("--nesterov", "SGD Nesterov momentum.", false);
+        var scheduler = CliOption.Create("--lr-scheduler-type", "linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt, cosine_with_min_lr or warmup_stable_decay.", d.LrSchedulerType);
+        var schedulerKwargs = CliOption.Create<string?>("--lr-scheduler-kwargs", "Schedule parameters as JSON, e.g. {\"num_cycles\": 2}.", null);
+        var warmupSteps = CliOption.Create("--num-warmup-steps", "Warmup optimizer steps.", d.NumWarmupSteps, "--warmup_steps", "--warmup-steps");
+        var warmupRatio = CliOption.Create("--warmup-ratio", "Warmup as a fraction of all steps (rounded up).", d.WarmupRatio);
+        var epochs = CliOption.Create("--num-train-epochs", "Epochs (when --max-steps is not set).", d.NumTrainEpochs);
+        var maxSteps = CliOption.Create("--max-steps", "Total optimizer steps (-1: use epochs).", d.MaxSteps);
+        var maxGradNorm = CliOption.Create("--max-grad-norm", "Clip gradients to this global norm (0: off).", d.MaxGradNorm);
+        var maxSeqLen = CliOption.Create("--max-seq-len", "Truncate rows to this many tokens.", d.MaxSeqLen, "--max_seq_length", "--max-seq-length");
+        var seed = CliOption.Create("--seed", "Random seed.", d.Seed);
+        var noShuffle = CliOption.Create("--no-shuffle", "Keep rows in file order.", false);
+        var loggingSteps = CliOption.Create("--logging-steps", "Write metrics every N optimizer steps.", d.LoggingSteps);
+        var threads = CliOption.Create("--threads", "Intra-op threads (0: all cores).", d.Threads);
 
         var command = new Command("train", "Fine-tune a GPT-2 or LLaMA checkpoint on pre-tokenized data.")
         {
             model, data, output, overwrite, batch, accumulation, lr, weightDecay, beta1, beta2, epsilon, optimizer,
             momentum, nesterov, scheduler, schedulerKwargs, warmupSteps, warmupRatio, epochs, maxSteps, maxGradNorm,
-            maxSeqLen, seed, noShuffle, loggingSteps, threads,
+            maxSeqLen, seed, noShuffle, loggingSteps, threads, evalData, dataFormat, promptField, answerField, textField,
+            trainOn, packing, skipBadRows, dataSplit, evalSplitRatio, tokenizer, noDataCache, exactMatch, evalSteps, evalBatch,
         };
         command.SetAction(parse =>
         {
+            if (parse.GetResult(model) is null && parse.GetResult(data) is null)
+            {
+                return EmbeddedCommand.Run(parse, output, seed, threads, maxSteps);
+            }
             var optimizerName = parse.GetValue(optimizer)!;
             var options = new FineTuneOptions
             {
@@ -89,14 +97,28 @@ internal static class TrainCommand
                 NoShuffle = parse.GetValue(noShuffle),
                 LoggingSteps = parse.GetValue(loggingSteps),
                 Threads = parse.GetValue(threads),
+                EvalDataPath = parse.GetValue(evalData),
+                DataFormat = parse.GetValue(dataFormat)!,
+                PromptField = parse.GetValue(promptField),
+                AnswerField = parse.GetValue(answerField),
+                TextField = parse.GetValue(textField),
+                TrainOn = parse.GetValue(trainOn)!,
+                Packing = parse.GetValue(packing),
+                SkipBadRows = parse.GetValue(skipBadRows),
+                DataSplit = parse.GetValue(dataSplit),
+                EvalSplitRatio = parse.GetValue(evalSplitRatio),
+                Tokenizer = parse.GetValue(tokenizer),
+                UseDataCache = !parse.GetValue(noDataCache),
+                ExactMatchSamples = parse.GetValue(exactMatch),
+                EvalSteps = parse.GetValue(evalSteps),
+                PerDeviceEvalBatchSize = parse.GetValue(evalBatch),
             };
-            var result = FineTuning.Run(options, p => Console.WriteLine(
-                $"step {p.Step}/{p.TotalSteps}  epoch {Program.Num(p.Epoch, "F2")}  loss {Program.Num(p.Loss, "F4")}  " +
-                $"lr {Program.Num(p.LearningRate, "E2")}  grad_norm {Program.Num(p.GradNorm, "F3")}  tokens/s {Program.Num(p.TokensPerSecond, "F0")}"));
-            Console.WriteLine(
-                $"trained {result.Steps} steps in {Program.Num(result.Seconds, "F1")} s; final loss {Program.Num(result.FinalLoss, "F4")}");
-            Console.WriteLine($"metrics: {result.MetricsPath}");
-            Console.WriteLine($"model:   {result.FinalModelPath}");
+            FineTuneResult result;
+            using (var progress = new ProgressDisplay(0))
+            {
+                result = FineTuning.Run(options, progress.Report);
+            }
+            Report.Print(result);
             return 0;
         });
         return command;

@@ -100,7 +100,7 @@ let private badInput =
             File.WriteAllLines(s.Data, lines); a)
             (fun s -> [ s.Data + ":3"; "input_ids" ])
         rejects "an empty dataset" (fun s a -> File.WriteAllText(s.Data, ""); a)
-            (fun s -> [ s.Data; "empty" ])
+            (fun s -> [ s.Data; "no samples" ])
         rejects "batch size 0" (fun _ a -> replaceOption "--per-device-train-batch-size" "0" a)
             (fun _ -> [ "--per-device-train-batch-size"; "at least 1" ])
         rejects "accumulation 0" (fun _ a -> replaceOption "--gradient-accumulation-steps" "0" a)

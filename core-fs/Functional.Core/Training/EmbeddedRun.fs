@@ -1,0 +1,145 @@
+namespace Functional.Training
+
+open System
+open System.IO
+open System.Text.Json
+open Functional
+open Functional.Checkpoint
+open Functional.Data
+open Functional.Models
+open Functional.Text
+
+/// The embedded default run's knobs.
+[<NoComparison>]
+type EmbeddedSettings =
+    { /// Where the finished run lands (default runs/embedded); a previous run there is replaced only
+      /// when the new one has finished.
+      OutputPath: string
+      /// Seeds the task, the model and the data order (default 42).
+      Seed: int
+      /// Training samples (default 20,000).
+      TrainSamples: int
+      /// Held-out samples: evaluation loss and exact match (default 200).
+      EvalSamples: int
+      /// Optimizer steps (default 1,000: micro-batches of 16, accumulated in pairs).
+      MaxSteps: int
+      /// Intra-op threads; 0 uses every core.
+      Threads: int }
+
+/// `functional train` with no arguments: a small LLaMA-style model learns the embedded task
+/// (EmbeddedTask: reverse or sort letters) from scratch, with a byte-level BPE tokenizer trained on the
+/// task's text and loaded through Microsoft.ML.Tokenizers, gradient accumulation, a cosine schedule with
+/// warmup and evaluation; it reports perplexity and held-out exact match before and after.
+[<RequireQualifiedAccess>]
+module EmbeddedRun =
+
+    /// The default settings.
+    let defaults =
+        { OutputPath = Path.Combine("runs", "embedded")
+          Seed = 42
+          TrainSamples = 20000
+          EvalSamples = 200
+          MaxSteps = 1000
+          Threads = 0 }
+
+    /// BPE merges learned from the task's text: enough for every word of the task to become one token.
+    [<Literal>]
+    let Merges = 64
+
+    /// The model: LLaMA with grouped-query attention (4 query heads share 2 key/value heads), tied
+    /// embeddings, 4 layers of width 128.
+    let modelConfig (vocabSize: int) =
+        sprintf
+            """{"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": %d, "hidden_size": 128,
+                "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": true}"""
+            vocabSize
+        |> ModelConfig.parse "embedded model"
+
+    /// The training options of the run.
+    let trainOptions (settings: EmbeddedSettings) =
+        { TrainOptions.defaults with
+            PerDeviceTrainBatchSize = 16
+            GradientAccumulationSteps = 2
+            LearningRate = 3e-3
+            WeightDecay = 0.01
+            AdamBeta2 = 0.98
+            LrSchedulerType = SchedulerKind.Cosine
+            NumWarmupSteps = 50
+            MaxSteps = settings.MaxSteps
+            MaxSeqLen = 48
+            Seed = int64 settings.Seed
+            LoggingSteps = 10
+            EvalSteps = 200
+            PerDeviceEvalBatchSize = 50
+            Threads = settings.Threads }
+
+    let private writeSamples (path: string) (samples: TaskSample[]) =
+        use writer = new StreamWriter(path)
+        for s in samples do
+            writer.WriteLine(JsonSerializer.Serialize(dict [ "prompt", s.Prompt; "chosen", s.Answer ]))
+
+    let private validate (settings: EmbeddedSettings) =
+        if settings.TrainSamples < 100 then InvalidInput.option "--train-samples" "must be at least 100"
+        if settings.EvalSamples < 1 then InvalidInput.option "--eval-samples" "must be at least 1"
+        if settings.MaxSteps < 1 then InvalidInput.option "--max-steps" "must be at least 1"
+        if settings.Threads < 0 then InvalidInput.option "--threads" "must be >= 0"
+        if File.Exists settings.OutputPath then InvalidInput.fail settings.OutputPath "" "the output path is a file (expected a folder)"
+
+    /// Runs the embedded default. Everything is written to a staging folder beside OutputPath (the task's
+    /// data as DeepSpeed-Chat JSON Lines in data/, the tokenizer and untrained model in initial/, then the
+    /// fine-tuning job's metrics.jsonl, TensorBoard events, loss.png and final/), which replaces OutputPath
+    /// only when everything succeeded. onMessage hears what is being prepared.
+    let run (settings: EmbeddedSettings) (onMessage: string -> unit) (onStep: StepLog -> unit) : FineTuneResult =
+        validate settings
+        let output = Path.GetFullPath settings.OutputPath
+        let parent = Path.GetDirectoryName output
+        let staging = Path.Combine(parent, sprintf ".%s.staging-%d" (Path.GetFileName output) Environment.ProcessId)
+        if Directory.Exists staging then Directory.Delete(staging, true)
+        let folder (name: string) = Directory.CreateDirectory(Path.Combine(staging, name)).FullName
+        try
+            let data = folder "data"
+            let train = EmbeddedTask.samples settings.Seed settings.TrainSamples false
+            let heldOut = EmbeddedTask.samples (settings.Seed + 1) settings.EvalSamples true
+            writeSamples (Path.Combine(data, "train.jsonl")) train
+            writeSamples (Path.Combine(data, "eval.jsonl")) heldOut
+            onMessage (sprintf "task: %d training and %d held-out samples, e.g.%s ->%s" train.Length heldOut.Length train[0].Prompt train[0].Answer)
+            let tokenizerFolder = folder "tokenizer"
+            BpeTraining.trainToFolder [ for s in train -> s.Prompt + s.Answer ] Merges tokenizerFolder
+            let tokenizer = Tokenizers.fromFolder tokenizerFolder
+            let model = CausalLm.create (modelConfig tokenizer.VocabSize) (int64 settings.Seed)
+            let initial = Path.Combine(staging, "initial")
+            HfModelFolder.save initial model None
+            for file in Directory.GetFiles tokenizerFolder do
+                File.Copy(file, Path.Combine(initial, Path.GetFileName file))
+            Directory.Delete(tokenizerFolder, true)
+            let parameters = CausalLm.parameterSpec model |> List.sumBy (fun (_, shape) -> Array.fold (*) 1L shape)
+            onMessage (sprintf "model: LLaMA, %d parameters, vocabulary of %d tokens (byte-level BPE)" parameters tokenizer.VocabSize)
+            let request =
+                { ModelPath = initial
+                  DataPath = Path.Combine(data, "train.jsonl")
+                  OutputPath = staging
+                  OverwriteOutputDir = true
+                  Options = trainOptions settings
+                  Data =
+                    { FineTune.defaultData with
+                        EvalDataPath = Some(Path.Combine(data, "eval.jsonl"))
+                        Prompt = { PromptDataset.defaults with TrainOn = TrainOn.Completion }
+                        ExactMatchSamples = settings.EvalSamples
+                        ExactMatchMaxNewTokens = 16 } }
+            let result = FineTune.run request onStep
+            if Directory.Exists output then
+                let old = Path.Combine(parent, sprintf ".%s.old-%d" (Path.GetFileName output) Environment.ProcessId)
+                Directory.Move(output, old)
+                Directory.Move(staging, output)
+                Directory.Delete(old, true)
+            else
+                Directory.Move(staging, output)
+            let relocate (path: string) = Path.Combine(output, Path.GetRelativePath(staging, path))
+            { result with
+                MetricsPath = relocate result.MetricsPath
+                FinalModelPath = relocate result.FinalModelPath
+                PlotPath = relocate result.PlotPath }
+        with _ ->
+            if Directory.Exists staging then Directory.Delete(staging, true)
+            reraise ()
