@@ -32,21 +32,23 @@ public sealed class ProgressDisplay : IDisposable
     private bool disposed;
 
     /// <summary>Progress on the console: in place when standard output is a terminal, plain lines otherwise.</summary>
-    /// <param name="totalSteps">The optimizer steps of the whole run (at least 1).</param>
+    /// <param name="totalSteps">The optimizer steps of the whole run; 0 when not known yet. A report's own
+    /// <see cref="TrainingProgress.TotalSteps"/> takes precedence when positive.</param>
     public ProgressDisplay(int totalSteps)
         : this(totalSteps, Console.Out, !Console.IsOutputRedirected, TerminalWidth(), TimeProvider.System)
     {
     }
 
     /// <summary>Progress written to any writer; for embedding the display and for tests.</summary>
-    /// <param name="totalSteps">The optimizer steps of the whole run (at least 1).</param>
+    /// <param name="totalSteps">The optimizer steps of the whole run; 0 when not known yet. A report's own
+    /// <see cref="TrainingProgress.TotalSteps"/> takes precedence when positive.</param>
     /// <param name="output">Where to write.</param>
     /// <param name="interactive">True: one line redrawn in place; false: plain lines.</param>
     /// <param name="width">The interactive line is cut to this many characters so it never wraps (at least 20).</param>
     /// <param name="time">The clock for elapsed time and ETA; null for the system clock.</param>
     public ProgressDisplay(int totalSteps, TextWriter output, bool interactive, int width = 120, TimeProvider? time = null)
     {
-        ArgumentOutOfRangeException.ThrowIfLessThan(totalSteps, 1);
+        ArgumentOutOfRangeException.ThrowIfNegative(totalSteps);
         ArgumentNullException.ThrowIfNull(output);
         ArgumentOutOfRangeException.ThrowIfLessThan(width, 20);
         this.totalSteps = totalSteps;
@@ -67,7 +69,7 @@ public sealed class ProgressDisplay : IDisposable
         {
             ObjectDisposedException.ThrowIf(disposed, this);
             var elapsed = time.GetElapsedTime(startTimestamp);
-            var total = Math.Max(p.TotalSteps, 1);
+            var total = p.TotalSteps > 0 ? p.TotalSteps : Math.Max(totalSteps, 1);
             var step = Math.Clamp(p.Step, 0, total);
             var eta = step > 0 ? elapsed / step * (total - step) : (TimeSpan?)null;
             var percent = (int)(100L * step / total);

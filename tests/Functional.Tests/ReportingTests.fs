@@ -350,6 +350,16 @@ let tests =
                 Expect.stringEnds (writer.ToString()) Environment.NewLine "Dispose ends the status line"
             }
 
+            test "a report's total steps take precedence over the constructor's, which stands in when a report has none" {
+                let text =
+                    capture 0 false 120 (ManualClock()) (fun display ->
+                        display.Report(progress 1 8)
+                        display.Report(TrainingProgress(2, 0, 0.0, 2.0, 1e-4, 0.5, 10.0)))
+                Expect.stringStarts (Array.head (lines text)) "step 1/8 (12%)" "total from the report"
+                let fallback = capture 5 false 120 (ManualClock()) (fun display -> display.Report(TrainingProgress(2, 0, 0.0, 2.0, 1e-4, 0.5, 10.0)))
+                Expect.stringStarts fallback "step 2/5 (40%)" "total from the constructor"
+            }
+
             test "interactive redraws closer than 100 ms are skipped but the last step is drawn" {
                 let clock = ManualClock()
                 let text =

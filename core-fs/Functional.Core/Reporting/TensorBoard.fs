@@ -175,8 +175,12 @@ module TensorBoard =
         let event = ArrayBufferWriter<byte>()
         Proto.double event Proto.wallTimeField (EventWriter.WallTime())
         Proto.string event Proto.fileVersionField FileVersion
-        writer.WriteRecord event.WrittenSpan
-        writer
+        try
+            writer.WriteRecord event.WrittenSpan
+            writer
+        with _ ->
+            (writer :> IDisposable).Dispose()
+            reraise ()
 
     /// Appends one event at step holding several scalars (one Summary.Value each, simple_value stored
     /// as a 32-bit float, as TensorBoard's scalar plugin reads it). Tags must not be empty.
