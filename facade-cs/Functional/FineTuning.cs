@@ -54,12 +54,16 @@ public static class FineTuning
             options.OverwriteOutputDir,
             ToCore(options),
             ToData(options));
-        var report = FuncConvert.FromAction<StepLog>(log => onProgress?.Invoke(new TrainingProgress(
-            log.Step, log.TotalSteps, log.Epoch, log.Loss, log.LearningRate, log.GradNorm, log.TokensPerSecond)));
+        var report = FuncConvert.FromAction<StepLog>(log => onProgress?.Invoke(ToProgress(log)));
         return ToResult(FineTune.run(request, report));
     }
 
-    internal static FineTuneResult ToResult(Training.FineTuneResult r) => new(
+    /// <summary>The facade's view of a training step.</summary>
+    public static TrainingProgress ToProgress(StepLog log) => new(
+        log.Step, log.TotalSteps, log.Epoch, log.Loss, log.LearningRate, log.GradNorm, log.TokensPerSecond);
+
+    /// <summary>The facade's view of a finished run.</summary>
+    public static FineTuneResult ToResult(Training.FineTuneResult r) => new(
         r.Steps, r.FinalLoss, r.MetricsPath, r.FinalModelPath, r.PlotPath,
         Figures(r.Before), Figures(r.After), r.SkippedRows, r.TrainRuntime, r.Seconds);
 
