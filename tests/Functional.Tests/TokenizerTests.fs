@@ -226,6 +226,12 @@ let private tiktoken =
 
 let private bpeFolders =
     testList "byte-level BPE folders" [
+        test "the byte alphabet is GPT-2's bytes_to_unicode (0x00 'Ā', 0x0A 'Ċ', 0x20 'Ġ', 0x7F 'ġ', 0xAD 'Ń'; printable bytes as themselves)" {
+            let alphabet = Tokenizers.byteLevelAlphabet
+            Expect.equal [ alphabet[0x00]; alphabet[0x0A]; alphabet[0x20]; alphabet[0x7F]; alphabet[0xAD] ] [ 'Ā'; 'Ċ'; 'Ġ'; 'ġ'; 'Ń' ] "shifted bytes"
+            Expect.equal [ alphabet[int '!']; alphabet[int '~']; alphabet[0xA1]; alphabet[0xFF] ] [ '!'; '~'; '¡'; 'ÿ' ] "printable bytes"
+            Expect.equal (Set.ofArray alphabet).Count 256 "one character per byte"
+        }
         test "vocab.json + merges.txt: merges apply, bytes cover everything, decode round-trips" {
             use folder = new TempFolder()
             writeVocabAndMerges folder.Path []
