@@ -226,6 +226,12 @@ let private tiktoken =
 
 let private bpeFolders =
     testList "byte-level BPE folders" [
+        test "the byte alphabet is GPT-2's bytes_to_unicode (0x00 'Ā', 0x0A 'Ċ', 0x20 'Ġ', 0x7F 'ġ', 0xAD 'Ń'; printable bytes as themselves)" {
+            let alphabet = Tokenizers.byteLevelAlphabet
+            Expect.equal [ alphabet[0x00]; alphabet[0x0A]; alphabet[0x20]; alphabet[0x7F]; alphabet[0xAD] ] [ 'Ā'; 'Ċ'; 'Ġ'; 'ġ'; 'Ń' ] "shifted bytes"
+            Expect.equal [ alphabet[int '!']; alphabet[int '~']; alphabet[0xA1]; alphabet[0xFF] ] [ '!'; '~'; '¡'; 'ÿ' ] "printable bytes"
+            Expect.equal (Set.ofArray alphabet).Count 256 "one character per byte"
+        }
         test "vocab.json + merges.txt: merges apply, bytes cover everything, decode round-trips" {
             use folder = new TempFolder()
             writeVocabAndMerges folder.Path []
@@ -250,6 +256,35 @@ let private bpeFolders =
             let model = sprintf """{"type": "BPE", "vocab": %s, "merges": [%s]}""" (vocabJson (tinyVocab [])) (String.Join(", ", merges))
             write folder "tokenizer.json" (tokenizerJson model)
             Expect.equal ((Tokenizers.fromFolder folder.Path).Encode " Human: hi") humanIds "ids"
+        }
+        test "a Split pre-tokenizer's regex replaces GPT-2's pattern (digits in groups of three)" {
+            // Merges by rank: "3 4", "1 2", "12 3". GPT-2's pattern keeps "1234" whole: 1 2 34, then 12 34.
+            // The Split regex cuts "123" + "4": 12 3, then 123; and 4.
+            let vocab =
+                [ yield! Tokenizers.byteLevelAlphabet |> Array.map string; "34"; "12"; "123" ] |> List.mapi (fun id t -> t, id)
+            let model split =
+                let preTokenizer =
+                    if split then
+                        """{"type": "Sequence", "pretokenizers": [
+                             {"type": "Split", "pattern": {"Regex": "\\p{N}{1,3}| ?\\p{L}+|\\s+"}, "behavior": "Isolated", "invert": false},
+                             {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}"""
+                    else """{"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}"""
+                sprintf """{"pre_tokenizer": %s, "decoder": {"type": "ByteLevel"},
+                            "model": {"type": "BPE", "vocab": %s, "merges": ["3 4", "1 2", "12 3"]}}"""
+                    preTokenizer (vocabJson vocab)
+            use gpt2 = new TempFolder()
+            use split = new TempFolder()
+            write gpt2 "tokenizer.json" (model false)
+            write split "tokenizer.json" (model true)
+            Expect.equal ((Tokenizers.fromFolder gpt2.Path).Encode "1234") [| 257L; 256L |] "12 34"
+            Expect.equal ((Tokenizers.fromFolder split.Path).Encode "1234") [| 258L; 52L |] "123 4"
+        }
+        test "ByteLevel add_prefix_space puts a space before the text" {
+            use folder = new TempFolder()
+            writeTokenizerJson folder.Path
+            let path = folder.File "tokenizer.json"
+            File.WriteAllText(path, File.ReadAllText(path).Replace("\"ByteLevel\", \"add_prefix_space\": false", "\"ByteLevel\", \"add_prefix_space\": true"))
+            Expect.equal ((Tokenizers.fromFolder folder.Path).Encode "Human") [| 260L |] "as \" Human\""
         }
         test "tokenizer.json is preferred over vocab.json + merges.txt" {
             use folder = new TempFolder()

@@ -29,6 +29,11 @@ open Functional
 /// Encode adds no special tokens (no bos); added tokens written in the text are kept whole, as HF does.
 /// Decode leaves out special tokens (added tokens marked special, the bos/eos/pad/unk tokens and
 /// `additional_special_tokens`), as HF's `decode(ids, skip_special_tokens=True)`.
+///
+/// tokenizer.json support covers byte-level BPE: GPT-2's pre-tokenization pattern, or the regex of a
+/// `Split` pre-tokenizer (LLaMA-3, Qwen2 style), `add_prefix_space`, and no normalizer or NFC. A
+/// SentencePiece-style tokenizer.json (Metaspace, byte fallback) is read through the tokenizer.model
+/// beside it. BPE `ignore_merges` is not applied: words are always built by merges.
 [<RequireQualifiedAccess>]
 module Tokenizers =
 
@@ -224,7 +229,9 @@ module Tokenizers =
         |> Array.map (fun (i, line) ->
             match line.TrimEnd('\r').Split(' ') with
             | [| left; right |] when left <> "" && right <> "" -> line.TrimEnd '\r'
-            | _ -> InvalidInput.fail path (sprintf "line %d" (i + 1)) (sprintf "expected two tokens separated by one space, found \"%s\"" line))
+            | _ ->
+                let problem = sprintf "expected two tokens separated by one space, found \"%s\"" line
+                InvalidInput.fail path (sprintf "line %d" (i + 1)) problem)
         |> List.ofArray
 
     let private fromVocabAndMerges (folder: string) (configAdded: AddedToken list) =
@@ -232,7 +239,8 @@ module Tokenizers =
         let mergesPath = Path.Combine(folder, "merges.txt")
         let vocabulary = readVocabulary vocabPath "" (readJson vocabPath)
         let merges = readMerges mergesPath
-        byteLevelBpe mergesPath vocabulary merges configAdded (Regex(gpt2Pattern, RegexOptions.Compiled)) false false [ vocabPath; mergesPath ]
+        let pattern = Regex(gpt2Pattern, RegexOptions.Compiled)
+        byteLevelBpe mergesPath vocabulary merges configAdded pattern false false [ vocabPath; mergesPath ]
 
     let private fromSentencePiece (path: string) (added: AddedToken list) : Loaded =
         let addedIds = Dictionary<string, int>(StringComparer.Ordinal)
@@ -372,7 +380,9 @@ module Tokenizers =
             match value.ValueKind with
             | JsonValueKind.String -> value.GetString()
             | JsonValueKind.Object when (stringField value "content").IsSome -> (stringField value "content").Value
-            | _ -> InvalidInput.fail path key (sprintf "expected a token string or {\"content\": ...}, found %s" (value.GetRawText()))
+            | _ ->
+                let problem = sprintf "expected a token string or {\"content\": ...}, found %s" (value.GetRawText())
+                InvalidInput.fail path key problem
         let resolve path key token =
             match loaded.Lookup token with
             | Some id -> id
@@ -382,19 +392,25 @@ module Tokenizers =
             |> List.collect (fun (path, root) ->
                 match field root key with
                 | Some list when list.ValueKind = JsonValueKind.Array ->
-                    [ for i, value in Seq.indexed (list.EnumerateArray()) -> resolve path key (tokenString path (sprintf "%s[%d]" key i) value) ]
+                    [ for i, value in Seq.indexed (list.EnumerateArray()) ->
+                          let location = sprintf "%s[%d]" key i
+                          resolve path location (tokenString path location value) ]
                 | Some value -> [ resolve path key (tokenString path key value) ]
                 | None -> [])
         let fromTokenFiles key =
             tokenSources
-            |> List.tryPick (fun (path, root) -> field root key |> Option.map (fun v -> resolve path key (tokenString path key v)))
+            |> List.tryPick (fun (path, root) ->
+                field root key |> Option.map (fun value -> resolve path key (tokenString path key value)))
             |> Option.map int64
         let fromIdFiles key =
             let read path (value: JsonElement) =
                 match integer value with
                 | Some id when id < 0L -> None
                 | Some id when id < int64 loaded.VocabSize -> Some id
-                | _ -> InvalidInput.fail path key (sprintf "expected a token id below the vocabulary size %d, found %s" loaded.VocabSize (value.GetRawText()))
+                | _ ->
+                    let problem =
+                        sprintf "expected a token id below the vocabulary size %d, found %s" loaded.VocabSize (value.GetRawText())
+                    InvalidInput.fail path key problem
             idSources
             |> List.tryPick (fun (path, root) ->
                 match field root key with
@@ -432,7 +448,8 @@ module Tokenizers =
         let known = knownEncodings |> List.tryFind (fun k -> String.Equals(k, name, StringComparison.OrdinalIgnoreCase))
         match known with
         | None ->
-            InvalidInput.fail "--tokenizer" "" (sprintf "unknown encoding '%s'; known encodings: %s" name (String.Join(", ", knownEncodings)))
+            let known = String.Join(", ", knownEncodings)
+            InvalidInput.fail "--tokenizer" "" (sprintf "unknown encoding '%s'; known encodings: %s" name known)
         | Some encoding ->
             let tokenizer = TiktokenTokenizer.CreateForEncoding encoding
             let specialIds = HashSet<int>(tokenizer.SpecialTokens.Values)
