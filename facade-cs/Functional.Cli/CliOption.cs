@@ -17,4 +17,7 @@ internal static class CliOption
             DefaultValueFactory = _ => defaultValue,
         };
     }
+
+    /// <summary>Whether the command line names the option (as opposed to its default applying).</summary>
+    public static bool Given(ParseResult parse, Option option) => parse.GetResult(option) is { Implicit: false };
 }

@@ -19,13 +19,13 @@ internal static class EmbeddedCommand
                 "applies to fine-tuning a --model on --data; the embedded default run (no --model, no --data) takes only --output, --seed, --threads and --max-steps");
         }
         var defaults = Training.EmbeddedRun.defaults;
-        var outputPath = parse.GetResult(output) is null ? defaults.OutputPath : parse.GetValue(output)!;
+        var outputPath = !CliOption.Given(parse, output) ? defaults.OutputPath : parse.GetValue(output)!;
         var runSettings = new Training.EmbeddedSettings(
             outputPath,
-            parse.GetResult(seed) is null ? defaults.Seed : checked((int)parse.GetValue(seed)),
+            !CliOption.Given(parse, seed) ? defaults.Seed : checked((int)parse.GetValue(seed)),
             defaults.TrainSamples,
             defaults.EvalSamples,
-            parse.GetResult(maxSteps) is null ? defaults.MaxSteps : parse.GetValue(maxSteps),
+            !CliOption.Given(parse, maxSteps) ? defaults.MaxSteps : parse.GetValue(maxSteps),
             parse.GetValue(threads));
         Console.WriteLine("Embedded default run: a small LLaMA learns to reverse and sort letters from scratch.");
         Training.FineTuneResult result;

@@ -17,6 +17,8 @@ public static class Program
         {
             TrainCommand.Create(),
             TokenizeCommand.Create(),
+            GenerateCommand.Create(),
+            BenchCommand.Create(),
         };
         var parsed = root.Parse(args);
         if (parsed.Errors.Count > 0)

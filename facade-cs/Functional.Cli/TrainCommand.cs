@@ -59,7 +59,7 @@ internal static class TrainCommand
         };
         command.SetAction(parse =>
         {
-            if (parse.GetResult(model) is null && parse.GetResult(data) is null)
+            if (!CliOption.Given(parse, model) && !CliOption.Given(parse, data))
             {
                 return EmbeddedCommand.Run(parse, output, seed, threads, maxSteps);
             }

@@ -5,22 +5,9 @@ open System
 open System.Diagnostics
 open System.IO
 open System.Text
+open System.Text.Json
 open Expecto
 open Functional.Tests.TestUtil
-
-/// The result of one `functional` invocation.
-type CliRun = { ExitCode: int; Stdout: string; Stderr: string }
-
-/// Runs the built `functional` command (Functional.Cli.dll, copied next to the tests) with the given arguments.
-let runCli (args: string list) =
-    let info = ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
-    info.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "Functional.Cli.dll"))
-    for a in args do info.ArgumentList.Add a
-    use p = Process.Start info
-    let stdout = p.StandardOutput.ReadToEndAsync()
-    let stderr = p.StandardError.ReadToEndAsync()
-    p.WaitForExit()
-    { ExitCode = p.ExitCode; Stdout = stdout.Result; Stderr = stderr.Result }
 
 /// Arguments that train the small golden LLaMA for two steps.
 let private trainArgs (model: string) (data: string) (output: string) =
@@ -123,9 +110,81 @@ let private badInput =
         }
     ]
 
+/// A small LLaMA folder with a byte-level BPE tokenizer trained on the task's text, and task data as
+/// DeepSpeed-Chat JSON Lines (prompt/chosen).
+type private TextScratch() =
+    let root = new TempFolder()
+    let samples = Functional.Training.EmbeddedTask.samples 5 40 false
+    do
+        let model = root.File "model"
+        Functional.Text.BpeTraining.trainToFolder [ for s in samples -> s.Prompt + s.Answer ] 40 model
+        let vocab = (Functional.Text.Tokenizers.fromFolder model).VocabSize
+        let config =
+            sprintf """{"model_type": "llama", "vocab_size": %d, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                        "num_attention_heads": 2, "max_position_embeddings": 64, "tie_word_embeddings": true}""" vocab
+        let lm = Functional.Models.CausalLm.create (Functional.Models.ModelConfig.parse "test" config) 1L
+        let weights = root.File "weights"
+        Functional.Checkpoint.HfModelFolder.save weights lm None
+        for f in Directory.GetFiles weights do File.Copy(f, Path.Combine(model, Path.GetFileName f))
+        File.WriteAllLines(root.File "data.jsonl", [ for s in samples -> JsonSerializer.Serialize(dict [ "prompt", s.Prompt; "chosen", s.Answer ]) ])
+    member _.Model = root.File "model"
+    member _.Data = root.File "data.jsonl"
+    member _.File name = root.File name
+    interface IDisposable with
+        member _.Dispose() = (root :> IDisposable).Dispose()
+
+let private textArgs (s: TextScratch) output =
+    [ "train"; "--model"; s.Model; "--data"; s.Data; "--output"; output; "--per-device-train-batch-size"; "4"
+      "--gradient-accumulation-steps"; "2"; "--max-steps"; "4"; "--max-seq-len"; "32"; "--learning-rate"; "1e-3"; "--no-data-cache" ]
+
+let private textData =
+    testList "text data" [
+        test "prompt/chosen data trains on completions, holds out an evaluation split and scores exact match" {
+            use s = new TextScratch()
+            let output = s.File "out"
+            let run = runCli (textArgs s output @ [ "--train-on"; "completion"; "--eval-split-ratio"; "0.25"; "--exact-match-samples"; "4"; "--eval-steps"; "2" ])
+            Expect.equal run.ExitCode 0 (sprintf "exit code 0 (stderr: %s)" run.Stderr)
+            let lines = readJsonLines (Path.Combine(output, "metrics.jsonl"))
+            let evalSteps = lines |> Array.filter (fun l -> l.TryGetProperty("eval_loss") |> fst) |> Array.map (fun l -> l.GetProperty("step").GetInt32())
+            Expect.equal evalSteps [| 0; 2; 4; 4 |] "evaluation before training, every 2 steps, and in the summary"
+            let exact = lines[lines.Length - 1].GetProperty("eval_exact_match").GetDouble()
+            Expect.isTrue (exact >= 0.0 && exact <= 1.0) "exact match is a fraction"
+            for file in [ "vocab.json"; "merges.txt"; "tokenizer_config.json" ] do
+                Expect.isTrue (File.Exists(Path.Combine(output, "final", file))) (file + " is copied to final/")
+        }
+        test "a prompt with nothing left to train on stops the run, or is skipped and counted with --skip-bad-rows" {
+            use s = new TextScratch()
+            File.AppendAllText(s.Data, JsonSerializer.Serialize(dict [ "prompt", String.replicate 40 " Human:"; "chosen", " a" ]) + "\n")
+            let failed = runCli (textArgs s (s.File "a") @ [ "--train-on"; "completion" ])
+            Expect.equal failed.ExitCode 2 "bad input"
+            Expect.stringContains failed.Stderr (s.Data + ":41") "names file and line"
+            Expect.stringContains failed.Stderr "nothing left to train on" "says what is wrong"
+            Expect.isFalse (Directory.Exists(s.File "a")) "nothing is written"
+            let skipped = runCli (textArgs s (s.File "b") @ [ "--train-on"; "completion"; "--skip-bad-rows" ])
+            Expect.equal skipped.ExitCode 0 skipped.Stderr
+            Expect.stringContains skipped.Stdout "skipped 1 bad rows" "the skip is counted"
+        }
+        test "an unknown tokenizer file names the file" {
+            use s = new TextScratch()
+            for f in [ "vocab.json"; "merges.txt" ] do File.Delete(Path.Combine(s.Model, f))
+            File.WriteAllText(Path.Combine(s.Model, "tokenizer.json"), "{\"model\": {\"type\": \"WordPiece\", \"vocab\": {}}}")
+            let run = runCli (textArgs s (s.File "out"))
+            Expect.equal run.ExitCode 2 "bad input"
+            Expect.stringContains run.Stderr "tokenizer.json" "names the file"
+        }
+        test "text data for a model folder without a tokenizer asks for one" {
+            use s = new TextScratch()
+            for f in [ "vocab.json"; "merges.txt"; "tokenizer_config.json"; "special_tokens_map.json" ] do File.Delete(Path.Combine(s.Model, f))
+            let run = runCli (textArgs s (s.File "out"))
+            Expect.equal run.ExitCode 2 "bad input"
+            Expect.stringContains run.Stderr "--tokenizer" "says how to proceed"
+        }
+    ]
+
 [<Tests>]
 let tests =
     testList "cli" [
+        textData
         test "train writes metrics.jsonl and an HF model folder; snake_case aliases work" {
             use s = new Scratch()
             let output = s.File "fresh"

@@ -22,7 +22,7 @@ let private withFile (content: byte[]) (check: string -> unit) =
 let private expectInvalid (location: string) (problem: string) (content: string) =
     withFile (Encoding.UTF8.GetBytes content) (fun path ->
         try
-            TokenizedDataset.load path |> ignore
+            loadTokenized path |> ignore
             failtest "expected InvalidInputException"
         with :? InvalidInputException as e ->
             Expect.equal e.Origin path "names the file"
@@ -39,29 +39,29 @@ let tests =
     testList "data" [
         test "rows keep their line numbers across blank lines and CRLF endings" {
             withFile (Encoding.UTF8.GetBytes "{\"input_ids\": [1, 2, 3]}\r\n\r\n{\"input_ids\": []}\n{\"input_ids\": [7], \"other\": 1}\n") (fun path ->
-                let d = TokenizedDataset.load path
+                let d = loadTokenized path
                 Expect.equal d.Rows [| [| 1L; 2L; 3L |]; [||]; [| 7L |] |] "rows"
                 Expect.equal d.Lines [| 1; 3; 4 |] "line numbers")
         }
         test "a line that is not an object names its line" { expectInvalid "2" "JSON object" "{\"input_ids\": [1]}\n[1, 2]\n" }
         test "input_ids that is not an array names its line" { expectInvalid "1" "array" "{\"input_ids\": \"1 2\"}\n" }
         test "a negative or fractional id names line and index" {
-            expectInvalid "1: input_ids[1]" "non-negative integer" "{\"input_ids\": [1, -2]}\n"
-            expectInvalid "1: input_ids[0]" "non-negative integer" "{\"input_ids\": [1.5]}\n"
+            expectInvalid "1" "input_ids[1]: expected a non-negative integer" "{\"input_ids\": [1, -2]}\n"
+            expectInvalid "1" "input_ids[0]: expected a non-negative integer" "{\"input_ids\": [1.5]}\n"
         }
         test "invalid UTF-8 names its line" {
             withFile (Array.concat [ Encoding.UTF8.GetBytes "{\"input_ids\": [1]}\n{\"input_ids\": [2]} "; [| 0xC3uy; 0x28uy |]; Encoding.UTF8.GetBytes "\n" ]) (fun path ->
                 try
-                    TokenizedDataset.load path |> ignore
+                    loadTokenized path |> ignore
                     failtest "expected InvalidInputException"
                 with :? InvalidInputException as e ->
                     Expect.equal e.Location "2" "line 2"
                     Expect.stringContains e.Problem "UTF-8" "says UTF-8")
         }
-        test "a file of blank lines is an empty dataset" { expectInvalid "" "empty" "\n  \n" }
+        test "a file of blank lines holds no samples" { expectInvalid "" "no samples" "\n  \n" }
         test "ids outside the vocabulary name line and index" {
             withFile (Encoding.UTF8.GetBytes "{\"input_ids\": [1]}\n{\"input_ids\": [3, 96]}\n") (fun path ->
-                let d = TokenizedDataset.load path
+                let d = loadTokenized path
                 try
                     TokenizedDataset.checkVocabulary 96 d
                     failtest "expected InvalidInputException"

@@ -16,7 +16,7 @@ let tests =
         test "200 training steps keep the live tensor count flat" {
             let dir = goldenDir "llama-cosine"
             let model = HfModelFolder.load (Path.Combine(dir, "model")) 1L
-            let data = TokenizedDataset.load (Path.Combine(dir, "data.jsonl"))
+            let data = loadTokenized (Path.Combine(dir, "data.jsonl"))
             let options =
                 { TrainOptions.defaults with
                     PerDeviceTrainBatchSize = 2

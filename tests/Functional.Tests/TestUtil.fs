@@ -3,6 +3,7 @@ module Functional.Tests.TestUtil
 
 open System
 open System.IO
+open System.Diagnostics
 open System.Text.Json
 
 /// A fresh empty folder under the system temp folder, deleted on Dispose.
@@ -45,3 +46,24 @@ let rec copyFolder (source: string) (target: string) =
         File.Copy(f, Path.Combine(target, Path.GetFileName f), true)
     for d in Directory.GetDirectories source do
         copyFolder d (Path.Combine(target, Path.GetFileName d))
+
+/// The result of one `functional` invocation.
+type CliRun = { ExitCode: int; Stdout: string; Stderr: string }
+
+/// Runs the built `functional` command (Functional.Cli.dll, copied next to the tests) with the given arguments.
+let runCli (args: string list) =
+    let info = ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
+    info.StandardOutputEncoding <- Text.Encoding.UTF8
+    info.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "Functional.Cli.dll"))
+    for a in args do info.ArgumentList.Add a
+    use p = Process.Start info
+    let stdout = p.StandardOutput.ReadToEndAsync()
+    let stderr = p.StandardError.ReadToEndAsync()
+    p.WaitForExit()
+    { ExitCode = p.ExitCode; Stdout = stdout.Result; Stderr = stderr.Result }
+
+
+/// Reads a pre-tokenized JSON Lines file (such as a golden data.jsonl) the way the trainer does.
+let loadTokenized (path: string) =
+    let noTokenizer = Functional.Text.TextTokenizer.absent path "pre-tokenized data only"
+    (Functional.Data.PromptDataset.load path Functional.Data.PromptDataset.defaults noTokenizer).Dataset

@@ -146,20 +146,6 @@ let private sentencePieceModel () =
 
 // ---- `functional tokenize` as a process ----
 
-type private CliRun = { ExitCode: int; Stdout: string; Stderr: string }
-
-let private runCli (args: string list) =
-    let info = ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
-    info.StandardOutputEncoding <- Encoding.UTF8
-    info.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "Functional.Cli.dll"))
-    for a in args do
-        info.ArgumentList.Add a
-    use p = Process.Start info
-    let stdout = p.StandardOutput.ReadToEndAsync()
-    let stderr = p.StandardError.ReadToEndAsync()
-    p.WaitForExit()
-    { ExitCode = p.ExitCode; Stdout = stdout.Result; Stderr = stderr.Result }
-
 /// Texts like the embedded task's: " Human: reverse: k d a q z Assistant: z q a d k".
 let private taskTexts count seed =
     let random = Random(seed: int)

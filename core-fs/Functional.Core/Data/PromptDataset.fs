@@ -481,16 +481,17 @@ module PromptDataset =
         match record with
         | IdsRecord(_, ids) -> ids, 0
         | TextRecord sample ->
-            let eos =
-                match tokenizer.Special.Eos with
-                | Some eos -> eos
-                | None -> InvalidInput.fail tokenizer.Name "" "the tokenizer has no end-of-text (eos) token; text samples need one to mark where they end"
             let bos =
                 match tokenizer.Special.Bos with
                 | Some bos when options.AddBos -> [| bos |]
                 | _ -> [||]
             let prompt = Array.append bos (tokenizer.Encode sample.Prompt)
-            Array.concat [ prompt; tokenizer.Encode sample.Answer; [| eos |] ], prompt.Length
+            let answer = tokenizer.Encode sample.Answer
+            let eos =
+                match tokenizer.Special.Eos with
+                | Some eos -> eos
+                | None -> InvalidInput.fail tokenizer.Name "" "the tokenizer has no end-of-text (eos) token; text samples need one to mark where they end"
+            Array.concat [ prompt; answer; [| eos |] ], prompt.Length
 
     /// One row per record, truncated to MaxSeqLen; rows with nothing to train on are bad.
     let private tokenizeRows (path: string) (options: PromptDataOptions) (tokenizer: TextTokenizer) (records: (string * Record)[]) =

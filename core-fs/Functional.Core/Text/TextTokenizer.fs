@@ -27,3 +27,17 @@ type TextTokenizer =
       Encode: string -> int64[]
       /// Ids to text; special tokens are left out.
       Decode: int64[] -> string }
+
+/// Tokenizers that are not loaded from files.
+[<RequireQualifiedAccess>]
+module TextTokenizer =
+
+    /// A stand-in for a tokenizer that is not there: pre-tokenized data needs none, and encoding text
+    /// raises InvalidInputException(origin, "", problem), which says what is missing.
+    let absent (origin: string) (problem: string) : TextTokenizer =
+        { Name = "none"
+          Fingerprint = "none"
+          VocabSize = 0
+          Special = { Bos = None; Eos = None; Pad = None }
+          Encode = fun _ -> Functional.InvalidInput.fail origin "" problem
+          Decode = fun _ -> "" }

@@ -130,15 +130,8 @@ module FineTune =
         | Some name -> Tokenizers.fromEncoding name
         | None when hasTokenizer request.ModelPath -> Tokenizers.fromFolder request.ModelPath
         | None ->
-            { Name = "none"
-              Fingerprint = "none"
-              VocabSize = 0
-              Special = { Bos = None; Eos = None; Pad = None }
-              Encode =
-                fun _ ->
-                    InvalidInput.fail request.DataPath ""
-                        (sprintf "the data holds text, but the model folder %s has no tokenizer (tokenizer.json, vocab.json + merges.txt or tokenizer.model): pass --tokenizer NAME or pre-tokenized {\"input_ids\": [...]} rows" request.ModelPath)
-              Decode = fun _ -> "" }
+            TextTokenizer.absent request.DataPath
+                (sprintf "the data holds text, but the model folder %s has no tokenizer (tokenizer.json, vocab.json + merges.txt or tokenizer.model): pass --tokenizer NAME or pre-tokenized {\"input_ids\": [...]} rows" request.ModelPath)
 
     let private checkOutputFolder (request: FineTuneRequest) =
         let path = request.OutputPath
@@ -165,9 +158,9 @@ module FineTune =
             let correct = Array.map2 (fun (s: Sample) (a: string) -> a.Trim() = s.Answer.Trim()) scored answers |> Array.filter id
             Some(float correct.Length / float scored.Length)
 
-    let private figures (request: FineTuneRequest) model tokenizer (eval: TokenizedDataset) samples =
-        let o = request.Options
-        { Eval = Evaluation.evaluate model eval o.PerDeviceEvalBatchSize o.MaxSeqLen Trainer.PadId
+    /// The evaluation figures of the model now: eval is the evaluation loss, computed by the caller.
+    let private figures (request: FineTuneRequest) model tokenizer (eval: EvalResult) samples =
+        { Eval = eval
           ExactMatch =
             if request.Data.ExactMatchSamples > 0 then
                 exactMatch model tokenizer samples request.Data.ExactMatchSamples request.Data.ExactMatchMaxNewTokens
@@ -198,7 +191,9 @@ module FineTune =
         let metricsPath = Path.Combine(request.OutputPath, "metrics.jsonl")
         let finalPath = Path.Combine(request.OutputPath, "final")
         let plotPath = Path.Combine(request.OutputPath, "loss.png")
-        let before = data.Eval |> Option.map (fun eval -> figures request model tokenizer eval data.EvalSamples)
+        let evaluate eval = Evaluation.evaluate model eval options.PerDeviceEvalBatchSize options.MaxSeqLen Trainer.PadId
+        let before = data.Eval |> Option.map (fun eval -> figures request model tokenizer (evaluate eval) data.EvalSamples)
+        let mutable lastEval = None
         let steps = ResizeArray<int * float * float>()
         let evalPoints = ResizeArray<int * float>()
         let trainClock = Stopwatch()
@@ -225,9 +220,11 @@ module FineTune =
                     (fun step eval ->
                         write (jsonLine [ "step", box step; "eval_loss", box eval.Loss; "eval_perplexity", box eval.Perplexity ])
                         TensorBoard.scalars events (int64 step) [ "eval/loss", eval.Loss; "eval/perplexity", eval.Perplexity ]
-                        evalPoints.Add(step, eval.Loss))
+                        evalPoints.Add(step, eval.Loss)
+                        lastEval <- Some eval)
             trainClock.Stop()
-            let after = data.Eval |> Option.map (fun eval -> figures request model tokenizer eval data.EvalSamples)
+            // The trainer evaluates after the last step, so the final loss is already known.
+            let after = lastEval |> Option.map (fun eval -> figures request model tokenizer eval data.EvalSamples)
             let runtime = trainClock.Elapsed.TotalSeconds
             let samples = float plan.TotalSteps * float (options.PerDeviceTrainBatchSize * options.GradientAccumulationSteps)
             write (

@@ -1,0 +1,75 @@
+using System.CommandLine;
+using Functional.Checkpoint;
+using Functional.Generation;
+using Functional.Text;
+using Microsoft.FSharp.Collections;
+
+namespace Functional.Cli;
+
+/// <summary>`functional generate`: continue prompts with a model folder and its tokenizer.</summary>
+internal static class GenerateCommand
+{
+    public static Command Create()
+    {
+        var defaults = GenerationOptionsModule.defaults;
+        var model = CliOption.Create("--model", "Hugging Face model folder with its tokenizer files.", "", "--model_name_or_path", "--model-name-or-path");
+        var prompts = new Option<string[]>("--prompt")
+        {
+            Description = "A prompt to continue; repeat the option for a batch.",
+            AllowMultipleArgumentsPerToken = false,
+        };
+        var promptFile = CliOption.Create<string?>("--prompt-file", "A file with one prompt per line.", null);
+        var maxNewTokens = CliOption.Create("--max-new-tokens", "Most tokens to generate per prompt.", defaults.MaxNewTokens);
+        var temperature = CliOption.Create("--temperature", "Divide the logits by this before sampling.", 1.0);
+        var topK = CliOption.Create("--top-k", "Sample among the k most likely tokens (0: off).", 0);
+        var topP = CliOption.Create("--top-p", "Sample among the most likely tokens whose probability sums to p (1: off).", 1.0);
+        var seed = CliOption.Create("--seed", "Seed of the sampling: the same seed gives the same text.", 42L);
+        var greedy = CliOption.Create("--greedy", "Always take the most likely token.", false);
+        var threads = CliOption.Create("--threads", "Intra-op threads (0: all cores).", 0);
+        var command = new Command("generate", "Continue prompts with a trained model (stops at eos; batched; key/value cache).")
+        {
+            model, prompts, promptFile, maxNewTokens, temperature, topK, topP, seed, greedy, threads,
+        };
+        command.SetAction(parse =>
+        {
+            var modelPath = parse.GetValue(model)!;
+            if (string.IsNullOrWhiteSpace(modelPath))
+            {
+                throw new InvalidInputException("--model", "", "is required");
+            }
+            var all = (parse.GetValue(prompts) ?? []).ToList();
+            if (parse.GetValue(promptFile) is { } file)
+            {
+                if (!File.Exists(file))
+                {
+                    throw new InvalidInputException(file, "", "the prompt file does not exist");
+                }
+                all.AddRange(File.ReadAllLines(file).Where(line => line.Length > 0));
+            }
+            if (all.Count == 0)
+            {
+                throw new InvalidInputException("--prompt", "", "give at least one prompt (--prompt TEXT or --prompt-file FILE)");
+            }
+            var options = new GenerationOptions(
+                parse.GetValue(maxNewTokens),
+                new SamplingOptions(parse.GetValue(greedy), parse.GetValue(temperature), parse.GetValue(topK), parse.GetValue(topP), parse.GetValue(seed)),
+                defaults.EosId,
+                defaults.PadId,
+                true);
+            GenerationOptionsModule.validate(options);
+            if (parse.GetValue(threads) > 0)
+            {
+                TorchSharp.torch.set_num_threads(parse.GetValue(threads));
+            }
+            var tokenizer = Tokenizers.fromFolder(modelPath);
+            var lm = HfModelFolder.load(modelPath, parse.GetValue(seed));
+            var answers = Generator.generateText(lm, tokenizer, ListModule.OfSeq(all), options);
+            foreach (var answer in answers)
+            {
+                Console.WriteLine(answer);
+            }
+            return 0;
+        });
+        return command;
+    }
+}
