@@ -124,7 +124,7 @@ type private TextScratch() =
                         "num_attention_heads": 2, "max_position_embeddings": 64, "tie_word_embeddings": true}""" vocab
         let lm = Functional.Models.CausalLm.create (Functional.Models.ModelConfig.parse "test" config) 1L
         let weights = root.File "weights"
-        Functional.Checkpoint.HfModelFolder.save weights lm None
+        Functional.Checkpoint.HfModelFolder.save weights lm None []
         for f in Directory.GetFiles weights do File.Copy(f, Path.Combine(model, Path.GetFileName f))
         File.WriteAllLines(root.File "data.jsonl", [ for s in samples -> JsonSerializer.Serialize(dict [ "prompt", s.Prompt; "chosen", s.Answer ]) ])
     member _.Model = root.File "model"

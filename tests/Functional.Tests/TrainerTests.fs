@@ -37,7 +37,7 @@ let private checkpoints =
                     use folder = new TempFolder()
                     let config = ModelConfig.parse "test" (configWith family "tie_word_embeddings" tied)
                     let model = CausalLm.create config 3L
-                    HfModelFolder.save (folder.File "m") model None
+                    HfModelFolder.save (folder.File "m") model None []
                     let names = Safetensors.readHeader(folder.File "m/model.safetensors").Entries |> List.map (fun e -> e.Name)
                     Expect.equal (List.contains "lm_head.weight" names) (not tied) "lm_head.weight is written only when untied"
                     expectSameParameters model (HfModelFolder.load (folder.File "m") 99L)
@@ -58,7 +58,7 @@ let private checkpoints =
             use folder = new TempFolder()
             let source = File.ReadAllText(Path.Combine(goldenModel "gpt2", "config.json"))
             let model = HfModelFolder.load (goldenModel "gpt2") 1L
-            HfModelFolder.save (folder.File "m") model (Some source)
+            HfModelFolder.save (folder.File "m") model (Some source) []
             let saved = JsonDocument.Parse(File.ReadAllText(folder.File "m/config.json")).RootElement
             Expect.equal (saved.GetProperty("eos_token_id").GetInt32()) 95 "eos_token_id survives"
             Expect.equal (saved.GetProperty("model_type").GetString()) "gpt2" "model_type"
@@ -68,7 +68,7 @@ let private checkpoints =
             let model = HfModelFolder.load (goldenModel "llama") 1L
             Directory.CreateDirectory(folder.File "m") |> ignore
             File.WriteAllText(folder.File "m/stale.txt", "old")
-            HfModelFolder.save (folder.File "m") model None
+            HfModelFolder.save (folder.File "m") model None []
             Expect.isFalse (File.Exists(folder.File "m/stale.txt")) "old files are gone"
             Expect.sequenceEqual (Directory.GetDirectories folder.Path |> Array.map Path.GetFileName) [ "m" ] "no staging folder is left"
         }

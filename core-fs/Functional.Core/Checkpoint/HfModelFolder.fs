@@ -71,23 +71,18 @@ module HfModelFolder =
                 merged[key] <- (if isNull value then null else value.DeepClone())
             merged.ToJsonString(JsonSerializerOptions(WriteIndented = true))
 
-    /// Writes config.json (see configJson) and model.safetensors (save_pretrained's names, tied head
-    /// omitted) to folder. Files go to a staging folder first, which then replaces folder, so a failure
-    /// never leaves a half-written model behind.
-    let save (folder: string) (model: CausalLm) (sourceConfig: string option) =
-        let full = Path.GetFullPath folder
-        let parent = Path.GetDirectoryName full
-        Directory.CreateDirectory parent |> ignore
-        let staging = Path.Combine(parent, sprintf ".%s.staging-%d" (Path.GetFileName full) Environment.ProcessId)
-        if Directory.Exists staging then Directory.Delete(staging, true)
-        Directory.CreateDirectory staging |> ignore
-        File.WriteAllText(Path.Combine(staging, "config.json"), configJson model sourceConfig)
-        let tensors = [ for struct (name, p) in model.Module.named_parameters () -> name, (p :> torch.Tensor) ]
-        StateDict.export (Path.Combine(staging, "model.safetensors")) (Map [ "format", "pt" ]) tensors
-        if Directory.Exists full then
-            let old = Path.Combine(parent, sprintf ".%s.old-%d" (Path.GetFileName full) Environment.ProcessId)
-            Directory.Move(full, old)
-            Directory.Move(staging, full)
-            Directory.Delete(old, true)
-        else
-            Directory.Move(staging, full)
+    /// Writes config.json (see configJson), model.safetensors (save_pretrained's names, tied head
+    /// omitted) and copies of extraFiles (e.g. tokenizer files) to folder. Files go to a staging folder
+    /// first, which then replaces folder, so a failure never leaves a half-written model behind.
+    let save (folder: string) (model: CausalLm) (sourceConfig: string option) (extraFiles: string list) =
+        let staging = Functional.Runtime.StagedFolder.create folder
+        try
+            File.WriteAllText(Path.Combine(staging, "config.json"), configJson model sourceConfig)
+            let tensors = [ for struct (name, p) in model.Module.named_parameters () -> name, (p :> torch.Tensor) ]
+            StateDict.export (Path.Combine(staging, "model.safetensors")) (Map [ "format", "pt" ]) tensors
+            for file in extraFiles do
+                File.Copy(file, Path.Combine(staging, Path.GetFileName file), true)
+            Functional.Runtime.StagedFolder.commit staging folder
+        with _ ->
+            Functional.Runtime.StagedFolder.discard staging
+            reraise ()

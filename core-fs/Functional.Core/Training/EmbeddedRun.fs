@@ -7,6 +7,7 @@ open Functional
 open Functional.Checkpoint
 open Functional.Data
 open Functional.Models
+open Functional.Runtime
 open Functional.Text
 
 /// The embedded default run's knobs.
@@ -93,9 +94,7 @@ module EmbeddedRun =
     let run (settings: EmbeddedSettings) (onMessage: string -> unit) (onStep: StepLog -> unit) : FineTuneResult =
         validate settings
         let output = Path.GetFullPath settings.OutputPath
-        let parent = Path.GetDirectoryName output
-        let staging = Path.Combine(parent, sprintf ".%s.staging-%d" (Path.GetFileName output) Environment.ProcessId)
-        if Directory.Exists staging then Directory.Delete(staging, true)
+        let staging = StagedFolder.create output
         let folder (name: string) = Directory.CreateDirectory(Path.Combine(staging, name)).FullName
         try
             let data = folder "data"
@@ -109,9 +108,7 @@ module EmbeddedRun =
             let tokenizer = Tokenizers.fromFolder tokenizerFolder
             let model = CausalLm.create (modelConfig tokenizer.VocabSize) (int64 settings.Seed)
             let initial = Path.Combine(staging, "initial")
-            HfModelFolder.save initial model None
-            for file in Directory.GetFiles tokenizerFolder do
-                File.Copy(file, Path.Combine(initial, Path.GetFileName file))
+            HfModelFolder.save initial model None (List.ofArray (Directory.GetFiles tokenizerFolder))
             Directory.Delete(tokenizerFolder, true)
             let parameters = CausalLm.parameterSpec model |> List.sumBy (fun (_, shape) -> Array.fold (*) 1L shape)
             onMessage (sprintf "model: LLaMA, %d parameters, vocabulary of %d tokens (byte-level BPE)" parameters tokenizer.VocabSize)
@@ -128,18 +125,12 @@ module EmbeddedRun =
                         ExactMatchSamples = settings.EvalSamples
                         ExactMatchMaxNewTokens = 16 } }
             let result = FineTune.run request onStep
-            if Directory.Exists output then
-                let old = Path.Combine(parent, sprintf ".%s.old-%d" (Path.GetFileName output) Environment.ProcessId)
-                Directory.Move(output, old)
-                Directory.Move(staging, output)
-                Directory.Delete(old, true)
-            else
-                Directory.Move(staging, output)
+            StagedFolder.commit staging output
             let relocate (path: string) = Path.Combine(output, Path.GetRelativePath(staging, path))
             { result with
                 MetricsPath = relocate result.MetricsPath
                 FinalModelPath = relocate result.FinalModelPath
                 PlotPath = relocate result.PlotPath }
         with _ ->
-            if Directory.Exists staging then Directory.Delete(staging, true)
+            StagedFolder.discard staging
             reraise ()

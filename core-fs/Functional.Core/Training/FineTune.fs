@@ -244,11 +244,10 @@ module FineTune =
                       | None -> () ])
             result, after
         let result, after = trained
-        HfModelFolder.save finalPath model (Some sourceConfig)
-        if request.Data.TokenizerName.IsNone then
-            for file in tokenizerFiles do
-                let source = Path.Combine(request.ModelPath, file)
-                if File.Exists source then File.Copy(source, Path.Combine(finalPath, file), true)
+        let tokenizerCopies =
+            if request.Data.TokenizerName.IsSome then []
+            else tokenizerFiles |> List.map (fun f -> Path.Combine(request.ModelPath, f)) |> List.filter File.Exists
+        HfModelFolder.save finalPath model (Some sourceConfig) tokenizerCopies
         MetricsPlot.save plotPath (List.ofSeq steps) (List.ofSeq evalPoints)
         result.Parameters.Dispose()
         { Steps = result.Steps
