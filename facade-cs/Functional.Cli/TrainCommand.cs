@@ -25,6 +25,15 @@ internal static class TrainCommand
         var exactMatch = CliOption.Create("--exact-match-samples", "Score this many evaluation samples by exact match of greedy answers, before and after training.", d.ExactMatchSamples);
         var evalSteps = CliOption.Create("--eval-steps", "Evaluate every N optimizer steps (0: only at the end).", d.EvalSteps);
         var evalBatch = CliOption.Create("--per-device-eval-batch-size", "Rows per evaluation micro-batch.", d.PerDeviceEvalBatchSize);
+        var evalStrategy = CliOption.Create<string?>("--eval-strategy", "no, steps or epoch (default: steps when --eval-steps is given, else no).", null, "--evaluation_strategy", "--evaluation-strategy");
+        var saveStrategy = CliOption.Create("--save-strategy", "When to save checkpoints: no, steps or epoch.", d.SaveStrategy);
+        var saveSteps = CliOption.Create("--save-steps", "Save a checkpoint every N optimizer steps.", d.SaveSteps);
+        var saveTotalLimit = CliOption.Create<int?>("--save-total-limit", "Keep at most N checkpoints (the best is never deleted).", null);
+        var metric = CliOption.Create("--metric-for-best-model", "eval_loss or eval_perplexity.", d.MetricForBestModel);
+        var greaterIsBetter = CliOption.Create<bool?>("--greater-is-better", "Whether a greater metric is better (default: false for losses).", null);
+        var loadBest = CliOption.Create("--load-best-model-at-end", "Save the best checkpoint's weights as final/.", false);
+        var patience = CliOption.Create("--early-stopping-patience", "Stop after N evaluations without improvement (0: off).", d.EarlyStoppingPatience);
+        var resume = CliOption.Create<string?>("--resume-from-checkpoint", "A checkpoint folder, or latest (the newest complete one in --output).", null);
         var output = CliOption.Create("--output", "Output folder for metrics.jsonl and final/.", "", "--output_dir", "--output-dir");
         var overwrite = CliOption.Create("--overwrite-output-dir", "Write into an output folder that is not empty.", false);
         var batch = CliOption.Create("--per-device-train-batch-size", "Rows per micro-batch.", d.PerDeviceTrainBatchSize);
@@ -56,6 +65,7 @@ internal static class TrainCommand
             momentum, nesterov, scheduler, schedulerKwargs, warmupSteps, warmupRatio, epochs, maxSteps, maxGradNorm,
             maxSeqLen, seed, noShuffle, loggingSteps, threads, evalData, dataFormat, promptField, answerField, textField,
             trainOn, packing, skipBadRows, dataSplit, evalSplitRatio, tokenizer, noDataCache, exactMatch, evalSteps, evalBatch,
+            evalStrategy, saveStrategy, saveSteps, saveTotalLimit, metric, greaterIsBetter, loadBest, patience, resume,
         };
         command.SetAction(parse =>
         {
@@ -112,11 +122,26 @@ internal static class TrainCommand
                 ExactMatchSamples = parse.GetValue(exactMatch),
                 EvalSteps = parse.GetValue(evalSteps),
                 PerDeviceEvalBatchSize = parse.GetValue(evalBatch),
+                EvalStrategy = parse.GetValue(evalStrategy),
+                SaveStrategy = parse.GetValue(saveStrategy)!,
+                SaveSteps = parse.GetValue(saveSteps),
+                SaveTotalLimit = parse.GetValue(saveTotalLimit),
+                MetricForBestModel = parse.GetValue(metric)!,
+                GreaterIsBetter = parse.GetValue(greaterIsBetter),
+                LoadBestModelAtEnd = parse.GetValue(loadBest),
+                EarlyStoppingPatience = parse.GetValue(patience),
+                ResumeFromCheckpoint = parse.GetValue(resume),
             };
             FineTuneResult result;
+            using (var signals = new StopOnSignal())
             using (var progress = new ProgressDisplay(0))
             {
-                result = FineTuning.Run(options, progress.Report);
+                result = FineTuning.Run(options, signals.Token, progress.Report);
+                if (result.Interrupted)
+                {
+                    progress.Message($"interrupted by {signals.Received}: saved {result.Checkpoints.LastOrDefault()}");
+                    return signals.ExitCode;
+                }
             }
             Report.Print(result);
             return 0;

@@ -139,4 +139,31 @@ public sealed class FineTuneOptions
 
     /// <summary>Rows per evaluation micro-batch (default 8).</summary>
     public int PerDeviceEvalBatchSize { get; set; } = 8;
+
+    /// <summary>When to evaluate: "no", "steps" or "epoch" (default: steps when EvalSteps &gt; 0, else no).</summary>
+    public string? EvalStrategy { get; set; }
+
+    /// <summary>When to save checkpoints: "no", "steps" (default) or "epoch".</summary>
+    public string SaveStrategy { get; set; } = "steps";
+
+    /// <summary>Save a checkpoint every this many optimizer steps (default 500).</summary>
+    public int SaveSteps { get; set; } = 500;
+
+    /// <summary>Keep at most this many checkpoints; the best is never deleted (default null: keep all).</summary>
+    public int? SaveTotalLimit { get; set; }
+
+    /// <summary>The metric that picks the best checkpoint (default "eval_loss").</summary>
+    public string MetricForBestModel { get; set; } = "eval_loss";
+
+    /// <summary>Whether a greater metric is better (default null: false for losses, true otherwise).</summary>
+    public bool? GreaterIsBetter { get; set; }
+
+    /// <summary>Load the best checkpoint's weights at the end, before saving final/ (default false).</summary>
+    public bool LoadBestModelAtEnd { get; set; }
+
+    /// <summary>Stop after this many evaluations without improvement (default 0: off).</summary>
+    public int EarlyStoppingPatience { get; set; }
+
+    /// <summary>A checkpoint folder to resume from, or "latest" for the newest complete one in OutputPath (default none).</summary>
+    public string? ResumeFromCheckpoint { get; set; }
 }

@@ -30,10 +30,17 @@ public sealed record EvaluationFigures(double Loss, double Perplexity, double? E
 /// <param name="After">Evaluation after training, when there is an evaluation set.</param>
 /// <param name="SkippedRows">Rows skipped as bad.</param>
 /// <param name="TrainRuntime">Seconds in the training loop.</param>
+/// <param name="Checkpoints">The checkpoint folders left in the output folder, oldest first.</param>
+/// <param name="BestCheckpoint">The best checkpoint by the metric, if any.</param>
+/// <param name="ResumedFrom">The checkpoint the run resumed from, if any.</param>
+/// <param name="StoppedEarly">Early stopping ended the run.</param>
+/// <param name="Interrupted">Cancellation ended the run after saving a checkpoint (final/ not written).</param>
 /// <param name="Seconds">Wall-clock duration of the run.</param>
 public sealed record FineTuneResult(
     int Steps, double FinalLoss, string MetricsPath, string FinalModelPath, string PlotPath,
-    EvaluationFigures? Before, EvaluationFigures? After, int SkippedRows, double TrainRuntime, double Seconds);
+    EvaluationFigures? Before, EvaluationFigures? After, int SkippedRows, double TrainRuntime,
+    IReadOnlyList<string> Checkpoints, string? BestCheckpoint, string? ResumedFrom, bool StoppedEarly, bool Interrupted,
+    double Seconds);
 
 /// <summary>Runs fine-tuning jobs described by <see cref="FineTuneOptions"/>.</summary>
 public static class FineTuning
@@ -44,7 +51,17 @@ public static class FineTuning
     /// </summary>
     /// <param name="options">What to train and how.</param>
     /// <param name="onProgress">Called after each logged optimizer step; may be null.</param>
-    public static FineTuneResult Run(FineTuneOptions options, Action<TrainingProgress>? onProgress = null)
+    public static FineTuneResult Run(FineTuneOptions options, Action<TrainingProgress>? onProgress = null) =>
+        Run(options, CancellationToken.None, onProgress);
+
+    /// <summary>
+    /// As <see cref="Run(FineTuneOptions, Action{TrainingProgress})"/>; cancelling the token finishes the current
+    /// optimizer step, saves a checkpoint and returns a result with <see cref="FineTuneResult.Interrupted"/> set.
+    /// </summary>
+    /// <param name="options">What to train and how.</param>
+    /// <param name="cancellation">Stops the run after the current step, with a checkpoint.</param>
+    /// <param name="onProgress">Called after each logged optimizer step; may be null.</param>
+    public static FineTuneResult Run(FineTuneOptions options, CancellationToken cancellation, Action<TrainingProgress>? onProgress = null)
     {
         ArgumentNullException.ThrowIfNull(options);
         var request = new FineTuneRequest(
@@ -53,9 +70,10 @@ public static class FineTuning
             Required(options.OutputPath, "--output"),
             options.OverwriteOutputDir,
             ToCore(options),
-            ToData(options));
+            ToData(options),
+            Optional(options.ResumeFromCheckpoint));
         var report = FuncConvert.FromAction<StepLog>(log => onProgress?.Invoke(ToProgress(log)));
-        return ToResult(FineTune.run(request, report));
+        return ToResult(FineTune.runWith(request, cancellation, report));
     }
 
     /// <summary>The facade's view of a training step.</summary>
@@ -65,7 +83,12 @@ public static class FineTuning
     /// <summary>The facade's view of a finished run.</summary>
     public static FineTuneResult ToResult(Training.FineTuneResult r) => new(
         r.Steps, r.FinalLoss, r.MetricsPath, r.FinalModelPath, r.PlotPath,
-        Figures(r.Before), Figures(r.After), r.SkippedRows, r.TrainRuntime, r.Seconds);
+        Figures(r.Before), Figures(r.After), r.SkippedRows, r.TrainRuntime,
+        r.Checkpoints.ToList(), OptionalValue(r.BestCheckpoint), OptionalValue(r.ResumedFrom), r.StoppedEarly, r.Interrupted,
+        r.Seconds);
+
+    private static string? OptionalValue(FSharpOption<string> value) =>
+        FSharpOption<string>.get_IsNone(value) ? null : value.Value;
 
     private static EvaluationFigures? Figures(FSharpOption<EvalFigures> figures) =>
         FSharpOption<EvalFigures>.get_IsNone(figures)
@@ -148,6 +171,14 @@ public static class FineTuning
             o.LoggingSteps,
             o.Threads,
             o.EvalSteps,
-            o.PerDeviceEvalBatchSize);
+            o.PerDeviceEvalBatchSize,
+            o.EvalStrategy is null ? FSharpOption<IntervalStrategy>.None : FSharpOption<IntervalStrategy>.Some(TrainOptionsModule.parseStrategy("--eval-strategy", o.EvalStrategy)),
+            TrainOptionsModule.parseStrategy("--save-strategy", o.SaveStrategy),
+            o.SaveSteps,
+            o.SaveTotalLimit is { } limit ? FSharpOption<int>.Some(limit) : FSharpOption<int>.None,
+            o.MetricForBestModel,
+            o.GreaterIsBetter is { } greater ? FSharpOption<bool>.Some(greater) : FSharpOption<bool>.None,
+            o.LoadBestModelAtEnd,
+            o.EarlyStoppingPatience);
     }
 }

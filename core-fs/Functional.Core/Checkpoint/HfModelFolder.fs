@@ -40,6 +40,17 @@ module HfModelFolder =
           IgnoredSuffixes = model.IgnoredBufferSuffixes
           TiedKeys = model.TiedKeys }
 
+    /// Copies the weights of a model folder's model.safetensors (or shards) into the model's parameters,
+    /// checking names and shapes first.
+    let loadWeightsInto (folder: string) (model: CausalLm) =
+        let weights = StateDict.matchShards (weightFiles folder) (spec model) torch.float32
+        try
+            use _ = torch.no_grad ()
+            for struct (name, parameter) in model.Module.named_parameters () do
+                parameter.copy_ weights[name] |> ignore
+        finally
+            weights |> Map.iter (fun _ t -> t.Dispose())
+
     /// Loads a model folder: parses config.json, checks every tensor's name and shape against the config
     /// (from the safetensors headers, before any data is read), builds the model and copies the weights in
     /// as float32. Raises InvalidInputException naming the file and field or tensor at fault.
@@ -50,13 +61,7 @@ module HfModelFolder =
         let files = weightFiles folder
         files |> List.iter (fun f -> if not (File.Exists f) then InvalidInput.fail f "" "the weight file does not exist")
         let model = CausalLm.create config seed
-        let weights = StateDict.matchShards files (spec model) torch.float32
-        try
-            use _ = torch.no_grad ()
-            for struct (name, parameter) in model.Module.named_parameters () do
-                parameter.copy_ weights[name] |> ignore
-        finally
-            weights |> Map.iter (fun _ t -> t.Dispose())
+        loadWeightsInto folder model
         model
 
     /// The config.json text of a model: our fields written over the source config's (so keys we do
@@ -71,6 +76,11 @@ module HfModelFolder =
                 merged[key] <- (if isNull value then null else value.DeepClone())
             merged.ToJsonString(JsonSerializerOptions(WriteIndented = true))
 
+    /// Writes the model's weights as model.safetensors with save_pretrained's names (tied head omitted).
+    let writeWeights (path: string) (model: CausalLm) =
+        let tensors = [ for struct (name, p) in model.Module.named_parameters () -> name, (p :> torch.Tensor) ]
+        StateDict.export path (Map [ "format", "pt" ]) tensors
+
     /// Writes config.json (see configJson), model.safetensors (save_pretrained's names, tied head
     /// omitted) and copies of extraFiles (e.g. tokenizer files) to folder. Files go to a staging folder
     /// first, which then replaces folder, so a failure never leaves a half-written model behind.
@@ -78,8 +88,7 @@ module HfModelFolder =
         let staging = Functional.Runtime.StagedFolder.create folder
         try
             File.WriteAllText(Path.Combine(staging, "config.json"), configJson model sourceConfig)
-            let tensors = [ for struct (name, p) in model.Module.named_parameters () -> name, (p :> torch.Tensor) ]
-            StateDict.export (Path.Combine(staging, "model.safetensors")) (Map [ "format", "pt" ]) tensors
+            writeWeights (Path.Combine(staging, "model.safetensors")) model
             for file in extraFiles do
                 File.Copy(file, Path.Combine(staging, Path.GetFileName file), true)
             Functional.Runtime.StagedFolder.commit staging folder

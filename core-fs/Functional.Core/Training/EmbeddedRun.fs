@@ -73,6 +73,8 @@ module EmbeddedRun =
             LoggingSteps = 10
             EvalSteps = 200
             PerDeviceEvalBatchSize = 50
+            SaveSteps = 500
+            SaveTotalLimit = Some 1
             Threads = settings.Threads }
 
     let private writeSamples (path: string) (samples: TaskSample[]) =
@@ -123,7 +125,8 @@ module EmbeddedRun =
                         EvalDataPath = Some(Path.Combine(data, "eval.jsonl"))
                         Prompt = { PromptDataset.defaults with TrainOn = TrainOn.Completion }
                         ExactMatchSamples = settings.EvalSamples
-                        ExactMatchMaxNewTokens = 16 } }
+                        ExactMatchMaxNewTokens = 16 }
+                  ResumeFromCheckpoint = None }
             let result = FineTune.run request onStep
             StagedFolder.commit staging output
             let relocate (path: string) = Path.Combine(output, Path.GetRelativePath(staging, path))

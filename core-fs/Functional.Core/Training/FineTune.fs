@@ -44,7 +44,9 @@ type FineTuneRequest =
       /// The hyperparameters.
       Options: TrainOptions
       /// Data reading, evaluation and scoring.
-      Data: DataSettings }
+      Data: DataSettings
+      /// A checkpoint folder to resume from, or "latest" (the newest complete one in OutputPath).
+      ResumeFromCheckpoint: string option }
 
 /// Evaluation figures at one point of a run.
 [<NoComparison>]
@@ -75,6 +77,16 @@ type FineTuneResult =
       SkippedRows: int
       /// Seconds spent in the training loop (HF's train_runtime).
       TrainRuntime: float
+      /// The checkpoints left in OutputPath, oldest first.
+      Checkpoints: string list
+      /// The best checkpoint by the metric, when checkpoints were evaluated.
+      BestCheckpoint: string option
+      /// The checkpoint the run resumed from.
+      ResumedFrom: string option
+      /// Early stopping ended the run before its planned steps.
+      StoppedEarly: bool
+      /// Cancellation (SIGINT/SIGTERM) ended the run after saving a checkpoint; final/ was not written.
+      Interrupted: bool
       /// Wall-clock seconds of the whole job.
       Seconds: float }
 
@@ -166,15 +178,53 @@ module FineTune =
                 exactMatch model tokenizer samples request.Data.ExactMatchSamples request.Data.ExactMatchMaxNewTokens
             else None }
 
-    /// Validates options, output folder, model folder, tokenizer and data (raising InvalidInputException
-    /// before anything is written), then trains, writing OUTPUT/metrics.jsonl and TensorBoard events as it
-    /// goes, and at the end OUTPUT/final/ (staged and renamed, so a failed run never leaves a half-written
-    /// model), OUTPUT/loss.png and a last metrics line with HF's summary fields and the final evaluation.
-    let run (request: FineTuneRequest) (onStep: StepLog -> unit) : FineTuneResult =
+    /// The metrics a checkpoint can be ranked by.
+    let private rankable = [ "eval_loss"; "eval_perplexity" ]
+
+    /// The metric name with HF's "eval_" prefix.
+    let private metricName (options: TrainOptions) =
+        let name = options.MetricForBestModel.Trim()
+        if name.StartsWith "eval_" then name else "eval_" + name
+
+    let private checkSettings (request: FineTuneRequest) (hasEvalSet: bool) =
+        let o = request.Options
+        let needsEval = o.LoadBestModelAtEnd || o.EarlyStoppingPatience > 0 || TrainOptions.evalStrategy o <> IntervalStrategy.No
+        if needsEval && not hasEvalSet then
+            let option =
+                if o.LoadBestModelAtEnd then "--load-best-model-at-end"
+                elif o.EarlyStoppingPatience > 0 then "--early-stopping-patience"
+                else "--eval-strategy"
+            InvalidInput.option option "needs an evaluation set (--eval-data or --eval-split-ratio)"
+        if not (List.contains (metricName o) rankable) then
+            InvalidInput.option "--metric-for-best-model"
+                (sprintf "unknown metric %s (expected eval_loss or eval_perplexity)" o.MetricForBestModel)
+
+    let private metricOf (options: TrainOptions) (eval: EvalResult) =
+        if metricName options = "eval_perplexity" then eval.Perplexity else eval.Loss
+
+    let private readFigure (line: string) =
+        use document = JsonDocument.Parse line
+        let root = document.RootElement
+        let get (name: string) =
+            match root.TryGetProperty name with
+            | true, v when v.ValueKind = JsonValueKind.Number -> Some(v.GetDouble())
+            | _ -> None
+        match root.TryGetProperty "step", get "eval_loss" with
+        | (true, step), Some loss when step.GetInt32() = 0 ->
+            Some { Eval = { Loss = loss; Perplexity = defaultArg (get "eval_perplexity") (exp loss); Tokens = 0L }; ExactMatch = get "eval_exact_match" }
+        | _ -> None
+
+    /// Validates options, output folder, model folder, tokenizer, data and (when resuming) the checkpoint,
+    /// raising InvalidInputException before anything is written; then trains. OUTPUT/metrics.jsonl and
+    /// TensorBoard events grow as it goes; checkpoints follow the save strategy (atomic, rotated, the best
+    /// kept); at the end come OUTPUT/final/ (staged and renamed), OUTPUT/loss.png and a last metrics line
+    /// with HF's summary fields and the final evaluation. Cancelling the token finishes the current
+    /// optimizer step, saves a checkpoint and returns with Interrupted set.
+    let runWith (request: FineTuneRequest) (cancellation: Threading.CancellationToken) (onStep: StepLog -> unit) : FineTuneResult =
         let clock = Stopwatch.StartNew()
         let options = request.Options
         TrainOptions.validate options
-        checkOutputFolder request
+        if request.ResumeFromCheckpoint.IsNone then checkOutputFolder request
         let model = HfModelFolder.load request.ModelPath options.Seed
         let sourceConfig = File.ReadAllText(Path.Combine(request.ModelPath, "config.json"))
         let tokenizer = tokenizerFor request
@@ -183,72 +233,166 @@ module FineTune =
             match request.Data.CachePath with
             | Some cache -> fst (DataCache.loadTrainAndEval cache request.DataPath request.Data.EvalDataPath promptOptions tokenizer)
             | None -> PromptDataset.loadTrainAndEval request.DataPath request.Data.EvalDataPath promptOptions tokenizer
+        checkSettings request data.Eval.IsSome
         let vocabSize = ModelConfig.vocabSize model.Config
         TokenizedDataset.checkVocabulary vocabSize data.Train
         data.Eval |> Option.iter (TokenizedDataset.checkVocabulary vocabSize)
         let plan = Trainer.plan options data.Train.Rows.Length
+        let signature = TrainingCheckpoint.signature plan model data.Train
+        let restored =
+            request.ResumeFromCheckpoint
+            |> Option.map (fun spec ->
+                TrainingCheckpoint.restore (CheckpointFolder.resolve request.OutputPath spec) model signature)
+        let tokenizerCopies =
+            if request.Data.TokenizerName.IsSome then []
+            else tokenizerFiles |> List.map (fun f -> Path.Combine(request.ModelPath, f)) |> List.filter File.Exists
+        // Everything is checked: from here on the output folder is written.
         Directory.CreateDirectory request.OutputPath |> ignore
+        CheckpointFolder.cleanStale request.OutputPath
         let metricsPath = Path.Combine(request.OutputPath, "metrics.jsonl")
         let finalPath = Path.Combine(request.OutputPath, "final")
         let plotPath = Path.Combine(request.OutputPath, "loss.png")
         let evaluate eval = Evaluation.evaluate model eval options.PerDeviceEvalBatchSize options.MaxSeqLen Trainer.PadId
-        let before = data.Eval |> Option.map (fun eval -> figures request model tokenizer (evaluate eval) data.EvalSamples)
-        let mutable lastEval = None
-        let steps = ResizeArray<int * float * float>()
-        let evalPoints = ResizeArray<int * float>()
+        let history = ResizeArray<string>(restored |> Option.map (fun r -> r.Record.History) |> Option.defaultValue [])
+        let mutable best = restored |> Option.bind (fun r -> r.Record.Best)
+        let mutable earlyStopping = restored |> Option.map (fun r -> r.Record.EarlyStopping) |> Option.defaultValue (0, None)
+        let mutable lastEval: (int * EvalResult) option = None
+        let mutable stoppedEarly = false
+        let mutable interrupted = false
+        let greaterIsBetter = options.GreaterIsBetter |> Option.defaultValue (Rotation.defaultGreaterIsBetter (metricName options))
         let trainClock = Stopwatch()
-        let trained =
+        let result, before =
             use metrics = new StreamWriter(metricsPath, false)
             use events = TensorBoard.create request.OutputPath
+            for line in history do metrics.WriteLine line
+            metrics.Flush()
             let write (line: string) =
+                history.Add line
                 metrics.WriteLine line
                 metrics.Flush()
-            before
-            |> Option.iter (fun b ->
-                write (jsonLine [ "step", box 0; "eval_loss", box b.Eval.Loss; "eval_perplexity", box b.Eval.Perplexity ])
-                TensorBoard.scalars events 0L [ "eval/loss", b.Eval.Loss; "eval/perplexity", b.Eval.Perplexity ]
-                evalPoints.Add(0, b.Eval.Loss))
+            let logEval step (eval: EvalResult) (exact: float option) =
+                write (
+                    jsonLine
+                        [ yield "step", box step
+                          yield "eval_loss", box eval.Loss
+                          yield "eval_perplexity", box eval.Perplexity
+                          match exact with
+                          | Some m -> yield "eval_exact_match", box m
+                          | None -> () ])
+                TensorBoard.scalars events (int64 step) [ "eval/loss", eval.Loss; "eval/perplexity", eval.Perplexity ]
+            let before =
+                match restored, data.Eval with
+                | Some _, _ -> history |> Seq.tryPick readFigure
+                | None, Some eval ->
+                    let figures = figures request model tokenizer (evaluate eval) data.EvalSamples
+                    logEval 0 figures.Eval figures.ExactMatch
+                    Some figures
+                | None, None -> None
+            let saveCheckpoint (context: StepContext) =
+                let step = context.Log.Step
+                let candidate =
+                    match lastEval with
+                    | Some(at, eval) when at = step -> Some(metricOf options eval)
+                    | _ -> None
+                let path = Path.GetFullPath(Path.Combine(request.OutputPath, sprintf "checkpoint-%d" step))
+                match candidate with
+                | Some value when Rotation.isBetter greaterIsBetter value (best |> Option.map fst) -> best <- Some(value, path)
+                | _ -> ()
+                let record = { History = List.ofSeq history; Best = best; EarlyStopping = earlyStopping }
+                TrainingCheckpoint.save request.OutputPath plan model (Some sourceConfig) tokenizerCopies signature context record |> ignore
+                let existing = CheckpointFolder.list request.OutputPath
+                let bestStep = best |> Option.bind (fun (_, p) -> existing |> List.tryFind (fun (_, q) -> Path.GetFullPath q = p) |> Option.map fst)
+                for victim in Rotation.toDelete (List.map fst existing) bestStep options.SaveTotalLimit do
+                    existing |> List.find (fun (s, _) -> s = victim) |> snd |> CheckpointFolder.delete
+            let afterStep (context: StepContext) =
+                let step = context.Log.Step
+                let last = step = plan.TotalSteps
+                let evalNow =
+                    match TrainOptions.evalStrategy options with
+                    | IntervalStrategy.Steps -> step % options.EvalSteps = 0
+                    | IntervalStrategy.Epoch -> context.EpochEnded
+                    | IntervalStrategy.No -> false
+                match data.Eval with
+                | Some eval when evalNow || last ->
+                    let result = evaluate eval
+                    logEval step result None
+                    lastEval <- Some(step, result)
+                    if evalNow && options.EarlyStoppingPatience > 0 then
+                        let value = metricOf options result
+                        let counter, bestSeen = earlyStopping
+                        earlyStopping <-
+                            if Rotation.isBetter greaterIsBetter value bestSeen then 0, Some value else counter + 1, bestSeen
+                | _ -> ()
+                let saveNow =
+                    match options.SaveStrategy with
+                    | IntervalStrategy.Steps -> step % options.SaveSteps = 0
+                    | IntervalStrategy.Epoch -> context.EpochEnded
+                    | IntervalStrategy.No -> false
+                interrupted <- cancellation.IsCancellationRequested && not last
+                if saveNow || interrupted then saveCheckpoint context
+                stoppedEarly <- options.EarlyStoppingPatience > 0 && fst earlyStopping >= options.EarlyStoppingPatience && not last
+                if interrupted || stoppedEarly then StepDecision.Stop else StepDecision.Continue
             trainClock.Start()
             let result =
-                Trainer.train plan model data.Train data.Eval
-                    (fun log ->
-                        write (metricsLine log)
-                        TensorBoard.scalars events (int64 log.Step)
-                            [ "train/loss", log.Loss; "train/learning_rate", log.LearningRate; "train/grad_norm", log.GradNorm ]
-                        steps.Add(log.Step, log.Loss, log.LearningRate)
-                        onStep log)
-                    (fun step eval ->
-                        write (jsonLine [ "step", box step; "eval_loss", box eval.Loss; "eval_perplexity", box eval.Perplexity ])
-                        TensorBoard.scalars events (int64 step) [ "eval/loss", eval.Loss; "eval/perplexity", eval.Perplexity ]
-                        evalPoints.Add(step, eval.Loss)
-                        lastEval <- Some eval)
+                Trainer.train plan model data.Train (restored |> Option.map (fun r -> r.Resume))
+                    { OnLog =
+                        fun log ->
+                            write (metricsLine log)
+                            TensorBoard.scalars events (int64 log.Step)
+                                [ "train/loss", log.Loss; "train/learning_rate", log.LearningRate; "train/grad_norm", log.GradNorm ]
+                            onStep log
+                      AfterStep = afterStep }
             trainClock.Stop()
-            // The trainer evaluates after the last step, so the final loss is already known.
-            let after = lastEval |> Option.map (fun eval -> figures request model tokenizer eval data.EvalSamples)
-            let runtime = trainClock.Elapsed.TotalSeconds
-            let samples = float plan.TotalSteps * float (options.PerDeviceTrainBatchSize * options.GradientAccumulationSteps)
-            write (
-                jsonLine
-                    [ yield "step", box plan.TotalSteps
-                      yield "train_runtime", box runtime
-                      yield "train_samples_per_second", box (samples / runtime)
-                      yield "train_steps_per_second", box (float plan.TotalSteps / runtime)
-                      yield "train_loss", box result.FinalLoss
-                      match after with
-                      | Some a ->
-                          yield "eval_loss", box a.Eval.Loss
-                          yield "eval_perplexity", box a.Eval.Perplexity
-                          match a.ExactMatch with
-                          | Some m -> yield "eval_exact_match", box m
-                          | None -> ()
-                      | None -> () ])
-            result, after
-        let result, after = trained
-        let tokenizerCopies =
-            if request.Data.TokenizerName.IsSome then []
-            else tokenizerFiles |> List.map (fun f -> Path.Combine(request.ModelPath, f)) |> List.filter File.Exists
-        HfModelFolder.save finalPath model (Some sourceConfig) tokenizerCopies
-        MetricsPlot.save plotPath (List.ofSeq steps) (List.ofSeq evalPoints)
+            result, before
+        let steps =
+            history
+            |> Seq.choose (fun line ->
+                use document = JsonDocument.Parse line
+                let root = document.RootElement
+                match root.TryGetProperty "loss", root.TryGetProperty "lr" with
+                | (true, loss), (true, lr) -> Some(root.GetProperty("step").GetInt32(), loss.GetDouble(), lr.GetDouble())
+                | _ -> None)
+            |> List.ofSeq
+        let evalPoints =
+            history
+            |> Seq.choose (fun line ->
+                use document = JsonDocument.Parse line
+                let root = document.RootElement
+                match root.TryGetProperty "eval_loss" with
+                | true, loss -> Some(root.GetProperty("step").GetInt32(), loss.GetDouble())
+                | _ -> None)
+            |> List.ofSeq
+        let after =
+            if interrupted then None
+            else
+                if options.LoadBestModelAtEnd then
+                    best |> Option.iter (fun (_, path) -> if Directory.Exists path then HfModelFolder.loadWeightsInto path model)
+                match data.Eval, lastEval with
+                | Some eval, Some(_, final) ->
+                    let evalResult = if options.LoadBestModelAtEnd && best.IsSome then evaluate eval else final
+                    Some(figures request model tokenizer evalResult data.EvalSamples)
+                | _ -> None
+        let runtime = trainClock.Elapsed.TotalSeconds
+        if not interrupted then
+            let samples = float result.Steps * float (options.PerDeviceTrainBatchSize * options.GradientAccumulationSteps)
+            File.AppendAllLines(
+                metricsPath,
+                [ jsonLine
+                      [ yield "step", box result.Steps
+                        yield "train_runtime", box runtime
+                        yield "train_samples_per_second", box (samples / runtime)
+                        yield "train_steps_per_second", box (float result.Steps / runtime)
+                        yield "train_loss", box result.FinalLoss
+                        match after with
+                        | Some a ->
+                            yield "eval_loss", box a.Eval.Loss
+                            yield "eval_perplexity", box a.Eval.Perplexity
+                            match a.ExactMatch with
+                            | Some m -> yield "eval_exact_match", box m
+                            | None -> ()
+                        | None -> () ] ])
+            HfModelFolder.save finalPath model (Some sourceConfig) tokenizerCopies
+        MetricsPlot.save plotPath steps evalPoints
         result.Parameters.Dispose()
         { Steps = result.Steps
           FinalLoss = result.FinalLoss
@@ -258,5 +402,14 @@ module FineTune =
           Before = before
           After = after
           SkippedRows = data.Skipped
-          TrainRuntime = trainClock.Elapsed.TotalSeconds
+          TrainRuntime = runtime
+          Checkpoints = CheckpointFolder.list request.OutputPath |> List.map snd
+          BestCheckpoint = best |> Option.map snd
+          ResumedFrom = restored |> Option.map (fun r -> r.Path)
+          StoppedEarly = stoppedEarly
+          Interrupted = interrupted
           Seconds = clock.Elapsed.TotalSeconds }
+
+    /// runWith without cancellation.
+    let run (request: FineTuneRequest) (onStep: StepLog -> unit) : FineTuneResult =
+        runWith request Threading.CancellationToken.None onStep

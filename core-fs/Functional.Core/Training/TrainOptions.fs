@@ -11,6 +11,16 @@ type OptimizerKind =
     /// torch.optim.SGD with optional momentum and Nesterov; its weight decay is coupled (L2).
     | Sgd
 
+/// When something happens during a run (HF's IntervalStrategy: "no", "steps", "epoch").
+[<RequireQualifiedAccess>]
+type IntervalStrategy =
+    /// Never (during the run).
+    | No
+    /// Every N optimizer steps.
+    | Steps
+    /// At the end of every epoch.
+    | Epoch
+
 /// Hyperparameters of a fine-tuning run, named after HF TrainingArguments / DeepSpeed-Chat options.
 /// `TrainOptions.defaults` holds HF's defaults; `TrainOptions.validate` checks every field.
 [<NoComparison>]
@@ -63,7 +73,25 @@ type TrainOptions =
       /// the end (default 0).
       EvalSteps: int
       /// Rows per evaluation micro-batch (default 8, HF's per_device_eval_batch_size).
-      PerDeviceEvalBatchSize: int }
+      PerDeviceEvalBatchSize: int
+      /// When to evaluate during the run; None: "steps" when EvalSteps > 0, else "no". With an evaluation
+      /// set the run is also evaluated after its last step.
+      EvalStrategy: IntervalStrategy option
+      /// When to save checkpoints (default steps, as HF).
+      SaveStrategy: IntervalStrategy
+      /// Save every this many optimizer steps with the steps strategy (default 500, as HF).
+      SaveSteps: int
+      /// Keep at most this many checkpoints, deleting the oldest; the best one is never deleted
+      /// (default None: keep all).
+      SaveTotalLimit: int option
+      /// The metric that picks the best checkpoint (default "eval_loss"; "eval_" is prepended when missing).
+      MetricForBestModel: string
+      /// Whether a greater metric is better; None: false for metrics ending in "loss", true otherwise (HF).
+      GreaterIsBetter: bool option
+      /// After training, load the best checkpoint's weights before saving final/ (default false).
+      LoadBestModelAtEnd: bool
+      /// Stop after this many evaluations without improvement of the metric; 0 turns it off (default 0).
+      EarlyStoppingPatience: int }
 
 /// Defaults and validation of TrainOptions.
 [<RequireQualifiedAccess>]
@@ -94,7 +122,29 @@ module TrainOptions =
           LoggingSteps = 1
           Threads = 0
           EvalSteps = 0
-          PerDeviceEvalBatchSize = 8 }
+          PerDeviceEvalBatchSize = 8
+          EvalStrategy = None
+          SaveStrategy = IntervalStrategy.Steps
+          SaveSteps = 500
+          SaveTotalLimit = None
+          MetricForBestModel = "eval_loss"
+          GreaterIsBetter = None
+          LoadBestModelAtEnd = false
+          EarlyStoppingPatience = 0 }
+
+    /// The evaluation strategy in force: the given one, else steps when EvalSteps > 0, else no.
+    let evalStrategy (o: TrainOptions) =
+        match o.EvalStrategy with
+        | Some strategy -> strategy
+        | None -> if o.EvalSteps > 0 then IntervalStrategy.Steps else IntervalStrategy.No
+
+    /// Parses "no", "steps" or "epoch" for the named option.
+    let parseStrategy (option: string) (value: string) =
+        match value.Trim().ToLowerInvariant() with
+        | "no" -> IntervalStrategy.No
+        | "steps" -> IntervalStrategy.Steps
+        | "epoch" -> IntervalStrategy.Epoch
+        | _ -> InvalidInput.option option (sprintf "expected no, steps or epoch, got '%s'" value)
 
     let private check condition option (problem: unit -> string) =
         if not condition then InvalidInput.option option (problem ())
@@ -137,6 +187,21 @@ module TrainOptions =
         check (o.EvalSteps >= 0) "--eval-steps" (fun () -> sprintf "must be >= 0 (0 evaluates only at the end), got %d" o.EvalSteps)
         check (o.PerDeviceEvalBatchSize >= 1) "--per-device-eval-batch-size" (fun () ->
             sprintf "must be at least 1, got %d" o.PerDeviceEvalBatchSize)
+        check (o.SaveSteps >= 1) "--save-steps" (fun () -> sprintf "must be at least 1, got %d" o.SaveSteps)
+        check (o.SaveTotalLimit |> Option.forall (fun l -> l >= 1)) "--save-total-limit" (fun () ->
+            sprintf "must be at least 1, got %d" o.SaveTotalLimit.Value)
+        check (o.EarlyStoppingPatience >= 0) "--early-stopping-patience" (fun () ->
+            sprintf "must be >= 0 (0 turns it off), got %d" o.EarlyStoppingPatience)
+        let evalStrategy = evalStrategy o
+        check (evalStrategy <> IntervalStrategy.Steps || o.EvalSteps >= 1) "--eval-steps" (fun () ->
+            "must be at least 1 with --eval-strategy steps")
+        check (not o.LoadBestModelAtEnd || (evalStrategy <> IntervalStrategy.No && evalStrategy = o.SaveStrategy)) "--load-best-model-at-end" (fun () ->
+            "needs --eval-strategy and --save-strategy to be the same (steps or epoch), as in HF Trainer")
+        check (not o.LoadBestModelAtEnd || o.SaveStrategy <> IntervalStrategy.Steps || o.SaveSteps % o.EvalSteps = 0) "--save-steps" (fun () ->
+            sprintf "must be a multiple of --eval-steps (%d) with --load-best-model-at-end, so every checkpoint has a metric" o.EvalSteps)
+        check (o.EarlyStoppingPatience = 0 || evalStrategy <> IntervalStrategy.No) "--early-stopping-patience" (fun () ->
+            "needs evaluations during the run (--eval-strategy steps or epoch)")
+        check (not (String.IsNullOrWhiteSpace o.MetricForBestModel)) "--metric-for-best-model" (fun () -> "must name a metric such as eval_loss")
 
     /// Optimizer steps of the run: MaxSteps when set, else ceil(epochs * steps per epoch), as HF Trainer.
     let totalSteps (o: TrainOptions) (stepsPerEpoch: int) =

@@ -49,10 +49,59 @@ type TrainingPlan =
 type TrainResult =
     { /// The flat parameter and gradient buffers the model's parameters alias.
       Parameters: FlatParameters
-      /// The last step's loss.
+      /// The optimizer state at the end.
+      OptimizerState: ITransformState
+      /// The last step's loss (NaN when a resumed run had no step left).
       FinalLoss: float
-      /// Optimizer steps taken.
-      Steps: int }
+      /// Optimizer steps completed, counting those before a resume.
+      Steps: int
+      /// Whether a hook stopped the run before the planned steps.
+      Stopped: bool }
+
+/// Where a resumed run starts: everything a checkpoint stores besides the model's weights (which
+/// the caller has already loaded into the model).
+[<NoComparison; NoEquality>]
+type ResumePoint =
+    { /// The accumulation state after the checkpoint's optimizer step (a window boundary): epoch,
+      /// micro-batch within the epoch and optimizer step. The data order is recomputed from (seed,
+      /// epoch), so no row before this position is read again.
+      Accumulation: AccumulationState
+      /// The optimizer state tensors by their stable names (Transform.stateTensors).
+      OptimizerState: (string * torch.Tensor) list
+      /// torch's global random state (dropout), as torch.get_rng_state gives it.
+      RandomState: torch.Tensor }
+
+/// What the trainer tells the caller after every optimizer step.
+[<NoComparison; NoEquality>]
+type StepContext =
+    { /// The step's figures (also passed to OnLog when the step is logged).
+      Log: StepLog
+      /// Whether this step was logged (every LoggingSteps, and the last).
+      Logged: bool
+      /// The accumulation state after the step: a checkpoint's data position.
+      Accumulation: AccumulationState
+      /// Whether this step ended an epoch.
+      EpochEnded: bool
+      /// The flat parameters (the model's parameters alias them).
+      Parameters: FlatParameters
+      /// The optimizer state after the step.
+      OptimizerState: ITransformState }
+
+/// What the caller decides after a step.
+[<RequireQualifiedAccess>]
+type StepDecision =
+    /// Go on with the next step (if any).
+    | Continue
+    /// Stop now (early stopping, interruption); the run ends after this step.
+    | Stop
+
+/// The trainer's calls back to its caller.
+[<NoComparison; NoEquality>]
+type TrainHooks =
+    { /// After every logged step.
+      OnLog: StepLog -> unit
+      /// After every optimizer step: evaluate, save, decide whether to stop.
+      AfterStep: StepContext -> StepDecision }
 
 /// The training loop: a fold of optimizer steps over accumulation windows of micro-batches.
 [<RequireQualifiedAccess>]
@@ -98,19 +147,12 @@ module Trainer =
     [<Literal>]
     let PadId = 0L
 
-    /// Trains model on the dataset's rows as planned, calling onStep after every logged step (every
-    /// LoggingSteps and the last) and, when evalSet is given, onEvaluate with the optimizer step and the
-    /// evaluation every EvalSteps steps and after the last. Each optimizer step runs in its own dispose
-    /// scope, so live tensors stay flat over the run. The model's parameters end up aliasing the
-    /// returned flat buffer.
-    let train
-        (plan: TrainingPlan)
-        (model: CausalLm)
-        (dataset: TokenizedDataset)
-        (evalSet: TokenizedDataset option)
-        (onStep: StepLog -> unit)
-        (onEvaluate: int -> EvalResult -> unit)
-        : TrainResult =
+    /// Trains model on the dataset's rows as planned, from the start or from a resume point. After every
+    /// optimizer step it calls hooks.OnLog (logged steps: every LoggingSteps and the last) and
+    /// hooks.AfterStep, which may stop the run. Each optimizer step runs in its own dispose scope, so
+    /// live tensors stay flat over the run. The model's parameters end up aliasing the returned flat
+    /// buffer.
+    let train (plan: TrainingPlan) (model: CausalLm) (dataset: TokenizedDataset) (resume: ResumePoint option) (hooks: TrainHooks) : TrainResult =
         let options = plan.Options
         Functional.Runtime.TorchRuntime.ensure ()
         if options.Threads > 0 then torch.set_num_threads options.Threads
@@ -124,11 +166,18 @@ module Trainer =
         let transform = optimizer options schedule decayMask
         let mutable optimizerState = transform.Init flat.Values
         let mutable accumulation = Accumulation.start
-        let mutable epochBatches = epochMicroBatches options dataset.Rows.Length 0
+        match resume with
+        | Some point ->
+            optimizerState <- Transform.loadStateTensors point.OptimizerState optimizerState
+            accumulation <- point.Accumulation
+            torch.set_rng_state point.RandomState
+        | None -> ()
+        let mutable epochBatches = epochMicroBatches options dataset.Rows.Length accumulation.Epoch
         let clock = Stopwatch.StartNew()
         let mutable tokensSeen = 0L
         let mutable lastLoss = nan
-        while accumulation.OptimizerStep < totalSteps do
+        let mutable stopped = false
+        while accumulation.OptimizerStep < totalSteps && not stopped do
             use _ = torch.NewDisposeScope()
             if accumulation.MicroBatchInEpoch = 0 then
                 epochBatches <- epochMicroBatches options dataset.Rows.Length accumulation.Epoch
@@ -151,30 +200,36 @@ module Trainer =
                 match event with
                 | AccumulationEvent.Step r -> report <- Some r
                 | AccumulationEvent.Accumulating -> ()
-            match report with
-            | Some r ->
-                let learningRate = schedule r.UpdateIndex
-                optimizerState <- Optimizer.apply transform flat optimizerState
-                let gradNorm = Transform.lastGradNorm optimizerState
-                FlatParameters.zeroGrads flat
-                lastLoss <- r.Loss
-                if r.OptimizerStep % options.LoggingSteps = 0 || r.OptimizerStep = totalSteps then
-                    let seconds = clock.Elapsed.TotalSeconds
-                    onStep
-                        { Step = r.OptimizerStep
-                          TotalSteps = totalSteps
-                          Epoch =
-                            float accumulation.Epoch + float accumulation.MicroBatchInEpoch / float microBatchesPerEpoch
-                          Loss = r.Loss
-                          LearningRate = learningRate
-                          GradNorm = gradNorm
-                          PredictedTokens = r.Tokens
-                          TokensPerSecond = float tokensSeen / max seconds 1e-9
-                          ElapsedSeconds = seconds }
-                match evalSet with
-                | Some eval when (options.EvalSteps > 0 && r.OptimizerStep % options.EvalSteps = 0) || r.OptimizerStep = totalSteps ->
-                    onEvaluate r.OptimizerStep (Evaluation.evaluate model eval options.PerDeviceEvalBatchSize options.MaxSeqLen PadId)
-                | _ -> ()
-            | None -> invalidOp "an accumulation window ended without an optimizer step"
+            let r = report |> Option.defaultWith (fun () -> invalidOp "an accumulation window ended without an optimizer step")
+            let learningRate = schedule r.UpdateIndex
+            optimizerState <- Optimizer.apply transform flat optimizerState
+            FlatParameters.zeroGrads flat
+            lastLoss <- r.Loss
+            let seconds = clock.Elapsed.TotalSeconds
+            let log =
+                { Step = r.OptimizerStep
+                  TotalSteps = totalSteps
+                  Epoch = float accumulation.Epoch + float accumulation.MicroBatchInEpoch / float microBatchesPerEpoch
+                  Loss = r.Loss
+                  LearningRate = learningRate
+                  GradNorm = Transform.lastGradNorm optimizerState
+                  PredictedTokens = r.Tokens
+                  TokensPerSecond = float tokensSeen / max seconds 1e-9
+                  ElapsedSeconds = seconds }
+            let logged = r.OptimizerStep % options.LoggingSteps = 0 || r.OptimizerStep = totalSteps
+            if logged then hooks.OnLog log
+            let decision =
+                hooks.AfterStep
+                    { Log = log
+                      Logged = logged
+                      Accumulation = accumulation
+                      EpochEnded = accumulation.Epoch > r.Epoch
+                      Parameters = flat
+                      OptimizerState = optimizerState }
+            stopped <- decision = StepDecision.Stop && accumulation.OptimizerStep < totalSteps
         model.Module.eval ()
-        { Parameters = flat; FinalLoss = lastLoss; Steps = totalSteps }
+        { Parameters = flat
+          OptimizerState = optimizerState
+          FinalLoss = lastLoss
+          Steps = accumulation.OptimizerStep
+          Stopped = stopped }

@@ -1,0 +1,214 @@
+namespace Functional.Training
+
+open System
+open System.IO
+open System.Security.Cryptography
+open System.Text.Json
+open TorchSharp
+open Functional
+open Functional.Checkpoint
+open Functional.Data
+open Functional.Models
+open Functional.Optim
+
+/// Everything a run writes into a checkpoint besides tensors.
+[<NoComparison; NoEquality>]
+type CheckpointRecord =
+    { /// metrics.jsonl up to this step, line by line (HF's log_history).
+      History: string list
+      /// The best value of the metric so far and the checkpoint that had it.
+      Best: (float * string) option
+      /// Evaluations without improvement so far, and the best metric evaluated (early stopping).
+      EarlyStopping: int * float option }
+
+/// What a checkpoint gives back to resume a run.
+[<NoComparison; NoEquality>]
+type RestoredCheckpoint =
+    { /// The checkpoint folder.
+      Path: string
+      /// Optimizer state, random state and data position.
+      Resume: ResumePoint
+      /// metrics.jsonl lines, best metric, early stopping counter.
+      Record: CheckpointRecord }
+
+/// Checkpoints of a training run: `OUTPUT/checkpoint-N/` holds the model in HF layout (config.json,
+/// model.safetensors, tokenizer files), optimizer.safetensors (every optimizer buffer split per
+/// parameter as "PARAMETER:STATE", e.g. "model.norm.weight:1.0.adam.exp_avg", and the counters such as
+/// "1.0.adam.step"), rng_state.safetensors (torch's random state), and trainer_state.json with HF's
+/// fields plus a "functional" section: the data position (epoch, micro-batch, optimizer step) and the
+/// run's signature, which a resume must match.
+[<RequireQualifiedAccess>]
+module TrainingCheckpoint =
+
+    let private jsonOptions =
+        JsonSerializerOptions(NumberHandling = Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals)
+
+    let private number (x: float) = x.ToString("R", Globalization.CultureInfo.InvariantCulture)
+
+    /// A hash of the training rows and their prompt lengths.
+    let dataFingerprint (dataset: TokenizedDataset) =
+        use sha = IncrementalHash.CreateHash HashAlgorithmName.SHA256
+        for row, prompt in Array.zip dataset.Rows dataset.PromptLengths do
+            sha.AppendData(BitConverter.GetBytes row.Length)
+            for id in row do sha.AppendData(BitConverter.GetBytes id)
+            sha.AppendData(BitConverter.GetBytes prompt)
+        Convert.ToHexString(sha.GetHashAndReset()).ToLowerInvariant()
+
+    /// What a resumed run must share with the run that saved the checkpoint, by command-line option.
+    let signature (plan: TrainingPlan) (model: CausalLm) (dataset: TokenizedDataset) : (string * string) list =
+        let o = plan.Options
+        [ "--model (config.json)", ModelConfig.toJson model.Config
+          "--optimizer", string o.Optimizer
+          "--learning-rate", number o.LearningRate
+          "--weight-decay", number o.WeightDecay
+          "--adam-beta1", number o.AdamBeta1
+          "--adam-beta2", number o.AdamBeta2
+          "--adam-epsilon", number o.AdamEpsilon
+          "--momentum", number o.Momentum
+          "--nesterov", string o.Nesterov
+          "--max-grad-norm", number o.MaxGradNorm
+          "--lr-scheduler-type", Schedule.name o.LrSchedulerType
+          "--lr-scheduler-kwargs", sprintf "%A" o.LrSchedulerOptions
+          "--num-warmup-steps / --warmup-ratio", string plan.WarmupSteps
+          "--max-steps / --num-train-epochs", string plan.TotalSteps
+          "--per-device-train-batch-size", string o.PerDeviceTrainBatchSize
+          "--gradient-accumulation-steps", string o.GradientAccumulationSteps
+          "--max-seq-len", string o.MaxSeqLen
+          "--seed", string o.Seed
+          "--no-shuffle", string (not o.Shuffle)
+          "--data (tokenized rows)", dataFingerprint dataset ]
+
+    let private oneLine (text: string) =
+        let flat = text.Replace("\r", "").Replace("\n", " ")
+        if flat.Length > 80 then flat.Substring(0, 77) + "..." else flat
+
+    /// Raises InvalidInputException listing every signature entry that differs.
+    let checkSignature (checkpoint: string) (saved: (string * string) list) (current: (string * string) list) =
+        let savedMap = Map saved
+        let differences =
+            [ for key, value in current do
+                  match savedMap.TryFind key with
+                  | Some old when old = value -> ()
+                  | Some old -> yield sprintf "%s: the checkpoint was trained with %s, this run has %s" key (oneLine old) (oneLine value)
+                  | None -> yield sprintf "%s: the checkpoint does not record it" key ]
+        if not differences.IsEmpty then
+            InvalidInput.fail checkpoint "trainer_state.json"
+                ("the run differs from the one that saved this checkpoint: " + String.Join("; ", differences))
+
+    /// Splits the optimizer's flat buffers per parameter; counters and other tensors keep their names.
+    let optimizerTensors (flat: FlatParameters) (state: ITransformState) : (string * torch.Tensor) list =
+        let total = flat.Values.numel ()
+        [ for name, tensor in Transform.stateTensors state do
+              if tensor.dim () = 1L && tensor.numel () = total then
+                  for parameter in flat.Names do
+                      yield parameter + ":" + name, FlatParameters.sliceOf flat tensor parameter
+              else yield name, tensor ]
+
+    /// Reassembles what optimizerTensors wrote into flat buffers, in the parameters' order.
+    let private flatOptimizerTensors (path: string) (parameterNames: string list) (stored: Map<string, torch.Tensor>) =
+        let perParameter, whole = stored |> Map.partition (fun name _ -> name.Contains ':')
+        let buffers =
+            perParameter
+            |> Map.toList
+            |> List.map (fun (name, _) -> name.Substring(name.IndexOf ':' + 1))
+            |> List.distinct
+        [ yield! Map.toList whole
+          for buffer in buffers ->
+              let pieces =
+                  [ for parameter in parameterNames ->
+                        match stored.TryFind(parameter + ":" + buffer) with
+                        | Some t -> t.reshape(-1L)
+                        | None -> InvalidInput.fail path (parameter + ":" + buffer) "missing from the optimizer state" ]
+              buffer, torch.cat(Collections.Generic.List pieces, 0L) ]
+
+    let private accumulationJson (a: AccumulationState) =
+        JsonSerializer.SerializeToElement(dict [ "epoch", a.Epoch; "micro_batch_in_epoch", a.MicroBatchInEpoch; "optimizer_step", a.OptimizerStep ])
+
+    /// Writes OUTPUT/checkpoint-N atomically (see CheckpointFolder.write) and returns its path.
+    let save
+        (outputDir: string)
+        (plan: TrainingPlan)
+        (model: CausalLm)
+        (sourceConfig: string option)
+        (extraFiles: string list)
+        (signature: (string * string) list)
+        (context: StepContext)
+        (record: CheckpointRecord)
+        : string =
+        let step = context.Log.Step
+        let o = plan.Options
+        let state =
+            { TrainerState.empty with
+                GlobalStep = step
+                Epoch = context.Log.Epoch
+                MaxSteps = plan.TotalSteps
+                NumTrainEpochs = o.NumTrainEpochs
+                LoggingSteps = o.LoggingSteps
+                EvalSteps = o.EvalSteps
+                SaveSteps = o.SaveSteps
+                TrainBatchSize = o.PerDeviceTrainBatchSize
+                BestMetric = record.Best |> Option.map fst
+                BestModelCheckpoint = record.Best |> Option.map snd
+                LogHistory = record.History
+                Functional =
+                    Map
+                        [ "data_position", accumulationJson context.Accumulation
+                          "signature", JsonSerializer.SerializeToElement(dict signature)
+                          "early_stopping_counter", JsonSerializer.SerializeToElement(fst record.EarlyStopping)
+                          "early_stopping_best",
+                          (match snd record.EarlyStopping with
+                           | Some v -> JsonSerializer.SerializeToElement(v, jsonOptions)
+                           | None -> JsonSerializer.SerializeToElement(null: obj)) ] }
+        let writers =
+            [ yield "config.json", (fun (path: string) -> File.WriteAllText(path, HfModelFolder.configJson model sourceConfig))
+              yield "model.safetensors", (fun path -> HfModelFolder.writeWeights path model)
+              for file in extraFiles -> Path.GetFileName file, (fun path -> File.Copy(file, path, true))
+              yield "optimizer.safetensors", (fun path ->
+                  Safetensors.save path (Map [ "format", "pt" ]) (optimizerTensors context.Parameters context.OptimizerState))
+              yield "rng_state.safetensors", (fun path ->
+                  use rng = torch.get_rng_state ()
+                  Safetensors.save path Map.empty [ "torch", rng ])
+              yield "trainer_state.json", (fun path -> TrainerState.write path state) ]
+        CheckpointFolder.write outputDir step writers
+
+    let private functionalField (path: string) (state: TrainerState) (name: string) =
+        match state.Functional.TryFind name with
+        | Some value -> value
+        | None -> InvalidInput.fail path ("functional." + name) "missing: this checkpoint was not written by Functional"
+
+    /// Reads a checkpoint folder (verified complete first) for a resume: checks the signature against the
+    /// current run, loads the weights into the model, and returns the optimizer, random and data state.
+    let restore (path: string) (model: CausalLm) (signature: (string * string) list) : RestoredCheckpoint =
+        CheckpointFolder.verify path
+        let statePath = Path.Combine(path, "trainer_state.json")
+        let state = TrainerState.read statePath
+        let saved =
+            [ for p in (functionalField statePath state "signature").EnumerateObject() -> p.Name, p.Value.GetString() ]
+        checkSignature path saved signature
+        HfModelFolder.loadWeightsInto path model
+        let position = functionalField statePath state "data_position"
+        let integer (name: string) =
+            match position.TryGetProperty name with
+            | true, v when v.ValueKind = JsonValueKind.Number -> v.GetInt32()
+            | _ -> InvalidInput.fail statePath ("functional.data_position." + name) "expected an integer"
+        let optimizerPath = Path.Combine(path, "optimizer.safetensors")
+        let names = CausalLm.parameterSpec model |> List.map fst
+        let optimizer = flatOptimizerTensors optimizerPath names (Safetensors.load optimizerPath)
+        let rng = Safetensors.load (Path.Combine(path, "rng_state.safetensors"))
+        { Path = path
+          Resume =
+            { Accumulation =
+                { Accumulation.start with
+                    Epoch = integer "epoch"
+                    MicroBatchInEpoch = integer "micro_batch_in_epoch"
+                    OptimizerStep = integer "optimizer_step" }
+              OptimizerState = optimizer
+              RandomState = rng["torch"] }
+          Record =
+            { History = state.LogHistory
+              Best = Option.map2 (fun m c -> m, c) state.BestMetric state.BestModelCheckpoint
+              EarlyStopping =
+                (functionalField statePath state "early_stopping_counter").GetInt32(),
+                (match (functionalField statePath state "early_stopping_best").ValueKind with
+                 | JsonValueKind.Null -> None
+                 | _ -> Some((functionalField statePath state "early_stopping_best").Deserialize<float>(jsonOptions))) } }
