@@ -27,8 +27,9 @@ let tests =
                     LrSchedulerType = SchedulerKind.Cosine
                     NumWarmupSteps = 10 }
             let live = Array.zeroCreate<int64> 201
-            Trainer.train (Trainer.plan options data.Rows.Length) model data None (fun log ->
-                live[log.Step] <- DisposeScopeManager.Statistics.TensorStatistics.ThreadTotalLiveCount) (fun _ _ -> ())
+            Trainer.train (Trainer.plan options data.Rows.Length) model data None
+                { OnLog = fun log -> live[log.Step] <- DisposeScopeManager.Statistics.TensorStatistics.ThreadTotalLiveCount
+                  AfterStep = fun _ -> StepDecision.Continue }
             |> ignore
             // The count is read inside the step's scope, which holds that window's micro-batches; windows
             // repeat every 4 steps (7 micro-batches per epoch in windows of 2, 2, 2, 1), so compare those.

@@ -80,7 +80,7 @@ let private run (options: TrainOptions) =
     let data = loadTokenized (Path.Combine(dir, "data.jsonl"))
     let logs = ResizeArray<StepLog>()
     let plan = Trainer.plan options data.Rows.Length
-    let result = Trainer.train plan model data None logs.Add (fun _ _ -> ())
+    let result = Trainer.train plan model data None { OnLog = logs.Add; AfterStep = fun _ -> StepDecision.Continue }
     plan, result, List.ofSeq logs
 
 /// 13 rows in micro-batches of 2 make 7 micro-batches per epoch; windows of 3 give 3 steps per epoch.

@@ -121,9 +121,6 @@ module TrainingCheckpoint =
                         | None -> InvalidInput.fail path (parameter + ":" + buffer) "missing from the optimizer state" ]
               buffer, torch.cat(Collections.Generic.List pieces, 0L) ]
 
-    let private accumulationJson (a: AccumulationState) =
-        JsonSerializer.SerializeToElement(dict [ "epoch", a.Epoch; "micro_batch_in_epoch", a.MicroBatchInEpoch; "optimizer_step", a.OptimizerStep ])
-
     /// Writes OUTPUT/checkpoint-N atomically (see CheckpointFolder.write) and returns its path.
     let save
         (outputDir: string)
@@ -137,28 +134,31 @@ module TrainingCheckpoint =
         : string =
         let step = context.Log.Step
         let o = plan.Options
+        let raw (value: obj) = JsonSerializer.Serialize(value, jsonOptions)
         let state =
-            { TrainerState.empty with
-                GlobalStep = step
-                Epoch = context.Log.Epoch
-                MaxSteps = plan.TotalSteps
-                NumTrainEpochs = o.NumTrainEpochs
-                LoggingSteps = o.LoggingSteps
-                EvalSteps = o.EvalSteps
-                SaveSteps = o.SaveSteps
-                TrainBatchSize = o.PerDeviceTrainBatchSize
-                BestMetric = record.Best |> Option.map fst
-                BestModelCheckpoint = record.Best |> Option.map snd
-                LogHistory = record.History
-                Functional =
-                    Map
-                        [ "data_position", accumulationJson context.Accumulation
-                          "signature", JsonSerializer.SerializeToElement(dict signature)
-                          "early_stopping_counter", JsonSerializer.SerializeToElement(fst record.EarlyStopping)
-                          "early_stopping_best",
-                          (match snd record.EarlyStopping with
-                           | Some v -> JsonSerializer.SerializeToElement(v, jsonOptions)
-                           | None -> JsonSerializer.SerializeToElement(null: obj)) ] }
+            { Epoch = context.Log.Epoch
+              GlobalStep = step
+              MaxSteps = plan.TotalSteps
+              NumTrainEpochs = int (Math.Ceiling o.NumTrainEpochs)
+              LoggingSteps = o.LoggingSteps
+              EvalSteps = o.EvalSteps
+              SaveSteps = o.SaveSteps
+              TrainBatchSize = o.PerDeviceTrainBatchSize
+              TotalFlos = 0.0
+              NumInputTokensSeen = 0L
+              BestMetric = record.Best |> Option.map fst
+              BestGlobalStep = record.Best |> Option.bind (snd >> CheckpointFolder.stepOf)
+              BestModelCheckpoint = record.Best |> Option.map snd
+              LogHistory = record.History
+              Functional =
+                Map
+                    [ "data_position",
+                      raw (dict [ "epoch", context.Accumulation.Epoch
+                                  "micro_batch_in_epoch", context.Accumulation.MicroBatchInEpoch
+                                  "optimizer_step", context.Accumulation.OptimizerStep ])
+                      "signature", raw (dict signature)
+                      "early_stopping_counter", raw (fst record.EarlyStopping)
+                      "early_stopping_best", (match snd record.EarlyStopping with Some v -> raw v | None -> "null") ] }
         let writers =
             [ yield "config.json", (fun (path: string) -> File.WriteAllText(path, HfModelFolder.configJson model sourceConfig))
               yield "model.safetensors", (fun path -> HfModelFolder.writeWeights path model)
@@ -171,9 +171,11 @@ module TrainingCheckpoint =
               yield "trainer_state.json", (fun path -> TrainerState.write path state) ]
         CheckpointFolder.write outputDir step writers
 
-    let private functionalField (path: string) (state: TrainerState) (name: string) =
+    let private functionalField (path: string) (state: TrainerState) (name: string) : JsonElement =
         match state.Functional.TryFind name with
-        | Some value -> value
+        | Some value ->
+            try JsonDocument.Parse(value).RootElement.Clone()
+            with :? JsonException -> InvalidInput.fail path ("functional." + name) "not valid JSON"
         | None -> InvalidInput.fail path ("functional." + name) "missing: this checkpoint was not written by Functional"
 
     /// Reads a checkpoint folder (verified complete first) for a resume: checks the signature against the
