@@ -320,8 +320,9 @@ module FineTune =
                     if evalNow && options.EarlyStoppingPatience > 0 then
                         let value = metricOf options result
                         let counter, bestSeen = earlyStopping
-                        earlyStopping <-
-                            if Rotation.isBetter greaterIsBetter value bestSeen then 0, Some value else counter + 1, bestSeen
+                        let improved = Rotation.isBetter greaterIsBetter value bestSeen
+                        let next = EarlyStopping.observe improved { Patience = options.EarlyStoppingPatience; Counter = counter }
+                        earlyStopping <- next.Counter, (if improved then Some value else bestSeen)
                 | _ -> ()
                 let saveNow =
                     match options.SaveStrategy with
@@ -330,7 +331,9 @@ module FineTune =
                     | IntervalStrategy.No -> false
                 interrupted <- cancellation.IsCancellationRequested && not last
                 if saveNow || interrupted then saveCheckpoint context
-                stoppedEarly <- options.EarlyStoppingPatience > 0 && fst earlyStopping >= options.EarlyStoppingPatience && not last
+                stoppedEarly <-
+                    options.EarlyStoppingPatience > 0 && not last
+                    && EarlyStopping.shouldStop { Patience = options.EarlyStoppingPatience; Counter = fst earlyStopping }
                 if interrupted || stoppedEarly then StepDecision.Stop else StepDecision.Continue
             trainClock.Start()
             let result =
