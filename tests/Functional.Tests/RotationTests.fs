@@ -34,8 +34,34 @@ let private effectiveLimit (c: Case) =
 
 let private deleted (c: Case) = Rotation.toDelete c.Steps c.Best c.Limit
 
+/// A run: the metric of each saved checkpoint (steps 1, 2, ...), the limit and the direction.
+let private runs =
+    gen {
+        let! metrics = Gen.choose (0, 20) |> Gen.map float |> Gen.listOf
+        let! limit = Gen.choose (1, 5)
+        let! greater = Gen.elements [ true; false ]
+        return metrics, limit, greater
+    }
+    |> Arb.fromGen
+
 let private rotationProperties =
     testList "properties" [
+        testPropertyWithConfig config "over a run of random metrics, saving and rotating after each evaluation keeps the best so far and the newest, and at most max(limit, 2)"
+        <| Prop.forAll runs (fun (metrics, limit, greater) ->
+            let mutable kept = []
+            let mutable best: (float * int) option = None
+            metrics
+            |> List.mapi (fun i metric -> i + 1, metric)
+            |> List.forall (fun (step, metric) ->
+                if Rotation.isBetter greater metric (best |> Option.map fst) then best <- Some(metric, step)
+                kept <- kept @ [ step ]
+                let victims = Rotation.toDelete kept (best |> Option.map snd) (Some limit)
+                kept <- kept |> List.filter (fun s -> not (List.contains s victims))
+                let bestSoFar =
+                    let values = metrics |> List.truncate step
+                    let target = if greater then List.max values else List.min values
+                    1 + List.findIndex ((=) target) values
+                List.contains bestSoFar kept && List.contains step kept && kept.Length <= max limit 2))
         testPropertyWithConfig config "the best checkpoint is never deleted" <| Prop.forAll cases (fun c ->
             match c.Best with
             | Some best -> not (List.contains best (deleted c))
