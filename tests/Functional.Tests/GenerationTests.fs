@@ -8,27 +8,11 @@ open Functional
 open Functional.Models
 open Functional.Generation
 open Functional.Runtime
+open Functional.Tests.TestUtil
 open Functional.Text
 
 // ---------------------------------------------------------------- helpers
 
-let private values (t: torch.Tensor) : float[] =
-    use f = t.detach().to_type(torch.float64).contiguous().cpu()
-    f.data<float>().ToArray()
-
-let private maxAbsDiff (a: torch.Tensor) (b: torch.Tensor) =
-    Array.map2 (fun x y -> abs (x - y)) (values a) (values b) |> Array.max
-
-let private expectClose (tolerance: float) (actual: torch.Tensor) (expected: torch.Tensor) message =
-    Expect.sequenceEqual actual.shape expected.shape (message + ": shape")
-    let diff = maxAbsDiff actual expected
-    Expect.isLessThanOrEqual diff tolerance (sprintf "%s: max abs difference %g" message diff)
-
-let private torchTest name (body: unit -> unit) =
-    test name {
-        TorchRuntime.ensure ()
-        body ()
-    }
 
 let private randomIds (vocab: int) (shape: int64[]) (seed: int64) =
     use g = new torch.Generator(uint64 seed)

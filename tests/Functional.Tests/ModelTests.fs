@@ -10,31 +10,14 @@ open TorchSharp.Modules
 open Functional
 open Functional.Models
 open Functional.Runtime
+open Functional.Tests.TestUtil
 
 // ---------------------------------------------------------------- helpers
-
-let private values (t: torch.Tensor) : float[] =
-    use f = t.detach().to_type(torch.float64).contiguous()
-    f.data<float>().ToArray()
 
 /// An fp32 tensor of the given shape holding data.
 let private tensorOf (shape: int64[]) (data: float[]) =
     use t = torch.tensor data
     t.to_type(torch.float32).reshape shape
-
-let private maxAbsDiff (a: torch.Tensor) (b: torch.Tensor) =
-    Array.map2 (fun x y -> abs (x - y)) (values a) (values b) |> Array.max
-
-let private expectClose (tolerance: float) (actual: torch.Tensor) (expected: torch.Tensor) message =
-    Expect.sequenceEqual actual.shape expected.shape (message + ": shape")
-    let diff = maxAbsDiff actual expected
-    Expect.isLessThanOrEqual diff tolerance (sprintf "%s: max abs difference %g" message diff)
-
-let private torchTest name (body: unit -> unit) =
-    test name {
-        TorchRuntime.ensure ()
-        body ()
-    }
 
 let private expectInvalid (origin: string) (location: string) (action: unit -> ModelConfig) =
     try

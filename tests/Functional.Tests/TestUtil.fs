@@ -67,3 +67,30 @@ let runCli (args: string list) =
 let loadTokenized (path: string) =
     let noTokenizer = Functional.Text.TextTokenizer.absent path "pre-tokenized data only"
     (Functional.Data.PromptDataset.load path Functional.Data.PromptDataset.defaults noTokenizer).Dataset
+
+// ---- tensors in tests ----
+
+open Expecto
+open TorchSharp
+
+/// The elements of a tensor as float64, row-major.
+let values (t: torch.Tensor) : float[] =
+    use f = t.detach().to_type(torch.float64).contiguous().cpu()
+    f.data<float>().ToArray()
+
+/// The largest absolute elementwise difference.
+let maxAbsDiff (a: torch.Tensor) (b: torch.Tensor) =
+    Array.map2 (fun x y -> abs (x - y)) (values a) (values b) |> Array.max
+
+/// Same shape, and no element further apart than tolerance.
+let expectClose (tolerance: float) (actual: torch.Tensor) (expected: torch.Tensor) message =
+    Expect.sequenceEqual actual.shape expected.shape (message + ": shape")
+    let diff = maxAbsDiff actual expected
+    Expect.isLessThanOrEqual diff tolerance (sprintf "%s: max abs difference %g" message diff)
+
+/// A test that starts TorchSharp first.
+let torchTest name (body: unit -> unit) =
+    test name {
+        Functional.Runtime.TorchRuntime.ensure ()
+        body ()
+    }
