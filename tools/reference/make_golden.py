@@ -9,6 +9,11 @@ norm clipping, torch.optim.AdamW with two parameter groups, LambdaLR with HF's
 linear / cosine warmup schedules).  Training runs in float64; the float32
 initial weights are converted exactly, the final weights are written as F32.
 
+The LoRA cases (gpt2-lora, llama-lora) follow PEFT's LoRA semantics: a target
+projection computes base(x) + (lora_alpha / r) * B(A(x)) with A [r, in] and
+B [out, r]; the base weights are frozen and only A and B are optimized.  The
+initial and final adapters are written in PEFT's adapter format.
+
 Usage:  /usr/bin/python3 tools/reference/make_golden.py --out tests/golden
 """
 
@@ -119,6 +124,25 @@ CASES = [
     ("gpt2-linear", "gpt2", "linear", 2, 1.4),
     ("llama-cosine", "llama", "cosine", 3, 1.0),
     ("llama-linear", "llama", "linear", 2, 1.0),
+]
+
+# LoRA cases: PEFT LoRA on a frozen base (the family's initial model).  Unlike
+# PEFT (which initialises B to zero) both A and B are random, so the adapter
+# changes the output from step 1 and the golden exercises the B path.
+LORA_R = 4
+LORA_ALPHA = 8
+LORA_INIT_STD = 0.05
+LORA_SEEDS = {"gpt2": 20240611, "llama": 20240612}
+LORA_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
+LORA_FAN_IN_FAN_OUT = {"gpt2": True, "llama": False}   # GPT-2 Conv1D stores weight as [in, out]
+
+# (case name, family, scheduler, gradient_accumulation_steps, max_grad_norm)
+# The global norm over the LoRA parameters alone is small (~0.02 for GPT-2,
+# ~0.06..0.10 for LLaMA), so 1.0 would never clip; these thresholds clip some
+# steps but not all, each at least 6% away from every pre-clip norm.
+LORA_CASES = [
+    ("gpt2-lora", "gpt2", "cosine", 3, 0.0215),
+    ("llama-lora", "llama", "cosine", 2, 0.09),
 ]
 
 # --------------------------------------------------------------------------
@@ -247,7 +271,14 @@ def causal_mask(T, device):
     return torch.tril(torch.ones(T, T, dtype=torch.bool, device=device))
 
 
-def gpt2_forward(p, cfg, input_ids):
+def lora_delta(lora, module, x):
+    """PEFT LoRA path of one target module: lora_B(lora_A(x)) * (alpha / r)
+    (dropout 0: identity).  A is [r, in], B is [out, r], both nn.Linear weights."""
+    A, B = lora["tensors"][module]
+    return F.linear(F.linear(x, A), B) * lora["scaling"]
+
+
+def gpt2_forward(p, cfg, input_ids, lora=None):
     B, T = input_ids.shape
     d, H = cfg["n_embd"], cfg["n_head"]
     hd = d // H
@@ -259,6 +290,8 @@ def gpt2_forward(p, cfg, input_ids):
         pre = "transformer.h.%d." % i
         x = F.layer_norm(h, (d,), p[pre + "ln_1.weight"], p[pre + "ln_1.bias"], eps)
         qkv = x @ p[pre + "attn.c_attn.weight"] + p[pre + "attn.c_attn.bias"]   # Conv1D
+        if lora is not None and pre + "attn.c_attn" in lora["tensors"]:
+            qkv = qkv + lora_delta(lora, pre + "attn.c_attn", x)
         q, k, v = qkv.split(d, dim=2)
         q = q.view(B, T, H, hd).permute(0, 2, 1, 3)
         k = k.view(B, T, H, hd).permute(0, 2, 1, 3)
@@ -291,7 +324,7 @@ def rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def llama_forward(p, cfg, input_ids):
+def llama_forward(p, cfg, input_ids, lora=None):
     B, T = input_ids.shape
     d = cfg["hidden_size"]
     H, KV, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
@@ -309,9 +342,20 @@ def llama_forward(p, cfg, input_ids):
     for i in range(cfg["num_hidden_layers"]):
         pre = "model.layers.%d." % i
         x = rms_norm(h, p[pre + "input_layernorm.weight"], eps)
-        q = (x @ p[pre + "self_attn.q_proj.weight"].t()).view(B, T, H, hd).transpose(1, 2)
-        k = (x @ p[pre + "self_attn.k_proj.weight"].t()).view(B, T, KV, hd).transpose(1, 2)
-        v = (x @ p[pre + "self_attn.v_proj.weight"].t()).view(B, T, KV, hd).transpose(1, 2)
+        if lora is None:
+            q = (x @ p[pre + "self_attn.q_proj.weight"].t()).view(B, T, H, hd).transpose(1, 2)
+            k = (x @ p[pre + "self_attn.k_proj.weight"].t()).view(B, T, KV, hd).transpose(1, 2)
+            v = (x @ p[pre + "self_attn.v_proj.weight"].t()).view(B, T, KV, hd).transpose(1, 2)
+        else:
+            proj = {}
+            for m in ("q_proj", "k_proj", "v_proj"):
+                y = x @ p[pre + "self_attn.%s.weight" % m].t()
+                if pre + "self_attn." + m in lora["tensors"]:
+                    y = y + lora_delta(lora, pre + "self_attn." + m, x)
+                proj[m] = y
+            q = proj["q_proj"].view(B, T, H, hd).transpose(1, 2)
+            k = proj["k_proj"].view(B, T, KV, hd).transpose(1, 2)
+            v = proj["v_proj"].view(B, T, KV, hd).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         # GQA: query head j uses key/value head j // rep
@@ -341,6 +385,90 @@ NO_DECAY_MODULES = ("ln_1", "ln_2", "ln_f", "input_layernorm", "post_attention_l
 def no_decay(name):
     parts = name.split(".")
     return name.endswith(".bias") or (len(parts) >= 2 and parts[-2] in NO_DECAY_MODULES)
+
+# --------------------------------------------------------------------------
+# LoRA adapters (PEFT format)
+# --------------------------------------------------------------------------
+
+PEFT_PREFIX = "base_model.model."
+
+
+def lora_modules(family, cfg):
+    """Target modules in HF registration order: (HF module name, in_features, out_features)."""
+    out = []
+    if family == "gpt2":
+        d = cfg["n_embd"]
+        dims = {"c_attn": ("attn.c_attn", d, 3 * d)}
+        for i in range(cfg["n_layer"]):
+            for t in LORA_TARGETS[family]:
+                sub, fin, fout = dims[t]
+                out.append(("transformer.h.%d.%s" % (i, sub), fin, fout))
+    else:
+        d, hd = cfg["hidden_size"], cfg["head_dim"]
+        H, KV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        dims = {"q_proj": (d, H * hd), "k_proj": (d, KV * hd), "v_proj": (d, KV * hd)}
+        for i in range(cfg["num_hidden_layers"]):
+            for t in LORA_TARGETS[family]:
+                fin, fout = dims[t]
+                out.append(("model.layers.%d.self_attn.%s" % (i, t), fin, fout))
+    return out
+
+
+def lora_key(module, ab):
+    return "%s%s.lora_%s.weight" % (PEFT_PREFIX, module, ab)
+
+
+def init_lora(family, cfg, seed):
+    """Seeded float32 adapter, PEFT key names, in registration order (A then B per module)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for module, fin, fout in lora_modules(family, cfg):
+        out[lora_key(module, "A")] = torch.empty((LORA_R, fin), dtype=torch.float32).normal_(
+            0.0, LORA_INIT_STD, generator=gen)
+        out[lora_key(module, "B")] = torch.empty((fout, LORA_R), dtype=torch.float32).normal_(
+            0.0, LORA_INIT_STD, generator=gen)
+    return out
+
+
+def merged_check(family, cfg, base_f32, adapter_f32, data, opts):
+    """Self-check of the LoRA forward: equals the base forward with the adapter merged
+    into the weights (W + s * B @ A for nn.Linear [out, in]; its transpose for GPT-2's
+    Conv1D [in, out], i.e. fan_in_fan_out), in float64 on the first micro-batch."""
+    forward = FAMILIES[family][2]
+    base = {n: t.to(torch.float64) for n, t in base_f32.items()}
+    scaling = opts["lora_alpha"] / opts["lora_dim"]
+    lora = {"scaling": scaling, "tensors": {}}
+    merged = dict(base)
+    for module, _, _ in lora_modules(family, cfg):
+        A = adapter_f32[lora_key(module, "A")].to(torch.float64)
+        B = adapter_f32[lora_key(module, "B")].to(torch.float64)
+        lora["tensors"][module] = (A, B)
+        delta = scaling * (B @ A)
+        w = module + ".weight"
+        merged[w] = base[w] + (delta.t() if LORA_FAN_IN_FAN_OUT[family] else delta)
+    ids = micro_batches(data, opts)[0][0]
+    a = forward(base, cfg, ids, lora)
+    b = forward(merged, cfg, ids)
+    c = forward(base, cfg, ids)
+    err = (a - b).abs().max().item()
+    effect = (a - c).abs().max().item()
+    assert err < 1e-12, err
+    assert effect > 1e-3, effect
+    return err, effect
+
+
+def adapter_config(family):
+    return {
+        "bias": "none",
+        "fan_in_fan_out": LORA_FAN_IN_FAN_OUT[family],
+        "inference_mode": False,
+        "lora_alpha": LORA_ALPHA,
+        "lora_dropout": 0.0,
+        "peft_type": "LORA",
+        "r": LORA_R,
+        "target_modules": list(LORA_TARGETS[family]),
+        "task_type": "CAUSAL_LM",
+    }
 
 # --------------------------------------------------------------------------
 # Data
@@ -405,15 +533,28 @@ def cosine_lambda(warmup, total, num_cycles=0.5):
 # --------------------------------------------------------------------------
 
 
-def train(family, init_f32, data, opts, dtype):
+def train(family, init_f32, data, opts, dtype, lora_f32=None):
+    """Full training, or (lora_f32 given) LoRA training of the adapter on the frozen
+    base init_f32.  Returns (steps, final trainable tensors by name)."""
     cfg, _, forward = FAMILIES[family]
-    params = {n: t.to(dtype).clone().requires_grad_(True) for n, t in init_f32.items()}
-    order = list(params)
-    decay = [params[n] for n in order if not no_decay(n)]
-    nodecay = [params[n] for n in order if no_decay(n)]
+    lora = None
+    if lora_f32 is None:
+        params = {n: t.to(dtype).clone().requires_grad_(True) for n, t in init_f32.items()}
+        trainable = params
+    else:
+        params = {n: t.to(dtype).clone() for n, t in init_f32.items()}          # frozen
+        trainable = {n: t.to(dtype).clone().requires_grad_(True) for n, t in lora_f32.items()}
+        lora = {"scaling": opts["lora_alpha"] / opts["lora_dim"], "tensors": {}}
+        for module, _, _ in lora_modules(family, cfg):
+            lora["tensors"][module] = (trainable[lora_key(module, "A")], trainable[lora_key(module, "B")])
+        assert len(lora["tensors"]) * 2 == len(trainable)
+    order = list(trainable)
+    decay = [trainable[n] for n in order if not no_decay(n)]
+    nodecay = [trainable[n] for n in order if no_decay(n)]
+    groups = [{"params": decay, "weight_decay": opts["weight_decay"]},
+              {"params": nodecay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": opts["weight_decay"]},
-         {"params": nodecay, "weight_decay": 0.0}],
+        [g for g in groups if g["params"]],
         lr=opts["learning_rate"], betas=(opts["adam_beta1"], opts["adam_beta2"]),
         eps=opts["adam_epsilon"], weight_decay=opts["weight_decay"], foreach=False)
     lam = {"linear": linear_lambda, "cosine": cosine_lambda}[opts["lr_scheduler_type"]](
@@ -431,20 +572,20 @@ def train(family, init_f32, data, opts, dtype):
             n_tok = sum(int((lab[:, 1:] != -100).sum()) for _, lab in win)
             total = 0.0
             for ids, lab in win:
-                logits = forward(params, cfg, ids)
+                logits = forward(params, cfg, ids) if lora is None else forward(params, cfg, ids, lora)
                 V = logits.shape[-1]
                 loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, V), lab[:, 1:].reshape(-1),
                                            ignore_index=-100, reduction="sum")
                 (loss_sum / n_tok).backward()
                 total += loss_sum.item()
-            gnorm = torch.nn.utils.clip_grad_norm_([params[n] for n in order], opts["max_grad_norm"])
+            gnorm = torch.nn.utils.clip_grad_norm_([trainable[n] for n in order], opts["max_grad_norm"])
             lr = sched.get_last_lr()[0]
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             steps.append({"step": step, "loss": total / n_tok, "lr": float(lr),
                           "grad_norm": float(gnorm)})
-    final = {n: params[n].detach() for n in order}
+    final = {n: trainable[n].detach() for n in order}
     return steps, final
 
 # --------------------------------------------------------------------------
@@ -478,6 +619,10 @@ def fp32_report(family, cfg, f32, f64):
             d = cfg["n_embd"]
             for j, part in enumerate("qkv"):
                 rows.append(("%s[%s]" % (name, part), rel_diff(a[j * d:(j + 1) * d], b[j * d:(j + 1) * d])))
+        elif family == "gpt2" and name.endswith("attn.c_attn.lora_B.weight"):
+            d = cfg["n_embd"]          # B is [3*d, r]: rows q, k, v
+            for j, part in enumerate("qkv"):
+                rows.append(("%s[%s]" % (name, part), rel_diff(a[j * d:(j + 1) * d], b[j * d:(j + 1) * d])))
         elif family == "gpt2" and name.endswith("attn.c_attn.weight"):
             d = cfg["n_embd"]
             for j, part in enumerate("qkv"):
@@ -497,7 +642,7 @@ def golden_readme(summary):
             platform.python_version(), torch.__version__, "float64 training"),
         "Do not edit by hand; see tools/reference/README.md for the exact semantics and formats.",
         "",
-        "Each case folder holds:",
+        "Each full fine-tuning case folder (`*-cosine`, `*-linear`) holds:",
         "",
         "- `model/config.json`, `model/model.safetensors`: initial model (HF config + HF tensor names, F32).",
         "- `data.jsonl`: training rows, one `{\"input_ids\": [...]}` per line.",
@@ -505,12 +650,28 @@ def golden_readme(summary):
         "- `steps.jsonl`: one line per optimizer step: step, loss, lr, grad_norm (pre-clip).",
         "- `final/config.json`, `final/model.safetensors`: weights after `max_steps` steps (float64 training, stored F32).",
         "",
+        "Each LoRA case folder (`*-lora`) holds:",
+        "",
+        "- `model/config.json`, `model/model.safetensors`: the frozen base model (same files as the family's `-cosine` case).",
+        "- `adapter/adapter_config.json`, `adapter/adapter_model.safetensors`: initial adapter in PEFT's format (F32).",
+        "- `data.jsonl`, `options.json` (with `lora_dim`, `lora_alpha`, `lora_target_modules`, `only_optimize_lora`), `steps.jsonl`: as above.",
+        "- `final/adapter_config.json`, `final/adapter_model.safetensors`: adapter after `max_steps` steps (float64 training, stored F32).",
+        "",
         "| case | steps | first loss | last loss | clipped steps |",
         "|---|---|---|---|---|",
     ]
     for row in summary:
         lines.append("| %s | %d | %.6f | %.6f | %d of %d |" % row)
     return "\n".join(lines) + "\n"
+
+
+def report_case(case, steps, mgn, summary):
+    clipped = sum(1 for s in steps if s["grad_norm"] > mgn)
+    summary.append((case, len(steps), steps[0]["loss"], steps[-1]["loss"], clipped, len(steps)))
+    print("%s" % case)
+    for s in steps:
+        print("  step %2d  loss %.6f  lr %.6e  grad_norm %.6f%s" % (
+            s["step"], s["loss"], s["lr"], s["grad_norm"], "  (clipped)" if s["grad_norm"] > mgn else ""))
 
 
 def main():
@@ -554,15 +715,48 @@ def main():
         assert set(back) == set(init[fam])
         assert all(torch.equal(back[n], init[fam][n]) for n in back)
 
-        clipped = sum(1 for s in steps if s["grad_norm"] > mgn)
-        summary.append((case, len(steps), steps[0]["loss"], steps[-1]["loss"], clipped, len(steps)))
-        print("%s" % case)
-        for s in steps:
-            print("  step %2d  loss %.6f  lr %.6e  grad_norm %.6f%s" % (
-                s["step"], s["loss"], s["lr"], s["grad_norm"], "  (clipped)" if s["grad_norm"] > mgn else ""))
+        report_case(case, steps, mgn, summary)
 
         if not args.skip_fp32_check:
             steps32, final32 = train(fam, init[fam], data, opts, torch.float32)
+            fp32_rows[case] = (fp32_report(fam, cfg, final32, final),
+                               max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(steps32, steps)))
+
+    for case, fam, sched, gas, mgn in LORA_CASES:
+        cfg = FAMILIES[fam][0]
+        opts = dict(BASE_OPTIONS)
+        opts.update(lr_scheduler_type=sched, gradient_accumulation_steps=gas, max_grad_norm=mgn,
+                    lora_dim=LORA_R, lora_alpha=LORA_ALPHA,
+                    lora_target_modules=list(LORA_TARGETS[fam]), only_optimize_lora=True)
+        adapter = init_lora(fam, cfg, LORA_SEEDS[fam])
+        merge_err, effect = merged_check(fam, cfg, init[fam], adapter, data, opts)
+        cdir = os.path.join(args.out, case)
+        if os.path.isdir(cdir):
+            shutil.rmtree(cdir)
+        for sub in ("model", "adapter", "final"):
+            os.makedirs(os.path.join(cdir, sub))
+        write_json(os.path.join(cdir, "model", "config.json"), cfg)
+        write_safetensors(os.path.join(cdir, "model", "model.safetensors"), init[fam])
+        write_json(os.path.join(cdir, "adapter", "adapter_config.json"), adapter_config(fam))
+        write_safetensors(os.path.join(cdir, "adapter", "adapter_model.safetensors"), adapter)
+        write_jsonl(os.path.join(cdir, "data.jsonl"), [{"input_ids": r} for r in data])
+        write_json(os.path.join(cdir, "options.json"), opts)
+
+        steps, final = train(fam, init[fam], data, opts, torch.float64, lora_f32=adapter)
+        write_jsonl(os.path.join(cdir, "steps.jsonl"), steps)
+        write_json(os.path.join(cdir, "final", "adapter_config.json"), adapter_config(fam))
+        write_safetensors(os.path.join(cdir, "final", "adapter_model.safetensors"), final)
+
+        back = read_safetensors(os.path.join(cdir, "adapter", "adapter_model.safetensors"))
+        assert set(back) == set(adapter)
+        assert all(torch.equal(back[n], adapter[n]) for n in back)
+
+        report_case(case, steps, mgn, summary)
+        print("  initial adapter: max|logits(lora) - logits(merged)| %.3e, max|logits(lora) - logits(base)| %.3e"
+              % (merge_err, effect))
+
+        if not args.skip_fp32_check:
+            steps32, final32 = train(fam, init[fam], data, opts, torch.float32, lora_f32=adapter)
             fp32_rows[case] = (fp32_report(fam, cfg, final32, final),
                                max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(steps32, steps)))
 
@@ -579,9 +773,10 @@ def main():
         print("fp32 vs fp64 final weights, per tensor: rel = max|w32-w64| / max|w64|")
         for case, (rows, lossdiff) in fp32_rows.items():
             print("%s  (max relative loss difference over steps: %.3e)" % (case, lossdiff))
-            print("  %-46s %10s %10s %10s" % ("tensor", "rel", "max|diff|", "max|w64|"))
+            width = max(46, max(len(name) for name, _ in rows))
+            print("  %-*s %10s %10s %10s" % (width, "tensor", "rel", "max|diff|", "max|w64|"))
             for name, (r, num, den) in rows:
-                print("  %-46s %10.3e %10.3e %10.3e" % (name, r, num, den))
+                print("  %-*s %10.3e %10.3e %10.3e" % (width, name, r, num, den))
 
 
 if __name__ == "__main__":
