@@ -147,12 +147,20 @@ module Trainer =
     [<Literal>]
     let PadId = 0L
 
-    /// Trains model on the dataset's rows as planned, from the start or from a resume point. After every
+    /// Trains the given parameters of model (all of them, or e.g. only LoRA adapters: the others stay
+    /// frozen) on the dataset's rows as planned, from the start or from a resume point. After every
     /// optimizer step it calls hooks.OnLog (logged steps: every LoggingSteps and the last) and
     /// hooks.AfterStep, which may stop the run. Each optimizer step runs in its own dispose scope, so
     /// live tensors stay flat over the run. The model's parameters end up aliasing the returned flat
     /// buffer.
-    let train (plan: TrainingPlan) (model: CausalLm) (dataset: TokenizedDataset) (resume: ResumePoint option) (hooks: TrainHooks) : TrainResult =
+    let trainParameters
+        (plan: TrainingPlan)
+        (model: CausalLm)
+        (parameters: seq<struct (string * TorchSharp.Modules.Parameter)>)
+        (dataset: TokenizedDataset)
+        (resume: ResumePoint option)
+        (hooks: TrainHooks)
+        : TrainResult =
         let options = plan.Options
         Functional.Runtime.TorchRuntime.ensure ()
         if options.Threads > 0 then torch.set_num_threads options.Threads
@@ -161,7 +169,7 @@ module Trainer =
         let schedule = plan.Schedule
         torch.manual_seed options.Seed |> ignore
         model.Module.train ()
-        let flat = FlatParameters.create (model.Module.named_parameters ())
+        let flat = FlatParameters.create parameters
         let decayMask = FlatParameters.mask flat (fun name -> not (model.NoWeightDecay.Contains name))
         let transform = optimizer options schedule decayMask
         let mutable optimizerState = transform.Init flat.Values
@@ -233,3 +241,7 @@ module Trainer =
           FinalLoss = lastLoss
           Steps = accumulation.OptimizerStep
           Stopped = stopped }
+
+    /// Trains every parameter of model: trainParameters with model.Module.named_parameters ().
+    let train (plan: TrainingPlan) (model: CausalLm) (dataset: TokenizedDataset) (resume: ResumePoint option) (hooks: TrainHooks) : TrainResult =
+        trainParameters plan model (model.Module.named_parameters ()) dataset resume hooks
