@@ -146,7 +146,7 @@ type Gpt2Attention
         let B, T, C = x.shape[0], x.shape[1], x.shape[2]
         let nh = int64 nHead
         let hs = C / nh
-        let qkv = c_attn.forward x // (B, T, 3C)
+        let qkv = c_attn.call x // (B, T, 3C)
         let heads (t: torch.Tensor) = t.view(B, T, nh, hs).transpose(1, 2) // (B, nh, T, hs)
         let q = heads (qkv.narrow(2, 0L, C))
         let k = heads (qkv.narrow(2, C, C))
@@ -158,7 +158,7 @@ type Gpt2Attention
     member private _.Output(y: torch.Tensor) =
         let B, nh, T, hs = y.shape[0], y.shape[1], y.shape[2], y.shape[3]
         let y = y.transpose(1, 2).reshape(B, T, nh * hs) // (B, T, C)
-        resid_dropout.forward (c_proj.forward y)
+        resid_dropout.forward (c_proj.call y)
 
     /// (B, T, C) -> (B, T, C).
     override this.forward(x) =
@@ -192,9 +192,9 @@ type Gpt2Mlp(c_fc: Conv1D, c_proj: Conv1D, activation: Activation, dropout: Drop
     /// (B, T, C) -> (B, T, C).
     override _.forward(x) =
         use scope = torch.NewDisposeScope()
-        let h = c_fc.forward x // (B, T, n_inner)
+        let h = c_fc.call x // (B, T, n_inner)
         let h = Activation.apply activation h
-        scope.MoveToOuter(dropout.forward (c_proj.forward h)) // (B, T, C)
+        scope.MoveToOuter(dropout.forward (c_proj.call h)) // (B, T, C)
 
 /// A pre-norm transformer block: x + attn(ln_1(x)), then h + mlp(ln_2(h)).
 type Gpt2Block(ln_1: LayerNorm, attn: Gpt2Attention, ln_2: LayerNorm, mlp: Gpt2Mlp) as this =
@@ -291,7 +291,7 @@ type Gpt2LmHeadModel(transformer: Gpt2Model, lmHead: Linear option) as this =
     /// Logits of hidden states: (B, T, C) -> (B, T, vocab_size).
     member private _.Logits(hidden: torch.Tensor) =
         match lmHead with
-        | Some head -> head.forward hidden
+        | Some head -> head.call hidden
         | None -> torch.nn.functional.linear(hidden, transformer.Wte.weight)
 
     /// input_ids (B, T) int64 -> logits (B, T, vocab_size).

@@ -120,9 +120,9 @@ type LlamaAttention
     member private _.Heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) =
         let B, T = x.shape[0], x.shape[1]
         let nh, nkv, hd = int64 numHeads, int64 numKeyValueHeads, int64 headDim
-        let q = q_proj.forward(x).view(B, T, nh, hd).transpose(1, 2) // (B, nh, T, hd)
-        let k = k_proj.forward(x).view(B, T, nkv, hd).transpose(1, 2) // (B, nkv, T, hd)
-        let v = v_proj.forward(x).view(B, T, nkv, hd).transpose(1, 2) // (B, nkv, T, hd)
+        let q = q_proj.call(x).view(B, T, nh, hd).transpose(1, 2) // (B, nh, T, hd)
+        let k = k_proj.call(x).view(B, T, nkv, hd).transpose(1, 2) // (B, nkv, T, hd)
+        let v = v_proj.call(x).view(B, T, nkv, hd).transpose(1, 2) // (B, nkv, T, hd)
         Rotary.apply q cos sin, Rotary.apply k cos sin, v
 
     /// Attention of q (B, nh, T, hd) over k, v (B, nkv, T_total, hd), repeated to the query heads, with
@@ -136,7 +136,7 @@ type LlamaAttention
         // SDPA's default scale 1/sqrt(hd) is HF's head_dim ** -0.5.
         let y = torch.nn.functional.scaled_dot_product_attention(q, k, v, allowed, p, causal) // (B, nh, T, hd)
         let y = y.transpose(1, 2).reshape(B, T, nh * hd) // (B, T, nh * hd)
-        o_proj.forward y
+        o_proj.call y
 
     /// x (B, T, hidden) with rotary cos, sin (T, hd) -> (B, T, hidden).
     override this.forward(x, cos, sin) =
@@ -168,8 +168,8 @@ type LlamaMlp(gate_proj: Linear, up_proj: Linear, down_proj: Linear, activation:
     /// (B, T, hidden) -> (B, T, hidden).
     override _.forward(x) =
         use scope = torch.NewDisposeScope()
-        let gate = Activation.apply activation (gate_proj.forward x) // (B, T, intermediate)
-        scope.MoveToOuter(down_proj.forward (gate * up_proj.forward x))
+        let gate = Activation.apply activation (gate_proj.call x) // (B, T, intermediate)
+        scope.MoveToOuter(down_proj.call (gate * up_proj.call x))
 
 /// A pre-norm decoder layer: x + self_attn(input_layernorm(x)), then h + mlp(post_attention_layernorm(h)).
 type LlamaDecoderLayer(self_attn: LlamaAttention, mlp: LlamaMlp, input_layernorm: RmsNorm, post_attention_layernorm: RmsNorm) as this =
@@ -261,7 +261,7 @@ type LlamaForCausalLm(model: LlamaModel, lmHead: Linear option) as this =
     /// Logits of hidden states: (B, T, hidden) -> (B, T, vocab_size).
     member private _.Logits(hidden: torch.Tensor) =
         match lmHead with
-        | Some head -> head.forward hidden
+        | Some head -> head.call hidden
         | None -> torch.nn.functional.linear(hidden, model.EmbedTokens.weight)
 
     /// input_ids (B, T) int64 -> logits (B, T, vocab_size).
