@@ -33,6 +33,14 @@ internal static class TrainCommand
         var greaterIsBetter = CliOption.Create<bool?>("--greater-is-better", "Whether a greater metric is better (default: false for losses).", null);
         var loadBest = CliOption.Create("--load-best-model-at-end", "Save the best checkpoint's weights as final/.", false);
         var patience = CliOption.Create("--early-stopping-patience", "Stop after N evaluations without improvement (0: off).", d.EarlyStoppingPatience);
+        var loraDim = CliOption.Create("--lora-dim", "LoRA rank (0: no LoRA).", d.LoraDim, "--lora-r", "--lora_r");
+        var loraAlpha = CliOption.Create("--lora-alpha", "LoRA alpha (scale alpha / rank).", d.LoraAlpha);
+        var loraDropout = CliOption.Create("--lora-dropout", "Dropout on the adapters' input.", d.LoraDropout);
+        var loraModuleName = CliOption.Create<string?>("--lora-module-name", "Adapt projections whose name contains this text (DeepSpeed-Chat).", null);
+        var loraTargets = CliOption.Create<string?>("--lora-target-modules", "Adapt these projections, comma separated (PEFT), e.g. q_proj,v_proj.", null);
+        var onlyLora = CliOption.Create("--only-optimize-lora", "Freeze the base model; train only the adapters.", false);
+        var loraLr = CliOption.Create<double?>("--lora-learning-rate", "The adapters' own learning rate.", null);
+        var loraAdapter = CliOption.Create<string?>("--lora-adapter", "Start from this PEFT adapter folder.", null);
         var resume = CliOption.Create<string?>("--resume-from-checkpoint", "A checkpoint folder, or latest (the newest complete one in --output).", null);
         var output = CliOption.Create("--output", "Output folder for metrics.jsonl and final/.", "", "--output_dir", "--output-dir");
         var overwrite = CliOption.Create("--overwrite-output-dir", "Write into an output folder that is not empty.", false);
@@ -66,6 +74,7 @@ internal static class TrainCommand
             maxSeqLen, seed, noShuffle, loggingSteps, threads, evalData, dataFormat, promptField, answerField, textField,
             trainOn, packing, skipBadRows, dataSplit, evalSplitRatio, tokenizer, noDataCache, exactMatch, evalSteps, evalBatch,
             evalStrategy, saveStrategy, saveSteps, saveTotalLimit, metric, greaterIsBetter, loadBest, patience, resume,
+            loraDim, loraAlpha, loraDropout, loraModuleName, loraTargets, onlyLora, loraLr, loraAdapter,
         };
         command.SetAction(parse =>
         {
@@ -131,6 +140,14 @@ internal static class TrainCommand
                 LoadBestModelAtEnd = parse.GetValue(loadBest),
                 EarlyStoppingPatience = parse.GetValue(patience),
                 ResumeFromCheckpoint = parse.GetValue(resume),
+                LoraDim = parse.GetValue(loraDim),
+                LoraAlpha = parse.GetValue(loraAlpha),
+                LoraDropout = parse.GetValue(loraDropout),
+                LoraModuleName = parse.GetValue(loraModuleName),
+                LoraTargetModules = parse.GetValue(loraTargets),
+                OnlyOptimizeLora = parse.GetValue(onlyLora),
+                LoraLearningRate = parse.GetValue(loraLr),
+                LoraAdapter = parse.GetValue(loraAdapter),
             };
             FineTuneResult result;
             using (var signals = new StopOnSignal())

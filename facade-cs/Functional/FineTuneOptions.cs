@@ -164,6 +164,30 @@ public sealed class FineTuneOptions
     /// <summary>Stop after this many evaluations without improvement (default 0: off).</summary>
     public int EarlyStoppingPatience { get; set; }
 
+    /// <summary>LoRA rank (DeepSpeed-Chat's lora_dim; default 0: no LoRA).</summary>
+    public int LoraDim { get; set; }
+
+    /// <summary>LoRA alpha: the adapter's output is scaled by alpha / rank (default 8, as PEFT).</summary>
+    public double LoraAlpha { get; set; } = 8;
+
+    /// <summary>Dropout on the adapter's input (default 0).</summary>
+    public double LoraDropout { get; set; }
+
+    /// <summary>Adapt every projection whose name contains this text (DeepSpeed-Chat's lora_module_name; default none).</summary>
+    public string? LoraModuleName { get; set; }
+
+    /// <summary>Adapt the projections with these names, comma separated (PEFT's target_modules, e.g. "q_proj,v_proj"; default none).</summary>
+    public string? LoraTargetModules { get; set; }
+
+    /// <summary>Freeze the base model: only the adapters train (default false).</summary>
+    public bool OnlyOptimizeLora { get; set; }
+
+    /// <summary>The adapters' own peak learning rate (default: LearningRate).</summary>
+    public double? LoraLearningRate { get; set; }
+
+    /// <summary>Start from an existing PEFT adapter folder, its config and values (default none).</summary>
+    public string? LoraAdapter { get; set; }
+
     /// <summary>A checkpoint folder to resume from, or "latest" for the newest complete one in OutputPath (default none).</summary>
     public string? ResumeFromCheckpoint { get; set; }
 }

@@ -1,4 +1,5 @@
 using Functional.Training;
+using Microsoft.FSharp.Collections;
 using Microsoft.FSharp.Core;
 
 namespace Functional;
@@ -71,7 +72,8 @@ public static class FineTuning
             options.OverwriteOutputDir,
             ToCore(options),
             ToData(options),
-            Optional(options.ResumeFromCheckpoint));
+            Optional(options.ResumeFromCheckpoint),
+            ToLora(options));
         var report = FuncConvert.FromAction<StepLog>(log => onProgress?.Invoke(ToProgress(log)));
         return ToResult(FineTune.runWith(request, cancellation, report));
     }
@@ -100,6 +102,34 @@ public static class FineTuning
 
     private static FSharpOption<T> Optional<T>(T? value) where T : class =>
         value is null ? FSharpOption<T>.None : FSharpOption<T>.Some(value);
+
+    private static FSharpOption<LoraSettings> ToLora(FineTuneOptions o)
+    {
+        if (o.LoraDim == 0 && o.LoraAdapter is null)
+        {
+            var stray = o.OnlyOptimizeLora ? "--only-optimize-lora"
+                : o.LoraLearningRate is not null ? "--lora-learning-rate"
+                : o.LoraModuleName is not null ? "--lora-module-name"
+                : o.LoraTargetModules is not null ? "--lora-target-modules"
+                : null;
+            return stray is null
+                ? FSharpOption<LoraSettings>.None
+                : throw new InvalidInputException(stray, "", "needs LoRA: --lora-dim > 0 or --lora-adapter PATH");
+        }
+        if (o.LoraDim < 0)
+        {
+            throw new InvalidInputException("--lora-dim", "", $"must be >= 0 (0: no LoRA), got {o.LoraDim}");
+        }
+        var targets = (o.LoraTargetModules ?? "").Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+        var config = o.LoraAdapter is { } adapter
+            ? Peft.Lora.loadConfig(adapter)
+            : new Peft.LoraConfig(o.LoraDim, o.LoraAlpha, o.LoraDropout, ListModule.OfSeq(targets), Optional(o.LoraModuleName));
+        return FSharpOption<LoraSettings>.Some(new LoraSettings(
+            config,
+            o.OnlyOptimizeLora,
+            o.LoraLearningRate is { } lr ? FSharpOption<double>.Some(lr) : FSharpOption<double>.None,
+            Optional(o.LoraAdapter)));
+    }
 
     private static DataSettings ToData(FineTuneOptions o)
     {

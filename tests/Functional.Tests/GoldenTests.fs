@@ -66,6 +66,17 @@ let private compareWeights (case: string) (actualPath: string) (expectedPath: st
     actual |> Map.iter (fun _ t -> t.Dispose())
     expected |> Map.iter (fun _ t -> t.Dispose())
 
+/// LoRA cases start from the golden initial adapter and train only it.
+let private loraSettings (case: string) =
+    let adapter = Path.Combine(goldenDir case, "adapter")
+    if Directory.Exists adapter then
+        Some
+            { Config = Functional.Peft.Lora.loadConfig adapter
+              OnlyOptimizeLora = true
+              LearningRate = None
+              AdapterPath = Some adapter }
+    else None
+
 let private goldenRun (case: string) =
     test (sprintf "%s: per-step loss, lr, grad_norm and final weights match PyTorch" case) {
         use output = new TempFolder()
@@ -77,7 +88,8 @@ let private goldenRun (case: string) =
               OverwriteOutputDir = false
               Options = goldenOptions case
               Data = FineTune.defaultData
-              ResumeFromCheckpoint = None }
+              ResumeFromCheckpoint = None
+              Lora = loraSettings case }
         let result = FineTune.run request ignore
         let expected = readJsonLines (Path.Combine(dir, "steps.jsonl"))
         let actual = readJsonLines result.MetricsPath |> Array.filter (fun l -> l.TryGetProperty("grad_norm") |> fst)
@@ -89,8 +101,9 @@ let private goldenRun (case: string) =
             Expect.isLessThanOrEqual (relativeError (get a "loss") (get e "loss")) 1e-4 (sprintf "%s step %d: loss relative error" case step)
             Expect.isLessThanOrEqual (abs (get a "lr" - get e "lr")) 1e-9 (sprintf "%s step %d: lr absolute error" case step)
             Expect.isLessThanOrEqual (relativeError (get a "grad_norm") (get e "grad_norm")) 1e-3 (sprintf "%s step %d: grad_norm relative error" case step)
-        compareWeights case (Path.Combine(result.FinalModelPath, "model.safetensors")) (Path.Combine(dir, "final", "model.safetensors"))
+        let weights = if (loraSettings case).IsSome then "adapter_model.safetensors" else "model.safetensors"
+        compareWeights case (Path.Combine(result.FinalModelPath, weights)) (Path.Combine(dir, "final", weights))
     }
 
 [<Tests>]
-let tests = testList "golden" [ for case in goldenCases -> goldenRun case ]
+let tests = testList "golden" [ for case in goldenCases @ [ "gpt2-lora"; "llama-lora" ] -> goldenRun case ]

@@ -174,6 +174,18 @@ module Transform =
                 if weightDecay <> 0.0 then updates.addcmul_(mask, parameters, decay) |> ignore
                 updates, state }
 
+    /// Multiplies the updates elementwise by factors, a flat tensor laid out as the parameters: e.g. a
+    /// learning-rate ratio per parameter group (DeepSpeed-Chat's separate LoRA learning rate) after
+    /// scaleByLearningRate. The tensor must stay alive as long as the transform is used.
+    let scaleByFactors (factors: torch.Tensor) : Transform =
+        TorchRuntime.ensure ()
+        { Init =
+            fun parameters ->
+                if factors.numel () <> parameters.numel () then
+                    invalidArg (nameof factors) (sprintf "the factors have %d elements, the parameters %d" (factors.numel ()) (parameters.numel ()))
+                EmptyState :> ITransformState
+          Update = fun updates state _ -> updates.mul_(factors) |> ignore; updates, state }
+
     /// scaleByLearningRate's state: the number of updates done, which picks the next learning rate.
     [<NoEquality; NoComparison>]
     type LearningRateState =

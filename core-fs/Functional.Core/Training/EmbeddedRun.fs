@@ -126,7 +126,8 @@ module EmbeddedRun =
                         Prompt = { PromptDataset.defaults with TrainOn = TrainOn.Completion }
                         ExactMatchSamples = settings.EvalSamples
                         ExactMatchMaxNewTokens = 16 }
-                  ResumeFromCheckpoint = None }
+                  ResumeFromCheckpoint = None
+                  Lora = None }
             let result = FineTune.run request onStep
             StagedFolder.commit staging output
             let relocate (path: string) = Path.Combine(output, Path.GetRelativePath(staging, path))

@@ -9,6 +9,8 @@ open Functional.Checkpoint
 open Functional.Data
 open Functional.Generation
 open Functional.Models
+open Functional.Peft
+open TorchSharp
 open Functional.Reporting
 open Functional.Text
 
@@ -30,6 +32,19 @@ type DataSettings =
       /// Longest generated answer when scoring exact match, in tokens.
       ExactMatchMaxNewTokens: int }
 
+/// LoRA for a fine-tuning job (DeepSpeed-Chat's --lora_dim, --only_optimize_lora, --lora_learning_rate;
+/// PEFT's target modules).
+[<NoComparison>]
+type LoraSettings =
+    { /// Rank, alpha, dropout and the projections to adapt.
+      Config: Functional.Peft.LoraConfig
+      /// Freeze the base model: only the adapters train.
+      OnlyOptimizeLora: bool
+      /// The adapters' own peak learning rate (default: the run's).
+      LearningRate: float option
+      /// Start from an existing PEFT adapter folder: its config and values.
+      AdapterPath: string option }
+
 /// A fine-tuning job: where the model, data and output are, and how to train.
 [<NoComparison>]
 type FineTuneRequest =
@@ -46,7 +61,9 @@ type FineTuneRequest =
       /// Data reading, evaluation and scoring.
       Data: DataSettings
       /// A checkpoint folder to resume from, or "latest" (the newest complete one in OutputPath).
-      ResumeFromCheckpoint: string option }
+      ResumeFromCheckpoint: string option
+      /// LoRA adapters to train (None: plain fine-tuning).
+      Lora: LoraSettings option }
 
 /// Evaluation figures at one point of a run.
 [<NoComparison>]
@@ -238,11 +255,46 @@ module FineTune =
         TokenizedDataset.checkVocabulary vocabSize data.Train
         data.Eval |> Option.iter (TokenizedDataset.checkVocabulary vocabSize)
         let plan = Trainer.plan options data.Train.Rows.Length
-        let signature = TrainingCheckpoint.signature plan model data.Train
+        let adapters =
+            request.Lora
+            |> Option.map (fun lora ->
+                let adapters =
+                    match lora.AdapterPath with
+                    | Some path -> Lora.load path model
+                    | None -> Lora.wrap lora.Config model options.Seed
+                if lora.OnlyOptimizeLora then Lora.freezeBase model
+                adapters)
+        let adapterParameters = adapters |> Option.map Lora.parameters |> Option.defaultValue []
+        let trainable =
+            [ if not (request.Lora |> Option.exists (fun l -> l.OnlyOptimizeLora)) then
+                  for struct (name, p) in model.Module.named_parameters () -> name, p
+              yield! adapterParameters ]
+        let adapterLearningRate = request.Lora |> Option.bind (fun l -> l.LearningRate) |> Option.defaultValue options.LearningRate
+        if adapterLearningRate <> options.LearningRate && options.LearningRate = 0.0 then
+            InvalidInput.option "--learning-rate" "must be > 0 when --lora-learning-rate differs from it (the schedule scales both)"
+        let isAdapter = set (List.map fst adapterParameters)
+        let learningRate name = if isAdapter.Contains name then adapterLearningRate else options.LearningRate
+        let signature =
+            TrainingCheckpoint.signature plan model data.Train
+            @ [ "--lora-*",
+                (match request.Lora, adapters with
+                 | Some l, Some a -> sprintf "%A only=%b lr=%g" a.Config l.OnlyOptimizeLora adapterLearningRate
+                 | _ -> "none") ]
+        let saveAdapters folder = adapters |> Option.iter (Lora.save folder (Some request.ModelPath))
         let restored =
             request.ResumeFromCheckpoint
             |> Option.map (fun spec ->
-                TrainingCheckpoint.restore (CheckpointFolder.resolve request.OutputPath spec) model signature)
+                let loadAdapters (path: string) =
+                    if not adapterParameters.IsEmpty then
+                        let file = Path.Combine(path, Lora.WeightsFileName)
+                        let saved = Safetensors.load file
+                        use _ = torch.no_grad ()
+                        for name, p in adapterParameters do
+                            match saved.TryFind name with
+                            | Some t -> p.copy_ t |> ignore
+                            | None -> InvalidInput.fail file name "missing from the checkpoint's adapter"
+                        saved |> Map.iter (fun _ t -> t.Dispose())
+                TrainingCheckpoint.restore (CheckpointFolder.resolve request.OutputPath spec) model (List.map fst trainable) loadAdapters signature)
         let tokenizerCopies =
             if request.Data.TokenizerName.IsSome then []
             else tokenizerFiles |> List.map (fun f -> Path.Combine(request.ModelPath, f)) |> List.filter File.Exists
@@ -299,7 +351,12 @@ module FineTune =
                 | Some value when Rotation.isBetter greaterIsBetter value (best |> Option.map fst) -> best <- Some(value, path)
                 | _ -> ()
                 let record = { History = List.ofSeq history; Best = best; EarlyStopping = earlyStopping }
-                TrainingCheckpoint.save request.OutputPath plan model (Some sourceConfig) tokenizerCopies signature context record |> ignore
+                let adapterWriters =
+                    match adapters with
+                    | Some _ ->
+                        [ Lora.ConfigFileName, (fun (path: string) -> saveAdapters (Path.GetDirectoryName path)) ]
+                    | None -> []
+                TrainingCheckpoint.save request.OutputPath plan model (Some sourceConfig) tokenizerCopies signature adapterWriters context record |> ignore
                 let existing = CheckpointFolder.list request.OutputPath
                 let bestStep = best |> Option.bind (fun (_, p) -> existing |> List.tryFind (fun (_, q) -> Path.GetFullPath q = p) |> Option.map fst)
                 for victim in Rotation.toDelete (List.map fst existing) bestStep options.SaveTotalLimit do
@@ -337,7 +394,7 @@ module FineTune =
                 if interrupted || stoppedEarly then StepDecision.Stop else StepDecision.Continue
             trainClock.Start()
             let result =
-                Trainer.train plan model data.Train (restored |> Option.map (fun r -> r.Resume))
+                Trainer.trainParameters plan model [ for name, p in trainable -> struct (name, p) ] learningRate data.Train (restored |> Option.map (fun r -> r.Resume))
                     { OnLog =
                         fun log ->
                             write (metricsLine log)
@@ -394,7 +451,18 @@ module FineTune =
                             | Some m -> yield "eval_exact_match", box m
                             | None -> ()
                         | None -> () ] ])
-            HfModelFolder.save finalPath model (Some sourceConfig) tokenizerCopies
+            match adapters with
+            | Some _ ->
+                // A LoRA run's final/ is the adapter (PEFT's save_pretrained), plus the base model when it
+                // was trained too, and the tokenizer files.
+                let staging = Functional.Runtime.StagedFolder.create finalPath
+                saveAdapters staging
+                if request.Lora |> Option.exists (fun l -> not l.OnlyOptimizeLora) then
+                    File.WriteAllText(Path.Combine(staging, "config.json"), HfModelFolder.configJson model (Some sourceConfig))
+                    HfModelFolder.writeWeights (Path.Combine(staging, "model.safetensors")) model
+                for file in tokenizerCopies do File.Copy(file, Path.Combine(staging, Path.GetFileName file), true)
+                Functional.Runtime.StagedFolder.commit staging finalPath
+            | None -> HfModelFolder.save finalPath model (Some sourceConfig) tokenizerCopies
         MetricsPlot.save plotPath steps evalPoints
         result.Parameters.Dispose()
         { Steps = result.Steps

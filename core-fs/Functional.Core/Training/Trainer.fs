@@ -107,15 +107,21 @@ type TrainHooks =
 [<RequireQualifiedAccess>]
 module Trainer =
 
-    /// The optimizer chain for the options: optional clipping, then AdamW or SGD on the schedule.
-    let optimizer (options: TrainOptions) (schedule: int -> float) (decayMask: torch.Tensor) : Transform =
+    /// The optimizer chain for the options: clipping (or only measuring the norm), AdamW or SGD on the
+    /// schedule, and, when some parameters have their own learning rate, the per-parameter ratio.
+    let optimizer (options: TrainOptions) (schedule: int -> float) (decayMask: torch.Tensor) (learningRateRatios: torch.Tensor option) : Transform =
         let update =
             match options.Optimizer with
             | OptimizerKind.AdamW ->
                 Optimizer.adamW schedule options.AdamBeta1 options.AdamBeta2 options.AdamEpsilon options.WeightDecay decayMask
             | OptimizerKind.Sgd ->
                 Optimizer.sgd schedule options.Momentum options.Nesterov options.WeightDecay decayMask
-        Transform.chain [ Transform.clipByGlobalNorm options.MaxGradNorm; update ]
+        Transform.chain
+            [ yield Transform.clipByGlobalNorm options.MaxGradNorm
+              yield update
+              match learningRateRatios with
+              | Some ratios -> yield Transform.scaleByFactors ratios
+              | None -> () ]
 
     /// The rows of one epoch in the order the sampler gives, split into micro-batches.
     let private epochMicroBatches (options: TrainOptions) (rowCount: int) (epoch: int) =
@@ -148,7 +154,8 @@ module Trainer =
     let PadId = 0L
 
     /// Trains the given parameters of model (all of them, or e.g. only LoRA adapters: the others stay
-    /// frozen) on the dataset's rows as planned, from the start or from a resume point. After every
+    /// frozen), each at its peak learning rate learningRate(name) (the options' LearningRate for all but
+    /// parameter groups with their own rate; the schedule scales them alike), on the dataset's rows as planned, from the start or from a resume point. After every
     /// optimizer step it calls hooks.OnLog (logged steps: every LoggingSteps and the last) and
     /// hooks.AfterStep, which may stop the run. Each optimizer step runs in its own dispose scope, so
     /// live tensors stay flat over the run. The model's parameters end up aliasing the returned flat
@@ -157,6 +164,7 @@ module Trainer =
         (plan: TrainingPlan)
         (model: CausalLm)
         (parameters: seq<struct (string * TorchSharp.Modules.Parameter)>)
+        (learningRate: string -> float)
         (dataset: TokenizedDataset)
         (resume: ResumePoint option)
         (hooks: TrainHooks)
@@ -171,7 +179,17 @@ module Trainer =
         model.Module.train ()
         let flat = FlatParameters.create parameters
         let decayMask = FlatParameters.mask flat (fun name -> not (model.NoWeightDecay.Contains name))
-        let transform = optimizer options schedule decayMask
+        let ratios =
+            let ratio name = learningRate name / options.LearningRate
+            if flat.Names |> List.forall (fun name -> ratio name = 1.0) then None
+            else
+                let factors = torch.ones_like flat.Values
+                use _ = torch.no_grad ()
+                for name in flat.Names do
+                    use slice = FlatParameters.sliceOf flat factors name
+                    slice.fill_(ratio name) |> ignore
+                Some factors
+        let transform = optimizer options schedule decayMask ratios
         let mutable optimizerState = transform.Init flat.Values
         let mutable accumulation = Accumulation.start
         match resume with
@@ -244,4 +262,4 @@ module Trainer =
 
     /// Trains every parameter of model: trainParameters with model.Module.named_parameters ().
     let train (plan: TrainingPlan) (model: CausalLm) (dataset: TokenizedDataset) (resume: ResumePoint option) (hooks: TrainHooks) : TrainResult =
-        trainParameters plan model (model.Module.named_parameters ()) dataset resume hooks
+        trainParameters plan model (model.Module.named_parameters ()) (fun _ -> plan.Options.LearningRate) dataset resume hooks

@@ -129,6 +129,7 @@ module TrainingCheckpoint =
         (sourceConfig: string option)
         (extraFiles: string list)
         (signature: (string * string) list)
+        (extraWriters: (string * (string -> unit)) list)
         (context: StepContext)
         (record: CheckpointRecord)
         : string =
@@ -168,7 +169,8 @@ module TrainingCheckpoint =
               yield "rng_state.safetensors", (fun path ->
                   use rng = torch.get_rng_state ()
                   Safetensors.save path Map.empty [ "torch", rng ])
-              yield "trainer_state.json", (fun path -> TrainerState.write path state) ]
+              yield "trainer_state.json", (fun path -> TrainerState.write path state)
+              yield! extraWriters ]
         CheckpointFolder.write outputDir step writers
 
     let private functionalField (path: string) (state: TrainerState) (name: string) : JsonElement =
@@ -179,8 +181,16 @@ module TrainingCheckpoint =
         | None -> InvalidInput.fail path ("functional." + name) "missing: this checkpoint was not written by Functional"
 
     /// Reads a checkpoint folder (verified complete first) for a resume: checks the signature against the
-    /// current run, loads the weights into the model, and returns the optimizer, random and data state.
-    let restore (path: string) (model: CausalLm) (signature: (string * string) list) : RestoredCheckpoint =
+    /// current run, loads the weights into the model (and, through loadExtra, e.g. LoRA adapters), and
+    /// returns the optimizer state of the trainable parameters (in trainableNames' order), the random
+    /// state and the data position.
+    let restore
+        (path: string)
+        (model: CausalLm)
+        (trainableNames: string list)
+        (loadExtra: string -> unit)
+        (signature: (string * string) list)
+        : RestoredCheckpoint =
         CheckpointFolder.verify path
         let statePath = Path.Combine(path, "trainer_state.json")
         let state = TrainerState.read statePath
@@ -188,14 +198,14 @@ module TrainingCheckpoint =
             [ for p in (functionalField statePath state "signature").EnumerateObject() -> p.Name, p.Value.GetString() ]
         checkSignature path saved signature
         HfModelFolder.loadWeightsInto path model
+        loadExtra path
         let position = functionalField statePath state "data_position"
         let integer (name: string) =
             match position.TryGetProperty name with
             | true, v when v.ValueKind = JsonValueKind.Number -> v.GetInt32()
             | _ -> InvalidInput.fail statePath ("functional.data_position." + name) "expected an integer"
         let optimizerPath = Path.Combine(path, "optimizer.safetensors")
-        let names = CausalLm.parameterSpec model |> List.map fst
-        let optimizer = flatOptimizerTensors optimizerPath names (Safetensors.load optimizerPath)
+        let optimizer = flatOptimizerTensors optimizerPath trainableNames (Safetensors.load optimizerPath)
         let rng = Safetensors.load (Path.Combine(path, "rng_state.safetensors"))
         { Path = path
           Resume =
