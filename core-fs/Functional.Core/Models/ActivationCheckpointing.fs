@@ -50,7 +50,7 @@ type private CheckpointedBlock() =
         let inputs = tensors[.. recomputation.Extras]
         scope.MoveToOuter(recomputation.Block inputs)
 
-    /// Re-runs the block with gradients on a detached copy of its input, with the random state its forward
+    /// Re-runs the block with gradients on a detached alias of its input, with the random state its forward
     /// saw (so dropout draws the same masks), and backpropagates the output gradient through it: the
     /// parameters' gradients accumulate into their existing p.grad in place (the nested backward runs with
     /// create_graph = false), the input's gradient is returned.
@@ -83,7 +83,7 @@ type private CheckpointedBlock() =
 /// The cost of one training step (forward, loss, backward) of a model, as ActivationCheckpointing.measure
 /// sees it.
 type StepCost =
-    { /// Wall-clock seconds of the forward, the loss and the backward.
+    { /// Wall-clock seconds of the forward, the loss and the backward of a warm step.
       Seconds: float
       /// Growth of the process's resident memory from before the forward to after the loss, while the graph
       /// is alive: the activations kept for backward (plus the logits and allocator slack).
@@ -167,26 +167,32 @@ module ActivationCheckpointing =
         use p = Process.GetCurrentProcess()
         p.WorkingSet64
 
-    /// One measured training step of model on inputIds (B, T) int64: forward, HF's causal-LM loss with
-    /// the inputs as labels, backward.
-    let private step (model: torch.nn.Module<torch.Tensor, torch.Tensor>) (inputIds: torch.Tensor) =
+    /// The seconds of one training step of model on inputIds (B, T) int64: forward, HF's causal-LM loss
+    /// with the inputs as labels, backward.
+    let private timedStep (model: torch.nn.Module<torch.Tensor, torch.Tensor>) (inputIds: torch.Tensor) =
         use scope = torch.NewDisposeScope()
-        let before = residentBytes ()
         let clock = Stopwatch.StartNew()
         let logits = model.forward inputIds // (B, T, V)
         let loss = Functional.Loss.causalLmSum logits inputIds
-        clock.Stop()
-        let retained = residentBytes () - before
-        clock.Start()
         loss.backward ()
-        clock.Stop()
-        { Seconds = clock.Elapsed.TotalSeconds; RetainedBytes = retained }
+        clock.Elapsed.TotalSeconds
+
+    /// The growth of resident memory over the forward and the loss of one training step, read while the
+    /// graph is alive; the step's backward then runs as usual.
+    let private retainedBytes (model: torch.nn.Module<torch.Tensor, torch.Tensor>) (inputIds: torch.Tensor) =
+        use scope = torch.NewDisposeScope()
+        let before = residentBytes ()
+        let logits = model.forward inputIds // (B, T, V)
+        let loss = Functional.Loss.causalLmSum logits inputIds
+        let retained = residentBytes () - before
+        loss.backward ()
+        retained
 
     /// Measures one training step (forward, causal-LM loss, backward) of model on inputIds (B, T) int64
     /// without and with activation checkpointing, in training mode: (plain, checkpointed). Each variant runs
-    /// once to warm up, then once measured; RetainedBytes is the growth of resident memory over the forward
-    /// and loss (heap freed back to the system before each reading where glibc's malloc_trim exists), so it
-    /// is an estimate that includes the logits and allocator slack. Restores the model's training mode, its
+    /// a warm-up step, a timed step, and a step whose forward and loss are measured for RetainedBytes: the
+    /// growth of resident memory while the graph is alive (heap freed back to the system before each reading
+    /// where glibc's malloc_trim exists), an estimate that includes the logits and allocator slack. Restores the model's training mode, its
     /// checkpointing switch and its parameters' gradients. The model must support checkpointing (see enable).
     let measure (model: torch.nn.Module<torch.Tensor, torch.Tensor>) (inputIds: torch.Tensor) : StepCost * StepCost =
         TorchRuntime.ensure ()
@@ -205,8 +211,9 @@ module ActivationCheckpointing =
             model.train ()
             let measureWith checkpointing =
                 enable model checkpointing
-                step model inputIds |> ignore
-                step model inputIds
+                timedStep model inputIds |> ignore
+                let seconds = timedStep model inputIds
+                { Seconds = seconds; RetainedBytes = retainedBytes model inputIds }
             let plain = measureWith false
             let checkpointed = measureWith true
             plain, checkpointed
