@@ -96,3 +96,15 @@ module CausalLm =
         let logits, newCache = (decoder lm).ForwardCached(inputIds, attentionMask, cache, true) // (B, 1, V)
         use logits = logits
         logits.squeeze 1L, newCache
+
+    /// Switches activation checkpointing (HF's gradient_checkpointing_enable / _disable, PaddleNLP's
+    /// recompute) on or off: in training mode with gradients enabled, each transformer block keeps only its
+    /// input and is recomputed in backward (see ActivationCheckpointing.run). Losses and gradients are
+    /// unchanged (dropout draws the same masks); activation memory drops for one extra forward per block.
+    /// Eval mode, no_grad and the key/value-cache path run blocks plainly. Off after create.
+    let setGradientCheckpointing (lm: CausalLm) (enabled: bool) : unit =
+        ActivationCheckpointing.enable lm.Module enabled
+
+    /// Whether activation checkpointing is on (see setGradientCheckpointing).
+    let gradientCheckpointing (lm: CausalLm) : bool =
+        ActivationCheckpointing.isEnabled lm.Module

@@ -224,6 +224,7 @@ type Gpt2Block(ln_1: LayerNorm, attn: Gpt2Attention, ln_2: LayerNorm, mlp: Gpt2M
 /// and a final LayerNorm (ln_f). Returns the last hidden states.
 type Gpt2Model(wte: Embedding, wpe: Embedding, drop: Dropout, h: ModuleList<Gpt2Block>, ln_f: LayerNorm) as this =
     inherit torch.nn.Module<torch.Tensor, torch.Tensor>("GPT2Model")
+    let mutable gradientCheckpointing = false
     do
         this.register_module("wte", wte)
         this.register_module("wpe", wpe)
@@ -236,7 +237,7 @@ type Gpt2Model(wte: Embedding, wpe: Embedding, drop: Dropout, h: ModuleList<Gpt2
     member _.Wte = wte
 
     /// input_ids (B, T) int64 -> hidden states (B, T, C).
-    override _.forward(inputIds) =
+    override this.forward(inputIds) =
         let T = inputIds.shape[1]
         let nPositions = wpe.weight.shape[0]
         if T > nPositions then
@@ -244,7 +245,11 @@ type Gpt2Model(wte: Embedding, wpe: Embedding, drop: Dropout, h: ModuleList<Gpt2
         use scope = torch.NewDisposeScope()
         let positions = torch.arange(T, dtype = torch.int64, device = inputIds.device) // (T)
         let x = drop.forward (wte.forward inputIds + wpe.forward positions) // (B, T, C)
-        let x = h |> Seq.fold (fun x block -> block.forward x) x
+        let runBlock (x: torch.Tensor) (block: Gpt2Block) =
+            if gradientCheckpointing && this.training then
+                ActivationCheckpointing.run block (fun inputs -> block.forward inputs[0]) [| x |]
+            else block.forward x
+        let x = h |> Seq.fold runBlock x
         scope.MoveToOuter(ln_f.forward x)
 
     /// Incremental forward (see IIncrementalDecoder): input_ids (B, T_new), attention_mask
@@ -275,6 +280,12 @@ type Gpt2Model(wte: Embedding, wpe: Embedding, drop: Dropout, h: ModuleList<Gpt2
         hidden,
         { Keys = keysValues |> Array.map (fst >> scope.MoveToOuter)
           Values = keysValues |> Array.map (snd >> scope.MoveToOuter) }
+
+    interface IGradientCheckpointing with
+        /// Whether training-mode forwards recompute each block in backward (see ActivationCheckpointing.run).
+        member _.GradientCheckpointing
+            with get () = gradientCheckpointing
+            and set enabled = gradientCheckpointing <- enabled
 
 /// GPT2LMHeadModel: the transformer and an LM head. A tied head (tie_word_embeddings, HF's default
 /// for GPT-2) computes logits = h @ wte.weight^T and owns no parameter; an untied one is lm_head.weight.

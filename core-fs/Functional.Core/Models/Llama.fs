@@ -200,6 +200,7 @@ type LlamaDecoderLayer(self_attn: LlamaAttention, mlp: LlamaMlp, input_layernorm
 /// layers. Returns the last hidden states.
 type LlamaModel(embed_tokens: Embedding, layers: ModuleList<LlamaDecoderLayer>, norm: RmsNorm, rotary_emb: LlamaRotaryEmbedding) as this =
     inherit torch.nn.Module<torch.Tensor, torch.Tensor>("LlamaModel")
+    let mutable gradientCheckpointing = false
     do
         this.register_module("embed_tokens", embed_tokens)
         this.register_module("layers", layers)
@@ -211,13 +212,17 @@ type LlamaModel(embed_tokens: Embedding, layers: ModuleList<LlamaDecoderLayer>, 
     member _.EmbedTokens = embed_tokens
 
     /// input_ids (B, T) int64 -> hidden states (B, T, hidden).
-    override _.forward(inputIds) =
+    override this.forward(inputIds) =
         use scope = torch.NewDisposeScope()
         let T = inputIds.shape[1]
         let positions = torch.arange(T, dtype = torch.int64, device = inputIds.device) // (T)
         let cos, sin = rotary_emb.CosSin positions // (T, hd) each
         let x = embed_tokens.forward inputIds // (B, T, hidden)
-        let x = layers |> Seq.fold (fun x layer -> layer.forward(x, cos, sin)) x
+        let runLayer (x: torch.Tensor) (layer: LlamaDecoderLayer) =
+            if gradientCheckpointing && this.training then
+                ActivationCheckpointing.run layer (fun inputs -> layer.forward(inputs[0], inputs[1], inputs[2])) [| x; cos; sin |]
+            else layer.forward(x, cos, sin)
+        let x = layers |> Seq.fold runLayer x
         scope.MoveToOuter(norm.forward x)
 
     /// Incremental forward (see IIncrementalDecoder): input_ids (B, T_new), attention_mask
@@ -245,6 +250,12 @@ type LlamaModel(embed_tokens: Embedding, layers: ModuleList<LlamaDecoderLayer>, 
         hidden,
         { Keys = keysValues |> Array.map (fst >> scope.MoveToOuter)
           Values = keysValues |> Array.map (snd >> scope.MoveToOuter) }
+
+    interface IGradientCheckpointing with
+        /// Whether training-mode forwards recompute each layer in backward (see ActivationCheckpointing.run).
+        member _.GradientCheckpointing
+            with get () = gradientCheckpointing
+            and set enabled = gradientCheckpointing <- enabled
 
 /// LlamaForCausalLM: the model and an LM head. An untied head (HF's default for LLaMA) is
 /// lm_head.weight, (vocab_size, hidden); a tied one computes logits = h @ embed_tokens.weight^T.
