@@ -32,7 +32,8 @@ let result =
           Options = options
           Data = FineTune.defaultData
           ResumeFromCheckpoint = None
-          Lora = None }
+          Lora = None
+          GradientCheckpointing = false }
         (fun log -> printfn "step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f" log.Step log.TotalSteps log.Loss log.LearningRate log.GradNorm)
 
 printfn "final loss %.4f after %d steps; model in %s" result.FinalLoss result.Steps result.FinalModelPath

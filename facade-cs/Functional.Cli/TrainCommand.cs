@@ -33,6 +33,7 @@ internal static class TrainCommand
         var greaterIsBetter = CliOption.Create<bool?>("--greater-is-better", "Whether a greater metric is better (default: false for losses).", null);
         var loadBest = CliOption.Create("--load-best-model-at-end", "Save the best checkpoint's weights as final/.", false);
         var patience = CliOption.Create("--early-stopping-patience", "Stop after N evaluations without improvement (0: off).", d.EarlyStoppingPatience);
+        var recompute = CliOption.Create("--gradient-checkpointing", "Recompute each block in backward: less activation memory, same gradients.", false, "--recompute");
         var loraDim = CliOption.Create("--lora-dim", "LoRA rank (0: no LoRA).", d.LoraDim, "--lora-r", "--lora_r");
         var loraAlpha = CliOption.Create("--lora-alpha", "LoRA alpha (scale alpha / rank).", d.LoraAlpha);
         var loraDropout = CliOption.Create("--lora-dropout", "Dropout on the adapters' input.", d.LoraDropout);
@@ -74,7 +75,7 @@ internal static class TrainCommand
             maxSeqLen, seed, noShuffle, loggingSteps, threads, evalData, dataFormat, promptField, answerField, textField,
             trainOn, packing, skipBadRows, dataSplit, evalSplitRatio, tokenizer, noDataCache, exactMatch, evalSteps, evalBatch,
             evalStrategy, saveStrategy, saveSteps, saveTotalLimit, metric, greaterIsBetter, loadBest, patience, resume,
-            loraDim, loraAlpha, loraDropout, loraModuleName, loraTargets, onlyLora, loraLr, loraAdapter,
+            loraDim, loraAlpha, loraDropout, loraModuleName, loraTargets, onlyLora, loraLr, loraAdapter, recompute,
         };
         command.SetAction(parse =>
         {
@@ -148,6 +149,7 @@ internal static class TrainCommand
                 OnlyOptimizeLora = parse.GetValue(onlyLora),
                 LoraLearningRate = parse.GetValue(loraLr),
                 LoraAdapter = parse.GetValue(loraAdapter),
+                GradientCheckpointing = parse.GetValue(recompute),
             };
             FineTuneResult result;
             using (var signals = new StopOnSignal())

@@ -164,6 +164,9 @@ public sealed class FineTuneOptions
     /// <summary>Stop after this many evaluations without improvement (default 0: off).</summary>
     public int EarlyStoppingPatience { get; set; }
 
+    /// <summary>Recompute each transformer block in backward instead of keeping its activations (default false).</summary>
+    public bool GradientCheckpointing { get; set; }
+
     /// <summary>LoRA rank (DeepSpeed-Chat's lora_dim; default 0: no LoRA).</summary>
     public int LoraDim { get; set; }
 

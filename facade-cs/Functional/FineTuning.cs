@@ -73,7 +73,8 @@ public static class FineTuning
             ToCore(options),
             ToData(options),
             Optional(options.ResumeFromCheckpoint),
-            ToLora(options));
+            ToLora(options),
+            options.GradientCheckpointing);
         var report = FuncConvert.FromAction<StepLog>(log => onProgress?.Invoke(ToProgress(log)));
         return ToResult(FineTune.runWith(request, cancellation, report));
     }

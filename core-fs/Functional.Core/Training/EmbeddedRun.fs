@@ -127,7 +127,8 @@ module EmbeddedRun =
                         ExactMatchSamples = settings.EvalSamples
                         ExactMatchMaxNewTokens = 16 }
                   ResumeFromCheckpoint = None
-                  Lora = None }
+                  Lora = None
+                  GradientCheckpointing = false }
             let result = FineTune.run request onStep
             StagedFolder.commit staging output
             let relocate (path: string) = Path.Combine(output, Path.GetRelativePath(staging, path))

@@ -63,7 +63,10 @@ type FineTuneRequest =
       /// A checkpoint folder to resume from, or "latest" (the newest complete one in OutputPath).
       ResumeFromCheckpoint: string option
       /// LoRA adapters to train (None: plain fine-tuning).
-      Lora: LoraSettings option }
+      Lora: LoraSettings option
+      /// Recompute each transformer block in backward instead of keeping its activations (HF's
+      /// gradient_checkpointing, PaddleNLP's recompute): less memory, the same gradients, more time.
+      GradientCheckpointing: bool }
 
 /// Evaluation figures at one point of a run.
 [<NoComparison>]
@@ -264,6 +267,7 @@ module FineTune =
                     | None -> Lora.wrap lora.Config model options.Seed
                 if lora.OnlyOptimizeLora then Lora.freezeBase model
                 adapters)
+        CausalLm.setGradientCheckpointing model request.GradientCheckpointing
         let adapterParameters = adapters |> Option.map Lora.parameters |> Option.defaultValue []
         let trainable =
             [ if not (request.Lora |> Option.exists (fun l -> l.OnlyOptimizeLora)) then
