@@ -19,6 +19,7 @@ public static class Program
             TokenizeCommand.Create(),
             GenerateCommand.Create(),
             BenchCommand.Create(),
+            ExportCommand.Create(),
         };
         var parsed = root.Parse(args);
         if (parsed.Errors.Count > 0)

@@ -150,6 +150,35 @@ let tests =
             let last = File.ReadAllLines(Path.Combine(output, "metrics.jsonl")) |> Array.last |> fun l -> JsonDocument.Parse(l).RootElement
             Expect.equal (last.GetProperty("step").GetInt32()) 3 "one improving evaluation, then two without improvement"
         }
+        test "LoRA with --only-optimize-lora: final/ holds the PEFT adapter, resume is exact, and export --merge-lora changes only the adapted projections" {
+            use folder = new TempFolder()
+            let lora output =
+                runArgs output
+                |> setOption "--max-steps" "6"
+                |> fun a -> a @ [ "--lora-dim"; "4"; "--lora-target-modules"; "q_proj,v_proj"; "--only-optimize-lora"; "--lora-learning-rate"; "1e-2" ]
+            let full = folder.File "full"
+            let run = runCli (lora full)
+            Expect.equal run.ExitCode 0 run.Stderr
+            for file in [ "adapter_config.json"; "adapter_model.safetensors" ] do
+                Expect.isTrue (File.Exists(Path.Combine(full, "final", file))) (file + " in final/")
+                Expect.isTrue (File.Exists(Path.Combine(full, "checkpoint-3", file))) (file + " in the checkpoint")
+            let killed = folder.File "resumed"
+            copyFolder full killed
+            for name in [ "checkpoint-6"; "final" ] do Directory.Delete(Path.Combine(killed, name), true)
+            let resumed = runCli (lora killed @ [ "--resume-from-checkpoint"; "latest" ])
+            Expect.equal resumed.ExitCode 0 resumed.Stderr
+            Expect.equal (File.ReadAllBytes(Path.Combine(killed, "final", "adapter_model.safetensors"))) (File.ReadAllBytes(Path.Combine(full, "final", "adapter_model.safetensors"))) "the resumed adapter is identical"
+            let merged = folder.File "merged"
+            let baseModel = Path.Combine(goldenDir "llama-cosine", "model")
+            let export = runCli [ "export"; "--model"; baseModel; "--lora-adapter"; Path.Combine(full, "final"); "--merge-lora"; "--output"; merged ]
+            Expect.equal export.ExitCode 0 export.Stderr
+            let before = Safetensors.load (Path.Combine(baseModel, "model.safetensors"))
+            let after = Safetensors.load (Path.Combine(merged, "model.safetensors"))
+            for KeyValue(name, t) in before do
+                let changed = not (t.Equals after[name])
+                let adapted = name.EndsWith "q_proj.weight" || name.EndsWith "v_proj.weight"
+                Expect.equal changed adapted (sprintf "%s changes exactly when it is adapted" name)
+        }
         test "a corrupt or incomplete checkpoint is never loaded" {
             use folder = new TempFolder()
             let output = folder.File "run"
