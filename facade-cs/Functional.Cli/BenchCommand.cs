@@ -9,6 +9,53 @@ namespace Functional.Cli;
 /// <summary>`functional bench`: benchmarks that print figures.</summary>
 internal static class BenchCommand
 {
+    /// <summary>A GPT-2 of the given depth and width with an 8192-token vocabulary (the configurations the
+    /// performance issue compares with PyTorch).</summary>
+    private static Models.CausalLm Gpt2(int layers, int width) =>
+        CausalLmModule.create(
+            ModelConfigModule.parse("bench", $$"""{"model_type": "gpt2", "vocab_size": 8192, "n_positions": 1024, "n_embd": {{width}}, "n_layer": {{layers}}, "n_head": {{width / 64}}}"""),
+            1);
+
+    private static Command MemoryCommand()
+    {
+        var layers = CliOption.Create("--layers", "Transformer blocks.", 12);
+        var width = CliOption.Create("--width", "Hidden size.", 768);
+        var batch = CliOption.Create("--batch", "Rows per micro-batch.", 4);
+        var sequence = CliOption.Create("--seq-len", "Tokens per row.", 256);
+        var loraDim = CliOption.Create("--lora-dim", "LoRA rank for the optimizer-state comparison.", 8);
+        var threads = CliOption.Create("--threads", "Intra-op threads (0: all cores).", 0);
+        var command = new Command("memory", "Activation memory and step time with and without gradient checkpointing; LoRA vs full fine-tuning optimizer state.")
+        {
+            layers, width, batch, sequence, loraDim, threads,
+        };
+        command.SetAction(parse =>
+        {
+            if (parse.GetValue(threads) > 0)
+            {
+                TorchSharp.torch.set_num_threads(parse.GetValue(threads));
+            }
+            var lm = Gpt2(parse.GetValue(layers), parse.GetValue(width));
+            var parameters = CausalLmModule.parameterSpec(lm).Sum(p => p.Item2.Aggregate(1L, (a, b) => a * b));
+            Console.WriteLine($"GPT-2, {parse.GetValue(layers)} layers, width {parse.GetValue(width)}, vocabulary 8192: {parameters:N0} parameters; " +
+                $"batch {parse.GetValue(batch)} x {parse.GetValue(sequence)} tokens, {TorchSharp.torch.get_num_threads()} threads, fp32");
+            using (var ids = TorchSharp.torch.randint(8192, [parse.GetValue(batch), parse.GetValue(sequence)], dtype: TorchSharp.torch.int64))
+            {
+                var (plain, checkpointed) = Models.ActivationCheckpointing.measure(lm.Module, ids).ToValueTuple();
+                Console.WriteLine("                          activations kept   step (fwd+bwd)");
+                Console.WriteLine($"plain                     {plain.RetainedBytes / 1e6,12:F0} MB   {plain.Seconds,10:F2} s");
+                Console.WriteLine($"gradient checkpointing    {checkpointed.RetainedBytes / 1e6,12:F0} MB   {checkpointed.Seconds,10:F2} s");
+                Console.WriteLine($"activation memory {100.0 * (1 - (double)checkpointed.RetainedBytes / plain.RetainedBytes):F0}% lower; step time {100.0 * (checkpointed.Seconds / plain.Seconds - 1):+0;-0}%");
+            }
+            var targets = Microsoft.FSharp.Collections.ListModule.OfSeq(new[] { "c_attn" });
+            using var adapters = Peft.Lora.wrap(new Peft.LoraConfig(parse.GetValue(loraDim), 16, 0, targets, Microsoft.FSharp.Core.FSharpOption<string>.None), lm, 1);
+            var adapterParameters = Peft.Lora.parameters(adapters).Sum(p => p.Item2.numel());
+            // AdamW keeps two fp32 moments per trained parameter.
+            Console.WriteLine($"optimizer state: full fine-tuning {2 * 4 * parameters / 1e6:F1} MB, LoRA r={parse.GetValue(loraDim)} on c_attn {2 * 4 * adapterParameters / 1e6:F2} MB ({100.0 * adapterParameters / parameters:F2}%)");
+            return 0;
+        });
+        return command;
+    }
+
     public static Command Create()
     {
         var model = CliOption.Create<string?>("--model", "Hugging Face model folder (default: a random model the size of the embedded default's).", null);
@@ -34,6 +81,6 @@ internal static class BenchCommand
             Console.Write(GenerationBenchmark.format(GenerationBenchmark.run(lm, ListModule.OfSeq(counts))));
             return 0;
         });
-        return new Command("bench", "Benchmarks that print figures.") { generation };
+        return new Command("bench", "Benchmarks that print figures.") { generation, MemoryCommand() };
     }
 }
