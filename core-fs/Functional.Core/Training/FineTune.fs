@@ -222,12 +222,17 @@ module FineTune =
     let private metricOf (options: TrainOptions) (eval: EvalResult) =
         if metricName options = "eval_perplexity" then eval.Perplexity else eval.Loss
 
+    /// A metrics value: a JSON number, or "NaN" / "Infinity" / "-Infinity" as the metrics lines write them.
+    let private number (value: JsonElement) =
+        if value.ValueKind = JsonValueKind.String then Double.Parse(value.GetString(), Globalization.CultureInfo.InvariantCulture)
+        else value.GetDouble()
+
     let private readFigure (line: string) =
         use document = JsonDocument.Parse line
         let root = document.RootElement
         let get (name: string) =
             match root.TryGetProperty name with
-            | true, v when v.ValueKind = JsonValueKind.Number -> Some(v.GetDouble())
+            | true, v when v.ValueKind = JsonValueKind.Number || v.ValueKind = JsonValueKind.String -> Some(number v)
             | _ -> None
         match root.TryGetProperty "step", get "eval_loss" with
         | (true, step), Some loss when step.GetInt32() = 0 ->
@@ -414,7 +419,7 @@ module FineTune =
                 use document = JsonDocument.Parse line
                 let root = document.RootElement
                 match root.TryGetProperty "loss", root.TryGetProperty "lr" with
-                | (true, loss), (true, lr) -> Some(root.GetProperty("step").GetInt32(), loss.GetDouble(), lr.GetDouble())
+                | (true, loss), (true, lr) -> Some(root.GetProperty("step").GetInt32(), number loss, number lr)
                 | _ -> None)
             |> List.ofSeq
         let evalPoints =
@@ -423,7 +428,7 @@ module FineTune =
                 use document = JsonDocument.Parse line
                 let root = document.RootElement
                 match root.TryGetProperty "eval_loss" with
-                | true, loss -> Some(root.GetProperty("step").GetInt32(), loss.GetDouble())
+                | true, loss -> Some(root.GetProperty("step").GetInt32(), number loss)
                 | _ -> None)
             |> List.ofSeq
         let after =

@@ -180,7 +180,9 @@ module Trainer =
         let flat = FlatParameters.create parameters
         let decayMask = FlatParameters.mask flat (fun name -> not (model.NoWeightDecay.Contains name))
         let ratios =
-            let ratio name = learningRate name / options.LearningRate
+            let ratio name =
+                let rate = learningRate name
+                if rate = options.LearningRate then 1.0 else rate / options.LearningRate
             if flat.Names |> List.forall (fun name -> ratio name = 1.0) then None
             else
                 let factors = torch.ones_like flat.Values
