@@ -230,7 +230,15 @@ module Trainer =
         let computeModel = compute |> Option.map (fun c -> c.Model) |> Option.defaultValue model
         let decayMask = FlatParameters.mask flat (fun name -> not (model.NoWeightDecay.Contains name))
         let ratios =
-            let ratio name = learningRate name / options.LearningRate
+            // A peak rate of 0 trains nothing: every group's rate equals it (ratio 1), or the ratio is
+            // undefined and the run is refused (0/0 used to turn every weight into NaN).
+            let ratio name =
+                let rate = learningRate name
+                if rate = options.LearningRate then 1.0
+                elif options.LearningRate = 0.0 then
+                    InvalidInput.option "--learning-rate"
+                        (sprintf "must be > 0 when parameter '%s' has its own learning rate %g: the schedule scales each rate by its ratio to --learning-rate" name rate)
+                else rate / options.LearningRate
             if flat.Names |> List.forall (fun name -> ratio name = 1.0) then None
             else
                 let factors = torch.ones_like flat.Values
