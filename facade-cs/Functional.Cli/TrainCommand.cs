@@ -33,6 +33,13 @@ internal static class TrainCommand
         var greaterIsBetter = CliOption.Create<bool?>("--greater-is-better", "Whether a greater metric is better (default: false for losses).", null);
         var loadBest = CliOption.Create("--load-best-model-at-end", "Save the best checkpoint's weights as final/.", false);
         var patience = CliOption.Create("--early-stopping-patience", "Stop after N evaluations without improvement (0: off).", d.EarlyStoppingPatience);
+        var bf16 = CliOption.Create("--bf16", "bf16 compute with fp32 master weights.", false);
+        var fp16 = CliOption.Create("--fp16", "fp16 compute with fp32 master weights and dynamic loss scaling (DeepSpeed).", false);
+        var lossScale = CliOption.Create("--loss-scale", "fp16: a static loss scale (0: dynamic).", d.LossScale);
+        var scalePower = CliOption.Create("--initial-scale-power", "fp16: the dynamic scale starts at 2^N.", d.InitialScalePower);
+        var scaleWindow = CliOption.Create("--loss-scale-window", "fp16: overflow-free steps before the scale doubles.", d.LossScaleWindow);
+        var hysteresis = CliOption.Create("--hysteresis", "fp16: overflows tolerated before the scale halves.", d.Hysteresis);
+        var minScale = CliOption.Create("--min-loss-scale", "fp16: the smallest scale.", d.MinLossScale);
         var recompute = CliOption.Create("--gradient-checkpointing", "Recompute each block in backward: less activation memory, same gradients.", false, "--recompute");
         var loraDim = CliOption.Create("--lora-dim", "LoRA rank (0: no LoRA).", d.LoraDim, "--lora-r", "--lora_r");
         var loraAlpha = CliOption.Create("--lora-alpha", "LoRA alpha (scale alpha / rank).", d.LoraAlpha);
@@ -76,6 +83,7 @@ internal static class TrainCommand
             trainOn, packing, skipBadRows, dataSplit, evalSplitRatio, tokenizer, noDataCache, exactMatch, evalSteps, evalBatch,
             evalStrategy, saveStrategy, saveSteps, saveTotalLimit, metric, greaterIsBetter, loadBest, patience, resume,
             loraDim, loraAlpha, loraDropout, loraModuleName, loraTargets, onlyLora, loraLr, loraAdapter, recompute,
+            bf16, fp16, lossScale, scalePower, scaleWindow, hysteresis, minScale,
         };
         command.SetAction(parse =>
         {
@@ -150,6 +158,13 @@ internal static class TrainCommand
                 LoraLearningRate = parse.GetValue(loraLr),
                 LoraAdapter = parse.GetValue(loraAdapter),
                 GradientCheckpointing = parse.GetValue(recompute),
+                Bf16 = parse.GetValue(bf16),
+                Fp16 = parse.GetValue(fp16),
+                LossScale = parse.GetValue(lossScale),
+                InitialScalePower = parse.GetValue(scalePower),
+                LossScaleWindow = parse.GetValue(scaleWindow),
+                Hysteresis = parse.GetValue(hysteresis),
+                MinLossScale = parse.GetValue(minScale),
             };
             FineTuneResult result;
             using (var signals = new StopOnSignal())

@@ -164,6 +164,27 @@ public sealed class FineTuneOptions
     /// <summary>Stop after this many evaluations without improvement (default 0: off).</summary>
     public int EarlyStoppingPatience { get; set; }
 
+    /// <summary>bf16 compute with fp32 master weights (default false).</summary>
+    public bool Bf16 { get; set; }
+
+    /// <summary>fp16 compute with fp32 master weights and dynamic loss scaling, as DeepSpeed (default false).</summary>
+    public bool Fp16 { get; set; }
+
+    /// <summary>fp16: a static loss scale; 0 (default) scales dynamically.</summary>
+    public double LossScale { get; set; }
+
+    /// <summary>fp16: the dynamic scale starts at 2^this (default 16).</summary>
+    public int InitialScalePower { get; set; } = 16;
+
+    /// <summary>fp16: overflow-free steps before the scale doubles (default 1000).</summary>
+    public int LossScaleWindow { get; set; } = 1000;
+
+    /// <summary>fp16: overflows tolerated before the scale halves (default 2).</summary>
+    public int Hysteresis { get; set; } = 2;
+
+    /// <summary>fp16: the smallest scale (default 1).</summary>
+    public double MinLossScale { get; set; } = 1;
+
     /// <summary>Recompute each transformer block in backward instead of keeping its activations (default false).</summary>
     public bool GradientCheckpointing { get; set; }
 

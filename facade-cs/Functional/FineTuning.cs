@@ -210,6 +210,8 @@ public static class FineTuning
             o.MetricForBestModel,
             o.GreaterIsBetter is { } greater ? FSharpOption<bool>.Some(greater) : FSharpOption<bool>.None,
             o.LoadBestModelAtEnd,
-            o.EarlyStoppingPatience);
+            o.EarlyStoppingPatience,
+            TrainOptionsModule.precision(o.Bf16, o.Fp16, new Optim.LossScalerConfig(
+                o.LossScale, o.InitialScalePower, o.LossScaleWindow, o.Hysteresis, Optim.LossScaler.defaults.ConsecutiveHysteresis, o.MinLossScale)));
     }
 }

@@ -58,9 +58,12 @@ module Rotary =
         scope.MoveToOuter(torch.cat([| x2.neg(); x1 |], -1L))
 
     /// x * cos + rotate_half(x) * sin: (B, nh, T, hd) with cos, sin (T, hd) or per row (B, 1, T, hd)
-    /// -> (B, nh, T, hd).
+    /// -> (B, nh, T, hd). The fp32 tables are cast to x's dtype first, as HF's rotary embedding returns
+    /// them, so bf16/fp16 activations stay in their dtype.
     let apply (x: torch.Tensor) (cos: torch.Tensor) (sin: torch.Tensor) : torch.Tensor =
         use scope = torch.NewDisposeScope()
+        let cos = if cos.dtype = x.dtype then cos else cos.to_type x.dtype
+        let sin = if sin.dtype = x.dtype then sin else sin.to_type x.dtype
         scope.MoveToOuter(x * cos + rotateHalf x * sin)
 
 /// HF's LlamaRotaryEmbedding (default rope type): holds inv_freq as a non-persistent buffer, so it is

@@ -2,6 +2,7 @@ namespace Functional.Training
 
 open System
 open Functional
+open Functional.Optim
 
 /// The optimizer of a run (`--optimizer`).
 [<RequireQualifiedAccess>]
@@ -20,6 +21,21 @@ type IntervalStrategy =
     | Steps
     /// At the end of every epoch.
     | Epoch
+
+/// The numeric precision of training (`--bf16`, `--fp16`). Mixed precision keeps fp32 master weights
+/// and runs the optimizer on them; forward and backward run on a low-precision compute copy of the model
+/// (see MixedPrecision).
+[<RequireQualifiedAccess>]
+type Precision =
+    /// fp32 everywhere (default).
+    | Fp32
+    /// bf16 forward and backward, fp32 master weights, gradients and optimizer (`--bf16`). bf16 has
+    /// fp32's exponent range, so no loss scaling is needed.
+    | Bf16
+    /// fp16 forward and backward with DeepSpeed's loss scaling, fp32 master weights, gradients and
+    /// optimizer (`--fp16`, with --loss-scale, --initial-scale-power, --loss-scale-window,
+    /// --hysteresis and --min-loss-scale). An update whose gradients overflow is skipped.
+    | Fp16 of LossScalerConfig
 
 /// Hyperparameters of a fine-tuning run, named after HF TrainingArguments / DeepSpeed-Chat options.
 /// `TrainOptions.defaults` holds HF's defaults; `TrainOptions.validate` checks every field.
@@ -91,7 +107,9 @@ type TrainOptions =
       /// After training, load the best checkpoint's weights before saving final/ (default false).
       LoadBestModelAtEnd: bool
       /// Stop after this many evaluations without improvement of the metric; 0 turns it off (default 0).
-      EarlyStoppingPatience: int }
+      EarlyStoppingPatience: int
+      /// fp32 (default), bf16 or fp16 mixed precision.
+      Precision: Precision }
 
 /// Defaults and validation of TrainOptions.
 [<RequireQualifiedAccess>]
@@ -130,7 +148,8 @@ module TrainOptions =
           MetricForBestModel = "eval_loss"
           GreaterIsBetter = None
           LoadBestModelAtEnd = false
-          EarlyStoppingPatience = 0 }
+          EarlyStoppingPatience = 0
+          Precision = Precision.Fp32 }
 
     /// The evaluation strategy in force: the given one, else steps when EvalSteps > 0, else no.
     let evalStrategy (o: TrainOptions) =
@@ -202,6 +221,22 @@ module TrainOptions =
         check (o.EarlyStoppingPatience = 0 || evalStrategy <> IntervalStrategy.No) "--early-stopping-patience" (fun () ->
             "needs evaluations during the run (--eval-strategy steps or epoch)")
         check (not (String.IsNullOrWhiteSpace o.MetricForBestModel)) "--metric-for-best-model" (fun () -> "must name a metric such as eval_loss")
+        match o.Precision with
+        | Precision.Fp16 scaler -> LossScaler.validate scaler
+        | Precision.Fp32
+        | Precision.Bf16 -> ()
+
+    /// The precision the command-line flags ask for: --bf16, --fp16 with the loss scaler's settings,
+    /// or fp32 when neither is given. Raises InvalidInputException naming --fp16 when both are given,
+    /// and naming the loss scaler's option when a setting is out of range.
+    let precision (bf16: bool) (fp16: bool) (scaler: LossScalerConfig) : Precision =
+        match bf16, fp16 with
+        | true, true -> InvalidInput.option "--fp16" "cannot be combined with --bf16: choose one compute precision"
+        | true, false -> Precision.Bf16
+        | false, true ->
+            LossScaler.validate scaler
+            Precision.Fp16 scaler
+        | false, false -> Precision.Fp32
 
     /// Optimizer steps of the run: MaxSteps when set, else ceil(epochs * steps per epoch), as HF Trainer.
     let totalSteps (o: TrainOptions) (stepsPerEpoch: int) =

@@ -19,16 +19,24 @@ type StepLog =
       Epoch: float
       /// The window's token-weighted mean loss.
       Loss: float
-      /// The learning rate this update used.
+      /// The learning rate this update used; for a skipped update (fp16 overflow), the rate the next
+      /// update will use (the schedule did not advance).
       LearningRate: float
-      /// The global gradient norm before clipping.
+      /// The global gradient norm before clipping (NaN for a skipped update: the gradients overflowed).
       GradNorm: float
       /// Predicted tokens in the window.
       PredictedTokens: int64
       /// Real tokens processed per second since training started.
       TokensPerSecond: float
       /// Seconds since training started.
-      ElapsedSeconds: float }
+      ElapsedSeconds: float
+      /// With --fp16: the loss scale this window's losses were multiplied by (before the scaler's
+      /// update for this step); None otherwise.
+      LossScale: float option
+      /// Whether this step's optimizer update was skipped because its fp16 gradients overflowed.
+      UpdateSkipped: bool
+      /// Skipped updates so far in the run, this one included, counting those before a resume.
+      SkippedSteps: int }
 
 /// A run's shape, computed from the options and the dataset size before training starts.
 [<NoComparison; NoEquality>]
@@ -69,7 +77,10 @@ type ResumePoint =
       /// The optimizer state tensors by their stable names (Transform.stateTensors).
       OptimizerState: (string * torch.Tensor) list
       /// torch's global random state (dropout), as torch.get_rng_state gives it.
-      RandomState: torch.Tensor }
+      RandomState: torch.Tensor
+      /// The fp16 loss scaler's state after the checkpoint's step (StepContext.LossScale); None starts
+      /// the scaler afresh (LossScaler.init), and is what runs without --fp16 store.
+      LossScale: LossScalerState option }
 
 /// What the trainer tells the caller after every optimizer step.
 [<NoComparison; NoEquality>]
@@ -85,7 +96,14 @@ type StepContext =
       /// The flat parameters (the model's parameters alias them).
       Parameters: FlatParameters
       /// The optimizer state after the step.
-      OptimizerState: ITransformState }
+      OptimizerState: ITransformState
+      /// With --fp16: the loss scaler's state after this step's update (store it in checkpoints);
+      /// None otherwise.
+      LossScale: LossScalerState option
+      /// The model forward and backward run on: the bf16/fp16 compute copy under mixed precision
+      /// (refreshed from Parameters after every update; evaluate with it to measure what training
+      /// sees), else the trained model itself. Valid during the hook only.
+      ComputeModel: CausalLm }
 
 /// What the caller decides after a step.
 [<RequireQualifiedAccess>]
@@ -148,6 +166,19 @@ module Trainer =
           WarmupSteps = warmup
           Schedule = schedule }
 
+    /// The updates an optimizer state has applied: the count of its learning-rate schedule
+    /// ("learning_rate.count", which every optimizer chain here holds once).
+    let private appliedUpdates (state: ITransformState) : int =
+        let entries = Transform.stateTensors state
+        try
+            match entries |> List.tryFind (fun (name, _) -> name = "learning_rate.count" || name.EndsWith ".learning_rate.count") with
+            | Some(_, count) ->
+                use asInteger = count.to_type torch.int64
+                int (asInteger.item<int64> ())
+            | None -> invalidArg (nameof state) "the optimizer state has no learning-rate schedule count"
+        finally
+            for _, t in entries do t.Dispose()
+
     /// The padding id of training and evaluation batches. Padding is right-aligned and labelled -100,
     /// and attention is causal, so no real token sees it: any id gives the same result.
     [<Literal>]
@@ -155,11 +186,27 @@ module Trainer =
 
     /// Trains the given parameters of model (all of them, or e.g. only LoRA adapters: the others stay
     /// frozen), each at its peak learning rate learningRate(name) (the options' LearningRate for all but
-    /// parameter groups with their own rate; the schedule scales them alike), on the dataset's rows as planned, from the start or from a resume point. After every
-    /// optimizer step it calls hooks.OnLog (logged steps: every LoggingSteps and the last) and
-    /// hooks.AfterStep, which may stop the run. Each optimizer step runs in its own dispose scope, so
-    /// live tensors stay flat over the run. The model's parameters end up aliasing the returned flat
-    /// buffer.
+    /// parameter groups with their own rate; the schedule scales them alike), on the dataset's rows as
+    /// planned, from the start or from a resume point. After every optimizer step it calls hooks.OnLog
+    /// (logged steps: every LoggingSteps and the last) and hooks.AfterStep, which may stop the run. Each
+    /// optimizer step runs in its own dispose scope, so live tensors stay flat over the run. The
+    /// model's parameters end up aliasing the returned flat buffer.
+    ///
+    /// Mixed precision (options.Precision Bf16 or Fp16; full fine-tuning only, InvalidInputException
+    /// naming --bf16/--fp16 for a subset such as LoRA): the model's parameters are the fp32 master
+    /// weights; forward and backward run on a low-precision compute copy (MixedPrecision.create),
+    /// whose gradients are added in fp32 to the master gradients after every micro-batch; clipping
+    /// and the optimizer run on the fp32 master, and the copy is refreshed from it after every update.
+    ///
+    /// fp16 (DeepSpeed's dynamic loss scaling, LossScaler): each micro-batch's loss is multiplied by
+    /// the current scale before backward; after the window, when the gradients hold inf or NaN the
+    /// update is skipped: no optimizer step, so neither the optimizer's count nor the learning-rate
+    /// schedule advances (DeepSpeed's semantics), the gradients are zeroed and the scale backs off (per
+    /// the hysteresis); otherwise the gradients are unscaled and the update runs. A skipped window still
+    /// counts as a step of the run (Step, TotalSteps, checkpoints and logs advance, as HF's global step
+    /// and DeepSpeed's global_steps do): its data is consumed, and the run ends after TotalSteps windows
+    /// whatever was skipped. An overflow at the minimum loss scale ends the run with
+    /// InvalidInputException naming --fp16 (as DeepSpeed raises).
     let trainParameters
         (plan: TrainingPlan)
         (model: CausalLm)
@@ -178,11 +225,20 @@ module Trainer =
         torch.manual_seed options.Seed |> ignore
         model.Module.train ()
         let flat = FlatParameters.create parameters
+        let compute = MixedPrecision.create options.Precision model flat
+        use _ = { new IDisposable with member _.Dispose() = compute |> Option.iter (fun c -> c.Dispose()) }
+        let computeModel = compute |> Option.map (fun c -> c.Model) |> Option.defaultValue model
         let decayMask = FlatParameters.mask flat (fun name -> not (model.NoWeightDecay.Contains name))
         let ratios =
+            // A peak rate of 0 trains nothing: every group's rate equals it (ratio 1), or the ratio is
+            // undefined and the run is refused (0/0 used to turn every weight into NaN).
             let ratio name =
                 let rate = learningRate name
-                if rate = options.LearningRate then 1.0 else rate / options.LearningRate
+                if rate = options.LearningRate then 1.0
+                elif options.LearningRate = 0.0 then
+                    InvalidInput.option "--learning-rate"
+                        (sprintf "must be > 0 when parameter '%s' has its own learning rate %g: the schedule scales each rate by its ratio to --learning-rate" name rate)
+                else rate / options.LearningRate
             if flat.Names |> List.forall (fun name -> ratio name = 1.0) then None
             else
                 let factors = torch.ones_like flat.Values
@@ -194,12 +250,24 @@ module Trainer =
         let transform = optimizer options schedule decayMask ratios
         let mutable optimizerState = transform.Init flat.Values
         let mutable accumulation = Accumulation.start
+        let scalerConfig =
+            match options.Precision with
+            | Precision.Fp16 config -> Some config
+            | Precision.Fp32
+            | Precision.Bf16 -> None
+        let mutable lossScale = scalerConfig |> Option.map LossScaler.init
+        let mutable updates = 0
         match resume with
         | Some point ->
             optimizerState <- Transform.loadStateTensors point.OptimizerState optimizerState
             accumulation <- point.Accumulation
             torch.set_rng_state point.RandomState
+            updates <- appliedUpdates optimizerState
+            match scalerConfig, point.LossScale with
+            | Some _, Some state -> lossScale <- Some state
+            | _ -> ()
         | None -> ()
+        let mutable skippedSteps = accumulation.OptimizerStep - updates
         let mutable epochBatches = epochMicroBatches options dataset.Rows.Length accumulation.Epoch
         let clock = Stopwatch.StartNew()
         let mutable tokensSeen = 0L
@@ -215,13 +283,15 @@ module Trainer =
                       Batching.collate options.MaxSeqLen PadId dataset epochBatches[i] ]
             let windowTokens = window |> List.sumBy (fun b -> b.PredictedTokens)
             accumulation <- Accumulation.beginWindow plan.Accumulation accumulation windowTokens
-            let scale = Accumulation.lossScale windowTokens
+            let windowScale = lossScale |> Option.map (fun s -> s.Scale)
+            let scale = Accumulation.lossScale windowTokens * Option.defaultValue 1.0 windowScale
             let mutable report = None
             for batch in window do
-                use logits = model.Module.forward batch.InputIds // (B, T, V)
+                use logits = computeModel.Module.forward batch.InputIds // (B, T, V)
                 use lossSum = Loss.causalLmSum logits batch.Labels
                 use scaled = lossSum * scale
                 scaled.backward ()
+                compute |> Option.iter (fun c -> MixedPrecision.accumulateGradients c flat)
                 tokensSeen <- tokensSeen + batch.Tokens
                 let next, event = Accumulation.observe plan.Accumulation accumulation (lossSum.item<float32> () |> float)
                 accumulation <- next
@@ -229,8 +299,25 @@ module Trainer =
                 | AccumulationEvent.Step r -> report <- Some r
                 | AccumulationEvent.Accumulating -> ()
             let r = report |> Option.defaultWith (fun () -> invalidOp "an accumulation window ended without an optimizer step")
-            let learningRate = schedule r.UpdateIndex
-            optimizerState <- Optimizer.apply transform flat optimizerState
+            let apply =
+                match scalerConfig, lossScale with
+                | Some config, Some state ->
+                    let decision = LossScaler.decide config state (LossScaler.hasOverflow flat.Grads)
+                    if decision.Change = OverflowAtMinimum then
+                        InvalidInput.option "--fp16"
+                            (sprintf "the gradients overflowed at the minimum loss scale %g in step %d: fp16 cannot hold them (lower --min-loss-scale, or train with --bf16)"
+                                state.Scale r.OptimizerStep)
+                    if decision.ApplyUpdate then LossScaler.unscale state.Scale flat.Grads
+                    lossScale <- Some decision.Next
+                    decision.ApplyUpdate
+                | _ -> true
+            let learningRate = schedule updates
+            if apply then
+                optimizerState <- Optimizer.apply transform flat optimizerState
+                updates <- updates + 1
+                compute |> Option.iter (fun c -> MixedPrecision.refresh c flat)
+            else
+                skippedSteps <- skippedSteps + 1
             FlatParameters.zeroGrads flat
             lastLoss <- r.Loss
             let seconds = clock.Elapsed.TotalSeconds
@@ -240,10 +327,13 @@ module Trainer =
                   Epoch = float accumulation.Epoch + float accumulation.MicroBatchInEpoch / float microBatchesPerEpoch
                   Loss = r.Loss
                   LearningRate = learningRate
-                  GradNorm = Transform.lastGradNorm optimizerState
+                  GradNorm = if apply then Transform.lastGradNorm optimizerState else nan
                   PredictedTokens = r.Tokens
                   TokensPerSecond = float tokensSeen / max seconds 1e-9
-                  ElapsedSeconds = seconds }
+                  ElapsedSeconds = seconds
+                  LossScale = windowScale
+                  UpdateSkipped = not apply
+                  SkippedSteps = skippedSteps }
             let logged = r.OptimizerStep % options.LoggingSteps = 0 || r.OptimizerStep = totalSteps
             if logged then hooks.OnLog log
             let decision =
@@ -253,7 +343,9 @@ module Trainer =
                       Accumulation = accumulation
                       EpochEnded = accumulation.Epoch > r.Epoch
                       Parameters = flat
-                      OptimizerState = optimizerState }
+                      OptimizerState = optimizerState
+                      LossScale = lossScale
+                      ComputeModel = computeModel }
             stopped <- decision = StepDecision.Stop && accumulation.OptimizerStep < totalSteps
         model.Module.eval ()
         { Parameters = flat

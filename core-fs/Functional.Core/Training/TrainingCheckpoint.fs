@@ -76,6 +76,7 @@ module TrainingCheckpoint =
           "--max-seq-len", string o.MaxSeqLen
           "--seed", string o.Seed
           "--no-shuffle", string (not o.Shuffle)
+          "--bf16 / --fp16", sprintf "%A" o.Precision
           "--data (tokenized rows)", dataFingerprint dataset ]
 
     let private oneLine (text: string) =
@@ -158,6 +159,7 @@ module TrainingCheckpoint =
                                   "micro_batch_in_epoch", context.Accumulation.MicroBatchInEpoch
                                   "optimizer_step", context.Accumulation.OptimizerStep ])
                       "signature", raw (dict signature)
+                      "loss_scaler", (match context.LossScale with Some state -> raw state | None -> "null")
                       "early_stopping_counter", raw (fst record.EarlyStopping)
                       "early_stopping_best", (match snd record.EarlyStopping with Some v -> raw v | None -> "null") ] }
         let writers =
@@ -215,7 +217,14 @@ module TrainingCheckpoint =
                     MicroBatchInEpoch = integer "micro_batch_in_epoch"
                     OptimizerStep = integer "optimizer_step" }
               OptimizerState = optimizer
-              RandomState = rng["torch"] }
+              RandomState = rng["torch"]
+              LossScale =
+                match state.Functional.TryFind "loss_scaler" with
+                | Some json when json <> "null" ->
+                    let scaler = JsonSerializer.Deserialize<LossScalerState>(json, jsonOptions)
+                    LossScaler.checkState statePath scaler
+                    Some scaler
+                | _ -> None }
           Record =
             { History = state.LogHistory
               Best = Option.map2 (fun m c -> m, c) state.BestMetric state.BestModelCheckpoint
