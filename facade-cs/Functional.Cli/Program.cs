@@ -33,6 +33,8 @@ public static class Program
         }
         try
         {
+            // Commands may touch TorchSharp directly (thread settings, benchmarks): start it first.
+            Runtime.TorchRuntime.ensure();
             return parsed.Invoke(new InvocationConfiguration { EnableDefaultExceptionHandler = false });
         }
         catch (InvalidInputException e)

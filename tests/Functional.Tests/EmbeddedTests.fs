@@ -38,7 +38,7 @@ let tests =
             let answers = generated.Stdout.TrimEnd('\n').Split('\n')
             let correct = Array.map2 (fun (s: TaskSample) (a: string) -> a.Trim() = s.Answer.Trim()) samples answers |> Array.filter id
             Expect.isGreaterThanOrEqual correct.Length 3 (sprintf "generate answers most held-out prompts: %A" answers)
-            let sampled () = runCli [ "generate"; "--model"; Path.Combine(output, "final"); "--prompt"; samples[0].Prompt; "--seed"; "9"; "--temperature"; "2.0" ]
+            let sampled () = runCli [ "generate"; "--model"; Path.Combine(output, "final"); "--prompt"; samples[0].Prompt; "--seed"; "9"; "--temperature"; "2.0"; "--threads"; "1" ]
             Expect.equal (sampled ()).Stdout (sampled ()).Stdout "with a fixed seed the sampled text is the same every run"
         }
         test "a failing embedded run leaves the previous output untouched" {
