@@ -137,7 +137,9 @@ type LlamaAttention
         let v = GroupedQuery.repeatKv v nRep // (B, nh, T_total, hd)
         let p = if this.training then attentionDropout else 0.0
         // SDPA's default scale 1/sqrt(hd) is HF's head_dim ** -0.5.
-        let y = torch.nn.functional.scaled_dot_product_attention(q, k, v, allowed, p, causal) // (B, nh, T, hd)
+        let y =
+            if causal && isNull allowed then CausalAttention.apply q k v p // (B, nh, T, hd)
+            else torch.nn.functional.scaled_dot_product_attention(q, k, v, allowed, p, causal)
         let y = y.transpose(1, 2).reshape(B, T, nh * hd) // (B, T, nh * hd)
         o_proj.call y
 
