@@ -175,7 +175,8 @@ public sealed class ProgressDisplay : IDisposable
     {
         try
         {
-            return Console.IsOutputRedirected ? 120 : Math.Max(20, Console.WindowWidth - 1);
+            // A terminal that reports no size (width 0, e.g. under `script`) gets the default width.
+            return Console.IsOutputRedirected || Console.WindowWidth <= 0 ? 120 : Math.Max(20, Console.WindowWidth - 1);
         }
         catch (IOException)
         {
