@@ -9,6 +9,7 @@ open Functional
 open Functional.Models
 open Functional.Optim
 open Functional.Runtime
+open Functional.Tests.TestUtil
 
 // ---------------------------------------------------------------- helpers
 
@@ -39,23 +40,7 @@ let private tinyGpt2 =
       TieWordEmbeddings = true }
 
 let private tinyLlama =
-    { VocabSize = 29
-      HiddenSize = 16
-      IntermediateSize = 24
-      NumHiddenLayers = 3
-      NumAttentionHeads = 4
-      NumKeyValueHeads = 2
-      HeadDim = 4
-      HiddenAct = Activation.Silu
-      MaxPositionEmbeddings = 32
-      RmsNormEps = 1e-6
-      RopeTheta = 10000.0
-      InitializerRange = 0.2
-      TieWordEmbeddings = false
-      AttentionBias = false
-      MlpBias = false
-      AttentionDropout = 0.0
-      PadTokenId = None }
+    { tinyLlama with VocabSize = 29; NumHiddenLayers = 3 }
 
 let private randomIds (vocab: int) (shape: int64[]) (seed: int64) =
     use g = new torch.Generator(uint64 seed)

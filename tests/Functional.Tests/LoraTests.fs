@@ -68,23 +68,7 @@ let private gpt2Config =
 /// Grouped-query attention: 4 query heads share 2 key/value heads (q_proj 16 -> 16, v_proj 16 -> 8).
 let private llamaConfig =
     Llama
-        { VocabSize = 19
-          HiddenSize = 16
-          IntermediateSize = 24
-          NumHiddenLayers = 2
-          NumAttentionHeads = 4
-          NumKeyValueHeads = 2
-          HeadDim = 4
-          HiddenAct = Activation.Silu
-          MaxPositionEmbeddings = 32
-          RmsNormEps = 1e-6
-          RopeTheta = 10000.0
-          InitializerRange = 0.2
-          TieWordEmbeddings = false
-          AttentionBias = false
-          MlpBias = false
-          AttentionDropout = 0.0
-          PadTokenId = None }
+        tinyLlama
 
 let private lora r alpha targets =
     { R = r

@@ -94,3 +94,26 @@ let torchTest name (body: unit -> unit) =
         Functional.Runtime.TorchRuntime.ensure ()
         body ()
     }
+
+// ---- tiny models ----
+
+/// A tiny LLaMA with grouped-query attention (4 query heads share 2 key/value heads, head_dim 4) that
+/// model-level tests vary with `{ tinyLlama with ... }`.
+let tinyLlama : Functional.Models.LlamaConfig =
+    { VocabSize = 19
+      HiddenSize = 16
+      IntermediateSize = 24
+      NumHiddenLayers = 2
+      NumAttentionHeads = 4
+      NumKeyValueHeads = 2
+      HeadDim = 4
+      HiddenAct = Functional.Models.Activation.Silu
+      MaxPositionEmbeddings = 32
+      RmsNormEps = 1e-6
+      RopeTheta = 10000.0
+      InitializerRange = 0.2
+      TieWordEmbeddings = false
+      AttentionBias = false
+      MlpBias = false
+      AttentionDropout = 0.0
+      PadTokenId = None }
