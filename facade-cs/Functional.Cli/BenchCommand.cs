@@ -1,4 +1,7 @@
 using System.CommandLine;
+using System.Diagnostics;
+using System.Text.Json;
+using Functional.Benchmarks;
 using Functional.Checkpoint;
 using Functional.Generation;
 using Functional.Models;
@@ -110,14 +113,266 @@ internal static class BenchCommand
         return command;
     }
 
+    /// <summary>The interpreter that runs the PyTorch reference (Debian's python3-torch).</summary>
+    private const string Python = "/usr/bin/python3";
+
+    /// <summary>tools/reference/bench_torch.py, looked for above the current folder, then above the program's.</summary>
+    private static string PyTorchScript()
+    {
+        foreach (var start in new[] { Environment.CurrentDirectory, AppContext.BaseDirectory })
+        {
+            for (var folder = new DirectoryInfo(start); folder is not null; folder = folder.Parent)
+            {
+                var candidate = Path.Combine(folder.FullName, "tools", "reference", "bench_torch.py");
+                if (File.Exists(candidate))
+                {
+                    return candidate;
+                }
+            }
+        }
+        throw new InvalidInputException("--pytorch", "", "tools/reference/bench_torch.py was not found above the current folder or the program's");
+    }
+
+    /// <summary>Runs bench_torch.py with the given arguments and returns its JSON output (its progress
+    /// lines pass through to stderr).</summary>
+    private static JsonElement RunPyTorch(IEnumerable<string> arguments)
+    {
+        if (!File.Exists(Python))
+        {
+            throw new InvalidInputException("--pytorch", "", $"{Python} was not found (install python3-torch: tools/reference/install-deps.sh)");
+        }
+        var info = new ProcessStartInfo(Python) { RedirectStandardOutput = true, UseShellExecute = false };
+        info.ArgumentList.Add(PyTorchScript());
+        foreach (var argument in arguments)
+        {
+            info.ArgumentList.Add(argument);
+        }
+        using var process = Process.Start(info)!;
+        var output = process.StandardOutput.ReadToEnd();
+        process.WaitForExit();
+        if (process.ExitCode != 0)
+        {
+            throw new InvalidInputException("--pytorch", "", $"bench_torch.py failed with exit code {process.ExitCode} (its messages are above)");
+        }
+        return JsonDocument.Parse(output).RootElement.Clone();
+    }
+
+    /// <summary>The model's HF config.json in a temporary file, for bench_torch.py --model-config.</summary>
+    private static string ConfigFile(Models.ModelConfig config)
+    {
+        var path = Path.Combine(Path.GetTempPath(), $"functional-bench-{Guid.NewGuid():N}.json");
+        File.WriteAllText(path, ModelConfigModule.toJson(config));
+        return path;
+    }
+
+    private static string Mb(long bytes) => Program.Num(bytes / 1e6, "F0");
+
+    private static string Row(string precision, string loop, double tokensPerSecond, double step, double forward, double backward,
+        double optimizer, double other, double mfuFp32, double mfuBf16, string peak, string comparison) =>
+        $"{precision,-5} {loop,-8} {Program.Num(tokensPerSecond, "F0"),8} {Program.Num(step, "F3"),8} {Program.Num(forward, "F3"),7} " +
+        $"{Program.Num(backward, "F3"),7} {Program.Num(optimizer, "F3"),7} {Program.Num(other, "F3"),7} " +
+        $"{Program.Num(100 * mfuFp32, "F1") + "%",7} {Program.Num(100 * mfuBf16, "F1") + "%",7} {peak,8}  {comparison}";
+
+    private static string Row(string precision, string loop, LoopFigures figures, double flopsPerToken, double peakFp32, double peakBf16, string comparison) =>
+        Row(precision, loop, figures.TokensPerSecond, figures.Split.Total, figures.Split.Forward, figures.Split.Backward,
+            figures.Split.Optimizer, figures.Split.Other, flopsPerToken * figures.TokensPerSecond / peakFp32,
+            flopsPerToken * figures.TokensPerSecond / peakBf16,
+            figures.PeakResidentBytes is { } peak ? Mb(peak.Value) : "-", comparison);
+
+    /// <summary>Prints one configuration's figures (and PyTorch's, when given) as a compact table.</summary>
+    private static void Print(TrainingBenchmarkResult result, JsonElement? pytorch)
+    {
+        var c = result.Config;
+        var (family, layers, width) = c.Model switch
+        {
+            Models.ModelConfig.Gpt2 g => ("GPT-2", g.Item.NLayer, g.Item.NEmbd),
+            Models.ModelConfig.Llama l => ("LLaMA", l.Item.NumHiddenLayers, l.Item.HiddenSize),
+            _ => throw new InvalidOperationException("unknown model family"),
+        };
+        var s = result.Settings;
+        Console.WriteLine();
+        Console.WriteLine($"{c.Name}: {family}, {layers} layers, width {width}, vocabulary {ModelConfigModule.vocabSize(c.Model)}, " +
+            $"{result.Parameters:N0} parameters (N = {result.MatmulParameters:N0} in matmuls); batch {c.BatchSize} x {c.SequenceLength} tokens; " +
+            $"{s.Threads} threads; {s.WarmupSteps} warm-up + {s.Steps} timed steps; AdamW, clip 1.0, constant lr {s.LearningRate}");
+        Console.WriteLine($"model FLOPs per token 6N + 12LTd = {Program.Num(result.FlopsPerToken / 1e6, "F1")} M; " +
+            $"matmul peak (1024^3, best of 10, this process): fp32 {Program.Num(result.PeakFp32 / 1e9, "F1")} GFLOP/s, bf16 {Program.Num(result.PeakBf16 / 1e9, "F1")} GFLOP/s");
+        Console.WriteLine("prec  loop     tokens/s   step s   fwd s   bwd s   opt s other s MFU/f32 MFU/b16  peak MB");
+        foreach (var p in result.Precisions)
+        {
+            var ours = p.Trainer;
+            Console.WriteLine(Row(p.Precision, "ours", ours, result.FlopsPerToken, result.PeakFp32, result.PeakBf16,
+                $"optimizer {Program.Num(100 * ours.Split.Optimizer / ours.Split.Total, "F1")}% of the step"));
+            Console.WriteLine(Row(p.Precision, "plain", p.PlainLoop, result.FlopsPerToken, result.PeakFp32, result.PeakBf16,
+                $"our overhead {Program.Num(100 * (p.PlainLoop.TokensPerSecond / ours.TokensPerSecond - 1), "+0.0;-0.0")}%"));
+            if (pytorch is { } py)
+            {
+                foreach (var run in py.GetProperty("runs").EnumerateArray().Where(r => r.GetProperty("precision").GetString() == p.Precision))
+                {
+                    double Get(string name) => run.GetProperty(name).GetDouble();
+                    var tokens = Get("tokens_per_second");
+                    var peak = run.GetProperty("peak_resident_bytes") is { ValueKind: JsonValueKind.Number } bytes ? Mb(bytes.GetInt64()) : "-";
+                    Console.WriteLine(Row(p.Precision, "pytorch", tokens, Get("step_seconds"), Get("forward_seconds"), Get("backward_seconds"),
+                        Get("optimizer_seconds"), Get("other_seconds"), Get("mfu_fp32_peak"), Get("mfu_bf16_peak"), peak,
+                        $"ours / pytorch {Program.Num(ours.TokensPerSecond / tokens, "F2")}x"));
+                }
+            }
+        }
+        foreach (var p in result.Precisions)
+        {
+            var m = p.Memory;
+            var peak = p.Trainer.PeakResidentBytes is { } hwm ? hwm.Value : 0L;
+            Console.WriteLine($"memory {p.Precision}: estimate {Mb(m.Total)} MB = weights {Mb(m.Weights)} + gradients {Mb(m.Gradients)} + " +
+                $"AdamW moments {Mb(m.OptimizerState)} + activations {Mb(m.Activations)} (measured); ours peak {Mb(peak)} MB resident, " +
+                $"{Mb(p.BaselineResidentBytes)} MB before the model: (peak - before) / estimate = {Program.Num((double)(peak - p.BaselineResidentBytes) / m.Total, "F2")}x");
+        }
+        if (result.Precisions.Length == 2)
+        {
+            Console.WriteLine($"bf16 / fp32 tokens/s (ours): {Program.Num(result.Precisions[1].Trainer.TokensPerSecond / result.Precisions[0].Trainer.TokensPerSecond, "F2")}x");
+        }
+    }
+
+    private static object Figures(LoopFigures f) => new
+    {
+        tokens_per_second = f.TokensPerSecond,
+        step_seconds = f.Split.Total,
+        forward_seconds = f.Split.Forward,
+        backward_seconds = f.Split.Backward,
+        optimizer_seconds = f.Split.Optimizer,
+        other_seconds = f.Split.Other,
+        peak_resident_bytes = f.PeakResidentBytes is { } peak ? (long?)peak.Value : null,
+        losses = f.Losses.ToArray(),
+    };
+
+    private static object Figures(TrainingBenchmarkResult r, JsonElement? pytorch) => new
+    {
+        config = r.Config.Name,
+        model = JsonDocument.Parse(ModelConfigModule.toJson(r.Config.Model)).RootElement,
+        batch = r.Config.BatchSize,
+        seq_len = r.Config.SequenceLength,
+        threads = r.Settings.Threads,
+        steps = r.Settings.Steps,
+        warmup = r.Settings.WarmupSteps,
+        learning_rate = r.Settings.LearningRate,
+        parameters = r.Parameters,
+        matmul_parameters = r.MatmulParameters,
+        flops_per_token = r.FlopsPerToken,
+        flops_formula = "6 N + 12 L T d",
+        matmul_peak_fp32_flops = r.PeakFp32,
+        matmul_peak_bf16_flops = r.PeakBf16,
+        runs = r.Precisions.Select(p => new
+        {
+            precision = p.Precision,
+            ours = Figures(p.Trainer),
+            plain = Figures(p.PlainLoop),
+            model_flops_per_second = p.ModelFlopsPerSecond,
+            mfu_fp32_peak = p.MfuFp32Peak,
+            mfu_bf16_peak = p.MfuBf16Peak,
+            memory_estimate = new
+            {
+                weights = p.Memory.Weights,
+                gradients = p.Memory.Gradients,
+                optimizer_state = p.Memory.OptimizerState,
+                activations = p.Memory.Activations,
+                total = p.Memory.Total,
+            },
+            baseline_resident_bytes = p.BaselineResidentBytes,
+        }).ToArray(),
+        pytorch,
+    };
+
+    private static Command TrainBenchCommand()
+    {
+        var config = CliOption.Create("--config", "gpt2-small, gpt2-base, llama or all.", "all");
+        var precision = CliOption.Create("--precision", "fp32, bf16 or both.", "both");
+        var steps = CliOption.Create("--steps", "Timed optimizer steps.", 10);
+        var warmup = CliOption.Create("--warmup", "Optimizer steps before timing starts.", 2);
+        var threads = CliOption.Create("--threads", "Intra-op threads (the same for PyTorch).", 2);
+        var pytorch = CliOption.Create("--pytorch", "Also run tools/reference/bench_torch.py (PyTorch) with the same settings and print it side by side.", false);
+        var json = CliOption.Create<string?>("--json", "Write every figure to this JSON file.", null);
+        var layers = CliOption.Create("--layers", "Override the configuration's depth (quick runs, tests).", 0);
+        var width = CliOption.Create("--width", "Override the configuration's width (heads: width / 64).", 0);
+        var batch = CliOption.Create("--batch", "Override the configuration's rows per step.", 0);
+        var sequence = CliOption.Create("--seq-len", "Override the configuration's tokens per row.", 0);
+        foreach (var hidden in new Option[] { layers, width, batch, sequence })
+        {
+            hidden.Hidden = true;
+        }
+        var command = new Command("train",
+            "Training tokens/s, step split (forward, backward, optimizer, other), MFU against the measured matmul peak and peak memory: " +
+            "our trainer against a plain TorchSharp loop and, with --pytorch, PyTorch.")
+        {
+            config, precision, steps, warmup, threads, pytorch, json, layers, width, batch, sequence,
+        };
+        command.SetAction(parse =>
+        {
+            var name = parse.GetValue(config)!;
+            var configs = name == "all" ? TrainingBenchmark.presets.ToList() : [TrainingBenchmark.preset(name)];
+            var precisions = parse.GetValue(precision) switch
+            {
+                "both" => new[] { "fp32", "bf16" },
+                "fp32" => ["fp32"],
+                "bf16" => ["bf16"],
+                var other => throw new InvalidInputException("--precision", "", $"expected fp32, bf16 or both, found '{other}'"),
+            };
+            if (CliOption.Given(parse, layers) || CliOption.Given(parse, width) || CliOption.Given(parse, batch) || CliOption.Given(parse, sequence))
+            {
+                configs = configs.Select(c =>
+                {
+                    var (l, w) = c.Model switch
+                    {
+                        Models.ModelConfig.Gpt2 g => (g.Item.NLayer, g.Item.NEmbd),
+                        Models.ModelConfig.Llama m => (m.Item.NumHiddenLayers, m.Item.HiddenSize),
+                        _ => throw new InvalidOperationException("unknown model family"),
+                    };
+                    static int Or(int given, int fallback) => given > 0 ? given : fallback;
+                    return TrainingBenchmark.resize(Or(parse.GetValue(layers), l), Or(parse.GetValue(width), w),
+                        Or(parse.GetValue(batch), c.BatchSize), Or(parse.GetValue(sequence), c.SequenceLength), c);
+                }).ToList();
+            }
+            var settings = new BenchmarkSettings(parse.GetValue(steps), parse.GetValue(warmup), parse.GetValue(threads), 1e-3);
+            var all = new List<object>();
+            foreach (var c in configs)
+            {
+                var result = TrainingBenchmark.run(c, ListModule.OfSeq(precisions), settings,
+                    Microsoft.FSharp.Core.FuncConvert.FromAction<string>(line => Console.Error.WriteLine(line)));
+                JsonElement? reference = null;
+                if (parse.GetValue(pytorch))
+                {
+                    var file = ConfigFile(c.Model);
+                    try
+                    {
+                        reference = RunPyTorch([
+                            "train", "--config", c.Name, "--model-config", file, "--batch", $"{c.BatchSize}", "--seq-len", $"{c.SequenceLength}",
+                            "--precision", parse.GetValue(precision)!, "--steps", $"{settings.Steps}", "--warmup", $"{settings.WarmupSteps}",
+                            "--threads", $"{settings.Threads}", "--learning-rate", "1e-3"]);
+                    }
+                    finally
+                    {
+                        File.Delete(file);
+                    }
+                }
+                Print(result, reference);
+                all.Add(Figures(result, reference));
+            }
+            if (parse.GetValue(json) is { } path)
+            {
+                File.WriteAllText(path, JsonSerializer.Serialize(all, new JsonSerializerOptions { WriteIndented = true }) + "\n");
+                Console.WriteLine($"figures: {path}");
+            }
+            return 0;
+        });
+        return command;
+    }
+
     public static Command Create()
     {
         var model = CliOption.Create<string?>("--model", "Hugging Face model folder (default: a random model the size of the embedded default's).", null);
         var lengths = CliOption.Create("--lengths", "Numbers of new tokens to time, comma separated.", "32,64,128,256");
         var threads = CliOption.Create("--threads", "Intra-op threads (0: all cores).", 0);
+        var generationPyTorch = CliOption.Create("--pytorch", "Also time an HF-style PyTorch generation loop (tools/reference/bench_torch.py) on a model of the same config.", false);
         var generation = new Command("generation", "Seconds per generated token with and without the key/value cache, for several lengths.")
         {
-            model, lengths, threads,
+            model, lengths, threads, generationPyTorch,
         };
         generation.SetAction(parse =>
         {
@@ -132,9 +387,33 @@ internal static class BenchCommand
                 ? HfModelFolder.load(path, 1)
                 : CausalLmModule.create(Training.EmbeddedRun.modelConfig(512), 1);
             Console.WriteLine($"generation benchmark, {TorchSharp.torch.get_num_threads()} threads: one prompt of 8 tokens, greedy");
-            Console.Write(GenerationBenchmark.format(GenerationBenchmark.run(lm, ListModule.OfSeq(counts))));
+            var rows = GenerationBenchmark.run(lm, ListModule.OfSeq(counts));
+            Console.Write(GenerationBenchmark.format(rows));
+            if (parse.GetValue(generationPyTorch))
+            {
+                var file = ConfigFile(lm.Config);
+                JsonElement reference;
+                try
+                {
+                    reference = RunPyTorch(["generation", "--model-config", file, "--lengths", string.Join(",", counts),
+                        "--threads", $"{TorchSharp.torch.get_num_threads()}"]);
+                }
+                finally
+                {
+                    File.Delete(file);
+                }
+                Console.WriteLine("PyTorch (HF-style loop, past_key_values grown by torch.cat; random weights of the same config):");
+                Console.WriteLine($"{"new tokens",10} {"cached ms/token",16} {"uncached ms/token",18} {"ours / pytorch (cached)",24}");
+                foreach (var (ours, py) in rows.Zip(reference.GetProperty("rows").EnumerateArray()))
+                {
+                    var cached = py.GetProperty("cached_seconds_per_token").GetDouble();
+                    Console.WriteLine($"{py.GetProperty("new_tokens").GetInt32(),10} {Program.Num(1000 * cached, "F3"),16} " +
+                        $"{Program.Num(1000 * py.GetProperty("uncached_seconds_per_token").GetDouble(), "F3"),18} " +
+                        $"{Program.Num(cached / ours.CachedSecondsPerToken, "F2") + "x",24}");
+                }
+            }
             return 0;
         });
-        return new Command("bench", "Benchmarks that print figures.") { generation, MemoryCommand(), PrecisionCommand() };
+        return new Command("bench", "Benchmarks that print figures.") { generation, MemoryCommand(), PrecisionCommand(), TrainBenchCommand() };
     }
 }

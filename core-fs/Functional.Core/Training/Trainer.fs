@@ -38,6 +38,40 @@ type StepLog =
       /// Skipped updates so far in the run, this one included, counting those before a resume.
       SkippedSteps: int }
 
+/// The phases of a training step that a PhaseClock tells apart.
+type TrainingPhase =
+    /// The forward pass and the loss of every micro-batch.
+    | Forward = 0
+    /// The backward pass of every micro-batch (and, under mixed precision, moving its gradients to the
+    /// fp32 master).
+    | Backward = 1
+    /// Clipping, the optimizer update, refreshing a mixed-precision compute copy, zeroing the gradients.
+    | Optimizer = 2
+    /// Everything else: collation, loss read-back, logging, the hooks, releasing the step's tensors.
+    | Other = 3
+
+/// Wall-clock time per phase of the training steps, for benchmarks (`functional bench train`): give one
+/// to the trainer through TrainingPlan.PhaseClock. Each Mark charges the time since the previous Mark (or
+/// Reset) to a phase, so the phases add up to the wall-clock time since Reset.
+[<Sealed>]
+type PhaseClock() =
+    let ticks = Array.zeroCreate<int64> 4
+    let mutable last = Stopwatch.GetTimestamp()
+
+    /// Charges the time since the previous mark (or Reset) to phase.
+    member _.Mark(phase: TrainingPhase) =
+        let now = Stopwatch.GetTimestamp()
+        ticks[int phase] <- ticks[int phase] + (now - last)
+        last <- now
+
+    /// Forgets every phase's time and starts counting from now.
+    member _.Reset() =
+        Array.fill ticks 0 ticks.Length 0L
+        last <- Stopwatch.GetTimestamp()
+
+    /// The seconds charged to phase since Reset.
+    member _.Seconds(phase: TrainingPhase) : float = float ticks[int phase] / float Stopwatch.Frequency
+
 /// A run's shape, computed from the options and the dataset size before training starts.
 [<NoComparison; NoEquality>]
 type TrainingPlan =
@@ -50,7 +84,10 @@ type TrainingPlan =
       /// Warmup steps of the schedule.
       WarmupSteps: int
       /// The learning rate of update k (from 0).
-      Schedule: int -> float }
+      Schedule: int -> float
+      /// When set, the trainer charges the time of every step's phases to it (benchmarks); None (what
+      /// plan gives) costs nothing.
+      PhaseClock: PhaseClock option }
 
 /// What a finished training loop leaves.
 [<NoComparison; NoEquality>]
@@ -164,7 +201,8 @@ module Trainer =
           Accumulation = accumulation
           TotalSteps = totalSteps
           WarmupSteps = warmup
-          Schedule = schedule }
+          Schedule = schedule
+          PhaseClock = None }
 
     /// The updates an optimizer state has applied: the count of its learning-rate schedule
     /// ("learning_rate.count", which every optimizer chain here holds once).
@@ -269,6 +307,7 @@ module Trainer =
         | None -> ()
         let mutable skippedSteps = accumulation.OptimizerStep - updates
         let mutable epochBatches = epochMicroBatches options dataset.Rows.Length accumulation.Epoch
+        let mark phase = plan.PhaseClock |> Option.iter (fun c -> c.Mark phase)
         let clock = Stopwatch.StartNew()
         let mutable tokensSeen = 0L
         let mutable lastLoss = nan
@@ -287,11 +326,14 @@ module Trainer =
             let scale = Accumulation.lossScale windowTokens * Option.defaultValue 1.0 windowScale
             let mutable report = None
             for batch in window do
+                mark TrainingPhase.Other
                 use logits = computeModel.Module.forward batch.InputIds // (B, T, V)
                 use lossSum = Loss.causalLmSum logits batch.Labels
+                mark TrainingPhase.Forward
                 use scaled = lossSum * scale
                 scaled.backward ()
                 compute |> Option.iter (fun c -> MixedPrecision.accumulateGradients c flat)
+                mark TrainingPhase.Backward
                 tokensSeen <- tokensSeen + batch.Tokens
                 let next, event = Accumulation.observe plan.Accumulation accumulation (lossSum.item<float32> () |> float)
                 accumulation <- next
@@ -312,6 +354,7 @@ module Trainer =
                     decision.ApplyUpdate
                 | _ -> true
             let learningRate = schedule updates
+            mark TrainingPhase.Other
             if apply then
                 optimizerState <- Optimizer.apply transform flat optimizerState
                 updates <- updates + 1
@@ -319,6 +362,7 @@ module Trainer =
             else
                 skippedSteps <- skippedSteps + 1
             FlatParameters.zeroGrads flat
+            mark TrainingPhase.Optimizer
             lastLoss <- r.Loss
             let seconds = clock.Elapsed.TotalSeconds
             let log =
