@@ -386,7 +386,7 @@ internal static class BenchCommand
             var lm = parse.GetValue(model) is { } path
                 ? HfModelFolder.load(path, 1)
                 : CausalLmModule.create(Training.EmbeddedRun.modelConfig(512), 1);
-            Console.WriteLine($"generation benchmark, {TorchSharp.torch.get_num_threads()} threads: one prompt of 8 tokens, greedy");
+            Console.WriteLine($"generation benchmark, {TorchSharp.torch.get_num_threads()} threads: a one-token prompt, greedy");
             var rows = GenerationBenchmark.run(lm, ListModule.OfSeq(counts));
             Console.Write(GenerationBenchmark.format(rows));
             if (parse.GetValue(generationPyTorch))
@@ -403,13 +403,13 @@ internal static class BenchCommand
                     File.Delete(file);
                 }
                 Console.WriteLine("PyTorch (HF-style loop, past_key_values grown by torch.cat; random weights of the same config):");
-                Console.WriteLine($"{"new tokens",10} {"cached ms/token",16} {"uncached ms/token",18} {"ours / pytorch (cached)",24}");
+                Console.WriteLine($"{"new tokens",10} {"cached ms/token",16} {"uncached ms/token",18} {"speed ours / pytorch",22}");
                 foreach (var (ours, py) in rows.Zip(reference.GetProperty("rows").EnumerateArray()))
                 {
                     var cached = py.GetProperty("cached_seconds_per_token").GetDouble();
                     Console.WriteLine($"{py.GetProperty("new_tokens").GetInt32(),10} {Program.Num(1000 * cached, "F3"),16} " +
                         $"{Program.Num(1000 * py.GetProperty("uncached_seconds_per_token").GetDouble(), "F3"),18} " +
-                        $"{Program.Num(cached / ours.CachedSecondsPerToken, "F2") + "x",24}");
+                        $"{Program.Num(cached / ours.CachedSecondsPerToken, "F2") + "x",22}");
                 }
             }
             return 0;

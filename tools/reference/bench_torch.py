@@ -65,8 +65,7 @@ def complete_config(raw):
         cfg.setdefault("rms_norm_eps", 1e-6)
         cfg.setdefault("rope_theta", 10000.0)
         cfg.setdefault("initializer_range", 0.02)
-        if cfg.get("tie_word_embeddings"):
-            raise SystemExit("bench_torch.py: tied LLaMA heads are not supported")
+        cfg.setdefault("tie_word_embeddings", False)
     else:
         raise SystemExit("bench_torch.py: unsupported model_type %r" % cfg["model_type"])
     return cfg
@@ -77,9 +76,18 @@ def family(cfg):
 
 
 def build(cfg, seed=1):
-    """Parameters (name -> fp32 leaf tensor requiring a gradient) in HF order, HF's init."""
+    """Parameters (name -> fp32 leaf tensor requiring a gradient) in HF order, HF's init. A tied
+    LLaMA head is the embedding tensor itself (listed under both names)."""
     spec = make_golden.FAMILIES[family(cfg)][1](cfg)
-    return {n: t.requires_grad_(True) for n, t in make_golden.init_params(spec, seed).items()}
+    params = {n: t.requires_grad_(True) for n, t in make_golden.init_params(spec, seed).items()}
+    if family(cfg) == "llama" and cfg["tie_word_embeddings"]:
+        params["lm_head.weight"] = params["model.embed_tokens.weight"]
+    return params
+
+
+def distinct(params):
+    """Each parameter tensor once (a tied head appears under two names)."""
+    return list({id(t): t for t in params.values()}.values())
 
 
 def forward(params, cfg, ids):
@@ -94,7 +102,8 @@ def shape(cfg):
         lookup = {"transformer.wpe.weight"}
     else:
         layers, width = cfg["num_hidden_layers"], cfg["hidden_size"]
-        lookup = {"model.embed_tokens.weight"}
+        # A tied head is the embedding: count that tensor once, as the head.
+        lookup = {"lm_head.weight"} if cfg["tie_word_embeddings"] else {"model.embed_tokens.weight"}
     spec = make_golden.FAMILIES[family(cfg)][1](cfg)
     n = sum(math.prod(s) for name, s, _ in spec if name not in lookup)
     return layers, width, n
@@ -157,7 +166,7 @@ def matmul_peak(dtype, repeats=10):
 def train(cfg, batch, seq_len, precision, steps, warmup, learning_rate):
     params = build(cfg)
     vocab = cfg["vocab_size"]
-    optimizer = torch.optim.AdamW(list(params.values()), lr=learning_rate, betas=(0.9, 0.999), eps=1e-8,
+    optimizer = torch.optim.AdamW(distinct(params), lr=learning_rate, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=0.0)
     autocast = precision == "bf16"
     phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0, "other": 0.0}
@@ -185,7 +194,7 @@ def train(cfg, batch, seq_len, precision, steps, warmup, learning_rate):
         charge("forward")
         loss.backward()
         charge("backward")
-        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+        torch.nn.utils.clip_grad_norm_(distinct(params), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         charge("optimizer")
