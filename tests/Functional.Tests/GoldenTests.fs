@@ -90,6 +90,7 @@ let private goldenRun (checkpointing: bool) (case: string) =
               Data = FineTune.defaultData
               ResumeFromCheckpoint = None
               Lora = loraSettings case
+              Prefix = None
               GradientCheckpointing = checkpointing }
         let result = FineTune.run request ignore
         let expected = readJsonLines (Path.Combine(dir, "steps.jsonl"))
