@@ -26,9 +26,10 @@ internal static class GenerateCommand
         var seed = CliOption.Create("--seed", "Seed of the sampling: the same seed gives the same text.", 42L);
         var greedy = CliOption.Create("--greedy", "Always take the most likely token.", false);
         var threads = CliOption.Create("--threads", "Intra-op threads (0: all cores).", 0);
+        var prefixAdapter = CliOption.Create<string?>("--prefix-adapter", "A PEFT prefix adapter folder (functional train --prefix-tuning): every layer attends to its prefix first.", null);
         var command = new Command("generate", "Continue prompts with a trained model (stops at eos; batched; key/value cache).")
         {
-            model, prompts, promptFile, maxNewTokens, temperature, topK, topP, seed, greedy, threads,
+            model, prompts, promptFile, maxNewTokens, temperature, topK, topP, seed, greedy, threads, prefixAdapter,
         };
         command.SetAction(parse =>
         {
@@ -63,6 +64,10 @@ internal static class GenerateCommand
             }
             var tokenizer = Tokenizers.fromFolder(modelPath);
             var lm = HfModelFolder.load(modelPath, parse.GetValue(seed));
+            if (parse.GetValue(prefixAdapter) is { } adapter)
+            {
+                lm = Peft.PrefixTuning.load(adapter, lm).Model;
+            }
             var answers = Generator.generateText(lm, tokenizer, ListModule.OfSeq(all), options);
             foreach (var answer in answers)
             {

@@ -49,6 +49,9 @@ internal static class TrainCommand
         var onlyLora = CliOption.Create("--only-optimize-lora", "Freeze the base model; train only the adapters.", false);
         var loraLr = CliOption.Create<double?>("--lora-learning-rate", "The adapters' own learning rate.", null);
         var loraAdapter = CliOption.Create<string?>("--lora-adapter", "Start from this PEFT adapter folder.", null);
+        var prefixTuning = CliOption.Create("--prefix-tuning", "Train learned key/value prefixes for every layer; the model stays frozen, final/ is the adapter (PaddleNLP, PEFT).", false);
+        var numPrefixTokens = CliOption.Create("--num-prefix-tokens", "Virtual tokens of the prefix.", d.NumPrefixTokens);
+        var prefixAdapter = CliOption.Create<string?>("--prefix-adapter", "Start prefix tuning from this PEFT prefix adapter folder.", null);
         var resume = CliOption.Create<string?>("--resume-from-checkpoint", "A checkpoint folder, or latest (the newest complete one in --output).", null);
         var output = CliOption.Create("--output", "Output folder for metrics.jsonl and final/.", "", "--output_dir", "--output-dir");
         var overwrite = CliOption.Create("--overwrite-output-dir", "Write into an output folder that is not empty.", false);
@@ -83,6 +86,7 @@ internal static class TrainCommand
             trainOn, packing, skipBadRows, dataSplit, evalSplitRatio, tokenizer, noDataCache, exactMatch, evalSteps, evalBatch,
             evalStrategy, saveStrategy, saveSteps, saveTotalLimit, metric, greaterIsBetter, loadBest, patience, resume,
             loraDim, loraAlpha, loraDropout, loraModuleName, loraTargets, onlyLora, loraLr, loraAdapter, recompute,
+            prefixTuning, numPrefixTokens, prefixAdapter,
             bf16, fp16, lossScale, scalePower, scaleWindow, hysteresis, minScale,
         };
         command.SetAction(parse =>
@@ -90,6 +94,10 @@ internal static class TrainCommand
             if (!CliOption.Given(parse, model) && !CliOption.Given(parse, data))
             {
                 return EmbeddedCommand.Run(parse, output, seed, threads, maxSteps);
+            }
+            if (CliOption.Given(parse, numPrefixTokens) && !parse.GetValue(prefixTuning) && parse.GetValue(prefixAdapter) is null)
+            {
+                throw new InvalidInputException("--num-prefix-tokens", "", "needs --prefix-tuning (or --prefix-adapter PATH)");
             }
             var optimizerName = parse.GetValue(optimizer)!;
             var options = new FineTuneOptions
@@ -158,6 +166,9 @@ internal static class TrainCommand
                 LoraLearningRate = parse.GetValue(loraLr),
                 LoraAdapter = parse.GetValue(loraAdapter),
                 GradientCheckpointing = parse.GetValue(recompute),
+                PrefixTuning = parse.GetValue(prefixTuning),
+                NumPrefixTokens = parse.GetValue(numPrefixTokens),
+                PrefixAdapter = parse.GetValue(prefixAdapter),
                 Bf16 = parse.GetValue(bf16),
                 Fp16 = parse.GetValue(fp16),
                 LossScale = parse.GetValue(lossScale),

@@ -212,6 +212,16 @@ public sealed class FineTuneOptions
     /// <summary>Start from an existing PEFT adapter folder, its config and values (default none).</summary>
     public string? LoraAdapter { get; set; }
 
+    /// <summary>Train a learned key/value prefix for every layer instead of the model, which stays frozen;
+    /// final/ is a PEFT prefix adapter (PaddleNLP's prefix_tuning; default false).</summary>
+    public bool PrefixTuning { get; set; }
+
+    /// <summary>Virtual tokens of the prefix (PaddleNLP's num_prefix_tokens; default 128).</summary>
+    public int NumPrefixTokens { get; set; } = Peft.PrefixTuning.DefaultNumVirtualTokens;
+
+    /// <summary>Start prefix tuning from an existing PEFT prefix adapter folder, its values (default none).</summary>
+    public string? PrefixAdapter { get; set; }
+
     /// <summary>A checkpoint folder to resume from, or "latest" for the newest complete one in OutputPath (default none).</summary>
     public string? ResumeFromCheckpoint { get; set; }
 }

@@ -74,6 +74,7 @@ public static class FineTuning
             ToData(options),
             Optional(options.ResumeFromCheckpoint),
             ToLora(options),
+            ToPrefix(options),
             options.GradientCheckpointing);
         var report = FuncConvert.FromAction<StepLog>(log => onProgress?.Invoke(ToProgress(log)));
         return ToResult(FineTune.runWith(request, cancellation, report));
@@ -130,6 +131,22 @@ public static class FineTuning
             o.OnlyOptimizeLora,
             o.LoraLearningRate is { } lr ? FSharpOption<double>.Some(lr) : FSharpOption<double>.None,
             Optional(o.LoraAdapter)));
+    }
+
+    private static FSharpOption<PrefixSettings> ToPrefix(FineTuneOptions o)
+    {
+        var defaultTokens = Peft.PrefixTuning.DefaultNumVirtualTokens;
+        if (!o.PrefixTuning && o.PrefixAdapter is null)
+        {
+            return o.NumPrefixTokens == defaultTokens
+                ? FSharpOption<PrefixSettings>.None
+                : throw new InvalidInputException("--num-prefix-tokens", "", "needs --prefix-tuning (or --prefix-adapter PATH)");
+        }
+        // A prefix adapter brings its own size; a different explicit --num-prefix-tokens is refused by the core.
+        var tokens = o.PrefixAdapter is { } adapter && o.NumPrefixTokens == defaultTokens
+            ? Peft.PrefixTuning.loadConfig(adapter).NumVirtualTokens
+            : o.NumPrefixTokens;
+        return FSharpOption<PrefixSettings>.Some(new PrefixSettings(tokens, Optional(o.PrefixAdapter)));
     }
 
     private static DataSettings ToData(FineTuneOptions o)

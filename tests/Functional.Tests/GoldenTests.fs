@@ -66,14 +66,28 @@ let private compareWeights (case: string) (actualPath: string) (expectedPath: st
     actual |> Map.iter (fun _ t -> t.Dispose())
     expected |> Map.iter (fun _ t -> t.Dispose())
 
+/// Whether a case's options.json names a field (lora_dim, num_prefix_tokens).
+let private hasOption (case: string) (name: string) =
+    use document = JsonDocument.Parse(File.ReadAllText(Path.Combine(goldenDir case, "options.json")))
+    fst (document.RootElement.TryGetProperty name)
+
 /// LoRA cases start from the golden initial adapter and train only it.
 let private loraSettings (case: string) =
     let adapter = Path.Combine(goldenDir case, "adapter")
-    if Directory.Exists adapter then
+    if hasOption case "lora_dim" then
         Some
             { Config = Functional.Peft.Lora.loadConfig adapter
               OnlyOptimizeLora = true
               LearningRate = None
+              AdapterPath = Some adapter }
+    else None
+
+/// Prefix-tuning cases start from the golden initial prefix and train only it.
+let private prefixSettings (case: string) : PrefixSettings option =
+    let adapter = Path.Combine(goldenDir case, "adapter")
+    if hasOption case "num_prefix_tokens" then
+        Some
+            { NumPrefixTokens = (Functional.Peft.PrefixTuning.loadConfig adapter).NumVirtualTokens
               AdapterPath = Some adapter }
     else None
 
@@ -90,6 +104,7 @@ let private goldenRun (checkpointing: bool) (case: string) =
               Data = FineTune.defaultData
               ResumeFromCheckpoint = None
               Lora = loraSettings case
+              Prefix = prefixSettings case
               GradientCheckpointing = checkpointing }
         let result = FineTune.run request ignore
         let expected = readJsonLines (Path.Combine(dir, "steps.jsonl"))
@@ -102,13 +117,14 @@ let private goldenRun (checkpointing: bool) (case: string) =
             Expect.isLessThanOrEqual (relativeError (get a "loss") (get e "loss")) 1e-4 (sprintf "%s step %d: loss relative error" case step)
             Expect.isLessThanOrEqual (abs (get a "lr" - get e "lr")) 1e-9 (sprintf "%s step %d: lr absolute error" case step)
             Expect.isLessThanOrEqual (relativeError (get a "grad_norm") (get e "grad_norm")) 1e-3 (sprintf "%s step %d: grad_norm relative error" case step)
-        let weights = if (loraSettings case).IsSome then "adapter_model.safetensors" else "model.safetensors"
+        let weights =
+            if (loraSettings case).IsSome || (prefixSettings case).IsSome then "adapter_model.safetensors" else "model.safetensors"
         compareWeights case (Path.Combine(result.FinalModelPath, weights)) (Path.Combine(dir, "final", weights))
     }
 
 [<Tests>]
 let tests =
     testList "golden" [
-        for case in goldenCases @ [ "gpt2-lora"; "llama-lora" ] -> goldenRun false case
+        for case in goldenCases @ [ "gpt2-lora"; "llama-lora"; "gpt2-prefix"; "llama-prefix" ] -> goldenRun false case
         // Recomputing blocks changes nothing, with LoRA too (frozen inputs still get gradients through the block).
         for case in [ "gpt2-cosine"; "llama-lora" ] -> goldenRun true case ]

@@ -14,6 +14,13 @@ projection computes base(x) + (lora_alpha / r) * B(A(x)) with A [r, in] and
 B [out, r]; the base weights are frozen and only A and B are optimized.  The
 initial and final adapters are written in PEFT's adapter format.
 
+The prefix-tuning cases (gpt2-prefix, llama-prefix) follow PEFT's PREFIX_TUNING
+without projection: one tensor prompt_embeddings [N, num_layers * 2 * token_dim]
+(token_dim = head_dim * num_key_value_heads) is split as PEFT's get_prompt
+splits it into every layer's past keys and values; each token attends to all N
+prefix positions, positions start at N (no rotary on the prefix keys), and only
+the prefix is optimized.
+
 Usage:  /usr/bin/python3 tools/reference/make_golden.py --out tests/golden
 """
 
@@ -143,6 +150,18 @@ LORA_FAN_IN_FAN_OUT = {"gpt2": True, "llama": False}   # GPT-2 Conv1D stores wei
 LORA_CASES = [
     ("gpt2-lora", "gpt2", "cosine", 3, 0.0215),
     ("llama-lora", "llama", "cosine", 2, 0.09),
+]
+
+# Prefix-tuning cases: PEFT PREFIX_TUNING (no projection) on a frozen base, the
+# prefix drawn from normal(0, 1) as PEFT's nn.Embedding.
+PREFIX_TOKENS = 4
+PREFIX_LEARNING_RATE = 0.03     # the prefix is O(1): a larger step than the models' makes it move
+PREFIX_MAX_GRAD_NORM_GPT2 = 0.0052     # clips 3 of 10 steps, each pre-clip norm >= 19% away
+PREFIX_MAX_GRAD_NORM_LLAMA = 0.0135    # clips 2 of 10 steps, each pre-clip norm >= 11% away
+PREFIX_SEEDS = {"gpt2": 20240613, "llama": 20240614}
+PREFIX_CASES = [
+    ("gpt2-prefix", "gpt2", "cosine", 3, PREFIX_MAX_GRAD_NORM_GPT2),
+    ("llama-prefix", "llama", "cosine", 2, PREFIX_MAX_GRAD_NORM_LLAMA),
 ]
 
 # --------------------------------------------------------------------------
@@ -278,14 +297,31 @@ def lora_delta(lora, module, x):
     return F.linear(F.linear(x, A), B) * lora["scaling"]
 
 
-def gpt2_forward(p, cfg, input_ids, lora=None):
+def prefix_past(prefix, batch, layers, heads):
+    """PEFT's get_prompt: prompt_embeddings [N, layers * 2 * token_dim] repeated over the
+    batch, viewed (B, N, layers * 2, heads, head_dim), permuted to (layers * 2, B, heads, N,
+    head_dim) and split in pairs: per layer (key, value), each (B, heads, N, head_dim)."""
+    n, width = prefix.shape
+    past = prefix.repeat(batch, 1, 1).view(batch, n, layers * 2, heads, width // (layers * 2 * heads))
+    past = past.permute([2, 0, 3, 1, 4]).split(2)
+    return [(kv[0], kv[1]) for kv in past]
+
+
+def prefix_mask(T, n):
+    """Token queries over [prefix; tokens] keys: every prefix position, tokens causally."""
+    return torch.cat((torch.ones(T, n, dtype=torch.bool), causal_mask(T, None)), dim=1)
+
+
+def gpt2_forward(p, cfg, input_ids, lora=None, prefix=None):
     B, T = input_ids.shape
     d, H = cfg["n_embd"], cfg["n_head"]
     hd = d // H
     eps = cfg["layer_norm_epsilon"]
-    pos = torch.arange(T)
+    n = 0 if prefix is None else prefix.shape[0]
+    pos = torch.arange(n, n + T)
     h = p["transformer.wte.weight"][input_ids] + p["transformer.wpe.weight"][pos][None]
-    mask = causal_mask(T, h.device)
+    mask = causal_mask(T, h.device) if prefix is None else prefix_mask(T, n)
+    past = None if prefix is None else prefix_past(prefix, B, cfg["n_layer"], H)
     for i in range(cfg["n_layer"]):
         pre = "transformer.h.%d." % i
         x = F.layer_norm(h, (d,), p[pre + "ln_1.weight"], p[pre + "ln_1.bias"], eps)
@@ -296,6 +332,9 @@ def gpt2_forward(p, cfg, input_ids, lora=None):
         q = q.view(B, T, H, hd).permute(0, 2, 1, 3)
         k = k.view(B, T, H, hd).permute(0, 2, 1, 3)
         v = v.view(B, T, H, hd).permute(0, 2, 1, 3)
+        if past is not None:
+            k = torch.cat((past[i][0], k), dim=2)
+            v = torch.cat((past[i][1], v), dim=2)
         w = (q @ k.transpose(-1, -2)) / torch.full([], hd ** 0.5, dtype=q.dtype)
         w = torch.where(mask, w, torch.tensor(torch.finfo(w.dtype).min, dtype=w.dtype))
         w = torch.softmax(w, dim=-1)
@@ -324,7 +363,7 @@ def rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def llama_forward(p, cfg, input_ids, lora=None):
+def llama_forward(p, cfg, input_ids, lora=None, prefix=None):
     B, T = input_ids.shape
     d = cfg["hidden_size"]
     H, KV, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
@@ -333,11 +372,13 @@ def llama_forward(p, cfg, input_ids, lora=None):
     dtype = p["model.embed_tokens.weight"].dtype
     # rotary tables: computed in float64 then cast to the working dtype
     inv_freq = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-    freqs = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    n = 0 if prefix is None else prefix.shape[0]
+    freqs = torch.arange(n, n + T, dtype=torch.float64)[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos().to(dtype)[None, None], emb.sin().to(dtype)[None, None]
     scaling = hd ** -0.5
-    mask = causal_mask(T, None)
+    mask = causal_mask(T, None) if prefix is None else prefix_mask(T, n)
+    past = None if prefix is None else prefix_past(prefix, B, cfg["num_hidden_layers"], KV)
     h = p["model.embed_tokens.weight"][input_ids]
     for i in range(cfg["num_hidden_layers"]):
         pre = "model.layers.%d." % i
@@ -358,9 +399,13 @@ def llama_forward(p, cfg, input_ids, lora=None):
             v = proj["v_proj"].view(B, T, KV, hd).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if past is not None:          # prefix keys as stored: no rotary
+            k = torch.cat((past[i][0], k), dim=2)
+            v = torch.cat((past[i][1], v), dim=2)
+        S = k.shape[2]
         # GQA: query head j uses key/value head j // rep
-        k = k[:, :, None].expand(B, KV, rep, T, hd).reshape(B, H, T, hd)
-        v = v[:, :, None].expand(B, KV, rep, T, hd).reshape(B, H, T, hd)
+        k = k[:, :, None].expand(B, KV, rep, S, hd).reshape(B, H, S, hd)
+        v = v[:, :, None].expand(B, KV, rep, S, hd).reshape(B, H, S, hd)
         w = (q @ k.transpose(2, 3)) * scaling
         w = torch.where(mask, w, torch.tensor(torch.finfo(w.dtype).min, dtype=w.dtype))
         w = torch.softmax(w, dim=-1)
@@ -471,6 +516,57 @@ def adapter_config(family):
     }
 
 # --------------------------------------------------------------------------
+# Prefix adapters (PEFT format)
+# --------------------------------------------------------------------------
+
+
+def prefix_shape(family, cfg):
+    """PEFT's _prepare_prompt_learning_config: (num_layers, token_dim, num_attention_heads);
+    for LLaMA (num_key_value_heads in the config) token_dim = head_dim * kv heads over kv heads."""
+    if family == "gpt2":
+        return cfg["n_layer"], cfg["n_embd"], cfg["n_head"]
+    return cfg["num_hidden_layers"], cfg["head_dim"] * cfg["num_key_value_heads"], cfg["num_key_value_heads"]
+
+
+def init_prefix(family, cfg, seed):
+    layers, token_dim, _ = prefix_shape(family, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    return {"prompt_embeddings": torch.empty((PREFIX_TOKENS, layers * 2 * token_dim), dtype=torch.float32).normal_(
+        0.0, 1.0, generator=gen)}
+
+
+def prefix_config(family, cfg):
+    layers, token_dim, heads = prefix_shape(family, cfg)
+    return {
+        "encoder_hidden_size": token_dim,
+        "inference_mode": True,
+        "num_attention_heads": heads,
+        "num_layers": layers,
+        "num_transformer_submodules": 1,
+        "num_virtual_tokens": PREFIX_TOKENS,
+        "peft_type": "PREFIX_TUNING",
+        "prefix_projection": False,
+        "task_type": "CAUSAL_LM",
+        "token_dim": token_dim,
+    }
+
+
+def prefix_check(family, cfg, base_f32, adapter_f32, data, opts):
+    """Self-check of the prefix forward on the first micro-batch, in float64: an empty
+    prefix (N = 0) gives exactly the base forward, and the initial prefix changes the logits."""
+    forward = FAMILIES[family][2]
+    base = {n: t.to(torch.float64) for n, t in base_f32.items()}
+    prefix = adapter_f32["prompt_embeddings"].to(torch.float64)
+    ids = micro_batches(data, opts)[0][0]
+    a = forward(base, cfg, ids, prefix=prefix)
+    c = forward(base, cfg, ids)
+    empty = forward(base, cfg, ids, prefix=prefix[:0])
+    assert torch.equal(empty, c)
+    effect = (a - c).abs().max().item()
+    assert effect > 1e-3, effect
+    return effect
+
+# --------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------
 
@@ -533,12 +629,18 @@ def cosine_lambda(warmup, total, num_cycles=0.5):
 # --------------------------------------------------------------------------
 
 
-def train(family, init_f32, data, opts, dtype, lora_f32=None):
-    """Full training, or (lora_f32 given) LoRA training of the adapter on the frozen
-    base init_f32.  Returns (steps, final trainable tensors by name)."""
+def train(family, init_f32, data, opts, dtype, lora_f32=None, prefix_f32=None):
+    """Full training, or (lora_f32 given) LoRA training of the adapter, or (prefix_f32
+    given) training of the prefix, on the frozen base init_f32.  Returns (steps, final
+    trainable tensors by name)."""
     cfg, _, forward = FAMILIES[family]
     lora = None
-    if lora_f32 is None:
+    prefix = None
+    if prefix_f32 is not None:
+        params = {n: t.to(dtype).clone() for n, t in init_f32.items()}          # frozen
+        trainable = {n: t.to(dtype).clone().requires_grad_(True) for n, t in prefix_f32.items()}
+        prefix = trainable["prompt_embeddings"]
+    elif lora_f32 is None:
         params = {n: t.to(dtype).clone().requires_grad_(True) for n, t in init_f32.items()}
         trainable = params
     else:
@@ -572,7 +674,10 @@ def train(family, init_f32, data, opts, dtype, lora_f32=None):
             n_tok = sum(int((lab[:, 1:] != -100).sum()) for _, lab in win)
             total = 0.0
             for ids, lab in win:
-                logits = forward(params, cfg, ids) if lora is None else forward(params, cfg, ids, lora)
+                if prefix is not None:
+                    logits = forward(params, cfg, ids, prefix=prefix)
+                else:
+                    logits = forward(params, cfg, ids) if lora is None else forward(params, cfg, ids, lora)
                 V = logits.shape[-1]
                 loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, V), lab[:, 1:].reshape(-1),
                                            ignore_index=-100, reduction="sum")
@@ -656,6 +761,13 @@ def golden_readme(summary):
         "- `adapter/adapter_config.json`, `adapter/adapter_model.safetensors`: initial adapter in PEFT's format (F32).",
         "- `data.jsonl`, `options.json` (with `lora_dim`, `lora_alpha`, `lora_target_modules`, `only_optimize_lora`), `steps.jsonl`: as above.",
         "- `final/adapter_config.json`, `final/adapter_model.safetensors`: adapter after `max_steps` steps (float64 training, stored F32).",
+        "",
+        "Each prefix-tuning case folder (`*-prefix`) holds:",
+        "",
+        "- `model/config.json`, `model/model.safetensors`: the frozen base model (same files as the family's `-cosine` case).",
+        "- `adapter/adapter_config.json`, `adapter/adapter_model.safetensors`: initial prefix in PEFT's format (`prompt_embeddings`, F32).",
+        "- `data.jsonl`, `options.json` (with `prefix_tuning`, `num_prefix_tokens`), `steps.jsonl`: as above.",
+        "- `final/adapter_config.json`, `final/adapter_model.safetensors`: prefix after `max_steps` steps (float64 training, stored F32).",
         "",
         "| case | steps | first loss | last loss | clipped steps |",
         "|---|---|---|---|---|",
@@ -757,6 +869,38 @@ def main():
 
         if not args.skip_fp32_check:
             steps32, final32 = train(fam, init[fam], data, opts, torch.float32, lora_f32=adapter)
+            fp32_rows[case] = (fp32_report(fam, cfg, final32, final),
+                               max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(steps32, steps)))
+
+    for case, fam, sched, gas, mgn in PREFIX_CASES:
+        cfg = FAMILIES[fam][0]
+        opts = dict(BASE_OPTIONS)
+        opts.update(lr_scheduler_type=sched, gradient_accumulation_steps=gas, max_grad_norm=mgn,
+                    learning_rate=PREFIX_LEARNING_RATE, prefix_tuning=True, num_prefix_tokens=PREFIX_TOKENS)
+        adapter = init_prefix(fam, cfg, PREFIX_SEEDS[fam])
+        effect = prefix_check(fam, cfg, init[fam], adapter, data, opts)
+        cdir = os.path.join(args.out, case)
+        if os.path.isdir(cdir):
+            shutil.rmtree(cdir)
+        for sub in ("model", "adapter", "final"):
+            os.makedirs(os.path.join(cdir, sub))
+        write_json(os.path.join(cdir, "model", "config.json"), cfg)
+        write_safetensors(os.path.join(cdir, "model", "model.safetensors"), init[fam])
+        write_json(os.path.join(cdir, "adapter", "adapter_config.json"), prefix_config(fam, cfg))
+        write_safetensors(os.path.join(cdir, "adapter", "adapter_model.safetensors"), adapter)
+        write_jsonl(os.path.join(cdir, "data.jsonl"), [{"input_ids": r} for r in data])
+        write_json(os.path.join(cdir, "options.json"), opts)
+
+        steps, final = train(fam, init[fam], data, opts, torch.float64, prefix_f32=adapter)
+        write_jsonl(os.path.join(cdir, "steps.jsonl"), steps)
+        write_json(os.path.join(cdir, "final", "adapter_config.json"), prefix_config(fam, cfg))
+        write_safetensors(os.path.join(cdir, "final", "adapter_model.safetensors"), final)
+
+        report_case(case, steps, mgn, summary)
+        print("  initial prefix: max|logits(prefix) - logits(base)| %.3e" % effect)
+
+        if not args.skip_fp32_check:
+            steps32, final32 = train(fam, init[fam], data, opts, torch.float32, prefix_f32=adapter)
             fp32_rows[case] = (fp32_report(fam, cfg, final32, final),
                                max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(steps32, steps)))
 

@@ -77,11 +77,18 @@ module Generator =
         | Gpt2 c -> c.VocabSize
         | Llama c -> c.VocabSize
 
-    /// The most positions the model can take (GPT-2's learned positions); None when unbounded (rotary).
+    /// The most positions the tokens can take (GPT-2's learned positions, less those of a prefix); None
+    /// when unbounded (rotary).
     let internal positionLimit (lm: CausalLm) =
         match lm.Config with
-        | Gpt2 c -> Some c.NPositions
+        | Gpt2 c -> Some(c.NPositions - CausalLm.prefixLength lm)
         | Llama _ -> None
+
+    /// How a position limit reads in messages: n_positions, and what a prefix takes of it.
+    let internal describeLimit (lm: CausalLm) (limit: int) =
+        match CausalLm.prefixLength lm with
+        | 0 -> sprintf "the model has n_positions = %d" limit
+        | prefix -> sprintf "the model has n_positions = %d, %d of them taken by the prefix" (limit + prefix) prefix
 
     let private checkInputs (lm: CausalLm) (prompts: int64[][]) (options: GenerationOptions) =
         GenerationOptions.validate options
@@ -104,8 +111,8 @@ module Generator =
             let needed = longest + options.MaxNewTokens - 1
             if needed > limit then
                 InvalidInput.option "--max-new-tokens"
-                    (sprintf "the longest prompt (%d tokens) with %d new tokens needs %d positions; the model has n_positions = %d"
-                         longest options.MaxNewTokens needed limit)
+                    (sprintf "the longest prompt (%d tokens) with %d new tokens needs %d positions; %s"
+                         longest options.MaxNewTokens needed (describeLimit lm limit))
         | _ -> ()
 
     /// generate, calling onStep after every step with the tokens chosen in it (to stream output).
@@ -234,7 +241,7 @@ module GenerationBenchmark =
             if n <= 0 then InvalidInput.option "--lengths" (sprintf "expected positive token counts, found %d" n)
             match Generator.positionLimit lm with
             | Some limit when n > limit ->
-                InvalidInput.option "--lengths" (sprintf "%d new tokens exceed the model's n_positions = %d" n limit)
+                InvalidInput.option "--lengths" (sprintf "%d new tokens exceed the positions left: %s" n (Generator.describeLimit lm limit))
             | _ -> ()
         let prompt = [| [| 0L |] |]
         let secondsPerToken useCache newTokens =

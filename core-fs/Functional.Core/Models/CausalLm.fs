@@ -4,6 +4,13 @@ open TorchSharp
 open TorchSharp.Modules
 open Functional.Runtime
 
+/// A model whose inputs follow positions of its own (prefix tuning's virtual tokens, see
+/// Peft.PrefixTuning): the first token's position is PrefixLength, which counts against GPT-2's
+/// n_positions.
+type IPrefixedModel =
+    /// The number of positions before the first token.
+    abstract PrefixLength: int
+
 /// A causal language model of any supported family, with what the trainer and the checkpoint code
 /// need to know about its parameter names.
 [<NoEquality; NoComparison>]
@@ -72,6 +79,12 @@ module CausalLm =
     /// does not appear).
     let parameterSpec (lm: CausalLm) : (string * int64[]) list =
         [ for name, p in lm.Module.named_parameters () -> name, p.shape ]
+
+    /// The positions the model puts before its inputs (IPrefixedModel.PrefixLength); 0 for a plain model.
+    let prefixLength (lm: CausalLm) : int =
+        match box lm.Module with
+        | :? IPrefixedModel as prefixed -> prefixed.PrefixLength
+        | _ -> 0
 
     let private decoder (lm: CausalLm) =
         match box lm.Module with

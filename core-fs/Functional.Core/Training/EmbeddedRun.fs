@@ -128,6 +128,7 @@ module EmbeddedRun =
                         ExactMatchMaxNewTokens = 16 }
                   ResumeFromCheckpoint = None
                   Lora = None
+                  Prefix = None
                   GradientCheckpointing = false }
             let result = FineTune.run request onStep
             StagedFolder.commit staging output

@@ -45,6 +45,17 @@ type LoraSettings =
       /// Start from an existing PEFT adapter folder: its config and values.
       AdapterPath: string option }
 
+/// Prefix tuning for a fine-tuning job (PaddleNLP's --prefix_tuning, PEFT's PREFIX_TUNING): learned
+/// key/value prefixes for every layer train, the base model stays frozen, and final/ is the adapter.
+[<NoComparison>]
+type PrefixSettings =
+    { /// N, the virtual tokens of the prefix (PaddleNLP's --num_prefix_tokens, default
+      /// PrefixTuning.DefaultNumVirtualTokens = 128). With AdapterPath it must equal the adapter's
+      /// num_virtual_tokens.
+      NumPrefixTokens: int
+      /// Start from an existing PEFT prefix adapter folder: its values.
+      AdapterPath: string option }
+
 /// A fine-tuning job: where the model, data and output are, and how to train.
 [<NoComparison>]
 type FineTuneRequest =
@@ -64,6 +75,9 @@ type FineTuneRequest =
       ResumeFromCheckpoint: string option
       /// LoRA adapters to train (None: plain fine-tuning).
       Lora: LoraSettings option
+      /// A prefix to train instead of the model (None: no prefix). Excludes Lora, mixed precision and
+      /// gradient checkpointing.
+      Prefix: PrefixSettings option
       /// Recompute each transformer block in backward instead of keeping its activations (HF's
       /// gradient_checkpointing, PaddleNLP's recompute): less memory, the same gradients, more time.
       GradientCheckpointing: bool }
@@ -219,6 +233,33 @@ module FineTune =
             InvalidInput.option "--metric-for-best-model"
                 (sprintf "unknown metric %s (expected eval_loss or eval_perplexity)" o.MetricForBestModel)
 
+    /// Refuses prefix tuning together with what it does not work with, naming both options.
+    let private checkPrefixCombinations (request: FineTuneRequest) =
+        if request.Prefix.IsSome then
+            if request.Lora.IsSome then
+                InvalidInput.option "--prefix-tuning" "cannot be combined with LoRA (--lora-dim / --lora-adapter): train one adapter at a time"
+            let precision = MixedPrecision.flag request.Options.Precision
+            if precision <> "" then
+                InvalidInput.option precision
+                    "cannot be combined with --prefix-tuning: mixed precision trains every parameter of the model, the prefix trains alone"
+            if request.GradientCheckpointing then
+                InvalidInput.option "--gradient-checkpointing"
+                    "cannot be combined with --prefix-tuning: the prefix runs through the key/value-cache path, which does not recompute blocks"
+
+    /// GPT-2's learned positions must cover the prefix and the longest row (positions start at N).
+    let private checkPrefixFits (model: CausalLm) (numVirtualTokens: int) (options: TrainOptions) (datasets: TokenizedDataset list) =
+        match model.Config with
+        | Gpt2 c ->
+            let longest =
+                datasets
+                |> List.collect (fun d -> [ for row in d.Rows -> min row.Length options.MaxSeqLen ])
+                |> List.fold max 0
+            if numVirtualTokens + longest > c.NPositions then
+                InvalidInput.option "--num-prefix-tokens"
+                    (sprintf "%d prefix tokens and the longest row (%d tokens) need %d positions; the model has n_positions = %d (lower --num-prefix-tokens or --max-seq-len)"
+                        numVirtualTokens longest (numVirtualTokens + longest) c.NPositions)
+        | Llama _ -> ()
+
     let private metricOf (options: TrainOptions) (eval: EvalResult) =
         if metricName options = "eval_perplexity" then eval.Perplexity else eval.Loss
 
@@ -249,6 +290,7 @@ module FineTune =
         let clock = Stopwatch.StartNew()
         let options = request.Options
         TrainOptions.validate options
+        checkPrefixCombinations request
         if request.ResumeFromCheckpoint.IsNone then checkOutputFolder request
         let model = HfModelFolder.load request.ModelPath options.Seed
         let sourceConfig = File.ReadAllText(Path.Combine(request.ModelPath, "config.json"))
@@ -272,10 +314,30 @@ module FineTune =
                     | None -> Lora.wrap lora.Config model options.Seed
                 if lora.OnlyOptimizeLora then Lora.freezeBase model
                 adapters)
+        let prefix =
+            request.Prefix
+            |> Option.map (fun settings ->
+                let adapter =
+                    match settings.AdapterPath with
+                    | Some path ->
+                        let adapter = PrefixTuning.load path model
+                        if adapter.Config.NumVirtualTokens <> settings.NumPrefixTokens then
+                            InvalidInput.option "--num-prefix-tokens"
+                                (sprintf "is %d, but the prefix adapter %s has num_virtual_tokens = %d"
+                                    settings.NumPrefixTokens (Path.Combine(path, PrefixTuning.ConfigFileName)) adapter.Config.NumVirtualTokens)
+                        adapter
+                    | None -> PrefixTuning.create settings.NumPrefixTokens model options.Seed
+                checkPrefixFits model adapter.Config.NumVirtualTokens options (data.Train :: Option.toList data.Eval)
+                PrefixTuning.freezeBase model
+                adapter)
+        // What trains, evaluates and generates: the model behind its prefix when there is one.
+        let trained = prefix |> Option.map (fun p -> p.Model) |> Option.defaultValue model
         CausalLm.setGradientCheckpointing model request.GradientCheckpointing
-        let adapterParameters = adapters |> Option.map Lora.parameters |> Option.defaultValue []
+        let adapterParameters =
+            (adapters |> Option.map Lora.parameters |> Option.defaultValue [])
+            @ (prefix |> Option.map PrefixTuning.parameters |> Option.defaultValue [])
         let trainable =
-            [ if not (request.Lora |> Option.exists (fun l -> l.OnlyOptimizeLora)) then
+            [ if not (request.Lora |> Option.exists (fun l -> l.OnlyOptimizeLora)) && prefix.IsNone then
                   for struct (name, p) in model.Module.named_parameters () -> name, p
               yield! adapterParameters ]
         let adapterLearningRate = request.Lora |> Option.bind (fun l -> l.LearningRate) |> Option.defaultValue options.LearningRate
@@ -288,21 +350,28 @@ module FineTune =
             @ [ "--lora-*",
                 (match request.Lora, adapters with
                  | Some l, Some a -> sprintf "%A only=%b lr=%g" a.Config l.OnlyOptimizeLora adapterLearningRate
-                 | _ -> "none") ]
-        let saveAdapters folder = adapters |> Option.iter (Lora.save folder (Some request.ModelPath))
+                 | _ -> "none")
+                "--prefix-tuning / --num-prefix-tokens",
+                (match prefix with
+                 | Some p -> sprintf "num_virtual_tokens=%d" p.Config.NumVirtualTokens
+                 | None -> "none") ]
+        let saveAdapters folder =
+            adapters |> Option.iter (Lora.save folder (Some request.ModelPath))
+            prefix |> Option.iter (PrefixTuning.save folder (Some request.ModelPath))
+        // LoRA and prefix adapters share PEFT's file name.
+        let loadAdapters (path: string) =
+            if not adapterParameters.IsEmpty then
+                let file = Path.Combine(path, Lora.WeightsFileName)
+                let saved = Safetensors.load file
+                use _ = torch.no_grad ()
+                for name, p in adapterParameters do
+                    match saved.TryFind name with
+                    | Some t -> p.copy_ t |> ignore
+                    | None -> InvalidInput.fail file name "missing from the checkpoint's adapter"
+                saved |> Map.iter (fun _ t -> t.Dispose())
         let restored =
             request.ResumeFromCheckpoint
             |> Option.map (fun spec ->
-                let loadAdapters (path: string) =
-                    if not adapterParameters.IsEmpty then
-                        let file = Path.Combine(path, Lora.WeightsFileName)
-                        let saved = Safetensors.load file
-                        use _ = torch.no_grad ()
-                        for name, p in adapterParameters do
-                            match saved.TryFind name with
-                            | Some t -> p.copy_ t |> ignore
-                            | None -> InvalidInput.fail file name "missing from the checkpoint's adapter"
-                        saved |> Map.iter (fun _ t -> t.Dispose())
                 TrainingCheckpoint.restore (CheckpointFolder.resolve request.OutputPath spec) model (List.map fst trainable) loadAdapters signature)
         let tokenizerCopies =
             if request.Data.TokenizerName.IsSome then []
@@ -313,7 +382,7 @@ module FineTune =
         let metricsPath = Path.Combine(request.OutputPath, "metrics.jsonl")
         let finalPath = Path.Combine(request.OutputPath, "final")
         let plotPath = Path.Combine(request.OutputPath, "loss.png")
-        let evaluate eval = Evaluation.evaluate model eval options.PerDeviceEvalBatchSize options.MaxSeqLen Trainer.PadId
+        let evaluate eval = Evaluation.evaluate trained eval options.PerDeviceEvalBatchSize options.MaxSeqLen Trainer.PadId
         let history = ResizeArray<string>(restored |> Option.map (fun r -> r.Record.History) |> Option.defaultValue [])
         let mutable best = restored |> Option.bind (fun r -> r.Record.Best)
         let mutable earlyStopping = restored |> Option.map (fun r -> r.Record.EarlyStopping) |> Option.defaultValue (0, None)
@@ -345,7 +414,7 @@ module FineTune =
                 match restored, data.Eval with
                 | Some _, _ -> history |> Seq.tryPick readFigure
                 | None, Some eval ->
-                    let figures = figures request model tokenizer (evaluate eval) data.EvalSamples
+                    let figures = figures request trained tokenizer (evaluate eval) data.EvalSamples
                     logEval 0 figures.Eval figures.ExactMatch
                     Some figures
                 | None, None -> None
@@ -361,10 +430,8 @@ module FineTune =
                 | _ -> ()
                 let record = { History = List.ofSeq history; Best = best; EarlyStopping = earlyStopping }
                 let adapterWriters =
-                    match adapters with
-                    | Some _ ->
-                        [ Lora.ConfigFileName, (fun (path: string) -> saveAdapters (Path.GetDirectoryName path)) ]
-                    | None -> []
+                    if adapterParameters.IsEmpty then []
+                    else [ Lora.ConfigFileName, (fun (path: string) -> saveAdapters (Path.GetDirectoryName path)) ]
                 TrainingCheckpoint.save request.OutputPath plan model (Some sourceConfig) tokenizerCopies signature adapterWriters context record |> ignore
                 let existing = CheckpointFolder.list request.OutputPath
                 let bestStep = best |> Option.bind (fun (_, p) -> existing |> List.tryFind (fun (_, q) -> Path.GetFullPath q = p) |> Option.map fst)
@@ -403,7 +470,7 @@ module FineTune =
                 if interrupted || stoppedEarly then StepDecision.Stop else StepDecision.Continue
             trainClock.Start()
             let result =
-                Trainer.trainParameters plan model [ for name, p in trainable -> struct (name, p) ] learningRate data.Train (restored |> Option.map (fun r -> r.Resume))
+                Trainer.trainParameters plan trained [ for name, p in trainable -> struct (name, p) ] learningRate data.Train (restored |> Option.map (fun r -> r.Resume))
                     { OnLog =
                         fun log ->
                             write (metricsLine log)
@@ -435,11 +502,15 @@ module FineTune =
             if interrupted then None
             else
                 if options.LoadBestModelAtEnd then
-                    best |> Option.iter (fun (_, path) -> if Directory.Exists path then HfModelFolder.loadWeightsInto path model)
+                    best
+                    |> Option.iter (fun (_, path) ->
+                        if Directory.Exists path then
+                            HfModelFolder.loadWeightsInto path model
+                            loadAdapters path)
                 match data.Eval, lastEval with
                 | Some eval, Some(_, final) ->
                     let evalResult = if options.LoadBestModelAtEnd && best.IsSome then evaluate eval else final
-                    Some(figures request model tokenizer evalResult data.EvalSamples)
+                    Some(figures request trained tokenizer evalResult data.EvalSamples)
                 | _ -> None
         let runtime = trainClock.Elapsed.TotalSeconds
         if not interrupted then
@@ -460,10 +531,9 @@ module FineTune =
                             | Some m -> yield "eval_exact_match", box m
                             | None -> ()
                         | None -> () ] ])
-            match adapters with
-            | Some _ ->
-                // A LoRA run's final/ is the adapter (PEFT's save_pretrained), plus the base model when it
-                // was trained too, and the tokenizer files.
+            if not adapterParameters.IsEmpty then
+                // A LoRA or prefix run's final/ is the adapter (PEFT's save_pretrained), plus the base model
+                // when it was trained too (LoRA without --only-optimize-lora), and the tokenizer files.
                 let staging = Functional.Runtime.StagedFolder.create finalPath
                 saveAdapters staging
                 if request.Lora |> Option.exists (fun l -> not l.OnlyOptimizeLora) then
@@ -471,7 +541,7 @@ module FineTune =
                     HfModelFolder.writeWeights (Path.Combine(staging, "model.safetensors")) model
                 for file in tokenizerCopies do File.Copy(file, Path.Combine(staging, Path.GetFileName file), true)
                 Functional.Runtime.StagedFolder.commit staging finalPath
-            | None -> HfModelFolder.save finalPath model (Some sourceConfig) tokenizerCopies
+            else HfModelFolder.save finalPath model (Some sourceConfig) tokenizerCopies
         MetricsPlot.save plotPath steps evalPoints
         result.Parameters.Dispose()
         { Steps = result.Steps
