@@ -11,7 +11,9 @@ open Functional.Runtime
 // HF's order; the fields holding the parts carry the same names.
 
 /// LLaMA's RMSNorm as HF computes it: in fp32, x * rsqrt(mean(x^2) + eps), cast back to the input
-/// dtype, then scaled by weight.
+/// dtype, then scaled by weight. On the fp32 residual stream of a bf16/fp16 model (Autocast), where x's
+/// dtype differs from the weight's, the scaling runs in fp32 too (as autocast's fp32 weight would) and
+/// the result is rounded once to the weight's dtype, the input dtype of the next projection.
 type RmsNorm(dim: int64, eps: float) as this =
     inherit torch.nn.Module<torch.Tensor, torch.Tensor>("LlamaRMSNorm")
     let weight = torch.nn.Parameter(torch.ones(dim).DetachFromDisposeScope()) // (dim)
@@ -28,7 +30,8 @@ type RmsNorm(dim: int64, eps: float) as this =
         let x32 = x.to_type torch.float32
         let variance = x32.square().mean([| -1L |], keepdim = true) // (..., 1)
         let normed = x32 * torch.rsqrt(variance + eps)
-        scope.MoveToOuter(weight * normed.to_type x.dtype)
+        if x.dtype = weight.dtype then scope.MoveToOuter(weight * normed.to_type x.dtype)
+        else scope.MoveToOuter((normed * weight.to_type torch.float32).to_type weight.dtype)
 
 /// Rotary position embeddings in HF's rotate_half convention: a head vector's first and second
 /// halves are the two coordinates of each rotated pair.
@@ -222,7 +225,7 @@ type LlamaModel(embed_tokens: Embedding, layers: ModuleList<LlamaDecoderLayer>, 
         let T = inputIds.shape[1]
         let positions = torch.arange(T, dtype = torch.int64, device = inputIds.device) // (T)
         let cos, sin = rotary_emb.CosSin positions // (T, hd) each
-        let x = embed_tokens.forward inputIds // (B, T, hidden)
+        let x = Autocast.residual (embed_tokens.forward inputIds) // (B, T, hidden), fp32 for a bf16/fp16 model
         let runLayer (x: torch.Tensor) (layer: LlamaDecoderLayer) =
             if gradientCheckpointing && this.training then
                 ActivationCheckpointing.run layer (fun inputs -> layer.forward(inputs[0], inputs[1], inputs[2])) [| x; cos; sin |]
@@ -240,7 +243,7 @@ type LlamaModel(embed_tokens: Embedding, layers: ModuleList<LlamaDecoderLayer>, 
         let positions = IncrementalDecoding.positionIds attentionMask newLength // (B, T_new)
         let cos, sin = rotary_emb.CosSinPerRow positions // (B, 1, T_new, hd) each
         let allowed = IncrementalDecoding.attentionMask attentionMask newLength // (B, 1, T_new, T_total)
-        let x = embed_tokens.forward inputIds // (B, T_new, hidden)
+        let x = Autocast.residual (embed_tokens.forward inputIds) // (B, T_new, hidden), fp32 for a bf16/fp16 model
         let keysValues, x =
             layers
             |> Seq.indexed
