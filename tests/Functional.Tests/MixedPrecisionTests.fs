@@ -449,6 +449,38 @@ let private autocast =
             use viaHelper = Models.Autocast.layerNorm fp32Norm plain
             use direct = fp32Norm.forward plain
             Expect.isTrue (viaHelper.Equals direct) "an fp32 model's norm is the plain LayerNorm")
+        torchTest "bf16 attention keeps its scores in fp32 (as libtorch's bf16 kernel) and rounds only the weights" (fun () ->
+            use generator = new torch.Generator(6UL)
+            let draw () = (torch.randn([| 2L; 3L; 5L; 8L |], generator = generator) * 4.0).to_type torch.bfloat16 // (B, nh, T, hs)
+            use q = draw ()
+            use k = draw ()
+            use v = draw ()
+            use y = Models.CausalAttention.apply q k v 0.0
+            use expected =
+                use scope = torch.NewDisposeScope()
+                let scores = torch.matmul(q.to_type torch.float32, k.to_type(torch.float32).transpose(-2L, -1L)) * (1.0 / Math.Sqrt 8.0)
+                let future = torch.ones([| 5L; 5L |], dtype = torch.ScalarType.Bool).triu(1L)
+                let weights = scores.masked_fill(future, Double.NegativeInfinity).softmax(-1L).to_type torch.bfloat16
+                scope.MoveToOuter(torch.matmul(weights, v))
+            Expect.equal y.dtype torch.bfloat16 "bf16 output"
+            Expect.isTrue (y.Equals expected) "fp32 scores and softmax, bf16 weights times v")
+        torchTest "bf16 rotary embedding rotates in fp32 and rounds once" (fun () ->
+            use generator = new torch.Generator(8UL)
+            use x32 = torch.randn([| 1L; 2L; 6L; 8L |], generator = generator) * 3.0 // (B, nh, T, hd)
+            use x = x32.to_type torch.bfloat16
+            use inverse = Models.Rotary.inverseFrequencies 8 10000.0
+            use positions = torch.arange(6L, dtype = torch.int64)
+            let cos, sin = Models.Rotary.cosSin inverse positions
+            use cos = cos
+            use sin = sin
+            use y = Models.Rotary.apply x cos sin
+            use exact =
+                use up = x.to_type torch.float32
+                use rotated = Models.Rotary.rotateHalf up
+                up * cos + rotated * sin
+            use expected = exact.to_type torch.bfloat16
+            Expect.equal y.dtype torch.bfloat16 "bf16 output"
+            Expect.isTrue (y.Equals expected) "the fp32 rotation rounded once")
         for family in [ "gpt2"; "llama" ] do
             torchTest (sprintf "%s in bf16: the embeddings enter an fp32 residual stream and the final norm runs in fp32, as under autocast" family) (fun () ->
                 let lm = blocklessBf16 family

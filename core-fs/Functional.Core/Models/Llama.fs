@@ -61,13 +61,20 @@ module Rotary =
         scope.MoveToOuter(torch.cat([| x2.neg(); x1 |], -1L))
 
     /// x * cos + rotate_half(x) * sin: (B, nh, T, hd) with cos, sin (T, hd) or per row (B, 1, T, hd)
-    /// -> (B, nh, T, hd). The fp32 tables are cast to x's dtype first, as HF's rotary embedding returns
-    /// them, so bf16/fp16 activations stay in their dtype.
+    /// -> (B, nh, T, hd) in x's dtype. HF casts the tables to the dtype of the hidden states, which under
+    /// autocast is the fp32 residual stream: bf16/fp16 q and k are rotated in fp32 and rounded once to
+    /// their dtype (what the attention kernel then receives), as here.
     let apply (x: torch.Tensor) (cos: torch.Tensor) (sin: torch.Tensor) : torch.Tensor =
         use scope = torch.NewDisposeScope()
-        let cos = if cos.dtype = x.dtype then cos else cos.to_type x.dtype
-        let sin = if sin.dtype = x.dtype then sin else sin.to_type x.dtype
-        scope.MoveToOuter(x * cos + rotateHalf x * sin)
+        if Autocast.isLowPrecision x.dtype then
+            let x32 = x.to_type torch.float32
+            let cos = cos.to_type torch.float32
+            let sin = sin.to_type torch.float32
+            scope.MoveToOuter((x32 * cos + rotateHalf x32 * sin).to_type x.dtype)
+        else
+            let cos = if cos.dtype = x.dtype then cos else cos.to_type x.dtype
+            let sin = if sin.dtype = x.dtype then sin else sin.to_type x.dtype
+            scope.MoveToOuter(x * cos + rotateHalf x * sin)
 
 /// HF's LlamaRotaryEmbedding (default rope type): holds inv_freq as a non-persistent buffer, so it is
 /// neither a parameter nor part of the state dict. (TorchSharp 0.107 leaves non-persistent buffers out
