@@ -103,9 +103,41 @@ module IncrementalDecoding =
         | Some p -> torch.cat([| p; fresh |], 2L)
         | None -> fresh.contiguous ()
 
+/// What PyTorch's autocast keeps in fp32 when a model's weights are bf16 or fp16 (the compute copy of
+/// mixed-precision training, Training/MixedPrecision.fs). Under autocast the weights stay fp32 and only
+/// matmul-like ops (linear, matmul, SDPA) run in the low precision: the embeddings come out fp32, so the
+/// residual stream stays fp32 (a low-precision sublayer output added to it promotes to fp32), and
+/// LayerNorm/RMSNorm run in fp32 with fp32 weights; their output is rounded only where the next
+/// projection casts its input. With weights in the activations' dtype (a plain fp32 model) each function
+/// here is the plain computation.
+[<RequireQualifiedAccess>]
+module Autocast =
+
+    /// Whether dtype is a low compute precision (bfloat16 or float16).
+    let isLowPrecision (dtype: torch.ScalarType) : bool = dtype = torch.bfloat16 || dtype = torch.float16
+
+    /// The residual stream of embeddings x: x upcast to fp32 when it is bf16/fp16, else x itself (a fresh
+    /// handle to the same tensor).
+    let residual (x: torch.Tensor) : torch.Tensor =
+        if isLowPrecision x.dtype then x.to_type torch.float32 else x.alias ()
+
+    /// norm(x), the way autocast runs it on the fp32 residual stream: when x's dtype differs from the
+    /// norm's weights (fp32 stream, bf16/fp16 weights), normalizes in fp32 with the weight and bias upcast
+    /// and rounds the result once to the weights' dtype (what the next projection consumes); otherwise
+    /// norm.forward x. (..., C) -> (..., C).
+    let layerNorm (norm: LayerNorm) (x: torch.Tensor) : torch.Tensor =
+        if x.dtype = norm.weight.dtype then norm.forward x
+        else
+            use scope = torch.NewDisposeScope()
+            let x32 = x.to_type torch.float32
+            let weight = norm.weight.to_type torch.float32
+            let bias = if isNull norm.bias then null else norm.bias.to_type torch.float32
+            let y = torch.nn.functional.layer_norm(x32, norm.normalized_shape, weight, bias, norm.eps) // (..., C) fp32
+            scope.MoveToOuter(y.to_type norm.weight.dtype)
+
 /// Causal self-attention with the fastest kernel per dtype: libtorch's scaled_dot_product_attention in
 /// fp32 (about 2x faster than the written-out form there), and the written-out form in bf16/fp16 (about
-/// 2.4x faster than SDPA on this CPU, TORCHSHARP-NOTES.md), with the softmax computed in fp32.
+/// 2.4x faster than SDPA on this CPU, TORCHSHARP-NOTES.md), with the scores and the softmax in fp32.
 [<RequireQualifiedAccess>]
 module CausalAttention =
 
@@ -117,7 +149,11 @@ module CausalAttention =
             use scope = torch.NewDisposeScope()
             let T = q.shape[2]
             let scale = 1.0 / Math.Sqrt(float q.shape[3])
-            let scores = torch.matmul(q, k.transpose(-2L, -1L)).to_type(torch.float32).mul_(scale.ToScalar()) // (B, nh, T, T)
+            // The scores in fp32, as libtorch's bf16 attention kernel (what autocast runs) accumulates and
+            // keeps them: rounding them to bf16 first (up to 2^-8 of each score) raised the relative error
+            // of a 4-layer GPT-2's bf16 gradients at initializer_range 0.2 from 7.6% to 9.8%. The weights
+            // are rounded to q's dtype for the product with v.
+            let scores = torch.matmul(q.to_type torch.float32, k.transpose(-2L, -1L).to_type torch.float32).mul_(scale.ToScalar()) // (B, nh, T, T)
             let future = torch.ones([| T; T |], dtype = torch.ScalarType.Bool, device = q.device).triu(1L)
             let weights = scores.masked_fill_(future, Double.NegativeInfinity).softmax(-1L).to_type(q.dtype)
             let weights = if dropout > 0.0 then torch.nn.functional.dropout(weights, dropout, true) else weights
@@ -229,16 +265,16 @@ type Gpt2Block(ln_1: LayerNorm, attn: Gpt2Attention, ln_2: LayerNorm, mlp: Gpt2M
     /// (B, T, C) -> (B, T, C).
     override _.forward(x) =
         use scope = torch.NewDisposeScope()
-        let h = x + attn.forward (ln_1.forward x)
-        scope.MoveToOuter(h + mlp.forward (ln_2.forward h))
+        let h = x + attn.forward (Autocast.layerNorm ln_1 x)
+        scope.MoveToOuter(h + mlp.forward (Autocast.layerNorm ln_2 h))
 
     /// The block over T_new new positions with the layer's cache (see Gpt2Attention.ForwardCached):
     /// (B, T_new, C) -> (B, T_new, C) and the keys and values of all positions.
     member _.ForwardCached(x: torch.Tensor, allowed: torch.Tensor, past: (torch.Tensor * torch.Tensor) option) =
         use scope = torch.NewDisposeScope()
-        let a, k, v = attn.ForwardCached(ln_1.forward x, allowed, past)
+        let a, k, v = attn.ForwardCached(Autocast.layerNorm ln_1 x, allowed, past)
         let h = x + a
-        scope.MoveToOuter(h + mlp.forward (ln_2.forward h)), scope.MoveToOuter k, scope.MoveToOuter v
+        scope.MoveToOuter(h + mlp.forward (Autocast.layerNorm ln_2 h)), scope.MoveToOuter k, scope.MoveToOuter v
 
 /// GPT2Model: token embedding (wte) plus learned position embedding (wpe), dropout, the blocks (h)
 /// and a final LayerNorm (ln_f). Returns the last hidden states.
@@ -264,13 +300,13 @@ type Gpt2Model(wte: Embedding, wpe: Embedding, drop: Dropout, h: ModuleList<Gpt2
             invalidArg "inputIds" (sprintf "GPT-2 input has %d positions; the model has n_positions = %d" T nPositions)
         use scope = torch.NewDisposeScope()
         let positions = torch.arange(T, dtype = torch.int64, device = inputIds.device) // (T)
-        let x = drop.forward (wte.forward inputIds + wpe.forward positions) // (B, T, C)
+        let x = drop.forward (Autocast.residual (wte.forward inputIds) + Autocast.residual (wpe.forward positions)) // (B, T, C)
         let runBlock (x: torch.Tensor) (block: Gpt2Block) =
             if gradientCheckpointing && this.training then
                 ActivationCheckpointing.run block (fun inputs -> block.forward inputs[0]) [| x |]
             else block.forward x
         let x = h |> Seq.fold runBlock x
-        scope.MoveToOuter(ln_f.forward x)
+        scope.MoveToOuter(Autocast.layerNorm ln_f x)
 
     /// Incremental forward (see IIncrementalDecoder): input_ids (B, T_new), attention_mask
     /// (B, T_past + T_new), the cache -> hidden states (B, T_new, C) and the cache of all positions.
@@ -285,7 +321,7 @@ type Gpt2Model(wte: Embedding, wpe: Embedding, drop: Dropout, h: ModuleList<Gpt2
         let newLength = inputIds.shape[1]
         let positions = IncrementalDecoding.positionIds attentionMask newLength // (B, T_new)
         let allowed = IncrementalDecoding.attentionMask attentionMask newLength // (B, 1, T_new, T_total)
-        let x = drop.forward (wte.forward inputIds + wpe.forward positions) // (B, T_new, C)
+        let x = drop.forward (Autocast.residual (wte.forward inputIds) + Autocast.residual (wpe.forward positions)) // (B, T_new, C)
         let keysValues, x =
             h
             |> Seq.indexed
@@ -296,7 +332,7 @@ type Gpt2Model(wte: Embedding, wpe: Embedding, drop: Dropout, h: ModuleList<Gpt2
                     (k, v), y)
                 x
         let keysValues = Array.ofSeq keysValues
-        let hidden = scope.MoveToOuter(ln_f.forward x)
+        let hidden = scope.MoveToOuter(Autocast.layerNorm ln_f x)
         hidden,
         { Keys = keysValues |> Array.map (fst >> scope.MoveToOuter)
           Values = keysValues |> Array.map (snd >> scope.MoveToOuter) }

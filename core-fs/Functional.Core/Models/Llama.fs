@@ -11,7 +11,9 @@ open Functional.Runtime
 // HF's order; the fields holding the parts carry the same names.
 
 /// LLaMA's RMSNorm as HF computes it: in fp32, x * rsqrt(mean(x^2) + eps), cast back to the input
-/// dtype, then scaled by weight.
+/// dtype, then scaled by weight. On the fp32 residual stream of a bf16/fp16 model (Autocast), where x's
+/// dtype differs from the weight's, the scaling runs in fp32 too (as autocast's fp32 weight would) and
+/// the result is rounded once to the weight's dtype, the input dtype of the next projection.
 type RmsNorm(dim: int64, eps: float) as this =
     inherit torch.nn.Module<torch.Tensor, torch.Tensor>("LlamaRMSNorm")
     let weight = torch.nn.Parameter(torch.ones(dim).DetachFromDisposeScope()) // (dim)
@@ -28,7 +30,8 @@ type RmsNorm(dim: int64, eps: float) as this =
         let x32 = x.to_type torch.float32
         let variance = x32.square().mean([| -1L |], keepdim = true) // (..., 1)
         let normed = x32 * torch.rsqrt(variance + eps)
-        scope.MoveToOuter(weight * normed.to_type x.dtype)
+        if x.dtype = weight.dtype then scope.MoveToOuter(weight * normed.to_type x.dtype)
+        else scope.MoveToOuter((normed * weight.to_type torch.float32).to_type weight.dtype)
 
 /// Rotary position embeddings in HF's rotate_half convention: a head vector's first and second
 /// halves are the two coordinates of each rotated pair.
@@ -58,13 +61,20 @@ module Rotary =
         scope.MoveToOuter(torch.cat([| x2.neg(); x1 |], -1L))
 
     /// x * cos + rotate_half(x) * sin: (B, nh, T, hd) with cos, sin (T, hd) or per row (B, 1, T, hd)
-    /// -> (B, nh, T, hd). The fp32 tables are cast to x's dtype first, as HF's rotary embedding returns
-    /// them, so bf16/fp16 activations stay in their dtype.
+    /// -> (B, nh, T, hd) in x's dtype. HF casts the tables to the dtype of the hidden states, which under
+    /// autocast is the fp32 residual stream: bf16/fp16 q and k are rotated in fp32 and rounded once to
+    /// their dtype (what the attention kernel then receives), as here.
     let apply (x: torch.Tensor) (cos: torch.Tensor) (sin: torch.Tensor) : torch.Tensor =
         use scope = torch.NewDisposeScope()
-        let cos = if cos.dtype = x.dtype then cos else cos.to_type x.dtype
-        let sin = if sin.dtype = x.dtype then sin else sin.to_type x.dtype
-        scope.MoveToOuter(x * cos + rotateHalf x * sin)
+        if Autocast.isLowPrecision x.dtype then
+            let x32 = x.to_type torch.float32
+            let cos = cos.to_type torch.float32
+            let sin = sin.to_type torch.float32
+            scope.MoveToOuter((x32 * cos + rotateHalf x32 * sin).to_type x.dtype)
+        else
+            let cos = if cos.dtype = x.dtype then cos else cos.to_type x.dtype
+            let sin = if sin.dtype = x.dtype then sin else sin.to_type x.dtype
+            scope.MoveToOuter(x * cos + rotateHalf x * sin)
 
 /// HF's LlamaRotaryEmbedding (default rope type): holds inv_freq as a non-persistent buffer, so it is
 /// neither a parameter nor part of the state dict. (TorchSharp 0.107 leaves non-persistent buffers out
@@ -222,7 +232,7 @@ type LlamaModel(embed_tokens: Embedding, layers: ModuleList<LlamaDecoderLayer>, 
         let T = inputIds.shape[1]
         let positions = torch.arange(T, dtype = torch.int64, device = inputIds.device) // (T)
         let cos, sin = rotary_emb.CosSin positions // (T, hd) each
-        let x = embed_tokens.forward inputIds // (B, T, hidden)
+        let x = Autocast.residual (embed_tokens.forward inputIds) // (B, T, hidden), fp32 for a bf16/fp16 model
         let runLayer (x: torch.Tensor) (layer: LlamaDecoderLayer) =
             if gradientCheckpointing && this.training then
                 ActivationCheckpointing.run layer (fun inputs -> layer.forward(inputs[0], inputs[1], inputs[2])) [| x; cos; sin |]
@@ -240,7 +250,7 @@ type LlamaModel(embed_tokens: Embedding, layers: ModuleList<LlamaDecoderLayer>, 
         let positions = IncrementalDecoding.positionIds attentionMask newLength // (B, T_new)
         let cos, sin = rotary_emb.CosSinPerRow positions // (B, 1, T_new, hd) each
         let allowed = IncrementalDecoding.attentionMask attentionMask newLength // (B, 1, T_new, T_total)
-        let x = embed_tokens.forward inputIds // (B, T_new, hidden)
+        let x = Autocast.residual (embed_tokens.forward inputIds) // (B, T_new, hidden), fp32 for a bf16/fp16 model
         let keysValues, x =
             layers
             |> Seq.indexed

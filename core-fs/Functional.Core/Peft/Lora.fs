@@ -243,6 +243,36 @@ module Lora =
     /// matches no projection (listing the model's projection names) or a selection that chooses nothing.
     let wrap (config: LoraConfig) (lm: CausalLm) (seed: int64) : LoraAdapters = attach CommandLine config lm seed
 
+    /// Attaches a copy of the adapters to another model of the same architecture, such as the bf16/fp16
+    /// compute copy of mixed-precision training: each adapter goes to the projection of the same module
+    /// name in lm, with lora_A and lora_B converted (rounded) to that projection's weight dtype and device,
+    /// as fresh parameters that require gradients, and the same rank, alpha and dropout. The copy's hook
+    /// then runs the adapter path (dropout, both matmuls and the Alpha / R scaling) in that dtype, as PEFT
+    /// does under autocast, drawing dropout from the global generator as the original does. The original
+    /// adapters are left as they are; disposing the result removes only the copy's hooks and tensors.
+    /// Raises ArgumentException when lm has no projection of an adapter's name.
+    let copyTo (adapters: LoraAdapters) (lm: CausalLm) : LoraAdapters =
+        TorchRuntime.ensure ()
+        let targets = dict [ for name, target, weight, layout, _, _ in projections lm -> name, (target, weight, layout) ]
+        let copied =
+            [ for adapter in adapters.Adapters ->
+                  match targets.TryGetValue adapter.ModuleName with
+                  | true, (target, weight, layout) ->
+                      let parameter (source: Parameter) =
+                          use _ = torch.no_grad ()
+                          use values = source.detach().``to``(weight.dtype, weight.device)
+                          let p = torch.nn.Parameter(values.clone ())
+                          p.DetachFromDisposeScope() |> ignore
+                          p
+                      { adapter with Target = target; Weight = weight; Layout = layout; A = parameter adapter.A; B = parameter adapter.B }
+                  | _ -> invalidArg (nameof lm) (sprintf "the model has no projection named '%s' to attach its adapter to" adapter.ModuleName) ]
+        let removers =
+            [ for adapter in copied ->
+                  adapter.Target.register_forward_hook(hook adapters.Scale adapters.Config.Dropout adapter.A adapter.B) ]
+        { adapters with
+            Adapters = copied
+            RemoveHooks = fun () -> for remover in removers do remover.remove () }
+
     /// Stops every base-model parameter from requiring gradients (the adapters' own parameters, which
     /// the model does not hold, keep theirs), as PEFT's mark_only_lora_as_trainable with bias "none".
     let freezeBase (lm: CausalLm) : unit =

@@ -470,7 +470,9 @@ module FineTune =
                 if interrupted || stoppedEarly then StepDecision.Stop else StepDecision.Continue
             trainClock.Start()
             let result =
-                Trainer.trainParameters plan trained [ for name, p in trainable -> struct (name, p) ] learningRate data.Train (restored |> Option.map (fun r -> r.Resume))
+                // Under --bf16/--fp16 the adapters are copied onto the low-precision compute copy.
+                let attach = adapters |> Option.map MixedPrecision.attachLora |> Option.defaultValue MixedPrecision.attachNothing
+                Trainer.trainAttached plan trained attach [ for name, p in trainable -> struct (name, p) ] learningRate data.Train (restored |> Option.map (fun r -> r.Resume))
                     { OnLog =
                         fun log ->
                             write (metricsLine log)

@@ -5,37 +5,63 @@ open TorchSharp
 open Functional
 open Functional.Models
 open Functional.Optim
+open Functional.Peft
 open Functional.Runtime
+
+/// What a caller attaches to the bf16/fp16 compute copy of its base model: the low-precision
+/// counterparts of whatever it attached to the fp32 model (LoRA adapters through forward hooks, a module
+/// wrapping the model, ...). An attach function (CausalLm -> ComputeAttachment) receives the copy of the
+/// base model and returns this.
+[<NoEquality; NoComparison>]
+type ComputeAttachment =
+    { /// What forward and backward run on: the copy itself (adapters through hooks), or a module wrapping it.
+      Model: CausalLm
+      /// The attached parameters, under the names the fp32 ones have in the trainer's parameter list
+      /// (e.g. PEFT's LoRA keys): trained ones are made to alias the compute copy's flat buffers, the
+      /// others are frozen as given.
+      Parameters: (string * TorchSharp.Modules.Parameter) list
+      /// Removes what was attached (hooks, wrappers) and frees its tensors; called once, when the compute
+      /// copy is disposed (the copy of the base model is disposed after it).
+      Release: unit -> unit }
 
 /// A low-precision (bf16 or fp16) copy of a model that forward and backward run on, while the fp32
 /// master weights (a FlatParameters buffer) stay with the optimizer. TorchSharp has no autocast, so
-/// mixed precision is explicit: every parameter of the copy aliases its slice of one flat
+/// mixed precision is explicit: every trained parameter of the copy aliases its slice of one flat
 /// low-precision Values buffer, laid out as the master's (same order, offsets and counts), and its
 /// `grad` is the matching slice of one flat low-precision Grads buffer. Refreshing the copy from the
-/// master is then one converting copy, and so is moving its gradients to the master.
+/// master is then one converting copy, and so is moving its gradients to the master. Parameters that do
+/// not train (a frozen base under LoRA) hold the fp32 model's values rounded once, without gradients.
 ///
-/// What stays in fp32 inside the copy's forward: RMSNorm computes in fp32 (Llama.RmsNorm), the
-/// rotary tables are fp32, LayerNorm accumulates in fp32 on CPU, and the loss upcasts the logits to
-/// fp32 (Loss.causalLmSum), so the softmax of the cross-entropy and its reduction are fp32.
+/// What stays in fp32 inside the copy's forward, as under PyTorch's autocast (Autocast in Gpt2.fs): the
+/// residual stream (the embeddings are upcast; low-precision sublayer outputs are added to it in fp32),
+/// LayerNorm and RMSNorm (computed in fp32, rounded once to feed the next projection), the rotary
+/// tables, the attention softmax, and the loss (Loss.causalLmSum upcasts the logits). The projections,
+/// the attention matmuls, the activations and LoRA's adapter path run in the low precision.
 [<NoEquality; NoComparison>]
 type ComputeCopy =
-    { /// The low-precision model (same architecture and parameter names as the master model).
+    { /// What forward and backward run on: the low-precision model with whatever is attached (same
+      /// architecture and parameter names as the fp32 model).
       Model: CausalLm
+      /// The low-precision copy of the base model (Model itself, or what Model wraps).
+      Base: CausalLm
       /// The copy's dtype: bfloat16 or float16.
       DType: torch.ScalarType
-      /// Every parameter of the copy, laid out as the master's FlatParameters.Values (1-D, DType).
+      /// Every trained parameter of the copy, laid out as the master's FlatParameters.Values (1-D, DType).
       Values: torch.Tensor
-      /// Every gradient of the copy, laid out as Values (1-D, DType).
-      Grads: torch.Tensor }
+      /// Every trained parameter's gradient, laid out as Values (1-D, DType).
+      Grads: torch.Tensor
+      /// Releases what the attach function attached.
+      Release: unit -> unit }
 
-    /// Releases the copy: its module's parameters and the two flat buffers.
+    /// Releases the copy: what was attached, the base copy's parameters and the two flat buffers.
     member this.Dispose() =
-        this.Model.Module.Dispose()
+        this.Release()
+        this.Base.Module.Dispose()
         this.Values.Dispose()
         this.Grads.Dispose()
 
     interface IDisposable with
-        /// Releases the copy: its module's parameters and the two flat buffers.
+        /// Releases the copy: what was attached, the base copy's parameters and the two flat buffers.
         member this.Dispose() = this.Dispose()
 
 /// Building a low-precision compute copy and moving weights and gradients between it and the fp32
@@ -72,39 +98,90 @@ module MixedPrecision =
         // TorchSharp 0.107's zero_ returns a new handle to the same tensor: release it at once.
         if not (obj.ReferenceEquals(zeroed, copy.Grads)) then zeroed.Dispose()
 
-    /// A compute copy of model in the precision's dtype whose weights equal master's (rounded to the
-    /// dtype), or None for fp32. master must hold every parameter of model (full fine-tuning):
-    /// otherwise (LoRA, a frozen base) raises InvalidInputException naming --bf16 or --fp16, since
-    /// mixed precision does not support training a subset of the parameters yet. The copy is built
-    /// from model.Config (CausalLm.create, then Module.to(dtype)), in training mode.
-    let create (precision: Precision) (model: CausalLm) (master: FlatParameters) : ComputeCopy option =
+    /// The attach function of a model with nothing attached (full fine-tuning, or a subset of the base
+    /// model's own parameters): the copy of the base model as it is.
+    let attachNothing (copy: CausalLm) : ComputeAttachment = { Model = copy; Parameters = []; Release = ignore }
+
+    /// The attach function of LoRA: copies the adapters onto the compute copy in its dtype
+    /// (Lora.copyTo), so the adapter path runs in the low precision; their parameters keep PEFT's names.
+    let attachLora (adapters: LoraAdapters) (copy: CausalLm) : ComputeAttachment =
+        let copied = Lora.copyTo adapters copy
+        { Model = copy
+          Parameters = Lora.parameters copied
+          Release = fun () -> (copied :> IDisposable).Dispose() }
+
+    /// A compute copy in the precision's dtype of model plus what attach attaches to it, or None for fp32.
+    /// The base copy is built from model.Config (CausalLm.create, then Module.to(dtype)), with model's
+    /// gradient-checkpointing setting, in training mode. Every name in master (the trained parameters)
+    /// must be a parameter of the base copy or of the attachment: that parameter then aliases its slice of
+    /// Values and Grads and holds master's value rounded to the dtype. Every other parameter is frozen
+    /// (no gradient); the base copy's take model's values of the same name, rounded once. A trained
+    /// parameter with no counterpart raises InvalidInputException naming --bf16 or --fp16 (the kind of
+    /// training that mixed precision does not support yet).
+    let createWith (precision: Precision) (model: CausalLm) (attach: CausalLm -> ComputeAttachment) (master: FlatParameters) : ComputeCopy option =
         match computeType precision with
         | None -> None
         | Some dtype ->
             TorchRuntime.ensure ()
             let option = flag precision
-            let modelNames = [ for struct (name, _) in model.Module.named_parameters () -> name ]
-            if List.sort modelNames <> List.sort master.Names then
-                InvalidInput.option option
-                    (sprintf "LoRA is not supported with %s yet: mixed precision trains every parameter of the model, but %d of its %d parameters were given"
-                        option master.Names.Length modelNames.Length)
-            let copy = CausalLm.create model.Config 0L
-            copy.Module.``to`` dtype |> ignore
-            let parameters = dict [ for struct (name, p) in copy.Module.named_parameters () -> name, p ]
+            let baseCopy = CausalLm.create model.Config 0L
+            let attachment =
+                try
+                    baseCopy.Module.``to`` dtype |> ignore
+                    CausalLm.setGradientCheckpointing baseCopy (CausalLm.gradientCheckpointing model)
+                    attach baseCopy
+                with _ ->
+                    baseCopy.Module.Dispose()
+                    reraise ()
             let device = master.Values.device
             let total = master.Values.numel ()
             let values = torch.empty([| total |], dtype = dtype, device = device).DetachFromDisposeScope()
             let grads = torch.zeros([| total |], dtype = dtype, device = device).DetachFromDisposeScope()
-            use _ = torch.no_grad ()
-            for i, name in List.indexed master.Names do
-                let p = parameters[name]
-                use valueSlice = values.narrow(0L, master.Offsets[i], master.Counts[i])
-                use valueView = valueSlice.view master.Shapes[i]
-                p.set_ valueView |> ignore
-                use gradSlice = grads.narrow(0L, master.Offsets[i], master.Counts[i])
-                use gradView = gradSlice.view master.Shapes[i]
-                p.grad <- gradView
-            copy.Module.train ()
-            let result = { Model = copy; DType = dtype; Values = values; Grads = grads }
-            refresh result master
-            Some result
+            let result =
+                { Model = attachment.Model
+                  Base = baseCopy
+                  DType = dtype
+                  Values = values
+                  Grads = grads
+                  Release = attachment.Release }
+            try
+                let baseParameters = [ for struct (name, p) in baseCopy.Module.named_parameters () -> name, p ]
+                let candidates = baseParameters @ attachment.Parameters
+                match candidates |> List.countBy fst |> List.tryFind (fun (_, n) -> n > 1) with
+                | Some(name, _) -> invalidArg (nameof attach) (sprintf "the attachment's parameter '%s' has the name of another parameter" name)
+                | None -> ()
+                let byName = dict candidates
+                let trained = set master.Names
+                use _ = torch.no_grad ()
+                for i, name in List.indexed master.Names do
+                    match byName.TryGetValue name with
+                    | true, p ->
+                        use valueSlice = values.narrow(0L, master.Offsets[i], master.Counts[i])
+                        use valueView = valueSlice.view master.Shapes[i]
+                        p.set_ valueView |> ignore
+                        use gradSlice = grads.narrow(0L, master.Offsets[i], master.Counts[i])
+                        use gradView = gradSlice.view master.Shapes[i]
+                        p.grad <- gradView
+                        p.requires_grad <- true
+                    | _ ->
+                        InvalidInput.option option
+                            (sprintf "the trained parameter '%s' has no counterpart in the %s compute copy: mixed precision trains the model's own parameters and LoRA adapters, not this kind of parameter yet"
+                                name (if dtype = torch.bfloat16 then "bf16" else "fp16"))
+                let modelParameters = dict [ for struct (name, p) in model.Module.named_parameters () -> name, p ]
+                for name, p in baseParameters do
+                    if not (trained.Contains name) then
+                        match modelParameters.TryGetValue name with
+                        | true, source -> p.copy_ source |> ignore
+                        | _ -> invalidArg (nameof model) (sprintf "the model has no parameter '%s' to give its frozen compute copy" name)
+                for name, p in candidates do
+                    if not (trained.Contains name) then p.requires_grad <- false
+                attachment.Model.Module.train ()
+                refresh result master
+                Some result
+            with _ ->
+                result.Dispose()
+                reraise ()
+
+    /// createWith with nothing attached (attachNothing): master must hold parameters of model itself.
+    let create (precision: Precision) (model: CausalLm) (master: FlatParameters) : ComputeCopy option =
+        createWith precision model attachNothing master

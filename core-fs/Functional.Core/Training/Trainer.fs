@@ -230,11 +230,14 @@ module Trainer =
     /// optimizer step runs in its own dispose scope, so live tensors stay flat over the run. The
     /// model's parameters end up aliasing the returned flat buffer.
     ///
-    /// Mixed precision (options.Precision Bf16 or Fp16; full fine-tuning only, InvalidInputException
-    /// naming --bf16/--fp16 for a subset such as LoRA): the model's parameters are the fp32 master
-    /// weights; forward and backward run on a low-precision compute copy (MixedPrecision.create),
-    /// whose gradients are added in fp32 to the master gradients after every micro-batch; clipping
-    /// and the optimizer run on the fp32 master, and the copy is refreshed from it after every update.
+    /// Mixed precision (options.Precision Bf16 or Fp16): the given parameters are the fp32 master
+    /// weights; forward and backward run on a low-precision compute copy of model plus what attach
+    /// attaches to it (MixedPrecision.createWith: e.g. MixedPrecision.attachLora for LoRA adapters, whose
+    /// parameters are not the model's), whose gradients are added in fp32 to the master gradients after
+    /// every micro-batch; clipping and the optimizer run on the fp32 master, and the trained parameters
+    /// of the copy are refreshed from it after every update. Parameters that do not train (a frozen base)
+    /// are rounded into the copy once. A trained parameter the copy has no counterpart of raises
+    /// InvalidInputException naming --bf16/--fp16. With fp32, attach is not used.
     ///
     /// fp16 (DeepSpeed's dynamic loss scaling, LossScaler): each micro-batch's loss is multiplied by
     /// the current scale before backward; after the window, when the gradients hold inf or NaN the
@@ -245,9 +248,10 @@ module Trainer =
     /// and DeepSpeed's global_steps do): its data is consumed, and the run ends after TotalSteps windows
     /// whatever was skipped. An overflow at the minimum loss scale ends the run with
     /// InvalidInputException naming --fp16 (as DeepSpeed raises).
-    let trainParameters
+    let trainAttached
         (plan: TrainingPlan)
         (model: CausalLm)
+        (attach: CausalLm -> ComputeAttachment)
         (parameters: seq<struct (string * TorchSharp.Modules.Parameter)>)
         (learningRate: string -> float)
         (dataset: TokenizedDataset)
@@ -263,7 +267,7 @@ module Trainer =
         torch.manual_seed options.Seed |> ignore
         model.Module.train ()
         let flat = FlatParameters.create parameters
-        let compute = MixedPrecision.create options.Precision model flat
+        let compute = MixedPrecision.createWith options.Precision model attach flat
         use _ = { new IDisposable with member _.Dispose() = compute |> Option.iter (fun c -> c.Dispose()) }
         let computeModel = compute |> Option.map (fun c -> c.Model) |> Option.defaultValue model
         let decayMask = FlatParameters.mask flat (fun name -> not (model.NoWeightDecay.Contains name))
@@ -397,6 +401,19 @@ module Trainer =
           FinalLoss = lastLoss
           Steps = accumulation.OptimizerStep
           Stopped = stopped }
+
+    /// trainAttached with nothing attached to the compute copy (MixedPrecision.attachNothing): the
+    /// parameters are model's own (all of them, or a subset, the others frozen).
+    let trainParameters
+        (plan: TrainingPlan)
+        (model: CausalLm)
+        (parameters: seq<struct (string * TorchSharp.Modules.Parameter)>)
+        (learningRate: string -> float)
+        (dataset: TokenizedDataset)
+        (resume: ResumePoint option)
+        (hooks: TrainHooks)
+        : TrainResult =
+        trainAttached plan model MixedPrecision.attachNothing parameters learningRate dataset resume hooks
 
     /// Trains every parameter of model: trainParameters with model.Module.named_parameters ().
     let train (plan: TrainingPlan) (model: CausalLm) (dataset: TokenizedDataset) (resume: ResumePoint option) (hooks: TrainHooks) : TrainResult =
