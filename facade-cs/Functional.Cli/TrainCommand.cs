@@ -2,7 +2,8 @@ using System.CommandLine;
 
 namespace Functional.Cli;
 
-/// <summary>`functional train`: fine-tunes an HF model folder on pre-tokenized JSON Lines.</summary>
+/// <summary>`functional train`: fine-tunes an HF model folder through the facade's <see cref="TrainerBuilder"/>, or runs
+/// the embedded default when neither --model nor --data is given.</summary>
 internal static class TrainCommand
 {
     public static Command Create()
@@ -100,88 +101,139 @@ internal static class TrainCommand
                 throw new InvalidInputException("--num-prefix-tokens", "", "needs --prefix-tuning (or --prefix-adapter PATH)");
             }
             var optimizerName = parse.GetValue(optimizer)!;
-            var options = new FineTuneOptions
-            {
-                ModelPath = parse.GetValue(model)!,
-                DataPath = parse.GetValue(data)!,
-                OutputPath = parse.GetValue(output)!,
-                OverwriteOutputDir = parse.GetValue(overwrite),
-                PerDeviceTrainBatchSize = parse.GetValue(batch),
-                GradientAccumulationSteps = parse.GetValue(accumulation),
-                LearningRate = parse.GetValue(lr),
-                WeightDecay = parse.GetValue(weightDecay),
-                AdamBeta1 = parse.GetValue(beta1),
-                AdamBeta2 = parse.GetValue(beta2),
-                AdamEpsilon = parse.GetValue(epsilon),
-                Optimizer = optimizerName.ToLowerInvariant() switch
+            var builder = Trainer.CreateCommandLineBuilder()
+                .UseModel(parse.GetValue(model)!)
+                .UseData(parse.GetValue(data)!, o =>
                 {
-                    "adamw" or "adamw_torch" => OptimizerType.AdamW,
-                    "sgd" => OptimizerType.Sgd,
-                    _ => throw new InvalidInputException("--optimizer", "", $"expected adamw or sgd, got '{optimizerName}'"),
-                },
-                Momentum = parse.GetValue(momentum),
-                Nesterov = parse.GetValue(nesterov),
-                LrSchedulerType = parse.GetValue(scheduler)!,
-                LrSchedulerKwargs = parse.GetValue(schedulerKwargs),
-                NumWarmupSteps = parse.GetValue(warmupSteps),
-                WarmupRatio = parse.GetValue(warmupRatio),
-                NumTrainEpochs = parse.GetValue(epochs),
-                MaxSteps = parse.GetValue(maxSteps),
-                MaxGradNorm = parse.GetValue(maxGradNorm),
-                MaxSeqLen = parse.GetValue(maxSeqLen),
-                Seed = parse.GetValue(seed),
-                NoShuffle = parse.GetValue(noShuffle),
-                LoggingSteps = parse.GetValue(loggingSteps),
-                Threads = parse.GetValue(threads),
-                EvalDataPath = parse.GetValue(evalData),
-                DataFormat = parse.GetValue(dataFormat)!,
-                PromptField = parse.GetValue(promptField),
-                AnswerField = parse.GetValue(answerField),
-                TextField = parse.GetValue(textField),
-                TrainOn = parse.GetValue(trainOn)!,
-                Packing = parse.GetValue(packing),
-                SkipBadRows = parse.GetValue(skipBadRows),
-                DataSplit = parse.GetValue(dataSplit),
-                EvalSplitRatio = parse.GetValue(evalSplitRatio),
-                Tokenizer = parse.GetValue(tokenizer),
-                UseDataCache = !parse.GetValue(noDataCache),
-                ExactMatchSamples = parse.GetValue(exactMatch),
-                EvalSteps = parse.GetValue(evalSteps),
-                PerDeviceEvalBatchSize = parse.GetValue(evalBatch),
-                EvalStrategy = parse.GetValue(evalStrategy),
-                SaveStrategy = parse.GetValue(saveStrategy)!,
-                SaveSteps = parse.GetValue(saveSteps),
-                SaveTotalLimit = parse.GetValue(saveTotalLimit),
-                MetricForBestModel = parse.GetValue(metric)!,
-                GreaterIsBetter = parse.GetValue(greaterIsBetter),
-                LoadBestModelAtEnd = parse.GetValue(loadBest),
-                EarlyStoppingPatience = parse.GetValue(patience),
-                ResumeFromCheckpoint = parse.GetValue(resume),
-                LoraDim = parse.GetValue(loraDim),
-                LoraAlpha = parse.GetValue(loraAlpha),
-                LoraDropout = parse.GetValue(loraDropout),
-                LoraModuleName = parse.GetValue(loraModuleName),
-                LoraTargetModules = parse.GetValue(loraTargets),
-                OnlyOptimizeLora = parse.GetValue(onlyLora),
-                LoraLearningRate = parse.GetValue(loraLr),
-                LoraAdapter = parse.GetValue(loraAdapter),
-                GradientCheckpointing = parse.GetValue(recompute),
-                PrefixTuning = parse.GetValue(prefixTuning),
-                NumPrefixTokens = parse.GetValue(numPrefixTokens),
-                PrefixAdapter = parse.GetValue(prefixAdapter),
-                Bf16 = parse.GetValue(bf16),
-                Fp16 = parse.GetValue(fp16),
-                LossScale = parse.GetValue(lossScale),
-                InitialScalePower = parse.GetValue(scalePower),
-                LossScaleWindow = parse.GetValue(scaleWindow),
-                Hysteresis = parse.GetValue(hysteresis),
-                MinLossScale = parse.GetValue(minScale),
+                    o.Format = parse.GetValue(dataFormat)!;
+                    o.PromptField = parse.GetValue(promptField);
+                    o.AnswerField = parse.GetValue(answerField);
+                    o.TextField = parse.GetValue(textField);
+                    o.TrainOn = parse.GetValue(trainOn)!;
+                    o.Packing = parse.GetValue(packing);
+                    o.SkipBadRows = parse.GetValue(skipBadRows);
+                    o.DataSplit = parse.GetValue(dataSplit);
+                    o.EvalSplitRatio = parse.GetValue(evalSplitRatio);
+                    o.MaxSequenceLength = parse.GetValue(maxSeqLen);
+                    o.Shuffle = !parse.GetValue(noShuffle);
+                    o.UseCache = !parse.GetValue(noDataCache);
+                })
+                .UseOutput(parse.GetValue(output)!, parse.GetValue(overwrite))
+                .UseEvaluation(parse.GetValue(evalSteps), o =>
+                {
+                    o.Strategy = parse.GetValue(evalStrategy);
+                    o.BatchSize = parse.GetValue(evalBatch);
+                    o.ExactMatchSamples = parse.GetValue(exactMatch);
+                })
+                .UseSchedule(o =>
+                {
+                    o.Name = parse.GetValue(scheduler)!;
+                    o.Kwargs = parse.GetValue(schedulerKwargs);
+                    o.WarmupSteps = parse.GetValue(warmupSteps);
+                    o.WarmupRatio = parse.GetValue(warmupRatio);
+                })
+                .UseCheckpoints(parse.GetValue(saveSteps), o =>
+                {
+                    o.Strategy = parse.GetValue(saveStrategy)!;
+                    o.TotalLimit = parse.GetValue(saveTotalLimit);
+                    o.Metric = parse.GetValue(metric)!;
+                    o.GreaterIsBetter = parse.GetValue(greaterIsBetter);
+                    o.LoadBestModelAtEnd = parse.GetValue(loadBest);
+                    o.EarlyStoppingPatience = parse.GetValue(patience);
+                })
+                .UseBatchSize(parse.GetValue(batch))
+                .AccumulateGradients(parse.GetValue(accumulation))
+                .ClipGradients(parse.GetValue(maxGradNorm))
+                .TrainForEpochs(parse.GetValue(epochs))
+                .UseSeed(parse.GetValue(seed))
+                .UseLogging(parse.GetValue(loggingSteps))
+                .UseThreads(parse.GetValue(threads));
+            _ = optimizerName.ToLowerInvariant() switch
+            {
+                "adamw" or "adamw_torch" => builder.UseAdamW(parse.GetValue(lr), o =>
+                {
+                    o.Beta1 = parse.GetValue(beta1);
+                    o.Beta2 = parse.GetValue(beta2);
+                    o.Epsilon = parse.GetValue(epsilon);
+                    o.WeightDecay = parse.GetValue(weightDecay);
+                }),
+                "sgd" => builder.UseSgd(parse.GetValue(lr), o =>
+                {
+                    o.Momentum = parse.GetValue(momentum);
+                    o.Nesterov = parse.GetValue(nesterov);
+                    o.WeightDecay = parse.GetValue(weightDecay);
+                }),
+                _ => throw new InvalidInputException("--optimizer", "", $"expected adamw or sgd, got '{optimizerName}'"),
             };
+            if (parse.GetValue(maxSteps) != -1)
+            {
+                builder.TrainForSteps(parse.GetValue(maxSteps));
+            }
+            if (parse.GetValue(evalData) is { } evalFile)
+            {
+                builder.UseEvalData(evalFile);
+            }
+            if (parse.GetValue(tokenizer) is { } encoding)
+            {
+                builder.UseTokenizer(encoding);
+            }
+            if (parse.GetValue(resume) is { } checkpoint)
+            {
+                builder.ResumeFrom(checkpoint);
+            }
+            if (parse.GetValue(recompute))
+            {
+                builder.UseGradientCheckpointing();
+            }
+            if (parse.GetValue(bf16))
+            {
+                builder.UseBf16();
+            }
+            if (parse.GetValue(fp16))
+            {
+                builder.UseFp16(o =>
+                {
+                    o.StaticScale = parse.GetValue(lossScale);
+                    o.InitialScalePower = parse.GetValue(scalePower);
+                    o.Window = parse.GetValue(scaleWindow);
+                    o.Hysteresis = parse.GetValue(hysteresis);
+                    o.MinScale = parse.GetValue(minScale);
+                });
+            }
+            if (parse.GetValue(loraAdapter) is { } adapter)
+            {
+                builder.UseLoraAdapter(adapter, o =>
+                {
+                    o.OnlyOptimizeLora = parse.GetValue(onlyLora);
+                    o.LearningRate = parse.GetValue(loraLr);
+                });
+            }
+            else if (parse.GetValue(loraDim) != 0 || parse.GetValue(onlyLora) || parse.GetValue(loraLr) is not null
+                || parse.GetValue(loraModuleName) is not null || parse.GetValue(loraTargets) is not null)
+            {
+                builder.UseLora(parse.GetValue(loraDim), o =>
+                {
+                    o.Alpha = parse.GetValue(loraAlpha);
+                    o.Dropout = parse.GetValue(loraDropout);
+                    o.ModuleName = parse.GetValue(loraModuleName);
+                    o.TargetModules = parse.GetValue(loraTargets)?.Split(',') ?? [];
+                    o.OnlyOptimizeLora = parse.GetValue(onlyLora);
+                    o.LearningRate = parse.GetValue(loraLr);
+                });
+            }
+            if (parse.GetValue(prefixTuning) || CliOption.Given(parse, numPrefixTokens))
+            {
+                builder.UsePrefixTuning(parse.GetValue(numPrefixTokens));
+            }
+            if (parse.GetValue(prefixAdapter) is { } prefixFolder)
+            {
+                builder.UsePrefixAdapter(prefixFolder);
+            }
             FineTuneResult result;
             using (var signals = new StopOnSignal())
             using (var progress = new ProgressDisplay(0))
             {
-                result = FineTuning.Run(options, signals.Token, progress.Report);
+                result = builder.OnProgress(progress.Report).Build().Fit(signals.Token);
                 if (result.Interrupted)
                 {
                     progress.Message($"interrupted by {signals.Received}: saved {result.Checkpoints.LastOrDefault()}");

@@ -15,6 +15,9 @@ public enum OptimizerType
 /// </summary>
 public sealed class FineTuneOptions
 {
+    /// <summary>An independent copy (every setting is a value or an immutable string).</summary>
+    internal FineTuneOptions Clone() => (FineTuneOptions)MemberwiseClone();
+
     /// <summary>A Hugging Face model folder (config.json + model.safetensors). Required.</summary>
     public string ModelPath { get; set; } = "";
 

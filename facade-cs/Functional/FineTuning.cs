@@ -2,6 +2,8 @@ using Functional.Training;
 using Microsoft.FSharp.Collections;
 using Microsoft.FSharp.Core;
 
+[assembly: System.Runtime.CompilerServices.InternalsVisibleTo("Functional.Cli")]
+
 namespace Functional;
 
 /// <summary>What a fine-tuning run reports after each logged optimizer step.</summary>
@@ -64,6 +66,18 @@ public static class FineTuning
     /// <param name="onProgress">Called after each logged optimizer step; may be null.</param>
     public static FineTuneResult Run(FineTuneOptions options, CancellationToken cancellation, Action<TrainingProgress>? onProgress = null)
     {
+        var request = ToRequest(options);
+        var report = FuncConvert.FromAction<StepLog>(log => onProgress?.Invoke(ToProgress(log)));
+        return ToResult(FineTune.runWith(request, cancellation, report));
+    }
+
+    /// <summary>
+    /// The core's job description of the options, with every setting checked (the core's
+    /// TrainOptions.validate and the facade's own rules); files are read only for a LoRA adapter's config.
+    /// Raises <see cref="InvalidInputException"/> naming the command-line option.
+    /// </summary>
+    internal static FineTuneRequest ToRequest(FineTuneOptions options)
+    {
         ArgumentNullException.ThrowIfNull(options);
         var request = new FineTuneRequest(
             Required(options.ModelPath, "--model"),
@@ -76,16 +90,16 @@ public static class FineTuning
             ToLora(options),
             ToPrefix(options),
             options.GradientCheckpointing);
-        var report = FuncConvert.FromAction<StepLog>(log => onProgress?.Invoke(ToProgress(log)));
-        return ToResult(FineTune.runWith(request, cancellation, report));
+        TrainOptionsModule.validate(request.Options);
+        return request;
     }
 
     /// <summary>The facade's view of a training step.</summary>
-    public static TrainingProgress ToProgress(StepLog log) => new(
+    internal static TrainingProgress ToProgress(StepLog log) => new(
         log.Step, log.TotalSteps, log.Epoch, log.Loss, log.LearningRate, log.GradNorm, log.TokensPerSecond);
 
     /// <summary>The facade's view of a finished run.</summary>
-    public static FineTuneResult ToResult(Training.FineTuneResult r) => new(
+    internal static FineTuneResult ToResult(Training.FineTuneResult r) => new(
         r.Steps, r.FinalLoss, r.MetricsPath, r.FinalModelPath, r.PlotPath,
         Figures(r.Before), Figures(r.After), r.SkippedRows, r.TrainRuntime,
         r.Checkpoints.ToList(), OptionalValue(r.BestCheckpoint), OptionalValue(r.ResumedFrom), r.StoppedEarly, r.Interrupted,

@@ -1,0 +1,60 @@
+namespace Functional;
+
+/// <summary>
+/// How the training file becomes token rows, for <see cref="TrainerBuilder.UseData(string, Action{DataOptions})"/>.
+/// Every default is the command line's (and DeepSpeed-Chat's or Hugging Face's).
+/// </summary>
+public sealed class DataOptions
+{
+    /// <summary>The data's shape: "auto", "deepspeed-chat" (prompt/chosen), "phoenix" (from_human/from_gpt),
+    /// "alpaca" (instruction/input/output), "text" or "input-ids" (command line: --data-format).</summary>
+    /// <value>Default: "auto", detected from the first row's fields.</value>
+    public string Format { get; set; } = "auto";
+
+    /// <summary>The field holding the prompt, for data of another shape (--prompt-field).</summary>
+    /// <value>Default: null (the format's own field).</value>
+    public string? PromptField { get; set; }
+
+    /// <summary>The field holding the answer, for data of another shape (--answer-field).</summary>
+    /// <value>Default: null (the format's own field).</value>
+    public string? AnswerField { get; set; }
+
+    /// <summary>The field holding plain text, for data of another shape (--text-field).</summary>
+    /// <value>Default: null (the format's own field).</value>
+    public string? TextField { get; set; }
+
+    /// <summary>"all" (DeepSpeed-Chat: the loss covers prompt and answer) or "completion" (prompt tokens get
+    /// label -100) (--train-on).</summary>
+    /// <value>Default: "all".</value>
+    public string TrainOn { get; set; } = "all";
+
+    /// <summary>Concatenate samples separated by eos into rows of <see cref="MaxSequenceLength"/> tokens (--packing).</summary>
+    /// <value>Default: false.</value>
+    public bool Packing { get; set; }
+
+    /// <summary>Skip and count bad rows instead of stopping at the first (--skip-bad-rows).</summary>
+    /// <value>Default: false.</value>
+    public bool SkipBadRows { get; set; }
+
+    /// <summary>A DeepSpeed-Chat data split such as "2,4,4": this phase trains on the first share (--data-split).</summary>
+    /// <value>Default: null (all rows).</value>
+    public string? DataSplit { get; set; }
+
+    /// <summary>The fraction of the training rows held out for evaluation when there is no evaluation file
+    /// (--eval-split-ratio).</summary>
+    /// <value>Default: 0 (none held out).</value>
+    public double EvalSplitRatio { get; set; }
+
+    /// <summary>Rows are truncated to this many tokens (--max-seq-len).</summary>
+    /// <value>Default: 512 (DeepSpeed-Chat's max_seq_len).</value>
+    public int MaxSequenceLength { get; set; } = 512;
+
+    /// <summary>Shuffle the rows each epoch from the seed; false keeps file order (--no-shuffle turns it off).</summary>
+    /// <value>Default: true.</value>
+    public bool Shuffle { get; set; } = true;
+
+    /// <summary>Keep tokenized data in a cache on disk ($FUNCTIONAL_CACHE or ~/.cache/functional/data), keyed by
+    /// the file's content, the tokenizer and these options (--no-data-cache turns it off).</summary>
+    /// <value>Default: true.</value>
+    public bool UseCache { get; set; } = true;
+}
