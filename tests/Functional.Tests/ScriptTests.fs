@@ -32,7 +32,8 @@ type ProcessRun =
       Seconds: float }
 
 /// Runs program with arguments in workingDirectory, with extra environment variables, and waits at most
-/// timeout; a process still running then is killed with its children.
+/// timeout; a process still running then is killed with its children. Builds it starts leave no
+/// MSBuild or compiler server running behind them.
 let runProcess (program: string) (arguments: string list) (workingDirectory: string) (environment: (string * string) list) (timeout: TimeSpan) =
     let info =
         ProcessStartInfo(
@@ -42,7 +43,13 @@ let runProcess (program: string) (arguments: string list) (workingDirectory: str
             UseShellExecute = false,
             WorkingDirectory = workingDirectory)
     for a in arguments do info.ArgumentList.Add a
-    for name, value in ("DOTNET_CLI_TELEMETRY_OPTOUT", "1") :: ("DOTNET_NOLOGO", "1") :: environment do
+    let quiet =
+        [ "DOTNET_CLI_TELEMETRY_OPTOUT", "1"
+          "DOTNET_NOLOGO", "1"
+          "MSBUILDDISABLENODEREUSE", "1"
+          "DOTNET_CLI_USE_MSBUILD_SERVER", "0"
+          "UseSharedCompilation", "false" ]
+    for name, value in quiet @ environment do
         info.Environment[name] <- value
     let clock = Stopwatch.StartNew()
     use p = Process.Start info
