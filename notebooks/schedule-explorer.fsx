@@ -15,7 +15,6 @@ open TorchSharp
 open Functional
 open Functional.Checkpoint
 open Functional.Data
-open Functional.Runtime
 open References
 
 let output = Repository.output "schedule-explorer"
@@ -83,7 +82,6 @@ times `Accumulation.lossScale windowTokens`; `observe` reports the step at the w
 Six rows of very unequal lengths (3 to 40 tokens) go through the golden LLaMA, once as one batch and once
 as three micro-batches of two rows accumulated, and the gradients are compared.
 *)
-TorchRuntime.ensure ()
 let model = HfModelFolder.load (Path.Combine(Repository.golden "llama-cosine", "model")) 0L
 model.Module.eval () |> ignore
 
