@@ -449,7 +449,7 @@ let private autocast =
             use viaHelper = Models.Autocast.layerNorm fp32Norm plain
             use direct = fp32Norm.forward plain
             Expect.isTrue (viaHelper.Equals direct) "an fp32 model's norm is the plain LayerNorm")
-        torchTest "bf16 attention keeps its scores in fp32 (as libtorch's bf16 kernel) and rounds only the weights" (fun () ->
+        torchTest "bf16 attention: scores from a bf16 matmul (as autocast), scaled, masked and softmaxed in fp32, weights rounded to bf16" (fun () ->
             use generator = new torch.Generator(6UL)
             let draw () = (torch.randn([| 2L; 3L; 5L; 8L |], generator = generator) * 4.0).to_type torch.bfloat16 // (B, nh, T, hs)
             use q = draw ()
@@ -458,12 +458,12 @@ let private autocast =
             use y = Models.CausalAttention.apply q k v 0.0
             use expected =
                 use scope = torch.NewDisposeScope()
-                let scores = torch.matmul(q.to_type torch.float32, k.to_type(torch.float32).transpose(-2L, -1L)) * (1.0 / Math.Sqrt 8.0)
+                let scores = torch.matmul(q, k.transpose(-2L, -1L)).to_type(torch.float32) * (1.0 / Math.Sqrt 8.0)
                 let future = torch.ones([| 5L; 5L |], dtype = torch.ScalarType.Bool).triu(1L)
                 let weights = scores.masked_fill(future, Double.NegativeInfinity).softmax(-1L).to_type torch.bfloat16
                 scope.MoveToOuter(torch.matmul(weights, v))
             Expect.equal y.dtype torch.bfloat16 "bf16 output"
-            Expect.isTrue (y.Equals expected) "fp32 scores and softmax, bf16 weights times v")
+            Expect.isTrue (y.Equals expected) "bf16 score matmul, fp32 scale and softmax, bf16 weights times v")
         torchTest "bf16 rotary embedding rotates in fp32 and rounds once" (fun () ->
             use generator = new torch.Generator(8UL)
             use x32 = torch.randn([| 1L; 2L; 6L; 8L |], generator = generator) * 3.0 // (B, nh, T, hd)
