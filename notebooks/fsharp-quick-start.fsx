@@ -36,15 +36,9 @@ let options =
         MaxSeqLen = 32 }
 
 let request =
-    { ModelPath = Path.Combine(sample, "model")
-      DataPath = Path.Combine(sample, "data.jsonl")
-      OutputPath = Repository.output "fsharp-quick-start"
-      OverwriteOutputDir = true
-      Options = options
-      Data = FineTune.defaultData
-      ResumeFromCheckpoint = None
-      Lora = None
-      GradientCheckpointing = false }
+    { FineTune.request (Path.Combine(sample, "model")) (Path.Combine(sample, "data.jsonl")) (Repository.output "fsharp-quick-start") with
+        OverwriteOutputDir = true
+        Options = options }
 
 (**
 ## Train

@@ -94,15 +94,11 @@ schedule with warmup.
 *)
 let stage (name: string) (modelPath: string) (lora: LoraSettings option) (options: TrainOptions) =
     let request =
-        { ModelPath = modelPath
-          DataPath = trainPath
-          OutputPath = folder name
-          OverwriteOutputDir = true
-          Options = options
-          Data = { FineTune.defaultData with Prompt = { FineTune.defaultData.Prompt with TrainOn = TrainOn.Completion } }
-          ResumeFromCheckpoint = None
-          Lora = lora
-          GradientCheckpointing = false }
+        { FineTune.request modelPath trainPath (folder name) with
+            OverwriteOutputDir = true
+            Options = options
+            Data = { FineTune.defaultData with Prompt = { FineTune.defaultData.Prompt with TrainOn = TrainOn.Completion } }
+            Lora = lora }
     let result = FineTune.run request (fun log -> if log.Step % 50 = 0 then printfn "  step %d/%d  loss %.4f" log.Step log.TotalSteps log.Loss)
     printfn "%s: %d steps in %.1f s, final loss %.4f" name result.Steps result.TrainRuntime result.FinalLoss
     result

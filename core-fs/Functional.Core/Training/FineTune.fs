@@ -137,6 +137,22 @@ module FineTune =
           ExactMatchSamples = 0
           ExactMatchMaxNewTokens = 32 }
 
+    /// A request to fine-tune every weight of the model folder on the data file into the output folder, with
+    /// TrainOptions.defaults and defaultData, no resume, no LoRA, no prefix tuning, no gradient
+    /// checkpointing and an output folder that must be empty. Scripts start from it and change what they
+    /// need: `{ FineTune.request model data output with Options = ...; Lora = Some ... }`.
+    let request (modelPath: string) (dataPath: string) (outputPath: string) : FineTuneRequest =
+        { ModelPath = modelPath
+          DataPath = dataPath
+          OutputPath = outputPath
+          OverwriteOutputDir = false
+          Options = TrainOptions.defaults
+          Data = defaultData
+          ResumeFromCheckpoint = None
+          Lora = None
+          Prefix = None
+          GradientCheckpointing = false }
+
     /// The default cache folder: $FUNCTIONAL_CACHE, else ~/.cache/functional/data.
     let defaultCachePath () =
         match Environment.GetEnvironmentVariable "FUNCTIONAL_CACHE" with
