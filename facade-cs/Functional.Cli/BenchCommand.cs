@@ -22,14 +22,16 @@ internal static class BenchCommand
     private static Command PrecisionCommand()
     {
         var layers = CliOption.Create("--layers", "Transformer blocks.", 12);
-        var width = CliOption.Create("--width", "Hidden size.", 256);
+        var width = CliOption.Create("--width", "Hidden size.", 512);
         var batch = CliOption.Create("--batch", "Rows per micro-batch.", 4);
         var sequence = CliOption.Create("--seq-len", "Tokens per row.", 128);
         var steps = CliOption.Create("--steps", "Optimizer steps per precision.", 200);
         var threads = CliOption.Create("--threads", "Intra-op threads (0: all cores).", 0);
+        var learningRate = CliOption.Create("--learning-rate", "Peak learning rate.", 3e-4);
+        var warmup = CliOption.Create("--warmup-steps", "Linear warmup steps, then constant.", 20);
         var command = new Command("precision", "Tokens/s and final loss of the same training in fp32 and in bf16 (fp32 master weights).")
         {
-            layers, width, batch, sequence, steps, threads,
+            layers, width, batch, sequence, steps, threads, learningRate, warmup,
         };
         command.SetAction(parse =>
         {
@@ -44,7 +46,7 @@ internal static class BenchCommand
                 .Select(_ => { var start = random.Next(8192); return Enumerable.Range(0, length).Select(i => (long)((start + i) % 8192)).ToArray(); })
                 .ToArray();
             var data = new Data.TokenizedDataset("bench", rows, Enumerable.Range(1, rows.Length).ToArray(), new int[rows.Length]);
-            Console.WriteLine($"GPT-2, {parse.GetValue(layers)} layers, width {parse.GetValue(width)}, vocabulary 8192; batch {rowsPerStep} x {length} tokens, {total} steps, {TorchSharp.torch.get_num_threads()} threads");
+            Console.WriteLine($"GPT-2, {parse.GetValue(layers)} layers, width {parse.GetValue(width)}, vocabulary 8192; batch {rowsPerStep} x {length} tokens, {total} steps, lr {parse.GetValue(learningRate)} ({parse.GetValue(warmup)} warmup steps, then constant), {TorchSharp.torch.get_num_threads()} threads");
             Console.WriteLine("precision   tokens/s   final loss");
             var results = new List<(string Name, double TokensPerSecond, double Loss)>();
             foreach (var (name, precision) in new[] { ("fp32", Training.Precision.Fp32), ("bf16", Training.Precision.Bf16) })
@@ -52,9 +54,10 @@ internal static class BenchCommand
                 var lm = Gpt2(parse.GetValue(layers), parse.GetValue(width));
                 var options = Training.TrainOptionsModule.defaults;
                 options = new Training.TrainOptions(
-                    rowsPerStep, 1, 1e-3, options.WeightDecay, options.AdamBeta1, options.AdamBeta2, options.AdamEpsilon,
-                    options.Optimizer, options.Momentum, options.Nesterov, SchedulerKind.Constant, options.LrSchedulerOptions,
-                    0, 0, options.NumTrainEpochs, total, options.MaxGradNorm, length, options.Seed, false, 1, options.Threads,
+                    rowsPerStep, 1, parse.GetValue(learningRate), options.WeightDecay, options.AdamBeta1, options.AdamBeta2, options.AdamEpsilon,
+                    options.Optimizer, options.Momentum, options.Nesterov,
+                    parse.GetValue(warmup) > 0 ? SchedulerKind.ConstantWithWarmup : SchedulerKind.Constant, options.LrSchedulerOptions,
+                    parse.GetValue(warmup), 0, options.NumTrainEpochs, total, options.MaxGradNorm, length, options.Seed, false, 1, options.Threads,
                     options.EvalSteps, options.PerDeviceEvalBatchSize, options.EvalStrategy, Training.IntervalStrategy.No, options.SaveSteps,
                     options.SaveTotalLimit, options.MetricForBestModel, options.GreaterIsBetter, options.LoadBestModelAtEnd,
                     options.EarlyStoppingPatience, precision);
