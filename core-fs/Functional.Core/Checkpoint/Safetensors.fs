@@ -87,16 +87,6 @@ module Safetensors =
 
     let private formatShape (shape: int64[]) = "[" + String.Join(", ", shape) + "]"
 
-    let private describeKind (kind: JsonValueKind) =
-        match kind with
-        | JsonValueKind.Object -> "an object"
-        | JsonValueKind.Array -> "an array"
-        | JsonValueKind.String -> "a string"
-        | JsonValueKind.Number -> "a number"
-        | JsonValueKind.True | JsonValueKind.False -> "a boolean"
-        | JsonValueKind.Null -> "null"
-        | _ -> "nothing"
-
     /// Element count of a shape, or None when it does not fit in 63 bits.
     let private elementCount (shape: int64[]) =
         try Some(shape |> Array.fold (fun acc d -> Checked.(*) acc d) 1L)
@@ -105,14 +95,14 @@ module Safetensors =
     let private parseEntry (path: string) (dataLength: int64) (name: string) (value: JsonElement) =
         let fail problem = InvalidInput.fail path name problem
         if value.ValueKind <> JsonValueKind.Object then
-            fail (sprintf "expected an object with dtype, shape and data_offsets, found %s" (describeKind value.ValueKind))
+            fail (sprintf "expected an object with dtype, shape and data_offsets, found %s" (JsonInput.describe value.ValueKind))
         let field key =
             match value.TryGetProperty(key: string) with
             | true, v -> v
             | _ -> fail (sprintf "the header entry lacks \"%s\"" key)
         let nonNegativeIntegers key (element: JsonElement) =
             if element.ValueKind <> JsonValueKind.Array then
-                fail (sprintf "\"%s\" must be an array of integers, found %s" key (describeKind element.ValueKind))
+                fail (sprintf "\"%s\" must be an array of integers, found %s" key (JsonInput.describe element.ValueKind))
             [| for item in element.EnumerateArray() do
                    match item.TryGetInt64() with
                    | true, n when n >= 0L -> n
@@ -120,7 +110,7 @@ module Safetensors =
         let dtype =
             let element = field "dtype"
             if element.ValueKind <> JsonValueKind.String then
-                fail (sprintf "\"dtype\" must be a string, found %s" (describeKind element.ValueKind))
+                fail (sprintf "\"dtype\" must be a string, found %s" (JsonInput.describe element.ValueKind))
             let code = element.GetString()
             match tryScalarType code with
             | Some t -> t
@@ -146,11 +136,11 @@ module Safetensors =
     let private parseMetadata (path: string) (value: JsonElement) =
         let fail problem = InvalidInput.fail path metadataKey problem
         if value.ValueKind <> JsonValueKind.Object then
-            fail (sprintf "expected an object of strings, found %s" (describeKind value.ValueKind))
+            fail (sprintf "expected an object of strings, found %s" (JsonInput.describe value.ValueKind))
         value.EnumerateObject()
         |> Seq.fold (fun (acc: Map<string, string>) p ->
             if p.Value.ValueKind <> JsonValueKind.String then
-                fail (sprintf "value of \"%s\" must be a string, found %s" p.Name (describeKind p.Value.ValueKind))
+                fail (sprintf "value of \"%s\" must be a string, found %s" p.Name (JsonInput.describe p.Value.ValueKind))
             if acc.ContainsKey p.Name then fail (sprintf "key \"%s\" appears twice" p.Name)
             acc.Add(p.Name, p.Value.GetString())) Map.empty
 
@@ -175,7 +165,7 @@ module Safetensors =
         use document = document
         let root = document.RootElement
         if root.ValueKind <> JsonValueKind.Object then
-            InvalidInput.fail path "header" (sprintf "the header must be a JSON object, found %s" (describeKind root.ValueKind))
+            InvalidInput.fail path "header" (sprintf "the header must be a JSON object, found %s" (JsonInput.describe root.ValueKind))
         let seen = HashSet<string>()
         let mutable metadata = Map.empty
         let entries =

@@ -327,17 +327,6 @@ module Lora =
         let tensors = [ for name, p in parameters adapters -> name, (p :> torch.Tensor) ]
         StateDict.export (Path.Combine(folder, WeightsFileName)) Map.empty tensors
 
-    let private describe (kind: JsonValueKind) =
-        match kind with
-        | JsonValueKind.Number -> "a number"
-        | JsonValueKind.String -> "a string"
-        | JsonValueKind.Array -> "a list"
-        | JsonValueKind.Object -> "an object"
-        | JsonValueKind.True
-        | JsonValueKind.False -> "a boolean"
-        | JsonValueKind.Null -> "null"
-        | _ -> "nothing"
-
     /// Reads a LoRA configuration from folder's adapter_config.json (PEFT's format). Raises
     /// InvalidInputException naming the file and field for a missing file, malformed JSON, a missing or
     /// mistyped field, a PEFT type other than LORA, or a PEFT feature these adapters do not implement
@@ -345,26 +334,13 @@ module Lora =
     /// layers_to_transform, a regular-expression target_modules).
     let loadConfig (folder: string) : LoraConfig =
         let path = Path.Combine(folder, ConfigFileName)
-        if not (File.Exists path) then InvalidInput.fail path "" "the adapter configuration file does not exist"
-        let root =
-            try
-                use document = JsonDocument.Parse(File.ReadAllText path)
-                document.RootElement.Clone()
-            with :? JsonException as e -> InvalidInput.fail path "" (sprintf "not valid JSON: %s" e.Message)
-        if root.ValueKind <> JsonValueKind.Object then
-            InvalidInput.fail path "" (sprintf "expected a JSON object, found %s" (describe root.ValueKind))
-        let field name =
-            match root.TryGetProperty(name: string) with
-            | true, value -> Some value
-            | _ -> None
-        let required name =
-            match field name with
-            | Some value -> value
-            | None -> InvalidInput.fail path name "the field is missing"
+        let root = JsonInput.readObject path "the adapter configuration file does not exist"
+        let field = JsonInput.field root
+        let required = JsonInput.required path root
         let number name =
             let value = required name
             if value.ValueKind <> JsonValueKind.Number then
-                InvalidInput.fail path name (sprintf "expected a number, found %s" (describe value.ValueKind))
+                InvalidInput.fail path name (sprintf "expected a number, found %s" (JsonInput.describe value.ValueKind))
             value.GetDouble()
         let absentOr name (allowed: JsonElement -> bool) (problem: string) =
             match field name with
@@ -392,7 +368,7 @@ module Lora =
             | JsonValueKind.String ->
                 InvalidInput.fail path "target_modules"
                     (sprintf "a regular expression (%s) is not supported; list the module names" (targets.GetRawText()))
-            | kind -> InvalidInput.fail path "target_modules" (sprintf "expected a list of module names, found %s" (describe kind))
+            | kind -> InvalidInput.fail path "target_modules" (sprintf "expected a list of module names, found %s" (JsonInput.describe kind))
         absentOr "bias" (fun v -> v.ValueKind = JsonValueKind.String && v.GetString() = "none") "only bias \"none\" is supported"
         absentOr "use_rslora" (fun v -> v.ValueKind = JsonValueKind.False) "rsLoRA scaling is not supported"
         absentOr "use_dora" (fun v -> v.ValueKind = JsonValueKind.False) "DoRA is not supported"

@@ -211,17 +211,6 @@ module PrefixTuning =
         use values = adapter.Embeddings.detach().to_type(torch.float32).cpu()
         StateDict.export (Path.Combine(folder, WeightsFileName)) Map.empty [ EmbeddingsKey, values ]
 
-    let private describe (kind: JsonValueKind) =
-        match kind with
-        | JsonValueKind.Number -> "a number"
-        | JsonValueKind.String -> "a string"
-        | JsonValueKind.Array -> "a list"
-        | JsonValueKind.Object -> "an object"
-        | JsonValueKind.True
-        | JsonValueKind.False -> "a boolean"
-        | JsonValueKind.Null -> "null"
-        | _ -> "nothing"
-
     /// Reads a prefix configuration from folder's adapter_config.json (PEFT's format). Raises
     /// InvalidInputException naming the file and field for a missing file, malformed JSON, a missing or
     /// mistyped field, a PEFT type other than PREFIX_TUNING, a task type other than CAUSAL_LM, a
@@ -229,22 +218,9 @@ module PrefixTuning =
     /// implementation lacks (prefix_projection, num_transformer_submodules other than 1).
     let loadConfig (folder: string) : PrefixTuningConfig =
         let path = Path.Combine(folder, ConfigFileName)
-        if not (File.Exists path) then InvalidInput.fail path "" "the adapter configuration file does not exist"
-        let root =
-            try
-                use document = JsonDocument.Parse(File.ReadAllText path)
-                document.RootElement.Clone()
-            with :? JsonException as e -> InvalidInput.fail path "" (sprintf "not valid JSON: %s" e.Message)
-        if root.ValueKind <> JsonValueKind.Object then
-            InvalidInput.fail path "" (sprintf "expected a JSON object, found %s" (describe root.ValueKind))
-        let field name =
-            match root.TryGetProperty(name: string) with
-            | true, value when value.ValueKind <> JsonValueKind.Null -> Some value
-            | _ -> None
-        let required name =
-            match field name with
-            | Some value -> value
-            | None -> InvalidInput.fail path name "the field is missing"
+        let root = JsonInput.readObject path "the adapter configuration file does not exist"
+        let field = JsonInput.field root
+        let required = JsonInput.required path root
         let positive name =
             let value = required name
             let integer = if value.ValueKind = JsonValueKind.Number then value.TryGetInt32() else (false, 0)
