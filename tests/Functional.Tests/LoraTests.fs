@@ -48,22 +48,7 @@ let private expectInvalid (origin: string) (location: string) (messagePart: stri
         Expect.equal e.Location location (sprintf "location (message: %s)" e.Message)
         Expect.stringContains e.Message messagePart "the message explains the problem"
 
-let private gpt2Config =
-    Gpt2
-        { VocabSize = 17
-          NPositions = 32
-          NEmbd = 16
-          NLayer = 2
-          NHead = 2
-          NInner = 32
-          ActivationFunction = Activation.GeluNew
-          ResidPdrop = 0.0
-          EmbdPdrop = 0.0
-          AttnPdrop = 0.0
-          LayerNormEpsilon = 1e-5
-          InitializerRange = 0.2
-          ScaleAttnWeights = true
-          TieWordEmbeddings = true }
+let private gpt2Config = Gpt2 tinyGpt2
 
 /// Grouped-query attention: 4 query heads share 2 key/value heads (q_proj 16 -> 16, v_proj 16 -> 8).
 let private llamaConfig =

@@ -17,22 +17,7 @@ open Functional.Tests.TestUtil
 
 // ---------------------------------------------------------------- helpers
 
-let private gpt2Config =
-    Gpt2
-        { VocabSize = 17
-          NPositions = 32
-          NEmbd = 16
-          NLayer = 2
-          NHead = 2
-          NInner = 32
-          ActivationFunction = Activation.GeluNew
-          ResidPdrop = 0.0
-          EmbdPdrop = 0.0
-          AttnPdrop = 0.0
-          LayerNormEpsilon = 1e-5
-          InitializerRange = 0.2
-          ScaleAttnWeights = true
-          TieWordEmbeddings = true }
+let private gpt2Config = Gpt2 tinyGpt2
 
 let private expectInvalid (origin: string) (location: string) (messageParts: string list) (action: unit -> unit) =
     try

@@ -97,6 +97,24 @@ let torchTest name (body: unit -> unit) =
 
 // ---- tiny models ----
 
+/// A tiny GPT-2 (2 layers, width 16, 2 heads, vocabulary 17, no dropout, tied head) that model-level
+/// tests vary with `{ tinyGpt2 with ... }`.
+let tinyGpt2 : Functional.Models.Gpt2Config =
+    { VocabSize = 17
+      NPositions = 32
+      NEmbd = 16
+      NLayer = 2
+      NHead = 2
+      NInner = 32
+      ActivationFunction = Functional.Models.Activation.GeluNew
+      ResidPdrop = 0.0
+      EmbdPdrop = 0.0
+      AttnPdrop = 0.0
+      LayerNormEpsilon = 1e-5
+      InitializerRange = 0.2
+      ScaleAttnWeights = true
+      TieWordEmbeddings = true }
+
 /// A tiny LLaMA with grouped-query attention (4 query heads share 2 key/value heads, head_dim 4) that
 /// model-level tests vary with `{ tinyLlama with ... }`.
 let tinyLlama : Functional.Models.LlamaConfig =
