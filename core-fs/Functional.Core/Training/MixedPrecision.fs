@@ -96,22 +96,26 @@ module MixedPrecision =
     /// Adds the copy's gradients, converted to fp32, to the master's (master.Grads += copy.Grads), then
     /// zeroes the copy's. Called after every micro-batch's backward, so accumulation over a window
     /// sums in fp32 (as DeepSpeed's bf16 optimizer accumulates in fp32), not in the low precision.
+    /// firstInWindow tells that master.Grads are still zero (the window's first micro-batch): the sum is
+    /// then one converting copy.
     ///
-    /// The sum runs in chunks of ConversionChunk elements, each converted to fp32 first: libtorch's add_
-    /// of a bf16 tensor into an fp32 one takes a per-element casting path about 8x slower than a
-    /// converting copy plus an fp32 add (0.67 s against 0.03 s for GPT-2's 92M gradients on this CPU),
-    /// and the chunks keep the fp32 temporary small.
-    let accumulateGradients (copy: ComputeCopy) (master: FlatParameters) : unit =
+    /// Otherwise the sum runs in chunks of ConversionChunk elements, each converted to fp32 first:
+    /// libtorch's add_ of a bf16 tensor into an fp32 one takes a per-element casting path about 8x
+    /// slower than a converting copy plus an fp32 add (0.67 s against 0.03 s for GPT-2's 92M gradients
+    /// on this CPU), and the chunks keep the fp32 temporary small.
+    let accumulateGradients (copy: ComputeCopy) (master: FlatParameters) (firstInWindow: bool) : unit =
         use _ = torch.no_grad ()
-        let total = master.Grads.numel ()
-        let mutable offset = 0L
-        while offset < total do
-            let count = min ConversionChunk (total - offset)
-            use source = copy.Grads.narrow(0L, offset, count)
-            use converted = source.to_type torch.float32
-            use target = master.Grads.narrow(0L, offset, count)
-            target.add_ converted |> ignore
-            offset <- offset + count
+        if firstInWindow then master.Grads.copy_ copy.Grads |> ignore
+        else
+            let total = master.Grads.numel ()
+            let mutable offset = 0L
+            while offset < total do
+                let count = min ConversionChunk (total - offset)
+                use source = copy.Grads.narrow(0L, offset, count)
+                use converted = source.to_type torch.float32
+                use target = master.Grads.narrow(0L, offset, count)
+                target.add_ converted |> ignore
+                offset <- offset + count
         let zeroed = copy.Grads.zero_ ()
         // TorchSharp 0.107's zero_ returns a new handle to the same tensor: release it at once.
         if not (obj.ReferenceEquals(zeroed, copy.Grads)) then zeroed.Dispose()

@@ -329,14 +329,15 @@ module Trainer =
             let windowScale = lossScale |> Option.map (fun s -> s.Scale)
             let scale = Accumulation.lossScale windowTokens * Option.defaultValue 1.0 windowScale
             let mutable report = None
-            for batch in window do
+            for index, batch in List.indexed window do
                 mark TrainingPhase.Other
                 use logits = computeModel.Module.forward batch.InputIds // (B, T, V)
                 use lossSum = Loss.causalLmSum logits batch.Labels
                 mark TrainingPhase.Forward
                 use scaled = lossSum * scale
                 scaled.backward ()
-                compute |> Option.iter (fun c -> MixedPrecision.accumulateGradients c flat)
+                // The master gradients are zero when a window starts (zeroGrads after every step).
+                compute |> Option.iter (fun c -> MixedPrecision.accumulateGradients c flat (index = 0))
                 mark TrainingPhase.Backward
                 tokensSeen <- tokensSeen + batch.Tokens
                 let next, event = Accumulation.observe plan.Accumulation accumulation (lossSum.item<float32> () |> float)
