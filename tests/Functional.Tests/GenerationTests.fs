@@ -95,13 +95,7 @@ let private sampling seed newTokens =
         MaxNewTokens = newTokens
         Sampling = { SamplingOptions.greedy with Greedy = false; Seed = seed } }
 
-let private expectInvalid (origin: string) (location: string) (action: unit -> unit) =
-    try
-        action ()
-        failtest "expected an InvalidInputException"
-    with :? InvalidInputException as e ->
-        Expect.equal e.Origin origin (sprintf "origin (message: %s)" e.Message)
-        Expect.equal e.Location location (sprintf "location (message: %s)" e.Message)
+let private expectInvalid origin location action = expectInvalidInput origin location [] action
 
 // ---------------------------------------------------------------- key/value cache
 

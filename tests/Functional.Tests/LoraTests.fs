@@ -39,14 +39,7 @@ let private torchTest name (body: unit -> unit) =
         body ()
     }
 
-let private expectInvalid (origin: string) (location: string) (messagePart: string) (action: unit -> unit) =
-    try
-        action ()
-        failtest "expected an InvalidInputException"
-    with :? InvalidInputException as e ->
-        Expect.equal e.Origin origin (sprintf "origin (message: %s)" e.Message)
-        Expect.equal e.Location location (sprintf "location (message: %s)" e.Message)
-        Expect.stringContains e.Message messagePart "the message explains the problem"
+let private expectInvalid origin location (messagePart: string) action = expectInvalidInput origin location [ messagePart ] action
 
 let private gpt2Config = Gpt2 tinyGpt2
 

@@ -19,15 +19,7 @@ open Functional.Tests.TestUtil
 
 let private gpt2Config = Gpt2 tinyGpt2
 
-let private expectInvalid (origin: string) (location: string) (messageParts: string list) (action: unit -> unit) =
-    try
-        action ()
-        failtest "expected an InvalidInputException"
-    with :? InvalidInputException as e ->
-        Expect.equal e.Origin origin (sprintf "origin (message: %s)" e.Message)
-        Expect.equal e.Location location (sprintf "location (message: %s)" e.Message)
-        for part in messageParts do
-            Expect.stringContains e.Message part "the message explains the problem"
+let private expectInvalid = expectInvalidInput
 
 /// A fresh prefix with values drawn from normal(0, 0.5) by a local generator.
 let private randomPrefix (numVirtualTokens: int) (lm: CausalLm) (seed: int64) =

@@ -56,14 +56,7 @@ let private jsonArray (objects: obj seq) = "[\n" + (objects |> Seq.map json |> S
 
 let private options = PromptDataset.defaults
 
-let private expectInvalid (origin: string) (location: string) (problem: string) (action: unit -> unit) =
-    try
-        action ()
-        failtest "expected InvalidInputException"
-    with :? InvalidInputException as e ->
-        Expect.equal e.Origin origin "names the file or option"
-        Expect.equal e.Location location "names the line"
-        Expect.stringContains e.Problem problem "says what is wrong"
+let private expectInvalid origin location (problem: string) action = expectInvalidInput origin location [ problem ] action
 
 let private plain (samples: Sample[]) = samples |> Array.map (fun s -> s.Prompt, s.Answer, s.Line)
 

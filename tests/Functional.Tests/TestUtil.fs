@@ -95,6 +95,18 @@ let torchTest name (body: unit -> unit) =
         body ()
     }
 
+/// Runs action and expects an InvalidInputException with this origin and location whose message holds
+/// every one of messageParts.
+let expectInvalidInput (origin: string) (location: string) (messageParts: string list) (action: unit -> unit) =
+    try
+        action ()
+        failtest "expected an InvalidInputException"
+    with :? Functional.InvalidInputException as e ->
+        Expect.equal e.Origin origin (sprintf "origin (message: %s)" e.Message)
+        Expect.equal e.Location location (sprintf "location (message: %s)" e.Message)
+        for part in messageParts do
+            Expect.stringContains e.Message part "the message explains the problem"
+
 // ---- tiny models ----
 
 /// A tiny GPT-2 (2 layers, width 16, 2 heads, vocabulary 17, no dropout, tied head) that model-level
