@@ -498,5 +498,102 @@ let private transformTests =
         }
     ]
 
+/// Runs Optimizer.fusedAdamW and the same transform unfused side by side over the case's steps on flat
+/// buffers of c.Size elements (the gradients repeated to fill them), with clipping at maxNorm and,
+/// when asked, per-element learning-rate factors and a bf16 compute copy; checks after every step that
+/// parameters, moments, reported norm and copy agree.
+let private fusedMatchesUnfused (c: Case) (size: int) (maxNorm: float) (withFactors: bool) (withCopy: bool) =
+    let parameters, mask, grads = data c
+    let fill (values: float32[]) = Array.init size (fun i -> values[i % values.Length])
+    let makeFlat () =
+        let parameter = new Modules.Parameter(torch.tensor (fill parameters))
+        FlatParameters.create [ struct ("w", parameter) ]
+    use fusedFlat = makeFlat ()
+    use plainFlat = makeFlat ()
+    use maskTensor = torch.tensor (fill mask)
+    use factorTensor = torch.linspace(0.5, 2.0, int64 size)
+    let factors = if withFactors then Some factorTensor else None
+    let fused = Optimizer.fusedAdamW maxNorm (schedule c) c.Beta1 c.Beta2 c.Eps c.WeightDecay maskTensor factors
+    let plain = Optimizer.unfused fused.Transform
+    use fusedCopy = torch.zeros([| int64 size |], dtype = torch.bfloat16)
+    use plainCopy = torch.zeros([| int64 size |], dtype = torch.bfloat16)
+    let copies = if withCopy then Some fusedCopy, Some plainCopy else None, None
+    let mutable fusedState = fused.Transform.Init fusedFlat.Values
+    let mutable plainState = plain.Transform.Init plainFlat.Values
+    for step, g in List.indexed grads do
+        use gradient = torch.tensor (fill g)
+        fusedFlat.Grads.copy_ gradient |> ignore
+        plainFlat.Grads.copy_ gradient |> ignore
+        fusedState <- fused.Step fusedFlat fusedState (fst copies)
+        plainState <- plain.Step plainFlat plainState (snd copies)
+        let label = sprintf "step %d" (step + 1)
+        expectClose (label + " parameters") (toArray plainFlat.Values) (toArray fusedFlat.Values)
+        for (name, expected), (_, actual) in List.zip (Transform.stateTensors plainState) (Transform.stateTensors fusedState) do
+            expectClose (sprintf "%s %s" label name) (toArray expected) (toArray actual)
+            expected.Dispose()
+            actual.Dispose()
+        let norm = Transform.lastGradNorm plainState
+        Expect.isTrue (abs (Transform.lastGradNorm fusedState - norm) <= 1e-6 * norm) (label + " reported norm")
+        if withCopy then
+            // The kernel rounds to bf16 as torch's conversion does: bit for bit the same copy.
+            use converted = fusedFlat.Values.to_type torch.bfloat16
+            Expect.equal (toArray fusedCopy) (toArray converted) (label + " bf16 copy is the updated parameters rounded")
+    fusedState.Dispose()
+    plainState.Dispose()
+
+let private fusedTests =
+    testList "fused AdamW" [
+        testPropertyWithConfig config "fusedAdamW equals the unfused chain: clipping, masked decay, factors, bf16 copy"
+            (Prop.forAll cases (fun c ->
+                withTorch (fun () ->
+                    let rng = Random c.Seed
+                    // Sizes that leave a tail after the eight-wide loop; max norms that clip, or not, or only measure.
+                    let size = c.Size + 8 * rng.Next 5
+                    let maxNorm = [| 0.0; 1e-3; 1.0; 1e6 |][rng.Next 4]
+                    fusedMatchesUnfused c size maxNorm (rng.Next 2 = 0) (rng.Next 2 = 0))))
+
+        test "fusedAdamW equals the unfused chain over several parallel chunks" {
+            withTorch (fun () ->
+                let c =
+                    { Beta1 = 0.9; Beta2 = 0.999; Eps = 1e-8; WeightDecay = 0.1; Momentum = 0.0; Nesterov = false
+                      LearningRates = [ 1e-3; 5e-4; 1e-4 ]; Size = 37; Seed = 3 }
+                fusedMatchesUnfused c 300_007 1.0 true true)
+        }
+
+        test "fusedAdamW refreshes an fp16 compute copy through the unfused conversion" {
+            withTorch (fun () ->
+                use parameter = new Modules.Parameter(torch.randn 100L)
+                use flat = FlatParameters.create [ struct ("w", parameter) ]
+                use mask = FlatParameters.mask flat (fun _ -> true)
+                let fused = Optimizer.fusedAdamW 1.0 (fun _ -> 1e-2) 0.9 0.999 1e-8 0.0 mask None
+                use copy = torch.zeros([| 100L |], dtype = torch.float16)
+                flat.Grads.copy_ (torch.randn 100L) |> ignore
+                use state = fused.Step flat (fused.Transform.Init flat.Values) (Some copy)
+                use expected = flat.Values.to_type torch.float16
+                Expect.equal (toArray copy) (toArray expected) "fp16 copy of the updated parameters")
+        }
+
+        test "fusedAdamW steps inside per-step dispose scopes leave the live tensor count flat" {
+            withTorch (fun () ->
+                use parameter = new Modules.Parameter(torch.randn 10_000L)
+                use flat = FlatParameters.create [ struct ("w", parameter) ]
+                use mask = FlatParameters.mask flat (fun _ -> true)
+                let fused = Optimizer.fusedAdamW 1.0 (fun k -> 1e-3 / float (k + 1)) 0.9 0.999 1e-8 0.01 mask None
+                use copy = torch.zeros([| 10_000L |], dtype = torch.bfloat16)
+                let mutable state = fused.Transform.Init flat.Values
+                use gradient = torch.randn 10_000L
+                let update () =
+                    flat.Grads.copy_ gradient |> ignore
+                    state <- fused.Step flat state (Some copy)
+                let live () = DisposeScopeManager.Statistics.ThreadTotalLiveCount
+                update ()
+                let before = live ()
+                for _ in 1..100 do
+                    update ()
+                Expect.equal (live ()) before "live tensors after 100 fused steps without a scope"
+                state.Dispose())
+        }
+    ]
+
 [<Tests>]
-let tests = testList "optimizer" [ flatTests; transformTests ]
+let tests = testList "optimizer" [ flatTests; transformTests; fusedTests ]

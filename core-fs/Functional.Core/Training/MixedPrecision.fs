@@ -96,8 +96,8 @@ module MixedPrecision =
     /// Adds the copy's gradients, converted to fp32, to the master's (master.Grads += copy.Grads), then
     /// zeroes the copy's. Called after every micro-batch's backward, so accumulation over a window
     /// sums in fp32 (as DeepSpeed's bf16 optimizer accumulates in fp32), not in the low precision.
-    /// firstInWindow tells that master.Grads are still zero (the window's first micro-batch): the sum is
-    /// then one converting copy.
+    /// firstInWindow marks the window's first micro-batch: master.Grads are then overwritten by one
+    /// converting copy, whatever they held (so the trainer does not zero them between windows).
     ///
     /// Otherwise the sum runs in chunks of ConversionChunk elements, each converted to fp32 first:
     /// libtorch's add_ of a bf16 tensor into an fp32 one takes a per-element casting path about 8x

@@ -162,21 +162,24 @@ type TrainHooks =
 [<RequireQualifiedAccess>]
 module Trainer =
 
-    /// The optimizer chain for the options: clipping (or only measuring the norm), AdamW or SGD on the
-    /// schedule, and, when some parameters have their own learning rate, the per-parameter ratio.
-    let optimizer (options: TrainOptions) (schedule: int -> float) (decayMask: torch.Tensor) (learningRateRatios: torch.Tensor option) : Transform =
-        let update =
-            match options.Optimizer with
-            | OptimizerKind.AdamW ->
-                Optimizer.adamW schedule options.AdamBeta1 options.AdamBeta2 options.AdamEpsilon options.WeightDecay decayMask
-            | OptimizerKind.Sgd ->
-                Optimizer.sgd schedule options.Momentum options.Nesterov options.WeightDecay decayMask
-        Transform.chain
-            [ yield Transform.clipByGlobalNorm options.MaxGradNorm
-              yield update
-              match learningRateRatios with
-              | Some ratios -> yield Transform.scaleByFactors ratios
-              | None -> () ]
+    /// The optimizer for the options: clipping (or only measuring the norm), AdamW or SGD on the
+    /// schedule, and, when some parameters have their own learning rate, the per-parameter ratio, as
+    /// chain [clipByGlobalNorm; adamW or sgd; scaleByFactors]. AdamW steps through the fused kernel
+    /// (Optimizer.fusedAdamW), SGD through the chain.
+    let optimizer (options: TrainOptions) (schedule: int -> float) (decayMask: torch.Tensor) (learningRateRatios: torch.Tensor option) : FlatOptimizer =
+        match options.Optimizer with
+        | OptimizerKind.AdamW ->
+            Optimizer.fusedAdamW
+                options.MaxGradNorm schedule options.AdamBeta1 options.AdamBeta2 options.AdamEpsilon options.WeightDecay decayMask learningRateRatios
+        | OptimizerKind.Sgd ->
+            Optimizer.unfused (
+                Transform.chain
+                    [ yield Transform.clipByGlobalNorm options.MaxGradNorm
+                      yield Optimizer.sgd schedule options.Momentum options.Nesterov options.WeightDecay decayMask
+                      match learningRateRatios with
+                      | Some ratios -> yield Transform.scaleByFactors ratios
+                      | None -> () ]
+            )
 
     /// The rows of one epoch in the order the sampler gives, split into micro-batches.
     let private epochMicroBatches (options: TrainOptions) (rowCount: int) (epoch: int) =
@@ -289,8 +292,8 @@ module Trainer =
                     use slice = FlatParameters.sliceOf flat factors name
                     slice.fill_(ratio name) |> ignore
                 Some factors
-        let transform = optimizer options schedule decayMask ratios
-        let mutable optimizerState = transform.Init flat.Values
+        let optimizer = optimizer options schedule decayMask ratios
+        let mutable optimizerState = optimizer.Transform.Init flat.Values
         let mutable accumulation = Accumulation.start
         let scalerConfig =
             match options.Precision with
@@ -336,7 +339,7 @@ module Trainer =
                 mark TrainingPhase.Forward
                 use scaled = lossSum * scale
                 scaled.backward ()
-                // The master gradients are zero when a window starts (zeroGrads after every step).
+                // The window's first micro-batch overwrites the master gradients; later ones add to them.
                 compute |> Option.iter (fun c -> MixedPrecision.accumulateGradients c flat (index = 0))
                 mark TrainingPhase.Backward
                 tokensSeen <- tokensSeen + batch.Tokens
@@ -361,12 +364,13 @@ module Trainer =
             let learningRate = schedule updates
             mark TrainingPhase.Other
             if apply then
-                optimizerState <- Optimizer.apply transform flat optimizerState
+                optimizerState <- optimizer.Step flat optimizerState (compute |> Option.map (fun c -> c.Values))
                 updates <- updates + 1
-                compute |> Option.iter (fun c -> MixedPrecision.refresh c flat)
             else
                 skippedSteps <- skippedSteps + 1
-            FlatParameters.zeroGrads flat
+            // With a compute copy, the window's first micro-batch overwrites the master gradients
+            // (MixedPrecision.accumulateGradients): only fp32 training accumulates into them.
+            if compute.IsNone then FlatParameters.zeroGrads flat
             mark TrainingPhase.Optimizer
             lastLoss <- r.Loss
             let seconds = clock.Elapsed.TotalSeconds
