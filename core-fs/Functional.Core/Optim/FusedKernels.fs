@@ -4,8 +4,10 @@ namespace Functional.Optim
 #nowarn "9"
 
 open System
+open System.Runtime.CompilerServices
 open System.Runtime.InteropServices
 open System.Runtime.Intrinsics
+open System.Threading
 open System.Threading.Tasks
 open Microsoft.FSharp.NativeInterop
 open TorchSharp
@@ -88,6 +90,7 @@ module internal FusedKernels =
             uint16 ((bits + 0x7FFFu + ((bits >>> 16) &&& 1u)) >>> 16)
 
     /// Eight bf16 values (as Vector128<uint16>) of eight fp32 ones, rounded as toBf16.
+    [<MethodImpl(MethodImplOptions.AggressiveInlining)>]
     let private toBf16x8 (x: Vector256<float32>) : Vector128<uint16> =
         let bits = x.AsUInt32()
         let lowestKept = Vector256.ShiftRightLogical(bits, 16) &&& Vector256.Create 1u
@@ -97,34 +100,42 @@ module internal FusedKernels =
         Vector128.Narrow(result.GetLower(), result.GetUpper())
 
     /// Element i of an fp32 buffer.
+    [<MethodImpl(MethodImplOptions.AggressiveInlining)>]
     let private at (address: nativeint) (i: int64) : nativeptr<float32> =
         NativePtr.ofNativeInt (address + nativeint (i * 4L))
 
     /// Element i of a bf16 buffer (as its bits).
+    [<MethodImpl(MethodImplOptions.AggressiveInlining)>]
     let private atBf16 (address: nativeint) (i: int64) : nativeptr<uint16> =
         NativePtr.ofNativeInt (address + nativeint (i * 2L))
 
-    /// Elements [start, stop) of the AdamW update, one at a time (the tail of a chunk).
-    let private adamWScalar (c: AdamWConstants) (b: AdamWBuffers) (start: int64) (stop: int64) =
-        let mutable i = start
-        while i < stop do
-            let gi = NativePtr.read (at b.Gradients i) * c.GradScale
-            let mi = NativePtr.read (at b.ExpAvg i) * c.Beta1 + gi * c.OneMinusBeta1
-            let vi = NativePtr.read (at b.ExpAvgSq i) * c.Beta2 + gi * gi * c.OneMinusBeta2
-            NativePtr.write (at b.ExpAvg i) mi
-            NativePtr.write (at b.ExpAvgSq i) vi
-            let pi = NativePtr.read (at b.Parameters i)
-            let mutable u = 1.0f / (MathF.Sqrt vi + c.ScaledEps) * mi * c.StepScale
-            if b.DecayMask <> 0n then u <- u + c.WeightDecay * NativePtr.read (at b.DecayMask i) * pi
-            u <- u * c.NegativeLearningRate
-            if b.Factors <> 0n then u <- u * NativePtr.read (at b.Factors i)
-            let updated = pi + u
-            NativePtr.write (at b.Parameters i) updated
-            if b.Bf16Copy <> 0n then NativePtr.write (atBf16 b.Bf16Copy i) (toBf16 updated)
-            i <- i + 1L
+    /// Element i of the AdamW update, computed alone (the tail of a chunk).
+    [<MethodImpl(MethodImplOptions.AggressiveInlining)>]
+    let private adamWElement (c: AdamWConstants) (b: AdamWBuffers) (i: int64) =
+        let gi = NativePtr.read (at b.Gradients i) * c.GradScale
+        let mi = NativePtr.read (at b.ExpAvg i) * c.Beta1 + gi * c.OneMinusBeta1
+        let vi = NativePtr.read (at b.ExpAvgSq i) * c.Beta2 + gi * gi * c.OneMinusBeta2
+        NativePtr.write (at b.ExpAvg i) mi
+        NativePtr.write (at b.ExpAvgSq i) vi
+        let pi = NativePtr.read (at b.Parameters i)
+        let mutable u = 1.0f / (MathF.Sqrt vi + c.ScaledEps) * mi * c.StepScale
+        if b.DecayMask <> 0n then u <- u + c.WeightDecay * NativePtr.read (at b.DecayMask i) * pi
+        u <- u * c.NegativeLearningRate
+        if b.Factors <> 0n then u <- u * NativePtr.read (at b.Factors i)
+        let updated = pi + u
+        NativePtr.write (at b.Parameters i) updated
+        if b.Bf16Copy <> 0n then NativePtr.write (atBf16 b.Bf16Copy i) (toBf16 updated)
 
-    /// Elements [start, stop) of the AdamW update, eight at a time, then the scalar tail.
-    let private adamWChunk (c: AdamWConstants) (b: AdamWBuffers) (start: int64) (stop: int64) =
+    /// What every thread of an AdamW update runs: takes the next chunk (next counts the chunks taken)
+    /// until none is left, and updates it eight elements at a time, then its tail one at a time.
+    ///
+    /// One call covers many chunks on purpose. Tiered compilation starts a method as unoptimized code,
+    /// where every vector operation is a call, and promotes it only after 30 calls and a quiet spell of
+    /// the JIT, which a starting training run does not give: with one call per 64K-element chunk the
+    /// first steps of a 92M-parameter run took 120 and 290 ms instead of 40. A long-running loop leaves
+    /// unoptimized code after about a thousand iterations instead (on-stack replacement). F# does not
+    /// emit MethodImplOptions.AggressiveOptimization, which would skip the unoptimized tier.
+    let private adamWWorker (c: AdamWConstants) (b: AdamWBuffers) (chunks: int64) (next: int64 ref) =
         let scale = Vector256.Create c.GradScale
         let beta1 = Vector256.Create c.Beta1
         let oneMinusBeta1 = Vector256.Create c.OneMinusBeta1
@@ -135,33 +146,38 @@ module internal FusedKernels =
         let decay = Vector256.Create c.WeightDecay
         let negativeRate = Vector256.Create c.NegativeLearningRate
         let one = Vector256.Create 1.0f
-        let mutable i = start
-        while i + 8L <= stop do
-            let gi = Vector256.Load(at b.Gradients i) * scale
-            let mi = Vector256.Load(at b.ExpAvg i) * beta1 + gi * oneMinusBeta1
-            let vi = Vector256.Load(at b.ExpAvgSq i) * beta2 + gi * gi * oneMinusBeta2
-            mi.Store(at b.ExpAvg i)
-            vi.Store(at b.ExpAvgSq i)
-            let pi = Vector256.Load(at b.Parameters i)
-            let mutable u = one / (Vector256.Sqrt vi + scaledEps) * mi * stepScale
-            if b.DecayMask <> 0n then u <- u + decay * Vector256.Load(at b.DecayMask i) * pi
-            u <- u * negativeRate
-            if b.Factors <> 0n then u <- u * Vector256.Load(at b.Factors i)
-            let updated = pi + u
-            updated.Store(at b.Parameters i)
-            if b.Bf16Copy <> 0n then
-                (toBf16x8 updated).Store(atBf16 b.Bf16Copy i)
-            i <- i + 8L
-        adamWScalar c b i stop
+        let mutable k = Interlocked.Increment &next.contents
+        while k < chunks do
+            let stop = min b.Count ((k + 1L) * Chunk)
+            let mutable i = k * Chunk
+            while i + 8L <= stop do
+                let gi = Vector256.Load(at b.Gradients i) * scale
+                let mi = Vector256.Load(at b.ExpAvg i) * beta1 + gi * oneMinusBeta1
+                let vi = Vector256.Load(at b.ExpAvgSq i) * beta2 + gi * gi * oneMinusBeta2
+                mi.Store(at b.ExpAvg i)
+                vi.Store(at b.ExpAvgSq i)
+                let pi = Vector256.Load(at b.Parameters i)
+                let mutable u = one / (Vector256.Sqrt vi + scaledEps) * mi * stepScale
+                if b.DecayMask <> 0n then u <- u + decay * Vector256.Load(at b.DecayMask i) * pi
+                u <- u * negativeRate
+                if b.Factors <> 0n then u <- u * Vector256.Load(at b.Factors i)
+                let updated = pi + u
+                updated.Store(at b.Parameters i)
+                if b.Bf16Copy <> 0n then (toBf16x8 updated).Store(atBf16 b.Bf16Copy i)
+                i <- i + 8L
+            while i < stop do
+                adamWElement c b i
+                i <- i + 1L
+            k <- Interlocked.Increment &next.contents
 
-    /// One AdamW update over all of b's elements, in chunks of Chunk elements spread over up to
+    /// One AdamW update over all of b's elements, in chunks of Chunk elements shared by up to
     /// `threads` threads. Each element is computed independently, so the result does not depend on
     /// the number of threads.
     let adamW (threads: int) (c: AdamWConstants) (b: AdamWBuffers) : unit =
         let chunks = (b.Count + Chunk - 1L) / Chunk
-        let run (k: int64) = adamWChunk c b (k * Chunk) (min b.Count ((k + 1L) * Chunk))
-        if chunks <= 1L || threads <= 1 then
-            for k in 0L .. chunks - 1L do
-                run k
+        let next = ref -1L
+        let workers = int (min (int64 (max threads 1)) chunks)
+        if workers <= 1 then adamWWorker c b chunks next
         else
-            Parallel.For(0L, chunks, ParallelOptions(MaxDegreeOfParallelism = threads), run) |> ignore
+            Parallel.For(0, workers, ParallelOptions(MaxDegreeOfParallelism = workers), fun _ -> adamWWorker c b chunks next)
+            |> ignore
