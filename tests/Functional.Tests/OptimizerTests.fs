@@ -560,6 +560,26 @@ let private fusedTests =
                 fusedMatchesUnfused c 300_007 1.0 true true)
         }
 
+        test "without weight decay a one-element uniform mask serves fused and unfused AdamW alike" {
+            withTorch (fun () ->
+                let make () =
+                    let parameter = new Modules.Parameter(torch.linspace(-1.0, 1.0, 1000L))
+                    FlatParameters.create [ struct ("w", parameter) ]
+                use fusedFlat = make ()
+                use plainFlat = make ()
+                use mask = FlatParameters.uniform fusedFlat 1.0f
+                Expect.equal (mask.numel ()) 1000L "laid out as Values"
+                Expect.equal (mask.stride ()) [| 0L |] "backed by one element"
+                let fused = Optimizer.fusedAdamW 1.0 (fun _ -> 1e-2) 0.9 0.999 1e-8 0.0 mask None
+                let plain = Optimizer.unfused fused.Transform
+                use gradient = torch.linspace(2.0, -3.0, 1000L)
+                fusedFlat.Grads.copy_ gradient |> ignore
+                plainFlat.Grads.copy_ gradient |> ignore
+                use fusedState = fused.Step fusedFlat (fused.Transform.Init fusedFlat.Values) None
+                use plainState = plain.Step plainFlat (plain.Transform.Init plainFlat.Values) None
+                expectClose "parameters" (toArray plainFlat.Values) (toArray fusedFlat.Values))
+        }
+
         test "fusedAdamW refreshes an fp16 compute copy through the unfused conversion" {
             withTorch (fun () ->
                 use parameter = new Modules.Parameter(torch.randn 100L)

@@ -112,8 +112,10 @@ module Optimizer =
     /// docs/benchmarks.md). Same arithmetic in float32, operation for operation, as the unfused transforms,
     /// so results agree to float rounding (libtorch may fuse a multiply-add where .NET does not).
     ///
-    /// Buffers that are not contiguous CPU tensors (parameters on an accelerator, for instance) and
-    /// fp16 compute copies take the unfused path (Optimizer.unfused) for what the kernel cannot do.
+    /// Buffers that are not contiguous CPU tensors (parameters on an accelerator, for instance) take
+    /// the unfused path (Optimizer.unfused); so does a mask that is not when weightDecay is not 0 (the
+    /// mask is not read otherwise: FlatParameters.uniform will do). An fp16 compute copy is refreshed by
+    /// a converting copy after the kernel.
     let fusedAdamW
         (maxNorm: float)
         (schedule: int -> float)
@@ -137,7 +139,8 @@ module Optimizer =
             let outer, inner, adam, decay, rate, rest = adamWStates state
             let bf16Copy = compute |> Option.filter (TensorMemory.isPlain torch.bfloat16)
             let fusable =
-                plain flat.Values && plain flat.Grads && plain adam.ExpAvg && plain adam.ExpAvgSq && plain mask
+                plain flat.Values && plain flat.Grads && plain adam.ExpAvg && plain adam.ExpAvgSq
+                && (weightDecay = 0.0 || plain mask)
                 && (factors |> Option.forall plain)
                 && flat.Values.numel () = flat.Grads.numel ()
                 && (bf16Copy |> Option.forall (fun c -> c.numel () = flat.Values.numel ()))

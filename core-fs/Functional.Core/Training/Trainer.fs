@@ -273,7 +273,11 @@ module Trainer =
         let compute = MixedPrecision.createWith options.Precision model attach flat
         use _ = { new IDisposable with member _.Dispose() = compute |> Option.iter (fun c -> c.Dispose()) }
         let computeModel = compute |> Option.map (fun c -> c.Model) |> Option.defaultValue model
-        let decayMask = FlatParameters.mask flat (fun name -> not (model.NoWeightDecay.Contains name))
+        let decayMask =
+            // Without weight decay the mask is never read: a one-element view spares a buffer the size
+            // of the weights.
+            if options.WeightDecay = 0.0 then FlatParameters.uniform flat 1.0f
+            else FlatParameters.mask flat (fun name -> not (model.NoWeightDecay.Contains name))
         let ratios =
             // A peak rate of 0 trains nothing: every group's rate equals it (ratio 1), or the ratio is
             // undefined and the run is refused (0/0 used to turn every weight into NaN).
