@@ -96,6 +96,25 @@ module IncrementalDecoding =
         let allowed = torch.logical_or(torch.logical_and(causal, real), own) // (B, T_new, T_total)
         scope.MoveToOuter(allowed.unsqueeze 1)
 
+    /// Whether no row has left padding: every entry of the attention mask (B, T_total) is 1.
+    let hasNoPadding (attentionMask: torch.Tensor) : bool =
+        use all = attentionMask.all ()
+        all.item<bool> ()
+
+    /// The new positions' ids: positionIds, or, when no row has padding (noPadding), the positions
+    /// T_past .. T_total - 1 shared by every row as (1, T_new), which broadcasts over the rows.
+    let positions (attentionMask: torch.Tensor) (newLength: int64) (noPadding: bool) : torch.Tensor =
+        if noPadding then
+            let total = attentionMask.shape[1]
+            use row = torch.arange(total - newLength, total, dtype = torch.int64, device = attentionMask.device)
+            row.unsqueeze 0
+        else positionIds attentionMask newLength
+
+    /// The mask SDPA takes: attentionMask's allowed keys, or null when a single new position has no
+    /// padding to avoid (noPadding) and so attends to every key, cached and its own.
+    let allowedKeys (mask: torch.Tensor) (newLength: int64) (noPadding: bool) : torch.Tensor =
+        if noPadding && newLength = 1L then null else attentionMask mask newLength
+
     /// The layer's keys or values after the new positions: the cached ones followed by the new ones along
     /// the time axis, (B, heads, T_past + T_new, head_dim); a compact copy of the new ones without a cache.
     let append (past: torch.Tensor option) (fresh: torch.Tensor) : torch.Tensor =
@@ -318,8 +337,9 @@ type Gpt2Model(wte: Embedding, wpe: Embedding, drop: Dropout, h: ModuleList<Gpt2
             invalidArg "attentionMask" (sprintf "GPT-2 input spans %d positions; the model has n_positions = %d" total nPositions)
         use scope = torch.NewDisposeScope()
         let newLength = inputIds.shape[1]
-        let positions = IncrementalDecoding.positionIds attentionMask newLength // (B, T_new)
-        let allowed = IncrementalDecoding.attentionMask attentionMask newLength // (B, 1, T_new, T_total)
+        let noPadding = IncrementalDecoding.hasNoPadding attentionMask
+        let positions = IncrementalDecoding.positions attentionMask newLength noPadding // (B or 1, T_new)
+        let allowed = IncrementalDecoding.allowedKeys attentionMask newLength noPadding // (B, 1, T_new, T_total) or null
         let x = drop.forward (Autocast.residual (wte.forward inputIds) + Autocast.residual (wpe.forward positions)) // (B, T_new, C)
         let keysValues, x =
             h

@@ -27,10 +27,11 @@ type RmsNorm(dim: int64, eps: float) as this =
     /// (..., dim) -> (..., dim).
     override _.forward(x) =
         use scope = torch.NewDisposeScope()
-        let x32 = x.to_type torch.float32
+        let fp32 = x.dtype = torch.float32
+        let x32 = if fp32 then x else x.to_type torch.float32
         let variance = x32.square().mean([| -1L |], keepdim = true) // (..., 1)
-        let normed = x32 * torch.rsqrt(variance + eps)
-        if x.dtype = weight.dtype then scope.MoveToOuter(weight * normed.to_type x.dtype)
+        let normed = x32 * (variance + eps).rsqrt_()
+        if x.dtype = weight.dtype then scope.MoveToOuter(weight * (if fp32 then normed else normed.to_type x.dtype))
         else scope.MoveToOuter((normed * weight.to_type torch.float32).to_type weight.dtype)
 
 /// Rotary position embeddings in HF's rotate_half convention: a head vector's first and second
@@ -60,21 +61,39 @@ module Rotary =
         let x2 = x.narrow(-1L, half, half)
         scope.MoveToOuter(torch.cat([| x2.neg(); x1 |], -1L))
 
+    /// sin with the first half of its last dimension negated, for applySigned: rotate_half's negation
+    /// moved onto the table, where one forward computes it once for every layer. (..., hd) -> (..., hd).
+    let signHalf (sin: torch.Tensor) : torch.Tensor =
+        use scope = torch.NewDisposeScope()
+        let half = sin.shape[sin.shape.Length - 1] / 2L
+        scope.MoveToOuter(torch.cat([| sin.narrow(-1L, 0L, half).neg(); sin.narrow(-1L, half, half) |], -1L))
+
+    /// apply with the sin table given as signHalf sin: x * cos + roll(x, hd / 2) * signedSin, where
+    /// roll(x, hd / 2) = (x2, x1) and signedSin = (-sin1, sin2), so the products are rotate_half's
+    /// (-x2 sin1 equals x2 (-sin1) exactly) in four tensor operations instead of seven.
+    let applySigned (x: torch.Tensor) (cos: torch.Tensor) (signedSin: torch.Tensor) : torch.Tensor =
+        use scope = torch.NewDisposeScope()
+        let shape = x.shape
+        let half = shape[shape.Length - 1] / 2L
+        let rotate (x: torch.Tensor) (cos: torch.Tensor) (signedSin: torch.Tensor) =
+            x * cos + x.roll(half, -1L) * signedSin
+        let dtype = x.dtype
+        if Autocast.isLowPrecision dtype then
+            let x32 = x.to_type torch.float32
+            scope.MoveToOuter((rotate x32 (cos.to_type torch.float32) (signedSin.to_type torch.float32)).to_type dtype)
+        else
+            let cos = if cos.dtype = dtype then cos else cos.to_type dtype
+            let signedSin = if signedSin.dtype = dtype then signedSin else signedSin.to_type dtype
+            scope.MoveToOuter(rotate x cos signedSin)
+
     /// x * cos + rotate_half(x) * sin: (B, nh, T, hd) with cos, sin (T, hd) or per row (B, 1, T, hd)
     /// -> (B, nh, T, hd) in x's dtype. HF casts the tables to the dtype of the hidden states, which under
     /// autocast is the fp32 residual stream: bf16/fp16 q and k are rotated in fp32 and rounded once to
-    /// their dtype (what the attention kernel then receives), as here.
+    /// their dtype (what the attention kernel then receives), as here. The models compute signHalf once
+    /// per forward and call applySigned.
     let apply (x: torch.Tensor) (cos: torch.Tensor) (sin: torch.Tensor) : torch.Tensor =
-        use scope = torch.NewDisposeScope()
-        if Autocast.isLowPrecision x.dtype then
-            let x32 = x.to_type torch.float32
-            let cos = cos.to_type torch.float32
-            let sin = sin.to_type torch.float32
-            scope.MoveToOuter((x32 * cos + rotateHalf x32 * sin).to_type x.dtype)
-        else
-            let cos = if cos.dtype = x.dtype then cos else cos.to_type x.dtype
-            let sin = if sin.dtype = x.dtype then sin else sin.to_type x.dtype
-            scope.MoveToOuter(x * cos + rotateHalf x * sin)
+        use signedSin = signHalf sin
+        applySigned x cos signedSin
 
 /// HF's LlamaRotaryEmbedding (default rope type): holds inv_freq as a non-persistent buffer, so it is
 /// neither a parameter nor part of the state dict. (TorchSharp 0.107 leaves non-persistent buffers out
@@ -130,43 +149,60 @@ type LlamaAttention
         this.RegisterComponents()
 
     /// q (B, nh, T, hd), k and v (B, nkv, T, hd) of x (B, T, hidden), rotary applied to q and k.
-    member private _.Heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) =
-        let B, T = x.shape[0], x.shape[1]
+    member private _.Heads(x: torch.Tensor, cos: torch.Tensor, signedSin: torch.Tensor) =
+        let shape = x.shape
+        let B, T = shape[0], shape[1]
         let nh, nkv, hd = int64 numHeads, int64 numKeyValueHeads, int64 headDim
-        let q = q_proj.call(x).view(B, T, nh, hd).transpose(1, 2) // (B, nh, T, hd)
-        let k = k_proj.call(x).view(B, T, nkv, hd).transpose(1, 2) // (B, nkv, T, hd)
-        let v = v_proj.call(x).view(B, T, nkv, hd).transpose(1, 2) // (B, nkv, T, hd)
-        Rotary.apply q cos sin, Rotary.apply k cos sin, v
+        // (B, T, heads * hd) -> (B, heads, T, hd); with one position a view gives the same tensor.
+        let split (t: torch.Tensor) (heads: int64) =
+            if T = 1L then t.view(B, heads, 1L, hd) else t.view(B, T, heads, hd).transpose(1, 2)
+        let q = split (q_proj.call x) nh // (B, nh, T, hd)
+        let k = split (k_proj.call x) nkv // (B, nkv, T, hd)
+        let v = split (v_proj.call x) nkv // (B, nkv, T, hd)
+        Rotary.applySigned q cos signedSin, Rotary.applySigned k cos signedSin, v
 
     /// Attention of q (B, nh, T, hd) over k, v (B, nkv, T_total, hd), repeated to the query heads, with
     /// SDPA's mask and causal flag, merged and projected: (B, T, hidden).
     member private this.Attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, causal: bool) =
-        let B, nh, T, hd = q.shape[0], q.shape[1], q.shape[2], q.shape[3]
-        let nRep = nh / int64 numKeyValueHeads
-        let k = GroupedQuery.repeatKv k nRep // (B, nh, T_total, hd)
-        let v = GroupedQuery.repeatKv v nRep // (B, nh, T_total, hd)
+        let shape = q.shape
+        let B, nh, T, hd = shape[0], shape[1], shape[2], shape[3]
+        let nkv = int64 numKeyValueHeads
+        let nRep = nh / nkv
         let p = if this.training then attentionDropout else 0.0
         // SDPA's default scale 1/sqrt(hd) is HF's head_dim ** -0.5.
-        let y =
-            if causal && isNull allowed then CausalAttention.apply q k v p // (B, nh, T, hd)
-            else torch.nn.functional.scaled_dot_product_attention(q, k, v, allowed, p, causal)
-        let y = y.transpose(1, 2).reshape(B, T, nh * hd) // (B, T, nh * hd)
-        o_proj.call y
+        if T = 1L && not causal then
+            // One new position (a decoding step): the nRep query heads of a key/value head are nRep
+            // queries over the same keys, so SDPA runs on the keys and values as cached, without
+            // repeating them; a (B, 1, 1, T_total) mask broadcasts over them. (B, nkv, nRep, hd) is the
+            // heads' order of (B, 1, nh * hd).
+            use grouped = q.reshape(B, nkv, nRep, hd)
+            use y = torch.nn.functional.scaled_dot_product_attention(grouped, k, v, allowed, p, false)
+            use merged = y.reshape(B, 1L, nh * hd)
+            o_proj.call merged
+        else
+            let k = GroupedQuery.repeatKv k nRep // (B, nh, T_total, hd)
+            let v = GroupedQuery.repeatKv v nRep // (B, nh, T_total, hd)
+            let y =
+                if causal && isNull allowed then CausalAttention.apply q k v p // (B, nh, T, hd)
+                else torch.nn.functional.scaled_dot_product_attention(q, k, v, allowed, p, causal)
+            let y = y.transpose(1, 2).reshape(B, T, nh * hd) // (B, T, nh * hd)
+            o_proj.call y
 
-    /// x (B, T, hidden) with rotary cos, sin (T, hd) -> (B, T, hidden).
-    override this.forward(x, cos, sin) =
+    /// x (B, T, hidden) with the rotary cos and signed sin (Rotary.signHalf), (T, hd) -> (B, T, hidden).
+    override this.forward(x, cos, signedSin) =
         use scope = torch.NewDisposeScope()
-        let q, k, v = this.Heads(x, cos, sin)
+        let q, k, v = this.Heads(x, cos, signedSin)
         scope.MoveToOuter(this.Attend(q, k, v, null, true))
 
     /// Attention of T_new new positions over the cached ones and themselves: x (B, T_new, hidden), rotary
-    /// cos, sin (B, 1, T_new, hd), the allowed keys (B, 1, T_new, T_total) bool, the layer's cached keys
+    /// cos and signed sin (B or 1, 1, T_new, hd), the allowed keys (B, 1, T_new, T_total) bool or null for
+    /// all of them, the layer's cached keys
     /// and values (B, nkv, T_past, hd) -> (B, T_new, hidden) and the keys and values of all T_total
     /// positions (B, nkv, T_total, hd).
     member this.ForwardCached
-        (x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor, past: (torch.Tensor * torch.Tensor) option) =
+        (x: torch.Tensor, cos: torch.Tensor, signedSin: torch.Tensor, allowed: torch.Tensor, past: (torch.Tensor * torch.Tensor) option) =
         use scope = torch.NewDisposeScope()
-        let q, k, v = this.Heads(x, cos, sin)
+        let q, k, v = this.Heads(x, cos, signedSin)
         let k = IncrementalDecoding.append (Option.map fst past) k // (B, nkv, T_total, hd)
         let v = IncrementalDecoding.append (Option.map snd past) v // (B, nkv, T_total, hd)
         scope.MoveToOuter(this.Attend(q, k, v, allowed, false)), scope.MoveToOuter k, scope.MoveToOuter v
@@ -196,18 +232,18 @@ type LlamaDecoderLayer(self_attn: LlamaAttention, mlp: LlamaMlp, input_layernorm
         this.register_module("post_attention_layernorm", post_attention_layernorm)
         this.RegisterComponents()
 
-    /// x (B, T, hidden) with rotary cos, sin (T, hd) -> (B, T, hidden).
-    override _.forward(x, cos, sin) =
+    /// x (B, T, hidden) with the rotary cos and signed sin (Rotary.signHalf), (T, hd) -> (B, T, hidden).
+    override _.forward(x, cos, signedSin) =
         use scope = torch.NewDisposeScope()
-        let h = x + self_attn.forward(input_layernorm.forward x, cos, sin)
+        let h = x + self_attn.forward(input_layernorm.forward x, cos, signedSin)
         scope.MoveToOuter(h + mlp.forward (post_attention_layernorm.forward h))
 
     /// The layer over T_new new positions with the layer's cache (see LlamaAttention.ForwardCached):
     /// (B, T_new, hidden) -> (B, T_new, hidden) and the keys and values of all positions.
     member _.ForwardCached
-        (x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor, past: (torch.Tensor * torch.Tensor) option) =
+        (x: torch.Tensor, cos: torch.Tensor, signedSin: torch.Tensor, allowed: torch.Tensor, past: (torch.Tensor * torch.Tensor) option) =
         use scope = torch.NewDisposeScope()
-        let a, k, v = self_attn.ForwardCached(input_layernorm.forward x, cos, sin, allowed, past)
+        let a, k, v = self_attn.ForwardCached(input_layernorm.forward x, cos, signedSin, allowed, past)
         let h = x + a
         scope.MoveToOuter(h + mlp.forward (post_attention_layernorm.forward h)), scope.MoveToOuter k, scope.MoveToOuter v
 
@@ -232,11 +268,12 @@ type LlamaModel(embed_tokens: Embedding, layers: ModuleList<LlamaDecoderLayer>, 
         let T = inputIds.shape[1]
         let positions = torch.arange(T, dtype = torch.int64, device = inputIds.device) // (T)
         let cos, sin = rotary_emb.CosSin positions // (T, hd) each
+        let signedSin = Rotary.signHalf sin // once for every layer (Rotary.applySigned)
         let x = Autocast.residual (embed_tokens.forward inputIds) // (B, T, hidden), fp32 for a bf16/fp16 model
         let runLayer (x: torch.Tensor) (layer: LlamaDecoderLayer) =
             if gradientCheckpointing && this.training then
-                ActivationCheckpointing.run layer (fun inputs -> layer.forward(inputs[0], inputs[1], inputs[2])) [| x; cos; sin |]
-            else layer.forward(x, cos, sin)
+                ActivationCheckpointing.run layer (fun inputs -> layer.forward(inputs[0], inputs[1], inputs[2])) [| x; cos; signedSin |]
+            else layer.forward(x, cos, signedSin)
         let x = layers |> Seq.fold runLayer x
         scope.MoveToOuter(norm.forward x)
 
@@ -247,9 +284,11 @@ type LlamaModel(embed_tokens: Embedding, layers: ModuleList<LlamaDecoderLayer>, 
         IncrementalDecoding.checkInputs inputIds attentionMask cache layers.Count
         use scope = torch.NewDisposeScope()
         let newLength = inputIds.shape[1]
-        let positions = IncrementalDecoding.positionIds attentionMask newLength // (B, T_new)
-        let cos, sin = rotary_emb.CosSinPerRow positions // (B, 1, T_new, hd) each
-        let allowed = IncrementalDecoding.attentionMask attentionMask newLength // (B, 1, T_new, T_total)
+        let noPadding = IncrementalDecoding.hasNoPadding attentionMask
+        let positions = IncrementalDecoding.positions attentionMask newLength noPadding // (B or 1, T_new)
+        let cos, sin = rotary_emb.CosSinPerRow positions // (B or 1, 1, T_new, hd) each
+        let signedSin = Rotary.signHalf sin // once for every layer (Rotary.applySigned)
+        let allowed = IncrementalDecoding.allowedKeys attentionMask newLength noPadding // (B, 1, T_new, T_total) or null
         let x = Autocast.residual (embed_tokens.forward inputIds) // (B, T_new, hidden), fp32 for a bf16/fp16 model
         let keysValues, x =
             layers
@@ -257,7 +296,7 @@ type LlamaModel(embed_tokens: Embedding, layers: ModuleList<LlamaDecoderLayer>, 
             |> Seq.mapFold
                 (fun x (i, layer: LlamaDecoderLayer) ->
                     let past = cache |> Option.map (fun c -> c.Keys[i], c.Values[i])
-                    let y, k, v = layer.ForwardCached(x, cos, sin, allowed, past)
+                    let y, k, v = layer.ForwardCached(x, cos, signedSin, allowed, past)
                     (k, v), y)
                 x
         let keysValues = Array.ofSeq keysValues
