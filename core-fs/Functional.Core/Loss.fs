@@ -30,8 +30,8 @@ module Loss =
             )
 
     /// The summed next-token cross-entropy of a batch: logits (B, T, V) at position t predict
-    /// labels (B, T) at t + 1 (logits[:, :-1] against labels[:, 1:]); positions whose label is -100 are
-    /// skipped. Computed in fp32 whatever the logits' dtype (they are upcast, as HF's loss does) with
+    /// labels (B, T) at t + 1 (logits[:, :-1] against labels[:, 1:], computed as HF does by shifting the
+    /// labels instead of copying the logits); positions whose label is -100 are skipped. Computed in fp32 whatever the logits' dtype (they are upcast, as HF's loss does) with
     /// cross_entropy(reduction sum, ignore_index -100). Returns a fresh 0-dim fp32 tensor that carries the
     /// graph to the logits; it is 0 when no position has a target. Divide it by the predicted tokens of
     /// the whole accumulation window (Accumulation.lossScale) for HF's token-mean loss.
@@ -40,9 +40,14 @@ module Loss =
         checkShapes logits labels
         use scope = torch.NewDisposeScope()
         let batch, time, vocab = logits.shape[0], logits.shape[1], logits.shape[2]
+        // As HF's ForCausalLMLoss: the labels move one position left, with -100 after the last, so
+        // the logits stay whole (a view, not a copy of B*T*V values) and their last position is ignored.
         let shifted = max 0L (time - 1L)
-        let predictions = logits.narrow(1L, 0L, shifted).reshape(batch * shifted, vocab).to_type(torch.ScalarType.Float32) // (B*(T-1), V)
-        let targets = labels.narrow(1L, 1L, shifted).reshape(batch * shifted).``to``(predictions.device) // (B*(T-1))
+        let rows = logits.reshape(batch * time, vocab) // (B*T, V)
+        let predictions = if rows.dtype = torch.ScalarType.Float32 then rows else rows.to_type torch.ScalarType.Float32
+        let targets =
+            let ignored = torch.full(batch, time - shifted, IgnoreIndex, dtype = torch.int64, device = labels.device)
+            torch.cat([| labels.narrow(1L, 1L, shifted); ignored |], 1L).reshape(batch * time).``to``(predictions.device) // (B*T)
         let sum =
             torch.nn.functional.cross_entropy(
                 predictions,

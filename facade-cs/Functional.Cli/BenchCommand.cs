@@ -225,7 +225,7 @@ internal static class BenchCommand
             var m = p.Memory;
             var peak = p.Trainer.PeakResidentBytes is { } hwm ? hwm.Value : 0L;
             Console.WriteLine($"memory {p.Precision}: estimate {Mb(m.Total)} MB = weights {Mb(m.Weights)} + gradients {Mb(m.Gradients)} + " +
-                $"AdamW moments {Mb(m.OptimizerState)} + activations {Mb(m.Activations)} (measured); ours peak {Mb(peak)} MB resident, " +
+                $"AdamW moments {Mb(m.OptimizerState)} + activations {Mb(m.Activations)} (measured: peak of a forward and backward); ours peak {Mb(peak)} MB resident, " +
                 $"{Mb(p.BaselineResidentBytes)} MB before the model: (peak - before) / estimate = {Program.Num((double)(peak - p.BaselineResidentBytes) / m.Total, "F2")}x");
         }
         if (result.Precisions.Length == 2)
