@@ -63,6 +63,17 @@ module Optimizer =
     let withClipping (maxNorm: float) (optimizer: Transform) : Transform =
         Transform.chain [ Transform.clipByGlobalNorm maxNorm; optimizer ]
 
+    /// The trainer's chain: chain [Transform.clipByGlobalNorm maxNorm; optimizer], followed by
+    /// Transform.scaleByFactors when per-parameter learning-rate factors are given. State names: "0."
+    /// for clipping, "1." for the optimizer, "2." for the factors.
+    let trainerChain (maxNorm: float) (optimizer: Transform) (factors: torch.Tensor option) : Transform =
+        Transform.chain
+            [ yield Transform.clipByGlobalNorm maxNorm
+              yield optimizer
+              match factors with
+              | Some f -> yield Transform.scaleByFactors f
+              | None -> () ]
+
     /// One optimizer step on flat parameters under no_grad: runs the transform on flat.Grads and adds
     /// the resulting updates to flat.Values in place (so the model's parameters change). Returns the
     /// next state; the given one must not be used again. The gradients are consumed: the transforms
@@ -103,8 +114,7 @@ module Optimizer =
         | _ -> fail ()
 
     /// HF Trainer's AdamW step, fused: the transform is
-    /// chain [Transform.clipByGlobalNorm maxNorm; adamW schedule b1 b2 eps weightDecay mask] followed by
-    /// Transform.scaleByFactors when per-parameter learning-rate factors are given (its state and
+    /// trainerChain maxNorm (adamW schedule b1 b2 eps weightDecay mask) factors (its state and
     /// checkpoint names are those of that chain), and a step measures the gradients' global norm, then
     /// updates the parameters, both moments and the compute copy in one pass over memory, spread over
     /// torch's intra-op threads. The unfused chain makes about fifteen passes over the buffers: at 92M
@@ -126,13 +136,7 @@ module Optimizer =
         (mask: torch.Tensor)
         (factors: torch.Tensor option)
         : FlatOptimizer =
-        let transform =
-            Transform.chain
-                [ yield Transform.clipByGlobalNorm maxNorm
-                  yield adamW schedule b1 b2 eps weightDecay mask
-                  match factors with
-                  | Some f -> yield Transform.scaleByFactors f
-                  | None -> () ]
+        let transform = trainerChain maxNorm (adamW schedule b1 b2 eps weightDecay mask) factors
         let fallback = unfused transform
         let plain = TensorMemory.isPlain torch.float32
         let step (flat: FlatParameters) (state: ITransformState) (compute: torch.Tensor option) =

@@ -172,14 +172,8 @@ module Trainer =
             Optimizer.fusedAdamW
                 options.MaxGradNorm schedule options.AdamBeta1 options.AdamBeta2 options.AdamEpsilon options.WeightDecay decayMask learningRateRatios
         | OptimizerKind.Sgd ->
-            Optimizer.unfused (
-                Transform.chain
-                    [ yield Transform.clipByGlobalNorm options.MaxGradNorm
-                      yield Optimizer.sgd schedule options.Momentum options.Nesterov options.WeightDecay decayMask
-                      match learningRateRatios with
-                      | Some ratios -> yield Transform.scaleByFactors ratios
-                      | None -> () ]
-            )
+            let sgd = Optimizer.sgd schedule options.Momentum options.Nesterov options.WeightDecay decayMask
+            Optimizer.unfused (Optimizer.trainerChain options.MaxGradNorm sgd learningRateRatios)
 
     /// The rows of one epoch in the order the sampler gives, split into micro-batches.
     let private epochMicroBatches (options: TrainOptions) (rowCount: int) (epoch: int) =
