@@ -151,22 +151,17 @@ module Optimizer =
             if not fusable then fallback.Step flat state compute
             else
                 use _ = torch.no_grad ()
-                let norm =
-                    use normTensor = flat.Grads.norm 2.0f
-                    use asDouble = normTensor.to_type torch.float64
-                    asDouble.item<float> ()
-                let coefficient = maxNorm / (norm + 1e-6)
+                let norm = Transform.globalNorm flat.Grads
                 let t = adam.Count + 1
-                let biasCorrection1 = 1.0 - Math.Pow(b1, float t)
-                let biasCorrection2Sqrt = Math.Sqrt(1.0 - Math.Pow(b2, float t))
+                let stepScale, scaledEps = Transform.adamScales b1 b2 eps t
                 let constants: AdamWConstants =
-                    { GradScale = if maxNorm > 0.0 && not (coefficient >= 1.0) then float32 coefficient else 1.0f
+                    { GradScale = Transform.clipCoefficient maxNorm norm |> Option.map float32 |> Option.defaultValue 1.0f
                       Beta1 = float32 b1
                       OneMinusBeta1 = float32 (1.0 - b1)
                       Beta2 = float32 b2
                       OneMinusBeta2 = float32 (1.0 - b2)
-                      StepScale = float32 (biasCorrection2Sqrt / biasCorrection1)
-                      ScaledEps = float32 (eps * biasCorrection2Sqrt)
+                      StepScale = float32 stepScale
+                      ScaledEps = float32 scaledEps
                       WeightDecay = float32 weightDecay
                       NegativeLearningRate = float32 (-(schedule rate.Count)) }
                 let buffers: AdamWBuffers =

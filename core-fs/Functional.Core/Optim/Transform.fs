@@ -124,6 +124,13 @@ module Transform =
                 s.ExpAvg.Dispose()
                 s.ExpAvgSq.Dispose()
 
+    /// The factors of Adam's update t (from 1) as scaleByAdam applies them: the step scale
+    /// sqrt(1 - b2^t) / (1 - b1^t) and the scaled epsilon eps sqrt(1 - b2^t).
+    let adamScales (b1: float) (b2: float) (eps: float) (t: int) : float * float =
+        let biasCorrection1 = 1.0 - Math.Pow(b1, float t)
+        let biasCorrection2Sqrt = Math.Sqrt(1.0 - Math.Pow(b2, float t))
+        biasCorrection2Sqrt / biasCorrection1, eps * biasCorrection2Sqrt
+
     /// Adam's scaling, with torch.optim.Adam(W)'s formula: m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
     /// t = Count + 1; u = (m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps), eps added after the bias
     /// correction of sqrt(v). Computed in place into the updates as
@@ -148,10 +155,9 @@ module Transform =
                 let t = s.Count + 1
                 s.ExpAvg.mul_(beta1).add_(updates, oneMinusBeta1) |> ignore
                 s.ExpAvgSq.mul_(beta2).addcmul_(updates, updates, oneMinusBeta2) |> ignore
-                let biasCorrection1 = 1.0 - Math.Pow(b1, float t)
-                let biasCorrection2Sqrt = Math.Sqrt(1.0 - Math.Pow(b2, float t))
-                use scaledEps = (eps * biasCorrection2Sqrt).ToScalar()
-                use stepScale = (biasCorrection2Sqrt / biasCorrection1).ToScalar()
+                let stepFactor, epsFactor = adamScales b1 b2 eps t
+                use scaledEps = epsFactor.ToScalar()
+                use stepScale = stepFactor.ToScalar()
                 updates.copy_(s.ExpAvgSq).sqrt_().add_(scaledEps).reciprocal_().mul_(s.ExpAvg).mul_(stepScale)
                 |> ignore
                 updates, { s with Count = t } :> ITransformState }
@@ -227,6 +233,18 @@ module Transform =
             member this.Import _ = this
             member _.Dispose() = ()
 
+    /// The L2 norm of all elements of a flat tensor, read back to the host (clipByGlobalNorm's norm).
+    let globalNorm (updates: torch.Tensor) : float =
+        use normTensor = updates.norm 2.0f
+        use asDouble = normTensor.to_type torch.float64
+        asDouble.item<float> ()
+
+    /// The factor clipByGlobalNorm multiplies updates of this norm by: Some(maxNorm / (norm + 1e-6)) when
+    /// clipping is on (maxNorm > 0) and that is not >= 1 (NaN included, as torch), else None.
+    let clipCoefficient (maxNorm: float) (norm: float) : float option =
+        let coefficient = maxNorm / (norm + 1e-6)
+        if maxNorm > 0.0 && not (coefficient >= 1.0) then Some coefficient else None
+
     /// Clips by global norm, as torch.nn.utils.clip_grad_norm_: norm = ||u||_2 over all elements,
     /// coefficient = min(1, maxNorm / (norm + 1e-6)), u = u * coefficient. The pre-clip norm is kept as
     /// ClipState.LastNorm (read it with Transform.lastGradNorm). maxNorm = 0 turns clipping off (HF's
@@ -240,14 +258,12 @@ module Transform =
         { Init = fun _ -> { LastNorm = nan } :> ITransformState
           Update =
             fun updates _ _ ->
-                let norm =
-                    use normTensor = updates.norm 2.0f
-                    use asDouble = normTensor.to_type torch.float64
-                    asDouble.item<float> ()
-                let coefficient = maxNorm / (norm + 1e-6)
-                if maxNorm > 0.0 && not (coefficient >= 1.0) then
+                let norm = globalNorm updates
+                match clipCoefficient maxNorm norm with
+                | Some coefficient ->
                     use factor = coefficient.ToScalar()
                     updates.mul_ factor |> ignore
+                | None -> ()
                 updates, { LastNorm = norm } :> ITransformState }
 
     /// trace's state: the momentum buffer (torch.optim.SGD's "momentum_buffer").
