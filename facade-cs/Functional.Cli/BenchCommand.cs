@@ -57,7 +57,7 @@ internal static class BenchCommand
                     rowsPerStep, 1, parse.GetValue(learningRate), options.WeightDecay, options.AdamBeta1, options.AdamBeta2, options.AdamEpsilon,
                     options.Optimizer, options.Momentum, options.Nesterov,
                     parse.GetValue(warmup) > 0 ? SchedulerKind.ConstantWithWarmup : SchedulerKind.Constant, options.LrSchedulerOptions,
-                    parse.GetValue(warmup), 0, options.NumTrainEpochs, total, options.MaxGradNorm, length, options.Seed, false, 1, options.Threads,
+                    parse.GetValue(warmup), 0, options.NumTrainEpochs, total, options.MaxGradNorm, length, options.Seed, false, 1, TorchSharp.torch.get_num_threads(),
                     options.EvalSteps, options.PerDeviceEvalBatchSize, options.EvalStrategy, Training.IntervalStrategy.No, options.SaveSteps,
                     options.SaveTotalLimit, options.MetricForBestModel, options.GreaterIsBetter, options.LoadBestModelAtEnd,
                     options.EarlyStoppingPatience, precision);

@@ -29,6 +29,7 @@ public sealed class ProgressDisplay : IDisposable
     private string? statusLine;
     private long? lastDrawTimestamp;
     private int lastPrintedPercent = -1;
+    private int lastThreads;
     private bool disposed;
 
     /// <summary>Progress on the console: in place when standard output is a terminal, plain lines otherwise.</summary>
@@ -68,6 +69,15 @@ public sealed class ProgressDisplay : IDisposable
         lock (gate)
         {
             ObjectDisposedException.ThrowIf(disposed, this);
+            // The run starts with MaxThreads; the thread budget may change the count between logged steps.
+            var previous = lastThreads > 0 ? lastThreads : p.MaxThreads;
+            if (p.Threads > 0 && previous > 0 && p.Threads != previous)
+            {
+                Message(p.Threads < previous
+                    ? $"threads: {previous} -> {p.Threads} (other programs keep cores busy; --threads N fixes the count)"
+                    : $"threads: {previous} -> {p.Threads} (cores became free)");
+            }
+            lastThreads = p.Threads;
             var elapsed = time.GetElapsedTime(startTimestamp);
             var total = p.TotalSteps > 0 ? p.TotalSteps : Math.Max(totalSteps, 1);
             var step = Math.Clamp(p.Step, 0, total);

@@ -77,7 +77,7 @@ internal static class TrainCommand
         var seed = CliOption.Create("--seed", "Random seed.", d.Seed);
         var noShuffle = CliOption.Create("--no-shuffle", "Keep rows in file order.", false);
         var loggingSteps = CliOption.Create("--logging-steps", "Write metrics every N optimizer steps.", d.LoggingSteps);
-        var threads = CliOption.Create("--threads", "Intra-op threads (0: all cores).", d.Threads);
+        var threads = CliOption.Create("--threads", "Intra-op threads (0: adapt to the cores other programs leave free, or OMP_NUM_THREADS).", d.Threads);
 
         var command = new Command("train", "Fine-tune a GPT-2 or LLaMA checkpoint on pre-tokenized data.")
         {

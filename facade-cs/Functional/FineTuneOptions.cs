@@ -134,7 +134,8 @@ public sealed class FineTuneOptions
     /// <summary>Write metrics every this many optimizer steps (default 1).</summary>
     public int LoggingSteps { get; set; } = 1;
 
-    /// <summary>Intra-op threads; 0 uses every core (default 0).</summary>
+    /// <summary>Intra-op threads; 0 (the default) adapts to the cores other programs leave free, or takes
+    /// OMP_NUM_THREADS when it is set.</summary>
     public int Threads { get; set; }
 
     /// <summary>Evaluate every this many optimizer steps when there is an evaluation set; 0 evaluates only at the end (default 0).</summary>

@@ -15,7 +15,16 @@ namespace Functional;
 /// <param name="GradNorm">The global gradient norm before clipping.</param>
 /// <param name="TokensPerSecond">Real (non-padding) tokens per second since the run started.</param>
 public readonly record struct TrainingProgress(
-    int Step, int TotalSteps, double Epoch, double Loss, double LearningRate, double GradNorm, double TokensPerSecond);
+    int Step, int TotalSteps, double Epoch, double Loss, double LearningRate, double GradNorm, double TokensPerSecond)
+{
+    /// <summary>The intra-op threads the step ran with; with the default thread setting it follows the cores that
+    /// other programs leave free. 0 when not known.</summary>
+    public int Threads { get; init; }
+
+    /// <summary>The most threads the run may use: the fixed count, or the cores when the count adapts. 0 when not
+    /// known.</summary>
+    public int MaxThreads { get; init; }
+}
 
 /// <summary>Evaluation figures at one point of a run.</summary>
 /// <param name="Loss">Token-weighted evaluation loss.</param>
@@ -96,7 +105,11 @@ public static class FineTuning
 
     /// <summary>The facade's view of a training step.</summary>
     internal static TrainingProgress ToProgress(StepLog log) => new(
-        log.Step, log.TotalSteps, log.Epoch, log.Loss, log.LearningRate, log.GradNorm, log.TokensPerSecond);
+        log.Step, log.TotalSteps, log.Epoch, log.Loss, log.LearningRate, log.GradNorm, log.TokensPerSecond)
+    {
+        Threads = log.Threads,
+        MaxThreads = log.MaxThreads,
+    };
 
     /// <summary>The facade's view of a finished run.</summary>
     internal static FineTuneResult ToResult(Training.FineTuneResult r) => new(

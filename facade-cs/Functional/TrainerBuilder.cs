@@ -236,8 +236,9 @@ public sealed class TrainerBuilder
         return this;
     }
 
-    /// <summary>Intra-op threads of the CPU backend (--threads; default: every core).</summary>
-    /// <param name="threads">Threads; 0 uses every core.</param>
+    /// <summary>Intra-op threads of the CPU backend (--threads; default 0: the cores other programs leave free,
+    /// re-checked every 2 s, or OMP_NUM_THREADS when it is set).</summary>
+    /// <param name="threads">Threads; 0 adapts to the machine's load. A fixed count repeats runs bit for bit.</param>
     public TrainerBuilder UseThreads(int threads)
     {
         settings.Threads = threads;

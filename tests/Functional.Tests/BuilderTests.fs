@@ -219,9 +219,9 @@ let private fitting =
             Expect.isTrue (Directory.Exists(Seq.last result.Checkpoints)) "the checkpoint exists"
             Expect.isFalse (Directory.Exists(output.File "run/final")) "final/ not written"
         }
-        test "the QuickStart sample trains through the builder (built by the solution build)" {
+        test "finding 1: the QuickStart sample trains through the builder, built by the test project itself (the README's test command alone works on a fresh clone)" {
             let dll = Path.Combine(ScriptTests.repositoryRoot (), "samples", "QuickStart", "bin", "Release", "net10.0", "QuickStart.dll")
-            Expect.isTrue (File.Exists dll) (sprintf "%s exists (dotnet build Functional.sln -c Release builds it)" dll)
+            Expect.isTrue (File.Exists dll) (sprintf "%s exists (the test project builds the sample: see its ProjectReference)" dll)
             use output = new TempFolder()
             let info = ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
             for a in [ dll; golden; output.File "run" ] do

@@ -8,6 +8,11 @@ open Expecto.Impl
 /// line, "tests: N passed, N failed, N skipped", that CI reads.
 [<EntryPoint>]
 let main argv =
+    // Tests run in parallel and compare runs bit for bit: a fixed thread count (every core, libtorch's
+    // default here) instead of the adaptive default, for this process and the commands it starts. The
+    // tests of the adaptive budget remove the variable for their own runs.
+    if String.IsNullOrEmpty(Environment.GetEnvironmentVariable "OMP_NUM_THREADS") then
+        Environment.SetEnvironmentVariable("OMP_NUM_THREADS", string Environment.ProcessorCount)
     let mutable counts = None
     let printer = defaultConfig.printer
     let summary (cfg: ExpectoConfig) (s: TestRunSummary) =

@@ -50,10 +50,15 @@ let rec copyFolder (source: string) (target: string) =
 /// The result of one `functional` invocation.
 type CliRun = { ExitCode: int; Stdout: string; Stderr: string }
 
-/// Runs the built `functional` command (Functional.Cli.dll, copied next to the tests) with the given arguments.
-let runCli (args: string list) =
+/// Runs the built `functional` command (Functional.Cli.dll, copied next to the tests) with the given arguments and
+/// environment changes (a variable with None is removed).
+let runCliWith (environment: (string * string option) list) (args: string list) =
     let info = ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
     info.StandardOutputEncoding <- Text.Encoding.UTF8
+    for name, value in environment do
+        match value with
+        | Some v -> info.Environment[name] <- v
+        | None -> info.Environment.Remove name |> ignore
     info.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "Functional.Cli.dll"))
     for a in args do info.ArgumentList.Add a
     use p = Process.Start info
@@ -61,6 +66,9 @@ let runCli (args: string list) =
     let stderr = p.StandardError.ReadToEndAsync()
     p.WaitForExit()
     { ExitCode = p.ExitCode; Stdout = stdout.Result; Stderr = stderr.Result }
+
+/// Runs the built `functional` command with the given arguments.
+let runCli (args: string list) = runCliWith [] args
 
 
 /// Reads a pre-tokenized JSON Lines file (such as a golden data.jsonl) the way the trainer does.

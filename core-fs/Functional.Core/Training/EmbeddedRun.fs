@@ -24,7 +24,7 @@ type EmbeddedSettings =
       EvalSamples: int
       /// Optimizer steps (default 1,000: micro-batches of 16, accumulated in pairs).
       MaxSteps: int
-      /// Intra-op threads; 0 uses every core.
+      /// Intra-op threads; 0 adapts to the cores other programs leave free (Functional.Runtime.ThreadBudget).
       Threads: int }
 
 /// `functional train` with no arguments: a small LLaMA-style model learns the embedded task

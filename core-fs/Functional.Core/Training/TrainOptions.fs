@@ -83,7 +83,8 @@ type TrainOptions =
       Shuffle: bool
       /// Write metrics every this many optimizer steps; the last step is always written (default 1).
       LoggingSteps: int
-      /// Intra-op threads; 0 uses every core (default 0).
+      /// Intra-op threads; 0 (the default) adapts to the machine's load: the cores other processes leave
+      /// free, re-checked every 2 s, or OMP_NUM_THREADS when it is set (Functional.Runtime.ThreadBudget).
       Threads: int
       /// Evaluate every this many optimizer steps when there is an evaluation set; 0 evaluates only at
       /// the end (default 0).
@@ -202,7 +203,7 @@ module TrainOptions =
         check (o.MaxSeqLen >= 2) "--max-seq-len" (fun () ->
             sprintf "must be at least 2 (a row needs two tokens to predict one), got %d" o.MaxSeqLen)
         check (o.LoggingSteps >= 1) "--logging-steps" (fun () -> sprintf "must be at least 1, got %d" o.LoggingSteps)
-        check (o.Threads >= 0) "--threads" (fun () -> sprintf "must be >= 0 (0 uses every core), got %d" o.Threads)
+        check (o.Threads >= 0) "--threads" (fun () -> sprintf "must be >= 0 (0 adapts to the cores left free by other work), got %d" o.Threads)
         check (o.EvalSteps >= 0) "--eval-steps" (fun () -> sprintf "must be >= 0 (0 evaluates only at the end), got %d" o.EvalSteps)
         check (o.PerDeviceEvalBatchSize >= 1) "--per-device-eval-batch-size" (fun () ->
             sprintf "must be at least 1, got %d" o.PerDeviceEvalBatchSize)

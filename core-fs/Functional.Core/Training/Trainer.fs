@@ -36,7 +36,12 @@ type StepLog =
       /// Whether this step's optimizer update was skipped because its fp16 gradients overflowed.
       UpdateSkipped: bool
       /// Skipped updates so far in the run, this one included, counting those before a resume.
-      SkippedSteps: int }
+      SkippedSteps: int
+      /// The intra-op threads this step ran with (see Functional.Runtime.ThreadBudget).
+      Threads: int
+      /// The most threads the run may use: the fixed count, or libtorch's default when the count adapts to
+      /// the machine's load (the count it starts with).
+      MaxThreads: int }
 
 /// The phases of a training step that a PhaseClock tells apart.
 type TrainingPhase =
@@ -257,7 +262,7 @@ module Trainer =
         : TrainResult =
         let options = plan.Options
         Functional.Runtime.TorchRuntime.ensure ()
-        if options.Threads > 0 then torch.set_num_threads options.Threads
+        let mutable threads = Functional.Runtime.ThreadBudget.create options.Threads
         let microBatchesPerEpoch = plan.Accumulation.MicroBatchesPerEpoch
         let totalSteps = plan.TotalSteps
         let schedule = plan.Schedule
@@ -384,7 +389,9 @@ module Trainer =
                   ElapsedSeconds = seconds
                   LossScale = windowScale
                   UpdateSkipped = not apply
-                  SkippedSteps = skippedSteps }
+                  SkippedSteps = skippedSteps
+                  Threads = threads.Threads
+                  MaxThreads = threads.Maximum }
             let logged = r.OptimizerStep % options.LoggingSteps = 0 || r.OptimizerStep = totalSteps
             if logged then hooks.OnLog log
             let decision =
@@ -398,6 +405,7 @@ module Trainer =
                       LossScale = lossScale
                       ComputeModel = computeModel }
             stopped <- decision = StepDecision.Stop && accumulation.OptimizerStep < totalSteps
+            threads <- Functional.Runtime.ThreadBudget.adjust threads
         model.Module.eval ()
         { Parameters = flat
           OptimizerState = optimizerState
