@@ -27,22 +27,28 @@ type ThreadBudget =
       /// Whether the count follows the load of the machine (--threads 0 without OMP_NUM_THREADS).
       Adaptive: bool
       /// The counters at the last decision, and when it was taken (Stopwatch timestamp).
-      Last: (CpuSample * int64) option }
+      Last: (CpuSample * int64) option
+      /// Decisions taken so far.
+      Checks: int }
 
 /// The thread count of training. libtorch's OpenMP threads wait for each other at the end of every
 /// parallel operation, so when another program keeps a core busy, one of them is descheduled for a
-/// whole time slice at almost every operation: on 2 cores with one busy, the embedded default took
-/// 33.2 s with 2 threads and 12.4 s with 1 (9.2 s alone; OMP_WAIT_POLICY=PASSIVE gave 14.7 s busy but
-/// 19.4 s alone, other spin counts were worse). So by default (--threads 0) the budget measures, every
-/// CheckInterval, how many cores other processes keep busy (the machine's busy time minus this
-/// process's own, from /proc) and uses the cores that are left, at least one and at most libtorch's
-/// default. OMP_NUM_THREADS, as with PyTorch, or an explicit count fixes the number instead. Results
+/// whole time slice at almost every operation: on 2 cores with one busy, 200 steps of the embedded
+/// default took 33.2 s with 2 threads and 12.4 s with 1 (9.2 s alone; OMP_WAIT_POLICY=PASSIVE gave 14.7 s
+/// busy but 19.4 s alone, GOMP_SPINCOUNT 1000 to 100000 was worse). So by default (--threads 0) the budget
+/// measures, after FirstCheck and then every CheckInterval, how many cores other processes keep busy
+/// (the machine's busy time minus this process's own, from /proc) and uses the cores that are left, at
+/// least one and at most libtorch's default. OMP_NUM_THREADS, as with PyTorch, or an explicit count fixes the number instead. Results
 /// can differ in the last bits between thread counts: give a count for runs that must repeat bit for bit.
 [<RequireQualifiedAccess>]
 module ThreadBudget =
 
     /// How often the adaptive budget looks at the load again.
     let CheckInterval = TimeSpan.FromSeconds 2.0
+
+    /// When the adaptive budget first looks at the load, after the run started (a busy machine is told
+    /// apart within the first steps).
+    let FirstCheck = TimeSpan.FromSeconds 0.5
 
     let private readInt64 (s: string) =
         match Int64.TryParse s with
@@ -99,7 +105,7 @@ module ThreadBudget =
         budget
 
     let private fixedCount (threads: int) =
-        { Maximum = threads; Threads = threads; Adaptive = false; Last = None } |> apply
+        { Maximum = threads; Threads = threads; Adaptive = false; Last = None; Checks = 0 } |> apply
 
     /// The budget for a run asking for `requested` threads (0: adaptive) and sets libtorch's count.
     /// OMP_NUM_THREADS fixes the count of an adaptive request, as it does for PyTorch. Adapting needs
@@ -115,21 +121,22 @@ module ThreadBudget =
             | _ ->
                 match sample () with
                 | Some s when s.Cpus = Environment.ProcessorCount ->
-                    { Maximum = maximum; Threads = maximum; Adaptive = true; Last = Some(s, Stopwatch.GetTimestamp()) } |> apply
+                    { Maximum = maximum; Threads = maximum; Adaptive = true; Last = Some(s, Stopwatch.GetTimestamp()); Checks = 0 } |> apply
                 | _ -> fixedCount maximum
 
-    /// Called between optimizer steps: once CheckInterval has passed since the last decision, an
+    /// Called between optimizer steps: once FirstCheck (then CheckInterval) has passed since the last decision, an
     /// adaptive budget measures the load again and changes libtorch's count when the cores left over
     /// changed. A fixed budget stays as it is.
     let adjust (budget: ThreadBudget) : ThreadBudget =
         match budget.Last with
-        | Some(before, at) when budget.Adaptive && Stopwatch.GetElapsedTime at >= CheckInterval ->
+        | Some(before, at) when
+            budget.Adaptive && Stopwatch.GetElapsedTime at >= (if budget.Checks = 0 then FirstCheck else CheckInterval) ->
             match sample () with
             | Some now ->
                 let threads =
                     othersBusy before now
                     |> Option.map (choose budget.Maximum now.Cpus)
                     |> Option.defaultValue budget.Threads
-                { budget with Threads = threads; Last = Some(now, Stopwatch.GetTimestamp()) } |> apply
+                { budget with Threads = threads; Last = Some(now, Stopwatch.GetTimestamp()); Checks = budget.Checks + 1 } |> apply
             | None -> budget
         | _ -> budget
