@@ -28,10 +28,19 @@ let cl100k (calls: int ref) (bos: int64 option) : TextTokenizer =
       Fingerprint = "cl100k_base"
       VocabSize = 100277
       Special = { Bos = bos; Eos = Some endOfText; Pad = None }
+      AddsBos = false
+      AddsEos = false
       Encode =
         fun text ->
             Interlocked.Increment &calls.contents |> ignore
             t.EncodeToIds(text) |> Seq.map int64 |> Seq.toArray
+      EncodeJoined =
+        fun prompt answer ->
+            Interlocked.Increment &calls.contents |> ignore
+            let mutable normalized = null
+            let tokens = t.EncodeToTokens(prompt + answer, &normalized)
+            { Ids = tokens |> Seq.map (fun token -> int64 token.Id) |> Seq.toArray
+              PromptTokens = tokens |> Seq.takeWhile (fun token -> token.Offset.End.Value <= prompt.Length) |> Seq.length }
       Decode = fun ids -> t.Decode(ids |> Seq.map int) }
 
 let private encode (text: string) = tiktoken.Force().EncodeToIds(text) |> Seq.map int64 |> Seq.toArray
@@ -116,7 +125,7 @@ let tests =
             TorchRuntime.ensure ()
             withData "d.jsonl" (jsonLines (pairs |> Array.map (fun (p, a) -> box {| prompt = p; chosen = a |}))) (fun path ->
                 let bos = 100264L
-                let opts = { options with TrainOn = TrainOn.Completion; AddBos = true }
+                let opts = { options with TrainOn = TrainOn.Completion; AddBos = Some true }
                 let dataset = (PromptDataset.load path opts (cl100k (ref 0) (Some bos))).Dataset
                 Expect.equal dataset.PromptLengths (pairs |> Array.map (fun (p, _) -> 1 + (encode p).Length)) "bos + prompt tokens"
                 Expect.isTrue (dataset.Rows |> Array.forall (fun r -> r[0] = bos)) "rows start with bos"
