@@ -482,6 +482,7 @@ module PromptDataset =
         match record with
         | IdsRecord(_, ids) -> ids, 0
         | TextRecord sample ->
+            let joined = tokenizer.EncodeJoined sample.Prompt sample.Answer
             let bos =
                 match options.AddBos |> Option.defaultValue tokenizer.AddsBos, tokenizer.Special.Bos with
                 | true, Some bos -> [| bos |]
@@ -491,7 +492,6 @@ module PromptDataset =
                 match tokenizer.Special.Eos with
                 | Some eos -> eos
                 | None -> InvalidInput.fail tokenizer.Name "" "the tokenizer has no end-of-text (eos) token; text samples need one to mark where they end"
-            let joined = tokenizer.EncodeJoined sample.Prompt sample.Answer
             let text = Array.append bos joined.Ids
             let ids = if text.Length > 0 && text[text.Length - 1] = eos then text else Array.append text [| eos |]
             ids, bos.Length + joined.PromptTokens
