@@ -301,8 +301,9 @@ module Tokenizers =
                 let mutable normalized = null
                 let tokens = tokenizer.EncodeToTokens(text, &normalized, false, false, true, true)
                 let boundary =
-                    if isNull normalized then prompt.Length
-                    else commonPrefix (tokenizer.Normalizer.Normalize prompt) normalized
+                    match normalized, tokenizer.Normalizer with
+                    | null, _ | _, null -> prompt.Length
+                    | normalized, normalizer -> commonPrefix (normalizer.Normalize prompt) normalized
                 splitAt boundary tokens
           Template = template
           AddsBosByDefault = true
