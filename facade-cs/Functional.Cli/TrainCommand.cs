@@ -18,6 +18,8 @@ internal static class TrainCommand
         var textField = CliOption.Create<string?>("--text-field", "Field holding plain text (data of another shape).", null);
         var trainOn = CliOption.Create("--train-on", "all (loss on prompt and answer) or completion (loss on the answer only).", d.TrainOn);
         var packing = CliOption.Create("--packing", "Concatenate samples separated by eos into rows of --max-seq-len tokens.", false);
+        var addBos = CliOption.Create("--add-bos", "Start every sample with the tokenizer's bos token (default: the tokenizer's own rule, as HF: LLaMA's adds it, GPT-2's does not).", false);
+        var noAddBos = CliOption.Create("--no-add-bos", "Start no sample with bos, whatever the tokenizer's rule.", false);
         var skipBadRows = CliOption.Create("--skip-bad-rows", "Skip (and count) bad rows instead of stopping.", false);
         var dataSplit = CliOption.Create<string?>("--data-split", "DeepSpeed-Chat split such as 2,4,4: this phase trains on the first share.", null);
         var evalSplitRatio = CliOption.Create("--eval-split-ratio", "Hold out this fraction of the training rows for evaluation.", d.EvalSplitRatio);
@@ -84,7 +86,7 @@ internal static class TrainCommand
             model, data, output, overwrite, batch, accumulation, lr, weightDecay, beta1, beta2, epsilon, optimizer,
             momentum, nesterov, scheduler, schedulerKwargs, warmupSteps, warmupRatio, epochs, maxSteps, maxGradNorm,
             maxSeqLen, seed, noShuffle, loggingSteps, threads, evalData, dataFormat, promptField, answerField, textField,
-            trainOn, packing, skipBadRows, dataSplit, evalSplitRatio, tokenizer, noDataCache, exactMatch, evalSteps, evalBatch,
+            trainOn, packing, addBos, noAddBos, skipBadRows, dataSplit, evalSplitRatio, tokenizer, noDataCache, exactMatch, evalSteps, evalBatch,
             evalStrategy, saveStrategy, saveSteps, saveTotalLimit, metric, greaterIsBetter, loadBest, patience, resume,
             loraDim, loraAlpha, loraDropout, loraModuleName, loraTargets, onlyLora, loraLr, loraAdapter, recompute,
             prefixTuning, numPrefixTokens, prefixAdapter,
@@ -100,6 +102,10 @@ internal static class TrainCommand
             {
                 throw new InvalidInputException("--num-prefix-tokens", "", "needs --prefix-tuning (or --prefix-adapter PATH)");
             }
+            if (parse.GetValue(addBos) && parse.GetValue(noAddBos))
+            {
+                throw new InvalidInputException("--add-bos", "", "cannot be combined with --no-add-bos");
+            }
             var optimizerName = parse.GetValue(optimizer)!;
             var builder = Trainer.CreateCommandLineBuilder()
                 .UseModel(parse.GetValue(model)!)
@@ -111,6 +117,7 @@ internal static class TrainCommand
                     o.TextField = parse.GetValue(textField);
                     o.TrainOn = parse.GetValue(trainOn)!;
                     o.Packing = parse.GetValue(packing);
+                    o.AddBos = parse.GetValue(addBos) ? true : parse.GetValue(noAddBos) ? false : null;
                     o.SkipBadRows = parse.GetValue(skipBadRows);
                     o.DataSplit = parse.GetValue(dataSplit);
                     o.EvalSplitRatio = parse.GetValue(evalSplitRatio);

@@ -32,6 +32,12 @@ public sealed class DataOptions
     /// <value>Default: false.</value>
     public bool Packing { get; set; }
 
+    /// <summary>Whether every sample starts with the tokenizer's bos token: true (--add-bos), false (--no-add-bos) or
+    /// null for the tokenizer's own rule, as Hugging Face's tokenizer(text) (tokenizer_config.json's add_bos_token,
+    /// else tokenizer.json's post-processor: LLaMA's adds bos, GPT-2's does not). Every sample ends with eos.</summary>
+    /// <value>Default: null (the tokenizer's rule).</value>
+    public bool? AddBos { get; set; }
+
     /// <summary>Skip and count bad rows instead of stopping at the first (--skip-bad-rows).</summary>
     /// <value>Default: false.</value>
     public bool SkipBadRows { get; set; }

@@ -46,6 +46,10 @@ public sealed class FineTuneOptions
     /// <summary>Concatenate samples separated by eos into rows of max-seq-len tokens (default false).</summary>
     public bool Packing { get; set; }
 
+    /// <summary>Start every sample with the tokenizer's bos token: true (--add-bos), false (--no-add-bos) or null
+    /// (default) for the tokenizer's own rule, as Hugging Face's tokenizer(text).</summary>
+    public bool? AddBos { get; set; }
+
     /// <summary>Skip and count bad rows instead of stopping (default false).</summary>
     public bool SkipBadRows { get; set; }
 

@@ -191,7 +191,7 @@ public static class FineTuning
             defaults.MaxSeqLen,
             trainOn,
             o.Packing,
-            defaults.AddBos,
+            o.AddBos is bool addBos ? FSharpOption<bool>.Some(addBos) : FSharpOption<bool>.None,
             o.SkipBadRows,
             Optional(o.DataSplit),
             o.EvalSplitRatio,

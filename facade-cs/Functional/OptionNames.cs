@@ -27,6 +27,8 @@ internal sealed class OptionNames
         ["--text-field"] = new("UseData", nameof(DataOptions.TextField)),
         ["--train-on"] = new("UseData", nameof(DataOptions.TrainOn)),
         ["--packing"] = new("UseData", nameof(DataOptions.Packing)),
+        ["--add-bos"] = new("UseData", nameof(DataOptions.AddBos)),
+        ["--no-add-bos"] = new("UseData", nameof(DataOptions.AddBos)),
         ["--skip-bad-rows"] = new("UseData", nameof(DataOptions.SkipBadRows)),
         ["--data-split"] = new("UseData", nameof(DataOptions.DataSplit)),
         ["--eval-split-ratio"] = new("UseData", nameof(DataOptions.EvalSplitRatio)),

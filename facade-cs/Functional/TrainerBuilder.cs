@@ -50,7 +50,7 @@ public sealed class TrainerBuilder
 
     /// <summary>The training data and how it becomes token rows (--data and the data options). Required.</summary>
     /// <param name="file">DeepSpeed-Chat prompt/chosen, phoenix, Alpaca, plain-text or pre-tokenized input_ids rows.</param>
-    /// <param name="configure">Sets format, fields, train-on, packing, split, max sequence length, cache.</param>
+    /// <param name="configure">Sets format, fields, train-on, packing, bos, split, max sequence length, cache.</param>
     public TrainerBuilder UseData(string file, Action<DataOptions> configure)
     {
         var o = Configure(configure);
@@ -61,6 +61,7 @@ public sealed class TrainerBuilder
         settings.TextField = o.TextField;
         settings.TrainOn = o.TrainOn;
         settings.Packing = o.Packing;
+        settings.AddBos = o.AddBos;
         settings.SkipBadRows = o.SkipBadRows;
         settings.DataSplit = o.DataSplit;
         settings.EvalSplitRatio = o.EvalSplitRatio;

@@ -289,7 +289,10 @@ let private generationTests =
                   Fingerprint = "letters"
                   VocabSize = 17
                   Special = { Bos = None; Eos = Some 16L; Pad = Some 16L }
+                  AddsBos = false
+                  AddsEos = false
                   Encode = fun text -> text |> Seq.map (fun c -> int64 (letters.IndexOf c)) |> Array.ofSeq
+                  EncodeJoined = fun _ _ -> failwith "not used by generation"
                   Decode = fun tokens -> tokens |> Array.filter ((<>) 16L) |> Array.map (fun t -> letters[int t]) |> String }
             let prompts = [ "bad"; "cafe" ]
             let texts = Generator.generateText lm tokenizer prompts (greedy 8)

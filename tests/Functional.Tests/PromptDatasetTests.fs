@@ -28,13 +28,28 @@ let cl100k (calls: int ref) (bos: int64 option) : TextTokenizer =
       Fingerprint = "cl100k_base"
       VocabSize = 100277
       Special = { Bos = bos; Eos = Some endOfText; Pad = None }
+      AddsBos = false
+      AddsEos = false
       Encode =
         fun text ->
             Interlocked.Increment &calls.contents |> ignore
             t.EncodeToIds(text) |> Seq.map int64 |> Seq.toArray
+      EncodeJoined =
+        fun prompt answer ->
+            Interlocked.Increment &calls.contents |> ignore
+            let mutable normalized = null
+            let tokens = t.EncodeToTokens(prompt + answer, &normalized)
+            { Ids = tokens |> Seq.map (fun token -> int64 token.Id) |> Seq.toArray
+              PromptTokens = tokens |> Seq.takeWhile (fun token -> token.Offset.End.Value <= prompt.Length) |> Seq.length }
       Decode = fun ids -> t.Decode(ids |> Seq.map int) }
 
 let private encode (text: string) = tiktoken.Force().EncodeToIds(text) |> Seq.map int64 |> Seq.toArray
+
+/// How many leading tokens of prompt + answer decode to characters of the prompt only.
+let private promptTokens (prompt: string) (answer: string) =
+    let ids = encode (prompt + answer) |> Array.map int
+    let within k = (tiktoken.Force().Decode ids[.. k - 1]).Length <= prompt.Length
+    Seq.init ids.Length ((+) 1) |> Seq.takeWhile within |> Seq.length
 
 /// Writes content to a file named name in a fresh folder and runs check on its path.
 let withData (name: string) (content: string) (check: string -> 'T) : 'T =
@@ -103,22 +118,24 @@ let tests =
             withData "turns.jsonl" (json {| from_human = [| "Hi"; "And 2+2?" |]; from_gpt = [| "Hello"; "4" |] |}) (fun path ->
                 Expect.equal (plain (PromptDataset.readSamples path options)) [| "Hi\nHello\nAnd 2+2?", "4", 1 |] "joined by newlines")
         }
-        test "a row is Encode(prompt) + Encode(answer) + eos and every token is trained on by default" {
+        test "a row is Encode(prompt + answer) + eos and every token is trained on by default" {
             withData "d.jsonl" (jsonLines (pairs |> Array.map (fun (p, a) -> box {| prompt = p; chosen = a |}))) (fun path ->
                 let loaded = PromptDataset.load path options (cl100k (ref 0) None)
-                let expected = pairs |> Array.map (fun (p, a) -> Array.concat [ encode p; encode a; [| endOfText |] ])
+                let expected = pairs |> Array.map (fun (p, a) -> Array.append (encode (p + a)) [| endOfText |])
                 Expect.equal loaded.Dataset.Rows expected "ids"
                 Expect.equal loaded.Dataset.PromptLengths [| 0; 0; 0 |] "no masking"
                 Expect.equal loaded.Dataset.Lines [| 1; 2; 3 |] "lines"
                 Expect.equal loaded.Skipped 0 "nothing skipped")
         }
-        test "completion-only training masks exactly the prompt's tokens (and bos) in the collated labels" {
+        test "completion-only training masks exactly the tokens lying in the prompt (and bos) in the collated labels" {
             TorchRuntime.ensure ()
             withData "d.jsonl" (jsonLines (pairs |> Array.map (fun (p, a) -> box {| prompt = p; chosen = a |}))) (fun path ->
                 let bos = 100264L
-                let opts = { options with TrainOn = TrainOn.Completion; AddBos = true }
+                let opts = { options with TrainOn = TrainOn.Completion; AddBos = Some true }
                 let dataset = (PromptDataset.load path opts (cl100k (ref 0) (Some bos))).Dataset
-                Expect.equal dataset.PromptLengths (pairs |> Array.map (fun (p, _) -> 1 + (encode p).Length)) "bos + prompt tokens"
+                Expect.equal dataset.PromptLengths (pairs |> Array.map (fun (p, a) -> 1 + promptTokens p a)) "bos + prompt tokens"
+                let spanned, _ = pairs[1]
+                Expect.equal dataset.PromptLengths[1] (encode spanned).Length "bos + the prompt's tokens but its last: '.\"' spans the boundary and is trained"
                 Expect.isTrue (dataset.Rows |> Array.forall (fun r -> r[0] = bos)) "rows start with bos"
                 use batch = Batching.collate opts.MaxSeqLen endOfText dataset [| 0; 1; 2 |]
                 let width = int batch.InputIds.shape[1]

@@ -28,7 +28,7 @@ module DataCache =
     /// The version of the entry format and of the loading semantics; changing either bumps it, so old
     /// entries stop matching.
     [<Literal>]
-    let FormatVersion = 1
+    let FormatVersion = 2
 
     let private headerLength = 8 + 4 + 32 + 8 + 32
 
@@ -47,7 +47,7 @@ module DataCache =
             sprintf "max-seq-len=%d" options.MaxSeqLen
             sprintf "train-on=%A" options.TrainOn
             sprintf "packing=%b" options.Packing
-            sprintf "add-bos=%b" options.AddBos
+            sprintf "add-bos=%s" (options.AddBos |> Option.map string |> Option.defaultValue "tokenizer")
             sprintf "skip-bad-rows=%b" options.SkipBadRows
             sprintf "data-split=%s" (option options.DataSplit)
             sprintf "eval-split-ratio=%s" (options.EvalSplitRatio.ToString("R", Globalization.CultureInfo.InvariantCulture))

@@ -57,9 +57,10 @@ type PromptDataOptions =
       /// Concatenate all samples (each ending in eos) and cut into rows of exactly MaxSeqLen tokens
       /// (the last may be shorter), every token trained on (default false).
       Packing: bool
-      /// Start every sample with the tokenizer's bos token, if it has one (default false: byte-level
-      /// BPE tokenizers such as GPT-2's use none; LLaMA's expect one).
-      AddBos: bool
+      /// Whether every sample starts with the tokenizer's bos token (CLI: --add-bos / --no-add-bos).
+      /// None (default): the tokenizer's own rule (TextTokenizer.AddsBos: LLaMA's adds bos, GPT-2's and
+      /// tiktoken's do not); Some true needs a tokenizer with a bos token.
+      AddBos: bool option
       /// Skip (and count) rows that cannot be used instead of failing (default false).
       SkipBadRows: bool
       /// DeepSpeed-Chat's --data_split, e.g. "2,4,4": this phase (supervised fine-tuning, step 1)
@@ -125,15 +126,15 @@ module PromptDataset =
     /// No custom fields.
     let noFields : FieldMap = { Prompt = None; Answer = None; Text = None }
 
-    /// The defaults: Auto format, max-seq-len 512, train on all tokens, no packing, no bos, fail on
-    /// bad rows, no data split, no evaluation hold-out, seed 42.
+    /// The defaults: Auto format, max-seq-len 512, train on all tokens, no packing, bos by the
+    /// tokenizer's rule, fail on bad rows, no data split, no evaluation hold-out, seed 42.
     let defaults : PromptDataOptions =
         { Format = DataFormat.Auto
           Fields = noFields
           MaxSeqLen = 512
           TrainOn = TrainOn.All
           Packing = false
-          AddBos = false
+          AddBos = None
           SkipBadRows = false
           DataSplit = None
           EvalSplitRatio = 0.0
@@ -476,22 +477,24 @@ module PromptDataset =
 
     // ---------------------------------------------------------------- tokenization
 
-    /// A record's ids (before truncation) and its prompt length (bos and prompt tokens).
+    /// A record's ids (before truncation) and its prompt length (bos and the tokens lying in the prompt).
     let private encode (options: PromptDataOptions) (tokenizer: TextTokenizer) (record: Record) =
         match record with
         | IdsRecord(_, ids) -> ids, 0
         | TextRecord sample ->
+            let joined = tokenizer.EncodeJoined sample.Prompt sample.Answer
             let bos =
-                match tokenizer.Special.Bos with
-                | Some bos when options.AddBos -> [| bos |]
-                | _ -> [||]
-            let prompt = Array.append bos (tokenizer.Encode sample.Prompt)
-            let answer = tokenizer.Encode sample.Answer
+                match options.AddBos |> Option.defaultValue tokenizer.AddsBos, tokenizer.Special.Bos with
+                | true, Some bos -> [| bos |]
+                | true, None -> InvalidInput.option "--add-bos" (sprintf "the tokenizer %s has no bos token" tokenizer.Name)
+                | false, _ -> [||]
             let eos =
                 match tokenizer.Special.Eos with
                 | Some eos -> eos
                 | None -> InvalidInput.fail tokenizer.Name "" "the tokenizer has no end-of-text (eos) token; text samples need one to mark where they end"
-            Array.concat [ prompt; answer; [| eos |] ], prompt.Length
+            let text = Array.append bos joined.Ids
+            let ids = if text.Length > 0 && text[text.Length - 1] = eos then text else Array.append text [| eos |]
+            ids, bos.Length + joined.PromptTokens
 
     /// One row per record, truncated to MaxSeqLen; rows with nothing to train on are bad.
     let private tokenizeRows (path: string) (options: PromptDataOptions) (tokenizer: TextTokenizer) (records: (string * Record)[]) =
@@ -566,11 +569,13 @@ module PromptDataset =
     ///   "from_gpt" (phoenix-sft), "instruction"+"output" (Alpaca), "text";
     /// - phoenix-sft turn arrays [h1..hk], [g1..gk]: prompt = h1, g1, ..., hk joined by "\n"
     ///   (TurnSeparator), answer = gk; Alpaca prompts are AlpacaPromptWithInput / AlpacaPromptNoInput;
-    /// - a sample's ids: [bos if AddBos and the tokenizer has one] + Encode(prompt) + Encode(answer)
-    ///   + [eos], cut to MaxSeqLen (prompt and answer are encoded apart, so the prompt's tokens are
-    ///   exactly known; DeepSpeed-Chat encodes the concatenation);
-    /// - TrainOn.Completion: PromptLength = bos + prompt tokens; a row whose prompt leaves nothing
-    ///   to train on is bad;
+    /// - a sample's text is prompt + answer, one string tokenized once (as DeepSpeed-Chat's
+    ///   prompt + chosen and Alpaca's source + target), so its ids are HF's ids of that text: [bos when
+    ///   AddBos says so, by default the tokenizer's rule] + EncodeJoined(prompt, answer) + [eos] (the
+    ///   eos is not doubled when the text already ends with it), cut to MaxSeqLen;
+    /// - TrainOn.Completion: PromptLength = bos + the tokens whose characters all lie in the prompt
+    ///   (from the tokenizer's offsets); a token spanning the boundary is trained on, since it holds the
+    ///   answer's first characters; a row whose prompt leaves nothing to train on is bad;
     /// - DataSplit: the first share of the shuffled rows (splitIndices), applied to the evaluation
     ///   file too, as DeepSpeed-Chat splits its train and eval data alike;
     /// - without an evaluation file, EvalSplitRatio r > 0 holds out round(r * n) rows (at least 1,

@@ -197,15 +197,20 @@ module Generator =
     let generate (lm: CausalLm) (prompts: int64[][]) (options: GenerationOptions) : int64[][] =
         generateWith ignore lm prompts options
 
-    /// generate over text: each prompt is encoded without special tokens (an empty prompt starts from
-    /// the bos token, or eos when there is no bos), and the new tokens are decoded (special tokens left
-    /// out). EosId and PadId come from tokenizer.Special (pad 0 when the tokenizer has neither pad nor
+    /// generate over text: each prompt is encoded as HF's `tokenizer(prompt)` does, bos first when the
+    /// tokenizer's rule adds it (TextTokenizer.AddsBos: LLaMA's does, GPT-2's does not) and no other
+    /// special token, as training rows start (an empty prompt starts from the bos token, or eos when
+    /// there is no bos), and the new tokens are decoded (special tokens left out). EosId and PadId come from tokenizer.Special (pad 0 when the tokenizer has neither pad nor
     /// eos); the options' own EosId and PadId are not used.
     let generateText (lm: CausalLm) (tokenizer: TextTokenizer) (prompts: string list) (options: GenerationOptions) : string list =
         let special = tokenizer.Special
         let start = special.Bos |> Option.orElse special.Eos
         let encode i (prompt: string) =
-            match tokenizer.Encode prompt, start with
+            let ids =
+                match special.Bos with
+                | Some bos when tokenizer.AddsBos -> Array.append [| bos |] (tokenizer.Encode prompt)
+                | _ -> tokenizer.Encode prompt
+            match ids, start with
             | [||], Some token -> [| token |]
             | [||], None ->
                 InvalidInput.fail "prompts" (sprintf "prompt %d" (i + 1))

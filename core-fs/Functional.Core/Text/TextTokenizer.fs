@@ -10,6 +10,14 @@ type SpecialTokens =
       /// Padding (falls back to Eos).
       Pad: int64 option }
 
+/// The ids of one text made of a prompt followed by an answer, encoded as one string.
+type JoinedEncoding =
+    { /// The ids of prompt + answer, no special tokens added.
+      Ids: int64[]
+      /// How many leading ids are tokens whose characters all lie in the prompt; a token that spans
+      /// the boundary (holds characters of both) counts as the answer's.
+      PromptTokens: int }
+
 /// A tokenizer as the rest of the library sees it: text to ids and back, plus special tokens.
 /// Built by the Tokenizers module from a model folder or an encoding name.
 [<NoEquality; NoComparison>]
@@ -23,8 +31,16 @@ type TextTokenizer =
       VocabSize: int
       /// bos / eos / pad ids.
       Special: SpecialTokens
+      /// Whether the tokenizer's own rule starts an encoded text with bos: what HF's
+      /// `tokenizer(text)` (add_special_tokens=True) does; LLaMA's adds it, GPT-2's does not.
+      AddsBos: bool
+      /// Whether the tokenizer's own rule ends an encoded text with eos (HF's add_eos_token).
+      AddsEos: bool
       /// Text to ids, adding no special tokens.
       Encode: string -> int64[]
+      /// A prompt and an answer to the ids of their concatenation (one string, tokenized once, no
+      /// special tokens added) and the number of tokens lying in the prompt, from character offsets.
+      EncodeJoined: string -> string -> JoinedEncoding
       /// Ids to text; special tokens are left out.
       Decode: int64[] -> string }
 
@@ -39,5 +55,8 @@ module TextTokenizer =
           Fingerprint = "none"
           VocabSize = 0
           Special = { Bos = None; Eos = None; Pad = None }
+          AddsBos = false
+          AddsEos = false
           Encode = fun _ -> Functional.InvalidInput.fail origin "" problem
+          EncodeJoined = fun _ _ -> Functional.InvalidInput.fail origin "" problem
           Decode = fun _ -> "" }

@@ -27,13 +27,21 @@ open Functional
 ///      whose first element is taken), then `config.json` (same keys).
 /// A negative id means "none", as SentencePiece's -1. Pad falls back to eos, as in DeepSpeed-Chat.
 /// Encode adds no special tokens (no bos); added tokens written in the text are kept whole, as HF does.
+/// EncodeJoined tokenizes prompt + answer as one string and counts the prompt's tokens from the
+/// tokenizer's character offsets. The tokenizer's own bos/eos rule (AddsBos, AddsEos) is HF's:
+/// `tokenizer_config.json`'s `add_bos_token` / `add_eos_token` when present, else the special tokens
+/// around `$A` in `tokenizer.json`'s TemplateProcessing post-processor, else bos for a
+/// `tokenizer.model` (HF's LlamaTokenizer default) and nothing for byte-level BPE and tiktoken.
 /// Decode leaves out special tokens (added tokens marked special, the bos/eos/pad/unk tokens and
 /// `additional_special_tokens`), as HF's `decode(ids, skip_special_tokens=True)`.
 ///
 /// tokenizer.json support covers byte-level BPE: GPT-2's pre-tokenization pattern, or the regex of a
 /// `Split` pre-tokenizer (LLaMA-3, Qwen2 style), `add_prefix_space`, and no normalizer or NFC. A
-/// SentencePiece-style tokenizer.json (Metaspace, byte fallback) is read through the tokenizer.model
-/// beside it. BPE `ignore_merges` is not applied: words are always built by merges.
+/// SentencePiece-style tokenizer.json (LLaMA, Mistral: a BPE model without byte-level pre-tokenization,
+/// `Prepend("▁")` + `Replace(" ", "▁")` normalizers or a Metaspace pre-tokenizer, byte fallback) is read
+/// through the tokenizer.model beside it, or, without one, turned into the SentencePiece model it was
+/// converted from (merge ranks as piece scores). BPE `ignore_merges` is not applied: words are always
+/// built by merges.
 [<RequireQualifiedAccess>]
 module Tokenizers =
 
@@ -60,6 +68,13 @@ module Tokenizers =
     [<NoEquality; NoComparison>]
     type private Loaded =
         { Encode: string -> IReadOnlyList<int>
+          /// Prompt and answer to the ids of their concatenation and the number of prompt tokens.
+          EncodeJoined: string -> string -> int[] * int
+          /// The special tokens tokenizer.json's post-processor puts before and after the text (adds
+          /// bos, adds eos); None without a TemplateProcessing post-processor.
+          Template: (bool * bool) option
+          /// Whether HF adds bos when the tokenizer files say nothing (LlamaTokenizer: yes).
+          AddsBosByDefault: bool
           Decode: int[] -> string
           /// Token strings to ids, added tokens first.
           Lookup: string -> int option
@@ -123,7 +138,7 @@ module Tokenizers =
     /// A tokenizer.json component and, for a Sequence, the components inside it.
     let rec private components (element: JsonElement) : JsonElement list =
         let children =
-            [ for key in [ "pretokenizers"; "decoders"; "normalizers" ] do
+            [ for key in [ "pretokenizers"; "decoders"; "normalizers"; "processors" ] do
                   match field element key with
                   | Some list when list.ValueKind = JsonValueKind.Array ->
                       for child in list.EnumerateArray() do
@@ -174,6 +189,21 @@ module Tokenizers =
                   | _ -> InvalidInput.fail path location "expected an object with \"id\" (an integer) and \"content\" (a string)" ]
         | Some _ -> InvalidInput.fail path "added_tokens" "expected a list of tokens"
 
+    /// The length of the longest common prefix of a and b.
+    let private commonPrefix (a: string) (b: string) =
+        let n = min a.Length b.Length
+        let mutable i = 0
+        while i < n && a[i] = b[i] do
+            i <- i + 1
+        i
+
+    /// The ids of tokens and how many leading ones end at or before boundary (offsets and boundary in
+    /// the same text: the one the tokenizer encoded after its own normalization).
+    let private splitAt (boundary: int) (tokens: IReadOnlyList<EncodedToken>) =
+        let ids = tokens |> Seq.map (fun t -> t.Id) |> Array.ofSeq
+        let inPrompt = tokens |> Seq.takeWhile (fun t -> t.Offset.End.Value <= boundary) |> Seq.length
+        ids, inPrompt
+
     /// A byte-level BPE (GPT-2 style) from a vocabulary, merges ("left right") and added tokens.
     let private byteLevelBpe
         (origin: string)
@@ -207,6 +237,13 @@ module Tokenizers =
             let text = if normalizeNfc then text.Normalize NormalizationForm.FormC else text
             if addPrefixSpace && text.Length > 0 && not (Char.IsWhiteSpace text[0]) then " " + text else text
         { Encode = fun text -> tokenizer.EncodeToIds(prepare text)
+          EncodeJoined =
+            fun prompt answer ->
+                let text = prepare (prompt + answer)
+                let mutable normalized = null
+                tokenizer.EncodeToTokens(text, &normalized) |> splitAt (commonPrefix (prepare prompt) text)
+          Template = None
+          AddsBosByDefault = false
           Decode = fun ids -> tokenizer.Decode(ids, false)
           Lookup =
             fun token ->
@@ -242,13 +279,15 @@ module Tokenizers =
         let pattern = Regex(gpt2Pattern, RegexOptions.Compiled)
         byteLevelBpe mergesPath vocabulary merges configAdded pattern false false [ vocabPath; mergesPath ]
 
-    let private fromSentencePiece (path: string) (added: AddedToken list) : Loaded =
+    /// A SentencePiece BPE from a serialized ModelProto (tokenizer.model's content); path names it in
+    /// errors and template is what tokenizer.json's post-processor adds, if it was read from there.
+    let private sentencePieceOf (path: string) (openModel: unit -> Stream) (added: AddedToken list) template : Loaded =
         let addedIds = Dictionary<string, int>(StringComparer.Ordinal)
         for token in added do
             addedIds[token.Content] <- token.Id
         let tokenizer =
             try
-                use stream = File.OpenRead path
+                use stream = openModel ()
                 LlamaTokenizer.Create(stream, false, false, (if addedIds.Count = 0 then null else addedIds))
             with e ->
                 InvalidInput.fail path "" (sprintf "not a SentencePiece BPE model (%s)" e.Message)
@@ -256,6 +295,18 @@ module Tokenizers =
         let vocabSize =
             Seq.append tokenizer.Vocabulary.Values addedIds.Values |> Seq.fold max -1 |> (+) 1
         { Encode = fun text -> tokenizer.EncodeToIds(text, false, false, true, true)
+          EncodeJoined =
+            fun prompt answer ->
+                let text = prompt + answer
+                let mutable normalized = null
+                let tokens = tokenizer.EncodeToTokens(text, &normalized, false, false, true, true)
+                let boundary =
+                    match normalized, tokenizer.Normalizer with
+                    | null, _ | _, null -> prompt.Length
+                    | normalized, normalizer -> commonPrefix (normalizer.Normalize prompt) normalized
+                splitAt boundary tokens
+          Template = template
+          AddsBosByDefault = true
           Decode = fun ids -> tokenizer.Decode(ids, false)
           Lookup =
             fun token ->
@@ -273,9 +324,147 @@ module Tokenizers =
           VocabSize = vocabSize
           Files = [ path ] }
 
-    /// Reads tokenizer.json: Ok with the tokenizer when it holds a byte-level BPE, Error with the reason
-    /// when it holds another kind of model (a tokenizer.model next to it may then be used instead).
-    let private fromTokenizerJson (path: string) (configAdded: AddedToken list) : Result<Loaded, string * string> =
+    let private fromSentencePiece (path: string) (added: AddedToken list) : Loaded =
+        sentencePieceOf path (fun () -> File.OpenRead path :> Stream) added None
+
+    /// Protocol-buffer writing, for the SentencePiece ModelProto built from a tokenizer.json.
+    module private Proto =
+        let private varint (w: Stream) (value: uint64) =
+            let mutable v = value
+            while v >= 0x80UL do
+                w.WriteByte(byte (v &&& 0x7FUL ||| 0x80UL))
+                v <- v >>> 7
+            w.WriteByte(byte v)
+
+        let private tag (w: Stream) (field: int) (wire: int) = varint w (uint64 ((field <<< 3) ||| wire))
+
+        let bytes (w: Stream) field (value: byte[]) =
+            tag w field 2
+            varint w (uint64 value.Length)
+            w.Write(value, 0, value.Length)
+
+        let text (w: Stream) field (value: string) = bytes w field (Encoding.UTF8.GetBytes value)
+
+        /// An int32 or enum field (negative values as 10-byte varints, as protobuf writes them).
+        let int32 (w: Stream) field (value: int) =
+            tag w field 0
+            varint w (uint64 (int64 value))
+
+        let float32 (w: Stream) field (value: float32) =
+            tag w field 5
+            w.Write(BitConverter.GetBytes value, 0, 4)
+
+        let message (build: Stream -> unit) =
+            use stream = new MemoryStream()
+            build stream
+            stream.ToArray()
+
+    /// The SentencePiece model a SentencePiece-style tokenizer.json was converted from (HF's
+    /// LlamaConverter run backwards): every vocabulary entry becomes a piece, in id order, scored by
+    /// minus the rank of the merge that makes it (pieces no merge makes rank after every merge), so
+    /// merging by score is merging by rank; `<0xXX>` pieces are byte pieces under byte fallback, the
+    /// unknown token is the unknown piece and added tokens marked special are control pieces.
+    /// `Prepend("▁")` / Metaspace prepending is the dummy prefix, `Replace(" ", "▁")` / Metaspace the
+    /// whitespace escaping. Raises InvalidInputException for any other normalizer or pre-tokenizer.
+    let private sentencePieceModelOf
+        (path: string)
+        (root: JsonElement)
+        (model: JsonElement)
+        (vocabulary: Dictionary<string, int>)
+        (merges: string list)
+        (added: AddedToken list)
+        : byte[] =
+        let mutable dummyPrefix = false
+        let mutable escapeWhitespace = false
+        for c in componentsOf root "normalizer" do
+            match typeOf c with
+            | "Sequence" -> ()
+            | "Prepend" when stringField c "prepend" = Some "▁" -> dummyPrefix <- true
+            | "Replace" when
+                (field c "pattern" |> Option.bind (fun p -> stringField p "String")) = Some " "
+                && stringField c "content" = Some "▁"
+                ->
+                escapeWhitespace <- true
+            | other ->
+                InvalidInput.fail path "normalizer"
+                    (sprintf "a SentencePiece-style model supports only Prepend(\"▁\") and Replace(\" \", \"▁\") normalizers, found %s" other)
+        for c in componentsOf root "pre_tokenizer" do
+            match typeOf c with
+            | "Sequence" -> ()
+            | "Metaspace" when (stringField c "replacement" |> Option.defaultValue "▁") = "▁" ->
+                escapeWhitespace <- true
+                let scheme = stringField c "prepend_scheme" |> Option.defaultValue (if boolField c "add_prefix_space" true then "always" else "never")
+                if scheme <> "never" then dummyPrefix <- true
+            | other ->
+                InvalidInput.fail path "pre_tokenizer"
+                    (sprintf "a SentencePiece-style model supports only a Metaspace pre-tokenizer, found %s" other)
+        let byteFallback = boolField model "byte_fallback" false
+        let size = (vocabulary.Values |> Seq.fold max -1) + 1
+        let pieces = Array.create size null
+        for entry in vocabulary do
+            pieces[entry.Value] <- entry.Key
+        match pieces |> Array.tryFindIndex isNull with
+        | Some id -> InvalidInput.fail path "model.vocab" (sprintf "the ids must be 0 to %d without gaps; id %d is missing" (size - 1) id)
+        | None -> ()
+        let rank = Dictionary<string, int>(StringComparer.Ordinal)
+        merges
+        |> List.iteri (fun i merge ->
+            let made = merge.Replace(" ", "")
+            if not (rank.ContainsKey made) then rank[made] <- i)
+        let unknown = stringField model "unk_token"
+        let control = added |> List.filter (fun t -> t.Special) |> List.map (fun t -> t.Content) |> set
+        let idOf token = match vocabulary.TryGetValue(token: string) with | true, id -> id | _ -> -1
+        let isByte (piece: string) = byteFallback && piece.Length = 6 && piece.StartsWith "<0x" && piece.EndsWith ">"
+        let normal, unknownKind, controlKind, byteKind = 1, 2, 3, 6
+        Proto.message (fun m ->
+            pieces
+            |> Array.iteri (fun id piece ->
+                let kind =
+                    if Some piece = unknown then unknownKind
+                    elif control.Contains piece then controlKind
+                    elif isByte piece then byteKind
+                    else normal
+                let score =
+                    match rank.TryGetValue piece with
+                    | true, r -> -(float32 r)
+                    | _ when kind = normal -> -(float32 (merges.Length + id))
+                    | _ -> 0.0f
+                Proto.bytes m 1 (Proto.message (fun p ->
+                    Proto.text p 1 piece
+                    Proto.float32 p 2 score
+                    Proto.int32 p 3 kind)))
+            // TrainerSpec: model_type BPE, vocab_size, byte_fallback, unk/bos/eos/pad ids.
+            Proto.bytes m 2 (Proto.message (fun t ->
+                Proto.int32 t 3 2
+                Proto.int32 t 4 size
+                Proto.int32 t 35 (if byteFallback then 1 else 0)
+                Proto.int32 t 40 (unknown |> Option.map idOf |> Option.defaultValue -1)
+                Proto.int32 t 41 (idOf "<s>")
+                Proto.int32 t 42 (idOf "</s>")
+                Proto.int32 t 43 -1))
+            // NormalizerSpec: identity, dummy prefix, keep extra whitespace, whitespace escaping.
+            Proto.bytes m 3 (Proto.message (fun n ->
+                Proto.text n 1 "identity"
+                Proto.int32 n 3 (if dummyPrefix then 1 else 0)
+                Proto.int32 n 4 0
+                Proto.int32 n 5 (if escapeWhitespace then 1 else 0))))
+
+    /// The special tokens a TemplateProcessing post-processor puts before and after `$A` in its
+    /// "single" template: (adds bos, adds eos); None without one.
+    let private templateOf (root: JsonElement) =
+        componentsOf root "post_processor"
+        |> List.tryPick (fun c ->
+            match typeOf c, field c "single" with
+            | "TemplateProcessing", Some single when single.ValueKind = JsonValueKind.Array ->
+                let items = single.EnumerateArray() |> Array.ofSeq
+                let isSpecial (item: JsonElement) = (field item "SpecialToken").IsSome
+                Some(items.Length > 0 && isSpecial items[0], items.Length > 0 && isSpecial items[items.Length - 1])
+            | _ -> None)
+
+    /// Reads tokenizer.json: Ok with the tokenizer when it holds a byte-level BPE, or a SentencePiece-style
+    /// BPE and there is no tokenizer.model (hasModelFile false); Error with the reason when it holds
+    /// another kind of model (a tokenizer.model next to it may then be used instead).
+    let private fromTokenizerJson (path: string) (hasModelFile: bool) (configAdded: AddedToken list) : Result<Loaded, string * string> =
         let root = readJsonObject path
         let model =
             match field root "model" with
@@ -285,29 +474,37 @@ module Tokenizers =
         let preTokenizers = componentsOf root "pre_tokenizer"
         let byteLevel =
             Seq.append preTokenizers (componentsOf root "decoder") |> Seq.exists (fun c -> typeOf c = "ByteLevel")
+        let vocabularyOf () =
+            match field model "vocab" with
+            | Some vocab -> readVocabulary path "model.vocab" vocab
+            | None -> InvalidInput.fail path "model.vocab" "expected the vocabulary object"
+        let mergesOf () =
+            match field model "merges" with
+            | None -> []
+            | Some list when list.ValueKind = JsonValueKind.Array ->
+                [ for i, merge in Seq.indexed (list.EnumerateArray()) do
+                      match merge.ValueKind with
+                      | JsonValueKind.String -> merge.GetString()
+                      | JsonValueKind.Array when
+                          merge.GetArrayLength() = 2
+                          && merge.EnumerateArray() |> Seq.forall (fun p -> p.ValueKind = JsonValueKind.String)
+                          ->
+                          merge[0].GetString() + " " + merge[1].GetString()
+                      | _ -> InvalidInput.fail path (sprintf "model.merges[%d]" i) "expected \"left right\" or [\"left\", \"right\"]" ]
+            | Some _ -> InvalidInput.fail path "model.merges" "expected a list of merges"
+        let added () = addedTokensOfTokenizerJson path root @ configAdded |> List.distinctBy (fun t -> t.Content)
         if modelType <> "BPE" then
             Error("model.type", sprintf "a %s model is not supported; %s" (if modelType = "" then "untyped" else modelType) expectedFiles)
+        elif not byteLevel && hasModelFile then
+            Error("pre_tokenizer", "a SentencePiece-style model is read from the tokenizer.model beside it")
         elif not byteLevel then
-            Error("pre_tokenizer", sprintf "a BPE model without byte-level pre-tokenization (SentencePiece style) is not supported; %s" expectedFiles)
+            let vocabulary = vocabularyOf ()
+            let added = added ()
+            let proto = sentencePieceModelOf path root model vocabulary (mergesOf ()) added
+            Ok(sentencePieceOf path (fun () -> new MemoryStream(proto) :> Stream) added (templateOf root))
         else
-            let vocabulary =
-                match field model "vocab" with
-                | Some vocab -> readVocabulary path "model.vocab" vocab
-                | None -> InvalidInput.fail path "model.vocab" "expected the vocabulary object"
-            let merges =
-                match field model "merges" with
-                | None -> []
-                | Some list when list.ValueKind = JsonValueKind.Array ->
-                    [ for i, merge in Seq.indexed (list.EnumerateArray()) do
-                          match merge.ValueKind with
-                          | JsonValueKind.String -> merge.GetString()
-                          | JsonValueKind.Array when
-                              merge.GetArrayLength() = 2
-                              && merge.EnumerateArray() |> Seq.forall (fun p -> p.ValueKind = JsonValueKind.String)
-                              ->
-                              merge[0].GetString() + " " + merge[1].GetString()
-                          | _ -> InvalidInput.fail path (sprintf "model.merges[%d]" i) "expected \"left right\" or [\"left\", \"right\"]" ]
-                | Some _ -> InvalidInput.fail path "model.merges" "expected a list of merges"
+            let vocabulary = vocabularyOf ()
+            let merges = mergesOf ()
             let splitPattern =
                 preTokenizers
                 |> List.tryPick (fun c ->
@@ -326,8 +523,8 @@ module Tokenizers =
                 | [] -> false
                 | [ "NFC" ] -> true
                 | other -> InvalidInput.fail path "normalizer" (sprintf "only no normalizer or NFC is supported, found %s" (String.Join(", ", other)))
-            let added = addedTokensOfTokenizerJson path root @ configAdded |> List.distinctBy (fun t -> t.Content)
-            Ok(byteLevelBpe path vocabulary merges added pattern addPrefixSpace normalizeNfc [ path ])
+            let loaded = byteLevelBpe path vocabulary merges (added ()) pattern addPrefixSpace normalizeNfc [ path ]
+            Ok { loaded with Template = templateOf root }
 
     let private fingerprintOf (files: string list) (extra: string) =
         use hash = IncrementalHash.CreateHash HashAlgorithmName.SHA256
@@ -366,7 +563,7 @@ module Tokenizers =
         let sentencePiece () = fromSentencePiece (file "tokenizer.model") configAdded
         let loaded =
             if File.Exists(file "tokenizer.json") then
-                match fromTokenizerJson (file "tokenizer.json") configAdded with
+                match fromTokenizerJson (file "tokenizer.json") (File.Exists(file "tokenizer.model")) configAdded with
                 | Ok loaded -> loaded
                 | Error _ when File.Exists(file "tokenizer.model") -> sentencePiece ()
                 | Error(location, problem) -> InvalidInput.fail (file "tokenizer.json") location problem
@@ -426,6 +623,18 @@ module Tokenizers =
         let eos = pick "eos_token" loaded.ModelEos "eos_token_id"
         let pad = pick "pad_token" None "pad_token_id" |> Option.orElse eos
         let special = { Bos = bos; Eos = eos; Pad = pad }
+        let configRule key =
+            tokenizerConfig
+            |> Option.bind (fun (_, root) ->
+                match field root key with
+                | Some v when v.ValueKind = JsonValueKind.True -> Some true
+                | Some v when v.ValueKind = JsonValueKind.False -> Some false
+                | _ -> None)
+        let addsBos =
+            configRule "add_bos_token"
+            |> Option.orElse (loaded.Template |> Option.map fst)
+            |> Option.defaultValue loaded.AddsBosByDefault
+        let addsEos = configRule "add_eos_token" |> Option.orElse (loaded.Template |> Option.map snd) |> Option.defaultValue false
         let specialIds =
             HashSet<int>(
                 [ yield! loaded.SpecialIds
@@ -438,7 +647,13 @@ module Tokenizers =
           Fingerprint = fingerprintOf (loaded.Files @ extraFiles) (specialText special)
           VocabSize = loaded.VocabSize
           Special = special
+          AddsBos = addsBos && bos.IsSome
+          AddsEos = addsEos && eos.IsSome
           Encode = fun text -> loaded.Encode text |> Seq.map int64 |> Array.ofSeq
+          EncodeJoined =
+            fun prompt answer ->
+                let ids, promptTokens = loaded.EncodeJoined prompt answer
+                { Ids = Array.map int64 ids; PromptTokens = promptTokens }
           Decode = makeDecode folder loaded.VocabSize specialIds loaded.Decode }
 
     /// A tiktoken encoding by name: "cl100k_base" (GPT-3.5/GPT-4) or "o200k_base" (GPT-4o), from the
@@ -460,5 +675,12 @@ module Tokenizers =
               Fingerprint = fingerprintOf [] (sprintf "tiktoken %s %s" encoding (specialText special))
               VocabSize = vocabSize
               Special = special
+              AddsBos = false
+              AddsEos = false
               Encode = fun text -> tokenizer.EncodeToIds text |> Seq.map int64 |> Array.ofSeq
+              EncodeJoined =
+                fun prompt answer ->
+                    let mutable normalized = null
+                    let ids, promptTokens = tokenizer.EncodeToTokens(prompt + answer, &normalized) |> splitAt prompt.Length
+                    { Ids = Array.map int64 ids; PromptTokens = promptTokens }
               Decode = makeDecode encoding vocabSize specialIds (fun ids -> tokenizer.Decode ids) }
