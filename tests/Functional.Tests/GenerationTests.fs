@@ -306,9 +306,11 @@ let private generationTests =
             expectInvalid "--top-p" "" (run [| [| 1L |] |] { greedy 2 with Sampling = { SamplingOptions.greedy with TopP = 2.0 } })
             expectInvalid "prompts" "prompt 2" (run [| [| 1L |]; [||] |] (greedy 2))
             expectInvalid "prompts" "prompt 1, token 2" (run [| [| 1L; 17L |] |] (greedy 2))
-            expectInvalid "--max-new-tokens" "" (run [| [| 1L; 2L; 3L |] |] (greedy 127))
+            expectInvalid "prompts" "prompt 2" (run [| [| 1L |]; Array.create 129 1L |] (greedy 1))
             let longest = Generator.generate lm [| [| 1L; 2L; 3L |] |] (greedy 126)
-            Expect.equal longest[0].Length 126 "126 new tokens fit in 128 positions")
+            Expect.equal longest[0].Length 126 "126 new tokens fit in 128 positions"
+            let capped = Generator.generate lm [| [| 1L; 2L; 3L |] |] (greedy 127)
+            Expect.equal capped[0].Length 126 "generation stops at the context")
 
         torchTest "the benchmark times each length with and without the cache" (fun () ->
             let lm = model llamaConfig
