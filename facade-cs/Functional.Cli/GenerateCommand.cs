@@ -68,7 +68,18 @@ internal static class GenerateCommand
             {
                 lm = Peft.PrefixTuning.load(adapter, lm).Model;
             }
-            var answers = Generator.generateText(lm, tokenizer, ListModule.OfSeq(all), options);
+            var promptList = ListModule.OfSeq(all);
+            var encoded = Generator.encodePrompts(tokenizer, promptList);
+            var room = Generator.newTokenLimit(lm, encoded);
+            if (room < options.MaxNewTokens)
+            {
+                var longest = encoded.Max(ids => ids.Length);
+                var field = Models.ModelConfigModule.contextField(lm.Config);
+                var context = Models.ModelConfigModule.contextLength(lm.Config);
+                Console.Error.WriteLine(
+                    $"note: generation stops at the model's context ({field} = {context}): the longest prompt has {longest} tokens, so at most {room} new tokens instead of --max-new-tokens {options.MaxNewTokens}");
+            }
+            var answers = Generator.generateText(lm, tokenizer, promptList, options);
             foreach (var answer in answers)
             {
                 Console.WriteLine(answer);

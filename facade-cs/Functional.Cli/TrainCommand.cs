@@ -75,7 +75,7 @@ internal static class TrainCommand
         var epochs = CliOption.Create("--num-train-epochs", "Epochs (when --max-steps is not set).", d.NumTrainEpochs);
         var maxSteps = CliOption.Create("--max-steps", "Total optimizer steps (-1: use epochs).", d.MaxSteps);
         var maxGradNorm = CliOption.Create("--max-grad-norm", "Clip gradients to this global norm (0: off).", d.MaxGradNorm);
-        var maxSeqLen = CliOption.Create("--max-seq-len", "Truncate rows to this many tokens.", d.MaxSeqLen, "--max_seq_length", "--max-seq-length");
+        var maxSeqLen = CliOption.Create("--max-seq-len", "Truncate rows to this many tokens (0: the model's context, n_positions or max_position_embeddings; more is refused).", d.MaxSeqLen, "--max_seq_length", "--max-seq-length");
         var seed = CliOption.Create("--seed", "Random seed.", d.Seed);
         var noShuffle = CliOption.Create("--no-shuffle", "Keep rows in file order.", false);
         var loggingSteps = CliOption.Create("--logging-steps", "Write metrics every N optimizer steps.", d.LoggingSteps);

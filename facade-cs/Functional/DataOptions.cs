@@ -51,9 +51,11 @@ public sealed class DataOptions
     /// <value>Default: 0 (none held out).</value>
     public double EvalSplitRatio { get; set; }
 
-    /// <summary>Rows are truncated to this many tokens (--max-seq-len).</summary>
-    /// <value>Default: 512 (DeepSpeed-Chat's max_seq_len).</value>
-    public int MaxSequenceLength { get; set; } = 512;
+    /// <summary>Rows are truncated to this many tokens (--max-seq-len); 0 uses the model's context (config.json's
+    /// n_positions or max_position_embeddings, less a prefix's virtual tokens). A value above the context is
+    /// refused when training starts.</summary>
+    /// <value>Default: 0 (the model's context).</value>
+    public int MaxSequenceLength { get; set; }
 
     /// <summary>Shuffle the rows each epoch from the seed; false keeps file order (--no-shuffle turns it off).</summary>
     /// <value>Default: true.</value>

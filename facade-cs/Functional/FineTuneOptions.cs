@@ -126,8 +126,10 @@ public sealed class FineTuneOptions
     /// <summary>Gradient clipping by global norm; 0 turns it off (default 1.0).</summary>
     public double MaxGradNorm { get; set; } = 1.0;
 
-    /// <summary>Rows are truncated to this many tokens (default 512).</summary>
-    public int MaxSeqLen { get; set; } = 512;
+    /// <summary>Rows are truncated to this many tokens; 0 (default) uses the model's context (config.json's
+    /// n_positions or max_position_embeddings, less a prefix's virtual tokens). A value above the context is
+    /// refused.</summary>
+    public int MaxSeqLen { get; set; }
 
     /// <summary>Seed of initialization, dropout and shuffling (default 42).</summary>
     public long Seed { get; set; } = 42;

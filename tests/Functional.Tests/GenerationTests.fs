@@ -265,7 +265,11 @@ let private generationTests =
             Expect.notEqual (run 42L) (run 43L) "seeds 42 and 43")
 
         torchTest "live tensors stay flat over 100 generated tokens" (fun () ->
-            let lm = model llamaConfig
+            // 3 prompt tokens and 100 new ones need more than the 64 positions of llamaConfig.
+            let lm =
+                match llamaConfig with
+                | Llama c -> model (Llama { c with MaxPositionEmbeddings = 128 })
+                | other -> model other
             let live () = DisposeScopeManager.Statistics.TensorStatistics.ThreadTotalLiveCount
             let counts = ResizeArray()
             let before = live ()
@@ -309,9 +313,11 @@ let private generationTests =
             expectInvalid "--top-p" "" (run [| [| 1L |] |] { greedy 2 with Sampling = { SamplingOptions.greedy with TopP = 2.0 } })
             expectInvalid "prompts" "prompt 2" (run [| [| 1L |]; [||] |] (greedy 2))
             expectInvalid "prompts" "prompt 1, token 2" (run [| [| 1L; 17L |] |] (greedy 2))
-            expectInvalid "--max-new-tokens" "" (run [| [| 1L; 2L; 3L |] |] (greedy 127))
+            expectInvalid "prompts" "prompt 2" (run [| [| 1L |]; Array.create 129 1L |] (greedy 1))
             let longest = Generator.generate lm [| [| 1L; 2L; 3L |] |] (greedy 126)
-            Expect.equal longest[0].Length 126 "126 new tokens fit in 128 positions")
+            Expect.equal longest[0].Length 126 "126 new tokens fit in 128 positions"
+            let capped = Generator.generate lm [| [| 1L; 2L; 3L |] |] (greedy 127)
+            Expect.equal capped[0].Length 126 "generation stops at the context")
 
         torchTest "the benchmark times each length with and without the cache" (fun () ->
             let lm = model llamaConfig

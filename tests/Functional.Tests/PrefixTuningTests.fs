@@ -231,8 +231,10 @@ let private generation =
         torchTest "GPT-2 generation counts the prefix against n_positions" (fun () ->
             let lm = CausalLm.create gpt2Config 3L
             let adapter = PrefixTuning.create 10 lm 1L
-            expectInvalid "--max-new-tokens" "" [ "24 positions"; "10 of them taken by the prefix" ] (fun () ->
-                Generator.generate adapter.Model [| Array.create 20 1L |] { GenerationOptions.defaults with MaxNewTokens = 5 } |> ignore))
+            expectInvalid "prompts" "prompt 1" [ "has 23 tokens"; "n_positions = 32, 10 of them taken by the prefix"; "at most 22 fit" ] (fun () ->
+                Generator.generate adapter.Model [| Array.create 23 1L |] { GenerationOptions.defaults with MaxNewTokens = 5 } |> ignore)
+            let generated = Generator.generate adapter.Model [| Array.create 20 1L |] { GenerationOptions.defaults with MaxNewTokens = 5 }
+            Expect.equal generated[0].Length 3 "20 prompt tokens leave room for 3 new ones in the 22 positions the prefix leaves")
 
         torchTest "train --prefix-tuning on the golden LLaMA writes the adapter; generate --prefix-adapter uses it" (fun () ->
             use folder = new TempFolder()

@@ -117,7 +117,8 @@ module StateDict =
     /// Loads the sources' tensors as fresh CPU tensors of the given floating-point dtype, keyed by
     /// parameter name; stored floating-point tensors of another width are converted (F16/BF16 to F32
     /// exactly). Raises InvalidInputException before reading any data when a source is stored with a
-    /// non-floating dtype (integer or bool) while dtype is floating-point.
+    /// non-floating dtype (integer or bool) while dtype is floating-point, and after reading one that
+    /// holds a NaN or an infinity (naming the file and the tensor).
     let load (sources: StateDictSource list) (dtype: torch.ScalarType) : Map<string, torch.Tensor> =
         TorchRuntime.ensure ()
         for s in sources do
@@ -133,6 +134,15 @@ module StateDict =
                     else
                         try stored.``to``(dtype) finally stored.Dispose()
                 loaded.Add((s.Parameter, tensor))
+                if isFloating tensor.dtype then
+                    use finite = torch.isfinite tensor
+                    use allFinite = finite.all ()
+                    if not (allFinite.item<bool> ()) then
+                        use nonFinite = finite.logical_not ()
+                        use total = nonFinite.sum ()
+                        let bad = total.item<int64> ()
+                        InvalidInput.fail s.Header.Path s.Entry.Name
+                            (sprintf "tensor holds %d NaN or infinite value(s) of %d; a model's weights must be finite (was it saved from a diverged run?)" bad tensor.NumberOfElements)
             Map.ofSeq loaded
         with _ ->
             for _, t in loaded do t.Dispose()

@@ -77,18 +77,30 @@ module Generator =
         | Gpt2 c -> c.VocabSize
         | Llama c -> c.VocabSize
 
-    /// The most positions the tokens can take (GPT-2's learned positions, less those of a prefix); None
-    /// when unbounded (rotary).
+    /// The most positions the tokens can take: the model's context (GPT-2's n_positions, LLaMA's
+    /// max_position_embeddings, see ModelConfig.contextLength) less those of a prefix.
     let internal positionLimit (lm: CausalLm) =
-        match lm.Config with
-        | Gpt2 c -> Some(c.NPositions - CausalLm.prefixLength lm)
-        | Llama _ -> None
+        ModelConfig.contextLength lm.Config - CausalLm.prefixLength lm
 
-    /// How a position limit reads in messages: n_positions, and what a prefix takes of it.
+    /// How a position limit reads in messages: the config field, and what a prefix takes of it.
     let internal describeLimit (lm: CausalLm) (limit: int) =
+        let field = ModelConfig.contextField lm.Config
         match CausalLm.prefixLength lm with
-        | 0 -> sprintf "the model has n_positions = %d" limit
-        | prefix -> sprintf "the model has n_positions = %d, %d of them taken by the prefix" (limit + prefix) prefix
+        | 0 -> sprintf "the model's context is %s = %d" field limit
+        | prefix -> sprintf "the model's context is %s = %d, %d of them taken by the prefix" field (limit + prefix) prefix
+
+    /// The most new tokens the prompts can get within the model's context: the last new token is never
+    /// fed back, so a batch whose longest prompt has n tokens has room for positionLimit - n + 1. Raises
+    /// InvalidInputException (origin "prompts", location "prompt i") for a prompt longer than the context.
+    let newTokenLimit (lm: CausalLm) (prompts: int64[][]) : int =
+        let limit = positionLimit lm
+        prompts
+        |> Array.iteri (fun i prompt ->
+            if prompt.Length > limit then
+                InvalidInput.fail "prompts" (sprintf "prompt %d" (i + 1))
+                    (sprintf "has %d tokens, but %s: at most %d fit (shorten the prompt)" prompt.Length (describeLimit lm limit) limit))
+        if prompts.Length = 0 then limit
+        else limit - (prompts |> Array.map Array.length |> Array.max) + 1
 
     let private checkInputs (lm: CausalLm) (prompts: int64[][]) (options: GenerationOptions) =
         GenerationOptions.validate options
@@ -104,16 +116,7 @@ module Generator =
                         (sprintf "expected a token id in [0, %d), found %d" vocab id)))
         if options.PadId < 0L || options.PadId >= vocab then
             InvalidInput.fail "pad token" "" (sprintf "expected a token id in [0, %d), found %d" vocab options.PadId)
-        match positionLimit lm with
-        | Some limit when prompts.Length > 0 ->
-            // The last new token is never fed back, so the model sees longest + MaxNewTokens - 1 positions.
-            let longest = prompts |> Array.map Array.length |> Array.max
-            let needed = longest + options.MaxNewTokens - 1
-            if needed > limit then
-                InvalidInput.option "--max-new-tokens"
-                    (sprintf "the longest prompt (%d tokens) with %d new tokens needs %d positions; %s"
-                         longest options.MaxNewTokens needed (describeLimit lm limit))
-        | _ -> ()
+        newTokenLimit lm prompts |> ignore
 
     /// generate, calling onStep after every step with the tokens chosen in it (to stream output).
     let generateWith (onStep: GenerationStep -> unit) (lm: CausalLm) (prompts: int64[][]) (options: GenerationOptions) : int64[][] =
@@ -149,7 +152,9 @@ module Generator =
                       Attention = torch.tensor(real, ReadOnlySpan shape, device = device)
                       Cache = None }
                 let mutable step = 0
-                while step < options.MaxNewTokens && Array.contains true running do
+                // Generation stops at the context, as HF's max_length: the batch's longest prompt decides.
+                let maxNewTokens = min options.MaxNewTokens (newTokenLimit lm prompts)
+                while step < maxNewTokens && Array.contains true running do
                     let chosen, next =
                         use scope = torch.NewDisposeScope()
                         let cache = if options.UseCache then state.Cache else None
@@ -191,18 +196,19 @@ module Generator =
     /// result); it is then fed padding, which is left out of its result, and generation ends when every
     /// row has stopped. The model runs in eval mode under inference mode (its training mode is restored after),
     /// each step in its own dispose scope, so live tensors stay flat. Sampling draws come from a
-    /// torch.Generator seeded with Sampling.Seed on the model's device. Raises InvalidInputException for
-    /// invalid options, empty prompts, token ids outside the vocabulary and, for GPT-2, more positions
-    /// than n_positions.
+    /// torch.Generator seeded with Sampling.Seed on the model's device. Generation stops at the model's
+    /// context (newTokenLimit: fewer than MaxNewTokens when the longest prompt leaves less room, as HF's
+    /// max_length caps max_new_tokens). Raises InvalidInputException for invalid options, empty prompts,
+    /// token ids outside the vocabulary and prompts longer than the context, for every family.
     let generate (lm: CausalLm) (prompts: int64[][]) (options: GenerationOptions) : int64[][] =
         generateWith ignore lm prompts options
 
-    /// generate over text: each prompt is encoded as HF's `tokenizer(prompt)` does, bos first when the
-    /// tokenizer's rule adds it (TextTokenizer.AddsBos: LLaMA's does, GPT-2's does not) and no other
-    /// special token, as training rows start (an empty prompt starts from the bos token, or eos when
-    /// there is no bos), and the new tokens are decoded (special tokens left out). EosId and PadId come from tokenizer.Special (pad 0 when the tokenizer has neither pad nor
-    /// eos); the options' own EosId and PadId are not used.
-    let generateText (lm: CausalLm) (tokenizer: TextTokenizer) (prompts: string list) (options: GenerationOptions) : string list =
+    /// The token ids generateText feeds for prompts: each encoded as HF's `tokenizer(prompt)` does, bos
+    /// first when the tokenizer's rule adds it (TextTokenizer.AddsBos: LLaMA's does, GPT-2's does not) and
+    /// no other special token, as training rows start; an empty prompt is the bos token (eos when there
+    /// is no bos). Raises InvalidInputException (origin "prompts") for an empty prompt when the tokenizer
+    /// has neither.
+    let encodePrompts (tokenizer: TextTokenizer) (prompts: string list) : int64[][] =
         let special = tokenizer.Special
         let start = special.Bos |> Option.orElse special.Eos
         let encode i (prompt: string) =
@@ -216,12 +222,18 @@ module Generator =
                 InvalidInput.fail "prompts" (sprintf "prompt %d" (i + 1))
                     "the prompt is empty and the tokenizer has no bos or eos token to start from"
             | ids, _ -> ids
+        prompts |> List.mapi encode |> Array.ofList
+
+    /// generate over text: the prompts are encoded by encodePrompts and the new tokens are decoded
+    /// (special tokens left out). EosId and PadId come from tokenizer.Special (pad 0 when the tokenizer
+    /// has neither pad nor eos); the options' own EosId and PadId are not used.
+    let generateText (lm: CausalLm) (tokenizer: TextTokenizer) (prompts: string list) (options: GenerationOptions) : string list =
+        let special = tokenizer.Special
         let options =
             { options with
                 EosId = special.Eos
                 PadId = special.Pad |> Option.defaultValue 0L }
-        let encoded = prompts |> List.mapi encode |> Array.ofList
-        generate lm encoded options |> Array.map tokenizer.Decode |> List.ofArray
+        generate lm (encodePrompts tokenizer prompts) options |> Array.map tokenizer.Decode |> List.ofArray
 
 /// One line of GenerationBenchmark.run's table.
 type GenerationBenchmarkRow =
@@ -249,15 +261,14 @@ module GenerationBenchmark =
     /// first: tiered compilation promotes a method to optimized code only after 30 calls, and a short
     /// warm-up left the first timed run up to twice as slow; the median keeps one disturbed run (a 32-token
     /// run lasts about 20 ms) out of the figures. Raises InvalidInputException (naming --lengths) for a
-    /// length <= 0 or, for GPT-2, beyond n_positions.
+    /// length <= 0 or beyond the model's context.
     let run (lm: CausalLm) (lengths: int list) : GenerationBenchmarkRow list =
         TorchRuntime.ensure ()
         for n in lengths do
             if n <= 0 then InvalidInput.option "--lengths" (sprintf "expected positive token counts, found %d" n)
-            match Generator.positionLimit lm with
-            | Some limit when n > limit ->
+            let limit = Generator.positionLimit lm
+            if n > limit then
                 InvalidInput.option "--lengths" (sprintf "%d new tokens exceed the positions left: %s" n (Generator.describeLimit lm limit))
-            | _ -> ()
         let prompt = [| [| 0L |] |]
         let secondsPerToken useCache newTokens =
             let options = { GenerationOptions.defaults with MaxNewTokens = newTokens; UseCache = useCache }

@@ -423,8 +423,16 @@ module ModelConfig =
         | Gpt2 c -> c.VocabSize
         | Llama c -> c.VocabSize
 
-    /// The longest sequence the model was built for (n_positions, max_position_embeddings).
+    /// The longest sequence the model was built for (n_positions, max_position_embeddings). GPT-2's learned
+    /// positions end there; LLaMA's rotary positions do not, but max_position_embeddings is the context it
+    /// was trained for, and HF's generation warns past it: both are treated as a hard limit here.
     let contextLength (config: ModelConfig) =
         match config with
         | Gpt2 c -> c.NPositions
         | Llama c -> c.MaxPositionEmbeddings
+
+    /// The config.json field that holds contextLength ("n_positions", "max_position_embeddings"), for messages.
+    let contextField (config: ModelConfig) =
+        match config with
+        | Gpt2 _ -> "n_positions"
+        | Llama _ -> "max_position_embeddings"

@@ -89,6 +89,14 @@ module FlatParameters =
           Values = values
           Grads = grads }
 
+    /// Whether every parameter value is finite (no NaN, no infinity). One reduction, summed in float64
+    /// so no finite float32 values can overflow it: NaN and infinities propagate to the sum, nothing else
+    /// makes it non-finite. Reads the result back to the host.
+    let allFinite (flat: FlatParameters) : bool =
+        use _ = torch.no_grad ()
+        use sum = flat.Values.sum(``type`` = torch.float64)
+        Double.IsFinite(sum.item<double> ())
+
     /// Sets every gradient to zero in place (the parameters' `grad` views stay attached).
     let zeroGrads (flat: FlatParameters) : unit =
         // TorchSharp 0.107's zero_ returns a new handle to the same tensor (other in-place ops return

@@ -262,19 +262,18 @@ module FineTune =
                 InvalidInput.option "--gradient-checkpointing"
                     "cannot be combined with --prefix-tuning: the prefix runs through the key/value-cache path, which does not recompute blocks"
 
-    /// GPT-2's learned positions must cover the prefix and the longest row (positions start at N).
+    /// The model's context must cover the prefix and the longest row (the rows' positions start at N), for
+    /// every family: GPT-2's n_positions, LLaMA's max_position_embeddings (see TrainOptions.sequenceLength).
     let private checkPrefixFits (model: CausalLm) (numVirtualTokens: int) (options: TrainOptions) (datasets: TokenizedDataset list) =
-        match model.Config with
-        | Gpt2 c ->
-            let longest =
-                datasets
-                |> List.collect (fun d -> [ for row in d.Rows -> min row.Length options.MaxSeqLen ])
-                |> List.fold max 0
-            if numVirtualTokens + longest > c.NPositions then
-                InvalidInput.option "--num-prefix-tokens"
-                    (sprintf "%d prefix tokens and the longest row (%d tokens) need %d positions; the model has n_positions = %d (lower --num-prefix-tokens or --max-seq-len)"
-                        numVirtualTokens longest (numVirtualTokens + longest) c.NPositions)
-        | Llama _ -> ()
+        let context = ModelConfig.contextLength model.Config
+        let longest =
+            datasets
+            |> List.collect (fun d -> [ for row in d.Rows -> min row.Length options.MaxSeqLen ])
+            |> List.fold max 0
+        if numVirtualTokens + longest > context then
+            InvalidInput.option "--num-prefix-tokens"
+                (sprintf "%d prefix tokens and the longest row (%d tokens) need %d positions; the model has %s = %d (lower --num-prefix-tokens or --max-seq-len)"
+                    numVirtualTokens longest (numVirtualTokens + longest) (ModelConfig.contextField model.Config) context)
 
     let private metricOf (options: TrainOptions) (eval: EvalResult) =
         if metricName options = "eval_perplexity" then eval.Perplexity else eval.Loss
@@ -296,19 +295,18 @@ module FineTune =
             Some { Eval = { Loss = loss; Perplexity = defaultArg (get "eval_perplexity") (exp loss); Tokens = 0L }; ExactMatch = get "eval_exact_match" }
         | _ -> None
 
-    /// Validates options, output folder, model folder, tokenizer, data and (when resuming) the checkpoint,
-    /// raising InvalidInputException before anything is written; then trains. OUTPUT/metrics.jsonl and
-    /// TensorBoard events grow as it goes; checkpoints follow the save strategy (atomic, rotated, the best
-    /// kept); at the end come OUTPUT/final/ (staged and renamed), OUTPUT/loss.png and a last metrics line
-    /// with HF's summary fields and the final evaluation. Cancelling the token finishes the current
-    /// optimizer step, saves a checkpoint and returns with Interrupted set.
-    let runWith (request: FineTuneRequest) (cancellation: Threading.CancellationToken) (onStep: StepLog -> unit) : FineTuneResult =
+    /// runWith's work (see there), without the clean-up after a failure.
+    let private execute (request: FineTuneRequest) (cancellation: Threading.CancellationToken) (onStep: StepLog -> unit) : FineTuneResult =
         let clock = Stopwatch.StartNew()
         let options = request.Options
         TrainOptions.validate options
         checkPrefixCombinations request
         if request.ResumeFromCheckpoint.IsNone then checkOutputFolder request
         let model = HfModelFolder.load request.ModelPath options.Seed
+        // From here on MaxSeqLen is the row length of the run: the model's context when it was 0.
+        let options =
+            { options with
+                MaxSeqLen = TrainOptions.sequenceLength options model.Config (request.Prefix |> Option.map (fun p -> p.NumPrefixTokens) |> Option.defaultValue 0) }
         let sourceConfig = File.ReadAllText(Path.Combine(request.ModelPath, "config.json"))
         let tokenizer = tokenizerFor request
         let promptOptions = { request.Data.Prompt with MaxSeqLen = options.MaxSeqLen; Seed = options.Seed }
@@ -444,6 +442,7 @@ module FineTune =
                 match candidate with
                 | Some value when Rotation.isBetter greaterIsBetter value (best |> Option.map fst) -> best <- Some(value, path)
                 | _ -> ()
+                Trainer.ensureFinite options step context.Parameters
                 let record = { History = List.ofSeq history; Best = best; EarlyStopping = earlyStopping }
                 let adapterWriters =
                     if adapterParameters.IsEmpty then []
@@ -532,6 +531,7 @@ module FineTune =
                 | _ -> None
         let runtime = trainClock.Elapsed.TotalSeconds
         if not interrupted then
+            Trainer.ensureFinite options result.Steps result.Parameters
             let samples = float result.Steps * float (options.PerDeviceTrainBatchSize * options.GradientAccumulationSteps)
             File.AppendAllLines(
                 metricsPath,
@@ -577,6 +577,30 @@ module FineTune =
           StoppedEarly = stoppedEarly
           Interrupted = interrupted
           Seconds = clock.Elapsed.TotalSeconds }
+
+    /// Validates options, output folder, model folder, tokenizer, data and (when resuming) the checkpoint,
+    /// raising InvalidInputException before anything is written; then trains. OUTPUT/metrics.jsonl and
+    /// TensorBoard events grow as it goes; checkpoints follow the save strategy (atomic, rotated, the best
+    /// kept); at the end come OUTPUT/final/ (staged and renamed), OUTPUT/loss.png and a last metrics line
+    /// with HF's summary fields and the final evaluation. Cancelling the token finishes the current
+    /// optimizer step, saves a checkpoint and returns with Interrupted set. A run that fails after it
+    /// started writing (a diverged loss, an I/O error) into an output folder that was empty or absent,
+    /// and saved no checkpoint, removes what it wrote, so the folder blocks no later run; when it saved
+    /// a checkpoint, everything stays (resume from it, as HF's resume_from_checkpoint).
+    let runWith (request: FineTuneRequest) (cancellation: Threading.CancellationToken) (onStep: StepLog -> unit) : FineTuneResult =
+        let path = request.OutputPath
+        let existed = Directory.Exists path
+        let wasEmpty =
+            try not existed || Directory.EnumerateFileSystemEntries path |> Seq.isEmpty
+            with :? IOException | :? UnauthorizedAccessException -> false
+        try
+            execute request cancellation onStep
+        with _ when wasEmpty && Directory.Exists path && List.isEmpty (CheckpointFolder.list path) ->
+            if existed then
+                for entry in Directory.EnumerateFileSystemEntries path |> List.ofSeq do
+                    if Directory.Exists entry then Directory.Delete(entry, true) else File.Delete entry
+            else Directory.Delete(path, true)
+            reraise ()
 
     /// runWith without cancellation.
     let run (request: FineTuneRequest) (onStep: StepLog -> unit) : FineTuneResult =

@@ -75,7 +75,9 @@ type TrainOptions =
       MaxSteps: int
       /// Global gradient-norm clipping threshold; 0 turns clipping off (default 1.0).
       MaxGradNorm: float
-      /// Rows are truncated to this many tokens (default 512, DeepSpeed-Chat's max_seq_len).
+      /// Rows are truncated to this many tokens; 0 (default) uses the model's context (config.json's
+      /// n_positions or max_position_embeddings, less a prefix's virtual tokens), see
+      /// TrainOptions.sequenceLength. A value above the context is refused.
       MaxSeqLen: int
       /// Seeds weight initialization, dropout and shuffling (default 42).
       Seed: int64
@@ -116,7 +118,7 @@ type TrainOptions =
 [<RequireQualifiedAccess>]
 module TrainOptions =
 
-    /// HF TrainingArguments' defaults (max_seq_len from DeepSpeed-Chat, logging every step).
+    /// HF TrainingArguments' defaults (rows as long as the model's context, logging every step).
     let defaults =
         { PerDeviceTrainBatchSize = 8
           GradientAccumulationSteps = 1
@@ -135,7 +137,7 @@ module TrainOptions =
           NumTrainEpochs = 3.0
           MaxSteps = -1
           MaxGradNorm = 1.0
-          MaxSeqLen = 512
+          MaxSeqLen = 0
           Seed = 42L
           Shuffle = true
           LoggingSteps = 1
@@ -200,8 +202,8 @@ module TrainOptions =
             sprintf "must be at least 1 (or -1 to train for --num-train-epochs), got %d" o.MaxSteps)
         check (finite o.MaxGradNorm && o.MaxGradNorm >= 0.0) "--max-grad-norm" (fun () ->
             sprintf "must be a finite number >= 0 (0 turns clipping off), got %g" o.MaxGradNorm)
-        check (o.MaxSeqLen >= 2) "--max-seq-len" (fun () ->
-            sprintf "must be at least 2 (a row needs two tokens to predict one), got %d" o.MaxSeqLen)
+        check (o.MaxSeqLen = 0 || o.MaxSeqLen >= 2) "--max-seq-len" (fun () ->
+            sprintf "must be at least 2 (a row needs two tokens to predict one), or 0 for the model's context, got %d" o.MaxSeqLen)
         check (o.LoggingSteps >= 1) "--logging-steps" (fun () -> sprintf "must be at least 1, got %d" o.LoggingSteps)
         check (o.Threads >= 0) "--threads" (fun () -> sprintf "must be >= 0 (0 adapts to the cores left free by other work), got %d" o.Threads)
         check (o.EvalSteps >= 0) "--eval-steps" (fun () -> sprintf "must be >= 0 (0 evaluates only at the end), got %d" o.EvalSteps)
@@ -238,6 +240,26 @@ module TrainOptions =
             LossScaler.validate scaler
             Precision.Fp16 scaler
         | false, false -> Precision.Fp32
+
+    /// The row length of a run on a model whose first prefixTokens positions a prefix takes (0 without
+    /// prefix tuning): MaxSeqLen, or with 0 the positions the model's context leaves to the tokens. Raises
+    /// InvalidInputException naming --max-seq-len when MaxSeqLen exceeds the context (GPT-2 has no
+    /// position past n_positions; LLaMA was trained up to max_position_embeddings), and naming
+    /// --num-prefix-tokens when the prefix leaves fewer than two positions. A prefix with an explicit
+    /// MaxSeqLen is checked against the rows' real lengths by the caller.
+    let sequenceLength (o: TrainOptions) (config: Functional.Models.ModelConfig) (prefixTokens: int) : int =
+        let context = Functional.Models.ModelConfig.contextLength config
+        let field = Functional.Models.ModelConfig.contextField config
+        if o.MaxSeqLen > context then
+            InvalidInput.option "--max-seq-len"
+                (sprintf "%d exceeds the model's context: config.json has %s = %d (omit --max-seq-len to use the model's context)"
+                    o.MaxSeqLen field context)
+        if o.MaxSeqLen > 0 then o.MaxSeqLen
+        elif context - prefixTokens >= 2 then context - prefixTokens
+        else
+            InvalidInput.option "--num-prefix-tokens"
+                (sprintf "%d prefix tokens leave %d of the model's %d positions (%s) to the rows; a row needs at least 2"
+                    prefixTokens (max 0 (context - prefixTokens)) context field)
 
     /// Optimizer steps of the run: MaxSteps when set, else ceil(epochs * steps per epoch), as HF Trainer.
     let totalSteps (o: TrainOptions) (stepsPerEpoch: int) =

@@ -224,6 +224,21 @@ module Trainer =
     [<Literal>]
     let PadId = 0L
 
+    /// Raises the InvalidInputException of a run whose figures stopped being finite at step: origin
+    /// "step N", the problem what was non-finite, and what to change.
+    let private diverged (options: TrainOptions) (step: int) (what: string) : 'T =
+        InvalidInput.fail (sprintf "step %d" step) ""
+            (sprintf "%s: training diverged (or the data or weights are damaged), so the run stops and writes no final model; checkpoints saved before stay. Lower --learning-rate (%g now), keep --max-grad-norm on, or check the model's weights"
+                what options.LearningRate)
+
+    /// Refuses to go on (or save) with parameters that hold NaN or infinite values: raises the
+    /// InvalidInputException of a diverged run (origin "step N", as after a non-finite loss) unless
+    /// every value of flat is finite (FlatParameters.allFinite, one reduction). Callers run it before
+    /// saving a checkpoint or a final model, so no non-finite weights are ever written.
+    let ensureFinite (options: TrainOptions) (step: int) (flat: FlatParameters) : unit =
+        if not (FlatParameters.allFinite flat) then
+            diverged options step "the weights hold NaN or infinite values after the update"
+
     /// Trains the given parameters of model (all of them, or e.g. only LoRA adapters: the others stay
     /// frozen), each at its peak learning rate learningRate(name) (the options' LearningRate for all but
     /// parameter groups with their own rate; the schedule scales them alike), on the dataset's rows as
@@ -250,6 +265,14 @@ module Trainer =
     /// and DeepSpeed's global_steps do): its data is consumed, and the run ends after TotalSteps windows
     /// whatever was skipped. An overflow at the minimum loss scale ends the run with
     /// InvalidInputException naming --fp16 (as DeepSpeed raises).
+    ///
+    /// Non-finite figures stop the run with InvalidInputException (origin "step N", before the hooks see
+    /// the step, so nothing of it is logged or saved): a NaN or infinite loss (of a window with predicted
+    /// tokens) or gradient norm of an applied update, and NaN or infinite weights after this call's first update (ensureFinite). An
+    /// fp16 overflow the loss scaler skips is not an error.
+    ///
+    /// Rows are truncated to TrainOptions.sequenceLength (MaxSeqLen, or 0 for the model's context less
+    /// the prefix; a MaxSeqLen above the context raises InvalidInputException naming --max-seq-len).
     let trainAttached
         (plan: TrainingPlan)
         (model: CausalLm)
@@ -263,6 +286,7 @@ module Trainer =
         let options = plan.Options
         Functional.Runtime.TorchRuntime.ensure ()
         let mutable threads = Functional.Runtime.ThreadBudget.create options.Threads
+        let maxSeqLen = TrainOptions.sequenceLength options model.Config (CausalLm.prefixLength model)
         let microBatchesPerEpoch = plan.Accumulation.MicroBatchesPerEpoch
         let totalSteps = plan.TotalSteps
         let schedule = plan.Schedule
@@ -315,6 +339,7 @@ module Trainer =
             | Some _, Some state -> lossScale <- Some state
             | _ -> ()
         | None -> ()
+        let updatesBefore = updates
         let mutable skippedSteps = accumulation.OptimizerStep - updates
         let mutable epochBatches = epochMicroBatches options dataset.Rows.Length accumulation.Epoch
         let mark phase = plan.PhaseClock |> Option.iter (fun c -> c.Mark phase)
@@ -329,7 +354,7 @@ module Trainer =
             let first, size = Accumulation.currentWindow plan.Accumulation accumulation
             let window =
                 [ for i in first .. first + size - 1 ->
-                      Batching.collate options.MaxSeqLen PadId dataset epochBatches[i] ]
+                      Batching.collate maxSeqLen PadId dataset epochBatches[i] ]
             let windowTokens = window |> List.sumBy (fun b -> b.PredictedTokens)
             accumulation <- Accumulation.beginWindow plan.Accumulation accumulation windowTokens
             let windowScale = lossScale |> Option.map (fun s -> s.Scale)
@@ -375,6 +400,12 @@ module Trainer =
             // (MixedPrecision.accumulateGradients): only fp32 training accumulates into them.
             if compute.IsNone then FlatParameters.zeroGrads flat
             mark TrainingPhase.Optimizer
+            if apply then
+                // A window without predicted tokens has a NaN mean loss by definition, and no gradient.
+                if r.Tokens > 0L && not (Double.IsFinite r.Loss) then diverged options r.OptimizerStep (sprintf "the loss is %g" r.Loss)
+                let gradNorm = Transform.lastGradNorm optimizerState
+                if not (Double.IsFinite gradNorm) then diverged options r.OptimizerStep (sprintf "the gradient norm is %g" gradNorm)
+                if updates = updatesBefore + 1 then ensureFinite options r.OptimizerStep flat
             lastLoss <- r.Loss
             let seconds = clock.Elapsed.TotalSeconds
             let log =
