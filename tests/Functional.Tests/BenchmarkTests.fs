@@ -12,8 +12,21 @@ open Functional.Tests.TestUtil
 /// A tiny version of a preset: 2 layers, width 64 (one head), batch 2 x 16 tokens, vocabulary 8192.
 let private tiny (preset: BenchmarkConfig) = TrainingBenchmark.resize 2 64 2 16 preset
 
+/// Skips the calling test where Debian's PyTorch is missing (.ci/run installs it through
+/// tools/reference/install-deps.sh; the README's test command alone then skips these tests, saying why).
+let private requirePyTorch () =
+    let hasTorch =
+        File.Exists "/usr/bin/python3"
+        && (let info = ProcessStartInfo("/usr/bin/python3", "-c \"import torch\"", RedirectStandardError = true, UseShellExecute = false)
+            use p = Process.Start info
+            p.StandardError.ReadToEnd() |> ignore
+            p.WaitForExit()
+            p.ExitCode = 0)
+    if not hasTorch then skiptest "needs /usr/bin/python3 with PyTorch (sh tools/reference/install-deps.sh)"
+
 /// Runs tools/reference/bench_torch.py with the given arguments; returns its stdout.
 let private runPython (args: string list) =
+    requirePyTorch ()
     let info = ProcessStartInfo("/usr/bin/python3", RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
     info.ArgumentList.Add(Path.Combine(ScriptTests.repositoryRoot (), "tools", "reference", "bench_torch.py"))
     for a in args do info.ArgumentList.Add a
@@ -75,6 +88,7 @@ let tests =
             for i in 0..2 do
                 Expect.floatClose { absolute = 1e-5; relative = 1e-5 } ours[i] plain[i] (sprintf "loss of step %d" (i + 1)))
         test "bench train prints every figure for us, the plain loop and PyTorch, and writes them as JSON" {
+            requirePyTorch ()
             use folder = new TempFolder()
             let json = folder.File "figures.json"
             let run =
