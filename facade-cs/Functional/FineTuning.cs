@@ -24,8 +24,8 @@ public readonly record struct TrainingProgress(
 /// <param name="Step">The optimizer step it follows (0: before training).</param>
 /// <param name="Loss">Token-weighted evaluation loss.</param>
 /// <param name="Perplexity">exp(Loss).</param>
-/// <param name="ExactMatch">Fraction of scored samples answered exactly; scored before training and in the closing
-/// evaluation only, else null.</param>
+/// <param name="ExactMatch">Fraction of scored samples answered exactly, in the evaluation before training when
+/// scoring was asked for, else null (the result's <see cref="FineTuneResult.After"/> holds the closing score).</param>
 public readonly record struct EvaluationProgress(int Step, double Loss, double Perplexity, double? ExactMatch);
 
 /// <summary>Evaluation figures at one point of a run.</summary>
@@ -88,7 +88,7 @@ public static class FineTuning
     /// <param name="options">What to train and how.</param>
     /// <param name="cancellation">Stops the run after the current step, with a checkpoint.</param>
     /// <param name="onProgress">Called after each logged optimizer step; may be null.</param>
-    /// <param name="onEvaluation">Called after each evaluation (before training, during it, at the end); may be null.</param>
+    /// <param name="onEvaluation">Called after each evaluation (before training, during it, at the last step); may be null.</param>
     /// <param name="onMessage">Called with each message line; may be null.</param>
     public static FineTuneResult Run(
         FineTuneOptions options, CancellationToken cancellation, Action<TrainingProgress>? onProgress,

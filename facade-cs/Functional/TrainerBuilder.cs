@@ -400,9 +400,10 @@ public sealed class TrainerBuilder
         return this;
     }
 
-    /// <summary>Called after each evaluation (before training, every evaluation during it, the closing one) on the
-    /// training thread; several calls add several callbacks.</summary>
-    /// <param name="callback">Receives the step, evaluation loss, perplexity and exact match (when scored).</param>
+    /// <summary>Called after each evaluation (before training, every evaluation during it, the one at the last step)
+    /// on the training thread; several calls add several callbacks.</summary>
+    /// <param name="callback">Receives the step, evaluation loss, perplexity and exact match (before training, when
+    /// scored).</param>
     public TrainerBuilder OnEvaluation(Action<EvaluationProgress> callback)
     {
         ArgumentNullException.ThrowIfNull(callback);

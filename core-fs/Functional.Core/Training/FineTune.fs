@@ -99,8 +99,8 @@ type EvalFigures =
 type FineTuneEvents =
     { /// After every logged optimizer step.
       OnStep: StepLog -> unit
-      /// After every evaluation: the step (0: before training) and the figures (exact match is scored
-      /// before training and in the closing evaluation only).
+      /// After every evaluation: the step (0: before training) and the figures (exact match only in the
+      /// evaluation before training; the result's After holds the closing one).
       OnEvaluation: int -> EvalFigures -> unit
       /// A line for the user: the checkpoint a resume starts from, a newer one it skipped and why.
       OnMessage: string -> unit }
