@@ -28,16 +28,24 @@ internal static class EmbeddedCommand
             !CliOption.Given(parse, maxSteps) ? defaults.MaxSteps : parse.GetValue(maxSteps),
             parse.GetValue(threads));
         Console.WriteLine("Embedded default run: a small LLaMA learns to reverse and sort letters from scratch.");
-        FineTuneResult result;
-        using (var signals = new StopOnSignal($"finishing the current step, then stopping without saving ({outputPath} is left as it was)"))
+        FineTuneResult? result;
+        using (var signals = new StopOnSignal($"stopping after the current step without saving ({outputPath} is left as it was)"))
         using (var progress = new ProgressDisplay(0))
         {
             var events = FineTuning.Events(
                 progress.Report, e => progress.Message(Report.EvaluationLine(e)), progress.Message);
-            result = FineTuning.ToResult(Training.EmbeddedRun.run(runSettings, signals.Token, events));
-            if (result.Interrupted)
+            try
             {
-                progress.Message($"interrupted by {signals.Received} after step {result.Steps}: nothing was saved and {outputPath} is unchanged (the run is short: start it again to train)");
+                result = FineTuning.ToResult(Training.EmbeddedRun.run(runSettings, signals.Token, events));
+            }
+            catch (OperationCanceledException) when (signals.Received is not null)
+            {
+                result = null;
+            }
+            if (result is null || result.Interrupted)
+            {
+                var when = result is null ? "before training" : $"after step {result.Steps}";
+                progress.Message($"interrupted by {signals.Received} {when}: nothing was saved and {outputPath} is unchanged (the run is short: start it again to train)");
                 return signals.ExitCode;
             }
         }

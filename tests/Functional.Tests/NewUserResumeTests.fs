@@ -136,7 +136,7 @@ let tests =
                 sendSignal signal cli.Process.Id
                 Expect.isTrue (cli.Process.WaitForExit(TimeSpan.FromMinutes 3.0)) "the run stops"
                 Expect.equal cli.Process.ExitCode code (sprintf "exit code (stderr: %s)" cli.Stderr)
-                Expect.stringContains cli.Stderr (sprintf "SIG%s: finishing the current step, then stopping without saving" signal) "the signal is acknowledged"
+                Expect.stringContains cli.Stderr (sprintf "SIG%s: stopping after the current step without saving" signal) "the signal is acknowledged"
                 Expect.stringContains cli.Stdout (sprintf "interrupted by SIG%s after step" signal) "one line says what happened"
                 Expect.stringContains cli.Stdout "is unchanged" "and that the earlier output is kept"
                 Expect.stringContains cli.Stdout "eval before training: loss" "finding 10: the first evaluation is printed"

@@ -93,9 +93,11 @@ module EmbeddedRun =
     /// data as DeepSpeed-Chat JSON Lines in data/, the tokenizer and untrained model in initial/, then the
     /// fine-tuning job's metrics.jsonl, TensorBoard events, loss.png and final/), which replaces OutputPath
     /// only when everything succeeded. Staging folders of earlier runs whose process is gone are removed
-    /// first (StagedFolder.cleanStale). Cancelling the token finishes the current optimizer step and
-    /// aborts cleanly: the staging folder is removed, OutputPath is left as it was, and the result has
-    /// Interrupted set (the run is short, so it keeps no checkpoint to resume). observer hears what is being
+    /// first (StagedFolder.cleanStale). Cancelling the token aborts cleanly: the staging folder is
+    /// removed and OutputPath is left as it was (the run is short, so it keeps no checkpoint to resume).
+    /// Cancelled while the data and model are prepared, it raises OperationCanceledException once they
+    /// are; cancelled while training, it finishes the current optimizer step and returns a result with
+    /// Interrupted set. observer hears what is being
     /// prepared (OnMessage), the logged steps and the evaluations.
     let run (settings: EmbeddedSettings) (cancellation: Threading.CancellationToken) (observer: FineTuneEvents) : FineTuneResult =
         validate settings
@@ -118,6 +120,7 @@ module EmbeddedRun =
             let initial = Path.Combine(staging, "initial")
             HfModelFolder.save initial model None (List.ofArray (Directory.GetFiles tokenizerFolder))
             Directory.Delete(tokenizerFolder, true)
+            cancellation.ThrowIfCancellationRequested()
             let parameters = CausalLm.parameterSpec model |> List.sumBy (fun (_, shape) -> Array.fold (*) 1L shape)
             observer.OnMessage(sprintf "model: LLaMA, %d parameters, vocabulary of %d tokens (byte-level BPE)" parameters tokenizer.VocabSize)
             let request =
