@@ -28,15 +28,28 @@ internal static class EmbeddedCommand
             !CliOption.Given(parse, maxSteps) ? defaults.MaxSteps : parse.GetValue(maxSteps),
             parse.GetValue(threads));
         Console.WriteLine("Embedded default run: a small LLaMA learns to reverse and sort letters from scratch.");
-        Training.FineTuneResult result;
+        FineTuneResult? result;
+        using (var signals = new StopOnSignal($"stopping after the current step without saving ({outputPath} is left as it was)"))
         using (var progress = new ProgressDisplay(0))
         {
-            result = Training.EmbeddedRun.run(
-                runSettings,
-                Microsoft.FSharp.Core.FuncConvert.FromAction<string>(progress.Message),
-                Microsoft.FSharp.Core.FuncConvert.FromAction<Training.StepLog>(log => progress.Report(FineTuning.ToProgress(log))));
+            var events = FineTuning.Events(
+                progress.Report, e => progress.Message(Report.EvaluationLine(e)), progress.Message);
+            try
+            {
+                result = FineTuning.ToResult(Training.EmbeddedRun.run(runSettings, signals.Token, events));
+            }
+            catch (OperationCanceledException) when (signals.Received is not null)
+            {
+                result = null;
+            }
+            if (result is null || result.Interrupted)
+            {
+                var when = result is null ? "before training" : $"after step {result.Steps}";
+                progress.Message($"interrupted by {signals.Received} {when}: nothing was saved and {outputPath} is unchanged (the run is short: start it again to train)");
+                return signals.ExitCode;
+            }
         }
-        Report.Print(FineTuning.ToResult(result));
+        Report.Print(result);
         Console.WriteLine($"try:     functional generate --model {result.FinalModelPath} --greedy --prompt \" Human: reverse q w e r t Assistant:\"");
         return 0;
     }

@@ -5,8 +5,8 @@ namespace Functional.Cli;
 
 /// <summary>
 /// Shows the progress of a training run: step/total, a bar, loss, learning rate, tokens per second,
-/// elapsed time and the estimated time left (elapsed / steps done x steps left, elapsed counted from
-/// construction). On an interactive terminal one status line is redrawn in place (carriage return and
+/// elapsed time and the estimated time left (elapsed / steps this process has done x steps left, elapsed
+/// counted from construction; after a resume the steps before it do not count as done here). On an interactive terminal one status line is redrawn in place (carriage return and
 /// ANSI erase-line); when output is redirected (CI, files, tests) it writes one plain line per reported
 /// step, at most one per percent of the run plus the last step, so long runs stay readable in logs.
 /// </summary>
@@ -81,7 +81,8 @@ public sealed class ProgressDisplay : IDisposable
             var elapsed = time.GetElapsedTime(startTimestamp);
             var total = p.TotalSteps > 0 ? p.TotalSteps : Math.Max(totalSteps, 1);
             var step = Math.Clamp(p.Step, 0, total);
-            var eta = step > 0 ? elapsed / step * (total - step) : (TimeSpan?)null;
+            var doneHere = step - Math.Clamp(p.StartStep, 0, step);
+            var eta = doneHere > 0 ? elapsed / doneHere * (total - step) : (TimeSpan?)null;
             var percent = (int)(100L * step / total);
             if (interactive)
             {

@@ -6,11 +6,25 @@ internal static class Report
     private static string Percent(double? fraction) =>
         fraction is { } f ? Program.Num(100 * f, "F1") + "%" : "-";
 
-    /// <summary>Prints what the run measured and where its files are.</summary>
+    /// <summary>One evaluation as a line: "eval at step 200: loss 0.1234  perplexity 1.13  exact match 45.0%"
+    /// (step 0: "eval before training").</summary>
+    public static string EvaluationLine(EvaluationProgress e)
+    {
+        var when = e.Step == 0 ? "eval before training" : $"eval at step {e.Step}";
+        var exact = e.ExactMatch is { } m ? $"  exact match {Percent(m)}" : "";
+        return $"{when}: loss {Program.Num(e.Loss, "F4")}  perplexity {Program.Num(e.Perplexity, "F2")}{exact}";
+    }
+
+    /// <summary>Prints what the run measured and where its files are. The steps, time and speed are this process's:
+    /// after a resume, the steps before it are not counted as trained here.</summary>
     public static void Print(FineTuneResult result)
     {
         Console.WriteLine();
-        Console.WriteLine($"trained {result.Steps} steps in {Program.Num(result.TrainRuntime, "F1")} s (job {Program.Num(result.Seconds, "F1")} s); final training loss {Program.Num(result.FinalLoss, "F4")}");
+        var trained = result.Steps - result.StartStep;
+        var range = result.StartStep == 0 ? ""
+            : trained > 0 ? $" (steps {result.StartStep + 1} to {result.Steps}, resumed from {result.ResumedFrom})"
+            : $" (resumed from {result.ResumedFrom} at step {result.StartStep}, the run's last)";
+        Console.WriteLine($"trained {trained} steps{range} in {Program.Num(result.TrainRuntime, "F1")} s (job {Program.Num(result.Seconds, "F1")} s); final training loss {Program.Num(result.FinalLoss, "F4")}, run average {Program.Num(result.TrainLoss, "F4")}");
         if (result.Before is { } before && result.After is { } after)
         {
             Console.WriteLine($"                 before     after");

@@ -3,18 +3,24 @@ using System.Runtime.InteropServices;
 namespace Functional.Cli;
 
 /// <summary>
-/// Turns SIGINT (Ctrl-C) and SIGTERM into a cancellation: training finishes its current optimizer step,
-/// saves a checkpoint and stops; the process then exits with 130 (SIGINT) or 143 (SIGTERM), as shells expect.
-/// A second signal is left to the runtime's default handling (immediate exit).
+/// Turns SIGINT (Ctrl-C) and SIGTERM into a cancellation: training finishes its current optimizer step and
+/// stops (fine-tuning saves a checkpoint; the embedded default discards its unfinished run); the process then exits
+/// with 130 (SIGINT) or 143 (SIGTERM), as shells expect. A second signal is left to the runtime's default handling
+/// (immediate exit).
 /// </summary>
 internal sealed class StopOnSignal : IDisposable
 {
     private readonly CancellationTokenSource source = new();
     private readonly PosixSignalRegistration interrupt;
     private readonly PosixSignalRegistration terminate;
+    private readonly string stopping;
 
-    public StopOnSignal()
+    /// <summary>Listens for SIGINT and SIGTERM until disposed.</summary>
+    /// <param name="stopping">What the first signal makes the run do, printed after the signal's name, e.g.
+    /// "finishing the current step and saving a checkpoint".</param>
+    public StopOnSignal(string stopping)
     {
+        this.stopping = stopping;
         interrupt = PosixSignalRegistration.Create(PosixSignal.SIGINT, Handle);
         terminate = PosixSignalRegistration.Create(PosixSignal.SIGTERM, Handle);
     }
@@ -36,7 +42,7 @@ internal sealed class StopOnSignal : IDisposable
         }
         context.Cancel = true;
         Received = context.Signal == PosixSignal.SIGTERM ? "SIGTERM" : "SIGINT";
-        Console.Error.WriteLine($"{Received}: finishing the current step and saving a checkpoint (send it again to stop at once)");
+        Console.Error.WriteLine($"{Received}: {stopping} (send it again to stop at once)");
         source.Cancel();
     }
 

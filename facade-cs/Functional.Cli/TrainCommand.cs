@@ -237,10 +237,15 @@ internal static class TrainCommand
                 builder.UsePrefixAdapter(prefixFolder);
             }
             FineTuneResult result;
-            using (var signals = new StopOnSignal())
+            using (var signals = new StopOnSignal("finishing the current step and saving a checkpoint"))
             using (var progress = new ProgressDisplay(0))
             {
-                result = builder.OnProgress(progress.Report).Build().Fit(signals.Token);
+                result = builder
+                    .OnProgress(progress.Report)
+                    .OnEvaluation(e => progress.Message(Report.EvaluationLine(e)))
+                    .OnMessage(progress.Message)
+                    .Build()
+                    .Fit(signals.Token);
                 if (result.Interrupted)
                 {
                     progress.Message($"interrupted by {signals.Received}: saved {result.Checkpoints.LastOrDefault()}");

@@ -13,9 +13,12 @@ namespace Functional;
 /// <param name="Loss">The step's token-weighted mean loss over its accumulation window.</param>
 /// <param name="LearningRate">The learning rate the step used.</param>
 /// <param name="GradNorm">The global gradient norm before clipping.</param>
-/// <param name="TokensPerSecond">Real (non-padding) tokens per second since the run started.</param>
+/// <param name="TokensPerSecond">Real (non-padding) tokens per second since this process started training.</param>
+/// <param name="StartStep">The step this process started from: 0, or the step of the checkpoint it resumed from
+/// (Step - StartStep steps were trained by this process).</param>
 public readonly record struct TrainingProgress(
-    int Step, int TotalSteps, double Epoch, double Loss, double LearningRate, double GradNorm, double TokensPerSecond)
+    int Step, int TotalSteps, double Epoch, double Loss, double LearningRate, double GradNorm, double TokensPerSecond,
+    int StartStep = 0)
 {
     /// <summary>The intra-op threads the step ran with; with the default thread setting it follows the cores that
     /// other programs leave free. 0 when not known.</summary>
@@ -26,6 +29,14 @@ public readonly record struct TrainingProgress(
     public int MaxThreads { get; init; }
 }
 
+/// <summary>An evaluation during a fine-tuning run.</summary>
+/// <param name="Step">The optimizer step it follows (0: before training).</param>
+/// <param name="Loss">Token-weighted evaluation loss.</param>
+/// <param name="Perplexity">exp(Loss).</param>
+/// <param name="ExactMatch">Fraction of scored samples answered exactly, in the evaluation before training when
+/// scoring was asked for, else null (the result's <see cref="FineTuneResult.After"/> holds the closing score).</param>
+public readonly record struct EvaluationProgress(int Step, double Loss, double Perplexity, double? ExactMatch);
+
 /// <summary>Evaluation figures at one point of a run.</summary>
 /// <param name="Loss">Token-weighted evaluation loss.</param>
 /// <param name="Perplexity">exp(Loss).</param>
@@ -33,7 +44,7 @@ public readonly record struct TrainingProgress(
 public sealed record EvaluationFigures(double Loss, double Perplexity, double? ExactMatch);
 
 /// <summary>The outcome of a finished run.</summary>
-/// <param name="Steps">Optimizer steps taken.</param>
+/// <param name="Steps">Optimizer steps of the run done, counting those before a resume (HF's global_step).</param>
 /// <param name="FinalLoss">Loss of the last step.</param>
 /// <param name="MetricsPath">The metrics.jsonl written.</param>
 /// <param name="FinalModelPath">The HF model folder of the trained weights.</param>
@@ -48,11 +59,14 @@ public sealed record EvaluationFigures(double Loss, double Perplexity, double? E
 /// <param name="StoppedEarly">Early stopping ended the run.</param>
 /// <param name="Interrupted">Cancellation ended the run after saving a checkpoint (final/ not written).</param>
 /// <param name="Seconds">Wall-clock duration of the run.</param>
+/// <param name="StartStep">The step this process started from: 0, or the step of the checkpoint it resumed from.</param>
+/// <param name="TrainLoss">The mean of the per-step losses of the whole run, steps before a resume included (HF's
+/// train_loss); NaN when no step was trained.</param>
 public sealed record FineTuneResult(
     int Steps, double FinalLoss, string MetricsPath, string FinalModelPath, string PlotPath,
     EvaluationFigures? Before, EvaluationFigures? After, int SkippedRows, double TrainRuntime,
     IReadOnlyList<string> Checkpoints, string? BestCheckpoint, string? ResumedFrom, bool StoppedEarly, bool Interrupted,
-    double Seconds);
+    double Seconds, int StartStep, double TrainLoss);
 
 /// <summary>Runs fine-tuning jobs described by <see cref="FineTuneOptions"/>.</summary>
 public static class FineTuning
@@ -73,12 +87,31 @@ public static class FineTuning
     /// <param name="options">What to train and how.</param>
     /// <param name="cancellation">Stops the run after the current step, with a checkpoint.</param>
     /// <param name="onProgress">Called after each logged optimizer step; may be null.</param>
-    public static FineTuneResult Run(FineTuneOptions options, CancellationToken cancellation, Action<TrainingProgress>? onProgress = null)
-    {
-        var request = ToRequest(options);
-        var report = FuncConvert.FromAction<StepLog>(log => onProgress?.Invoke(ToProgress(log)));
-        return ToResult(FineTune.runWith(request, cancellation, report));
-    }
+    public static FineTuneResult Run(FineTuneOptions options, CancellationToken cancellation, Action<TrainingProgress>? onProgress = null) =>
+        Run(options, cancellation, onProgress, null, null);
+
+    /// <summary>
+    /// As <see cref="Run(FineTuneOptions, CancellationToken, Action{TrainingProgress})"/>, also hearing every evaluation
+    /// and the run's messages (which checkpoint a resume starts from, which newer ones it skipped and why).
+    /// </summary>
+    /// <param name="options">What to train and how.</param>
+    /// <param name="cancellation">Stops the run after the current step, with a checkpoint.</param>
+    /// <param name="onProgress">Called after each logged optimizer step; may be null.</param>
+    /// <param name="onEvaluation">Called after each evaluation (before training, during it, at the last step); may be null.</param>
+    /// <param name="onMessage">Called with each message line; may be null.</param>
+    public static FineTuneResult Run(
+        FineTuneOptions options, CancellationToken cancellation, Action<TrainingProgress>? onProgress,
+        Action<EvaluationProgress>? onEvaluation, Action<string>? onMessage) =>
+        ToResult(FineTune.runObserved(ToRequest(options), cancellation, Events(onProgress, onEvaluation, onMessage)));
+
+    /// <summary>The core's events for the facade's callbacks (null ones hear nothing).</summary>
+    internal static FineTuneEvents Events(
+        Action<TrainingProgress>? onProgress, Action<EvaluationProgress>? onEvaluation, Action<string>? onMessage) => new(
+        FuncConvert.FromAction<StepLog>(log => onProgress?.Invoke(ToProgress(log))),
+        FuncConvert.FromAction<int, EvalFigures>((step, figures) => onEvaluation?.Invoke(new EvaluationProgress(
+            step, figures.Eval.Loss, figures.Eval.Perplexity,
+            FSharpOption<double>.get_IsNone(figures.ExactMatch) ? null : figures.ExactMatch.Value))),
+        FuncConvert.FromAction<string>(line => onMessage?.Invoke(line)));
 
     /// <summary>
     /// The core's job description of the options, with every setting checked (the core's
@@ -92,6 +125,7 @@ public static class FineTuning
             Required(options.ModelPath, "--model"),
             Required(options.DataPath, "--data"),
             Required(options.OutputPath, "--output"),
+            FSharpOption<string>.None,
             options.OverwriteOutputDir,
             ToCore(options),
             ToData(options),
@@ -105,7 +139,7 @@ public static class FineTuning
 
     /// <summary>The facade's view of a training step.</summary>
     internal static TrainingProgress ToProgress(StepLog log) => new(
-        log.Step, log.TotalSteps, log.Epoch, log.Loss, log.LearningRate, log.GradNorm, log.TokensPerSecond)
+        log.Step, log.TotalSteps, log.Epoch, log.Loss, log.LearningRate, log.GradNorm, log.TokensPerSecond, log.StartStep)
     {
         Threads = log.Threads,
         MaxThreads = log.MaxThreads,
@@ -116,7 +150,7 @@ public static class FineTuning
         r.Steps, r.FinalLoss, r.MetricsPath, r.FinalModelPath, r.PlotPath,
         Figures(r.Before), Figures(r.After), r.SkippedRows, r.TrainRuntime,
         r.Checkpoints.ToList(), OptionalValue(r.BestCheckpoint), OptionalValue(r.ResumedFrom), r.StoppedEarly, r.Interrupted,
-        r.Seconds);
+        r.Seconds, r.StartStep, r.TrainLoss);
 
     private static string? OptionalValue(FSharpOption<string> value) =>
         FSharpOption<string>.get_IsNone(value) ? null : value.Value;

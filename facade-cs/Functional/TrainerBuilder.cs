@@ -14,6 +14,8 @@ public sealed class TrainerBuilder
     private readonly FineTuneOptions settings = new();
     private readonly OptionNames names;
     private Action<TrainingProgress>? onProgress;
+    private Action<EvaluationProgress>? onEvaluation;
+    private Action<string>? onMessage;
     private int? loraRank;
     private bool loraAdapter;
     private bool trainsForSteps;
@@ -400,6 +402,28 @@ public sealed class TrainerBuilder
         return this;
     }
 
+    /// <summary>Called after each evaluation (before training, every evaluation during it, the one at the last step)
+    /// on the training thread; several calls add several callbacks.</summary>
+    /// <param name="callback">Receives the step, evaluation loss, perplexity and exact match (before training, when
+    /// scored).</param>
+    public TrainerBuilder OnEvaluation(Action<EvaluationProgress> callback)
+    {
+        ArgumentNullException.ThrowIfNull(callback);
+        onEvaluation += callback;
+        return this;
+    }
+
+    /// <summary>Called with each line the run has for its user, e.g. "resuming from OUTPUT/checkpoint-400 (step 400
+    /// of 1000)" or "skipped checkpoint-500: ..." (a newer checkpoint that did not verify); several calls add several
+    /// callbacks.</summary>
+    /// <param name="callback">Receives one line of text.</param>
+    public TrainerBuilder OnMessage(Action<string> callback)
+    {
+        ArgumentNullException.ThrowIfNull(callback);
+        onMessage += callback;
+        return this;
+    }
+
     /// <summary>
     /// Validates every setting and returns the plan, a snapshot that later builder calls do not change. Settings are
     /// checked here; the model folder, data and checkpoint files are checked by <see cref="TrainingPlan.Fit()"/> before
@@ -428,7 +452,7 @@ public sealed class TrainerBuilder
             throw names.Rename(e);
         }
         built = true;
-        return new TrainingPlan(settings.Clone(), onProgress, names.Copy());
+        return new TrainingPlan(settings.Clone(), onProgress, onEvaluation, onMessage, names.Copy());
     }
 
     /// <summary>The rules of the builder's own calls, checked before the settings they produce. The command line

@@ -9,12 +9,18 @@ public sealed class TrainingPlan
 {
     private readonly FineTuneOptions settings;
     private readonly Action<TrainingProgress>? onProgress;
+    private readonly Action<EvaluationProgress>? onEvaluation;
+    private readonly Action<string>? onMessage;
     private readonly OptionNames names;
 
-    internal TrainingPlan(FineTuneOptions settings, Action<TrainingProgress>? onProgress, OptionNames names)
+    internal TrainingPlan(
+        FineTuneOptions settings, Action<TrainingProgress>? onProgress, Action<EvaluationProgress>? onEvaluation,
+        Action<string>? onMessage, OptionNames names)
     {
         this.settings = settings;
         this.onProgress = onProgress;
+        this.onEvaluation = onEvaluation;
+        this.onMessage = onMessage;
         this.names = names;
     }
 
@@ -66,7 +72,8 @@ public sealed class TrainingPlan
 
     /// <summary>
     /// Runs the plan on this thread: checks the model folder, data and checkpoint (nothing is written before), then
-    /// trains, calling the progress callbacks after each logged step, and saves final/. Bad files raise
+    /// trains, calling the progress callbacks after each logged step (and the evaluation and message callbacks as
+    /// they happen), and saves final/. Bad files raise
     /// <see cref="InvalidInputException"/> naming the file and line; settings that only the data can check (such as
     /// warmup longer than the run) name the builder call, as <see cref="TrainerBuilder.Build"/> does.
     /// </summary>
@@ -80,7 +87,7 @@ public sealed class TrainingPlan
         Runtime.TorchRuntime.ensure();
         try
         {
-            return FineTuning.Run(settings.Clone(), cancellationToken, onProgress);
+            return FineTuning.Run(settings.Clone(), cancellationToken, onProgress, onEvaluation, onMessage);
         }
         catch (InvalidInputException e) when (names.Renames(e))
         {

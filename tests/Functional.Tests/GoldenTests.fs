@@ -99,6 +99,7 @@ let private goldenRun (checkpointing: bool) (case: string) =
             { ModelPath = Path.Combine(dir, "model")
               DataPath = Path.Combine(dir, "data.jsonl")
               OutputPath = output.File "run"
+              PublishedOutputPath = None
               OverwriteOutputDir = false
               Options = goldenOptions case
               Data = FineTune.defaultData

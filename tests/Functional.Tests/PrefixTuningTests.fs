@@ -145,6 +145,7 @@ let private request (output: string) =
     { ModelPath = Path.Combine(golden, "model")
       DataPath = Path.Combine(golden, "data.jsonl")
       OutputPath = output
+      PublishedOutputPath = None
       OverwriteOutputDir = false
       Options = trainOptions
       Data = { FineTune.defaultData with EvalDataPath = Some(Path.Combine(golden, "data.jsonl")) }

@@ -283,23 +283,41 @@ module CheckpointFolder =
             |> Array.sortBy fst
             |> List.ofArray
 
+    /// The newest checkpoint of outputDir that verifies completely (see verify), or None, and the newer
+    /// `checkpoint-N` folders passed over on the way, newest first, each with why (the problem verify
+    /// found: no manifest, a missing file, a size or SHA-256 that differs from the manifest).
+    let latestSkipping (outputDir: string) : string option * (string * string) list =
+        let root = Path.GetFullPath outputDir
+        let candidates =
+            if not (Directory.Exists root) then []
+            else
+                Directory.GetDirectories root
+                |> Array.choose (fun folder -> stepOf folder |> Option.map (fun step -> step, folder))
+                |> Array.sortByDescending fst
+                |> List.ofArray
+        let rec search skipped candidates =
+            match candidates with
+            | [] -> None, List.rev skipped
+            | (_, folder) :: older ->
+                match (try verify folder; None with :? InvalidInputException as e -> Some e.Message) with
+                | None -> Some folder, List.rev skipped
+                | Some problem -> search ((folder, problem) :: skipped) older
+        search [] candidates
+
     /// The newest checkpoint of outputDir that verifies completely (see verify), or None. Incomplete or
-    /// corrupt ones are skipped silently: an older complete one is returned instead.
-    let latest (outputDir: string) : string option =
-        list outputDir
-        |> List.rev
-        |> List.tryPick (fun (_, folder) ->
-            try
-                verify folder
-                Some folder
-            with :? InvalidInputException -> None)
+    /// corrupt ones are passed over (latestSkipping says which and why): an older complete one is
+    /// returned instead.
+    let latest (outputDir: string) : string option = fst (latestSkipping outputDir)
 
     /// The checkpoint a --resume-from-checkpoint value names: "latest" (any case) is the newest complete
     /// checkpoint of outputDir (InvalidInputException with origin "--resume-from-checkpoint" when there
-    /// is none); anything else is a folder path that must verify. Returns the full path.
-    let resolve (outputDir: string) (spec: string) : string =
+    /// is none; onSkip hears each newer checkpoint passed over and why); anything else is a folder path
+    /// that must verify. Returns the full path.
+    let resolveReporting (outputDir: string) (spec: string) (onSkip: string -> string -> unit) : string =
         if String.Equals(spec, "latest", StringComparison.OrdinalIgnoreCase) then
-            match latest outputDir with
+            let found, skipped = latestSkipping outputDir
+            for folder, problem in skipped do onSkip folder problem
+            match found with
             | Some folder -> folder
             | None ->
                 InvalidInput.option "--resume-from-checkpoint"
@@ -310,6 +328,9 @@ module CheckpointFolder =
             let folder = Path.TrimEndingDirectorySeparator(Path.GetFullPath spec)
             verify folder
             folder
+
+    /// resolveReporting without hearing about skipped checkpoints.
+    let resolve (outputDir: string) (spec: string) : string = resolveReporting outputDir spec (fun _ _ -> ())
 
     /// Deletes a checkpoint folder so that no half-deleted folder keeps its name: it is renamed to a
     /// hidden `.checkpoint-N.deleting-<pid>` first (the rename synced), then removed. Nothing happens

@@ -92,10 +92,18 @@ module EmbeddedRun =
     /// Runs the embedded default. Everything is written to a staging folder beside OutputPath (the task's
     /// data as DeepSpeed-Chat JSON Lines in data/, the tokenizer and untrained model in initial/, then the
     /// fine-tuning job's metrics.jsonl, TensorBoard events, loss.png and final/), which replaces OutputPath
-    /// only when everything succeeded. onMessage hears what is being prepared.
-    let run (settings: EmbeddedSettings) (onMessage: string -> unit) (onStep: StepLog -> unit) : FineTuneResult =
+    /// only when everything succeeded. Staging folders of earlier runs whose process is gone are removed
+    /// first (StagedFolder.cleanStale). Cancelling the token aborts cleanly: the staging folder is
+    /// removed and OutputPath is left as it was (the run is short, so it keeps no checkpoint to resume).
+    /// Cancelled while the data and model are prepared, it raises OperationCanceledException once they
+    /// are; cancelled while training, it finishes the current optimizer step and returns a result with
+    /// Interrupted set. observer hears what is being
+    /// prepared (OnMessage), the logged steps and the evaluations.
+    let run (settings: EmbeddedSettings) (cancellation: Threading.CancellationToken) (observer: FineTuneEvents) : FineTuneResult =
         validate settings
         let output = Path.GetFullPath settings.OutputPath
+        for folder, action in StagedFolder.cleanStale output do
+            observer.OnMessage(sprintf "%s: %s (its run is no longer running)" folder action)
         let staging = StagedFolder.create output
         let folder (name: string) = Directory.CreateDirectory(Path.Combine(staging, name)).FullName
         try
@@ -104,7 +112,7 @@ module EmbeddedRun =
             let heldOut = EmbeddedTask.samples (settings.Seed + 1) settings.EvalSamples true
             writeSamples (Path.Combine(data, "train.jsonl")) train
             writeSamples (Path.Combine(data, "eval.jsonl")) heldOut
-            onMessage (sprintf "task: %d training and %d held-out samples, e.g.%s ->%s" train.Length heldOut.Length train[0].Prompt train[0].Answer)
+            observer.OnMessage(sprintf "task: %d training and %d held-out samples, e.g.%s ->%s" train.Length heldOut.Length train[0].Prompt train[0].Answer)
             let tokenizerFolder = folder "tokenizer"
             BpeTraining.trainToFolder [ for s in train -> s.Prompt + s.Answer ] Merges tokenizerFolder
             let tokenizer = Tokenizers.fromFolder tokenizerFolder
@@ -112,12 +120,14 @@ module EmbeddedRun =
             let initial = Path.Combine(staging, "initial")
             HfModelFolder.save initial model None (List.ofArray (Directory.GetFiles tokenizerFolder))
             Directory.Delete(tokenizerFolder, true)
+            cancellation.ThrowIfCancellationRequested()
             let parameters = CausalLm.parameterSpec model |> List.sumBy (fun (_, shape) -> Array.fold (*) 1L shape)
-            onMessage (sprintf "model: LLaMA, %d parameters, vocabulary of %d tokens (byte-level BPE)" parameters tokenizer.VocabSize)
+            observer.OnMessage(sprintf "model: LLaMA, %d parameters, vocabulary of %d tokens (byte-level BPE)" parameters tokenizer.VocabSize)
             let request =
                 { ModelPath = initial
                   DataPath = Path.Combine(data, "train.jsonl")
                   OutputPath = staging
+                  PublishedOutputPath = Some output
                   OverwriteOutputDir = true
                   Options = trainOptions settings
                   Data =
@@ -130,13 +140,19 @@ module EmbeddedRun =
                   Lora = None
                   Prefix = None
                   GradientCheckpointing = false }
-            let result = FineTune.run request onStep
-            StagedFolder.commit staging output
-            let relocate (path: string) = Path.Combine(output, Path.GetRelativePath(staging, path))
-            { result with
-                MetricsPath = relocate result.MetricsPath
-                FinalModelPath = relocate result.FinalModelPath
-                PlotPath = relocate result.PlotPath }
+            let result = FineTune.runObserved request cancellation observer
+            if result.Interrupted then
+                StagedFolder.discard staging
+                result
+            else
+                StagedFolder.commit staging output
+                let relocate (path: string) = Path.Combine(output, Path.GetRelativePath(staging, path))
+                { result with
+                    MetricsPath = relocate result.MetricsPath
+                    FinalModelPath = relocate result.FinalModelPath
+                    PlotPath = relocate result.PlotPath
+                    Checkpoints = result.Checkpoints |> List.map relocate
+                    BestCheckpoint = result.BestCheckpoint |> Option.map relocate }
         with _ ->
             StagedFolder.discard staging
             reraise ()

@@ -65,6 +65,10 @@ type FineTuneRequest =
       DataPath: string
       /// The output folder (metrics.jsonl, TensorBoard events, plot, final/).
       OutputPath: string
+      /// Where the caller moves OutputPath once the job has finished, when it trains in a staging folder
+      /// (the embedded default run): the checkpoint paths trainer_state.json records
+      /// (best_model_checkpoint) name that place. None: OutputPath itself.
+      PublishedOutputPath: string option
       /// Allow an output folder that is not empty.
       OverwriteOutputDir: bool
       /// The hyperparameters.
@@ -90,13 +94,29 @@ type EvalFigures =
       /// Fraction of scored evaluation samples whose generated answer equals the reference (0 to 1).
       ExactMatch: float option }
 
+/// What a fine-tuning job tells its caller while it runs.
+[<NoComparison; NoEquality>]
+type FineTuneEvents =
+    { /// After every logged optimizer step.
+      OnStep: StepLog -> unit
+      /// After every evaluation: the step (0: before training) and the figures (exact match only in the
+      /// evaluation before training; the result's After holds the closing one).
+      OnEvaluation: int -> EvalFigures -> unit
+      /// A line for the user: the checkpoint a resume starts from, a newer one it skipped and why.
+      OnMessage: string -> unit }
+
 /// What a finished job wrote and measured.
 [<NoComparison>]
 type FineTuneResult =
-    { /// Optimizer steps taken.
+    { /// Optimizer steps of the run done, counting those before a resume (HF's global_step).
       Steps: int
+      /// The step this process started from: 0, or the step of the checkpoint it resumed from.
+      StartStep: int
       /// The last step's loss.
       FinalLoss: float
+      /// The mean of the per-step losses of the whole run, steps before a resume included (HF's
+      /// train_loss); NaN when no step was trained.
+      TrainLoss: float
       /// OUTPUT/metrics.jsonl.
       MetricsPath: string
       /// OUTPUT/final: config.json + model.safetensors in HF naming (+ tokenizer files).
@@ -145,6 +165,7 @@ module FineTune =
         { ModelPath = modelPath
           DataPath = dataPath
           OutputPath = outputPath
+          PublishedOutputPath = None
           OverwriteOutputDir = false
           Options = TrainOptions.defaults
           Data = defaultData
@@ -295,8 +316,8 @@ module FineTune =
             Some { Eval = { Loss = loss; Perplexity = defaultArg (get "eval_perplexity") (exp loss); Tokens = 0L }; ExactMatch = get "eval_exact_match" }
         | _ -> None
 
-    /// runWith's work (see there), without the clean-up after a failure.
-    let private execute (request: FineTuneRequest) (cancellation: Threading.CancellationToken) (onStep: StepLog -> unit) : FineTuneResult =
+    /// runObserved's work (see there), without the clean-up after a failure.
+    let private execute (request: FineTuneRequest) (cancellation: Threading.CancellationToken) (observer: FineTuneEvents) : FineTuneResult =
         let clock = Stopwatch.StartNew()
         let options = request.Options
         TrainOptions.validate options
@@ -386,7 +407,30 @@ module FineTune =
         let restored =
             request.ResumeFromCheckpoint
             |> Option.map (fun spec ->
-                TrainingCheckpoint.restore (CheckpointFolder.resolve request.OutputPath spec) model (List.map fst trainable) loadAdapters signature)
+                let skipped (folder: string) (problem: string) = observer.OnMessage(sprintf "skipped %s: %s" (Path.GetFileName folder) problem)
+                let path = CheckpointFolder.resolveReporting request.OutputPath spec skipped
+                TrainingCheckpoint.restore path model (List.map fst trainable) loadAdapters signature)
+        let startStep = restored |> Option.map (fun r -> r.Resume.Accumulation.OptimizerStep) |> Option.defaultValue 0
+        restored
+        |> Option.iter (fun r ->
+            if plan.TotalSteps < startStep then
+                InvalidInput.option (if options.MaxSteps > 0 then "--max-steps" else "--num-train-epochs")
+                    (sprintf "makes a run of %d steps, but %s is at step %d: a resume may lengthen the run, not shorten it (give at least %d steps)"
+                        plan.TotalSteps r.Path startStep startStep)
+            observer.OnMessage(sprintf "resuming from %s (step %d of %d)" r.Path startStep plan.TotalSteps))
+        // HF's floating_point_ops: 6 x the parameters outside embeddings x the input tokens.
+        let flopsPerInputToken =
+            let embeddings =
+                set [ for struct (name, m) in model.Module.named_modules () do
+                          if m :? TorchSharp.Modules.Embedding then yield (if name = "" then "weight" else name + ".weight") ]
+            let counted =
+                [ for struct (name, p) in model.Module.named_parameters () do
+                      if not (embeddings.Contains name) then yield name, p.numel ()
+                  for name, p in adapterParameters -> name, p.numel () ]
+                |> List.distinctBy fst
+            6.0 * float (List.sumBy snd counted)
+        let published = Path.GetFullPath(request.PublishedOutputPath |> Option.defaultValue request.OutputPath)
+        let publish (path: string) = Path.Combine(published, Path.GetRelativePath(Path.GetFullPath request.OutputPath, path))
         let tokenizerCopies =
             if request.Data.TokenizerName.IsSome then []
             else tokenizerFiles |> List.map (fun f -> Path.Combine(request.ModelPath, f)) |> List.filter File.Exists
@@ -401,6 +445,12 @@ module FineTune =
         let mutable best = restored |> Option.bind (fun r -> r.Record.Best)
         let mutable earlyStopping = restored |> Option.map (fun r -> r.Record.EarlyStopping) |> Option.defaultValue (0, None)
         let mutable lastEval: (int * EvalResult) option = None
+        let savedTokens, savedFlos, savedLoss =
+            match restored with
+            | Some r -> r.Record.InputTokensSeen, r.Record.TotalFlos, r.Record.TrainLoss
+            | None -> 0L, 0.0, (0.0, 0)
+        let mutable trainLoss = savedLoss
+        let mutable inputTokensSeen = savedTokens
         let mutable stoppedEarly = false
         let mutable interrupted = false
         let greaterIsBetter = options.GreaterIsBetter |> Option.defaultValue (Rotation.defaultGreaterIsBetter (metricName options))
@@ -424,6 +474,7 @@ module FineTune =
                           | Some m -> yield "eval_exact_match", box m
                           | None -> () ])
                 TensorBoard.scalars events (int64 step) [ "eval/loss", eval.Loss; "eval/perplexity", eval.Perplexity ]
+                observer.OnEvaluation step { Eval = eval; ExactMatch = exact }
             let before =
                 match restored, data.Eval with
                 | Some _, _ -> history |> Seq.tryPick readFigure
@@ -443,7 +494,13 @@ module FineTune =
                 | Some value when Rotation.isBetter greaterIsBetter value (best |> Option.map fst) -> best <- Some(value, path)
                 | _ -> ()
                 Trainer.ensureFinite options step context.Parameters
-                let record = { History = List.ofSeq history; Best = best; EarlyStopping = earlyStopping }
+                let record =
+                    { History = List.ofSeq history
+                      Best = best |> Option.map (fun (value, path) -> value, publish path)
+                      EarlyStopping = earlyStopping
+                      InputTokensSeen = inputTokensSeen
+                      TotalFlos = savedFlos + flopsPerInputToken * float (inputTokensSeen - savedTokens)
+                      TrainLoss = trainLoss }
                 let adapterWriters =
                     if adapterParameters.IsEmpty then []
                     else [ Lora.ConfigFileName, (fun (path: string) -> saveAdapters (Path.GetDirectoryName path)) ]
@@ -454,6 +511,8 @@ module FineTune =
                     existing |> List.find (fun (s, _) -> s = victim) |> snd |> CheckpointFolder.delete
             let afterStep (context: StepContext) =
                 let step = context.Log.Step
+                trainLoss <- fst trainLoss + context.Log.Loss, snd trainLoss + 1
+                inputTokensSeen <- savedTokens + context.InputTokensSeen
                 let last = step = plan.TotalSteps
                 let evalNow =
                     match TrainOptions.evalStrategy options with
@@ -493,7 +552,7 @@ module FineTune =
                             write (metricsLine log)
                             TensorBoard.scalars events (int64 log.Step)
                                 [ "train/loss", log.Loss; "train/learning_rate", log.LearningRate; "train/grad_norm", log.GradNorm ]
-                            onStep log
+                            observer.OnStep log
                       AfterStep = afterStep }
             trainClock.Stop()
             result, before
@@ -530,17 +589,21 @@ module FineTune =
                     Some(figures request trained tokenizer evalResult data.EvalSamples)
                 | _ -> None
         let runtime = trainClock.Elapsed.TotalSeconds
+        let averageLoss = if snd trainLoss = 0 then nan else fst trainLoss / float (snd trainLoss)
         if not interrupted then
             Trainer.ensureFinite options result.Steps result.Parameters
-            let samples = float result.Steps * float (options.PerDeviceTrainBatchSize * options.GradientAccumulationSteps)
+            // Speeds measure the steps this process trained, in the time it trained them.
+            let stepsHere = float (result.Steps - startStep)
+            let samples = stepsHere * float (options.PerDeviceTrainBatchSize * options.GradientAccumulationSteps)
             File.AppendAllLines(
                 metricsPath,
                 [ jsonLine
                       [ yield "step", box result.Steps
                         yield "train_runtime", box runtime
                         yield "train_samples_per_second", box (samples / runtime)
-                        yield "train_steps_per_second", box (float result.Steps / runtime)
-                        yield "train_loss", box result.FinalLoss
+                        yield "train_steps_per_second", box (stepsHere / runtime)
+                        yield "total_flos", box (savedFlos + flopsPerInputToken * float (inputTokensSeen - savedTokens))
+                        yield "train_loss", box averageLoss
                         match after with
                         | Some a ->
                             yield "eval_loss", box a.Eval.Loss
@@ -563,7 +626,9 @@ module FineTune =
         MetricsPlot.save plotPath steps evalPoints
         result.Parameters.Dispose()
         { Steps = result.Steps
+          StartStep = startStep
           FinalLoss = result.FinalLoss
+          TrainLoss = averageLoss
           MetricsPath = metricsPath
           FinalModelPath = finalPath
           PlotPath = plotPath
@@ -583,24 +648,37 @@ module FineTune =
     /// TensorBoard events grow as it goes; checkpoints follow the save strategy (atomic, rotated, the best
     /// kept); at the end come OUTPUT/final/ (staged and renamed), OUTPUT/loss.png and a last metrics line
     /// with HF's summary fields and the final evaluation. Cancelling the token finishes the current
-    /// optimizer step, saves a checkpoint and returns with Interrupted set. A run that fails after it
-    /// started writing (a diverged loss, an I/O error) into an output folder that was empty or absent,
-    /// and saved no checkpoint, removes what it wrote, so the folder blocks no later run; when it saved
-    /// a checkpoint, everything stays (resume from it, as HF's resume_from_checkpoint).
-    let runWith (request: FineTuneRequest) (cancellation: Threading.CancellationToken) (onStep: StepLog -> unit) : FineTuneResult =
+    /// optimizer step, saves a checkpoint and returns with Interrupted set.
+    ///
+    /// A resume (ResumeFromCheckpoint) tells observer.OnMessage the checkpoint it starts from and every newer
+    /// one "latest" skipped, with why; it may plan more steps than the saved run (the schedule follows the
+    /// new total, as HF's), never fewer than the checkpoint's step.
+    ///
+    /// A run that fails after it started writing (a diverged loss, an I/O error) into an output folder that
+    /// was empty or absent, and saved no checkpoint, removes what it wrote, so the folder blocks no later
+    /// run; when it saved a checkpoint, everything stays (resume from it, as HF's resume_from_checkpoint).
+    let runObserved (request: FineTuneRequest) (cancellation: Threading.CancellationToken) (observer: FineTuneEvents) : FineTuneResult =
         let path = request.OutputPath
         let existed = Directory.Exists path
         let wasEmpty =
             try not existed || Directory.EnumerateFileSystemEntries path |> Seq.isEmpty
             with :? IOException | :? UnauthorizedAccessException -> false
         try
-            execute request cancellation onStep
+            execute request cancellation observer
         with _ when wasEmpty && Directory.Exists path && List.isEmpty (CheckpointFolder.list path) ->
             if existed then
                 for entry in Directory.EnumerateFileSystemEntries path |> List.ofSeq do
                     if Directory.Exists entry then Directory.Delete(entry, true) else File.Delete entry
             else Directory.Delete(path, true)
             reraise ()
+
+    /// Events that only hear the logged steps.
+    let stepEvents (onStep: StepLog -> unit) : FineTuneEvents =
+        { OnStep = onStep; OnEvaluation = (fun _ _ -> ()); OnMessage = ignore }
+
+    /// runObserved hearing only the logged steps.
+    let runWith (request: FineTuneRequest) (cancellation: Threading.CancellationToken) (onStep: StepLog -> unit) : FineTuneResult =
+        runObserved request cancellation (stepEvents onStep)
 
     /// runWith without cancellation.
     let run (request: FineTuneRequest) (onStep: StepLog -> unit) : FineTuneResult =

@@ -15,6 +15,9 @@ type StepLog =
       Step: int
       /// The optimizer steps of the whole run.
       TotalSteps: int
+      /// The step this process started from: 0, or the step of the checkpoint it resumed from. Step -
+      /// StartStep steps were trained by this process (what its speed and time left are measured on).
+      StartStep: int
       /// Fractional epoch reached: completed micro-batches / micro-batches per epoch (HF's "epoch").
       Epoch: float
       /// The window's token-weighted mean loss.
@@ -26,7 +29,7 @@ type StepLog =
       GradNorm: float
       /// Predicted tokens in the window.
       PredictedTokens: int64
-      /// Real tokens processed per second since training started.
+      /// Real tokens processed per second since training started in this process.
       TokensPerSecond: float
       /// Seconds since training started.
       ElapsedSeconds: float
@@ -135,6 +138,9 @@ type StepContext =
       Accumulation: AccumulationState
       /// Whether this step ended an epoch.
       EpochEnded: bool
+      /// Input tokens this process has trained on, padding included: the elements of every micro-batch's
+      /// input_ids so far (HF's num_input_tokens_seen counts them so).
+      InputTokensSeen: int64
       /// The flat parameters (the model's parameters alias them).
       Parameters: FlatParameters
       /// The optimizer state after the step.
@@ -341,10 +347,12 @@ module Trainer =
         | None -> ()
         let updatesBefore = updates
         let mutable skippedSteps = accumulation.OptimizerStep - updates
+        let startStep = accumulation.OptimizerStep
         let mutable epochBatches = epochMicroBatches options dataset.Rows.Length accumulation.Epoch
         let mark phase = plan.PhaseClock |> Option.iter (fun c -> c.Mark phase)
         let clock = Stopwatch.StartNew()
         let mutable tokensSeen = 0L
+        let mutable inputTokensSeen = 0L
         let mutable lastLoss = nan
         let mutable stopped = false
         while accumulation.OptimizerStep < totalSteps && not stopped do
@@ -371,6 +379,7 @@ module Trainer =
                 compute |> Option.iter (fun c -> MixedPrecision.accumulateGradients c flat (index = 0))
                 mark TrainingPhase.Backward
                 tokensSeen <- tokensSeen + batch.Tokens
+                inputTokensSeen <- inputTokensSeen + batch.InputIds.numel ()
                 let next, event = Accumulation.observe plan.Accumulation accumulation (lossSum.item<float32> () |> float)
                 accumulation <- next
                 match event with
@@ -411,6 +420,7 @@ module Trainer =
             let log =
                 { Step = r.OptimizerStep
                   TotalSteps = totalSteps
+                  StartStep = startStep
                   Epoch = float accumulation.Epoch + float accumulation.MicroBatchInEpoch / float microBatchesPerEpoch
                   Loss = r.Loss
                   LearningRate = learningRate
@@ -431,6 +441,7 @@ module Trainer =
                       Logged = logged
                       Accumulation = accumulation
                       EpochEnded = accumulation.Epoch > r.Epoch
+                      InputTokensSeen = inputTokensSeen
                       Parameters = flat
                       OptimizerState = optimizerState
                       LossScale = lossScale

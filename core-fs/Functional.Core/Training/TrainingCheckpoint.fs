@@ -19,7 +19,16 @@ type CheckpointRecord =
       /// The best value of the metric so far and the checkpoint that had it.
       Best: (float * string) option
       /// Evaluations without improvement so far, and the best metric evaluated (early stopping).
-      EarlyStopping: int * float option }
+      EarlyStopping: int * float option
+      /// Input tokens trained on so far, padding included (HF's num_input_tokens_seen: the elements of
+      /// every micro-batch's input_ids).
+      InputTokensSeen: int64
+      /// Floating-point operations so far (HF's total_flos: 6 x non-embedding parameters x input tokens,
+      /// PreTrainedModel.floating_point_ops).
+      TotalFlos: float
+      /// The sum of the per-step losses so far and the steps it holds: the summary's train_loss is their
+      /// mean (HF's average training loss of the run).
+      TrainLoss: float * int }
 
 /// What a checkpoint gives back to resume a run.
 [<NoComparison; NoEquality>]
@@ -54,7 +63,10 @@ module TrainingCheckpoint =
             sha.AppendData(BitConverter.GetBytes prompt)
         Convert.ToHexString(sha.GetHashAndReset()).ToLowerInvariant()
 
-    /// What a resumed run must share with the run that saved the checkpoint, by command-line option.
+    /// What a resumed run must share with the run that saved the checkpoint, by command-line option. The
+    /// run's length (--max-steps / --num-train-epochs) is not part of it: as with HF, a resume may train
+    /// further than the saved run planned, the schedule (and a --warmup-ratio's warmup) following the new
+    /// total; FineTune refuses a total below the checkpoint's step.
     let signature (plan: TrainingPlan) (model: CausalLm) (dataset: TokenizedDataset) : (string * string) list =
         let o = plan.Options
         [ "--model (config.json)", ModelConfig.toJson model.Config
@@ -69,8 +81,7 @@ module TrainingCheckpoint =
           "--max-grad-norm", number o.MaxGradNorm
           "--lr-scheduler-type", Schedule.name o.LrSchedulerType
           "--lr-scheduler-kwargs", sprintf "%A" o.LrSchedulerOptions
-          "--num-warmup-steps / --warmup-ratio", string plan.WarmupSteps
-          "--max-steps / --num-train-epochs", string plan.TotalSteps
+          "--num-warmup-steps / --warmup-ratio", sprintf "%d / %s" o.NumWarmupSteps (number o.WarmupRatio)
           "--per-device-train-batch-size", string o.PerDeviceTrainBatchSize
           "--gradient-accumulation-steps", string o.GradientAccumulationSteps
           "--max-seq-len", string o.MaxSeqLen
@@ -137,17 +148,22 @@ module TrainingCheckpoint =
         let step = context.Log.Step
         let o = plan.Options
         let raw (value: obj) = JsonSerializer.Serialize(value, jsonOptions)
+        let stepsPerEpoch = Accumulation.stepsPerEpoch plan.Accumulation
         let state =
             { Epoch = context.Log.Epoch
               GlobalStep = step
               MaxSteps = plan.TotalSteps
-              NumTrainEpochs = int (Math.Ceiling o.NumTrainEpochs)
+              // HF's Trainer: with max_steps, the epochs those steps reach (rounded up); else the epochs asked for.
+              NumTrainEpochs =
+                if o.MaxSteps > 0 then (plan.TotalSteps + stepsPerEpoch - 1) / stepsPerEpoch
+                else int (Math.Ceiling o.NumTrainEpochs)
               LoggingSteps = o.LoggingSteps
-              EvalSteps = o.EvalSteps
+              // HF's TrainingArguments: eval_steps defaults to logging_steps.
+              EvalSteps = if o.EvalSteps > 0 then o.EvalSteps else o.LoggingSteps
               SaveSteps = o.SaveSteps
               TrainBatchSize = o.PerDeviceTrainBatchSize
-              TotalFlos = 0.0
-              NumInputTokensSeen = 0L
+              TotalFlos = record.TotalFlos
+              NumInputTokensSeen = record.InputTokensSeen
               BestMetric = record.Best |> Option.map fst
               BestGlobalStep = record.Best |> Option.bind (snd >> CheckpointFolder.stepOf)
               BestModelCheckpoint = record.Best |> Option.map snd
@@ -161,6 +177,8 @@ module TrainingCheckpoint =
                       "signature", raw (dict signature)
                       "loss_scaler", (match context.LossScale with Some state -> raw state | None -> "null")
                       "early_stopping_counter", raw (fst record.EarlyStopping)
+                      "train_loss_sum", raw (fst record.TrainLoss)
+                      "train_loss_steps", raw (snd record.TrainLoss)
                       "early_stopping_best", (match snd record.EarlyStopping with Some v -> raw v | None -> "null") ] }
         let writers =
             [ yield "config.json", (fun (path: string) -> File.WriteAllText(path, HfModelFolder.configJson model sourceConfig))
@@ -227,7 +245,20 @@ module TrainingCheckpoint =
                 | _ -> None }
           Record =
             { History = state.LogHistory
-              Best = Option.map2 (fun m c -> m, c) state.BestMetric state.BestModelCheckpoint
+              // The best checkpoint is found beside this one, wherever the output folder is now.
+              Best =
+                Option.map2
+                    (fun m (c: string) -> m, Path.Combine(Path.GetDirectoryName path, Path.GetFileName(Path.TrimEndingDirectorySeparator c)))
+                    state.BestMetric state.BestModelCheckpoint
+              InputTokensSeen = state.NumInputTokensSeen
+              TotalFlos = state.TotalFlos
+              // Checkpoints written before the sum was kept: the summary averages the steps trained since.
+              TrainLoss =
+                match state.Functional.TryFind "train_loss_sum", state.Functional.TryFind "train_loss_steps" with
+                | Some _, Some _ ->
+                    (functionalField statePath state "train_loss_sum").Deserialize<float>(jsonOptions),
+                    (functionalField statePath state "train_loss_steps").GetInt32()
+                | _ -> 0.0, 0
               EarlyStopping =
                 (functionalField statePath state "early_stopping_counter").GetInt32(),
                 (match (functionalField statePath state "early_stopping_best").ValueKind with
