@@ -195,11 +195,35 @@ module FineTune =
             TextTokenizer.absent request.DataPath
                 (sprintf "the data holds text, but the model folder %s has no tokenizer (tokenizer.json, vocab.json + merges.txt or tokenizer.model): pass --tokenizer NAME or pre-tokenized {\"input_ids\": [...]} rows" request.ModelPath)
 
+    /// Creates the folder when missing, writes and deletes a probe file, then removes what it created, so
+    /// that a read-only file system, a missing permission or a full disk stops the run before training,
+    /// naming the folder and the reason. A folder already there is left as it was.
+    let private checkWritable (path: string) =
+        let rec missingAncestors (folder: string) =
+            if String.IsNullOrEmpty folder || Directory.Exists folder then []
+            else folder :: missingAncestors (Path.GetDirectoryName folder)
+        let created = missingAncestors (Path.GetFullPath path)
+        let probe = Path.Combine(path, sprintf ".write-probe-%d" Environment.ProcessId)
+        try
+            try
+                Directory.CreateDirectory path |> ignore
+                File.WriteAllBytes(probe, Array.zeroCreate 4096)
+                File.Delete probe
+            with
+            | :? IOException
+            | :? UnauthorizedAccessException as e ->
+                InvalidInput.fail path "" (sprintf "the output folder is not writable: %s" (e.Message.ReplaceLineEndings " "))
+        finally
+            if File.Exists probe then (try File.Delete probe with _ -> ())
+            for folder in created do
+                if Directory.Exists folder then (try Directory.Delete folder with _ -> ())
+
     let private checkOutputFolder (request: FineTuneRequest) =
         let path = request.OutputPath
         if File.Exists path then InvalidInput.fail path "" "the output path is a file (expected a folder)"
         if Directory.Exists path && Directory.EnumerateFileSystemEntries path |> Seq.isEmpty |> not && not request.OverwriteOutputDir then
             InvalidInput.fail path "" "the output folder already exists and is not empty; pass --overwrite-output-dir to write into it"
+        checkWritable path
 
     /// Exact-match accuracy of greedy answers to the first `count` samples: the generated text, trimmed,
     /// equals the reference answer, trimmed.
