@@ -332,6 +332,9 @@ module FineTune =
         TrainOptions.validate options
         checkPrefixCombinations request
         if request.ResumeFromCheckpoint.IsNone then checkOutputFolder request
+        match options.LoggingDir with
+        | Some folder when options.ReportToTensorBoard -> checkWritable folder
+        | _ -> ()
         let model = HfModelFolder.load request.ModelPath options.Seed
         let sourceConfig = File.ReadAllText(Path.Combine(request.ModelPath, "config.json"))
         let tokenizer = tokenizerFor request
@@ -433,7 +436,11 @@ module FineTune =
         let trainClock = Stopwatch()
         let result, before =
             use metrics = new StreamWriter(metricsPath, false)
-            use events = TensorBoard.create request.OutputPath
+            let events =
+                if options.ReportToTensorBoard then Some(TensorBoard.create (defaultArg options.LoggingDir request.OutputPath))
+                else None
+            use _ = { new IDisposable with member _.Dispose() = events |> Option.iter (fun e -> (e :> IDisposable).Dispose()) }
+            let scalars step values = events |> Option.iter (fun e -> TensorBoard.scalars e step values)
             for line in history do metrics.WriteLine line
             metrics.Flush()
             let write (line: string) =
@@ -449,7 +456,7 @@ module FineTune =
                           match exact with
                           | Some m -> yield "eval_exact_match", box m
                           | None -> () ])
-                TensorBoard.scalars events (int64 step) [ "eval/loss", eval.Loss; "eval/perplexity", eval.Perplexity ]
+                scalars (int64 step) [ "eval/loss", eval.Loss; "eval/perplexity", eval.Perplexity ]
             let before =
                 match restored, data.Eval with
                 | Some _, _ -> history |> Seq.tryPick readFigure
@@ -516,7 +523,7 @@ module FineTune =
                     { OnLog =
                         fun log ->
                             write (metricsLine log)
-                            TensorBoard.scalars events (int64 log.Step)
+                            scalars (int64 log.Step)
                                 [ "train/loss", log.Loss; "train/learning_rate", log.LearningRate; "train/grad_norm", log.GradNorm ]
                             onStep log
                       AfterStep = afterStep }
