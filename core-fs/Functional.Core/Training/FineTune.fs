@@ -331,7 +331,7 @@ module FineTune =
         let options = request.Options
         TrainOptions.validate options
         checkPrefixCombinations request
-        if request.ResumeFromCheckpoint.IsNone then checkOutputFolder request
+        if request.ResumeFromCheckpoint.IsNone then checkOutputFolder request else checkWritable request.OutputPath
         match options.LoggingDir with
         | Some folder when options.ReportToTensorBoard -> checkWritable folder
         | _ -> ()
