@@ -212,7 +212,7 @@ module FineTune =
             with
             | :? IOException
             | :? UnauthorizedAccessException as e ->
-                InvalidInput.fail path "" (sprintf "the output folder is not writable: %s" (e.Message.ReplaceLineEndings " "))
+                InvalidInput.fail path "" (sprintf "the folder is not writable: %s" (e.Message.ReplaceLineEndings " "))
         finally
             if File.Exists probe then (try File.Delete probe with _ -> ())
             for folder in created do
