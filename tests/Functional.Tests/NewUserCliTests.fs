@@ -111,7 +111,7 @@ let private finding5 =
             use s = new Scratch()
             let output = Path.Combine(s.Data, "out")
             let run = runCli (trainArgs s output)
-            expectOneLineError [ output; "not writable" ] run
+            expectOneLineError [ output; s.Data + " is a file" ] run
         }
         test "finding 5: a disk that fills up while the model is saved is one line with the reason, exit 2" {
             use s = new Scratch()
@@ -119,6 +119,11 @@ let private finding5 =
             withTmpfs "size=64k" (fun small ->
                 let run = runCli (trainArgs s (Path.Combine(small, "out")))
                 expectOneLineError [ "No space left on device" ] run)
+        }
+        test "finding 5: an output folder in /proc, which takes no new folders, is one line saying so, exit 2" {
+            use s = new Scratch()
+            let output = sprintf "/proc/functional-test-%d" Environment.ProcessId
+            expectOneLineError [ output; "cannot be created there" ] (runCli (trainArgs s output))
         }
         test "finding 5: the write probe leaves a new output folder absent when validation fails later" {
             use s = new Scratch()

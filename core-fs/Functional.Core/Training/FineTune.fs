@@ -200,9 +200,13 @@ module FineTune =
     /// naming the folder and the reason. A folder already there is left as it was.
     let private checkWritable (path: string) =
         let rec missingAncestors (folder: string) =
-            if String.IsNullOrEmpty folder || Directory.Exists folder then []
+            if String.IsNullOrEmpty folder || Directory.Exists folder || File.Exists folder then []
             else folder :: missingAncestors (Path.GetDirectoryName folder)
         let created = missingAncestors (Path.GetFullPath path)
+        match created |> List.tryLast |> Option.map Path.GetDirectoryName with
+        | Some parent when File.Exists parent ->
+            InvalidInput.fail path "" (sprintf "the folder cannot be created: %s is a file" parent)
+        | _ -> ()
         let probe = Path.Combine(path, sprintf ".write-probe-%d" Environment.ProcessId)
         try
             try
@@ -210,6 +214,10 @@ module FineTune =
                 File.WriteAllBytes(probe, Array.zeroCreate 4096)
                 File.Delete probe
             with
+            | :? FileNotFoundException
+            | :? DirectoryNotFoundException ->
+                // mkdir answers ENOENT where the file system takes no new folders (/proc, /sys).
+                InvalidInput.fail path "" "the folder cannot be created there: the file system takes no new folders"
             | :? IOException
             | :? UnauthorizedAccessException as e ->
                 InvalidInput.fail path "" (sprintf "the folder is not writable: %s" (e.Message.ReplaceLineEndings " "))
