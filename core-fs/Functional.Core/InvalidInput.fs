@@ -1,6 +1,7 @@
 namespace Functional
 
 open System
+open System.IO
 
 /// Bad user input: a file or option (Origin), where in it (Location: a line, field or byte offset;
 /// empty when the whole input is at fault) and what was expected (Problem). The message reads
@@ -29,3 +30,15 @@ module InvalidInput =
 
     /// Raises for a command-line option whose value is out of range.
     let option name problem : 'T = fail name "" problem
+
+    /// Raises unless path is an existing file: problem `missing` when nothing is there, "is a folder;
+    /// expected ..." when a folder is.
+    let requireFile (path: string) (missing: string) (expected: string) =
+        if Directory.Exists path then fail path "" (sprintf "is a folder; expected %s" expected)
+        elif not (File.Exists path) then fail path "" missing
+
+    /// Raises unless path is an existing folder: problem `missing` when nothing is there, "is a file;
+    /// expected ..." when a file is.
+    let requireFolder (path: string) (missing: string) (expected: string) =
+        if File.Exists path then fail path "" (sprintf "is a file; expected %s" expected)
+        elif not (Directory.Exists path) then fail path "" missing

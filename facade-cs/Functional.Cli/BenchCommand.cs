@@ -60,7 +60,7 @@ internal static class BenchCommand
                     parse.GetValue(warmup), 0, options.NumTrainEpochs, total, options.MaxGradNorm, length, options.Seed, false, 1, TorchSharp.torch.get_num_threads(),
                     options.EvalSteps, options.PerDeviceEvalBatchSize, options.EvalStrategy, Training.IntervalStrategy.No, options.SaveSteps,
                     options.SaveTotalLimit, options.MetricForBestModel, options.GreaterIsBetter, options.LoadBestModelAtEnd,
-                    options.EarlyStoppingPatience, precision);
+                    options.EarlyStoppingPatience, precision, options.LoggingStrategy, false, options.LoggingDir);
                 var plan = Training.Trainer.plan(options, rows.Length);
                 Training.StepLog? last = null;
                 var hooks = new Training.TrainHooks(

@@ -26,7 +26,7 @@ internal static class TokenizeCommand
         };
         var text = new Argument<string?>("text")
         {
-            Description = "The text to encode (or the ids to decode with --decode).",
+            Description = "The text to encode (or the ids to decode with --decode); taken as it is, also when it starts with @ (after --, also when it starts with -).",
             Arity = ArgumentArity.ZeroOrOne,
         };
 
@@ -47,11 +47,9 @@ internal static class TokenizeCommand
             var argument = parse.GetValue(text);
             if (parse.GetResult(decode) is not null)
             {
-                var ids = parse.GetValue(decode) ?? argument;
-                if (string.IsNullOrWhiteSpace(ids))
-                {
-                    throw new InvalidInputException("--decode", "", "expected token ids, e.g. --decode \"1 2 3\"");
-                }
+                // No ids ("" or "[]") decode to the empty text.
+                var ids = parse.GetValue(decode) ?? argument
+                    ?? throw new InvalidInputException("--decode", "", "expected token ids, e.g. --decode \"1 2 3\"");
                 Console.WriteLine(loaded.Decode.Invoke(ParseIds(ids)));
             }
             else

@@ -9,8 +9,8 @@ internal static class TrainCommand
     public static Command Create()
     {
         var d = new FineTuneOptions();
-        var model = CliOption.Create("--model", "Hugging Face model folder (config.json + model.safetensors).", "", "--model_name_or_path", "--model-name-or-path");
-        var data = CliOption.Create("--data", "Training data, JSON or JSON Lines: prompt/chosen (DeepSpeed-Chat), from_human/from_gpt, instruction/input/output (Alpaca), text, or input_ids.", "", "--data_path", "--data-path", "--train_file", "--train-file");
+        var model = CliOption.Create("--model", "Required for fine-tuning: a Hugging Face model folder (config.json + model.safetensors).", "", "--model_name_or_path", "--model-name-or-path");
+        var data = CliOption.Create("--data", "Required for fine-tuning: training data, JSON or JSON Lines: prompt/chosen (DeepSpeed-Chat), from_human/from_gpt, instruction/input/output (Alpaca), text, or input_ids.", "", "--data_path", "--data-path", "--train_file", "--train-file");
         var evalData = CliOption.Create<string?>("--eval-data", "Evaluation data file (same formats).", null, "--validation_file", "--validation-file");
         var dataFormat = CliOption.Create("--data-format", "auto, deepspeed-chat, phoenix, alpaca, text or input-ids.", d.DataFormat);
         var promptField = CliOption.Create<string?>("--prompt-field", "Field holding the prompt (data of another shape).", null);
@@ -56,7 +56,7 @@ internal static class TrainCommand
         var numPrefixTokens = CliOption.Create("--num-prefix-tokens", "Virtual tokens of the prefix.", d.NumPrefixTokens);
         var prefixAdapter = CliOption.Create<string?>("--prefix-adapter", "Start prefix tuning from this PEFT prefix adapter folder.", null);
         var resume = CliOption.Create<string?>("--resume-from-checkpoint", "A checkpoint folder, or latest (the newest complete one in --output).", null);
-        var output = CliOption.Create("--output", "Output folder for metrics.jsonl and final/.", "", "--output_dir", "--output-dir");
+        var output = CliOption.Create("--output", "Required for fine-tuning: the output folder (metrics.jsonl, TensorBoard events, checkpoints, final/); the embedded default run writes to runs/embedded without it.", "", "--output_dir", "--output-dir");
         var overwrite = CliOption.Create("--overwrite-output-dir", "Write into an output folder that is not empty.", false);
         var batch = CliOption.Create("--per-device-train-batch-size", "Rows per micro-batch.", d.PerDeviceTrainBatchSize);
         var accumulation = CliOption.Create("--gradient-accumulation-steps", "Micro-batches per optimizer step.", d.GradientAccumulationSteps);
@@ -80,8 +80,12 @@ internal static class TrainCommand
         var noShuffle = CliOption.Create("--no-shuffle", "Keep rows in file order.", false);
         var loggingSteps = CliOption.Create("--logging-steps", "Write metrics every N optimizer steps.", d.LoggingSteps);
         var threads = CliOption.Create("--threads", "Intra-op threads (0: adapt to the cores other programs leave free, or OMP_NUM_THREADS).", d.Threads);
+        var hf = new HfFlags();
 
-        var command = new Command("train", "Fine-tune a GPT-2 or LLaMA checkpoint on pre-tokenized data.")
+        var command = new Command("train",
+            "Fine-tune a GPT-2 or LLaMA model folder (--model, --data and --output required) on text, prompt/answer or pre-tokenized data. "
+            + "Without --model and --data: the embedded default run, a small LLaMA trained from scratch to reverse and sort letters "
+            + "(only --output, --seed, --threads and --max-steps apply). HF Trainer and DeepSpeed flags are accepted in their snake_case spelling.")
         {
             model, data, output, overwrite, batch, accumulation, lr, weightDecay, beta1, beta2, epsilon, optimizer,
             momentum, nesterov, scheduler, schedulerKwargs, warmupSteps, warmupRatio, epochs, maxSteps, maxGradNorm,
@@ -92,6 +96,10 @@ internal static class TrainCommand
             prefixTuning, numPrefixTokens, prefixAdapter,
             bf16, fp16, lossScale, scalePower, scaleWindow, hysteresis, minScale,
         };
+        foreach (var option in hf.Options)
+        {
+            command.Add(option);
+        }
         command.SetAction(parse =>
         {
             if (!CliOption.Given(parse, model) && !CliOption.Given(parse, data))
@@ -106,7 +114,8 @@ internal static class TrainCommand
             {
                 throw new InvalidInputException("--add-bos", "", "cannot be combined with --no-add-bos");
             }
-            var optimizerName = parse.GetValue(optimizer)!;
+            var values = hf.Resolve(parse, bf16, fp16, batch, accumulation);
+            var optimizerName = values.Get(optimizer)!;
             var builder = Trainer.CreateCommandLineBuilder()
                 .UseModel(parse.GetValue(model)!)
                 .UseData(parse.GetValue(data)!, o =>
@@ -134,9 +143,9 @@ internal static class TrainCommand
                 })
                 .UseSchedule(o =>
                 {
-                    o.Name = parse.GetValue(scheduler)!;
+                    o.Name = values.Get(scheduler)!;
                     o.Kwargs = parse.GetValue(schedulerKwargs);
-                    o.WarmupSteps = parse.GetValue(warmupSteps);
+                    o.WarmupSteps = values.Get(warmupSteps);
                     o.WarmupRatio = parse.GetValue(warmupRatio);
                 })
                 .UseCheckpoints(parse.GetValue(saveSteps), o =>
@@ -148,33 +157,34 @@ internal static class TrainCommand
                     o.LoadBestModelAtEnd = parse.GetValue(loadBest);
                     o.EarlyStoppingPatience = parse.GetValue(patience);
                 })
-                .UseBatchSize(parse.GetValue(batch))
-                .AccumulateGradients(parse.GetValue(accumulation))
-                .ClipGradients(parse.GetValue(maxGradNorm))
+                .UseBatchSize(values.Get(batch))
+                .AccumulateGradients(values.Get(accumulation))
+                .ClipGradients(values.Get(maxGradNorm))
                 .TrainForEpochs(parse.GetValue(epochs))
                 .UseSeed(parse.GetValue(seed))
-                .UseLogging(parse.GetValue(loggingSteps))
+                .UseLogging(parse.GetValue(loggingSteps), hf.LoggingStrategy(parse))
+                .UseTensorBoard(hf.TensorBoard(parse), hf.LoggingDir(parse))
                 .UseThreads(parse.GetValue(threads));
             _ = optimizerName.ToLowerInvariant() switch
             {
-                "adamw" or "adamw_torch" => builder.UseAdamW(parse.GetValue(lr), o =>
+                "adamw" or "adamw_torch" => builder.UseAdamW(values.Get(lr), o =>
                 {
-                    o.Beta1 = parse.GetValue(beta1);
-                    o.Beta2 = parse.GetValue(beta2);
-                    o.Epsilon = parse.GetValue(epsilon);
-                    o.WeightDecay = parse.GetValue(weightDecay);
+                    o.Beta1 = values.Get(beta1);
+                    o.Beta2 = values.Get(beta2);
+                    o.Epsilon = values.Get(epsilon);
+                    o.WeightDecay = values.Get(weightDecay);
                 }),
-                "sgd" => builder.UseSgd(parse.GetValue(lr), o =>
+                "sgd" => builder.UseSgd(values.Get(lr), o =>
                 {
                     o.Momentum = parse.GetValue(momentum);
                     o.Nesterov = parse.GetValue(nesterov);
-                    o.WeightDecay = parse.GetValue(weightDecay);
+                    o.WeightDecay = values.Get(weightDecay);
                 }),
                 _ => throw new InvalidInputException("--optimizer", "", $"expected adamw or sgd, got '{optimizerName}'"),
             };
-            if (parse.GetValue(maxSteps) != -1)
+            if (values.Get(maxSteps) != -1)
             {
-                builder.TrainForSteps(parse.GetValue(maxSteps));
+                builder.TrainForSteps(values.Get(maxSteps));
             }
             if (parse.GetValue(evalData) is { } evalFile)
             {
@@ -192,19 +202,19 @@ internal static class TrainCommand
             {
                 builder.UseGradientCheckpointing();
             }
-            if (parse.GetValue(bf16))
+            if (values.Precision == "bf16")
             {
                 builder.UseBf16();
             }
-            if (parse.GetValue(fp16))
+            if (values.Precision == "fp16")
             {
                 builder.UseFp16(o =>
                 {
-                    o.StaticScale = parse.GetValue(lossScale);
-                    o.InitialScalePower = parse.GetValue(scalePower);
-                    o.Window = parse.GetValue(scaleWindow);
-                    o.Hysteresis = parse.GetValue(hysteresis);
-                    o.MinScale = parse.GetValue(minScale);
+                    o.StaticScale = values.Get(lossScale);
+                    o.InitialScalePower = values.Get(scalePower);
+                    o.Window = values.Get(scaleWindow);
+                    o.Hysteresis = values.Get(hysteresis);
+                    o.MinScale = values.Get(minScale);
                 });
             }
             if (parse.GetValue(loraAdapter) is { } adapter)

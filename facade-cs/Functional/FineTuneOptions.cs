@@ -140,6 +140,16 @@ public sealed class FineTuneOptions
     /// <summary>Write metrics every this many optimizer steps (default 1).</summary>
     public int LoggingSteps { get; set; } = 1;
 
+    /// <summary>When steps are logged (HF's logging_strategy): "steps" (default: every LoggingSteps), "epoch" or "no"
+    /// (only the last step). The last step is always logged.</summary>
+    public string LoggingStrategy { get; set; } = "steps";
+
+    /// <summary>Write TensorBoard events (HF's report_to "tensorboard"; default true).</summary>
+    public bool ReportToTensorBoard { get; set; } = true;
+
+    /// <summary>The folder of the TensorBoard event file (HF's logging_dir; default null: the output folder).</summary>
+    public string? LoggingDir { get; set; }
+
     /// <summary>Intra-op threads; 0 (the default) adapts to the cores other programs leave free, or takes
     /// OMP_NUM_THREADS when it is set.</summary>
     public int Threads { get; set; }

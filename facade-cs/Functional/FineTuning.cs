@@ -290,6 +290,9 @@ public static class FineTuning
             o.LoadBestModelAtEnd,
             o.EarlyStoppingPatience,
             TrainOptionsModule.precision(o.Bf16, o.Fp16, new Optim.LossScalerConfig(
-                o.LossScale, o.InitialScalePower, o.LossScaleWindow, o.Hysteresis, Optim.LossScaler.defaults.ConsecutiveHysteresis, o.MinLossScale)));
+                o.LossScale, o.InitialScalePower, o.LossScaleWindow, o.Hysteresis, Optim.LossScaler.defaults.ConsecutiveHysteresis, o.MinLossScale)),
+            TrainOptionsModule.parseStrategy("--logging-strategy", o.LoggingStrategy),
+            o.ReportToTensorBoard,
+            string.IsNullOrWhiteSpace(o.LoggingDir) ? FSharpOption<string>.None : FSharpOption<string>.Some(o.LoggingDir));
     }
 }

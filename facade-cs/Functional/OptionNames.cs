@@ -58,6 +58,8 @@ internal sealed class OptionNames
         ["--seed"] = new("UseSeed", ""),
         ["--threads"] = new("UseThreads", ""),
         ["--logging-steps"] = new("UseLogging", "everySteps"),
+        ["--logging-strategy"] = new("UseLogging", "strategy"),
+        ["--logging-dir"] = new("UseTensorBoard", "folder"),
         ["--bf16"] = new("UseBf16", ""),
         ["--fp16"] = new("UseFp16", ""),
         ["--loss-scale"] = new("UseFp16", nameof(LossScaleOptions.StaticScale)),

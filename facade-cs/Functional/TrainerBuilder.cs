@@ -251,9 +251,23 @@ public sealed class TrainerBuilder
     /// <summary>Writes a metrics.jsonl line (and reports progress) every this many optimizer steps, and at the last
     /// (--logging-steps; default 1).</summary>
     /// <param name="everySteps">Optimizer steps between logged steps, at least 1.</param>
-    public TrainerBuilder UseLogging(int everySteps)
+    /// <param name="strategy">HF's logging_strategy (--logging-strategy): "steps" (default: every
+    /// <paramref name="everySteps"/>), "epoch" (each epoch's end) or "no" (only the last step).</param>
+    public TrainerBuilder UseLogging(int everySteps, string strategy = "steps")
     {
         settings.LoggingSteps = everySteps;
+        settings.LoggingStrategy = strategy;
+        return this;
+    }
+
+    /// <summary>Whether and where TensorBoard events are written (HF's report_to and logging_dir: --report-to,
+    /// --logging-dir; default: on, in the output folder).</summary>
+    /// <param name="enabled">False writes no event file (report_to "none").</param>
+    /// <param name="folder">The event file's folder; null: the output folder.</param>
+    public TrainerBuilder UseTensorBoard(bool enabled = true, string? folder = null)
+    {
+        settings.ReportToTensorBoard = enabled;
+        settings.LoggingDir = folder;
         return this;
     }
 

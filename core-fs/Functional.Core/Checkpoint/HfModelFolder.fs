@@ -56,10 +56,10 @@ module HfModelFolder =
     /// as float32. Raises InvalidInputException naming the file and field or tensor at fault.
     let load (folder: string) (seed: int64) : CausalLm =
         Functional.Runtime.TorchRuntime.ensure ()
-        if not (Directory.Exists folder) then InvalidInput.fail folder "" "the model folder does not exist"
+        InvalidInput.requireFolder folder "the model folder does not exist" "a model folder (config.json + model.safetensors)"
         let config = ModelConfig.load (Path.Combine(folder, "config.json"))
         let files = weightFiles folder
-        files |> List.iter (fun f -> if not (File.Exists f) then InvalidInput.fail f "" "the weight file does not exist")
+        files |> List.iter (fun f -> InvalidInput.requireFile f "the weight file does not exist" "a safetensors weight file")
         let model = CausalLm.create config seed
         loadWeightsInto folder model
         model

@@ -33,7 +33,7 @@ module DataCache =
     let private headerLength = 8 + 4 + 32 + 8 + 32
 
     let private hashFile (path: string) =
-        if not (File.Exists path) then InvalidInput.fail path "" "the data file does not exist"
+        InvalidInput.requireFile path "the data file does not exist" "a data file (JSON or JSON Lines)"
         use stream = File.OpenRead path
         Convert.ToHexString(SHA256.HashData stream)
 

@@ -253,7 +253,7 @@ module PromptDataset =
 
     /// Every object of a JSON array file or JSON Lines file (told by the first non-blank character).
     let private readRaw (path: string) : RawRecord[] =
-        if not (File.Exists path) then InvalidInput.fail path "" "the data file does not exist"
+        InvalidInput.requireFile path "the data file does not exist" "a data file (JSON or JSON Lines)"
         let bytes = File.ReadAllBytes path
         let text = decode path bytes
         let bodyStart, text = if text.StartsWith '\uFEFF' then 3, text.Substring 1 else 0, text

@@ -351,6 +351,7 @@ module ModelConfig =
 
     /// Reads and parses an HF config.json file.
     let load (path: string) : ModelConfig =
+        if Directory.Exists path then InvalidInput.fail path "" "is a folder; expected the model's config.json file"
         let text =
             try
                 File.ReadAllText path

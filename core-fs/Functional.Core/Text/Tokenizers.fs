@@ -551,7 +551,7 @@ module Tokenizers =
     /// files read and the precedence of special tokens). Raises InvalidInputException naming the folder or
     /// file at fault and what is expected.
     let fromFolder (folder: string) : TextTokenizer =
-        if not (Directory.Exists folder) then InvalidInput.fail folder "" "the tokenizer folder does not exist"
+        InvalidInput.requireFolder folder "the tokenizer folder does not exist" "a model or tokenizer folder (tokenizer.json, vocab.json + merges.txt, or tokenizer.model)"
         let file name = Path.Combine(folder, name)
         let optionalJson name =
             let path = file name

@@ -216,11 +216,43 @@ module FineTune =
             TextTokenizer.absent request.DataPath
                 (sprintf "the data holds text, but the model folder %s has no tokenizer (tokenizer.json, vocab.json + merges.txt or tokenizer.model): pass --tokenizer NAME or pre-tokenized {\"input_ids\": [...]} rows" request.ModelPath)
 
+    /// Creates the folder when missing, writes and deletes a probe file, then removes what it created, so
+    /// that a read-only file system, a missing permission or a full disk stops the run before training,
+    /// naming the folder and the reason. A folder already there is left as it was.
+    let private checkWritable (path: string) =
+        let rec missingAncestors (folder: string) =
+            if String.IsNullOrEmpty folder || Directory.Exists folder || File.Exists folder then []
+            else folder :: missingAncestors (Path.GetDirectoryName folder)
+        let created = missingAncestors (Path.GetFullPath path)
+        match created |> List.tryLast |> Option.map Path.GetDirectoryName with
+        | Some parent when File.Exists parent ->
+            InvalidInput.fail path "" (sprintf "the folder cannot be created: %s is a file" parent)
+        | _ -> ()
+        let probe = Path.Combine(path, sprintf ".write-probe-%d" Environment.ProcessId)
+        try
+            try
+                Directory.CreateDirectory path |> ignore
+                File.WriteAllBytes(probe, Array.zeroCreate 4096)
+                File.Delete probe
+            with
+            | :? FileNotFoundException
+            | :? DirectoryNotFoundException ->
+                // mkdir answers ENOENT where the file system takes no new folders (/proc, /sys).
+                InvalidInput.fail path "" "the folder cannot be created there: the file system takes no new folders"
+            | :? IOException
+            | :? UnauthorizedAccessException as e ->
+                InvalidInput.fail path "" (sprintf "the folder is not writable: %s" (e.Message.ReplaceLineEndings " "))
+        finally
+            if File.Exists probe then (try File.Delete probe with _ -> ())
+            for folder in created do
+                if Directory.Exists folder then (try Directory.Delete folder with _ -> ())
+
     let private checkOutputFolder (request: FineTuneRequest) =
         let path = request.OutputPath
         if File.Exists path then InvalidInput.fail path "" "the output path is a file (expected a folder)"
         if Directory.Exists path && Directory.EnumerateFileSystemEntries path |> Seq.isEmpty |> not && not request.OverwriteOutputDir then
             InvalidInput.fail path "" "the output folder already exists and is not empty; pass --overwrite-output-dir to write into it"
+        checkWritable path
 
     /// Exact-match accuracy of greedy answers to the first `count` samples: the generated text, trimmed,
     /// equals the reference answer, trimmed.
@@ -322,7 +354,10 @@ module FineTune =
         let options = request.Options
         TrainOptions.validate options
         checkPrefixCombinations request
-        if request.ResumeFromCheckpoint.IsNone then checkOutputFolder request
+        if request.ResumeFromCheckpoint.IsNone then checkOutputFolder request else checkWritable request.OutputPath
+        match options.LoggingDir with
+        | Some folder when options.ReportToTensorBoard -> checkWritable folder
+        | _ -> ()
         let model = HfModelFolder.load request.ModelPath options.Seed
         // From here on MaxSeqLen is the row length of the run: the model's context when it was 0.
         let options =
@@ -457,7 +492,11 @@ module FineTune =
         let trainClock = Stopwatch()
         let result, before =
             use metrics = new StreamWriter(metricsPath, false)
-            use events = TensorBoard.create request.OutputPath
+            let events =
+                if options.ReportToTensorBoard then Some(TensorBoard.create (defaultArg options.LoggingDir request.OutputPath))
+                else None
+            use _ = { new IDisposable with member _.Dispose() = events |> Option.iter (fun e -> (e :> IDisposable).Dispose()) }
+            let scalars step values = events |> Option.iter (fun e -> TensorBoard.scalars e step values)
             for line in history do metrics.WriteLine line
             metrics.Flush()
             let write (line: string) =
@@ -473,7 +512,7 @@ module FineTune =
                           match exact with
                           | Some m -> yield "eval_exact_match", box m
                           | None -> () ])
-                TensorBoard.scalars events (int64 step) [ "eval/loss", eval.Loss; "eval/perplexity", eval.Perplexity ]
+                scalars (int64 step) [ "eval/loss", eval.Loss; "eval/perplexity", eval.Perplexity ]
                 observer.OnEvaluation step { Eval = eval; ExactMatch = exact }
             let before =
                 match restored, data.Eval with
@@ -550,7 +589,7 @@ module FineTune =
                     { OnLog =
                         fun log ->
                             write (metricsLine log)
-                            TensorBoard.scalars events (int64 log.Step)
+                            scalars (int64 log.Step)
                                 [ "train/loss", log.Loss; "train/learning_rate", log.LearningRate; "train/grad_norm", log.GradNorm ]
                             observer.OnStep log
                       AfterStep = afterStep }

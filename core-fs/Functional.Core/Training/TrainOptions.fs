@@ -112,7 +112,14 @@ type TrainOptions =
       /// Stop after this many evaluations without improvement of the metric; 0 turns it off (default 0).
       EarlyStoppingPatience: int
       /// fp32 (default), bf16 or fp16 mixed precision.
-      Precision: Precision }
+      Precision: Precision
+      /// When steps are logged (HF's logging_strategy): every LoggingSteps (default), at the end of each
+      /// epoch, or no (only the last step, which the run's summary needs). The last step is always logged.
+      LoggingStrategy: IntervalStrategy
+      /// Write TensorBoard events (HF's report_to "tensorboard"; default true).
+      ReportToTensorBoard: bool
+      /// The folder of the TensorBoard event file (HF's logging_dir); None: the output folder (default).
+      LoggingDir: string option }
 
 /// Defaults and validation of TrainOptions.
 [<RequireQualifiedAccess>]
@@ -152,7 +159,10 @@ module TrainOptions =
           GreaterIsBetter = None
           LoadBestModelAtEnd = false
           EarlyStoppingPatience = 0
-          Precision = Precision.Fp32 }
+          Precision = Precision.Fp32
+          LoggingStrategy = IntervalStrategy.Steps
+          ReportToTensorBoard = true
+          LoggingDir = None }
 
     /// The evaluation strategy in force: the given one, else steps when EvalSteps > 0, else no.
     let evalStrategy (o: TrainOptions) =

@@ -132,7 +132,7 @@ type ResumePoint =
 type StepContext =
     { /// The step's figures (also passed to OnLog when the step is logged).
       Log: StepLog
-      /// Whether this step was logged (every LoggingSteps, and the last).
+      /// Whether this step was logged (by the LoggingStrategy: every LoggingSteps or each epoch's end; and the last).
       Logged: bool
       /// The accumulation state after the step: a checkpoint's data position.
       Accumulation: AccumulationState
@@ -249,7 +249,7 @@ module Trainer =
     /// frozen), each at its peak learning rate learningRate(name) (the options' LearningRate for all but
     /// parameter groups with their own rate; the schedule scales them alike), on the dataset's rows as
     /// planned, from the start or from a resume point. After every optimizer step it calls hooks.OnLog
-    /// (logged steps: every LoggingSteps and the last) and hooks.AfterStep, which may stop the run. Each
+    /// (logged steps: by the LoggingStrategy, and the last) and hooks.AfterStep, which may stop the run. Each
     /// optimizer step runs in its own dispose scope, so live tensors stay flat over the run. The
     /// model's parameters end up aliasing the returned flat buffer.
     ///
@@ -433,14 +433,20 @@ module Trainer =
                   SkippedSteps = skippedSteps
                   Threads = threads.Threads
                   MaxThreads = threads.Maximum }
-            let logged = r.OptimizerStep % options.LoggingSteps = 0 || r.OptimizerStep = totalSteps
+            let epochEnded = accumulation.Epoch > r.Epoch
+            let logged =
+                r.OptimizerStep = totalSteps
+                || match options.LoggingStrategy with
+                   | IntervalStrategy.Steps -> r.OptimizerStep % options.LoggingSteps = 0
+                   | IntervalStrategy.Epoch -> epochEnded
+                   | IntervalStrategy.No -> false
             if logged then hooks.OnLog log
             let decision =
                 hooks.AfterStep
                     { Log = log
                       Logged = logged
                       Accumulation = accumulation
-                      EpochEnded = accumulation.Epoch > r.Epoch
+                      EpochEnded = epochEnded
                       InputTokensSeen = inputTokensSeen
                       Parameters = flat
                       OptimizerState = optimizerState
