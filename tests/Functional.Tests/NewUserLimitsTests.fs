@@ -196,6 +196,18 @@ let tests =
               Expect.stringContains notes[0] "instead of --max-new-tokens 64" "and the option it overrides"
           }
 
+          test "finding 4: exact-match scoring leaves out prompts longer than the context instead of failing after training" {
+              use folder = new TempFolder()
+              let model = folder.File "model"
+              llamaWithTokenizer model 16
+              let lm = Functional.Checkpoint.HfModelFolder.load model 1L
+              let tokenizer = Functional.Text.Tokenizers.fromFolder model
+              let long: Functional.Data.Sample = { Prompt = String.replicate 10 "the cat sat on the mat "; Answer = "x"; Line = 1 }
+              let short: Functional.Data.Sample = { long with Prompt = "the cat"; Line = 2 }
+              Expect.isNone (FineTune.exactMatch lm tokenizer [| long |] 5 4) "nothing fits: no score"
+              Expect.isSome (FineTune.exactMatch lm tokenizer [| long; short |] 5 4) "the prompt that fits is scored"
+          }
+
           test "finding 4: a run that fails mid-way in an empty output folder leaves it empty, so the next run is not blocked" {
               use folder = new TempFolder()
               let output = folder.File "out"

@@ -257,7 +257,11 @@ module FineTune =
     /// Exact-match accuracy of greedy answers to the first `count` samples: the generated text, trimmed,
     /// equals the reference answer, trimmed.
     let exactMatch (model: CausalLm) (tokenizer: TextTokenizer) (samples: Sample[]) (count: int) (maxNewTokens: int) =
-        let scored = samples |> Array.truncate count |> Array.filter (fun s -> s.Prompt <> "")
+        // A prompt longer than the model's context cannot be answered: it is left out of the score
+        // (generating would refuse it, after training, before final/ is written).
+        let limit = Generator.positionLimit model
+        let fits (s: Sample) = (Generator.encodePrompts tokenizer [ s.Prompt ] |> Array.head).Length <= limit
+        let scored = samples |> Array.truncate count |> Array.filter (fun s -> s.Prompt <> "" && fits s)
         if scored.Length = 0 then None
         else
             let options =
