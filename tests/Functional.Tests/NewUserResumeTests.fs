@@ -50,14 +50,6 @@ let private deadProcessId () =
     p.WaitForExit()
     p.Id
 
-/// A clock that moves only when told to.
-type private ManualClock() =
-    inherit TimeProvider()
-    let mutable ticks = 0L
-    member _.Advance(span: TimeSpan) = ticks <- ticks + span.Ticks
-    override _.GetTimestamp() = ticks
-    override _.TimestampFrequency = TimeSpan.TicksPerSecond
-
 /// The CLI started with its output lines collected as they come.
 type private RunningCli(args: string list) =
     let lines = ConcurrentQueue<string>()
@@ -84,10 +76,6 @@ type private RunningCli(args: string list) =
             if not p.HasExited then p.Kill true
             p.WaitForExit()
             p.Dispose()
-
-let private sendSignal (signal: string) (pid: int) =
-    use kill = Process.Start("kill", [ "-" + signal; string pid ])
-    kill.WaitForExit()
 
 [<Tests>]
 let tests =

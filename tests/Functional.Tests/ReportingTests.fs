@@ -143,14 +143,6 @@ let private sampleEval = [ 50, 3.4; 100, 2.6; 150, 2.3; 200, 2.2 ]
 // ---------------------------------------------------------------------------------------------
 // ProgressDisplay helpers.
 
-/// A clock that moves only when told to.
-type private ManualClock() =
-    inherit TimeProvider()
-    let mutable ticks = 0L
-    member _.Advance(span: TimeSpan) = ticks <- ticks + span.Ticks
-    override _.GetTimestamp() = ticks
-    override _.TimestampFrequency = TimeSpan.TicksPerSecond
-
 let private progress step total =
     TrainingProgress(step, total, float step / float total, 2.5, 1e-4, 0.75, 1234.0)
 

@@ -53,10 +53,6 @@ let private checkpointSteps (output: string) =
         Directory.GetDirectories(output, "checkpoint-*") |> Array.choose CheckpointFolder.stepOf
     else [||]
 
-let private sendSignal (signal: string) (pid: int) =
-    use kill = Process.Start("kill", [ "-" + signal; string pid ])
-    kill.WaitForExit()
-
 [<Tests>]
 let tests =
     testSequenced <| testList "resume" [

@@ -70,6 +70,19 @@ let runCliWith (environment: (string * string option) list) (args: string list) 
 /// Runs the built `functional` command with the given arguments.
 let runCli (args: string list) = runCliWith [] args
 
+/// Sends a signal ("INT", "TERM", "KILL") to a process with kill(1).
+let sendSignal (signal: string) (pid: int) =
+    use kill = Process.Start("kill", [ "-" + signal; string pid ])
+    kill.WaitForExit()
+
+/// A clock that moves only when told to.
+type ManualClock() =
+    inherit TimeProvider()
+    let mutable ticks = 0L
+    member _.Advance(span: TimeSpan) = ticks <- ticks + span.Ticks
+    override _.GetTimestamp() = ticks
+    override _.TimestampFrequency = TimeSpan.TicksPerSecond
+
 
 /// Reads a pre-tokenized JSON Lines file (such as a golden data.jsonl) the way the trainer does.
 let loadTokenized (path: string) =
