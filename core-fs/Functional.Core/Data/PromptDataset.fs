@@ -483,11 +483,7 @@ module PromptDataset =
         | IdsRecord(_, ids) -> ids, 0
         | TextRecord sample ->
             let joined = tokenizer.EncodeJoined sample.Prompt sample.Answer
-            let bos =
-                match options.AddBos |> Option.defaultValue tokenizer.AddsBos, tokenizer.Special.Bos with
-                | true, Some bos -> [| bos |]
-                | true, None -> InvalidInput.option "--add-bos" (sprintf "the tokenizer %s has no bos token" tokenizer.Name)
-                | false, _ -> [||]
+            let bos = TextTokenizer.leadingBos options.AddBos tokenizer
             let eos =
                 match tokenizer.Special.Eos with
                 | Some eos -> eos

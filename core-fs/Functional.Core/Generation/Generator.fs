@@ -212,10 +212,7 @@ module Generator =
         let special = tokenizer.Special
         let start = special.Bos |> Option.orElse special.Eos
         let encode i (prompt: string) =
-            let ids =
-                match special.Bos with
-                | Some bos when tokenizer.AddsBos -> Array.append [| bos |] (tokenizer.Encode prompt)
-                | _ -> tokenizer.Encode prompt
+            let ids = Array.append (TextTokenizer.leadingBos None tokenizer) (tokenizer.Encode prompt)
             match ids, start with
             | [||], Some token -> [| token |]
             | [||], None ->

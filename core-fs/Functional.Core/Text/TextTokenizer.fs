@@ -44,9 +44,19 @@ type TextTokenizer =
       /// Ids to text; special tokens are left out.
       Decode: int64[] -> string }
 
-/// Tokenizers that are not loaded from files.
+/// Tokenizers that are not loaded from files, and the bos rule shared by training rows and prompts.
 [<RequireQualifiedAccess>]
 module TextTokenizer =
+
+    /// What starts an encoded text: [bos] when addBos says so, by default (None) the tokenizer's own
+    /// rule (AddsBos), else nothing. Raises InvalidInputException naming --add-bos when bos is asked
+    /// for explicitly and the tokenizer has none.
+    let leadingBos (addBos: bool option) (tokenizer: TextTokenizer) : int64[] =
+        match addBos |> Option.defaultValue tokenizer.AddsBos, tokenizer.Special.Bos with
+        | true, Some bos -> [| bos |]
+        | true, None when addBos.IsSome ->
+            Functional.InvalidInput.option "--add-bos" (sprintf "the tokenizer %s has no bos token" tokenizer.Name)
+        | _ -> [||]
 
     /// A stand-in for a tokenizer that is not there: pre-tokenized data needs none, and encoding text
     /// raises InvalidInputException(origin, "", problem), which says what is missing.
