@@ -79,7 +79,7 @@ internal static class GenerateCommand
                 Console.Error.WriteLine(
                     $"note: generation stops at the model's context ({field} = {context}): the longest prompt has {longest} tokens, so at most {room} new tokens instead of --max-new-tokens {options.MaxNewTokens}");
             }
-            var answers = Generator.generateText(lm, tokenizer, promptList, options);
+            var answers = Generator.generateEncoded(lm, tokenizer, encoded, options);
             foreach (var answer in answers)
             {
                 Console.WriteLine(answer);

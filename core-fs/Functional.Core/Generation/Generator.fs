@@ -221,16 +221,20 @@ module Generator =
             | ids, _ -> ids
         prompts |> List.mapi encode |> Array.ofList
 
-    /// generate over text: the prompts are encoded by encodePrompts and the new tokens are decoded
-    /// (special tokens left out). EosId and PadId come from tokenizer.Special (pad 0 when the tokenizer
-    /// has neither pad nor eos); the options' own EosId and PadId are not used.
-    let generateText (lm: CausalLm) (tokenizer: TextTokenizer) (prompts: string list) (options: GenerationOptions) : string list =
+    /// generate for prompts encoded by encodePrompts, with the new tokens decoded (special tokens left
+    /// out). EosId and PadId come from tokenizer.Special (pad 0 when the tokenizer has neither pad nor
+    /// eos); the options' own EosId and PadId are not used.
+    let generateEncoded (lm: CausalLm) (tokenizer: TextTokenizer) (prompts: int64[][]) (options: GenerationOptions) : string list =
         let special = tokenizer.Special
         let options =
             { options with
                 EosId = special.Eos
                 PadId = special.Pad |> Option.defaultValue 0L }
-        generate lm (encodePrompts tokenizer prompts) options |> Array.map tokenizer.Decode |> List.ofArray
+        generate lm prompts options |> Array.map tokenizer.Decode |> List.ofArray
+
+    /// generate over text: generateEncoded of the prompts' encodePrompts.
+    let generateText (lm: CausalLm) (tokenizer: TextTokenizer) (prompts: string list) (options: GenerationOptions) : string list =
+        generateEncoded lm tokenizer (encodePrompts tokenizer prompts) options
 
 /// One line of GenerationBenchmark.run's table.
 type GenerationBenchmarkRow =
