@@ -60,7 +60,7 @@ public static partial class Program
         }
         catch (InvalidInputException e)
         {
-            Console.Error.WriteLine($"error: {e.Message}");
+            Console.Error.WriteLine($"error: {e.Render(CommandLineFlags.Of).Message}");
             return BadInput;
         }
         catch (Exception e) when (FileSystemProblem(e) is { } problem)

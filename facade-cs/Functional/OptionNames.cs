@@ -114,20 +114,28 @@ internal sealed class OptionNames
     public OptionNames Copy() => new(CommandLine, names);
 
     /// <summary>Whether <see cref="Rename"/> gives another exception for this one.</summary>
-    public bool Renames(InvalidInputException error) => !CommandLine && names.ContainsKey(error.Origin);
+    public bool Renames(InvalidInputException error) =>
+        (!CommandLine && names.ContainsKey(FlagOf(error))) || error.Render(CommandLineFlags.Of).Message != error.Message;
+
+    /// <summary>The command-line option the error's origin is: the flag of its setting, else the origin itself.</summary>
+    private static string FlagOf(InvalidInputException error) =>
+        error.Setting is { } setting ? CommandLineFlags.Of(setting) : error.Origin;
 
     /// <summary>
     /// The error with the builder's names: origin = the method, location = its argument or options property
     /// (followed by the error's own location, e.g. a JSON key), and the command-line option added to the problem.
-    /// Errors about files, and every error in command-line mode, come back unchanged.
+    /// Errors about files, and every error in command-line mode, come back with the settings they mention named by
+    /// their command-line options.
     /// </summary>
     public InvalidInputException Rename(InvalidInputException error)
     {
-        if (!Renames(error))
+        var flag = FlagOf(error);
+        error = error.Render(CommandLineFlags.Of);
+        if (CommandLine || !names.ContainsKey(flag))
         {
             return error;
         }
-        var option = names[error.Origin];
+        var option = names[flag];
         var location = (option.Field, error.Location) switch
         {
             ("", var own) => own,

@@ -28,7 +28,7 @@ let private expectInvalid (origin: string) (fragments: string list) (f: unit -> 
     try
         f ()
         failtest "expected an InvalidInputException"
-    with :? InvalidInputException as e ->
+    with :? InvalidInputException as (TestUtil.CommandLine e) ->
         Expect.equal e.Origin origin "the origin names the folder or file at fault"
         for fragment in fragments do
             Expect.stringContains e.Message fragment "the message says what is wrong"
@@ -174,7 +174,7 @@ let private verification =
             try
                 CheckpointFolder.verify folder
                 failtest "expected an InvalidInputException"
-            with :? InvalidInputException as e ->
+            with :? InvalidInputException as (TestUtil.CommandLine e) ->
                 Expect.equal e.Origin manifest "the manifest"
                 Expect.equal e.Location "files[0].size" "the field"
             Expect.isEmpty (CheckpointFolder.list temp.Path) "left out"

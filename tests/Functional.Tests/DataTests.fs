@@ -24,7 +24,7 @@ let private expectInvalid (location: string) (problem: string) (content: string)
         try
             loadTokenized path |> ignore
             failtest "expected InvalidInputException"
-        with :? InvalidInputException as e ->
+        with :? InvalidInputException as (TestUtil.CommandLine e) ->
             Expect.equal e.Origin path "names the file"
             Expect.equal e.Location location "names the line"
             Expect.stringContains e.Problem problem "says what is wrong")
@@ -54,7 +54,7 @@ let tests =
                 try
                     loadTokenized path |> ignore
                     failtest "expected InvalidInputException"
-                with :? InvalidInputException as e ->
+                with :? InvalidInputException as (TestUtil.CommandLine e) ->
                     Expect.equal e.Location "2" "line 2"
                     Expect.stringContains e.Problem "UTF-8" "says UTF-8")
         }
@@ -65,7 +65,7 @@ let tests =
                 try
                     TokenizedDataset.checkVocabulary 96 d
                     failtest "expected InvalidInputException"
-                with :? InvalidInputException as e -> Expect.equal e.Location "2: input_ids[1]" "line and index")
+                with :? InvalidInputException as (TestUtil.CommandLine e) -> Expect.equal e.Location "2: input_ids[1]" "line and index")
         }
         testPropertyWithConfig config "the shuffled order is a permutation, fixed by seed and epoch" <| Prop.forAll (Arb.fromGen (Gen.zip3 (Gen.choose (0, 500)) (Gen.choose (0, 1000)) (Gen.choose (0, 20)))) (fun (n, seed, epoch) ->
             let order = Sampler.shuffled (int64 seed) epoch n

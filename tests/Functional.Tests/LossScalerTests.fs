@@ -60,7 +60,8 @@ let private runs = Gen.zip dynamicConfigs overflowRuns |> Arb.fromGen
 let private throwsInvalidInput (origin: string) (location: string) (f: unit -> unit) =
     let ex = Expect.throwsC f id
     match ex with
-    | :? InvalidInputException as e ->
+    | :? InvalidInputException as raised ->
+        let e = TestUtil.asCommandLine raised
         Expect.equal e.Origin origin "the exception names the option or file"
         Expect.equal e.Location location "the exception names the field"
     | other -> failtestf "expected InvalidInputException for %s, got %O" origin other

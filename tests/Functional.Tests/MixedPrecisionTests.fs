@@ -54,7 +54,7 @@ let private expectInvalid (origin: string) (fragments: string list) (f: unit -> 
     try
         f ()
         failtest "expected an InvalidInputException"
-    with :? InvalidInputException as e ->
+    with :? InvalidInputException as (TestUtil.CommandLine e) ->
         Expect.equal e.Origin origin "the error names the option"
         for fragment in fragments do
             Expect.stringContains e.Problem fragment "the problem says why"

@@ -23,7 +23,7 @@ let private expectInvalid (origin: string) (location: string) (action: unit -> M
     try
         action () |> ignore
         failtest "expected an InvalidInputException"
-    with :? InvalidInputException as e ->
+    with :? InvalidInputException as (TestUtil.CommandLine e) ->
         Expect.equal e.Origin origin "origin names the file"
         Expect.equal e.Location location (sprintf "location names the field (message: %s)" e.Message)
 

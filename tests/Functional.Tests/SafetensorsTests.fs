@@ -39,7 +39,7 @@ let private writeRaw (path: string) (json: string) (data: byte[]) =
 
 /// Asserts that f raises InvalidInputException for path whose message holds every fragment.
 let private expectInvalid (path: string) (location: string) (fragments: string list) (f: unit -> unit) =
-    match (try f (); None with :? InvalidInputException as e -> Some e) with
+    match (try f (); None with :? InvalidInputException as (TestUtil.CommandLine e) -> Some e) with
     | None -> failtest "expected an InvalidInputException; nothing was raised"
     | Some e ->
         Expect.equal e.Origin path "origin is the file"

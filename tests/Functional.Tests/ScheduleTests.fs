@@ -298,7 +298,7 @@ let private names =
             Expect.equal (Schedule.parseOption "--lr-scheduler-type" "cosine") SchedulerKind.Cosine "valid name"
             let ex = Expect.throwsC (fun () -> Schedule.parseOption "--lr-scheduler-type" "cosin" |> ignore) id
             match ex with
-            | :? InvalidInputException as e ->
+            | :? InvalidInputException as (TestUtil.CommandLine e) ->
                 Expect.equal e.Origin "--lr-scheduler-type" "the option"
                 Expect.equal e.Problem (Schedule.unknownNameProblem "cosin") "quotes the value and lists the names"
             | other -> failtestf "expected InvalidInputException, got %O" other

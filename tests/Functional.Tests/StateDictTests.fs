@@ -52,7 +52,7 @@ let private expectSame (expected: (string * torch.Tensor) list) (loaded: Map<str
         Expect.isTrue (loaded[name].Equals t) (sprintf "%s has the stored values" name)
 
 let private expectInvalid (path: string) (location: string) (fragments: string list) (f: unit -> unit) =
-    match (try f (); None with :? InvalidInputException as e -> Some e) with
+    match (try f (); None with :? InvalidInputException as (TestUtil.CommandLine e) -> Some e) with
     | None -> failtest "expected an InvalidInputException; nothing was raised"
     | Some e ->
         Expect.equal e.Origin path "origin is the file"

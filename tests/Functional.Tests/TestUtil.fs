@@ -116,13 +116,22 @@ let torchTest name (body: unit -> unit) =
         body ()
     }
 
+/// The error as the command line prints it: the settings it names spelled as the command line's options
+/// (the core names a setting as learning_rate, the command line as --learning-rate).
+let asCommandLine (e: Functional.InvalidInputException) = e.Render(System.Func<string, string> Functional.CommandLineFlags.Of)
+
+/// An InvalidInputException as the command line prints it (asCommandLine), in a pattern:
+/// `with :? InvalidInputException as (CommandLine e) -> ...`.
+let (|CommandLine|) (e: Functional.InvalidInputException) = asCommandLine e
+
 /// Runs action and expects an InvalidInputException with this origin and location whose message holds
-/// every one of messageParts.
+/// every one of messageParts, read as the command line prints it (asCommandLine).
 let expectInvalidInput (origin: string) (location: string) (messageParts: string list) (action: unit -> unit) =
     try
         action ()
         failtest "expected an InvalidInputException"
-    with :? Functional.InvalidInputException as e ->
+    with :? Functional.InvalidInputException as raised ->
+        let e = asCommandLine raised
         Expect.equal e.Origin origin (sprintf "origin (message: %s)" e.Message)
         Expect.equal e.Location location (sprintf "location (message: %s)" e.Message)
         for part in messageParts do

@@ -37,7 +37,7 @@ let private rejects (f: unit -> 'T) (parts: string list) =
         try
             f () |> ignore
             failtest "expected an InvalidInputException"
-        with :? InvalidInputException as e -> e
+        with :? InvalidInputException as (TestUtil.CommandLine e) -> e
     for part in parts do
         Expect.stringContains e.Message part "the message names the input and the problem"
 
@@ -200,7 +200,7 @@ let private tiktoken =
                 try
                     Tokenizers.fromEncoding "p50k_base" |> ignore
                     failtest "expected an InvalidInputException"
-                with :? InvalidInputException as e -> e
+                with :? InvalidInputException as (TestUtil.CommandLine e) -> e
             Expect.equal e.Origin "--tokenizer" "origin"
             Expect.stringContains e.Message "p50k_base" "names the input"
             Expect.stringContains e.Message "cl100k_base, o200k_base" "lists the known encodings"

@@ -44,7 +44,7 @@ let private expectFieldError (path: string) (field: string) (fragment: string) =
     try
         TrainerState.read path |> ignore
         failtest "expected an InvalidInputException"
-    with :? InvalidInputException as e ->
+    with :? InvalidInputException as (TestUtil.CommandLine e) ->
         Expect.equal e.Origin path "the file"
         Expect.equal e.Location field "the field"
         Expect.stringContains e.Problem fragment "what was found"

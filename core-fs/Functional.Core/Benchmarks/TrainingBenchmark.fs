@@ -164,7 +164,7 @@ module TrainingBenchmark =
         match presets |> List.tryFind (fun c -> c.Name = name) with
         | Some config -> config
         | None ->
-            InvalidInput.option "--config"
+            InvalidInput.setting "config"
                 (sprintf "expected one of %s or all, found '%s'" (presets |> List.map (fun c -> c.Name) |> String.concat ", ") name)
 
     /// The configuration with another depth, width and batch shape (heads: width / 64, at least 1;
@@ -272,12 +272,12 @@ module TrainingBenchmark =
         match name with
         | "fp32" -> Precision.Fp32
         | "bf16" -> Precision.Bf16
-        | other -> InvalidInput.option "--precision" (sprintf "expected fp32, bf16 or both, found '%s'" other)
+        | other -> InvalidInput.setting "precision" (sprintf "expected fp32, bf16 or both, found '%s'" other)
 
     let private checkSettings (settings: BenchmarkSettings) =
-        if settings.Steps < 1 then InvalidInput.option "--steps" (sprintf "expected at least 1 timed step, found %d" settings.Steps)
-        if settings.WarmupSteps < 0 then InvalidInput.option "--warmup" (sprintf "expected 0 or more warm-up steps, found %d" settings.WarmupSteps)
-        if settings.Threads < 1 then InvalidInput.option "--threads" (sprintf "expected at least 1 thread, found %d" settings.Threads)
+        if settings.Steps < 1 then InvalidInput.setting "steps" (sprintf "expected at least 1 timed step, found %d" settings.Steps)
+        if settings.WarmupSteps < 0 then InvalidInput.setting "warmup" (sprintf "expected 0 or more warm-up steps, found %d" settings.WarmupSteps)
+        if settings.Threads < 1 then InvalidInput.setting "threads" (sprintf "expected at least 1 thread, found %d" settings.Threads)
 
     /// Trains a fresh model of the configuration (seed 1) with our Trainer (Trainer.plan and Trainer.train:
     /// AdamW, clipping 1.0, constant learning rate, no weight decay, rows in order, one micro-batch per

@@ -320,11 +320,11 @@ module CheckpointFolder =
             match found with
             | Some folder -> folder
             | None ->
-                InvalidInput.option "--resume-from-checkpoint"
+                InvalidInput.setting "resume_from_checkpoint"
                     (sprintf "\"latest\" found no complete checkpoint-N folder in %s" (Path.GetFullPath outputDir))
         else
             if String.IsNullOrWhiteSpace spec then
-                InvalidInput.option "--resume-from-checkpoint" "expected \"latest\" or a checkpoint folder, found nothing"
+                InvalidInput.setting "resume_from_checkpoint" "expected \"latest\" or a checkpoint folder, found nothing"
             let folder = Path.TrimEndingDirectorySeparator(Path.GetFullPath spec)
             verify folder
             folder

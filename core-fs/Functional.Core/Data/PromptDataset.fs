@@ -151,7 +151,7 @@ module PromptDataset =
         | "text" -> DataFormat.Text
         | "input-ids" | "pre-tokenized" | "tokens" -> DataFormat.PreTokenized
         | _ ->
-            InvalidInput.option "--data-format"
+            InvalidInput.setting "data_format"
                 (sprintf "expected auto, deepspeed-chat, phoenix, alpaca, text or input-ids, found \"%s\"" value)
 
     // ---------------------------------------------------------------- data split (DeepSpeed-Chat)
@@ -165,10 +165,10 @@ module PromptDataset =
                 match Double.TryParse(p.Trim(), NumberStyles.Float, CultureInfo.InvariantCulture) with
                 | true, v when v >= 0.0 && Double.IsFinite v -> v
                 | _ ->
-                    InvalidInput.option "--data-split"
+                    InvalidInput.setting "data_split"
                         (sprintf "expected comma-separated non-negative numbers such as \"2,4,4\", found \"%s\"" dataSplit))
         let sum = Array.sum shares
-        if sum <= 0.0 then InvalidInput.option "--data-split" (sprintf "the shares must not all be 0, found \"%s\"" dataSplit)
+        if sum <= 0.0 then InvalidInput.setting "data_split" (sprintf "the shares must not all be 0, found \"%s\"" dataSplit)
         shares |> Array.map (fun s -> s / sum)
 
     /// The boundaries of the splits of dataSize rows, as DeepSpeed-Chat's get_raw_dataset_split_index:
@@ -258,14 +258,12 @@ module PromptDataset =
         let text = decode path bytes
         let bodyStart, text = if text.StartsWith '\uFEFF' then 3, text.Substring 1 else 0, text
         if text.TrimStart().StartsWith '[' then
-            let document =
-                try JsonDocument.Parse(ReadOnlyMemory(bytes, bodyStart, bytes.Length - bodyStart))
-                with :? JsonException as e ->
-                    let line = if e.LineNumber.HasValue then string (e.LineNumber.Value + 1L) else ""
-                    InvalidInput.fail path line (sprintf "not valid JSON (%s)" (e.Message.Split('.').[0]))
-            use document = document
+            let root =
+                match JsonInput.tryParseBytes (ReadOnlyMemory(bytes, bodyStart, bytes.Length - bodyStart)) with
+                | Ok root -> root
+                | Error e -> InvalidInput.fail path (if e.Line > 0L then string e.Line else "") (sprintf "not valid JSON (%s)" e.Reason)
             let lines = elementLines bytes bodyStart
-            document.RootElement.EnumerateArray()
+            root.EnumerateArray()
             |> Seq.mapi (fun i element ->
                 { Line = i + 1
                   Location = sprintf "element %d (line %d)" (i + 1) lines[i]
@@ -276,11 +274,7 @@ module PromptDataset =
             |> Array.mapi (fun i line -> i + 1, line.TrimEnd('\r'))
             |> Array.filter (fun (_, line) -> not (String.IsNullOrWhiteSpace line))
             |> Array.map (fun (n, line) ->
-                let json =
-                    try
-                        use document = JsonDocument.Parse line
-                        Ok(document.RootElement.Clone())
-                    with :? JsonException as e -> Error(sprintf "not valid JSON (%s)" (e.Message.Split('.').[0]))
+                let json = JsonInput.tryParse line |> Result.mapError (fun e -> sprintf "not valid JSON (%s)" e.Reason)
                 { Line = n; Location = string n; Json = json })
 
     // ---------------------------------------------------------------- shapes
@@ -321,8 +315,8 @@ module PromptDataset =
                 | Some p -> sprintf "custom (prompt \"%s\", answer \"%s\")" p answer
                 | None -> sprintf "custom (answer \"%s\")" answer
             Some(Fields(name, prompt, answer))
-        | Some _, _, _ -> InvalidInput.option "--text-field" "a text field takes the whole sample; it cannot be combined with --prompt-field or --answer-field"
-        | None, Some _, None -> InvalidInput.option "--prompt-field" "a prompt field needs an --answer-field too"
+        | Some _, _, _ -> InvalidInput.setting "text_field" "a text field takes the whole sample; it cannot be combined with {prompt_field} or {answer_field}"
+        | None, Some _, None -> InvalidInput.setting "prompt_field" "a prompt field needs an {answer_field} too"
 
     let private detectShape (path: string) (record: RawRecord) (element: JsonElement) =
         let keys = element.EnumerateObject() |> Seq.map (fun p -> p.Name) |> Set.ofSeq
@@ -334,7 +328,7 @@ module PromptDataset =
         elif has [ "text" ] then plainText
         else
             InvalidInput.fail path record.Location
-                (sprintf "cannot tell the data's shape from the keys of the first object (%s); expected \"prompt\"/\"chosen\", \"from_human\"/\"from_gpt\", \"instruction\"/\"output\", \"text\" or \"input_ids\", or name the fields with --prompt-field/--answer-field or --text-field"
+                (sprintf "cannot tell the data's shape from the keys of the first object (%s); expected \"prompt\"/\"chosen\", \"from_human\"/\"from_gpt\", \"instruction\"/\"output\", \"text\" or \"input_ids\", or name the fields with {prompt_field}/{answer_field} or {text_field}"
                     (keys |> Seq.map (sprintf "\"%s\"") |> String.concat ", "))
 
     let private field (shape: Shape) (element: JsonElement) (name: string) : Result<JsonElement, string> =
@@ -420,14 +414,14 @@ module PromptDataset =
 
     let private validateOptions (options: PromptDataOptions) =
         if options.MaxSeqLen < 1 then
-            InvalidInput.option "--max-seq-len" (sprintf "must be at least 1, found %d" options.MaxSeqLen)
+            InvalidInput.setting "max_seq_len" (sprintf "must be at least 1, found %d" options.MaxSeqLen)
         if not (options.EvalSplitRatio >= 0.0 && options.EvalSplitRatio < 1.0) then
-            InvalidInput.option "--eval-split-ratio" (sprintf "must be in [0, 1), found %g" options.EvalSplitRatio)
+            InvalidInput.setting "eval_split_ratio" (sprintf "must be in [0, 1), found %g" options.EvalSplitRatio)
         if options.Packing && options.TrainOn = TrainOn.Completion then
-            InvalidInput.option "--packing" "packed rows train on every token; packing cannot be combined with completion-only training"
+            InvalidInput.setting "packing" "packed rows train on every token; packing cannot be combined with completion-only training"
         match shapeOfFields options.Fields, options.Format with
         | Some _, format when format <> DataFormat.Auto ->
-            InvalidInput.option "--data-format" "custom fields (--prompt-field, --answer-field, --text-field) decide the shape; leave the format at auto"
+            InvalidInput.setting "data_format" "custom fields ({prompt_field}, {answer_field}, {text_field}) decide the shape; leave the format at auto"
         | _ -> ()
         options.DataSplit |> Option.iter (splitShares >> ignore)
 
@@ -508,7 +502,7 @@ module PromptDataset =
                 if not options.SkipBadRows then
                     let problem =
                         if promptLength >= options.MaxSeqLen then
-                            sprintf "nothing left to train on: the prompt has %d tokens and max-seq-len is %d (raise --max-seq-len, shorten the prompt or use --skip-bad-rows)" promptLength options.MaxSeqLen
+                            sprintf "nothing left to train on: the prompt has %d tokens and max-seq-len is %d (raise {max_seq_len}, shorten the prompt or use {skip_bad_rows})" promptLength options.MaxSeqLen
                         else sprintf "nothing to train on: the sample has %d tokens (at least 2 are needed to predict one)" row.Length
                     InvalidInput.fail path location problem
                 skipped <- skipped + 1
@@ -582,7 +576,7 @@ module PromptDataset =
     let loadTrainAndEval (trainPath: string) (evalPath: string option) (options: PromptDataOptions) (tokenizer: TextTokenizer) : TrainAndEval =
         validateOptions options
         if evalPath.IsSome && options.EvalSplitRatio > 0.0 then
-            InvalidInput.option "--eval-split-ratio" "an evaluation file is given; holding out training rows as well is ambiguous"
+            InvalidInput.setting "eval_split_ratio" "an evaluation file is given; holding out training rows as well is ambiguous"
         let trainRecords, trainBad = readRecords trainPath options |> usable options
         let evalSource =
             match evalPath with
@@ -592,7 +586,7 @@ module PromptDataset =
             | None when options.EvalSplitRatio > 0.0 ->
                 let n = trainRecords.Length
                 if n < 2 then
-                    InvalidInput.option "--eval-split-ratio" (sprintf "holding out evaluation rows needs at least 2 usable rows, found %d" n)
+                    InvalidInput.setting "eval_split_ratio" (sprintf "holding out evaluation rows needs at least 2 usable rows, found %d" n)
                 let count = int (Math.Round(options.EvalSplitRatio * float n)) |> max 1 |> min (n - 1)
                 let held = Array.zeroCreate n
                 Sampler.shuffled options.Seed 1 n |> Array.take count |> Array.iter (fun i -> held[i] <- true)

@@ -156,14 +156,12 @@ module Safetensors =
                     (sprintf "data_offsets [%d, %d] overlap those of \"%s\" [%d, %d]" b.Begin b.End a.Name a.Begin a.End))
 
     let private parseHeader (path: string) (dataStart: int64) (fileLength: int64) (json: byte[]) =
-        let document =
-            try JsonDocument.Parse(ReadOnlyMemory<byte>(json))
-            with :? JsonException as e ->
+        let root =
+            match JsonInput.tryParseBytes (ReadOnlyMemory<byte>(json)) with
+            | Ok root -> root
+            | Error e ->
                 InvalidInput.fail path "header"
-                    (sprintf "the header is not valid JSON (at byte %d of the header): %s"
-                        (defaultArg (Option.ofNullable e.BytePositionInLine) 0L) e.Message)
-        use document = document
-        let root = document.RootElement
+                    (sprintf "the header is not valid JSON (at byte %d of the header): %s" e.BytePositionInLine e.Message)
         if root.ValueKind <> JsonValueKind.Object then
             InvalidInput.fail path "header" (sprintf "the header must be a JSON object, found %s" (JsonInput.describe root.ValueKind))
         let seen = HashSet<string>()

@@ -40,7 +40,7 @@ module GenerationOptions =
     /// (--max-new-tokens must be > 0; the sampling options as SamplingOptions.validate).
     let validate (options: GenerationOptions) =
         if options.MaxNewTokens <= 0 then
-            InvalidInput.option "--max-new-tokens" (sprintf "expected a positive integer, found %d" options.MaxNewTokens)
+            InvalidInput.setting "max_new_tokens" (sprintf "expected a positive integer, found %d" options.MaxNewTokens)
         SamplingOptions.validate options.Sampling
 
 /// What Generator.generateWith reports after each step.
@@ -266,10 +266,10 @@ module GenerationBenchmark =
     let run (lm: CausalLm) (lengths: int list) : GenerationBenchmarkRow list =
         TorchRuntime.ensure ()
         for n in lengths do
-            if n <= 0 then InvalidInput.option "--lengths" (sprintf "expected positive token counts, found %d" n)
+            if n <= 0 then InvalidInput.setting "lengths" (sprintf "expected positive token counts, found %d" n)
             let limit = Generator.positionLimit lm
             if n > limit then
-                InvalidInput.option "--lengths" (sprintf "%d new tokens exceed the positions left: %s" n (Generator.describeLimit lm limit))
+                InvalidInput.setting "lengths" (sprintf "%d new tokens exceed the positions left: %s" n (Generator.describeLimit lm limit))
         let prompt = [| [| 0L |] |]
         let secondsPerToken useCache newTokens =
             let options = { GenerationOptions.defaults with MaxNewTokens = newTokens; UseCache = useCache }

@@ -36,11 +36,11 @@ module SamplingOptions =
     /// --temperature must be > 0, --top-k >= 0, --top-p in (0, 1].
     let validate (options: SamplingOptions) =
         if not (options.Temperature > 0.0 && Double.IsFinite options.Temperature) then
-            InvalidInput.option "--temperature" (sprintf "expected a number > 0, found %g" options.Temperature)
+            InvalidInput.setting "temperature" (sprintf "expected a number > 0, found %g" options.Temperature)
         if options.TopK < 0 then
-            InvalidInput.option "--top-k" (sprintf "expected an integer >= 0 (0 turns top-k off), found %d" options.TopK)
+            InvalidInput.setting "top_k" (sprintf "expected an integer >= 0 (0 turns top-k off), found %d" options.TopK)
         if not (options.TopP > 0.0 && options.TopP <= 1.0) then
-            InvalidInput.option "--top-p" (sprintf "expected a number in (0, 1] (1 turns top-p off), found %g" options.TopP)
+            InvalidInput.setting "top_p" (sprintf "expected a number in (0, 1] (1 turns top-p off), found %g" options.TopP)
 
 /// Choosing next tokens from logits.
 [<RequireQualifiedAccess>]

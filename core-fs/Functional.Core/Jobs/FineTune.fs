@@ -214,7 +214,7 @@ module FineTune =
         | None when hasTokenizer request.ModelPath -> Tokenizers.fromFolder request.ModelPath
         | None ->
             TextTokenizer.absent request.DataPath
-                (sprintf "the data holds text, but the model folder %s has no tokenizer (tokenizer.json, vocab.json + merges.txt or tokenizer.model): pass --tokenizer NAME or pre-tokenized {\"input_ids\": [...]} rows" request.ModelPath)
+                (sprintf "the data holds text, but the model folder %s has no tokenizer (tokenizer.json, vocab.json + merges.txt or tokenizer.model): pass {tokenizer} NAME or pre-tokenized {\"input_ids\": [...]} rows" request.ModelPath)
 
     /// Creates the folder when missing, writes and deletes a probe file, then removes what it created, so
     /// that a read-only file system, a missing permission or a full disk stops the run before training,
@@ -251,7 +251,7 @@ module FineTune =
         let path = request.OutputPath
         if File.Exists path then InvalidInput.fail path "" "the output path is a file (expected a folder)"
         if Directory.Exists path && Directory.EnumerateFileSystemEntries path |> Seq.isEmpty |> not && not request.OverwriteOutputDir then
-            InvalidInput.fail path "" "the output folder already exists and is not empty; pass --overwrite-output-dir to write into it"
+            InvalidInput.fail path "" "the output folder already exists and is not empty; pass {overwrite_output_dir} to write into it"
         checkWritable path
 
     /// Exact-match accuracy of greedy answers to the first `count` samples: the generated text, trimmed,
@@ -298,26 +298,26 @@ module FineTune =
         let needsEval = o.LoadBestModelAtEnd || o.EarlyStoppingPatience > 0 || TrainOptions.evalStrategy o <> IntervalStrategy.No
         if needsEval && not hasEvalSet then
             let option =
-                if o.LoadBestModelAtEnd then "--load-best-model-at-end"
-                elif o.EarlyStoppingPatience > 0 then "--early-stopping-patience"
-                else "--eval-strategy"
-            InvalidInput.option option "needs an evaluation set (--eval-data or --eval-split-ratio)"
+                if o.LoadBestModelAtEnd then "{load_best_model_at_end}"
+                elif o.EarlyStoppingPatience > 0 then "{early_stopping_patience}"
+                else "{eval_strategy}"
+            InvalidInput.failSetting option "needs an evaluation set ({eval_data} or {eval_split_ratio})"
         if not (List.contains (metricName o) rankable) then
-            InvalidInput.option "--metric-for-best-model"
+            InvalidInput.setting "metric_for_best_model"
                 (sprintf "unknown metric %s (expected eval_loss or eval_perplexity)" o.MetricForBestModel)
 
     /// Refuses prefix tuning together with what it does not work with, naming both options.
     let private checkPrefixCombinations (request: FineTuneRequest) =
         if request.Prefix.IsSome then
             if request.Lora.IsSome then
-                InvalidInput.option "--prefix-tuning" "cannot be combined with LoRA (--lora-dim / --lora-adapter): train one adapter at a time"
+                InvalidInput.setting "prefix_tuning" "cannot be combined with LoRA ({lora_dim} / {lora_adapter}): train one adapter at a time"
             let precision = MixedPrecision.flag request.Options.Precision
             if precision <> "" then
-                InvalidInput.option precision
-                    "cannot be combined with --prefix-tuning: mixed precision trains every parameter of the model, the prefix trains alone"
+                InvalidInput.failSetting precision
+                    "cannot be combined with {prefix_tuning}: mixed precision trains every parameter of the model, the prefix trains alone"
             if request.GradientCheckpointing then
-                InvalidInput.option "--gradient-checkpointing"
-                    "cannot be combined with --prefix-tuning: the prefix runs through the key/value-cache path, which does not recompute blocks"
+                InvalidInput.setting "gradient_checkpointing"
+                    "cannot be combined with {prefix_tuning}: the prefix runs through the key/value-cache path, which does not recompute blocks"
 
     /// The model's context must cover the prefix and the longest row (the rows' positions start at N), for
     /// every family: GPT-2's n_positions, LLaMA's max_position_embeddings (see TrainOptions.sequenceLength).
@@ -328,8 +328,8 @@ module FineTune =
             |> List.collect (fun d -> [ for row in d.Rows -> min row.Length options.MaxSeqLen ])
             |> List.fold max 0
         if numVirtualTokens + longest > context then
-            InvalidInput.option "--num-prefix-tokens"
-                (sprintf "%d prefix tokens and the longest row (%d tokens) need %d positions; the model has %s = %d (lower --num-prefix-tokens or --max-seq-len)"
+            InvalidInput.setting "num_prefix_tokens"
+                (sprintf "%d prefix tokens and the longest row (%d tokens) need %d positions; the model has %s = %d (lower {num_prefix_tokens} or {max_seq_len})"
                     numVirtualTokens longest (numVirtualTokens + longest) (ModelConfig.contextField model.Config) context)
 
     let private metricOf (options: TrainOptions) (eval: EvalResult) =
@@ -396,7 +396,7 @@ module FineTune =
                     | Some path ->
                         let adapter = PrefixTuning.load path model
                         if adapter.Config.NumVirtualTokens <> settings.NumPrefixTokens then
-                            InvalidInput.option "--num-prefix-tokens"
+                            InvalidInput.setting "num_prefix_tokens"
                                 (sprintf "is %d, but the prefix adapter %s has num_virtual_tokens = %d"
                                     settings.NumPrefixTokens (Path.Combine(path, PrefixTuning.ConfigFileName)) adapter.Config.NumVirtualTokens)
                         adapter
@@ -416,7 +416,7 @@ module FineTune =
               yield! adapterParameters ]
         let adapterLearningRate = request.Lora |> Option.bind (fun l -> l.LearningRate) |> Option.defaultValue options.LearningRate
         if adapterLearningRate <> options.LearningRate && options.LearningRate = 0.0 then
-            InvalidInput.option "--learning-rate" "must be > 0 when --lora-learning-rate differs from it (the schedule scales both)"
+            InvalidInput.setting "learning_rate" "must be > 0 when {lora_learning_rate} differs from it (the schedule scales both)"
         let isAdapter = set (List.map fst adapterParameters)
         let learningRate name = if isAdapter.Contains name then adapterLearningRate else options.LearningRate
         let signature =
@@ -453,7 +453,7 @@ module FineTune =
         restored
         |> Option.iter (fun r ->
             if plan.TotalSteps < startStep then
-                InvalidInput.option (if options.MaxSteps > 0 then "--max-steps" else "--num-train-epochs")
+                InvalidInput.failSetting (if options.MaxSteps > 0 then "{max_steps}" else "{num_train_epochs}")
                     (sprintf "makes a run of %d steps, but %s is at step %d: a resume may lengthen the run, not shorten it (give at least %d steps)"
                         plan.TotalSteps r.Path startStep startStep)
             observer.OnMessage(sprintf "resuming from %s (step %d of %d)" r.Path startStep plan.TotalSteps))

@@ -105,23 +105,23 @@ module LossScaler =
     let isDynamic (config: LossScalerConfig) = config.LossScale = 0.0
 
     let private check (valid: bool) (option: string) (problem: unit -> string) =
-        if not valid then InvalidInput.option option (problem ())
+        if not valid then InvalidInput.failSetting option (problem ())
 
     /// Raises InvalidInputException naming the command-line option of the first bad setting:
     /// --loss-scale (0 or a positive finite number), --initial-scale-power (0 to 127),
     /// --loss-scale-window (at least 1), --hysteresis (at least 1), --min-loss-scale (positive, finite
     /// and at most the initial scale 2^power).
     let validate (config: LossScalerConfig) : unit =
-        check (Double.IsFinite config.LossScale && config.LossScale >= 0.0) "--loss-scale" (fun () ->
+        check (Double.IsFinite config.LossScale && config.LossScale >= 0.0) "{loss_scale}" (fun () ->
             sprintf "expected 0 (dynamic scaling) or a positive finite static scale, got %g" config.LossScale)
-        check (config.InitialScalePower >= 0 && config.InitialScalePower <= MaxInitialScalePower) "--initial-scale-power" (fun () ->
+        check (config.InitialScalePower >= 0 && config.InitialScalePower <= MaxInitialScalePower) "{initial_scale_power}" (fun () ->
             sprintf "expected a whole number from 0 to %d (the scale starts at 2^power), got %d" MaxInitialScalePower config.InitialScalePower)
-        check (config.LossScaleWindow >= 1) "--loss-scale-window" (fun () ->
+        check (config.LossScaleWindow >= 1) "{loss_scale_window}" (fun () ->
             sprintf "expected at least 1 update between scale increases, got %d" config.LossScaleWindow)
-        check (config.Hysteresis >= 1) "--hysteresis" (fun () ->
+        check (config.Hysteresis >= 1) "{hysteresis}" (fun () ->
             sprintf "expected at least 1 (1 halves the scale at every overflow), got %d" config.Hysteresis)
         let initialScale = Math.Pow(2.0, float config.InitialScalePower)
-        check (Double.IsFinite config.MinLossScale && config.MinLossScale > 0.0 && config.MinLossScale <= initialScale) "--min-loss-scale" (fun () ->
+        check (Double.IsFinite config.MinLossScale && config.MinLossScale > 0.0 && config.MinLossScale <= initialScale) "{min_loss_scale}" (fun () ->
             sprintf "expected a positive number no larger than the initial scale 2^%d = %g, got %g"
                 config.InitialScalePower initialScale config.MinLossScale)
 

@@ -338,7 +338,7 @@ module Schedule =
     let parseOption (optionName: string) (name: string) : SchedulerKind =
         match parseName name with
         | Some kind -> kind
-        | None -> InvalidInput.option optionName (unknownNameProblem name)
+        | None -> InvalidInput.failSetting optionName (unknownNameProblem name)
 
     /// HF's shape names ("linear", "cosine", "1-sqrt") for warmup_type and decay_type, or None.
     let parseShape (name: string) : PhaseShape option =

@@ -81,7 +81,7 @@ module Transform =
         target
 
     let private checkOption (valid: bool) (option: string) (problem: unit -> string) =
-        if not valid then InvalidInput.option option (problem ())
+        if not valid then InvalidInput.failSetting option (problem ())
 
     /// The state of a transform that keeps nothing (addDecayedWeights).
     [<NoEquality; NoComparison>]
@@ -137,9 +137,9 @@ module Transform =
     /// u = m * (sqrt(1 - b2^t) / (1 - b1^t)) / (sqrt(v) + eps sqrt(1 - b2^t)), the same quantity.
     /// HF defaults: b1 = 0.9, b2 = 0.999, eps = 1e-8.
     let scaleByAdam (b1: float) (b2: float) (eps: float) : Transform =
-        checkOption (b1 >= 0.0 && b1 < 1.0) "--adam-beta1" (fun () -> sprintf "must lie in [0, 1), got %g" b1)
-        checkOption (b2 >= 0.0 && b2 < 1.0) "--adam-beta2" (fun () -> sprintf "must lie in [0, 1), got %g" b2)
-        checkOption (Double.IsFinite eps && eps >= 0.0) "--adam-epsilon" (fun () ->
+        checkOption (b1 >= 0.0 && b1 < 1.0) "{adam_beta1}" (fun () -> sprintf "must lie in [0, 1), got %g" b1)
+        checkOption (b2 >= 0.0 && b2 < 1.0) "{adam_beta2}" (fun () -> sprintf "must lie in [0, 1), got %g" b2)
+        checkOption (Double.IsFinite eps && eps >= 0.0) "{adam_epsilon}" (fun () ->
             sprintf "must be a finite number >= 0, got %g" eps)
         TorchRuntime.ensure ()
         let beta1 = b1.ToScalar()
@@ -166,7 +166,7 @@ module Transform =
     /// out as the parameters (FlatParameters.mask); it is read at every update, so it must stay alive
     /// as long as the transform is used. A weight decay of 0 leaves the updates untouched.
     let addDecayedWeights (weightDecay: float) (mask: torch.Tensor) : Transform =
-        checkOption (Double.IsFinite weightDecay && weightDecay >= 0.0) "--weight-decay" (fun () ->
+        checkOption (Double.IsFinite weightDecay && weightDecay >= 0.0) "{weight_decay}" (fun () ->
             sprintf "must be a finite number >= 0, got %g" weightDecay)
         TorchRuntime.ensure ()
         let decay = weightDecay.ToScalar()
@@ -252,7 +252,7 @@ module Transform =
     /// as torch's (with error_if_nonfinite = false). HF default: 1.0. The norm is read back to the host
     /// (a synchronization point on accelerators).
     let clipByGlobalNorm (maxNorm: float) : Transform =
-        checkOption (Double.IsFinite maxNorm && maxNorm >= 0.0) "--max-grad-norm" (fun () ->
+        checkOption (Double.IsFinite maxNorm && maxNorm >= 0.0) "{max_grad_norm}" (fun () ->
             sprintf "must be a finite number >= 0 (0 turns clipping off), got %g" maxNorm)
         TorchRuntime.ensure ()
         { Init = fun _ -> { LastNorm = nan } :> ITransformState
@@ -287,9 +287,9 @@ module Transform =
     /// buf = momentum * buf + u; the result is u + momentum * buf with Nesterov, else buf.
     /// Nesterov needs momentum > 0 (as torch).
     let trace (momentum: float) (nesterov: bool) : Transform =
-        checkOption (Double.IsFinite momentum && momentum >= 0.0) "--momentum" (fun () ->
+        checkOption (Double.IsFinite momentum && momentum >= 0.0) "{momentum}" (fun () ->
             sprintf "must be a finite number >= 0, got %g" momentum)
-        checkOption (not nesterov || momentum > 0.0) "--nesterov" (fun () -> "needs a momentum > 0 (as torch.optim.SGD)")
+        checkOption (not nesterov || momentum > 0.0) "{nesterov}" (fun () -> "needs a momentum > 0 (as torch.optim.SGD)")
         TorchRuntime.ensure ()
         let mu = momentum.ToScalar()
         { Init = fun parameters -> { MomentumBuffer = buffer parameters } :> ITransformState

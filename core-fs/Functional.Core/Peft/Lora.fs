@@ -109,26 +109,26 @@ module Lora =
     /// Raises InvalidInput naming the option on the command line, or the file and field.
     let private fail (source: Source) (option: string) (field: string) (problem: string) : 'T =
         match source with
-        | CommandLine -> InvalidInput.option option problem
+        | CommandLine -> InvalidInput.failSetting option problem
         | ConfigFile path -> InvalidInput.fail path field problem
 
     let private check (source: Source) (config: LoraConfig) =
         if config.R < 1 then
-            fail source "--lora-dim" "r" (sprintf "the LoRA rank must be at least 1, found %d" config.R)
+            fail source "{lora_dim}" "r" (sprintf "the LoRA rank must be at least 1, found %d" config.R)
         if Double.IsNaN config.Alpha || Double.IsInfinity config.Alpha || config.Alpha <= 0.0 then
-            fail source "--lora-alpha" "lora_alpha" (sprintf "the LoRA alpha must be a positive number, found %g" config.Alpha)
+            fail source "{lora_alpha}" "lora_alpha" (sprintf "the LoRA alpha must be a positive number, found %g" config.Alpha)
         if Double.IsNaN config.Dropout || config.Dropout < 0.0 || config.Dropout >= 1.0 then
-            fail source "--lora-dropout" "lora_dropout" (sprintf "the LoRA dropout must be in [0, 1), found %g" config.Dropout)
+            fail source "{lora_dropout}" "lora_dropout" (sprintf "the LoRA dropout must be in [0, 1), found %g" config.Dropout)
         for target in config.TargetModules do
             if String.IsNullOrWhiteSpace target || target <> target.Trim() then
-                fail source "--lora-target-modules" "target_modules"
+                fail source "{lora_target_modules}" "target_modules"
                     (sprintf "a target module must be a module name or suffix without spaces, found \"%s\"" target)
         match config.ModuleNameSubstring with
         | Some text when String.IsNullOrWhiteSpace text ->
-            fail source "--lora-module-name" "" "the module name text must not be empty"
+            fail source "{lora_module_name}" "" "the module name text must not be empty"
         | _ -> ()
         if config.TargetModules.IsEmpty && config.ModuleNameSubstring.IsNone then
-            fail source "--lora-target-modules" "target_modules"
+            fail source "{lora_target_modules}" "target_modules"
                 "no projection chosen: give target modules (e.g. q_proj,v_proj or c_attn) or a module name text"
 
     /// Checks a configuration given on the command line; raises InvalidInputException naming the option
@@ -164,7 +164,7 @@ module Lora =
         let names = all |> List.map (fun (name, _, _, _, _, _) -> name)
         for target in config.TargetModules do
             if not (names |> List.exists (fun name -> matchesTarget name target)) then
-                fail source "--lora-target-modules" "target_modules"
+                fail source "{lora_target_modules}" "target_modules"
                     (sprintf "\"%s\" matches no projection of the model; its projections are %s"
                         target (listNames (names |> List.map lastComponent |> List.distinct)))
         let chosen =
@@ -174,7 +174,7 @@ module Lora =
                 && (config.ModuleNameSubstring |> Option.forall (fun text -> name.Contains text)))
         if chosen.IsEmpty then
             let text = defaultArg config.ModuleNameSubstring ""
-            fail source "--lora-module-name" ""
+            fail source "{lora_module_name}" ""
                 (sprintf "no projection%s has a name containing \"%s\"; the model's projections are %s"
                     (if config.TargetModules.IsEmpty then "" else " among the target modules") text (listNames names))
         chosen, names

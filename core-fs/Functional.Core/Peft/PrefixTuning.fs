@@ -139,7 +139,7 @@ module PrefixTuning =
     /// Raises InvalidInputException naming --num-prefix-tokens when numVirtualTokens < 1.
     let configFor (model: ModelConfig) (numVirtualTokens: int) : PrefixTuningConfig =
         if numVirtualTokens < 1 then
-            InvalidInput.option "--num-prefix-tokens" (sprintf "expected at least 1 prefix token, found %d" numVirtualTokens)
+            InvalidInput.setting "num_prefix_tokens" (sprintf "expected at least 1 prefix token, found %d" numVirtualTokens)
         match model with
         | Gpt2 c -> { NumVirtualTokens = numVirtualTokens; NumLayers = c.NLayer; TokenDim = c.NEmbd; NumAttentionHeads = c.NHead }
         | Llama c ->

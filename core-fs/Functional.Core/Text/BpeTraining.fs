@@ -33,7 +33,7 @@ module BpeTraining =
     /// Learns up to `merges` merges from the texts (fewer when every piece is a single token). Raises
     /// InvalidInputException (origin "merges") for a negative number of merges.
     let train (texts: string seq) (merges: int) : BpeVocabulary =
-        if merges < 0 then InvalidInput.option "merges" (sprintf "expected a number of merges >= 0, found %d" merges)
+        if merges < 0 then InvalidInput.setting "merges" (sprintf "expected a number of merges >= 0, found %d" merges)
         let pattern = Regex(Tokenizers.gpt2Pattern)
         let pieceCounts = Dictionary<string, int64>(StringComparer.Ordinal)
         for text in texts do

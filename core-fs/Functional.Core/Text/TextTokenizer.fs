@@ -55,7 +55,7 @@ module TextTokenizer =
         match addBos |> Option.defaultValue tokenizer.AddsBos, tokenizer.Special.Bos with
         | true, Some bos -> [| bos |]
         | true, None when addBos.IsSome ->
-            Functional.InvalidInput.option "--add-bos" (sprintf "the tokenizer %s has no bos token" tokenizer.Name)
+            Functional.InvalidInput.setting "add_bos" (sprintf "the tokenizer %s has no bos token" tokenizer.Name)
         | _ -> [||]
 
     /// A stand-in for a tokenizer that is not there: pre-tokenized data needs none, and encoding text

@@ -93,12 +93,9 @@ module Tokenizers =
         + "or tokenizer.model (LLaMA SentencePiece)"
 
     let private readJson (path: string) : JsonElement =
-        let text = File.ReadAllText path
-        try
-            use document = JsonDocument.Parse text
-            document.RootElement.Clone()
-        with :? JsonException as e ->
-            InvalidInput.fail path "" (sprintf "not valid JSON (%s)" e.Message)
+        match JsonInput.tryParse (File.ReadAllText path) with
+        | Ok root -> root
+        | Error e -> InvalidInput.fail path "" (sprintf "not valid JSON (%s)" e.Message)
 
     let private readJsonObject (path: string) =
         let root = readJson path
@@ -664,7 +661,7 @@ module Tokenizers =
         match known with
         | None ->
             let known = String.Join(", ", knownEncodings)
-            InvalidInput.fail "--tokenizer" "" (sprintf "unknown encoding '%s'; known encodings: %s" name known)
+            InvalidInput.fail "{tokenizer}" "" (sprintf "unknown encoding '%s'; known encodings: %s" name known)
         | Some encoding ->
             let tokenizer = TiktokenTokenizer.CreateForEncoding encoding
             let specialIds = HashSet<int>(tokenizer.SpecialTokens.Values)

@@ -83,10 +83,10 @@ module EmbeddedRun =
             writer.WriteLine(JsonSerializer.Serialize(dict [ "prompt", s.Prompt; "chosen", s.Answer ]))
 
     let private validate (settings: EmbeddedSettings) =
-        if settings.TrainSamples < 100 then InvalidInput.option "--train-samples" "must be at least 100"
-        if settings.EvalSamples < 1 then InvalidInput.option "--eval-samples" "must be at least 1"
-        if settings.MaxSteps < 1 then InvalidInput.option "--max-steps" "must be at least 1"
-        if settings.Threads < 0 then InvalidInput.option "--threads" "must be >= 0"
+        if settings.TrainSamples < 100 then InvalidInput.setting "train_samples" "must be at least 100"
+        if settings.EvalSamples < 1 then InvalidInput.setting "eval_samples" "must be at least 1"
+        if settings.MaxSteps < 1 then InvalidInput.setting "max_steps" "must be at least 1"
+        if settings.Threads < 0 then InvalidInput.setting "threads" "must be >= 0"
         if File.Exists settings.OutputPath then InvalidInput.fail settings.OutputPath "" "the output path is a file (expected a folder)"
 
     /// Runs the embedded default. Everything is written to a staging folder beside OutputPath (the task's

@@ -80,8 +80,8 @@ module MixedPrecision =
     let flag (precision: Precision) : string =
         match precision with
         | Precision.Fp32 -> ""
-        | Precision.Bf16 -> "--bf16"
-        | Precision.Fp16 _ -> "--fp16"
+        | Precision.Bf16 -> "{bf16}"
+        | Precision.Fp16 _ -> "{fp16}"
 
     /// master.Values converted into copy.Values, in place: one copy after every optimizer update.
     let refresh (copy: ComputeCopy) (master: FlatParameters) : unit =
@@ -186,7 +186,7 @@ module MixedPrecision =
                         p.grad <- gradView
                         p.requires_grad <- true
                     | _ ->
-                        InvalidInput.option option
+                        InvalidInput.failSetting option
                             (sprintf "the trained parameter '%s' has no counterpart in the %s compute copy: mixed precision trains the model's own parameters and LoRA adapters, not this kind of parameter yet"
                                 name (if dtype = torch.bfloat16 then "bf16" else "fp16"))
                 let modelParameters = dict [ for struct (name, p) in model.Module.named_parameters () -> name, p ]

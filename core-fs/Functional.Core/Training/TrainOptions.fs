@@ -176,64 +176,64 @@ module TrainOptions =
         | "no" -> IntervalStrategy.No
         | "steps" -> IntervalStrategy.Steps
         | "epoch" -> IntervalStrategy.Epoch
-        | _ -> InvalidInput.option option (sprintf "expected no, steps or epoch, got '%s'" value)
+        | _ -> InvalidInput.failSetting option (sprintf "expected no, steps or epoch, got '%s'" value)
 
     let private check condition option (problem: unit -> string) =
-        if not condition then InvalidInput.option option (problem ())
+        if not condition then InvalidInput.failSetting option (problem ())
 
     let private finite (x: float) = not (Double.IsNaN x || Double.IsInfinity x)
 
     /// Raises InvalidInputException naming the option (in its command-line spelling) of the first
     /// field out of range.
     let validate (o: TrainOptions) =
-        check (o.PerDeviceTrainBatchSize >= 1) "--per-device-train-batch-size" (fun () ->
+        check (o.PerDeviceTrainBatchSize >= 1) "{per_device_train_batch_size}" (fun () ->
             sprintf "must be at least 1, got %d" o.PerDeviceTrainBatchSize)
-        check (o.GradientAccumulationSteps >= 1) "--gradient-accumulation-steps" (fun () ->
+        check (o.GradientAccumulationSteps >= 1) "{gradient_accumulation_steps}" (fun () ->
             sprintf "must be at least 1, got %d" o.GradientAccumulationSteps)
-        check (finite o.LearningRate && o.LearningRate >= 0.0) "--learning-rate" (fun () ->
+        check (finite o.LearningRate && o.LearningRate >= 0.0) "{learning_rate}" (fun () ->
             sprintf "must be a finite number >= 0, got %g" o.LearningRate)
-        check (finite o.WeightDecay && o.WeightDecay >= 0.0) "--weight-decay" (fun () ->
+        check (finite o.WeightDecay && o.WeightDecay >= 0.0) "{weight_decay}" (fun () ->
             sprintf "must be a finite number >= 0, got %g" o.WeightDecay)
-        check (o.AdamBeta1 >= 0.0 && o.AdamBeta1 < 1.0) "--adam-beta1" (fun () ->
+        check (o.AdamBeta1 >= 0.0 && o.AdamBeta1 < 1.0) "{adam_beta1}" (fun () ->
             sprintf "must lie in [0, 1), got %g" o.AdamBeta1)
-        check (o.AdamBeta2 >= 0.0 && o.AdamBeta2 < 1.0) "--adam-beta2" (fun () ->
+        check (o.AdamBeta2 >= 0.0 && o.AdamBeta2 < 1.0) "{adam_beta2}" (fun () ->
             sprintf "must lie in [0, 1), got %g" o.AdamBeta2)
-        check (finite o.AdamEpsilon && o.AdamEpsilon >= 0.0) "--adam-epsilon" (fun () ->
+        check (finite o.AdamEpsilon && o.AdamEpsilon >= 0.0) "{adam_epsilon}" (fun () ->
             sprintf "must be a finite number >= 0, got %g" o.AdamEpsilon)
-        check (finite o.Momentum && o.Momentum >= 0.0) "--momentum" (fun () ->
+        check (finite o.Momentum && o.Momentum >= 0.0) "{momentum}" (fun () ->
             sprintf "must be a finite number >= 0, got %g" o.Momentum)
-        check (not o.Nesterov || o.Momentum > 0.0) "--nesterov" (fun () -> "needs --momentum > 0 (as torch.optim.SGD)")
-        check (o.NumWarmupSteps >= 0) "--num-warmup-steps" (fun () -> sprintf "must be >= 0, got %d" o.NumWarmupSteps)
-        check (o.WarmupRatio >= 0.0 && o.WarmupRatio <= 1.0) "--warmup-ratio" (fun () ->
+        check (not o.Nesterov || o.Momentum > 0.0) "{nesterov}" (fun () -> "needs {momentum} > 0 (as torch.optim.SGD)")
+        check (o.NumWarmupSteps >= 0) "{num_warmup_steps}" (fun () -> sprintf "must be >= 0, got %d" o.NumWarmupSteps)
+        check (o.WarmupRatio >= 0.0 && o.WarmupRatio <= 1.0) "{warmup_ratio}" (fun () ->
             sprintf "must lie in [0, 1], got %g" o.WarmupRatio)
-        check (finite o.NumTrainEpochs && o.NumTrainEpochs > 0.0) "--num-train-epochs" (fun () ->
+        check (finite o.NumTrainEpochs && o.NumTrainEpochs > 0.0) "{num_train_epochs}" (fun () ->
             sprintf "must be a finite number > 0, got %g" o.NumTrainEpochs)
-        check (o.MaxSteps = -1 || o.MaxSteps >= 1) "--max-steps" (fun () ->
-            sprintf "must be at least 1 (or -1 to train for --num-train-epochs), got %d" o.MaxSteps)
-        check (finite o.MaxGradNorm && o.MaxGradNorm >= 0.0) "--max-grad-norm" (fun () ->
+        check (o.MaxSteps = -1 || o.MaxSteps >= 1) "{max_steps}" (fun () ->
+            sprintf "must be at least 1 (or -1 to train for {num_train_epochs}), got %d" o.MaxSteps)
+        check (finite o.MaxGradNorm && o.MaxGradNorm >= 0.0) "{max_grad_norm}" (fun () ->
             sprintf "must be a finite number >= 0 (0 turns clipping off), got %g" o.MaxGradNorm)
-        check (o.MaxSeqLen = 0 || o.MaxSeqLen >= 2) "--max-seq-len" (fun () ->
+        check (o.MaxSeqLen = 0 || o.MaxSeqLen >= 2) "{max_seq_len}" (fun () ->
             sprintf "must be at least 2 (a row needs two tokens to predict one), or 0 for the model's context, got %d" o.MaxSeqLen)
-        check (o.LoggingSteps >= 1) "--logging-steps" (fun () -> sprintf "must be at least 1, got %d" o.LoggingSteps)
-        check (o.Threads >= 0) "--threads" (fun () -> sprintf "must be >= 0 (0 adapts to the cores left free by other work), got %d" o.Threads)
-        check (o.EvalSteps >= 0) "--eval-steps" (fun () -> sprintf "must be >= 0 (0 evaluates only at the end), got %d" o.EvalSteps)
-        check (o.PerDeviceEvalBatchSize >= 1) "--per-device-eval-batch-size" (fun () ->
+        check (o.LoggingSteps >= 1) "{logging_steps}" (fun () -> sprintf "must be at least 1, got %d" o.LoggingSteps)
+        check (o.Threads >= 0) "{threads}" (fun () -> sprintf "must be >= 0 (0 adapts to the cores left free by other work), got %d" o.Threads)
+        check (o.EvalSteps >= 0) "{eval_steps}" (fun () -> sprintf "must be >= 0 (0 evaluates only at the end), got %d" o.EvalSteps)
+        check (o.PerDeviceEvalBatchSize >= 1) "{per_device_eval_batch_size}" (fun () ->
             sprintf "must be at least 1, got %d" o.PerDeviceEvalBatchSize)
-        check (o.SaveSteps >= 1) "--save-steps" (fun () -> sprintf "must be at least 1, got %d" o.SaveSteps)
-        check (o.SaveTotalLimit |> Option.forall (fun l -> l >= 1)) "--save-total-limit" (fun () ->
+        check (o.SaveSteps >= 1) "{save_steps}" (fun () -> sprintf "must be at least 1, got %d" o.SaveSteps)
+        check (o.SaveTotalLimit |> Option.forall (fun l -> l >= 1)) "{save_total_limit}" (fun () ->
             sprintf "must be at least 1, got %d" o.SaveTotalLimit.Value)
-        check (o.EarlyStoppingPatience >= 0) "--early-stopping-patience" (fun () ->
+        check (o.EarlyStoppingPatience >= 0) "{early_stopping_patience}" (fun () ->
             sprintf "must be >= 0 (0 turns it off), got %d" o.EarlyStoppingPatience)
         let evalStrategy = evalStrategy o
-        check (evalStrategy <> IntervalStrategy.Steps || o.EvalSteps >= 1) "--eval-steps" (fun () ->
-            "must be at least 1 with --eval-strategy steps")
-        check (not o.LoadBestModelAtEnd || (evalStrategy <> IntervalStrategy.No && evalStrategy = o.SaveStrategy)) "--load-best-model-at-end" (fun () ->
-            "needs --eval-strategy and --save-strategy to be the same (steps or epoch), as in HF Trainer")
-        check (not o.LoadBestModelAtEnd || o.SaveStrategy <> IntervalStrategy.Steps || o.SaveSteps % o.EvalSteps = 0) "--save-steps" (fun () ->
-            sprintf "must be a multiple of --eval-steps (%d) with --load-best-model-at-end, so every checkpoint has a metric" o.EvalSteps)
-        check (o.EarlyStoppingPatience = 0 || evalStrategy <> IntervalStrategy.No) "--early-stopping-patience" (fun () ->
-            "needs evaluations during the run (--eval-strategy steps or epoch)")
-        check (not (String.IsNullOrWhiteSpace o.MetricForBestModel)) "--metric-for-best-model" (fun () -> "must name a metric such as eval_loss")
+        check (evalStrategy <> IntervalStrategy.Steps || o.EvalSteps >= 1) "{eval_steps}" (fun () ->
+            "must be at least 1 with {eval_strategy} steps")
+        check (not o.LoadBestModelAtEnd || (evalStrategy <> IntervalStrategy.No && evalStrategy = o.SaveStrategy)) "{load_best_model_at_end}" (fun () ->
+            "needs {eval_strategy} and {save_strategy} to be the same (steps or epoch), as in HF Trainer")
+        check (not o.LoadBestModelAtEnd || o.SaveStrategy <> IntervalStrategy.Steps || o.SaveSteps % o.EvalSteps = 0) "{save_steps}" (fun () ->
+            sprintf "must be a multiple of {eval_steps} (%d) with {load_best_model_at_end}, so every checkpoint has a metric" o.EvalSteps)
+        check (o.EarlyStoppingPatience = 0 || evalStrategy <> IntervalStrategy.No) "{early_stopping_patience}" (fun () ->
+            "needs evaluations during the run ({eval_strategy} steps or epoch)")
+        check (not (String.IsNullOrWhiteSpace o.MetricForBestModel)) "{metric_for_best_model}" (fun () -> "must name a metric such as eval_loss")
         match o.Precision with
         | Precision.Fp16 scaler -> LossScaler.validate scaler
         | Precision.Fp32
@@ -244,7 +244,7 @@ module TrainOptions =
     /// and naming the loss scaler's option when a setting is out of range.
     let precision (bf16: bool) (fp16: bool) (scaler: LossScalerConfig) : Precision =
         match bf16, fp16 with
-        | true, true -> InvalidInput.option "--fp16" "cannot be combined with --bf16: choose one compute precision"
+        | true, true -> InvalidInput.setting "fp16" "cannot be combined with {bf16}: choose one compute precision"
         | true, false -> Precision.Bf16
         | false, true ->
             LossScaler.validate scaler
@@ -261,13 +261,13 @@ module TrainOptions =
         let context = Functional.Models.ModelConfig.contextLength config
         let field = Functional.Models.ModelConfig.contextField config
         if o.MaxSeqLen > context then
-            InvalidInput.option "--max-seq-len"
-                (sprintf "%d exceeds the model's context: config.json has %s = %d (omit --max-seq-len to use the model's context)"
+            InvalidInput.setting "max_seq_len"
+                (sprintf "%d exceeds the model's context: config.json has %s = %d (omit {max_seq_len} to use the model's context)"
                     o.MaxSeqLen field context)
         if o.MaxSeqLen > 0 then o.MaxSeqLen
         elif context - prefixTokens >= 2 then context - prefixTokens
         else
-            InvalidInput.option "--num-prefix-tokens"
+            InvalidInput.setting "num_prefix_tokens"
                 (sprintf "%d prefix tokens leave %d of the model's %d positions (%s) to the rows; a row needs at least 2"
                     prefixTokens (max 0 (context - prefixTokens)) context field)
 
@@ -281,7 +281,7 @@ module TrainOptions =
         let warmup =
             Schedule.warmupSteps totalSteps (Some o.NumWarmupSteps) (Some o.WarmupRatio)
         if warmup > totalSteps then
-            InvalidInput.option (if o.NumWarmupSteps > 0 then "--num-warmup-steps" else "--warmup-ratio")
+            InvalidInput.failSetting (if o.NumWarmupSteps > 0 then "{num_warmup_steps}" else "{warmup_ratio}")
                 (sprintf "%d warmup steps are longer than the run's %d optimizer steps" warmup totalSteps)
         warmup
 
@@ -297,10 +297,10 @@ module SchedulerKwargs =
     let parse (origin: string) (json: string) : ScheduleOptions =
         let document =
             try JsonDocument.Parse json
-            with :? JsonException as e -> InvalidInput.option origin (sprintf "not a JSON object (%s)" e.Message)
+            with :? JsonException as e -> InvalidInput.failSetting origin (sprintf "not a JSON object (%s)" e.Message)
         use document = document
         if document.RootElement.ValueKind <> JsonValueKind.Object then
-            InvalidInput.option origin "expected a JSON object such as {\"num_cycles\": 2}"
+            InvalidInput.failSetting origin "expected a JSON object such as {\"num_cycles\": 2}"
         let number (p: JsonProperty) =
             match p.Value.ValueKind with
             | JsonValueKind.Number -> p.Value.GetDouble()

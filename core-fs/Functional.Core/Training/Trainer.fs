@@ -204,7 +204,7 @@ module Trainer =
         let warmup = TrainOptions.warmupSteps options totalSteps
         let schedule =
             try Schedule.create options.LrSchedulerType options.LearningRate warmup totalSteps options.LrSchedulerOptions
-            with :? ArgumentException as e -> InvalidInput.option "--lr-scheduler-kwargs" e.Message
+            with :? ArgumentException as e -> InvalidInput.setting "lr_scheduler_kwargs" e.Message
         { Options = options
           Accumulation = accumulation
           TotalSteps = totalSteps
@@ -234,7 +234,7 @@ module Trainer =
     /// "step N", the problem what was non-finite, and what to change.
     let private diverged (options: TrainOptions) (step: int) (what: string) : 'T =
         InvalidInput.fail (sprintf "step %d" step) ""
-            (sprintf "%s: training diverged (or the data or weights are damaged), so the run stops and writes no final model; checkpoints saved before stay. Lower --learning-rate (%g now), keep --max-grad-norm on, or check the model's weights"
+            (sprintf "%s: training diverged (or the data or weights are damaged), so the run stops and writes no final model; checkpoints saved before stay. Lower {learning_rate} (%g now), keep {max_grad_norm} on, or check the model's weights"
                 what options.LearningRate)
 
     /// Refuses to go on (or save) with parameters that hold NaN or infinite values: raises the
@@ -314,8 +314,8 @@ module Trainer =
                 let rate = learningRate name
                 if rate = options.LearningRate then 1.0
                 elif options.LearningRate = 0.0 then
-                    InvalidInput.option "--learning-rate"
-                        (sprintf "must be > 0 when parameter '%s' has its own learning rate %g: the schedule scales each rate by its ratio to --learning-rate" name rate)
+                    InvalidInput.setting "learning_rate"
+                        (sprintf "must be > 0 when parameter '%s' has its own learning rate %g: the schedule scales each rate by its ratio to {learning_rate}" name rate)
                 else rate / options.LearningRate
             if flat.Names |> List.forall (fun name -> ratio name = 1.0) then None
             else
@@ -391,8 +391,8 @@ module Trainer =
                 | Some config, Some state ->
                     let decision = LossScaler.decide config state (LossScaler.hasOverflow flat.Grads)
                     if decision.Change = OverflowAtMinimum then
-                        InvalidInput.option "--fp16"
-                            (sprintf "the gradients overflowed at the minimum loss scale %g in step %d: fp16 cannot hold them (lower --min-loss-scale, or train with --bf16)"
+                        InvalidInput.setting "fp16"
+                            (sprintf "the gradients overflowed at the minimum loss scale %g in step %d: fp16 cannot hold them (lower {min_loss_scale}, or train with {bf16})"
                                 state.Scale r.OptimizerStep)
                     if decision.ApplyUpdate then LossScaler.unscale state.Scale flat.Grads
                     lossScale <- Some decision.Next
