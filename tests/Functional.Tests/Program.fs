@@ -4,10 +4,40 @@ open System
 open Expecto
 open Expecto.Impl
 
-/// Runs every [<Tests>] value in this assembly. After Expecto's own summary it prints one plain
+/// The end-to-end tests: those that start processes (the functional command, the sample, notebooks and
+/// scripts, packing, PyTorch), by the path of their test lists. Everything else is a fast unit or property
+/// test of the library in this process.
+let endToEnd =
+    [ [ "cli" ]
+      [ "resume" ]
+      [ "embedded" ]
+      [ "notebooks" ]
+      [ "packages" ]
+      [ "scripts" ]
+      [ "benchmarks" ]
+      [ "new user (issue 12)" ]
+      [ "new user: signals and resume" ]
+      [ "new user: threads on a busy machine" ]
+      [ "new user limits" ]
+      [ "new user: training text"; "finding 9" ]
+      [ "tokenizers"; "functional tokenize" ]
+      [ "builder"; "fit" ]
+      [ "mixed precision"; "LoRA" ]
+      [ "prefix tuning"; "bad input" ]
+      [ "prefix tuning"; "generation" ] ]
+
+let private isEndToEnd (names: string list) =
+    endToEnd |> List.exists (fun prefix -> List.length prefix <= List.length names && List.take prefix.Length names = prefix)
+
+/// Runs the [<Tests>] values of this assembly: all of them, or with `--unit` only the fast unit and property
+/// tests, with `--e2e` only the end-to-end ones (endToEnd). After Expecto's own summary it prints one plain
 /// line, "tests: N passed, N failed, N skipped", that CI reads.
 [<EntryPoint>]
 let main argv =
+    let unitOnly = argv |> Array.contains "--unit"
+    let e2eOnly = argv |> Array.contains "--e2e"
+    let argv = argv |> Array.filter (fun a -> a <> "--unit" && a <> "--e2e")
+    TestUtil.unitOnly <- unitOnly
     // Tests run in parallel and compare runs bit for bit: a fixed thread count (every core, libtorch's
     // default here) instead of the adaptive default, for this process and the commands it starts. The
     // tests of the adaptive budget remove the variable for their own runs.
@@ -20,10 +50,13 @@ let main argv =
             do! printer.summary cfg s
             counts <- Some(s.passed.Length, s.failed.Length + s.errored.Length, s.ignored.Length)
         }
+    let tests =
+        let all = testFromThisAssembly () |> Option.defaultValue (TestList([], Normal))
+        if unitOnly then Test.filter "." (isEndToEnd >> not) all
+        elif e2eOnly then Test.filter "." isEndToEnd all
+        else all
     let exitCode =
-        runTestsInAssemblyWithCLIArgs
-            [ CLIArguments.Printer { printer with summary = summary }; CLIArguments.No_Spinner ]
-            argv
+        runTestsWithCLIArgs [ CLIArguments.Printer { printer with summary = summary }; CLIArguments.No_Spinner ] argv tests
     match counts with
     | Some(passed, failed, skipped) ->
         // Written to the raw stream: Expecto's console writer pads lines for its progress display.

@@ -50,9 +50,15 @@ let rec copyFolder (source: string) (target: string) =
 /// The result of one `functional` invocation.
 type CliRun = { ExitCode: int; Stdout: string; Stderr: string }
 
+/// True while only the fast unit and property tests run (`-- --unit`): a test that starts a functional
+/// process then fails, naming the list it belongs to (Program.endToEnd).
+let mutable unitOnly = false
+
 /// Runs the built `functional` command (Functional.Cli.dll, copied next to the tests) with the given arguments and
 /// environment changes (a variable with None is removed).
 let runCliWith (environment: (string * string option) list) (args: string list) =
+    if unitOnly then
+        Expecto.Tests.failtest "this test starts a functional process: list it among the end-to-end tests (Program.endToEnd)"
     let info = ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
     info.StandardOutputEncoding <- Text.Encoding.UTF8
     for name, value in environment do
