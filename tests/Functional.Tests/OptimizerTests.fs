@@ -498,6 +498,18 @@ let private transformTests =
         }
     ]
 
+/// The AdamW configuration of one process (Transform.localNorm) from its hyperparameters.
+let private fusedConfig maxNorm schedule beta1 beta2 eps weightDecay mask factors : AdamWConfig =
+    { Schedule = schedule
+      Beta1 = beta1
+      Beta2 = beta2
+      Epsilon = eps
+      WeightDecay = weightDecay
+      DecayMask = mask
+      MaxGradNorm = maxNorm
+      NormReduction = Transform.localNorm
+      Factors = factors }
+
 /// Runs Optimizer.fusedAdamW and the same transform unfused side by side over the case's steps on flat
 /// buffers of c.Size elements (the gradients repeated to fill them), with clipping at maxNorm and,
 /// when asked, per-element learning-rate factors and a bf16 compute copy; checks after every step that
@@ -513,7 +525,7 @@ let private fusedMatchesUnfused (c: Case) (size: int) (maxNorm: float) (withFact
     use maskTensor = torch.tensor (fill mask)
     use factorTensor = torch.linspace(0.5, 2.0, int64 size)
     let factors = if withFactors then Some factorTensor else None
-    let fused = Optimizer.fusedAdamW maxNorm (schedule c) c.Beta1 c.Beta2 c.Eps c.WeightDecay maskTensor factors
+    let fused = Optimizer.fusedAdamW (fusedConfig maxNorm (schedule c) c.Beta1 c.Beta2 c.Eps c.WeightDecay maskTensor factors)
     let plain = Optimizer.unfused fused.Transform
     use fusedCopy = torch.zeros([| int64 size |], dtype = torch.bfloat16)
     use plainCopy = torch.zeros([| int64 size |], dtype = torch.bfloat16)
@@ -570,7 +582,7 @@ let private fusedTests =
                 use mask = FlatParameters.uniform fusedFlat 1.0f
                 Expect.equal (mask.numel ()) 1000L "laid out as Values"
                 Expect.equal (mask.stride ()) [| 0L |] "backed by one element"
-                let fused = Optimizer.fusedAdamW 1.0 (fun _ -> 1e-2) 0.9 0.999 1e-8 0.0 mask None
+                let fused = Optimizer.fusedAdamW (fusedConfig 1.0 (fun _ -> 1e-2) 0.9 0.999 1e-8 0.0 mask None)
                 let plain = Optimizer.unfused fused.Transform
                 use gradient = torch.linspace(2.0, -3.0, 1000L)
                 fusedFlat.Grads.copy_ gradient |> ignore
@@ -585,7 +597,7 @@ let private fusedTests =
                 use parameter = new Modules.Parameter(torch.randn 100L)
                 use flat = FlatParameters.create [ struct ("w", parameter) ]
                 use mask = FlatParameters.mask flat (fun _ -> true)
-                let fused = Optimizer.fusedAdamW 1.0 (fun _ -> 1e-2) 0.9 0.999 1e-8 0.0 mask None
+                let fused = Optimizer.fusedAdamW (fusedConfig 1.0 (fun _ -> 1e-2) 0.9 0.999 1e-8 0.0 mask None)
                 use copy = torch.zeros([| 100L |], dtype = torch.float16)
                 flat.Grads.copy_ (torch.randn 100L) |> ignore
                 use state = fused.Step flat (fused.Transform.Init flat.Values) (Some copy)
@@ -598,7 +610,7 @@ let private fusedTests =
                 use parameter = new Modules.Parameter(torch.randn 10_000L)
                 use flat = FlatParameters.create [ struct ("w", parameter) ]
                 use mask = FlatParameters.mask flat (fun _ -> true)
-                let fused = Optimizer.fusedAdamW 1.0 (fun k -> 1e-3 / float (k + 1)) 0.9 0.999 1e-8 0.01 mask None
+                let fused = Optimizer.fusedAdamW (fusedConfig 1.0 (fun k -> 1e-3 / float (k + 1)) 0.9 0.999 1e-8 0.01 mask None)
                 use copy = torch.zeros([| 10_000L |], dtype = torch.bfloat16)
                 let mutable state = fused.Transform.Init flat.Values
                 use gradient = torch.randn 10_000L

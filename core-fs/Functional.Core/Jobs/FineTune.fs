@@ -589,7 +589,12 @@ module FineTune =
             let result =
                 // Under --bf16/--fp16 the adapters are copied onto the low-precision compute copy.
                 let attach = adapters |> Option.map MixedPrecision.attachLora |> Option.defaultValue MixedPrecision.attachNothing
-                Trainer.trainAttached plan trained attach [ for name, p in trainable -> struct (name, p) ] learningRate data.Train (restored |> Option.map (fun r -> r.Resume))
+                Trainer.run
+                    { Trainer.setup plan trained data.Train with
+                        Attach = attach
+                        Parameters = [ for name, p in trainable -> struct (name, p) ]
+                        LearningRate = learningRate }
+                    (restored |> Option.map (fun r -> r.Resume))
                     { OnLog =
                         fun log ->
                             write (metricsLine log)

@@ -20,6 +20,35 @@ type FlatOptimizer =
         Step: FlatParameters -> ITransformState -> torch.Tensor option -> ITransformState
     }
 
+/// The hyperparameters of HF Trainer's AdamW step, clipping included (Optimizer.adamWChain,
+/// Optimizer.fusedAdamW): the fused kernel reads them from here, by name, rather than from the chain's
+/// nesting.
+[<NoEquality; NoComparison>]
+type AdamWConfig =
+    {
+        /// The learning rate of update k (from 0).
+        Schedule: int -> float
+        /// The first moment's decay b1 (HF default 0.9).
+        Beta1: float
+        /// The second moment's decay b2 (HF default 0.999).
+        Beta2: float
+        /// Adam's epsilon (HF default 1e-8).
+        Epsilon: float
+        /// Decoupled weight decay, scaled by the scheduled learning rate (HF default 0).
+        WeightDecay: float
+        /// The flat 0/1 mask of the parameters that decay (FlatParameters.mask), laid out as the
+        /// parameters; read only when WeightDecay is not 0 (FlatParameters.uniform will do then).
+        DecayMask: torch.Tensor
+        /// Clipping at this global gradient norm; 0 only measures the norm (HF's max_grad_norm).
+        MaxGradNorm: float
+        /// How the clip norm is reduced across processes: Transform.localNorm when this process holds
+        /// the whole gradient.
+        NormReduction: NormReduction
+        /// Per-parameter learning-rate factors (Transform.scaleByFactors) laid out as the parameters,
+        /// or None.
+        Factors: torch.Tensor option
+    }
+
 /// Optimizers as chains of transforms, equal to torch.optim's, and their application to flat buffers.
 [<RequireQualifiedAccess>]
 module Optimizer =
@@ -63,12 +92,12 @@ module Optimizer =
     let withClipping (maxNorm: float) (optimizer: Transform) : Transform =
         Transform.chain [ Transform.clipByGlobalNorm maxNorm; optimizer ]
 
-    /// The trainer's chain: chain [Transform.clipByGlobalNorm maxNorm; optimizer], followed by
+    /// The trainer's chain: chain [Transform.clipByGlobalNormWith reduce maxNorm; optimizer], followed by
     /// Transform.scaleByFactors when per-parameter learning-rate factors are given. State names: "0."
     /// for clipping, "1." for the optimizer, "2." for the factors.
-    let trainerChain (maxNorm: float) (optimizer: Transform) (factors: torch.Tensor option) : Transform =
+    let trainerChain (reduce: NormReduction) (maxNorm: float) (optimizer: Transform) (factors: torch.Tensor option) : Transform =
         Transform.chain
-            [ yield Transform.clipByGlobalNorm maxNorm
+            [ yield Transform.clipByGlobalNormWith reduce maxNorm
               yield optimizer
               match factors with
               | Some f -> yield Transform.scaleByFactors f
@@ -99,87 +128,86 @@ module Optimizer =
                 | None -> ()
                 next }
 
-    /// The states of fusedAdamW's chain, checked.
-    let private adamWStates (state: ITransformState) =
-        let fail () =
-            invalidArg (nameof state) (sprintf "fusedAdamW was given a %s, not the state its Init made" (state.GetType().Name))
-        match state with
-        | :? Transform.ChainState as outer ->
-            match outer.States with
-            | (:? Transform.ClipState) :: (:? Transform.ChainState as inner) :: rest ->
-                match inner.States with
-                | [ :? Transform.AdamState as adam; decay; :? Transform.LearningRateState as rate ] -> outer, inner, adam, decay, rate, rest
-                | _ -> fail ()
-            | _ -> fail ()
-        | _ -> fail ()
+    /// The transform of HF Trainer's AdamW step for config: trainerChain config.NormReduction
+    /// config.MaxGradNorm (adamW ...) config.Factors, whose state names ("1.0.adam.exp_avg", ...) are the
+    /// checkpoint keys.
+    let adamWChain (config: AdamWConfig) : Transform =
+        trainerChain config.NormReduction config.MaxGradNorm
+            (adamW config.Schedule config.Beta1 config.Beta2 config.Epsilon config.WeightDecay config.DecayMask)
+            config.Factors
 
-    /// HF Trainer's AdamW step, fused: the transform is
-    /// trainerChain maxNorm (adamW schedule b1 b2 eps weightDecay mask) factors (its state and
-    /// checkpoint names are those of that chain), and a step measures the gradients' global norm, then
-    /// updates the parameters, both moments and the compute copy in one pass over memory, spread over
-    /// torch's intra-op threads. The unfused chain makes about fifteen passes over the buffers: at 92M
-    /// parameters the fused step takes about 45 ms against 230 ms on this project's 2-core machine (see
-    /// docs/benchmarks.md). Same arithmetic in float32, operation for operation, as the unfused transforms,
-    /// so results agree to float rounding (libtorch may fuse a multiply-add where .NET does not).
+    /// The updates an optimizer state has applied: its learning-rate schedule's count
+    /// (Transform.tryUpdateCount), which every optimizer here holds once.
+    let appliedUpdates (state: ITransformState) : int =
+        match Transform.tryUpdateCount state with
+        | Some count -> count
+        | None -> invalidArg (nameof state) "the optimizer state has no learning-rate schedule count"
+
+    /// HF Trainer's AdamW step, fused: the transform is adamWChain config (its state and checkpoint
+    /// names are those of that chain), and a step measures the gradients' global norm (reduced by
+    /// config.NormReduction), then updates the parameters, both moments and the compute copy in one pass
+    /// over memory, spread over torch's intra-op threads. The unfused chain makes about fifteen passes over
+    /// the buffers: at 92M parameters the fused step takes about 45 ms against 230 ms on this project's
+    /// 2-core machine (see docs/benchmarks.md). Same arithmetic in float32, operation for operation, as the
+    /// unfused transforms, so results agree to float rounding (libtorch may fuse a multiply-add where .NET
+    /// does not). The step finds the states it advances by type (Transform.tryFindState), so it does not
+    /// depend on how the chain nests them.
     ///
     /// Buffers that are not contiguous CPU tensors (parameters on an accelerator, for instance) take
-    /// the unfused path (Optimizer.unfused); so does a mask that is not when weightDecay is not 0 (the
+    /// the unfused path (Optimizer.unfused); so does a mask that is not when the weight decay is not 0 (the
     /// mask is not read otherwise: FlatParameters.uniform will do). An fp16 compute copy is refreshed by
     /// a converting copy after the kernel.
-    let fusedAdamW
-        (maxNorm: float)
-        (schedule: int -> float)
-        (b1: float)
-        (b2: float)
-        (eps: float)
-        (weightDecay: float)
-        (mask: torch.Tensor)
-        (factors: torch.Tensor option)
-        : FlatOptimizer =
-        let transform = trainerChain maxNorm (adamW schedule b1 b2 eps weightDecay mask) factors
+    let fusedAdamW (config: AdamWConfig) : FlatOptimizer =
+        let transform = adamWChain config
         let fallback = unfused transform
         let plain = TensorMemory.isPlain torch.float32
+        let fail (state: ITransformState) : 'T =
+            invalidArg (nameof state) (sprintf "fusedAdamW was given a %s, not the state its Init made" (state.GetType().Name))
+        let replace (update: 'S -> 'S) (state: ITransformState) =
+            Transform.tryReplaceState update state |> Option.defaultWith (fun () -> fail state)
         let step (flat: FlatParameters) (state: ITransformState) (compute: torch.Tensor option) =
-            let outer, inner, adam, decay, rate, rest = adamWStates state
+            let adam, rate =
+                match Transform.tryFindState<Transform.AdamState> state, Transform.tryFindState<Transform.LearningRateState> state with
+                | Some adam, Some rate when (Transform.tryFindState<Transform.ClipState> state).IsSome -> adam, rate
+                | _ -> fail state
             let bf16Copy = compute |> Option.filter (TensorMemory.isPlain torch.bfloat16)
             let fusable =
                 plain flat.Values && plain flat.Grads && plain adam.ExpAvg && plain adam.ExpAvgSq
-                && (weightDecay = 0.0 || plain mask)
-                && (factors |> Option.forall plain)
+                && (config.WeightDecay = 0.0 || plain config.DecayMask)
+                && (config.Factors |> Option.forall plain)
                 && flat.Values.numel () = flat.Grads.numel ()
                 && (bf16Copy |> Option.forall (fun c -> c.numel () = flat.Values.numel ()))
             if not fusable then fallback.Step flat state compute
             else
                 use _ = torch.no_grad ()
-                let norm = Transform.globalNorm flat.Grads
+                let norm = Transform.reducedNorm config.NormReduction flat.Grads
                 let t = adam.Count + 1
-                let stepScale, scaledEps = Transform.adamScales b1 b2 eps t
+                let stepScale, scaledEps = Transform.adamScales config.Beta1 config.Beta2 config.Epsilon t
                 let constants: AdamWConstants =
-                    { GradScale = Transform.clipCoefficient maxNorm norm |> Option.map float32 |> Option.defaultValue 1.0f
-                      Beta1 = float32 b1
-                      OneMinusBeta1 = float32 (1.0 - b1)
-                      Beta2 = float32 b2
-                      OneMinusBeta2 = float32 (1.0 - b2)
+                    { GradScale = Transform.clipCoefficient config.MaxGradNorm norm |> Option.map float32 |> Option.defaultValue 1.0f
+                      Beta1 = float32 config.Beta1
+                      OneMinusBeta1 = float32 (1.0 - config.Beta1)
+                      Beta2 = float32 config.Beta2
+                      OneMinusBeta2 = float32 (1.0 - config.Beta2)
                       StepScale = float32 stepScale
                       ScaledEps = float32 scaledEps
-                      WeightDecay = float32 weightDecay
-                      NegativeLearningRate = float32 (-(schedule rate.Count)) }
+                      WeightDecay = float32 config.WeightDecay
+                      NegativeLearningRate = float32 (-(config.Schedule rate.Count)) }
                 let buffers: AdamWBuffers =
                     { Count = flat.Values.numel ()
                       Parameters = TensorMemory.address flat.Values
                       Gradients = TensorMemory.address flat.Grads
                       ExpAvg = TensorMemory.address adam.ExpAvg
                       ExpAvgSq = TensorMemory.address adam.ExpAvgSq
-                      DecayMask = if weightDecay <> 0.0 then TensorMemory.address mask else 0n
-                      Factors = factors |> Option.map TensorMemory.address |> Option.defaultValue 0n
+                      DecayMask = if config.WeightDecay <> 0.0 then TensorMemory.address config.DecayMask else 0n
+                      Factors = config.Factors |> Option.map TensorMemory.address |> Option.defaultValue 0n
                       Bf16Copy = bf16Copy |> Option.map TensorMemory.address |> Option.defaultValue 0n }
                 FusedKernels.adamW (torch.get_num_threads ()) constants buffers
                 match compute with
                 | Some copy when bf16Copy.IsNone -> copy.copy_ flat.Values |> ignore
                 | _ -> ()
-                let adamNext: Transform.AdamState = { adam with Count = t }
-                let rateNext: Transform.LearningRateState = { Count = rate.Count + 1 }
-                let innerNext: Transform.ChainState = { inner with States = [ adamNext; decay; rateNext ] }
-                let clipNext: Transform.ClipState = { LastNorm = norm }
-                { outer with States = (clipNext :> ITransformState) :: (innerNext :> ITransformState) :: rest } :> ITransformState
+                state
+                |> replace (fun (a: Transform.AdamState) -> { a with Count = t })
+                |> replace (fun (r: Transform.LearningRateState) -> { r with Count = r.Count + 1 })
+                |> replace (fun (c: Transform.ClipState) -> { c with LastNorm = norm })
         { Transform = transform; Step = step }

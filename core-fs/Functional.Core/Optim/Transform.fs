@@ -45,6 +45,12 @@ type Transform =
         Update: torch.Tensor -> ITransformState -> torch.Tensor -> torch.Tensor * ITransformState
     }
 
+/// How clipping turns the sum of squared gradient elements this process holds into the sum over the
+/// whole gradient: the identity when the process holds the whole gradient (one process, or data
+/// parallel after the gradients were all-reduced), a sum across processes when each holds a shard
+/// (ZeRO-2: an all-reduce of one number, e.g. Communicator.sumFloat).
+type NormReduction = float -> float
+
 /// Optax-style gradient transformations over flat tensors and their composition. Learning rates come
 /// from a schedule `int -> float` of the update count, as Hugging Face: update k (from 0) uses lr(k).
 [<RequireQualifiedAccess>]
@@ -239,11 +245,39 @@ module Transform =
         use asDouble = normTensor.to_type torch.float64
         asDouble.item<float> ()
 
+    /// The norm reduction of a process that holds the whole gradient: the identity.
+    let localNorm: NormReduction = id
+
+    /// The L2 norm of the whole gradient of which updates is this process's part: sqrt(reduce(||updates||^2)),
+    /// with ||updates|| as globalNorm computes it. With localNorm it is globalNorm's value exactly (the
+    /// fp32 norm squared is exact in float64, and so is its square root).
+    let reducedNorm (reduce: NormReduction) (updates: torch.Tensor) : float =
+        let local = globalNorm updates
+        Math.Sqrt(reduce (local * local))
+
     /// The factor clipByGlobalNorm multiplies updates of this norm by: Some(maxNorm / (norm + 1e-6)) when
     /// clipping is on (maxNorm > 0) and that is not >= 1 (NaN included, as torch), else None.
     let clipCoefficient (maxNorm: float) (norm: float) : float option =
         let coefficient = maxNorm / (norm + 1e-6)
         if maxNorm > 0.0 && not (coefficient >= 1.0) then Some coefficient else None
+
+    /// clipByGlobalNorm over a gradient of which each process holds a part: the norm is
+    /// reducedNorm reduce (the sum of squares reduced across the processes), so every process clips by
+    /// the same coefficient. clipByGlobalNormWith localNorm is clipByGlobalNorm.
+    let clipByGlobalNormWith (reduce: NormReduction) (maxNorm: float) : Transform =
+        checkOption (Double.IsFinite maxNorm && maxNorm >= 0.0) "{max_grad_norm}" (fun () ->
+            sprintf "must be a finite number >= 0 (0 turns clipping off), got %g" maxNorm)
+        TorchRuntime.ensure ()
+        { Init = fun _ -> { LastNorm = nan } :> ITransformState
+          Update =
+            fun updates _ _ ->
+                let norm = reducedNorm reduce updates
+                match clipCoefficient maxNorm norm with
+                | Some coefficient ->
+                    use factor = coefficient.ToScalar()
+                    updates.mul_ factor |> ignore
+                | None -> ()
+                updates, { LastNorm = norm } :> ITransformState }
 
     /// Clips by global norm, as torch.nn.utils.clip_grad_norm_: norm = ||u||_2 over all elements,
     /// coefficient = min(1, maxNorm / (norm + 1e-6)), u = u * coefficient. The pre-clip norm is kept as
@@ -251,20 +285,7 @@ module Transform =
     /// max_grad_norm = 0) but still measures the norm. A non-finite norm gives a NaN or 0 coefficient,
     /// as torch's (with error_if_nonfinite = false). HF default: 1.0. The norm is read back to the host
     /// (a synchronization point on accelerators).
-    let clipByGlobalNorm (maxNorm: float) : Transform =
-        checkOption (Double.IsFinite maxNorm && maxNorm >= 0.0) "{max_grad_norm}" (fun () ->
-            sprintf "must be a finite number >= 0 (0 turns clipping off), got %g" maxNorm)
-        TorchRuntime.ensure ()
-        { Init = fun _ -> { LastNorm = nan } :> ITransformState
-          Update =
-            fun updates _ _ ->
-                let norm = globalNorm updates
-                match clipCoefficient maxNorm norm with
-                | Some coefficient ->
-                    use factor = coefficient.ToScalar()
-                    updates.mul_ factor |> ignore
-                | None -> ()
-                updates, { LastNorm = norm } :> ITransformState }
+    let clipByGlobalNorm (maxNorm: float) : Transform = clipByGlobalNormWith localNorm maxNorm
 
     /// trace's state: the momentum buffer (torch.optim.SGD's "momentum_buffer").
     [<NoEquality; NoComparison>]
@@ -370,12 +391,49 @@ module Transform =
         use _ = torch.no_grad ()
         state.Import(fun name -> given[name])
 
+    /// The first member state of type 'S in the state, searching chains depth first in chain order
+    /// (the state itself first): a typed query that does not depend on how the chain is nested.
+    let rec tryFindState<'S when 'S :> ITransformState> (state: ITransformState) : 'S option =
+        match box state with
+        | :? 'S as found -> Some found
+        | _ ->
+            match state with
+            | :? ChainState as chained -> List.tryPick tryFindState<'S> chained.States
+            | _ -> None
+
+    /// The state with its first member of type 'S (in tryFindState's order) replaced by update of it,
+    /// and whether there was one; every other member, and the chains' shape, stay as they are.
+    let rec private replaceFirst<'S when 'S :> ITransformState> (update: 'S -> 'S) (state: ITransformState) : ITransformState * bool =
+        match box state with
+        | :? 'S as found -> (update found :> ITransformState), true
+        | _ ->
+            match state with
+            | :? ChainState as chained ->
+                let members, replaced =
+                    chained.States
+                    |> List.fold
+                        (fun (acc, replaced) part ->
+                            if replaced then part :: acc, true
+                            else
+                                let next, found = replaceFirst update part
+                                next :: acc, found)
+                        ([], false)
+                ({ chained with States = List.rev members } :> ITransformState), replaced
+            | _ -> state, false
+
+    /// The state with its first member of type 'S (in tryFindState's order) replaced by update of it;
+    /// None when the state holds no 'S.
+    let tryReplaceState<'S when 'S :> ITransformState> (update: 'S -> 'S) (state: ITransformState) : ITransformState option =
+        match replaceFirst update state with
+        | next, true -> Some next
+        | _, false -> None
+
     /// The pre-clip global gradient norm of the last update: the LastNorm of the first clipByGlobalNorm
     /// in the state (searching chains in order); NaN when there is none or before the first update.
     let lastGradNorm (state: ITransformState) : float =
-        let rec find (s: ITransformState) =
-            match s with
-            | :? ClipState as clip -> Some clip.LastNorm
-            | :? ChainState as chained -> List.tryPick find chained.States
-            | _ -> None
-        find state |> Option.defaultValue nan
+        tryFindState<ClipState> state |> Option.map (fun clip -> clip.LastNorm) |> Option.defaultValue nan
+
+    /// The updates the optimizer has applied: the count of the first scaleByLearningRate in the state
+    /// (every optimizer chain here holds one); None when it holds none.
+    let tryUpdateCount (state: ITransformState) : int option =
+        tryFindState<LearningRateState> state |> Option.map (fun rate -> rate.Count)

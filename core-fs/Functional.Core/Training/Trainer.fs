@@ -5,8 +5,10 @@ open System.Diagnostics
 open TorchSharp
 open Functional
 open Functional.Data
+open Functional.Distributed
 open Functional.Models
 open Functional.Optim
+open Functional.Runtime
 
 /// What the trainer reports after a logged optimizer step.
 [<NoComparison>]
@@ -169,6 +171,97 @@ type TrainHooks =
       /// After every optimizer step: evaluate, save, decide whether to stop.
       AfterStep: StepContext -> StepDecision }
 
+/// What a training run is given besides where it starts (ResumePoint) and its hooks: Trainer.run's
+/// environment. Trainer.setup makes the usual one; change fields with `{ run with ... }`.
+[<NoComparison; NoEquality>]
+type TrainRun =
+    { /// The run's shape (Trainer.plan; Trainer.planFor for several processes).
+      Plan: TrainingPlan
+      /// The model to train (fp32).
+      Model: CausalLm
+      /// Under --bf16/--fp16, what to attach to the low-precision compute copy of Model (e.g.
+      /// MixedPrecision.attachLora for LoRA adapters); MixedPrecision.attachNothing when nothing is
+      /// attached. Not used in fp32.
+      Attach: CausalLm -> ComputeAttachment
+      /// The parameters that train (all of Model's, or e.g. only LoRA adapters: the others stay frozen),
+      /// by name, in the order of the flat buffers.
+      Parameters: seq<struct (string * TorchSharp.Modules.Parameter)>
+      /// Each trained parameter's peak learning rate by name: the options' LearningRate for all but
+      /// parameter groups with their own rate (the schedule scales them alike).
+      LearningRate: string -> float
+      /// The training rows.
+      Dataset: TokenizedDataset
+      /// What the step minimizes (Objective.causalLm).
+      Objective: Objective
+      /// The processes of the run (Communicator.singleProcess): the step all-reduces the window's count,
+      /// the gradients and the logged loss through it, and reads only its rank's rows.
+      Communicator: ICommunicator }
+
+/// The rows of one epoch as micro-batches of row indices, in the order this process visits them.
+[<NoComparison; NoEquality>]
+type EpochOrder =
+    { /// The epoch, from 0.
+      Epoch: int
+      /// The epoch's micro-batches (Sampler.distributed, then Batching.microBatches).
+      MicroBatches: int[][] }
+
+/// Everything a training step reads and does not change: built once per run by Trainer.run.
+[<NoComparison; NoEquality>]
+type StepEnv =
+    { /// The run's shape.
+      Plan: TrainingPlan
+      /// The training rows.
+      Dataset: TokenizedDataset
+      /// The length rows are truncated to (TrainOptions.sequenceLength).
+      MaxSeqLen: int
+      /// What the step minimizes.
+      Objective: Objective
+      /// The processes of the run.
+      Communicator: ICommunicator
+      /// The fp32 flat parameters and gradients the trained parameters alias.
+      Flat: FlatParameters
+      /// Under --bf16/--fp16, the low-precision compute copy; None in fp32.
+      Compute: ComputeCopy option
+      /// The model forward and backward run on: the compute copy's, else the trained model.
+      ComputeModel: CausalLm
+      /// The optimizer over Flat.
+      Optimizer: FlatOptimizer
+      /// Under --fp16, the loss scaler's settings; None otherwise.
+      LossScaler: LossScalerConfig option
+      /// Started when training started in this process (StepLog.ElapsedSeconds, TokensPerSecond).
+      Clock: Stopwatch
+      /// The step this process started from (StepLog.StartStep).
+      StartStep: int
+      /// The updates applied before this process started (the weights are checked after its first one).
+      UpdatesAtStart: int }
+
+/// Where training stands between two optimizer steps: everything the step changes, as one value.
+/// A run starts from Trainer's initial state (fresh, or a resume point's) and folds the step over it.
+/// The optimizer state's buffers are updated in place (Transform: a state must not be read after it
+/// was passed on), so a TrainState must not be used again once a step was taken from it.
+[<NoComparison; NoEquality>]
+type TrainState =
+    { /// The data position and window bookkeeping (a checkpoint's position).
+      Accumulation: AccumulationState
+      /// The optimizer's state.
+      OptimizerState: ITransformState
+      /// Under --fp16, the loss scaler's state; None otherwise.
+      LossScale: LossScalerState option
+      /// Optimizer updates applied, counting those before a resume.
+      Updates: int
+      /// Steps whose update was skipped (fp16 overflow), counting those before a resume.
+      Skipped: int
+      /// Real tokens this process has trained on.
+      TokensSeen: int64
+      /// Input tokens this process has trained on, padding included (StepContext.InputTokensSeen).
+      InputTokensSeen: int64
+      /// The intra-op threads the next step runs with.
+      Threads: ThreadBudget
+      /// The last step's loss (NaN before the first).
+      LastLoss: float
+      /// The current epoch's micro-batches (recomputed from (seed, epoch) when the epoch changes).
+      Order: EpochOrder }
+
 /// The training loop: a fold of optimizer steps over accumulation windows of micro-batches.
 [<RequireQualifiedAccess>]
 module Trainer =
@@ -178,20 +271,30 @@ module Trainer =
     /// chain [clipByGlobalNorm; adamW or sgd; scaleByFactors]. AdamW steps through the fused kernel
     /// (Optimizer.fusedAdamW), SGD through the chain.
     let optimizer (options: TrainOptions) (schedule: int -> float) (decayMask: torch.Tensor) (learningRateRatios: torch.Tensor option) : FlatOptimizer =
+        // The step all-reduces the whole gradient before the optimizer runs, so every process holds all
+        // of it and the local norm is the global one.
         match options.Optimizer with
         | OptimizerKind.AdamW ->
             Optimizer.fusedAdamW
-                options.MaxGradNorm schedule options.AdamBeta1 options.AdamBeta2 options.AdamEpsilon options.WeightDecay decayMask learningRateRatios
+                { Schedule = schedule
+                  Beta1 = options.AdamBeta1
+                  Beta2 = options.AdamBeta2
+                  Epsilon = options.AdamEpsilon
+                  WeightDecay = options.WeightDecay
+                  DecayMask = decayMask
+                  MaxGradNorm = options.MaxGradNorm
+                  NormReduction = Transform.localNorm
+                  Factors = learningRateRatios }
         | OptimizerKind.Sgd ->
             let sgd = Optimizer.sgd schedule options.Momentum options.Nesterov options.WeightDecay decayMask
-            Optimizer.unfused (Optimizer.trainerChain options.MaxGradNorm sgd learningRateRatios)
+            Optimizer.unfused (Optimizer.trainerChain Transform.localNorm options.MaxGradNorm sgd learningRateRatios)
 
-    /// The rows of one epoch in the order the sampler gives, split into micro-batches.
-    let private epochMicroBatches (options: TrainOptions) (rowCount: int) (epoch: int) =
-        let order =
-            if options.Shuffle then Sampler.shuffled options.Seed epoch rowCount
-            else Sampler.sequential rowCount
-        Batching.microBatches options.PerDeviceTrainBatchSize order
+    /// The micro-batches of one epoch in the order this process visits them: its rank's share of the
+    /// epoch's order (Sampler.distributed; with one process, the whole order: file order, or shuffled
+    /// by (seed, epoch)).
+    let private epochOrder (options: TrainOptions) (communicator: ICommunicator) (rowCount: int) (epoch: int) : EpochOrder =
+        let order = Sampler.distributed communicator.Rank communicator.Size options.Shuffle options.Seed epoch rowCount
+        { Epoch = epoch; MicroBatches = Batching.microBatches options.PerDeviceTrainBatchSize order }
 
     /// Plans a run over rowCount rows: micro-batches per epoch, accumulation windows, total steps,
     /// warmup and schedule. Pure; raises InvalidInputException for options that cannot make a run
@@ -212,18 +315,11 @@ module Trainer =
           Schedule = schedule
           PhaseClock = None }
 
-    /// The updates an optimizer state has applied: the count of its learning-rate schedule
-    /// ("learning_rate.count", which every optimizer chain here holds once).
-    let private appliedUpdates (state: ITransformState) : int =
-        let entries = Transform.stateTensors state
-        try
-            match entries |> List.tryFind (fun (name, _) -> name = "learning_rate.count" || name.EndsWith ".learning_rate.count") with
-            | Some(_, count) ->
-                use asInteger = count.to_type torch.int64
-                int (asInteger.item<int64> ())
-            | None -> invalidArg (nameof state) "the optimizer state has no learning-rate schedule count"
-        finally
-            for _, t in entries do t.Dispose()
+    /// Plans a run of worldSize processes over rowCount rows: plan over the rows each process trains
+    /// on, ceil(rowCount / worldSize) (Sampler.distributed). planFor 1 is plan.
+    let planFor (worldSize: int) (options: TrainOptions) (rowCount: int) : TrainingPlan =
+        if worldSize < 1 then invalidArg (nameof worldSize) (sprintf "the world size must be at least 1, got %d" worldSize)
+        plan options ((rowCount + worldSize - 1) / worldSize)
 
     /// The padding id of training and evaluation batches. Padding is right-aligned and labelled -100,
     /// and attention is causal, so no real token sees it: any id gives the same result.
@@ -245,22 +341,256 @@ module Trainer =
         if not (FlatParameters.allFinite flat) then
             diverged options step "the weights hold NaN or infinite values after the update"
 
-    /// Trains the given parameters of model (all of them, or e.g. only LoRA adapters: the others stay
-    /// frozen), each at its peak learning rate learningRate(name) (the options' LearningRate for all but
-    /// parameter groups with their own rate; the schedule scales them alike), on the dataset's rows as
-    /// planned, from the start or from a resume point. After every optimizer step it calls hooks.OnLog
-    /// (logged steps: by the LoggingStrategy, and the last) and hooks.AfterStep, which may stop the run. Each
-    /// optimizer step runs in its own dispose scope, so live tensors stay flat over the run. The
-    /// model's parameters end up aliasing the returned flat buffer.
+
+    /// The usual run of model on dataset as planned: every parameter of model trains at the options'
+    /// learning rate, nothing is attached to a compute copy, the objective is causal language modelling
+    /// and the run has one process. Change fields with `{ Trainer.setup plan model dataset with ... }`.
+    let setup (plan: TrainingPlan) (model: CausalLm) (dataset: TokenizedDataset) : TrainRun =
+        { Plan = plan
+          Model = model
+          Attach = MixedPrecision.attachNothing
+          Parameters = model.Module.named_parameters ()
+          LearningRate = fun _ -> plan.Options.LearningRate
+          Dataset = dataset
+          Objective = Objective.causalLm
+          Communicator = Communicator.singleProcess }
+
+    /// What the micro-batches of a window have left so far: the accumulation state, the window's
+    /// report (after its last micro-batch), and this process's loss sum and token counts.
+    [<NoComparison; NoEquality>]
+    type private WindowProgress =
+        { Accumulation: AccumulationState
+          Report: StepReport option
+          LossSum: float
+          Tokens: int64
+          InputTokens: int64 }
+
+    let private mark (env: StepEnv) (phase: TrainingPhase) = env.Plan.PhaseClock |> Option.iter (fun c -> c.Mark phase)
+
+    /// Forward and backward of one micro-batch of the window (its loss multiplied by scale), its
+    /// gradients moved to the fp32 master under mixed precision, and its loss observed.
+    let private microBatch (env: StepEnv) (scale: float) (progress: WindowProgress) (index: int, batch: MicroBatch) : WindowProgress =
+        mark env TrainingPhase.Other
+        use lossSum = env.Objective.LossSum env.ComputeModel batch
+        mark env TrainingPhase.Forward
+        use scaled = lossSum * scale
+        scaled.backward ()
+        // The window's first micro-batch overwrites the master gradients; later ones add to them.
+        env.Compute |> Option.iter (fun c -> MixedPrecision.accumulateGradients c env.Flat (index = 0))
+        mark env TrainingPhase.Backward
+        let loss = lossSum.item<float32> () |> float
+        let accumulation, event = Accumulation.observe env.Plan.Accumulation progress.Accumulation loss
+        { Accumulation = accumulation
+          Report =
+            match event with
+            | AccumulationEvent.Step report -> Some report
+            | AccumulationEvent.Accumulating -> progress.Report
+          LossSum = progress.LossSum + loss
+          Tokens = progress.Tokens + batch.Tokens
+          InputTokens = progress.InputTokens + batch.InputIds.numel () }
+
+    /// After the window's gradients are in: under --fp16 the loss scaler's verdict (skip on overflow,
+    /// else unscale), then the optimizer update, and the gradients zeroed. Returns whether the update
+    /// ran, the optimizer state and the loss scaler state after it.
+    let private update (env: StepEnv) (state: TrainState) (step: int) : bool * ITransformState * LossScalerState option =
+        let applied, lossScale =
+            match env.LossScaler, state.LossScale with
+            | Some config, Some scaler ->
+                let decision = LossScaler.decide config scaler (LossScaler.hasOverflow env.Flat.Grads)
+                if decision.Change = OverflowAtMinimum then
+                    InvalidInput.setting "fp16"
+                        (sprintf "the gradients overflowed at the minimum loss scale %g in step %d: fp16 cannot hold them (lower {min_loss_scale}, or train with {bf16})"
+                            scaler.Scale step)
+                if decision.ApplyUpdate then LossScaler.unscale scaler.Scale env.Flat.Grads
+                decision.ApplyUpdate, Some decision.Next
+            | _ -> true, state.LossScale
+        mark env TrainingPhase.Other
+        let optimizerState =
+            if applied then env.Optimizer.Step env.Flat state.OptimizerState (env.Compute |> Option.map (fun c -> c.Values))
+            else state.OptimizerState
+        // With a compute copy, the window's first micro-batch overwrites the master gradients
+        // (MixedPrecision.accumulateGradients): only fp32 training accumulates into them.
+        if env.Compute.IsNone then FlatParameters.zeroGrads env.Flat
+        mark env TrainingPhase.Optimizer
+        applied, optimizerState, lossScale
+
+    /// Refuses a diverged update (before the hooks see it): a non-finite loss of a window with
+    /// predicted tokens or gradient norm, or non-finite weights after this process's first update.
+    let private checkFinite (env: StepEnv) (next: TrainState) (step: int) (tokens: int64) : unit =
+        let options = env.Plan.Options
+        // A window without predicted tokens has a NaN mean loss by definition, and no gradient.
+        if tokens > 0L && not (Double.IsFinite next.LastLoss) then diverged options step (sprintf "the loss is %g" next.LastLoss)
+        let gradNorm = Transform.lastGradNorm next.OptimizerState
+        if not (Double.IsFinite gradNorm) then diverged options step (sprintf "the gradient norm is %g" gradNorm)
+        if next.Updates = env.UpdatesAtStart + 1 then ensureFinite options step env.Flat
+
+    /// The figures of the step from state to next that ended the window of report.
+    let private stepLog (env: StepEnv) (state: TrainState) (next: TrainState) (report: StepReport) : StepLog =
+        let applied = next.Updates > state.Updates
+        let seconds = env.Clock.Elapsed.TotalSeconds
+        { Step = report.OptimizerStep
+          TotalSteps = env.Plan.TotalSteps
+          StartStep = env.StartStep
+          Epoch = float next.Accumulation.Epoch + float next.Accumulation.MicroBatchInEpoch / float env.Plan.Accumulation.MicroBatchesPerEpoch
+          Loss = next.LastLoss
+          LearningRate = env.Plan.Schedule state.Updates
+          GradNorm = if applied then Transform.lastGradNorm next.OptimizerState else nan
+          PredictedTokens = report.Tokens
+          TokensPerSecond = float next.TokensSeen / max seconds 1e-9
+          ElapsedSeconds = seconds
+          LossScale = state.LossScale |> Option.map (fun s -> s.Scale)
+          UpdateSkipped = not applied
+          SkippedSteps = next.Skipped
+          Threads = next.Threads.Threads
+          MaxThreads = next.Threads.Maximum }
+
+    /// One optimizer step: collates the next accumulation window, runs forward and backward over its
+    /// micro-batches with each loss scaled by 1 / (the window's count over all processes), all-reduces
+    /// the gradients and the loss, and applies (or, on an fp16 overflow, skips) the update. Call it
+    /// inside a dispose scope (Trainer.run gives each step its own); the state given must not be used again.
+    let step (env: StepEnv) (state: TrainState) : TrainState * StepLog =
+        let plan = env.Plan.Accumulation
+        let order =
+            if state.Order.Epoch = state.Accumulation.Epoch then state.Order
+            else epochOrder env.Plan.Options env.Communicator env.Dataset.Rows.Length state.Accumulation.Epoch
+        let first, size = Accumulation.currentWindow plan state.Accumulation
+        let window = [ for i in first .. first + size - 1 -> Batching.collate env.MaxSeqLen PadId env.Dataset order.MicroBatches[i] ]
+        // Every process normalizes by the count of the whole window, over all processes.
+        let windowTokens = Communicator.sumInt64 env.Communicator (window |> List.sumBy env.Objective.Count)
+        let scale = Accumulation.lossScale windowTokens * (state.LossScale |> Option.map (fun s -> s.Scale) |> Option.defaultValue 1.0)
+        let start =
+            { Accumulation = Accumulation.beginWindow plan state.Accumulation windowTokens
+              Report = None
+              LossSum = 0.0
+              Tokens = 0L
+              InputTokens = 0L }
+        let progress = window |> List.indexed |> List.fold (microBatch env scale) start
+        let report = progress.Report |> Option.defaultWith (fun () -> invalidOp "an accumulation window ended without an optimizer step")
+        // Each process's gradients are of its loss sum / the global count: their sum is the window's gradient.
+        env.Communicator.AllReduce env.Flat.Grads
+        let lossSum = Communicator.sumFloat env.Communicator progress.LossSum
+        let applied, optimizerState, lossScale = update env state report.OptimizerStep
+        let next =
+            { state with
+                Accumulation = progress.Accumulation
+                OptimizerState = optimizerState
+                LossScale = lossScale
+                Updates = if applied then state.Updates + 1 else state.Updates
+                Skipped = if applied then state.Skipped else state.Skipped + 1
+                TokensSeen = state.TokensSeen + progress.Tokens
+                InputTokensSeen = state.InputTokensSeen + progress.InputTokens
+                LastLoss = if report.Tokens = 0L then nan else lossSum / float report.Tokens
+                Order = order }
+        if applied then checkFinite env next report.OptimizerStep report.Tokens
+        next, stepLog env state next report
+
+    /// One step and the hooks after it in one dispose scope, which releases every tensor the step and
+    /// the hooks made and did not keep. Returns the next state and whether a hook stopped the run.
+    let private stepWithHooks (env: StepEnv) (hooks: TrainHooks) (state: TrainState) : TrainState * bool =
+        use _ = torch.NewDisposeScope()
+        let next, log = step env state
+        let options = env.Plan.Options
+        let epochEnded = next.Accumulation.Epoch > state.Accumulation.Epoch
+        let logged =
+            log.Step = env.Plan.TotalSteps
+            || match options.LoggingStrategy with
+               | IntervalStrategy.Steps -> log.Step % options.LoggingSteps = 0
+               | IntervalStrategy.Epoch -> epochEnded
+               | IntervalStrategy.No -> false
+        if logged then hooks.OnLog log
+        let decision =
+            hooks.AfterStep
+                { Log = log
+                  Logged = logged
+                  Accumulation = next.Accumulation
+                  EpochEnded = epochEnded
+                  InputTokensSeen = next.InputTokensSeen
+                  Parameters = env.Flat
+                  OptimizerState = next.OptimizerState
+                  LossScale = next.LossScale
+                  ComputeModel = env.ComputeModel }
+        { next with Threads = ThreadBudget.adjust next.Threads },
+        decision = StepDecision.Stop && next.Accumulation.OptimizerStep < env.Plan.TotalSteps
+
+    /// The fold of steps from state until the planned steps are done or a hook stops the run.
+    let rec private loop (env: StepEnv) (hooks: TrainHooks) (state: TrainState) : TrainState * bool =
+        if state.Accumulation.OptimizerStep >= env.Plan.TotalSteps then state, false
+        else
+            match stepWithHooks env hooks state with
+            | next, true -> next, true
+            | next, false -> loop env hooks next
+
+    /// The state a run starts from: the optimizer's fresh state and the start of the data, or a resume
+    /// point's optimizer state, data position, random state and loss scale.
+    let private initialState
+        (run: TrainRun)
+        (optimizer: FlatOptimizer)
+        (flat: FlatParameters)
+        (scaler: LossScalerConfig option)
+        (threads: ThreadBudget)
+        (resume: ResumePoint option)
+        : TrainState =
+        let fresh = optimizer.Transform.Init flat.Values
+        let freshScale = scaler |> Option.map LossScaler.init
+        let optimizerState, accumulation, lossScale =
+            match resume with
+            | Some point ->
+                let loaded = Transform.loadStateTensors point.OptimizerState fresh
+                torch.set_rng_state point.RandomState
+                loaded, point.Accumulation, (if scaler.IsSome then Option.orElse freshScale point.LossScale else freshScale)
+            | None -> fresh, Accumulation.start, freshScale
+        let updates = Optimizer.appliedUpdates optimizerState
+        { Accumulation = accumulation
+          OptimizerState = optimizerState
+          LossScale = lossScale
+          Updates = updates
+          Skipped = accumulation.OptimizerStep - updates
+          TokensSeen = 0L
+          InputTokensSeen = 0L
+          Threads = threads
+          LastLoss = nan
+          Order = epochOrder run.Plan.Options run.Communicator run.Dataset.Rows.Length accumulation.Epoch }
+
+    /// The flat learning-rate ratios of the trained parameters to the options' rate, or None when
+    /// every parameter trains at that rate.
+    let private learningRateRatios (options: TrainOptions) (learningRate: string -> float) (flat: FlatParameters) : torch.Tensor option =
+        // A peak rate of 0 trains nothing: every group's rate equals it (ratio 1), or the ratio is
+        // undefined and the run is refused (0/0 used to turn every weight into NaN).
+        let ratio name =
+            let rate = learningRate name
+            if rate = options.LearningRate then 1.0
+            elif options.LearningRate = 0.0 then
+                InvalidInput.setting "learning_rate"
+                    (sprintf "must be > 0 when parameter '%s' has its own learning rate %g: the schedule scales each rate by its ratio to {learning_rate}" name rate)
+            else rate / options.LearningRate
+        if flat.Names |> List.forall (fun name -> ratio name = 1.0) then None
+        else
+            let factors = torch.ones_like flat.Values
+            use _ = torch.no_grad ()
+            for name in flat.Names do
+                use slice = FlatParameters.sliceOf flat factors name
+                slice.fill_(ratio name) |> ignore
+            Some factors
+
+    /// Trains run.Parameters of run.Model on run.Dataset as planned, from the start or from a resume
+    /// point, as a fold of Trainer.step over TrainState. After every optimizer step it calls hooks.OnLog
+    /// (logged steps: by the LoggingStrategy, and the last) and hooks.AfterStep, which may stop the run.
+    /// Each optimizer step runs in its own dispose scope, with its hooks, so live tensors stay flat over
+    /// the run. The model is in train mode during the call and in eval mode after it. The trained
+    /// parameters end up aliasing the returned flat buffer.
+    ///
+    /// Several processes (run.Communicator of size > 1, a plan from Trainer.planFor): each process reads
+    /// its rank's rows (Sampler.distributed); the window's count, the gradients (one all-reduce of the flat
+    /// buffer) and the logged loss are summed over the processes, so every process applies the same update.
     ///
     /// Mixed precision (options.Precision Bf16 or Fp16): the given parameters are the fp32 master
-    /// weights; forward and backward run on a low-precision compute copy of model plus what attach
+    /// weights; forward and backward run on a low-precision compute copy of model plus what run.Attach
     /// attaches to it (MixedPrecision.createWith: e.g. MixedPrecision.attachLora for LoRA adapters, whose
     /// parameters are not the model's), whose gradients are added in fp32 to the master gradients after
     /// every micro-batch; clipping and the optimizer run on the fp32 master, and the trained parameters
     /// of the copy are refreshed from it after every update. Parameters that do not train (a frozen base)
     /// are rounded into the copy once. A trained parameter the copy has no counterpart of raises
-    /// InvalidInputException naming --bf16/--fp16. With fp32, attach is not used.
+    /// InvalidInputException naming --bf16/--fp16. With fp32, Attach is not used.
     ///
     /// fp16 (DeepSpeed's dynamic loss scaling, LossScaler): each micro-batch's loss is multiplied by
     /// the current scale before backward; after the window, when the gradients hold inf or NaN the
@@ -279,190 +609,61 @@ module Trainer =
     ///
     /// Rows are truncated to TrainOptions.sequenceLength (MaxSeqLen, or 0 for the model's context less
     /// the prefix; a MaxSeqLen above the context raises InvalidInputException naming --max-seq-len).
-    let trainAttached
-        (plan: TrainingPlan)
-        (model: CausalLm)
-        (attach: CausalLm -> ComputeAttachment)
-        (parameters: seq<struct (string * TorchSharp.Modules.Parameter)>)
-        (learningRate: string -> float)
-        (dataset: TokenizedDataset)
-        (resume: ResumePoint option)
-        (hooks: TrainHooks)
-        : TrainResult =
-        let options = plan.Options
-        Functional.Runtime.TorchRuntime.ensure ()
-        let mutable threads = Functional.Runtime.ThreadBudget.create options.Threads
+    let run (run: TrainRun) (resume: ResumePoint option) (hooks: TrainHooks) : TrainResult =
+        let plan, model, options = run.Plan, run.Model, run.Plan.Options
+        TorchRuntime.ensure ()
+        // The plan's epoch must be this process's share of the rows (Trainer.planFor).
+        let size = run.Communicator.Size
+        let rowsPerProcess = (run.Dataset.Rows.Length + size - 1) / size
+        let microBatches = (rowsPerProcess + options.PerDeviceTrainBatchSize - 1) / options.PerDeviceTrainBatchSize
+        if microBatches <> plan.Accumulation.MicroBatchesPerEpoch then
+            invalidArg (nameof run)
+                (sprintf "the plan has %d micro-batches per epoch, but %d rows shared by %d processes make %d: plan with Trainer.planFor %d over the dataset's rows"
+                    plan.Accumulation.MicroBatchesPerEpoch run.Dataset.Rows.Length size microBatches size)
+        let threads = ThreadBudget.create options.Threads
         let maxSeqLen = TrainOptions.sequenceLength options model.Config (CausalLm.prefixLength model)
-        let microBatchesPerEpoch = plan.Accumulation.MicroBatchesPerEpoch
-        let totalSteps = plan.TotalSteps
-        let schedule = plan.Schedule
         torch.manual_seed options.Seed |> ignore
         model.Module.train ()
-        let flat = FlatParameters.create parameters
-        let compute = MixedPrecision.createWith options.Precision model attach flat
+        let flat = FlatParameters.create run.Parameters
+        let compute = MixedPrecision.createWith options.Precision model run.Attach flat
         use _ = { new IDisposable with member _.Dispose() = compute |> Option.iter (fun c -> c.Dispose()) }
-        let computeModel = compute |> Option.map (fun c -> c.Model) |> Option.defaultValue model
         let decayMask =
             // Without weight decay the mask is never read: a one-element view spares a buffer the size
             // of the weights.
             if options.WeightDecay = 0.0 then FlatParameters.uniform flat 1.0f
             else FlatParameters.mask flat (fun name -> not (model.NoWeightDecay.Contains name))
-        let ratios =
-            // A peak rate of 0 trains nothing: every group's rate equals it (ratio 1), or the ratio is
-            // undefined and the run is refused (0/0 used to turn every weight into NaN).
-            let ratio name =
-                let rate = learningRate name
-                if rate = options.LearningRate then 1.0
-                elif options.LearningRate = 0.0 then
-                    InvalidInput.setting "learning_rate"
-                        (sprintf "must be > 0 when parameter '%s' has its own learning rate %g: the schedule scales each rate by its ratio to {learning_rate}" name rate)
-                else rate / options.LearningRate
-            if flat.Names |> List.forall (fun name -> ratio name = 1.0) then None
-            else
-                let factors = torch.ones_like flat.Values
-                use _ = torch.no_grad ()
-                for name in flat.Names do
-                    use slice = FlatParameters.sliceOf flat factors name
-                    slice.fill_(ratio name) |> ignore
-                Some factors
-        let optimizer = optimizer options schedule decayMask ratios
-        let mutable optimizerState = optimizer.Transform.Init flat.Values
-        let mutable accumulation = Accumulation.start
-        let scalerConfig =
+        let optimizer = optimizer options plan.Schedule decayMask (learningRateRatios options run.LearningRate flat)
+        let scaler =
             match options.Precision with
             | Precision.Fp16 config -> Some config
             | Precision.Fp32
             | Precision.Bf16 -> None
-        let mutable lossScale = scalerConfig |> Option.map LossScaler.init
-        let mutable updates = 0
-        match resume with
-        | Some point ->
-            optimizerState <- Transform.loadStateTensors point.OptimizerState optimizerState
-            accumulation <- point.Accumulation
-            torch.set_rng_state point.RandomState
-            updates <- appliedUpdates optimizerState
-            match scalerConfig, point.LossScale with
-            | Some _, Some state -> lossScale <- Some state
-            | _ -> ()
-        | None -> ()
-        let updatesBefore = updates
-        let mutable skippedSteps = accumulation.OptimizerStep - updates
-        let startStep = accumulation.OptimizerStep
-        let mutable epochBatches = epochMicroBatches options dataset.Rows.Length accumulation.Epoch
-        let mark phase = plan.PhaseClock |> Option.iter (fun c -> c.Mark phase)
-        let clock = Stopwatch.StartNew()
-        let mutable tokensSeen = 0L
-        let mutable inputTokensSeen = 0L
-        let mutable lastLoss = nan
-        let mutable stopped = false
-        while accumulation.OptimizerStep < totalSteps && not stopped do
-            use _ = torch.NewDisposeScope()
-            if accumulation.MicroBatchInEpoch = 0 then
-                epochBatches <- epochMicroBatches options dataset.Rows.Length accumulation.Epoch
-            let first, size = Accumulation.currentWindow plan.Accumulation accumulation
-            let window =
-                [ for i in first .. first + size - 1 ->
-                      Batching.collate maxSeqLen PadId dataset epochBatches[i] ]
-            let windowTokens = window |> List.sumBy (fun b -> b.PredictedTokens)
-            accumulation <- Accumulation.beginWindow plan.Accumulation accumulation windowTokens
-            let windowScale = lossScale |> Option.map (fun s -> s.Scale)
-            let scale = Accumulation.lossScale windowTokens * Option.defaultValue 1.0 windowScale
-            let mutable report = None
-            for index, batch in List.indexed window do
-                mark TrainingPhase.Other
-                use logits = computeModel.Module.forward batch.InputIds // (B, T, V)
-                use lossSum = Loss.causalLmSum logits batch.Labels
-                mark TrainingPhase.Forward
-                use scaled = lossSum * scale
-                scaled.backward ()
-                // The window's first micro-batch overwrites the master gradients; later ones add to them.
-                compute |> Option.iter (fun c -> MixedPrecision.accumulateGradients c flat (index = 0))
-                mark TrainingPhase.Backward
-                tokensSeen <- tokensSeen + batch.Tokens
-                inputTokensSeen <- inputTokensSeen + batch.InputIds.numel ()
-                let next, event = Accumulation.observe plan.Accumulation accumulation (lossSum.item<float32> () |> float)
-                accumulation <- next
-                match event with
-                | AccumulationEvent.Step r -> report <- Some r
-                | AccumulationEvent.Accumulating -> ()
-            let r = report |> Option.defaultWith (fun () -> invalidOp "an accumulation window ended without an optimizer step")
-            let apply =
-                match scalerConfig, lossScale with
-                | Some config, Some state ->
-                    let decision = LossScaler.decide config state (LossScaler.hasOverflow flat.Grads)
-                    if decision.Change = OverflowAtMinimum then
-                        InvalidInput.setting "fp16"
-                            (sprintf "the gradients overflowed at the minimum loss scale %g in step %d: fp16 cannot hold them (lower {min_loss_scale}, or train with {bf16})"
-                                state.Scale r.OptimizerStep)
-                    if decision.ApplyUpdate then LossScaler.unscale state.Scale flat.Grads
-                    lossScale <- Some decision.Next
-                    decision.ApplyUpdate
-                | _ -> true
-            let learningRate = schedule updates
-            mark TrainingPhase.Other
-            if apply then
-                optimizerState <- optimizer.Step flat optimizerState (compute |> Option.map (fun c -> c.Values))
-                updates <- updates + 1
-            else
-                skippedSteps <- skippedSteps + 1
-            // With a compute copy, the window's first micro-batch overwrites the master gradients
-            // (MixedPrecision.accumulateGradients): only fp32 training accumulates into them.
-            if compute.IsNone then FlatParameters.zeroGrads flat
-            mark TrainingPhase.Optimizer
-            if apply then
-                // A window without predicted tokens has a NaN mean loss by definition, and no gradient.
-                if r.Tokens > 0L && not (Double.IsFinite r.Loss) then diverged options r.OptimizerStep (sprintf "the loss is %g" r.Loss)
-                let gradNorm = Transform.lastGradNorm optimizerState
-                if not (Double.IsFinite gradNorm) then diverged options r.OptimizerStep (sprintf "the gradient norm is %g" gradNorm)
-                if updates = updatesBefore + 1 then ensureFinite options r.OptimizerStep flat
-            lastLoss <- r.Loss
-            let seconds = clock.Elapsed.TotalSeconds
-            let log =
-                { Step = r.OptimizerStep
-                  TotalSteps = totalSteps
-                  StartStep = startStep
-                  Epoch = float accumulation.Epoch + float accumulation.MicroBatchInEpoch / float microBatchesPerEpoch
-                  Loss = r.Loss
-                  LearningRate = learningRate
-                  GradNorm = if apply then Transform.lastGradNorm optimizerState else nan
-                  PredictedTokens = r.Tokens
-                  TokensPerSecond = float tokensSeen / max seconds 1e-9
-                  ElapsedSeconds = seconds
-                  LossScale = windowScale
-                  UpdateSkipped = not apply
-                  SkippedSteps = skippedSteps
-                  Threads = threads.Threads
-                  MaxThreads = threads.Maximum }
-            let epochEnded = accumulation.Epoch > r.Epoch
-            let logged =
-                r.OptimizerStep = totalSteps
-                || match options.LoggingStrategy with
-                   | IntervalStrategy.Steps -> r.OptimizerStep % options.LoggingSteps = 0
-                   | IntervalStrategy.Epoch -> epochEnded
-                   | IntervalStrategy.No -> false
-            if logged then hooks.OnLog log
-            let decision =
-                hooks.AfterStep
-                    { Log = log
-                      Logged = logged
-                      Accumulation = accumulation
-                      EpochEnded = epochEnded
-                      InputTokensSeen = inputTokensSeen
-                      Parameters = flat
-                      OptimizerState = optimizerState
-                      LossScale = lossScale
-                      ComputeModel = computeModel }
-            stopped <- decision = StepDecision.Stop && accumulation.OptimizerStep < totalSteps
-            threads <- Functional.Runtime.ThreadBudget.adjust threads
+        let state = initialState run optimizer flat scaler threads resume
+        let env =
+            { Plan = plan
+              Dataset = run.Dataset
+              MaxSeqLen = maxSeqLen
+              Objective = run.Objective
+              Communicator = run.Communicator
+              Flat = flat
+              Compute = compute
+              ComputeModel = compute |> Option.map (fun c -> c.Model) |> Option.defaultValue model
+              Optimizer = optimizer
+              LossScaler = scaler
+              Clock = Stopwatch.StartNew()
+              StartStep = state.Accumulation.OptimizerStep
+              UpdatesAtStart = state.Updates }
+        let final, stopped = loop env hooks state
         model.Module.eval ()
         { Parameters = flat
-          OptimizerState = optimizerState
-          FinalLoss = lastLoss
-          Steps = accumulation.OptimizerStep
+          OptimizerState = final.OptimizerState
+          FinalLoss = final.LastLoss
+          Steps = final.Accumulation.OptimizerStep
           Stopped = stopped }
 
-    /// trainAttached with nothing attached to the compute copy (MixedPrecision.attachNothing): the
-    /// parameters are model's own (all of them, or a subset, the others frozen).
+    /// run with nothing attached to the compute copy (MixedPrecision.attachNothing): the parameters are
+    /// model's own (all of them, or a subset, the others frozen), each at its peak learning rate
+    /// learningRate(name).
     let trainParameters
         (plan: TrainingPlan)
         (model: CausalLm)
@@ -472,8 +673,8 @@ module Trainer =
         (resume: ResumePoint option)
         (hooks: TrainHooks)
         : TrainResult =
-        trainAttached plan model MixedPrecision.attachNothing parameters learningRate dataset resume hooks
+        run { setup plan model dataset with Parameters = parameters; LearningRate = learningRate } resume hooks
 
-    /// Trains every parameter of model: trainParameters with model.Module.named_parameters ().
+    /// Trains every parameter of model: run (Trainer.setup plan model dataset).
     let train (plan: TrainingPlan) (model: CausalLm) (dataset: TokenizedDataset) (resume: ResumePoint option) (hooks: TrainHooks) : TrainResult =
-        trainParameters plan model (model.Module.named_parameters ()) (fun _ -> plan.Options.LearningRate) dataset resume hooks
+        run (setup plan model dataset) resume hooks

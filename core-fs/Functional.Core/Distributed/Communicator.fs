@@ -1,0 +1,96 @@
+namespace Functional.Distributed
+
+open System
+open TorchSharp
+open Functional.Runtime
+
+/// The collective operations of a data-parallel (or sharded, ZeRO) run over tensors, as a
+/// torch.distributed process group offers them. Every process of the run calls the same operations in
+/// the same order, each with tensors of the same shape and dtype; an operation returns on a process once
+/// that process's part of the result is in place. Sums work in place, on the given tensors.
+type ICommunicator =
+    /// This process's index in the run, from 0 (torch's RANK).
+    abstract Rank: int
+
+    /// The number of processes in the run (torch's WORLD_SIZE), at least 1.
+    abstract Size: int
+
+    /// This process's index among the processes on its machine (torch's LOCAL_RANK): which accelerator
+    /// it drives.
+    abstract LocalRank: int
+
+    /// Sums tensor over all processes, in place: afterwards every process holds the same sum.
+    abstract AllReduce: tensor: torch.Tensor -> unit
+
+    /// Sums input over all processes and leaves in output this process's part of the sum: input is
+    /// Size parts of output's length, one after the other, and process r receives part r.
+    abstract ReduceScatter: input: torch.Tensor * output: torch.Tensor -> unit
+
+    /// Writes every process's input into output, part r (of input's length) from process r, so that
+    /// afterwards every process holds all the parts.
+    abstract AllGather: input: torch.Tensor * output: torch.Tensor -> unit
+
+    /// Overwrites tensor on every process with the one of process root.
+    abstract Broadcast: tensor: torch.Tensor * root: int -> unit
+
+    /// Returns once every process has called it.
+    abstract Barrier: unit -> unit
+
+/// The communicator of a run with one process (rank 0 of 1): every sum is the tensor itself, so
+/// AllReduce, Broadcast and Barrier leave everything as it is, and ReduceScatter and AllGather copy
+/// input into output (the one part). Shapes are checked as a real communicator would check them.
+[<Sealed>]
+type SingleProcess() =
+    static let check (input: torch.Tensor) (output: torch.Tensor) (operation: string) =
+        if input.numel () <> output.numel () then
+            invalidArg (nameof output)
+                (sprintf "%s with one process needs an output of the input's %d elements, got %d" operation (input.numel ()) (output.numel ()))
+
+    static let copy (input: torch.Tensor) (output: torch.Tensor) =
+        if not (Object.ReferenceEquals(input, output)) then
+            use _ = torch.no_grad ()
+            use source = input.reshape output.shape
+            output.copy_ source |> ignore
+
+    interface ICommunicator with
+        member _.Rank = 0
+        member _.Size = 1
+        member _.LocalRank = 0
+        member _.AllReduce _ = ()
+
+        member _.ReduceScatter(input, output) =
+            check input output "ReduceScatter"
+            copy input output
+
+        member _.AllGather(input, output) =
+            check input output "AllGather"
+            copy input output
+
+        member _.Broadcast(_, root) =
+            if root <> 0 then invalidArg (nameof root) (sprintf "the root must be rank 0 of a single process, got %d" root)
+
+        member _.Barrier() = ()
+
+/// Communicators and the reductions of plain numbers the trainer needs.
+[<RequireQualifiedAccess>]
+module Communicator =
+
+    /// The communicator of a run with one process.
+    let singleProcess: ICommunicator = SingleProcess()
+
+    /// The sum of value over all processes (an all-reduce of one int64): e.g. a window's predicted
+    /// tokens, so that every process normalizes its loss by the tokens of the whole window.
+    let sumInt64 (communicator: ICommunicator) (value: int64) : int64 =
+        TorchRuntime.ensure ()
+        use tensor = torch.tensor value
+        communicator.AllReduce tensor
+        tensor.item<int64> ()
+
+    /// The sum of value over all processes (an all-reduce of one float64): e.g. a window's summed loss,
+    /// or, as a Transform.NormReduction, the squared gradient norms of the shards of a sharded gradient.
+    /// With one process it is value exactly.
+    let sumFloat (communicator: ICommunicator) (value: float) : float =
+        TorchRuntime.ensure ()
+        use tensor = torch.tensor value
+        communicator.AllReduce tensor
+        tensor.item<float> ()
