@@ -142,9 +142,10 @@ module Lora =
     /// named_modules() order.
     let private projections (lm: CausalLm) =
         [ for struct (name, m) in lm.Module.named_modules () do
-              match m with
+              match box m with
               | :? Linear as l -> yield name, (l :> torch.nn.Module<torch.Tensor, torch.Tensor>), l.weight, OutByIn, l.in_features, l.out_features
-              | :? Conv1D as c -> yield name, (c :> torch.nn.Module<torch.Tensor, torch.Tensor>), c.Weight, InByOut, c.Weight.shape[0], c.Weight.shape[1]
+              | :? ITransposedWeight as c -> // GPT-2's Conv1D (Models/Blocks.fs)
+                  yield name, (m :?> torch.nn.Module<torch.Tensor, torch.Tensor>), c.Weight, InByOut, c.Weight.shape[0], c.Weight.shape[1]
               | _ -> () ]
 
     /// PEFT's rule for a list of target_modules: the name equals the target or ends with "." + target.
