@@ -558,9 +558,10 @@ type DecoderBackbone(name: string) =
 type CausalLmHead(name: string, backboneName: string, backbone: DecoderBackbone, lmHead: Linear option) as this =
     inherit torch.nn.Module<torch.Tensor, torch.Tensor>(name)
     do
+        // Registered explicitly and only so: RegisterComponents would register the backbone a second
+        // time under its field's name ("backbone") instead of HF's backboneName.
         this.register_module(backboneName, backbone)
         lmHead |> Option.iter (fun head -> this.register_module("lm_head", head))
-        this.RegisterComponents()
 
     /// The backbone below the head.
     member _.Backbone = backbone
