@@ -6,7 +6,8 @@ open TorchSharp.Modules
 open System.Text.Json
 open Functional.Runtime
 
-// LLaMA as HF transformers' LlamaForCausalLM (modeling_llama.py), built bottom-up.
+// LLaMA as HF transformers' LlamaForCausalLM (modeling_llama.py), built bottom-up, with its variants
+// as data (LlamaVariant): Qwen2 (q/k/v biases) and Mistral (a sliding window) share its layout and names.
 // As in Gpt2.fs, each module registers its parts explicitly under HF's names and in HF's order, so
 // named_parameters() yields the state-dict names ("model.layers.0.self_attn.q_proj.weight", ...) in
 // HF's order; the fields holding the parts carry the same names.

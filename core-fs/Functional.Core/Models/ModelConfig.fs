@@ -220,6 +220,7 @@ module ConfigJson =
             | true, v when v.ValueKind <> JsonValueKind.Null -> Some v
             | _ -> None
 
+        /// The field as an integer; fallback when absent or null (None: the field is required).
         member r.Int (field: string) (fallback: int option) =
             match r.TryGet field, fallback with
             | Some v, _ when v.ValueKind = JsonValueKind.Number && fst (v.TryGetInt32()) -> v.GetInt32()
@@ -227,12 +228,14 @@ module ConfigJson =
             | None, Some d -> d
             | None, None -> r.Fail field "required field is missing"
 
+        /// The field as a number; fallback when absent or null.
         member r.Float (field: string) (fallback: float) =
             match r.TryGet field with
             | Some v when v.ValueKind = JsonValueKind.Number -> v.GetDouble()
             | Some v -> r.Fail field (sprintf "expected a number, found %s" (describe v))
             | None -> fallback
 
+        /// The field as true or false; fallback when absent or null.
         member r.Bool (field: string) (fallback: bool) =
             match r.TryGet field with
             | Some v when v.ValueKind = JsonValueKind.True -> true
@@ -240,12 +243,14 @@ module ConfigJson =
             | Some v -> r.Fail field (sprintf "expected true or false, found %s" (describe v))
             | None -> fallback
 
+        /// The field as a string; None when absent or null.
         member r.String (field: string) =
             match r.TryGet field with
             | Some v when v.ValueKind = JsonValueKind.String -> Some(v.GetString())
             | Some v -> r.Fail field (sprintf "expected a string, found %s" (describe v))
             | None -> None
 
+        /// The field as an activation name (Activation.tryParse); fallback when absent or null.
         member r.Activation (field: string) (fallback: Activation) =
             match r.String field with
             | None -> fallback
@@ -256,20 +261,24 @@ module ConfigJson =
                     r.Fail field (sprintf "unsupported activation \"%s\"; expected one of %s"
                                       name (String.Join(", ", Activation.supportedNames)))
 
+        /// value when it is a positive integer; raises naming the field otherwise.
         member r.Positive (field: string) (value: int) =
             if value <= 0 then r.Fail field (sprintf "expected a positive integer, found %d" value)
             value
 
+        /// value when it is a dropout probability in [0, 1); raises naming the field otherwise.
         member r.Probability (field: string) (value: float) =
             if not (value >= 0.0 && value < 1.0) then
                 r.Fail field (sprintf "expected a dropout probability in [0, 1), found %g" value)
             value
 
+        /// value when it is a positive finite number; raises naming the field otherwise.
         member r.PositiveFloat (field: string) (value: float) =
             if not (value > 0.0 && Double.IsFinite value) then
                 r.Fail field (sprintf "expected a positive number, found %g" value)
             value
 
+        /// value when it is a non-negative finite number; raises naming the field otherwise.
         member r.NonNegativeFloat (field: string) (value: float) =
             if not (value >= 0.0 && Double.IsFinite value) then
                 r.Fail field (sprintf "expected a non-negative number, found %g" value)
