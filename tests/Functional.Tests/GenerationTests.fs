@@ -61,7 +61,8 @@ let private llamaConfig =
           AttentionBias = false
           MlpBias = false
           AttentionDropout = 0.0
-          PadTokenId = None }
+          PadTokenId = None
+          Variant = LlamaVariant.llama }
 
 let private families = [ "GPT-2", gpt2Config; "LLaMA (GQA)", llamaConfig ]
 

@@ -351,6 +351,14 @@ let tests =
                 use after = logits lm ids
                 expectEqual after before "logits after Dispose")
 
+        torchTest "without target modules or module name the family's default targets are adapted (PEFT's mapping)" (fun () ->
+            for config, expected in [ gpt2Config, [ "c_attn" ]; llamaConfig, [ "q_proj"; "v_proj" ] ] do
+                let lm = model config
+                Lora.validate (lora 2 4.0 [])
+                use adapters = Lora.wrap (lora 2 4.0 []) lm 1L
+                let chosen = [ for a in adapters.Adapters -> a.ModuleName.Substring(a.ModuleName.LastIndexOf '.' + 1) ] |> List.distinct
+                Expect.equal chosen expected "default targets"
+                Expect.equal adapters.TargetModuleNames expected "target_modules as saved")
         torchTest "bad configurations raise InvalidInputException naming the option" (fun () ->
             let lm = model gpt2Config
             let wrap config () = (Lora.wrap config lm 1L :> IDisposable).Dispose()
@@ -359,7 +367,6 @@ let tests =
             expectInvalid "--lora-alpha" "" "positive" (wrap { gpt2Lora with Alpha = nan })
             expectInvalid "--lora-dropout" "" "[0, 1)" (wrap { gpt2Lora with Dropout = 1.0 })
             expectInvalid "--lora-dropout" "" "[0, 1)" (wrap { gpt2Lora with Dropout = -0.1 })
-            expectInvalid "--lora-target-modules" "" "no projection chosen" (wrap { gpt2Lora with TargetModules = [] })
             expectInvalid "--lora-target-modules" "" "c_attn, c_proj, c_fc" (wrap { gpt2Lora with TargetModules = [ "c_attn"; "q_proj" ] })
             expectInvalid "--lora-target-modules" "" "without spaces" (wrap { gpt2Lora with TargetModules = [ " c_attn" ] })
             expectInvalid "--lora-module-name" "" "transformer.h.0.attn.c_attn" (wrap { gpt2Lora with TargetModules = []; ModuleNameSubstring = Some "layers." })

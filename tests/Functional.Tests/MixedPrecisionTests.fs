@@ -455,7 +455,7 @@ let private autocast =
             use q = draw ()
             use k = draw ()
             use v = draw ()
-            use y = Models.CausalAttention.apply q k v 0.0
+            use y = Models.CausalAttention.apply q k v { Dropout = 0.0; Bias = Models.NoBias }
             use expected =
                 use scope = torch.NewDisposeScope()
                 let scores = torch.matmul(q, k.transpose(-2L, -1L)).to_type(torch.float32) * (1.0 / Math.Sqrt 8.0)

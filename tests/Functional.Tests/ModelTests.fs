@@ -60,7 +60,8 @@ let private tinyLlama =
       AttentionBias = false
       MlpBias = false
       AttentionDropout = 0.0
-      PadTokenId = None }
+      PadTokenId = None
+      Variant = LlamaVariant.llama }
 
 let private names (lm: CausalLm) = CausalLm.parameterSpec lm |> List.map fst
 
@@ -172,7 +173,8 @@ let private expectedLlamaConfig =
       AttentionBias = false
       MlpBias = false
       AttentionDropout = 0.0
-      PadTokenId = None }
+      PadTokenId = None
+      Variant = LlamaVariant.llama }
 
 /// The gpt2 config with one field's JSON text replaced (or the field removed when value is None).
 let private editGpt2 (field: string) (value: string option) =
@@ -481,7 +483,7 @@ let private numericTests =
                 let k_proj = torch.nn.Linear(hidden, kvWidth, hasBias = true)
                 let v_proj = torch.nn.Linear(hidden, kvWidth, hasBias = true)
                 let o_proj = torch.nn.Linear(heads * hd, hidden, hasBias = true)
-                use attention = new LlamaAttention(q_proj, k_proj, v_proj, o_proj, 4, kvHeads, 4, 0.0)
+                use attention = new LlamaAttention(q_proj, k_proj, v_proj, o_proj, 4, kvHeads, 4, 0.0, NoBias)
                 use x = torch.randn(2L, T, hidden)
                 use invFreq = Rotary.inverseFrequencies 4 10000.0
                 let cos, sin = Rotary.cosSin invFreq (torch.arange(T, dtype = torch.int64))
@@ -534,14 +536,14 @@ let private numericTests =
             let gpt2 = Gpt2.build tinyGpt2 2L
             use ids = randomIds 11 [| 2L; 5L |] 2L
             use logits = gpt2.forward ids
-            use hidden = gpt2.Transformer.forward ids
-            use expected = hidden.matmul(gpt2.Transformer.Wte.weight.t())
+            use hidden = gpt2.Backbone.forward ids
+            use expected = hidden.matmul(gpt2.Backbone.TokenEmbedding.weight.t())
             expectClose 1e-6 logits expected "gpt2"
             let llama = Llama.build { tinyLlama with TieWordEmbeddings = true } 2L
             use ids = randomIds 13 [| 2L; 5L |] 3L
             use logits = llama.forward ids
-            use hidden = llama.Model.forward ids
-            use expected = hidden.matmul(llama.Model.EmbedTokens.weight.t())
+            use hidden = llama.Backbone.forward ids
+            use expected = hidden.matmul(llama.Backbone.TokenEmbedding.weight.t())
             expectClose 1e-6 logits expected "llama")
         torchTest "changing token t changes no logits before t, and changes logits at t (causality)" (fun () ->
             for config in [ Gpt2 tinyGpt2; Llama tinyLlama ] do

@@ -182,4 +182,5 @@ let tinyLlama : Functional.Models.LlamaConfig =
       AttentionBias = false
       MlpBias = false
       AttentionDropout = 0.0
-      PadTokenId = None }
+      PadTokenId = None
+      Variant = Functional.Models.LlamaVariant.llama }

@@ -172,9 +172,12 @@ module TrainingBenchmark =
     /// quick and test runs.
     let resize (layers: int) (width: int) (batchSize: int) (sequenceLength: int) (config: BenchmarkConfig) : BenchmarkConfig =
         let heads = max 1 (width / 64)
-        match config.Model with
-        | Gpt2 _ -> gpt2 config.Name layers width heads batchSize sequenceLength
-        | Llama _ -> llamaConfig config.Name layers width heads ((width * 8 / 3 + 7) / 8 * 8) batchSize sequenceLength
+        let resized = ModelFamily.resize layers width heads config.Model
+        // Written and parsed again, so a width the heads do not divide is refused as in a config.json.
+        { config with
+            Model = ModelConfig.parse config.Name (ModelConfig.toJson resized)
+            BatchSize = batchSize
+            SequenceLength = sequenceLength }
 
     /// Token `position` of synthetic row `row`: (row * 7919 + position * 31) % vocabulary. The same
     /// formula as tools/reference/bench_torch.py, so both sides train on the same data.
@@ -188,8 +191,7 @@ module TrainingBenchmark =
     /// Parameters whose only use is a table lookup: the position table (GPT-2's wpe) and the token
     /// embedding when the head is untied (its matmul counts through the head's own weight).
     let private lookupOnly (lm: CausalLm) (name: string) =
-        name = "transformer.wpe.weight"
-        || (lm.TiedKeys.IsEmpty && (name = "transformer.wte.weight" || name = "model.embed_tokens.weight"))
+        (ModelFamily.traits lm.Config).LookupOnly |> List.contains name
 
     /// N of the FLOPs formula: every parameter that takes part in a matmul, i.e. all parameters but the
     /// lookup-only embeddings (GPT-2: all but wpe, the tied wte counted once as the head; LLaMA: all but
@@ -200,9 +202,8 @@ module TrainingBenchmark =
         |> List.sumBy (fun (_, shape) -> Array.fold (*) 1L shape)
 
     let private depthAndWidth (config: ModelConfig) =
-        match config with
-        | Gpt2 c -> c.NLayer, c.NEmbd
-        | Llama c -> c.NumHiddenLayers, c.HiddenSize
+        let traits = ModelFamily.traits config
+        traits.Depth, traits.Width
 
     /// Model FLOPs of one trained token (forward and backward) at sequence length T: 6 N + 12 L T d
     /// (PaLM, appendix B: 6 N for the matmuls with weights, 12 L T d for attention's scores and

@@ -72,19 +72,16 @@ type private DecodingState =
 [<RequireQualifiedAccess>]
 module Generator =
 
-    let private vocabularySize (lm: CausalLm) =
-        match lm.Config with
-        | Gpt2 c -> c.VocabSize
-        | Llama c -> c.VocabSize
+    let private vocabularySize (lm: CausalLm) = (ModelFamily.traits lm.Config).VocabSize
 
-    /// The most positions the tokens can take: the model's context (GPT-2's n_positions, LLaMA's
-    /// max_position_embeddings, see ModelConfig.contextLength) less those of a prefix.
+    /// The most positions the tokens can take: the model's context (FamilyTraits.PositionLimit: GPT-2's
+    /// n_positions, LLaMA's max_position_embeddings) less those of a prefix.
     let internal positionLimit (lm: CausalLm) =
-        ModelConfig.contextLength lm.Config - CausalLm.prefixLength lm
+        (ModelFamily.traits lm.Config).PositionLimit - CausalLm.prefixLength lm
 
     /// How a position limit reads in messages: the config field, and what a prefix takes of it.
     let internal describeLimit (lm: CausalLm) (limit: int) =
-        let field = ModelConfig.contextField lm.Config
+        let field = (ModelFamily.traits lm.Config).PositionField
         match CausalLm.prefixLength lm with
         | 0 -> sprintf "the model's context is %s = %d" field limit
         | prefix -> sprintf "the model's context is %s = %d, %d of them taken by the prefix" field (limit + prefix) prefix

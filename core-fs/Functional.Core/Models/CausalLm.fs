@@ -37,13 +37,14 @@ type CausalLm =
 [<RequireQualifiedAccess>]
 module CausalLm =
 
-    /// Names of the parameters that belong to normalization layers (LayerNorm, RMSNorm) or are biases.
+    /// Names of the parameters that belong to normalization layers (LayerNorm, any INormalization such
+    /// as RMSNorm) or are biases.
     let private noWeightDecay (model: torch.nn.Module) =
         let normParameters =
             [ for moduleName, m in model.named_modules () do
-                  match m with
+                  match box m with
                   | :? LayerNorm
-                  | :? RmsNorm ->
+                  | :? INormalization ->
                       for name, _ in m.named_parameters () do
                           yield moduleName + "." + name
                   | _ -> () ]
@@ -52,27 +53,17 @@ module CausalLm =
                   if name = "bias" || name.EndsWith ".bias" then yield name ]
         Set.ofList (normParameters @ biases)
 
-    /// Builds the model the config describes, with HF's initialization drawn from a generator seeded
-    /// with seed (the same seed gives the same weights).
+    /// Builds the model the config describes (ModelFamily.build), with HF's initialization drawn from a
+    /// generator seeded with seed (the same seed gives the same weights); names as ModelFamily.traits says.
     let create (config: ModelConfig) (seed: int64) : CausalLm =
         TorchRuntime.ensure ()
-        let lm, prefix, ignored, tied =
-            match config with
-            | Gpt2 c ->
-                Gpt2.build c seed :> torch.nn.Module<torch.Tensor, torch.Tensor>,
-                "transformer.",
-                [ ".attn.bias"; ".attn.masked_bias" ],
-                c.TieWordEmbeddings
-            | Llama c ->
-                Llama.build c seed :> torch.nn.Module<torch.Tensor, torch.Tensor>,
-                "model.",
-                [ ".rotary_emb.inv_freq" ],
-                c.TieWordEmbeddings
+        let traits = ModelFamily.traits config
+        let lm = ModelFamily.build config seed :> torch.nn.Module<torch.Tensor, torch.Tensor>
         { Config = config
           Module = lm
-          BasePrefix = prefix
-          IgnoredBufferSuffixes = ignored
-          TiedKeys = if tied then [ "lm_head.weight" ] else []
+          BasePrefix = traits.BasePrefix
+          IgnoredBufferSuffixes = traits.IgnoredBufferSuffixes
+          TiedKeys = traits.TiedKeys
           NoWeightDecay = noWeightDecay lm }
 
     /// The parameters' names and shapes, in named_parameters() order (each tensor once: a tied head

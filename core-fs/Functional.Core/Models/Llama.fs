@@ -3,143 +3,22 @@ namespace Functional.Models
 open System
 open TorchSharp
 open TorchSharp.Modules
+open System.Text.Json
 open Functional.Runtime
 
-// LLaMA as HF transformers' LlamaForCausalLM (modeling_llama.py), built bottom-up.
+// LLaMA as HF transformers' LlamaForCausalLM (modeling_llama.py), built bottom-up, with its variants
+// as data (LlamaVariant): Qwen2 (q/k/v biases) and Mistral (a sliding window) share its layout and names.
 // As in Gpt2.fs, each module registers its parts explicitly under HF's names and in HF's order, so
 // named_parameters() yields the state-dict names ("model.layers.0.self_attn.q_proj.weight", ...) in
 // HF's order; the fields holding the parts carry the same names.
 
-/// LLaMA's RMSNorm as HF computes it: in fp32, x * rsqrt(mean(x^2) + eps), cast back to the input
-/// dtype, then scaled by weight. On the fp32 residual stream of a bf16/fp16 model (Autocast), where x's
-/// dtype differs from the weight's, the scaling runs in fp32 too (as autocast's fp32 weight would) and
-/// the result is rounded once to the weight's dtype, the input dtype of the next projection.
-type RmsNorm(dim: int64, eps: float) as this =
-    inherit torch.nn.Module<torch.Tensor, torch.Tensor>("LlamaRMSNorm")
-    let weight = torch.nn.Parameter(torch.ones(dim).DetachFromDisposeScope()) // (dim)
-    do
-        this.register_parameter("weight", weight)
-        this.RegisterComponents()
-
-    /// The scale, shaped (dim).
-    member _.Weight = weight
-
-    /// (..., dim) -> (..., dim).
-    override _.forward(x) =
-        use scope = torch.NewDisposeScope()
-        let fp32 = x.dtype = torch.float32
-        let x32 = if fp32 then x else x.to_type torch.float32
-        let variance = x32.square().mean([| -1L |], keepdim = true) // (..., 1)
-        let normed = x32 * (variance + eps).rsqrt_()
-        if x.dtype = weight.dtype then scope.MoveToOuter(weight * (if fp32 then normed else normed.to_type x.dtype))
-        else scope.MoveToOuter((normed * weight.to_type torch.float32).to_type weight.dtype)
-
-/// Rotary position embeddings in HF's rotate_half convention: a head vector's first and second
-/// halves are the two coordinates of each rotated pair.
-[<RequireQualifiedAccess>]
-module Rotary =
-
-    /// HF's inv_freq: 1 / theta^(arange(0, headDim, 2) / headDim), in fp32 as HF computes it. (headDim / 2)
-    let inverseFrequencies (headDim: int) (theta: float) : torch.Tensor =
-        use scope = torch.NewDisposeScope()
-        let exponents = torch.arange(0L, int64 headDim, 2L, dtype = torch.int64).to_type(torch.float32) / float headDim
-        let powers = torch.pow(torch.tensor(theta, dtype = torch.float32), exponents)
-        scope.MoveToOuter(powers.reciprocal())
-
-    /// cos and sin of the angles position * inv_freq, each half repeated: (T) positions -> (T, headDim) twice.
-    let cosSin (inverseFrequencies: torch.Tensor) (positions: torch.Tensor) : torch.Tensor * torch.Tensor =
-        use scope = torch.NewDisposeScope()
-        let freqs = torch.outer(positions.to_type torch.float32, inverseFrequencies) // (T, hd/2)
-        let angles = torch.cat([| freqs; freqs |], -1L) // (T, hd)
-        scope.MoveToOuter(angles.cos()), scope.MoveToOuter(angles.sin())
-
-    /// HF's rotate_half: (x1, x2) -> (-x2, x1) over the halves of the last dimension.
-    let rotateHalf (x: torch.Tensor) : torch.Tensor =
-        use scope = torch.NewDisposeScope()
-        let half = x.shape[x.shape.Length - 1] / 2L
-        let x1 = x.narrow(-1L, 0L, half)
-        let x2 = x.narrow(-1L, half, half)
-        scope.MoveToOuter(torch.cat([| x2.neg(); x1 |], -1L))
-
-    /// sin with the first half of its last dimension negated, for applySigned: rotate_half's negation
-    /// moved onto the table, where one forward computes it once for every layer. (..., hd) -> (..., hd).
-    let signHalf (sin: torch.Tensor) : torch.Tensor =
-        use scope = torch.NewDisposeScope()
-        let half = sin.shape[sin.shape.Length - 1] / 2L
-        scope.MoveToOuter(torch.cat([| sin.narrow(-1L, 0L, half).neg(); sin.narrow(-1L, half, half) |], -1L))
-
-    /// apply with the sin table given as signHalf sin: x * cos + roll(x, hd / 2) * signedSin, where
-    /// roll(x, hd / 2) = (x2, x1) and signedSin = (-sin1, sin2), so the products are rotate_half's
-    /// (-x2 sin1 equals x2 (-sin1) exactly) in four tensor operations instead of seven.
-    let applySigned (x: torch.Tensor) (cos: torch.Tensor) (signedSin: torch.Tensor) : torch.Tensor =
-        use scope = torch.NewDisposeScope()
-        let shape = x.shape
-        let half = shape[shape.Length - 1] / 2L
-        let rotate (x: torch.Tensor) (cos: torch.Tensor) (signedSin: torch.Tensor) =
-            x * cos + x.roll(half, -1L) * signedSin
-        let dtype = x.dtype
-        if Autocast.isLowPrecision dtype then
-            let x32 = x.to_type torch.float32
-            scope.MoveToOuter((rotate x32 (cos.to_type torch.float32) (signedSin.to_type torch.float32)).to_type dtype)
-        else
-            let cos = if cos.dtype = dtype then cos else cos.to_type dtype
-            let signedSin = if signedSin.dtype = dtype then signedSin else signedSin.to_type dtype
-            scope.MoveToOuter(rotate x cos signedSin)
-
-    /// x * cos + rotate_half(x) * sin: (B, nh, T, hd) with cos, sin (T, hd) or per row (B, 1, T, hd)
-    /// -> (B, nh, T, hd) in x's dtype. HF casts the tables to the dtype of the hidden states, which under
-    /// autocast is the fp32 residual stream: bf16/fp16 q and k are rotated in fp32 and rounded once to
-    /// their dtype (what the attention kernel then receives), as here. The models compute signHalf once
-    /// per forward and call applySigned.
-    let apply (x: torch.Tensor) (cos: torch.Tensor) (sin: torch.Tensor) : torch.Tensor =
-        use signedSin = signHalf sin
-        applySigned x cos signedSin
-
-/// HF's LlamaRotaryEmbedding (default rope type): holds inv_freq as a non-persistent buffer, so it is
-/// neither a parameter nor part of the state dict. (TorchSharp 0.107 leaves non-persistent buffers out
-/// of named_buffers() and Module.to(), so CosSin brings inv_freq to the positions' device itself.)
-type LlamaRotaryEmbedding(headDim: int, theta: float) as this =
-    inherit torch.nn.Module("LlamaRotaryEmbedding")
-    let inv_freq = (Rotary.inverseFrequencies headDim theta).DetachFromDisposeScope() // (hd/2)
-    do
-        this.register_buffer("inv_freq", inv_freq, persistent = false)
-        this.RegisterComponents()
-
-    /// inv_freq, (headDim / 2) fp32.
-    member _.InverseFrequencies = inv_freq
-
-    /// The rotary cos and sin for (T) int64 positions, each (T, headDim) fp32 on the positions' device.
-    member _.CosSin(positions: torch.Tensor) =
-        use inverseFrequencies = inv_freq.``to`` positions.device
-        Rotary.cosSin inverseFrequencies positions
-
-    /// The rotary cos and sin for per-row (B, T) int64 positions, each (B, 1, T, headDim) fp32, so they
-    /// broadcast over the heads.
-    member this.CosSinPerRow(positions: torch.Tensor) =
-        use scope = torch.NewDisposeScope()
-        let B, T = positions.shape[0], positions.shape[1]
-        let cos, sin = this.CosSin(positions.reshape(-1L)) // (B * T, hd) each
-        let perRow (t: torch.Tensor) = scope.MoveToOuter(t.view(B, 1L, T, -1L)) // (B, 1, T, hd)
-        perRow cos, perRow sin
-
-/// Repeats each key/value head nRep times, as HF's repeat_kv: (B, nkv, T, hd) -> (B, nkv * nRep, T, hd).
-[<RequireQualifiedAccess>]
-module GroupedQuery =
-
-    /// Key/value head j serves query heads j * nRep .. j * nRep + nRep - 1.
-    let repeatKv (x: torch.Tensor) (nRep: int64) : torch.Tensor =
-        if nRep = 1L then x.alias ()
-        else
-            let B, nkv, T, hd = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
-            use expanded = x.unsqueeze(2).expand(B, nkv, nRep, T, hd) // (B, nkv, nRep, T, hd)
-            expanded.reshape(B, nkv * nRep, T, hd)
-
 /// LLaMA's causal self-attention with grouped-query heads: q, k, v and o projections (nn.Linear,
-/// bias when attention_bias), rotary embeddings on q and k, k and v repeated to the query heads.
-/// attentionDropout applies to the attention probabilities in training only.
+/// biased as the variant says), rotary embeddings on q and k, k and v repeated to the query heads.
+/// attentionDropout applies to the attention probabilities in training only; bias is NoBias, or
+/// Mistral's sliding Window.
 type LlamaAttention
     (q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear,
-     numHeads: int, numKeyValueHeads: int, headDim: int, attentionDropout: float) as this =
+     numHeads: int, numKeyValueHeads: int, headDim: int, attentionDropout: float, bias: AttentionBias) as this =
     inherit torch.nn.Module<torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor>("LlamaAttention")
     do
         this.register_module("q_proj", q_proj)
@@ -162,7 +41,8 @@ type LlamaAttention
         Rotary.applySigned q cos signedSin, Rotary.applySigned k cos signedSin, v
 
     /// Attention of q (B, nh, T, hd) over k, v (B, nkv, T_total, hd), repeated to the query heads, with
-    /// SDPA's mask and causal flag, merged and projected: (B, T, hidden).
+    /// the cached forward's mask (IncrementalDecoding.keyMask) or, when causal, the training forward's
+    /// causal mask and bias; merged and projected: (B, T, hidden).
     member private this.Attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, causal: bool) =
         let shape = q.shape
         let B, nh, T, hd = shape[0], shape[1], shape[2], shape[3]
@@ -176,15 +56,15 @@ type LlamaAttention
             // repeating them; a (B, 1, 1, T_total) mask broadcasts over them. (B, nkv, nRep, hd) is the
             // heads' order of (B, 1, nh * hd).
             use grouped = q.reshape(B, nkv, nRep, hd)
-            use y = torch.nn.functional.scaled_dot_product_attention(grouped, k, v, allowed, p, false)
+            use y = CausalAttention.applyCached grouped k v allowed p
             use merged = y.reshape(B, 1L, nh * hd)
             o_proj.call merged
         else
             let k = GroupedQuery.repeatKv k nRep // (B, nh, T_total, hd)
             let v = GroupedQuery.repeatKv v nRep // (B, nh, T_total, hd)
             let y =
-                if causal && isNull allowed then CausalAttention.apply q k v p // (B, nh, T, hd)
-                else torch.nn.functional.scaled_dot_product_attention(q, k, v, allowed, p, causal)
+                if causal then CausalAttention.apply q k v { Dropout = p; Bias = bias } // (B, nh, T, hd)
+                else CausalAttention.applyCached q k v allowed p
             let y = y.transpose(1, 2).reshape(B, T, nh * hd) // (B, T, nh * hd)
             o_proj.call y
 
@@ -195,8 +75,8 @@ type LlamaAttention
         scope.MoveToOuter(this.Attend(q, k, v, null, true))
 
     /// Attention of T_new new positions over the cached ones and themselves: x (B, T_new, hidden), rotary
-    /// cos and signed sin (B or 1, 1, T_new, hd), the allowed keys (B, 1, T_new, T_total) bool or null for
-    /// all of them, the layer's cached keys
+    /// cos and signed sin (B or 1, 1, T_new, hd), the mask (IncrementalDecoding.keyMask) or null for all
+    /// keys, the layer's cached keys
     /// and values (B, nkv, T_past, hd) -> (B, T_new, hidden) and the keys and values of all T_total
     /// positions (B, nkv, T_total, hd).
     member this.ForwardCached
@@ -238,20 +118,24 @@ type LlamaDecoderLayer(self_attn: LlamaAttention, mlp: LlamaMlp, input_layernorm
         let h = x + self_attn.forward(input_layernorm.forward x, cos, signedSin)
         scope.MoveToOuter(h + mlp.forward (post_attention_layernorm.forward h))
 
-    /// The layer over T_new new positions with the layer's cache (see LlamaAttention.ForwardCached):
-    /// (B, T_new, hidden) -> (B, T_new, hidden) and the keys and values of all positions.
-    member _.ForwardCached
-        (x: torch.Tensor, cos: torch.Tensor, signedSin: torch.Tensor, allowed: torch.Tensor, past: (torch.Tensor * torch.Tensor) option) =
-        use scope = torch.NewDisposeScope()
-        let a, k, v = self_attn.ForwardCached(input_layernorm.forward x, cos, signedSin, allowed, past)
-        let h = x + a
-        scope.MoveToOuter(h + mlp.forward (post_attention_layernorm.forward h)), scope.MoveToOuter k, scope.MoveToOuter v
+    interface IDecoderLayer with
+        /// See forward; extras are the rotary cos and signed sin.
+        member this.Forward(x, extras) = this.forward(x, extras[0], extras[1])
+
+        /// The layer over T_new new positions with the layer's cache (see LlamaAttention.ForwardCached).
+        member _.ForwardCached(x, extras, mask, past) =
+            use scope = torch.NewDisposeScope()
+            let a, k, v = self_attn.ForwardCached(input_layernorm.forward x, extras[0], extras[1], mask, past)
+            let h = x + a
+            scope.MoveToOuter(h + mlp.forward (post_attention_layernorm.forward h)), scope.MoveToOuter k, scope.MoveToOuter v
 
 /// LlamaModel: token embedding, the decoder layers, a final RMSNorm; rotary embeddings shared by all
-/// layers. Returns the last hidden states.
-type LlamaModel(embed_tokens: Embedding, layers: ModuleList<LlamaDecoderLayer>, norm: RmsNorm, rotary_emb: LlamaRotaryEmbedding) as this =
-    inherit torch.nn.Module<torch.Tensor, torch.Tensor>("LlamaModel")
-    let mutable gradientCheckpointing = false
+/// layers. Returns the last hidden states (the layer loop is DecoderBackbone's). bias: the attention
+/// bias of every layer (Mistral's sliding window), for the cached forward's mask.
+type LlamaModel
+    (embed_tokens: Embedding, layers: ModuleList<LlamaDecoderLayer>, norm: RmsNorm, rotary_emb: LlamaRotaryEmbedding, bias: AttentionBias) as this =
+    inherit DecoderBackbone("LlamaModel")
+    let stack = [| for layer in layers -> (layer :> torch.nn.Module), (layer :> IDecoderLayer) |]
     do
         this.register_module("embed_tokens", embed_tokens)
         this.register_module("layers", layers)
@@ -262,95 +146,161 @@ type LlamaModel(embed_tokens: Embedding, layers: ModuleList<LlamaDecoderLayer>, 
     /// The token embedding, (vocab_size, hidden); the tied LM head reads it.
     member _.EmbedTokens = embed_tokens
 
-    /// input_ids (B, T) int64 -> hidden states (B, T, hidden).
-    override this.forward(inputIds) =
+    /// See DecoderBackbone.TokenEmbedding.
+    override _.TokenEmbedding = embed_tokens
+
+    /// The decoder layers layers.0, layers.1, ...
+    override _.Layers = stack
+
+    /// See DecoderBackbone.Bias.
+    override _.Bias = bias
+
+    /// The token embedding (fp32 for a bf16/fp16 model) and the rotary cos and signed sin
+    /// (Rotary.signHalf, once for every layer): (T, hd) each for (T) positions, (B or 1, 1, T, hd) for
+    /// per-row (B or 1, T) positions.
+    override _.Embed(inputIds, positions) =
         use scope = torch.NewDisposeScope()
-        let T = inputIds.shape[1]
-        let positions = torch.arange(T, dtype = torch.int64, device = inputIds.device) // (T)
-        let cos, sin = rotary_emb.CosSin positions // (T, hd) each
-        let signedSin = Rotary.signHalf sin // once for every layer (Rotary.applySigned)
-        let x = Autocast.residual (embed_tokens.forward inputIds) // (B, T, hidden), fp32 for a bf16/fp16 model
-        let runLayer (x: torch.Tensor) (layer: LlamaDecoderLayer) =
-            if gradientCheckpointing && this.training then
-                ActivationCheckpointing.run layer (fun inputs -> layer.forward(inputs[0], inputs[1], inputs[2])) [| x; cos; signedSin |]
-            else layer.forward(x, cos, signedSin)
-        let x = layers |> Seq.fold runLayer x
-        scope.MoveToOuter(norm.forward x)
+        let cos, sin = if positions.dim () = 1L then rotary_emb.CosSin positions else rotary_emb.CosSinPerRow positions
+        let signedSin = Rotary.signHalf sin
+        let x = Autocast.residual (embed_tokens.forward inputIds) // (B, T, hidden)
+        scope.MoveToOuter x, [| scope.MoveToOuter cos; scope.MoveToOuter signedSin |]
 
-    /// Incremental forward (see IIncrementalDecoder): input_ids (B, T_new), attention_mask
-    /// (B, T_past + T_new), the cache -> hidden states (B, T_new, hidden) and the cache of all positions.
-    /// Rotary positions follow the attention mask, so left-padded rows start at position 0.
-    member _.ForwardCached(inputIds: torch.Tensor, attentionMask: torch.Tensor, cache: KvCache option) =
-        IncrementalDecoding.checkInputs inputIds attentionMask cache layers.Count
-        use scope = torch.NewDisposeScope()
-        let newLength = inputIds.shape[1]
-        let noPadding = IncrementalDecoding.hasNoPadding attentionMask
-        let positions = IncrementalDecoding.positions attentionMask newLength noPadding // (B or 1, T_new)
-        let cos, sin = rotary_emb.CosSinPerRow positions // (B or 1, 1, T_new, hd) each
-        let signedSin = Rotary.signHalf sin // once for every layer (Rotary.applySigned)
-        let allowed = IncrementalDecoding.allowedKeys attentionMask newLength noPadding // (B, 1, T_new, T_total) or null
-        let x = Autocast.residual (embed_tokens.forward inputIds) // (B, T_new, hidden), fp32 for a bf16/fp16 model
-        let keysValues, x =
-            layers
-            |> Seq.indexed
-            |> Seq.mapFold
-                (fun x (i, layer: LlamaDecoderLayer) ->
-                    let past = cache |> Option.map (fun c -> c.Keys[i], c.Values[i])
-                    let y, k, v = layer.ForwardCached(x, cos, signedSin, allowed, past)
-                    (k, v), y)
-                x
-        let keysValues = Array.ofSeq keysValues
-        let hidden = scope.MoveToOuter(norm.forward x)
-        hidden,
-        { Keys = keysValues |> Array.map (fst >> scope.MoveToOuter)
-          Values = keysValues |> Array.map (snd >> scope.MoveToOuter) }
+    /// norm.
+    override _.FinalNorm x = norm.forward x
 
-    interface IGradientCheckpointing with
-        /// Whether training-mode forwards recompute each layer in backward (see ActivationCheckpointing.run).
-        member _.GradientCheckpointing
-            with get () = gradientCheckpointing
-            and set enabled = gradientCheckpointing <- enabled
-
-/// LlamaForCausalLM: the model and an LM head. An untied head (HF's default for LLaMA) is
-/// lm_head.weight, (vocab_size, hidden); a tied one computes logits = h @ embed_tokens.weight^T.
-type LlamaForCausalLm(model: LlamaModel, lmHead: Linear option) as this =
-    inherit torch.nn.Module<torch.Tensor, torch.Tensor>("LlamaForCausalLM")
-    do
-        this.register_module("model", model)
-        lmHead |> Option.iter (fun head -> this.register_module("lm_head", head))
-        this.RegisterComponents()
-
-    /// The LlamaModel below the head.
-    member _.Model = model
-
-    /// Logits of hidden states: (B, T, hidden) -> (B, T, vocab_size).
-    member private _.Logits(hidden: torch.Tensor) =
-        match lmHead with
-        | Some head -> head.call hidden
-        | None -> torch.nn.functional.linear(hidden, model.EmbedTokens.weight)
-
-    /// input_ids (B, T) int64 -> logits (B, T, vocab_size).
-    override this.forward(inputIds) =
-        use hidden = model.forward inputIds // (B, T, hidden)
-        this.Logits hidden
-
-    interface IIncrementalDecoder with
-        /// See IIncrementalDecoder.ForwardCached.
-        member this.ForwardCached(inputIds, attentionMask, cache, lastPositionOnly) =
-            let hidden, newCache = model.ForwardCached(inputIds, attentionMask, cache) // (B, T_new, hidden)
-            use hidden = hidden
-            let T = hidden.shape[1]
-            use kept = if lastPositionOnly then hidden.narrow(1L, T - 1L, 1L) else hidden.alias ()
-            this.Logits kept, newCache
-
-/// Building LLaMA models.
+/// Reading, writing and building LLaMA models and their variants (Qwen2, Mistral).
 [<RequireQualifiedAccess>]
 module Llama =
+    /// rope_theta, from the top level (transformers 4.x) or from "rope_parameters" (5.x). Only the
+    /// default rotary embedding is built: any rope_scaling, or another rope_type, is refused.
+    let private readRopeTheta (r: ConfigJson.Reader) =
+        match r.TryGet "rope_scaling" with
+        | Some v -> r.Fail "rope_scaling" (sprintf "RoPE scaling is not supported yet; expected null, found %s" (ConfigJson.describe v))
+        | None -> ()
+        match r.TryGet "rope_parameters" with
+        | Some p when p.ValueKind = JsonValueKind.Object ->
+            let ropeType =
+                match p.TryGetProperty "rope_type" with
+                | true, t when t.ValueKind = JsonValueKind.String -> t.GetString()
+                | true, t when t.ValueKind <> JsonValueKind.Null -> r.Fail "rope_parameters.rope_type" (sprintf "expected a string, found %s" (ConfigJson.describe t))
+                | _ -> "default"
+            if ropeType <> "default" then
+                r.Fail "rope_parameters.rope_type" (sprintf "RoPE type \"%s\" is not supported yet; expected \"default\"" ropeType)
+            match p.TryGetProperty "rope_theta" with
+            | true, t when t.ValueKind = JsonValueKind.Number -> t.GetDouble()
+            | true, t when t.ValueKind <> JsonValueKind.Null -> r.Fail "rope_parameters.rope_theta" (sprintf "expected a number, found %s" (ConfigJson.describe t))
+            | _ -> r.Float "rope_theta" 10000.0
+        | Some p -> r.Fail "rope_parameters" (sprintf "expected an object, found %s" (ConfigJson.describe p))
+        | None -> r.Float "rope_theta" 10000.0
+
+    /// The variant a LLaMA-shaped model_type names ("llama", "qwen2", "mistral"); None for another.
+    /// Mistral's window is "sliding_window": absent means HF's default 4096, null means none.
+    let tryVariant (modelType: string) (r: ConfigJson.Reader) : LlamaVariant option =
+        match modelType with
+        | "llama" -> Some LlamaVariant.llama
+        | "qwen2" ->
+            r.Unsupported "use_sliding_window"
+            Some LlamaVariant.qwen2
+        | "mistral" ->
+            let window =
+                if not (r.Has "sliding_window") then Some 4096
+                else
+                    match r.TryGet "sliding_window" with
+                    | Some _ -> Some(r.Int "sliding_window" None |> r.Positive "sliding_window")
+                    | None -> None
+            Some(LlamaVariant.mistral window)
+        | _ -> None
+
+    /// Reads LlamaConfig's fields from a config.json object of the variant (see tryVariant). Qwen2 and
+    /// Mistral have no attention_bias or mlp_bias (their biases are the variant's); their context defaults
+    /// are HF's (32768, 131072). Raises InvalidInputException naming the field at fault.
+    let read (variant: LlamaVariant) (r: ConfigJson.Reader) : LlamaConfig =
+        let isLlama = variant.ModelType = "llama"
+        let defaultContext =
+            match variant.ModelType with
+            | "qwen2" -> 32768
+            | "mistral" -> 4096 * 32
+            | _ -> 2048
+        let vocabSize = r.Int "vocab_size" None |> r.Positive "vocab_size"
+        let hidden = r.Int "hidden_size" None |> r.Positive "hidden_size"
+        let heads = r.Int "num_attention_heads" None |> r.Positive "num_attention_heads"
+        let kvHeads = r.Int "num_key_value_heads" (Some heads) |> r.Positive "num_key_value_heads"
+        if heads % kvHeads <> 0 then
+            r.Fail "num_key_value_heads"
+                (sprintf "num_attention_heads (%d) must be divisible by num_key_value_heads (%d)" heads kvHeads)
+        let headDim =
+            match r.TryGet "head_dim" with
+            | Some _ -> r.Int "head_dim" None |> r.Positive "head_dim"
+            | None when hidden % heads = 0 -> hidden / heads
+            | None ->
+                r.Fail "num_attention_heads"
+                    (sprintf "hidden_size (%d) must be divisible by num_attention_heads (%d) when head_dim is absent" hidden heads)
+        if headDim % 2 <> 0 then
+            r.Fail "head_dim" (sprintf "rotary embeddings need an even head dimension, found %d" headDim)
+        let padTokenId =
+            match r.TryGet "pad_token_id" with
+            | Some _ ->
+                let id = r.Int "pad_token_id" None
+                if id < 0 || id >= vocabSize then
+                    r.Fail "pad_token_id" (sprintf "expected a token id in [0, %d), found %d" vocabSize id)
+                Some id
+            | None -> None
+        { VocabSize = vocabSize
+          HiddenSize = hidden
+          IntermediateSize = r.Int "intermediate_size" None |> r.Positive "intermediate_size"
+          NumHiddenLayers = r.Int "num_hidden_layers" None |> r.Positive "num_hidden_layers"
+          NumAttentionHeads = heads
+          NumKeyValueHeads = kvHeads
+          HeadDim = headDim
+          HiddenAct = r.Activation "hidden_act" Activation.Silu
+          MaxPositionEmbeddings = r.Int "max_position_embeddings" (Some defaultContext) |> r.Positive "max_position_embeddings"
+          RmsNormEps = r.Float "rms_norm_eps" 1e-6 |> r.PositiveFloat "rms_norm_eps"
+          RopeTheta = readRopeTheta r |> r.PositiveFloat "rope_theta"
+          InitializerRange = r.Float "initializer_range" 0.02 |> r.NonNegativeFloat "initializer_range"
+          TieWordEmbeddings = r.Bool "tie_word_embeddings" false
+          AttentionBias = isLlama && r.Bool "attention_bias" false
+          MlpBias = isLlama && r.Bool "mlp_bias" false
+          AttentionDropout = r.Float "attention_dropout" 0.0 |> r.Probability "attention_dropout"
+          PadTokenId = padTokenId
+          Variant = variant }
+
+
+    /// Writes LlamaConfig's fields into a config.json object (after "architectures", before
+    /// torch_dtype), with the variant's own model_type; parse reads them back to an equal value.
+    let write (w: Utf8JsonWriter) (c: LlamaConfig) =
+        w.WriteString("model_type", c.Variant.ModelType)
+        w.WriteNumber("vocab_size", c.VocabSize)
+        w.WriteNumber("hidden_size", c.HiddenSize)
+        w.WriteNumber("intermediate_size", c.IntermediateSize)
+        w.WriteNumber("num_hidden_layers", c.NumHiddenLayers)
+        w.WriteNumber("num_attention_heads", c.NumAttentionHeads)
+        w.WriteNumber("num_key_value_heads", c.NumKeyValueHeads)
+        w.WriteNumber("head_dim", c.HeadDim)
+        w.WriteString("hidden_act", Activation.hfName c.HiddenAct)
+        w.WriteNumber("max_position_embeddings", c.MaxPositionEmbeddings)
+        w.WriteNumber("rms_norm_eps", c.RmsNormEps)
+        w.WriteNumber("rope_theta", c.RopeTheta)
+        w.WriteNull "rope_scaling"
+        w.WriteNumber("initializer_range", c.InitializerRange)
+        w.WriteBoolean("tie_word_embeddings", c.TieWordEmbeddings)
+        match c.Variant.ModelType with
+        | "llama" ->
+            w.WriteBoolean("attention_bias", c.AttentionBias)
+            w.WriteBoolean("mlp_bias", c.MlpBias)
+        | "mistral" ->
+            match c.Variant.SlidingWindow with
+            | Some window -> w.WriteNumber("sliding_window", window)
+            | None -> w.WriteNull "sliding_window"
+        | _ -> w.WriteBoolean("use_sliding_window", false)
+        w.WriteNumber("attention_dropout", c.AttentionDropout)
+        match c.PadTokenId with
+        | Some id -> w.WriteNumber("pad_token_id", id)
+        | None -> w.WriteNull "pad_token_id"
 
     /// HF's LlamaPreTrainedModel._init_weights, drawn from the generator: Linear and Embedding weights
     /// from normal(0, initializer_range), biases zero, the padding row (pad_token_id) zero, RMSNorm
     /// weights one.
-    let initialize (config: LlamaConfig) (generator: torch.Generator) (model: LlamaForCausalLm) =
+    let initialize (config: LlamaConfig) (generator: torch.Generator) (model: CausalLmHead) =
         let std = config.InitializerRange
         use _ = torch.no_grad ()
         for _, m in model.named_modules () do
@@ -364,22 +314,31 @@ module Llama =
             | :? RmsNorm as n -> torch.nn.init.ones_ n.Weight |> ignore
             | _ -> ()
 
-    /// Builds LlamaForCausalLM for the config, initialized as HF does from a generator seeded with seed.
-    let build (config: LlamaConfig) (seed: int64) : LlamaForCausalLm =
+    /// Builds the variant's causal LM (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM: a
+    /// CausalLmHead over LlamaModel, registered as "model") for the config, initialized as HF does from a
+    /// generator seeded with seed. q/k/v are biased when attention_bias or the variant's QkvBias, o_proj
+    /// when attention_bias or OutputBias; Mistral's window becomes every layer's AttentionBias.Window.
+    let build (config: LlamaConfig) (seed: int64) : CausalLmHead =
         TorchRuntime.ensure ()
         let hidden = int64 config.HiddenSize
         let intermediate = int64 config.IntermediateSize
         let qWidth = int64 (config.NumAttentionHeads * config.HeadDim)
         let kvWidth = int64 (config.NumKeyValueHeads * config.HeadDim)
         let linear inputs outputs hasBias = torch.nn.Linear(inputs, outputs, hasBias = hasBias)
+        let qkvBias = config.AttentionBias || config.Variant.QkvBias
+        let outputBias = config.AttentionBias || config.Variant.OutputBias
+        let bias =
+            match config.Variant.SlidingWindow with
+            | Some window -> Window window
+            | None -> NoBias
         let layer () =
             let attention =
                 new LlamaAttention(
-                    linear hidden qWidth config.AttentionBias,
-                    linear hidden kvWidth config.AttentionBias,
-                    linear hidden kvWidth config.AttentionBias,
-                    linear qWidth hidden config.AttentionBias,
-                    config.NumAttentionHeads, config.NumKeyValueHeads, config.HeadDim, config.AttentionDropout)
+                    linear hidden qWidth qkvBias,
+                    linear hidden kvWidth qkvBias,
+                    linear hidden kvWidth qkvBias,
+                    linear qWidth hidden outputBias,
+                    config.NumAttentionHeads, config.NumKeyValueHeads, config.HeadDim, config.AttentionDropout, bias)
             let mlp =
                 new LlamaMlp(
                     linear hidden intermediate config.MlpBias,
@@ -396,11 +355,12 @@ module Llama =
                 embedding,
                 torch.nn.ModuleList<LlamaDecoderLayer>([| for _ in 1 .. config.NumHiddenLayers -> layer () |]),
                 new RmsNorm(hidden, config.RmsNormEps),
-                new LlamaRotaryEmbedding(config.HeadDim, config.RopeTheta))
+                new LlamaRotaryEmbedding(config.HeadDim, config.RopeTheta),
+                bias)
         let lmHead =
             if config.TieWordEmbeddings then None
             else Some(linear hidden (int64 config.VocabSize) false)
-        let lm = new LlamaForCausalLm(model, lmHead)
+        let lm = new CausalLmHead(config.Variant.Architecture, "model", model, lmHead)
         use generator = new torch.Generator(uint64 seed)
         initialize config generator lm
         lm

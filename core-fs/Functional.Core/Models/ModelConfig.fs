@@ -108,6 +108,36 @@ type Gpt2Config =
       /// "tie_word_embeddings" (default true): the LM head reuses the token embedding matrix.
       TieWordEmbeddings: bool }
 
+/// What sets a LLaMA-shaped family apart (HF's LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM
+/// share the layout and the parameter names): read from config.json's model_type.
+type LlamaVariant =
+    { /// config.json's "model_type": "llama", "qwen2" or "mistral".
+      ModelType: string
+      /// The HF class config.json's "architectures" names: "LlamaForCausalLM", ...
+      Architecture: string
+      /// Biases on the q, k and v projections regardless of attention_bias (Qwen2).
+      QkvBias: bool
+      /// A bias on the o projection regardless of attention_bias (none of the variants so far).
+      OutputBias: bool
+      /// "sliding_window" (Mistral): each query sees this many keys, its own included; None for all.
+      SlidingWindow: int option }
+
+/// The LLaMA variants.
+[<RequireQualifiedAccess>]
+module LlamaVariant =
+
+    /// LLaMA: biases only as attention_bias says, no window.
+    let llama =
+        { ModelType = "llama"; Architecture = "LlamaForCausalLM"; QkvBias = false; OutputBias = false; SlidingWindow = None }
+
+    /// Qwen2: q, k and v always biased, o_proj never (HF's Qwen2Attention).
+    let qwen2 =
+        { ModelType = "qwen2"; Architecture = "Qwen2ForCausalLM"; QkvBias = true; OutputBias = false; SlidingWindow = None }
+
+    /// Mistral with the given sliding window (None: every key).
+    let mistral (window: int option) =
+        { ModelType = "mistral"; Architecture = "MistralForCausalLM"; QkvBias = false; OutputBias = false; SlidingWindow = window }
+
 /// The fields of an HF LlamaConfig that LlamaForCausalLM's forward pass and initialization use.
 /// Each field names its config.json key; defaults are HF's.
 type LlamaConfig =
@@ -146,20 +176,24 @@ type LlamaConfig =
       AttentionDropout: float
       /// "pad_token_id" (default null): the embedding row HF's nn.Embedding(padding_idx) keeps at zero
       /// and never updates.
-      PadTokenId: int option }
+      PadTokenId: int option
+      /// The family variant (model_type "llama", "qwen2", "mistral"), see LlamaVariant.
+      Variant: LlamaVariant }
 
-/// A model's architecture, as read from an HF config.json; "model_type" picks the case.
+/// A model's architecture, as read from an HF config.json; "model_type" picks the case. The matches on
+/// it live in Models/ only: parsing and writing (Family.fs) and the family traits (ModelFamily.traits).
 type ModelConfig =
     /// "model_type": "gpt2" (GPT2LMHeadModel).
     | Gpt2 of Gpt2Config
-    /// "model_type": "llama" (LlamaForCausalLM).
+    /// "model_type": "llama", "qwen2" or "mistral" (LlamaForCausalLM and its variants).
     | Llama of LlamaConfig
 
-/// Reading and writing HF config.json files.
+/// Reading the fields of HF config.json objects.
 [<RequireQualifiedAccess>]
-module ModelConfig =
+module ConfigJson =
 
-    let private describe (element: JsonElement) =
+    /// How a JSON value reads in error messages: its kind and its first 40 characters.
+    let describe (element: JsonElement) =
         let raw = element.GetRawText()
         let shown = if raw.Length > 40 then raw.Substring(0, 40) + "..." else raw
         match element.ValueKind with
@@ -172,9 +206,13 @@ module ModelConfig =
         | _ -> shown
 
     /// The fields of one config.json object, with the file name for error messages.
-    type private Reader(origin: string, root: JsonElement) =
+    type Reader(origin: string, root: JsonElement) =
 
+        /// Raises InvalidInputException naming the file and the field.
         member _.Fail (field: string) (problem: string) : 'T = InvalidInput.fail origin field problem
+
+        /// Whether the field is present (null included).
+        member _.Has(field: string) = fst (root.TryGetProperty field)
 
         /// The field's value; None when absent or null (HF treats both as "use the default").
         member _.TryGet(field: string) =
@@ -182,6 +220,7 @@ module ModelConfig =
             | true, v when v.ValueKind <> JsonValueKind.Null -> Some v
             | _ -> None
 
+        /// The field as an integer; fallback when absent or null (None: the field is required).
         member r.Int (field: string) (fallback: int option) =
             match r.TryGet field, fallback with
             | Some v, _ when v.ValueKind = JsonValueKind.Number && fst (v.TryGetInt32()) -> v.GetInt32()
@@ -189,12 +228,14 @@ module ModelConfig =
             | None, Some d -> d
             | None, None -> r.Fail field "required field is missing"
 
+        /// The field as a number; fallback when absent or null.
         member r.Float (field: string) (fallback: float) =
             match r.TryGet field with
             | Some v when v.ValueKind = JsonValueKind.Number -> v.GetDouble()
             | Some v -> r.Fail field (sprintf "expected a number, found %s" (describe v))
             | None -> fallback
 
+        /// The field as true or false; fallback when absent or null.
         member r.Bool (field: string) (fallback: bool) =
             match r.TryGet field with
             | Some v when v.ValueKind = JsonValueKind.True -> true
@@ -202,12 +243,14 @@ module ModelConfig =
             | Some v -> r.Fail field (sprintf "expected true or false, found %s" (describe v))
             | None -> fallback
 
+        /// The field as a string; None when absent or null.
         member r.String (field: string) =
             match r.TryGet field with
             | Some v when v.ValueKind = JsonValueKind.String -> Some(v.GetString())
             | Some v -> r.Fail field (sprintf "expected a string, found %s" (describe v))
             | None -> None
 
+        /// The field as an activation name (Activation.tryParse); fallback when absent or null.
         member r.Activation (field: string) (fallback: Activation) =
             match r.String field with
             | None -> fallback
@@ -218,20 +261,24 @@ module ModelConfig =
                     r.Fail field (sprintf "unsupported activation \"%s\"; expected one of %s"
                                       name (String.Join(", ", Activation.supportedNames)))
 
+        /// value when it is a positive integer; raises naming the field otherwise.
         member r.Positive (field: string) (value: int) =
             if value <= 0 then r.Fail field (sprintf "expected a positive integer, found %d" value)
             value
 
+        /// value when it is a dropout probability in [0, 1); raises naming the field otherwise.
         member r.Probability (field: string) (value: float) =
             if not (value >= 0.0 && value < 1.0) then
                 r.Fail field (sprintf "expected a dropout probability in [0, 1), found %g" value)
             value
 
+        /// value when it is a positive finite number; raises naming the field otherwise.
         member r.PositiveFloat (field: string) (value: float) =
             if not (value > 0.0 && Double.IsFinite value) then
                 r.Fail field (sprintf "expected a positive number, found %g" value)
             value
 
+        /// value when it is a non-negative finite number; raises naming the field otherwise.
         member r.NonNegativeFloat (field: string) (value: float) =
             if not (value >= 0.0 && Double.IsFinite value) then
                 r.Fail field (sprintf "expected a non-negative number, found %g" value)
@@ -240,200 +287,3 @@ module ModelConfig =
         /// Fails when a switch for an architecture variant we do not build is on.
         member r.Unsupported (field: string) =
             if r.Bool field false then r.Fail field "true is not supported yet; expected false or absent"
-
-    let private readGpt2 (r: Reader) =
-        let nEmbd = r.Int "n_embd" None |> r.Positive "n_embd"
-        let nHead = r.Int "n_head" None |> r.Positive "n_head"
-        if nEmbd % nHead <> 0 then
-            r.Fail "n_head" (sprintf "n_embd (%d) must be divisible by n_head (%d)" nEmbd nHead)
-        r.Unsupported "scale_attn_by_inverse_layer_idx"
-        r.Unsupported "add_cross_attention"
-        { VocabSize = r.Int "vocab_size" None |> r.Positive "vocab_size"
-          NPositions = r.Int "n_positions" None |> r.Positive "n_positions"
-          NEmbd = nEmbd
-          NLayer = r.Int "n_layer" None |> r.Positive "n_layer"
-          NHead = nHead
-          NInner = r.Int "n_inner" (Some(4 * nEmbd)) |> r.Positive "n_inner"
-          ActivationFunction = r.Activation "activation_function" Activation.GeluNew
-          ResidPdrop = r.Float "resid_pdrop" 0.1 |> r.Probability "resid_pdrop"
-          EmbdPdrop = r.Float "embd_pdrop" 0.1 |> r.Probability "embd_pdrop"
-          AttnPdrop = r.Float "attn_pdrop" 0.1 |> r.Probability "attn_pdrop"
-          LayerNormEpsilon = r.Float "layer_norm_epsilon" 1e-5 |> r.PositiveFloat "layer_norm_epsilon"
-          InitializerRange = r.Float "initializer_range" 0.02 |> r.NonNegativeFloat "initializer_range"
-          ScaleAttnWeights = r.Bool "scale_attn_weights" true
-          TieWordEmbeddings = r.Bool "tie_word_embeddings" true }
-
-    /// rope_theta, from the top level (transformers 4.x) or from "rope_parameters" (5.x). Only the
-    /// default rotary embedding is built: any rope_scaling, or another rope_type, is refused.
-    let private readRopeTheta (r: Reader) =
-        match r.TryGet "rope_scaling" with
-        | Some v -> r.Fail "rope_scaling" (sprintf "RoPE scaling is not supported yet; expected null, found %s" (describe v))
-        | None -> ()
-        match r.TryGet "rope_parameters" with
-        | Some p when p.ValueKind = JsonValueKind.Object ->
-            let ropeType =
-                match p.TryGetProperty "rope_type" with
-                | true, t when t.ValueKind = JsonValueKind.String -> t.GetString()
-                | true, t when t.ValueKind <> JsonValueKind.Null -> r.Fail "rope_parameters.rope_type" (sprintf "expected a string, found %s" (describe t))
-                | _ -> "default"
-            if ropeType <> "default" then
-                r.Fail "rope_parameters.rope_type" (sprintf "RoPE type \"%s\" is not supported yet; expected \"default\"" ropeType)
-            match p.TryGetProperty "rope_theta" with
-            | true, t when t.ValueKind = JsonValueKind.Number -> t.GetDouble()
-            | true, t when t.ValueKind <> JsonValueKind.Null -> r.Fail "rope_parameters.rope_theta" (sprintf "expected a number, found %s" (describe t))
-            | _ -> r.Float "rope_theta" 10000.0
-        | Some p -> r.Fail "rope_parameters" (sprintf "expected an object, found %s" (describe p))
-        | None -> r.Float "rope_theta" 10000.0
-
-    let private readLlama (r: Reader) =
-        let vocabSize = r.Int "vocab_size" None |> r.Positive "vocab_size"
-        let hidden = r.Int "hidden_size" None |> r.Positive "hidden_size"
-        let heads = r.Int "num_attention_heads" None |> r.Positive "num_attention_heads"
-        let kvHeads = r.Int "num_key_value_heads" (Some heads) |> r.Positive "num_key_value_heads"
-        if heads % kvHeads <> 0 then
-            r.Fail "num_key_value_heads"
-                (sprintf "num_attention_heads (%d) must be divisible by num_key_value_heads (%d)" heads kvHeads)
-        let headDim =
-            match r.TryGet "head_dim" with
-            | Some _ -> r.Int "head_dim" None |> r.Positive "head_dim"
-            | None when hidden % heads = 0 -> hidden / heads
-            | None ->
-                r.Fail "num_attention_heads"
-                    (sprintf "hidden_size (%d) must be divisible by num_attention_heads (%d) when head_dim is absent" hidden heads)
-        if headDim % 2 <> 0 then
-            r.Fail "head_dim" (sprintf "rotary embeddings need an even head dimension, found %d" headDim)
-        let padTokenId =
-            match r.TryGet "pad_token_id" with
-            | Some _ ->
-                let id = r.Int "pad_token_id" None
-                if id < 0 || id >= vocabSize then
-                    r.Fail "pad_token_id" (sprintf "expected a token id in [0, %d), found %d" vocabSize id)
-                Some id
-            | None -> None
-        { VocabSize = vocabSize
-          HiddenSize = hidden
-          IntermediateSize = r.Int "intermediate_size" None |> r.Positive "intermediate_size"
-          NumHiddenLayers = r.Int "num_hidden_layers" None |> r.Positive "num_hidden_layers"
-          NumAttentionHeads = heads
-          NumKeyValueHeads = kvHeads
-          HeadDim = headDim
-          HiddenAct = r.Activation "hidden_act" Activation.Silu
-          MaxPositionEmbeddings = r.Int "max_position_embeddings" (Some 2048) |> r.Positive "max_position_embeddings"
-          RmsNormEps = r.Float "rms_norm_eps" 1e-6 |> r.PositiveFloat "rms_norm_eps"
-          RopeTheta = readRopeTheta r |> r.PositiveFloat "rope_theta"
-          InitializerRange = r.Float "initializer_range" 0.02 |> r.NonNegativeFloat "initializer_range"
-          TieWordEmbeddings = r.Bool "tie_word_embeddings" false
-          AttentionBias = r.Bool "attention_bias" false
-          MlpBias = r.Bool "mlp_bias" false
-          AttentionDropout = r.Float "attention_dropout" 0.0 |> r.Probability "attention_dropout"
-          PadTokenId = padTokenId }
-
-    /// Parses the text of an HF config.json; origin names the source in error messages.
-    /// Fields we do not use are ignored. Raises InvalidInputException naming the field at fault
-    /// (or the line, for malformed JSON).
-    let parse (origin: string) (json: string) : ModelConfig =
-        let document =
-            try
-                JsonDocument.Parse(json, JsonDocumentOptions(CommentHandling = JsonCommentHandling.Skip))
-            with :? JsonException as e ->
-                let line = if e.LineNumber.HasValue then sprintf "line %d" (e.LineNumber.Value + 1L) else ""
-                InvalidInput.fail origin line (sprintf "invalid JSON: %s" e.Message)
-        use document = document
-        let root = document.RootElement
-        if root.ValueKind <> JsonValueKind.Object then
-            InvalidInput.fail origin "" (sprintf "expected a JSON object, found %s" (describe root))
-        let r = Reader(origin, root)
-        match r.String "model_type" with
-        | Some "gpt2" -> Gpt2(readGpt2 r)
-        | Some "llama" -> Llama(readLlama r)
-        | Some other -> r.Fail "model_type" (sprintf "unsupported model type \"%s\"; expected \"gpt2\" or \"llama\"" other)
-        | None -> r.Fail "model_type" "required field is missing; expected \"gpt2\" or \"llama\""
-
-    /// Reads and parses an HF config.json file.
-    let load (path: string) : ModelConfig =
-        if Directory.Exists path then InvalidInput.fail path "" "is a folder; expected the model's config.json file"
-        let text =
-            try
-                File.ReadAllText path
-            with
-            | :? FileNotFoundException
-            | :? DirectoryNotFoundException -> InvalidInput.fail path "" "file not found"
-            | :? IOException
-            | :? UnauthorizedAccessException as e -> InvalidInput.fail path "" (sprintf "cannot read the file: %s" e.Message)
-        parse path text
-
-    /// Writes a config.json that HF transformers loads as the same architecture (GPT2LMHeadModel or
-    /// LlamaForCausalLM, torch_dtype float32); parse reads it back to an equal value.
-    let toJson (config: ModelConfig) : string =
-        use stream = new MemoryStream()
-        do
-            use w = new Utf8JsonWriter(stream, JsonWriterOptions(Indented = true))
-            w.WriteStartObject()
-            let architectures (name: string) =
-                w.WriteStartArray "architectures"
-                w.WriteStringValue name
-                w.WriteEndArray()
-            match config with
-            | Gpt2 c ->
-                architectures "GPT2LMHeadModel"
-                w.WriteString("model_type", "gpt2")
-                w.WriteNumber("vocab_size", c.VocabSize)
-                w.WriteNumber("n_positions", c.NPositions)
-                w.WriteNumber("n_embd", c.NEmbd)
-                w.WriteNumber("n_layer", c.NLayer)
-                w.WriteNumber("n_head", c.NHead)
-                w.WriteNumber("n_inner", c.NInner)
-                w.WriteString("activation_function", Activation.hfName c.ActivationFunction)
-                w.WriteNumber("resid_pdrop", c.ResidPdrop)
-                w.WriteNumber("embd_pdrop", c.EmbdPdrop)
-                w.WriteNumber("attn_pdrop", c.AttnPdrop)
-                w.WriteNumber("layer_norm_epsilon", c.LayerNormEpsilon)
-                w.WriteNumber("initializer_range", c.InitializerRange)
-                w.WriteBoolean("scale_attn_weights", c.ScaleAttnWeights)
-                w.WriteBoolean("tie_word_embeddings", c.TieWordEmbeddings)
-            | Llama c ->
-                architectures "LlamaForCausalLM"
-                w.WriteString("model_type", "llama")
-                w.WriteNumber("vocab_size", c.VocabSize)
-                w.WriteNumber("hidden_size", c.HiddenSize)
-                w.WriteNumber("intermediate_size", c.IntermediateSize)
-                w.WriteNumber("num_hidden_layers", c.NumHiddenLayers)
-                w.WriteNumber("num_attention_heads", c.NumAttentionHeads)
-                w.WriteNumber("num_key_value_heads", c.NumKeyValueHeads)
-                w.WriteNumber("head_dim", c.HeadDim)
-                w.WriteString("hidden_act", Activation.hfName c.HiddenAct)
-                w.WriteNumber("max_position_embeddings", c.MaxPositionEmbeddings)
-                w.WriteNumber("rms_norm_eps", c.RmsNormEps)
-                w.WriteNumber("rope_theta", c.RopeTheta)
-                w.WriteNull "rope_scaling"
-                w.WriteNumber("initializer_range", c.InitializerRange)
-                w.WriteBoolean("tie_word_embeddings", c.TieWordEmbeddings)
-                w.WriteBoolean("attention_bias", c.AttentionBias)
-                w.WriteBoolean("mlp_bias", c.MlpBias)
-                w.WriteNumber("attention_dropout", c.AttentionDropout)
-                match c.PadTokenId with
-                | Some id -> w.WriteNumber("pad_token_id", id)
-                | None -> w.WriteNull "pad_token_id"
-            w.WriteString("torch_dtype", "float32")
-            w.WriteEndObject()
-        Encoding.UTF8.GetString(stream.ToArray()) + "\n"
-
-    /// The vocabulary size: the width of the logits.
-    let vocabSize (config: ModelConfig) =
-        match config with
-        | Gpt2 c -> c.VocabSize
-        | Llama c -> c.VocabSize
-
-    /// The longest sequence the model was built for (n_positions, max_position_embeddings). GPT-2's learned
-    /// positions end there; LLaMA's rotary positions do not, but max_position_embeddings is the context it
-    /// was trained for, and HF's generation warns past it: both are treated as a hard limit here.
-    let contextLength (config: ModelConfig) =
-        match config with
-        | Gpt2 c -> c.NPositions
-        | Llama c -> c.MaxPositionEmbeddings
-
-    /// The config.json field that holds contextLength ("n_positions", "max_position_embeddings"), for messages.
-    let contextField (config: ModelConfig) =
-        match config with
-        | Gpt2 _ -> "n_positions"
-        | Llama _ -> "max_position_embeddings"

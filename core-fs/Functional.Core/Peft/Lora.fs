@@ -127,7 +127,9 @@ module Lora =
         | Some text when String.IsNullOrWhiteSpace text ->
             fail source "{lora_module_name}" "" "the module name text must not be empty"
         | _ -> ()
-        if config.TargetModules.IsEmpty && config.ModuleNameSubstring.IsNone then
+        // On the command line neither means the family's default targets (see choose); a saved adapter
+        // always names what it adapts.
+        if config.TargetModules.IsEmpty && config.ModuleNameSubstring.IsNone && source <> CommandLine then
             fail source "{lora_target_modules}" "target_modules"
                 "no projection chosen: give target modules (e.g. q_proj,v_proj or c_attn) or a module name text"
 
@@ -142,9 +144,10 @@ module Lora =
     /// named_modules() order.
     let private projections (lm: CausalLm) =
         [ for struct (name, m) in lm.Module.named_modules () do
-              match m with
+              match box m with
               | :? Linear as l -> yield name, (l :> torch.nn.Module<torch.Tensor, torch.Tensor>), l.weight, OutByIn, l.in_features, l.out_features
-              | :? Conv1D as c -> yield name, (c :> torch.nn.Module<torch.Tensor, torch.Tensor>), c.Weight, InByOut, c.Weight.shape[0], c.Weight.shape[1]
+              | :? ITransposedWeight as c -> // GPT-2's Conv1D (Models/Blocks.fs)
+                  yield name, (m :?> torch.nn.Module<torch.Tensor, torch.Tensor>), c.Weight, InByOut, c.Weight.shape[0], c.Weight.shape[1]
               | _ -> () ]
 
     /// PEFT's rule for a list of target_modules: the name equals the target or ends with "." + target.
@@ -158,8 +161,13 @@ module Lora =
         String.Join(", ", shown) + (if names.Length > shown.Length then sprintf ", ... (%d in all)" names.Length else "")
 
     /// The projections the configuration chooses; raises when a target or the module name text chooses
-    /// nothing.
+    /// nothing. Without target modules and module name text, the family's default targets
+    /// (FamilyTraits.DefaultLoraTargets, PEFT's mapping: c_attn for GPT-2, q_proj and v_proj for LLaMA).
     let private choose (source: Source) (config: LoraConfig) (lm: CausalLm) =
+        let config =
+            if config.TargetModules.IsEmpty && config.ModuleNameSubstring.IsNone then
+                { config with TargetModules = (ModelFamily.traits lm.Config).DefaultLoraTargets }
+            else config
         let all = projections lm
         let names = all |> List.map (fun (name, _, _, _, _, _) -> name)
         for target in config.TargetModules do
@@ -233,7 +241,7 @@ module Lora =
 
     /// Attaches LoRA adapters to the projections the configuration chooses (Linear modules and GPT-2's
     /// Conv1D): a projection is chosen when its module name matches one of TargetModules (if any) and
-    /// contains ModuleNameSubstring (if given). Each gets lora_A (r, in) drawn as PEFT does (nn.Linear's
+    /// contains ModuleNameSubstring (if given); with neither, the family's default targets are chosen. Each gets lora_A (r, in) drawn as PEFT does (nn.Linear's
     /// kaiming_uniform_ with a = sqrt(5), i.e. uniform in +-1/sqrt(in)) from a generator seeded with seed,
     /// and lora_B (out, r) zero, both fp32 on the weight's device, so the model's outputs are unchanged
     /// until B trains. From then on every call of the projection (forward, no_grad, the key/value-cache

@@ -140,13 +140,11 @@ module PrefixTuning =
     let configFor (model: ModelConfig) (numVirtualTokens: int) : PrefixTuningConfig =
         if numVirtualTokens < 1 then
             InvalidInput.setting "num_prefix_tokens" (sprintf "expected at least 1 prefix token, found %d" numVirtualTokens)
-        match model with
-        | Gpt2 c -> { NumVirtualTokens = numVirtualTokens; NumLayers = c.NLayer; TokenDim = c.NEmbd; NumAttentionHeads = c.NHead }
-        | Llama c ->
-            { NumVirtualTokens = numVirtualTokens
-              NumLayers = c.NumHiddenLayers
-              TokenDim = c.HeadDim * c.NumKeyValueHeads
-              NumAttentionHeads = c.NumKeyValueHeads }
+        let shape = (ModelFamily.traits model).PrefixShape
+        { NumVirtualTokens = numVirtualTokens
+          NumLayers = shape.Layers
+          TokenDim = shape.HeadDim * shape.KeyValueHeads
+          NumAttentionHeads = shape.KeyValueHeads }
 
     let private attach (config: PrefixTuningConfig) (values: torch.Tensor) (lm: CausalLm) =
         let device = (Seq.head (lm.Module.parameters ())).device
