@@ -239,7 +239,7 @@ let private trainLora (family: string) (options: TrainOptions) (onlyLora: bool) 
     let logs = ResizeArray<StepLog>()
     let plan = Trainer.plan options data.Rows.Length
     let result =
-        Trainer.trainAttached plan model (MixedPrecision.attachLora adapters) trainable (fun _ -> options.LearningRate) data None
+        Trainer.trainAttached plan model (Peft.Lora.asAdapter adapters model onlyLora None options.LearningRate).AttachToCompute trainable (fun _ -> options.LearningRate) data None
             { OnLog = logs.Add
               AfterStep = fun context -> afterStep context; StepDecision.Continue }
     { Plan = plan; Result = result; Logs = List.ofSeq logs; Model = model }, adapters
