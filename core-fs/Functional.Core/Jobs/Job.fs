@@ -24,8 +24,9 @@ type PreparedJob =
       Model: CausalLm
       /// The model folder's config.json text, written again into checkpoints and final/.
       SourceConfig: string
-      /// The tokenizer and the model folder's tokenizer files copied into checkpoints and final/.
+      /// The tokenizer of the data and of exact-match scoring.
       Tokenizer: TextTokenizer
+      /// The model folder's tokenizer files, copied into checkpoints and final/.
       TokenizerCopies: string list
       /// Training and evaluation rows, evaluation samples, skipped rows.
       Data: TrainAndEval

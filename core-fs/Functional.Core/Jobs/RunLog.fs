@@ -42,12 +42,19 @@ type LogRecord =
 
 /// The closing metrics line of a finished run (HF's train() summary plus the final evaluation).
 type RunSummary =
-    { Step: int
+    { /// The run's last optimizer step (HF's global_step).
+      Step: int
+      /// Seconds in the training loop (train_runtime).
       TrainRuntime: float
+      /// Samples this process trained per second (train_samples_per_second).
       SamplesPerSecond: float
+      /// Steps this process trained per second (train_steps_per_second).
       StepsPerSecond: float
+      /// HF's total_flos.
       TotalFlos: float
+      /// The mean per-step loss of the whole run (train_loss).
       TrainLoss: float
+      /// The closing evaluation, when there is an evaluation set.
       After: EvalRecord option }
 
 /// A run's metrics: metrics.jsonl, TensorBoard events and the plot, written from typed records. Only the
