@@ -239,7 +239,11 @@ let private trainLora (family: string) (options: TrainOptions) (onlyLora: bool) 
     let logs = ResizeArray<StepLog>()
     let plan = Trainer.plan options data.Rows.Length
     let result =
-        Trainer.run { Trainer.setup plan model data with Attach = MixedPrecision.attachLora adapters; Parameters = trainable } None
+        Trainer.run
+            { Trainer.setup plan model data with
+                Attach = (Peft.Lora.asAdapter adapters model onlyLora None options.LearningRate).AttachToCompute
+                Parameters = trainable }
+            None
             { OnLog = logs.Add
               AfterStep = fun context -> afterStep context; StepDecision.Continue }
     { Plan = plan; Result = result; Logs = List.ofSeq logs; Model = model }, adapters

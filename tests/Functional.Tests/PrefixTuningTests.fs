@@ -371,6 +371,18 @@ let tests =
             Expect.isGreaterThan (values adapter.Embeddings.grad |> Array.map abs |> Array.max) 0.0 "a non-zero one"
             for struct (name, p) in lm.Module.named_parameters () do
                 Expect.isNull p.grad (name + " has no gradient"))
+        torchTest "the prefix's Adapter puts a copy of the prefix, in the copy's dtype, in front of a bf16 compute copy" (fun () ->
+            let lm = CausalLm.create (Llama tinyLlama) 4L
+            let adapter = PrefixTuning.asAdapter (randomPrefix 3 lm 2L)
+            let master = Functional.Optim.FlatParameters.create [ for name, p in adapter.Parameters -> struct (name, p) ]
+            use copy = (MixedPrecision.createWith Precision.Bf16 lm adapter.AttachToCompute master).Value
+            Expect.isFalse (obj.ReferenceEquals(copy.Model.Module, copy.Base.Module)) "the compute model wraps the base copy"
+            use input = idsTensor [| [| 1L; 2L; 3L; 4L |] |]
+            use expected = adapter.Model.Module.forward input
+            use actual = copy.Model.Module.forward input
+            Expect.equal actual.dtype torch.bfloat16 "runs in bf16"
+            use actual32 = actual.to_type torch.float32
+            expectClose 0.05 actual32 expected "the bf16 prefix model computes the fp32 one's logits")
         training
         generation
         badInput

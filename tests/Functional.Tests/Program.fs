@@ -15,6 +15,7 @@ let endToEnd =
       [ "packages" ]
       [ "scripts" ]
       [ "benchmarks" ]
+      [ "checkpoint signature" ]
       [ "new user (issue 12)" ]
       [ "new user: signals and resume" ]
       [ "new user: threads on a busy machine" ]

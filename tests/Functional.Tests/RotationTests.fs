@@ -5,6 +5,7 @@ open Expecto
 open FsCheck
 open FsCheck.FSharp
 open Functional.Checkpoint
+open Functional.Training
 
 /// Existing checkpoint steps (distinct, in random order), the best one's step and save_total_limit.
 type private Case = { Steps: int list; Best: int option; Limit: int option }

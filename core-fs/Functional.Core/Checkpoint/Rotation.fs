@@ -55,30 +55,3 @@ module Rotation =
             | Some b -> b
             | None -> if greaterIsBetter then Double.NegativeInfinity else Double.PositiveInfinity
         if greaterIsBetter then candidate > reference else candidate < reference
-
-/// Early stopping as HF's EarlyStoppingCallback with early_stopping_threshold 0: Counter counts the
-/// evaluations in a row that did not improve the best metric; training stops once it reaches Patience.
-type EarlyStopping =
-    { /// How many non-improving evaluations in a row stop training (at least 1).
-      Patience: int
-      /// Non-improving evaluations since the last improvement.
-      Counter: int }
-
-/// Creating and advancing an EarlyStopping state.
-[<RequireQualifiedAccess>]
-module EarlyStopping =
-
-    /// A fresh state (Counter 0). Raises ArgumentOutOfRangeException when patience is below 1.
-    let create (patience: int) : EarlyStopping =
-        if patience < 1 then
-            raise (ArgumentOutOfRangeException("patience", patience, "early stopping patience must be at least 1"))
-        { Patience = patience; Counter = 0 }
-
-    /// The state after one evaluation: improved (Rotation.isBetter of its metric against the best before
-    /// it) resets Counter to 0, anything else adds 1. Unlike HF, whose first evaluation always resets
-    /// (its best_metric is still None then), a first evaluation whose metric is NaN counts as not improving.
-    let observe (improved: bool) (state: EarlyStopping) : EarlyStopping =
-        if improved then { state with Counter = 0 } else { state with Counter = state.Counter + 1 }
-
-    /// Whether training should stop: Patience evaluations in a row did not improve.
-    let shouldStop (state: EarlyStopping) : bool = state.Counter >= state.Patience

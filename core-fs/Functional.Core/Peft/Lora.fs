@@ -95,11 +95,11 @@ module Lora =
 
     /// The file PEFT's save_pretrained writes the configuration to.
     [<Literal>]
-    let ConfigFileName = "adapter_config.json"
+    let ConfigFileName = PeftFolder.ConfigFileName
 
     /// The file PEFT's save_pretrained writes the adapter tensors to.
     [<Literal>]
-    let WeightsFileName = "adapter_model.safetensors"
+    let WeightsFileName = PeftFolder.WeightsFileName
 
     /// Where a bad setting came from: the command line (option names) or adapter_config.json (fields).
     type private Source =
@@ -326,14 +326,8 @@ module Lora =
     /// base_model_name_or_path when given) and adapter_model.safetensors (PEFT's keys, fp32). Each file
     /// is written under a temporary name and renamed into place.
     let save (folder: string) (baseModelNameOrPath: string option) (adapters: LoraAdapters) : unit =
-        TorchRuntime.ensure ()
-        Directory.CreateDirectory folder |> ignore
-        let configPath = Path.Combine(folder, ConfigFileName)
-        let temporary = configPath + ".tmp"
-        File.WriteAllText(temporary, configJson adapters baseModelNameOrPath)
-        File.Move(temporary, configPath, true)
         let tensors = [ for name, p in parameters adapters -> name, (p :> torch.Tensor) ]
-        StateDict.export (Path.Combine(folder, WeightsFileName)) Map.empty tensors
+        PeftFolder.write folder (configJson adapters baseModelNameOrPath) tensors
 
     /// Reads a LoRA configuration from folder's adapter_config.json (PEFT's format). Raises
     /// InvalidInputException naming the file and field for a missing file, malformed JSON, a missing or
@@ -440,3 +434,37 @@ module Lora =
                 let delta = match adapter.Layout with OutByIn -> delta | InByOut -> delta.t () // as the weight
                 adapter.Weight.add_(delta.to_type adapter.Weight.dtype) |> ignore
         (adapters :> IDisposable).Dispose()
+
+    /// The adapters' signature text: rank, alpha, dropout, targets, whether the base is frozen and the
+    /// adapters' learning rate (the run's when None).
+    let signature (adapters: LoraAdapters) (onlyOptimizeLora: bool) (learningRate: float) : string =
+        let c = adapters.Config
+        Adapter.signatureText
+            [ "r", string c.R
+              "lora_alpha", Adapter.number c.Alpha
+              "lora_dropout", Adapter.number c.Dropout
+              "target_modules", String.Join(",", c.TargetModules)
+              "module_name_substring", defaultArg c.ModuleNameSubstring ""
+              "only_optimize_lora", (if onlyOptimizeLora then "true" else "false")
+              "learning_rate", Adapter.number learningRate ]
+
+    /// The adapters as a job's Adapter: the model keeps its modules (the adapters hook into them),
+    /// onlyOptimizeLora freezes the base, learningRate is the adapters' own (None: the run's, runLearningRate,
+    /// which the signature records then). AttachToCompute copies the adapters onto the compute copy in
+    /// its dtype (copyTo), so the adapter path runs in the low precision.
+    let asAdapter (adapters: LoraAdapters) (lm: CausalLm) (onlyOptimizeLora: bool) (learningRate: float option) (runLearningRate: float) : Adapter =
+        let trained = parameters adapters
+        { Kind = "LORA"
+          Model = lm
+          Parameters = trained
+          FreezesBase = onlyOptimizeLora
+          LearningRate = learningRate
+          Signature = signature adapters onlyOptimizeLora (defaultArg learningRate runLearningRate)
+          Save = fun folder baseModel -> save folder baseModel adapters
+          Load = fun folder -> PeftFolder.loadValues folder trained
+          AttachToCompute =
+            fun copy ->
+                let copied = copyTo adapters copy
+                { Model = copy
+                  Parameters = parameters copied
+                  Release = fun () -> (copied :> IDisposable).Dispose() } }

@@ -120,11 +120,11 @@ module PrefixTuning =
 
     /// The file PEFT's save_pretrained writes the configuration to.
     [<Literal>]
-    let ConfigFileName = "adapter_config.json"
+    let ConfigFileName = PeftFolder.ConfigFileName
 
     /// The file PEFT's save_pretrained writes the prefix to.
     [<Literal>]
-    let WeightsFileName = "adapter_model.safetensors"
+    let WeightsFileName = PeftFolder.WeightsFileName
 
     /// PEFT's key of the prefix in adapter_model.safetensors.
     [<Literal>]
@@ -201,13 +201,8 @@ module PrefixTuning =
     /// file is written under a temporary name and renamed into place.
     let save (folder: string) (baseModelNameOrPath: string option) (adapter: PrefixAdapter) : unit =
         TorchRuntime.ensure ()
-        Directory.CreateDirectory folder |> ignore
-        let configPath = Path.Combine(folder, ConfigFileName)
-        let temporary = configPath + ".tmp"
-        File.WriteAllText(temporary, configJson adapter.Config baseModelNameOrPath)
-        File.Move(temporary, configPath, true)
         use values = adapter.Embeddings.detach().to_type(torch.float32).cpu()
-        StateDict.export (Path.Combine(folder, WeightsFileName)) Map.empty [ EmbeddingsKey, values ]
+        PeftFolder.write folder (configJson adapter.Config baseModelNameOrPath) [ EmbeddingsKey, values ]
 
     /// Reads a prefix configuration from folder's adapter_config.json (PEFT's format). Raises
     /// InvalidInputException naming the file and field for a missing file, malformed JSON, a missing or
@@ -294,3 +289,25 @@ module PrefixTuning =
         let adapter = attach config zeros lm
         loadValues (Path.Combine(folder, WeightsFileName)) adapter
         adapter
+
+    /// The prefix as a job's Adapter: Model is the base behind the prefix, the base stays frozen, the
+    /// prefix trains at the run's learning rate. AttachToCompute puts a copy of the prefix, in the copy's
+    /// dtype, in front of a compute copy of the base model.
+    let asAdapter (adapter: PrefixAdapter) : Adapter =
+        let trained = parameters adapter
+        { Kind = "PREFIX_TUNING"
+          Model = adapter.Model
+          Parameters = trained
+          FreezesBase = true
+          LearningRate = None
+          Signature = sprintf "num_virtual_tokens=%d" adapter.Config.NumVirtualTokens
+          Save = fun folder baseModel -> save folder baseModel adapter
+          Load = fun folder -> PeftFolder.loadValues folder trained
+          AttachToCompute =
+            fun copy ->
+                let dtype = (Seq.head (copy.Module.parameters ())).dtype
+                use values = adapter.Embeddings.detach().to_type dtype
+                let copied = attach adapter.Config values copy
+                { Model = copied.Model
+                  Parameters = parameters copied
+                  Release = fun () -> copied.Embeddings.Dispose() } }

@@ -5,24 +5,12 @@ open TorchSharp
 open Functional
 open Functional.Models
 open Functional.Optim
-open Functional.Peft
 open Functional.Runtime
 
-/// What a caller attaches to the bf16/fp16 compute copy of its base model: the low-precision
-/// counterparts of whatever it attached to the fp32 model (LoRA adapters through forward hooks, a module
-/// wrapping the model, ...). An attach function (CausalLm -> ComputeAttachment) receives the copy of the
-/// base model and returns this.
-[<NoEquality; NoComparison>]
-type ComputeAttachment =
-    { /// What forward and backward run on: the copy itself (adapters through hooks), or a module wrapping it.
-      Model: CausalLm
-      /// The attached parameters, under the names the fp32 ones have in the trainer's parameter list
-      /// (e.g. PEFT's LoRA keys): trained ones are made to alias the compute copy's flat buffers, the
-      /// others are frozen as given.
-      Parameters: (string * TorchSharp.Modules.Parameter) list
-      /// Removes what was attached (hooks, wrappers) and frees its tensors; called once, when the compute
-      /// copy is disposed (the copy of the base model is disposed after it).
-      Release: unit -> unit }
+/// What a caller attaches to the bf16/fp16 compute copy of its base model (Functional.Peft's type, which
+/// every adapter's AttachToCompute returns): the model forward and backward run on, the attached
+/// parameters under their fp32 names, and what releases them.
+type ComputeAttachment = Functional.Peft.ComputeAttachment
 
 /// A low-precision (bf16 or fp16) copy of a model that forward and backward run on, while the fp32
 /// master weights (a FlatParameters buffer) stay with the optimizer. TorchSharp has no autocast, so
@@ -122,15 +110,8 @@ module MixedPrecision =
 
     /// The attach function of a model with nothing attached (full fine-tuning, or a subset of the base
     /// model's own parameters): the copy of the base model as it is.
-    let attachNothing (copy: CausalLm) : ComputeAttachment = { Model = copy; Parameters = []; Release = ignore }
-
-    /// The attach function of LoRA: copies the adapters onto the compute copy in its dtype
-    /// (Lora.copyTo), so the adapter path runs in the low precision; their parameters keep PEFT's names.
-    let attachLora (adapters: LoraAdapters) (copy: CausalLm) : ComputeAttachment =
-        let copied = Lora.copyTo adapters copy
-        { Model = copy
-          Parameters = Lora.parameters copied
-          Release = fun () -> (copied :> IDisposable).Dispose() }
+    let attachNothing (copy: CausalLm) : ComputeAttachment =
+        { Functional.Peft.ComputeAttachment.Model = copy; Parameters = []; Release = ignore }
 
     /// A compute copy in the precision's dtype of model plus what attach attaches to it, or None for fp32.
     /// The base copy is built from model.Config (CausalLm.create, then Module.to(dtype)), with model's

@@ -180,7 +180,7 @@ type TrainRun =
       /// The model to train (fp32).
       Model: CausalLm
       /// Under --bf16/--fp16, what to attach to the low-precision compute copy of Model (e.g.
-      /// MixedPrecision.attachLora for LoRA adapters); MixedPrecision.attachNothing when nothing is
+      /// an adapter's AttachToCompute (Peft.Adapter) for LoRA adapters); MixedPrecision.attachNothing when nothing is
       /// attached. Not used in fp32.
       Attach: CausalLm -> ComputeAttachment
       /// The parameters that train (all of Model's, or e.g. only LoRA adapters: the others stay frozen),
@@ -585,7 +585,7 @@ module Trainer =
     ///
     /// Mixed precision (options.Precision Bf16 or Fp16): the given parameters are the fp32 master
     /// weights; forward and backward run on a low-precision compute copy of model plus what run.Attach
-    /// attaches to it (MixedPrecision.createWith: e.g. MixedPrecision.attachLora for LoRA adapters, whose
+    /// attaches to it (MixedPrecision.createWith: e.g. an adapter's AttachToCompute (Peft.Adapter) for LoRA adapters, whose
     /// parameters are not the model's), whose gradients are added in fp32 to the master gradients after
     /// every micro-batch; clipping and the optimizer run on the fp32 master, and the trained parameters
     /// of the copy are refreshed from it after every update. Parameters that do not train (a frozen base)

@@ -11,6 +11,17 @@ open Functional.Data
 open Functional.Models
 open Functional.Optim
 
+/// One setting a resumed run must share with the run that saved the checkpoint.
+type SignatureEntry =
+    { /// The setting's snake_case name: the key trainer_state.json stores the value under.
+      Key: string
+      /// How messages name the setting (and the key signature format version 1 stored it under).
+      Label: string
+      /// The value as plain text ("key=value key=value" for settings with parts).
+      Value: string
+      /// The value as signature format version 1 wrote it, to compare checkpoints written then.
+      LegacyValue: string }
+
 /// Everything a run writes into a checkpoint besides tensors.
 [<NoComparison; NoEquality>]
 type CheckpointRecord =
@@ -63,46 +74,103 @@ module TrainingCheckpoint =
             sha.AppendData(BitConverter.GetBytes prompt)
         Convert.ToHexString(sha.GetHashAndReset()).ToLowerInvariant()
 
-    /// What a resumed run must share with the run that saved the checkpoint, by command-line option. The
-    /// run's length (--max-steps / --num-train-epochs) is not part of it: as with HF, a resume may train
-    /// further than the saved run planned, the schedule (and a --warmup-ratio's warmup) following the new
+    /// The signature format this version writes: 2 stores each entry under its setting's snake_case key
+    /// with plain "key=value" text; 1 (no "signature_version" field) stored entries under command-line
+    /// labels with F#'s structural printing of records.
+    [<Literal>]
+    let SignatureVersion = 2
+
+    let private scheduleKwargs (o: ScheduleOptions) =
+        let shape (s: PhaseShape) =
+            match s with
+            | PhaseShape.Linear -> "linear"
+            | PhaseShape.Cosine -> "cosine"
+            | PhaseShape.OneMinusSqrt -> "1-sqrt"
+        Peft.Adapter.signatureText
+            [ match o.NumCycles with Some v -> "num_cycles", number v | None -> ()
+              match o.LrEnd with Some v -> "lr_end", number v | None -> ()
+              match o.Power with Some v -> "power", number v | None -> ()
+              match o.Timescale with Some v -> "timescale", string v | None -> ()
+              match o.MinLr with
+              | Some(MinLearningRate.Absolute v) -> "min_lr", number v
+              | Some(MinLearningRate.RatioOfBase v) -> "min_lr_rate", number v
+              | None -> ()
+              match o.NumDecaySteps with Some v -> "num_decay_steps", string v | None -> ()
+              match o.NumStableSteps with Some v -> "num_stable_steps", string v | None -> ()
+              match o.WarmupShape with Some v -> "warmup_type", shape v | None -> ()
+              match o.DecayShape with Some v -> "decay_type", shape v | None -> ()
+              match o.MinLrRatio with Some v -> "min_lr_ratio", number v | None -> () ]
+
+    let private precisionName (p: Precision) =
+        match p with
+        | Precision.Fp32 -> "fp32"
+        | Precision.Bf16 -> "bf16"
+        | Precision.Fp16 c ->
+            Peft.Adapter.signatureText
+                [ "precision", "fp16"
+                  "loss_scale", number c.LossScale
+                  "initial_scale_power", string c.InitialScalePower
+                  "loss_scale_window", string c.LossScaleWindow
+                  "hysteresis", string c.Hysteresis
+                  "consecutive_hysteresis", (if c.ConsecutiveHysteresis then "true" else "false")
+                  "min_loss_scale", number c.MinLossScale ]
+
+    /// Version 1 keyed its entries by their labels as the command line spells them ("--learning-rate",
+    /// "--bf16 / --fp16"): the label with each setting mention written as its option.
+    let private legacyKey (label: string) = SettingText.render (fun name -> "--" + name.Replace('_', '-')) label
+
+    let private entry key label value legacy = { Key = key; Label = label; Value = value; LegacyValue = legacy }
+    let private same key label value = entry key label value value
+
+    /// What a resumed run must share with the run that saved the checkpoint, one entry per setting. The
+    /// run's length (max_steps / num_train_epochs) is not part of it: as with HF, a resume may train
+    /// further than the saved run planned, the schedule (and a warmup_ratio's warmup) following the new
     /// total; FineTune refuses a total below the checkpoint's step.
-    let signature (plan: TrainingPlan) (model: CausalLm) (dataset: TokenizedDataset) : (string * string) list =
+    let signature (plan: TrainingPlan) (model: CausalLm) (dataset: TokenizedDataset) : SignatureEntry list =
         let o = plan.Options
-        [ "--model (config.json)", ModelConfig.toJson model.Config
-          "--optimizer", string o.Optimizer
-          "--learning-rate", number o.LearningRate
-          "--weight-decay", number o.WeightDecay
-          "--adam-beta1", number o.AdamBeta1
-          "--adam-beta2", number o.AdamBeta2
-          "--adam-epsilon", number o.AdamEpsilon
-          "--momentum", number o.Momentum
-          "--nesterov", string o.Nesterov
-          "--max-grad-norm", number o.MaxGradNorm
-          "--lr-scheduler-type", Schedule.name o.LrSchedulerType
-          "--lr-scheduler-kwargs", sprintf "%A" o.LrSchedulerOptions
-          "--num-warmup-steps / --warmup-ratio", sprintf "%d / %s" o.NumWarmupSteps (number o.WarmupRatio)
-          "--per-device-train-batch-size", string o.PerDeviceTrainBatchSize
-          "--gradient-accumulation-steps", string o.GradientAccumulationSteps
-          "--max-seq-len", string o.MaxSeqLen
-          "--seed", string o.Seed
-          "--no-shuffle", string (not o.Shuffle)
-          "--bf16 / --fp16", sprintf "%A" o.Precision
-          "--data (tokenized rows)", dataFingerprint dataset ]
+        [ same "model_config" "{model} (config.json)" (ModelConfig.toJson model.Config)
+          same "optimizer" "{optimizer}" (string o.Optimizer)
+          same "learning_rate" "{learning_rate}" (number o.LearningRate)
+          same "weight_decay" "{weight_decay}" (number o.WeightDecay)
+          same "adam_beta1" "{adam_beta1}" (number o.AdamBeta1)
+          same "adam_beta2" "{adam_beta2}" (number o.AdamBeta2)
+          same "adam_epsilon" "{adam_epsilon}" (number o.AdamEpsilon)
+          same "momentum" "{momentum}" (number o.Momentum)
+          same "nesterov" "{nesterov}" (string o.Nesterov)
+          same "max_grad_norm" "{max_grad_norm}" (number o.MaxGradNorm)
+          same "lr_scheduler_type" "{lr_scheduler_type}" (Schedule.name o.LrSchedulerType)
+          entry "lr_scheduler_kwargs" "{lr_scheduler_kwargs}" (scheduleKwargs o.LrSchedulerOptions) (sprintf "%A" o.LrSchedulerOptions)
+          same "warmup" "{num_warmup_steps} / {warmup_ratio}" (sprintf "%d / %s" o.NumWarmupSteps (number o.WarmupRatio))
+          same "per_device_train_batch_size" "{per_device_train_batch_size}" (string o.PerDeviceTrainBatchSize)
+          same "gradient_accumulation_steps" "{gradient_accumulation_steps}" (string o.GradientAccumulationSteps)
+          same "max_seq_len" "{max_seq_len}" (string o.MaxSeqLen)
+          same "seed" "{seed}" (string o.Seed)
+          same "no_shuffle" "{no_shuffle}" (string (not o.Shuffle))
+          entry "precision" "{bf16} / {fp16}" (precisionName o.Precision) (sprintf "%A" o.Precision)
+          same "data_fingerprint" "{data} (tokenized rows)" (dataFingerprint dataset) ]
+
+    /// The signature entries of a job's adapters: LoRA's (legacyLora: the text version 1 wrote for it) and
+    /// prefix tuning's, "none" for an adapter kind the run does not use.
+    let adapterSignature (lora: (string * string) option) (prefix: string option) : SignatureEntry list =
+        [ entry "lora" "{lora}-*" (lora |> Option.map fst |> Option.defaultValue "none") (lora |> Option.map snd |> Option.defaultValue "none")
+          same "prefix_tuning" "{prefix_tuning} / {num_prefix_tokens}" (defaultArg prefix "none") ]
 
     let private oneLine (text: string) =
         let flat = text.Replace("\r", "").Replace("\n", " ")
         if flat.Length > 80 then flat.Substring(0, 77) + "..." else flat
 
-    /// Raises InvalidInputException listing every signature entry that differs.
-    let checkSignature (checkpoint: string) (saved: (string * string) list) (current: (string * string) list) =
+    /// Raises InvalidInputException listing every signature entry that differs. saved holds the
+    /// checkpoint's entries as written by signature format version (1: keyed by label with the legacy
+    /// text; 2: keyed by setting); the message names each entry by its label.
+    let checkSignature (checkpoint: string) (version: int) (saved: (string * string) list) (current: SignatureEntry list) =
         let savedMap = Map saved
         let differences =
-            [ for key, value in current do
+            [ for e in current do
+                  let key, value = if version < 2 then legacyKey e.Label, e.LegacyValue else e.Key, e.Value
                   match savedMap.TryFind key with
                   | Some old when old = value -> ()
-                  | Some old -> yield sprintf "%s: the checkpoint was trained with %s, this run has %s" key (oneLine old) (oneLine value)
-                  | None -> yield sprintf "%s: the checkpoint does not record it" key ]
+                  | Some old -> yield sprintf "%s: the checkpoint was trained with %s, this run has %s" e.Label (oneLine old) (oneLine value)
+                  | None -> yield sprintf "%s: the checkpoint does not record it" e.Label ]
         if not differences.IsEmpty then
             InvalidInput.fail checkpoint "trainer_state.json"
                 ("the run differs from the one that saved this checkpoint: " + String.Join("; ", differences))
@@ -140,7 +208,7 @@ module TrainingCheckpoint =
         (model: CausalLm)
         (sourceConfig: string option)
         (extraFiles: string list)
-        (signature: (string * string) list)
+        (signature: SignatureEntry list)
         (extraWriters: (string * (string -> unit)) list)
         (context: StepContext)
         (record: CheckpointRecord)
@@ -174,7 +242,8 @@ module TrainingCheckpoint =
                       raw (dict [ "epoch", context.Accumulation.Epoch
                                   "micro_batch_in_epoch", context.Accumulation.MicroBatchInEpoch
                                   "optimizer_step", context.Accumulation.OptimizerStep ])
-                      "signature", raw (dict signature)
+                      "signature_version", raw SignatureVersion
+                      "signature", raw (dict [ for e in signature -> e.Key, e.Value ])
                       "loss_scaler", (match context.LossScale with Some state -> raw state | None -> "null")
                       "early_stopping_counter", raw (fst record.EarlyStopping)
                       "train_loss_sum", raw (fst record.TrainLoss)
@@ -209,14 +278,25 @@ module TrainingCheckpoint =
         (model: CausalLm)
         (trainableNames: string list)
         (loadExtra: string -> unit)
-        (signature: (string * string) list)
+        (signature: SignatureEntry list)
         : RestoredCheckpoint =
         CheckpointFolder.verify path
         let statePath = Path.Combine(path, "trainer_state.json")
         let state = TrainerState.read statePath
         let saved =
             [ for p in (functionalField statePath state "signature").EnumerateObject() -> p.Name, p.Value.GetString() ]
-        checkSignature path saved signature
+        let version =
+            match state.Functional.TryFind "signature_version" with
+            | Some _ ->
+                let v = functionalField statePath state "signature_version"
+                match v.ValueKind with
+                | JsonValueKind.Number -> v.GetInt32()
+                | _ -> InvalidInput.fail statePath "functional.signature_version" "expected an integer"
+            | None -> 1
+        if version > SignatureVersion then
+            InvalidInput.fail statePath "functional.signature_version"
+                (sprintf "version %d is newer than this version of Functional reads (%d)" version SignatureVersion)
+        checkSignature path version saved signature
         HfModelFolder.loadWeightsInto path model
         loadExtra path
         let position = functionalField statePath state "data_position"

@@ -1,0 +1,429 @@
+namespace Functional.Training
+
+open System
+open System.Diagnostics
+open System.IO
+open Functional
+open Functional.Checkpoint
+open Functional.Data
+open Functional.Generation
+open Functional.Models
+open Functional.Peft
+open Functional.Runtime
+open Functional.Text
+open TorchSharp
+
+/// A fine-tuning job with everything checked and loaded and nothing written yet: what Job.run trains.
+[<NoComparison; NoEquality>]
+type PreparedJob =
+    { /// The request as given.
+      Request: FineTuneRequest
+      /// The request's options with MaxSeqLen resolved (the model's context when it was 0).
+      Options: TrainOptions
+      /// The base model (its weights restored when resuming).
+      Model: CausalLm
+      /// The model folder's config.json text, written again into checkpoints and final/.
+      SourceConfig: string
+      /// The tokenizer of the data and of exact-match scoring.
+      Tokenizer: TextTokenizer
+      /// The model folder's tokenizer files, copied into checkpoints and final/.
+      TokenizerCopies: string list
+      /// Training and evaluation rows, evaluation samples, skipped rows.
+      Data: TrainAndEval
+      /// Steps, accumulation and schedule.
+      Plan: TrainingPlan
+      /// The adapters (at most one kind), attached.
+      Adapters: Adapter list
+      /// What trains, evaluates and generates: the model behind its prefix when there is one.
+      Trained: CausalLm
+      /// The trained parameters, in the optimizer's order.
+      Trainable: (string * TorchSharp.Modules.Parameter) list
+      /// Each trained parameter's peak learning rate.
+      LearningRate: string -> float
+      /// What a resume must match.
+      Signature: SignatureEntry list
+      /// The checkpoint resumed from.
+      Restored: RestoredCheckpoint option
+      /// The step this process starts from.
+      StartStep: int
+      /// HF's floating_point_ops per input token.
+      FlopsPerInputToken: float
+      /// The evaluate, save, rotate and early-stop settings.
+      Policy: PolicySettings
+      /// True for the one process that writes files (rank 0); every job is one process today.
+      IsMainProcess: bool
+      /// Started when the job was.
+      Clock: Stopwatch }
+
+/// A fine-tuning job as a pipeline: prepare (check and load everything, write nothing), then run (train,
+/// evaluate, save).
+[<RequireQualifiedAccess>]
+module Job =
+
+    open JobChecks
+
+    /// Exact-match accuracy of greedy answers to the first `count` samples: the generated text, trimmed,
+    /// equals the reference answer, trimmed.
+    let exactMatch (model: CausalLm) (tokenizer: TextTokenizer) (samples: Sample[]) (count: int) (maxNewTokens: int) =
+        JobChecks.exactMatch model tokenizer samples count maxNewTokens
+
+    let private metricOf (options: TrainOptions) (eval: EvalResult) =
+        if metricName options = "eval_perplexity" then eval.Perplexity else eval.Loss
+
+    // ---- prepare ----
+
+    let private checkRequest (request: FineTuneRequest) =
+        TrainOptions.validate request.Options
+        checkPrefixCombinations request
+        if request.ResumeFromCheckpoint.IsNone then checkOutputFolder request else checkWritable request.OutputPath
+        match request.Options.LoggingDir with
+        | Some folder when request.Options.ReportToTensorBoard -> checkWritable folder
+        | _ -> ()
+
+    let private loadData (request: FineTuneRequest) (options: TrainOptions) (model: CausalLm) tokenizer =
+        let promptOptions = { request.Data.Prompt with MaxSeqLen = options.MaxSeqLen; Seed = options.Seed }
+        let data =
+            match request.Data.CachePath with
+            | Some cache -> fst (DataCache.loadTrainAndEval cache request.DataPath request.Data.EvalDataPath promptOptions tokenizer)
+            | None -> PromptDataset.loadTrainAndEval request.DataPath request.Data.EvalDataPath promptOptions tokenizer
+        checkSettings request data.Eval.IsSome
+        let vocabSize = ModelConfig.vocabSize model.Config
+        TokenizedDataset.checkVocabulary vocabSize data.Train
+        data.Eval |> Option.iter (TokenizedDataset.checkVocabulary vocabSize)
+        data
+
+    /// LoRA's adapter and its signature entry (version 1 text beside).
+    let private loraAdapter (options: TrainOptions) (model: CausalLm) (lora: LoraSettings) =
+        let adapters =
+            match lora.AdapterPath with
+            | Some path -> Lora.load path model
+            | None -> Lora.wrap lora.Config model options.Seed
+        let adapter = Lora.asAdapter adapters model lora.OnlyOptimizeLora lora.LearningRate options.LearningRate
+        let rate = defaultArg lora.LearningRate options.LearningRate
+        adapter, (adapter.Signature, sprintf "%A only=%b lr=%g" adapters.Config lora.OnlyOptimizeLora rate)
+
+    let private prefixAdapter (options: TrainOptions) (model: CausalLm) (data: TrainAndEval) (settings: PrefixSettings) =
+        let adapter =
+            match settings.AdapterPath with
+            | Some path ->
+                let adapter = PrefixTuning.load path model
+                if adapter.Config.NumVirtualTokens <> settings.NumPrefixTokens then
+                    InvalidInput.setting "num_prefix_tokens"
+                        (sprintf "is %d, but the prefix adapter %s has num_virtual_tokens = %d"
+                            settings.NumPrefixTokens (Path.Combine(path, PrefixTuning.ConfigFileName)) adapter.Config.NumVirtualTokens)
+                adapter
+            | None -> PrefixTuning.create settings.NumPrefixTokens model options.Seed
+        checkPrefixFits model adapter.Config.NumVirtualTokens options (data.Train :: Option.toList data.Eval)
+        PrefixTuning.asAdapter adapter
+
+    /// The request's adapters, attached (the base frozen where the adapter says so), and their signature.
+    let private attachAdapters (request: FineTuneRequest) options model data =
+        let lora = request.Lora |> Option.map (loraAdapter options model)
+        let prefix = request.Prefix |> Option.map (prefixAdapter options model data)
+        let adapters = (lora |> Option.map fst |> Option.toList) @ Option.toList prefix
+        for a in adapters do if a.FreezesBase then Adapter.freezeBase model
+        adapters, TrainingCheckpoint.adapterSignature (lora |> Option.map snd) (prefix |> Option.map (fun p -> p.Signature))
+
+    let private trainableParameters (model: CausalLm) (adapters: Adapter list) =
+        [ if adapters |> List.forall (fun a -> not a.FreezesBase) then
+              for struct (name, p) in model.Module.named_parameters () -> name, p
+          yield! Adapter.parameters adapters ]
+
+    let private learningRates (options: TrainOptions) (adapters: Adapter list) =
+        let rates = dict [ for a in adapters do for name, _ in a.Parameters -> name, defaultArg a.LearningRate options.LearningRate ]
+        if rates.Values |> Seq.exists (fun r -> r <> options.LearningRate) && options.LearningRate = 0.0 then
+            InvalidInput.setting "learning_rate" "must be > 0 when {lora_learning_rate} differs from it (the schedule scales both)"
+        fun name -> match rates.TryGetValue name with | true, r -> r | _ -> options.LearningRate
+
+    let private restore (request: FineTuneRequest) (observer: FineTuneEvents) model trainable (adapters: Adapter list) signature =
+        request.ResumeFromCheckpoint
+        |> Option.map (fun spec ->
+            let skipped (folder: string) (problem: string) = observer.OnMessage(sprintf "skipped %s: %s" (Path.GetFileName folder) problem)
+            let path = CheckpointFolder.resolveReporting request.OutputPath spec skipped
+            let loadAdapters (folder: string) = for a in adapters do a.Load folder
+            TrainingCheckpoint.restore path model (List.map fst trainable) loadAdapters signature)
+
+    let private checkResume (options: TrainOptions) (plan: TrainingPlan) (observer: FineTuneEvents) (restored: RestoredCheckpoint option) =
+        let startStep = restored |> Option.map (fun r -> r.Resume.Accumulation.OptimizerStep) |> Option.defaultValue 0
+        restored
+        |> Option.iter (fun r ->
+            if plan.TotalSteps < startStep then
+                InvalidInput.failSetting (if options.MaxSteps > 0 then "{max_steps}" else "{num_train_epochs}")
+                    (sprintf "makes a run of %d steps, but %s is at step %d: a resume may lengthen the run, not shorten it (give at least %d steps)"
+                        plan.TotalSteps r.Path startStep startStep)
+            observer.OnMessage(sprintf "resuming from %s (step %d of %d)" r.Path startStep plan.TotalSteps))
+        startStep
+
+    /// HF's floating_point_ops: 6 x the parameters outside embeddings x the input tokens.
+    let private flopsPerInputToken (model: CausalLm) (adapters: Adapter list) =
+        let embeddings =
+            set [ for struct (name, m) in model.Module.named_modules () do
+                      if m :? TorchSharp.Modules.Embedding then yield (if name = "" then "weight" else name + ".weight") ]
+        let counted =
+            [ for struct (name, p) in model.Module.named_parameters () do
+                  if not (embeddings.Contains name) then yield name, p.numel ()
+              for name, p in Adapter.parameters adapters -> name, p.numel () ]
+            |> List.distinctBy fst
+        6.0 * float (List.sumBy snd counted)
+
+    let private policySettings (request: FineTuneRequest) (options: TrainOptions) (plan: TrainingPlan) hasEval isMain =
+        { EvalStrategy = TrainOptions.evalStrategy options
+          EvalSteps = options.EvalSteps
+          SaveStrategy = options.SaveStrategy
+          SaveSteps = options.SaveSteps
+          SaveTotalLimit = options.SaveTotalLimit
+          Patience = options.EarlyStoppingPatience
+          GreaterIsBetter = options.GreaterIsBetter |> Option.defaultValue (Rotation.defaultGreaterIsBetter (metricName options))
+          TotalSteps = plan.TotalSteps
+          HasEvalSet = hasEval
+          IsMainProcess = isMain
+          OutputFolder = Path.GetFullPath request.OutputPath }
+
+    /// Checks and loads everything a job needs, raising InvalidInputException before anything is written:
+    /// options, output folder, model, tokenizer, data, adapters, learning rates and (when resuming) the
+    /// checkpoint, whose weights, adapter values and signature it restores.
+    let prepare (request: FineTuneRequest) (observer: FineTuneEvents) : PreparedJob =
+        let clock = Stopwatch.StartNew()
+        checkRequest request
+        let model = HfModelFolder.load request.ModelPath request.Options.Seed
+        let prefixTokens = request.Prefix |> Option.map (fun p -> p.NumPrefixTokens) |> Option.defaultValue 0
+        // From here on MaxSeqLen is the row length of the run: the model's context when it was 0.
+        let options = { request.Options with MaxSeqLen = TrainOptions.sequenceLength request.Options model.Config prefixTokens }
+        let tokenizer = tokenizerFor request
+        let data = loadData request options model tokenizer
+        let plan = Trainer.plan options data.Train.Rows.Length
+        let adapters, adapterSignature = attachAdapters request options model data
+        let trained = adapters |> List.tryLast |> Option.map (fun a -> a.Model) |> Option.defaultValue model
+        CausalLm.setGradientCheckpointing model request.GradientCheckpointing
+        let trainable = trainableParameters model adapters
+        let learningRate = learningRates options adapters
+        let signature = TrainingCheckpoint.signature plan model data.Train @ adapterSignature
+        let restored = restore request observer model trainable adapters signature
+        let isMain = true
+        { Request = request
+          Options = options
+          Model = model
+          SourceConfig = File.ReadAllText(Path.Combine(request.ModelPath, "config.json"))
+          Tokenizer = tokenizer
+          TokenizerCopies =
+            if request.Data.TokenizerName.IsSome then []
+            else tokenizerFiles |> List.map (fun f -> Path.Combine(request.ModelPath, f)) |> List.filter File.Exists
+          Data = data
+          Plan = plan
+          Adapters = adapters
+          Trained = trained
+          Trainable = trainable
+          LearningRate = learningRate
+          Signature = signature
+          Restored = restored
+          StartStep = checkResume options plan observer restored
+          FlopsPerInputToken = flopsPerInputToken model adapters
+          Policy = policySettings request options plan data.Eval.IsSome isMain
+          IsMainProcess = isMain
+          Clock = clock }
+
+    // ---- run ----
+
+    /// What a run carries from step to step: the policy's state and the counters checkpoints record.
+    [<NoComparison; NoEquality>]
+    type private Progress =
+        { Policy: PolicyState
+          LastEval: (int * EvalResult) option
+          TrainLoss: float * int
+          InputTokensSeen: int64
+          StoppedEarly: bool
+          Interrupted: bool }
+
+    let private startProgress (job: PreparedJob) =
+        let record = job.Restored |> Option.map (fun r -> r.Record)
+        { Policy =
+            { CheckpointPolicy.start with
+                Best = record |> Option.bind (fun r -> r.Best)
+                EarlyStoppingCounter = record |> Option.map (fun r -> fst r.EarlyStopping) |> Option.defaultValue 0
+                EarlyStoppingBest = record |> Option.bind (fun r -> snd r.EarlyStopping) }
+          LastEval = None
+          TrainLoss = record |> Option.map (fun r -> r.TrainLoss) |> Option.defaultValue (0.0, 0)
+          InputTokensSeen = record |> Option.map (fun r -> r.InputTokensSeen) |> Option.defaultValue 0L
+          StoppedEarly = false
+          Interrupted = false }
+
+    let private savedTokensAndFlos (job: PreparedJob) =
+        job.Restored |> Option.map (fun r -> r.Record.InputTokensSeen, r.Record.TotalFlos) |> Option.defaultValue (0L, 0.0)
+
+    let private totalFlos (job: PreparedJob) (progress: Progress) =
+        let tokens, flos = savedTokensAndFlos job
+        flos + job.FlopsPerInputToken * float (progress.InputTokensSeen - tokens)
+
+    let private evaluate (job: PreparedJob) eval =
+        Evaluation.evaluate job.Trained eval job.Options.PerDeviceEvalBatchSize job.Options.MaxSeqLen Trainer.PadId
+
+    /// The evaluation figures of the model now: eval is the evaluation loss, computed by the caller.
+    let private figures (job: PreparedJob) (eval: EvalResult) =
+        { Eval = eval
+          ExactMatch =
+            if job.Request.Data.ExactMatchSamples > 0 then
+                exactMatch job.Trained job.Tokenizer job.Data.EvalSamples job.Request.Data.ExactMatchSamples job.Request.Data.ExactMatchMaxNewTokens
+            else None }
+
+    let private logEval (log: RunLogWriter) (observer: FineTuneEvents) step (f: EvalFigures) =
+        log.Eval { Step = step; Loss = f.Eval.Loss; Perplexity = f.Eval.Perplexity; ExactMatch = f.ExactMatch }
+        observer.OnEvaluation step f
+
+    /// The evaluation before training: evaluated now, or (resuming) read from the history.
+    let private evaluateBefore (job: PreparedJob) (log: RunLogWriter) observer =
+        match job.Restored, job.Data.Eval with
+        | Some _, _ ->
+            RunLog.before log.History
+            |> Option.map (fun e -> { Eval = { Loss = e.Loss; Perplexity = e.Perplexity; Tokens = 0L }; ExactMatch = e.ExactMatch })
+        | None, Some eval ->
+            let f = figures job (evaluate job eval)
+            logEval log observer 0 f
+            Some f
+        | None, None -> None
+
+    let private publish (job: PreparedJob) (path: string) =
+        let published = Path.GetFullPath(job.Request.PublishedOutputPath |> Option.defaultValue job.Request.OutputPath)
+        Path.Combine(published, Path.GetRelativePath(Path.GetFullPath job.Request.OutputPath, path))
+
+    let private saveCheckpoint (job: PreparedJob) (log: RunLogWriter) (progress: Progress) (context: StepContext) =
+        let record =
+            { History = log.History |> List.map RunLog.toJson
+              Best = progress.Policy.Best |> Option.map (fun (value, path) -> value, publish job path)
+              EarlyStopping = progress.Policy.EarlyStoppingCounter, progress.Policy.EarlyStoppingBest
+              InputTokensSeen = progress.InputTokensSeen
+              TotalFlos = totalFlos job progress
+              TrainLoss = progress.TrainLoss }
+        let adapterWriters =
+            if job.Adapters.IsEmpty then []
+            else [ PeftFolder.ConfigFileName, (fun (path: string) -> for a in job.Adapters do a.Save (Path.GetDirectoryName path) (Some job.Request.ModelPath)) ]
+        let output = job.Request.OutputPath
+        TrainingCheckpoint.save output job.Plan job.Model (Some job.SourceConfig) job.TokenizerCopies job.Signature adapterWriters context record |> ignore
+        for victim in CheckpointPolicy.toRotate job.Policy progress.Policy (CheckpointFolder.list output) do
+            CheckpointFolder.delete victim
+
+    /// One finished step: counters, evaluation, the policy's decision, the checkpoint it asks for.
+    let private afterStep (job: PreparedJob) log observer (cancellation: Threading.CancellationToken) (progress: Progress) (context: StepContext) =
+        let step = context.Log.Step
+        let savedTokens, _ = savedTokensAndFlos job
+        let progress =
+            { progress with
+                TrainLoss = fst progress.TrainLoss + context.Log.Loss, snd progress.TrainLoss + 1
+                InputTokensSeen = savedTokens + context.InputTokensSeen }
+        let evaluated =
+            match job.Data.Eval with
+            | Some eval when CheckpointPolicy.shouldEvaluate job.Policy step context.EpochEnded ->
+                let result = evaluate job eval
+                logEval log observer step { Eval = result; ExactMatch = None }
+                Some result
+            | _ -> None
+        let facts = { Step = step; EpochEnded = context.EpochEnded; Cancelled = cancellation.IsCancellationRequested; Metric = evaluated |> Option.map (metricOf job.Options) }
+        let decision, policy = CheckpointPolicy.decide job.Policy progress.Policy facts
+        let progress =
+            { progress with
+                Policy = policy
+                LastEval = (match evaluated with Some r -> Some(step, r) | None -> progress.LastEval)
+                Interrupted = decision.Interrupted
+                StoppedEarly = decision.StopEarly }
+        if decision.Checkpoint then Trainer.ensureFinite job.Options step context.Parameters
+        if decision.Write then saveCheckpoint job log progress context
+        progress, (if decision.Interrupted || decision.StopEarly then StepDecision.Stop else StepDecision.Continue)
+
+    /// The one call into the trainer: the job's plan, model, adapters' compute attachment and parameters.
+    let private train (job: PreparedJob) (hooks: TrainHooks) : TrainResult =
+        // Under bf16/fp16 the adapter is copied onto the low-precision compute copy.
+        let attach =
+            match job.Adapters with
+            | [] -> MixedPrecision.attachNothing
+            | [ adapter ] -> adapter.AttachToCompute
+            | _ -> invalidArg (nameof job) "a job trains one adapter at a time"
+        Trainer.run
+            { Trainer.setup job.Plan job.Trained job.Data.Train with
+                Attach = attach
+                Parameters = [ for name, p in job.Trainable -> struct (name, p) ]
+                LearningRate = job.LearningRate }
+            (job.Restored |> Option.map (fun r -> r.Resume))
+            hooks
+
+    /// The evaluation after training (of the best checkpoint when asked to load it).
+    let private evaluateAfter (job: PreparedJob) (progress: Progress) =
+        if job.Options.LoadBestModelAtEnd then
+            progress.Policy.Best
+            |> Option.iter (fun (_, path) ->
+                if Directory.Exists path then
+                    HfModelFolder.loadWeightsInto path job.Model
+                    for a in job.Adapters do a.Load path)
+        match job.Data.Eval, progress.LastEval with
+        | Some eval, Some(_, final) ->
+            Some(figures job (if job.Options.LoadBestModelAtEnd && progress.Policy.Best.IsSome then evaluate job eval else final))
+        | _ -> None
+
+    /// final/: the model in HF layout, or for an adapter run PEFT's adapter folder (plus the base model
+    /// when it trained too) and the tokenizer files. Staged, then renamed; a failure leaves nothing behind.
+    let private saveFinal (job: PreparedJob) (finalPath: string) =
+        if job.Adapters.IsEmpty then HfModelFolder.save finalPath job.Model (Some job.SourceConfig) job.TokenizerCopies
+        else
+            let staging = StagedFolder.create finalPath
+            try
+                for a in job.Adapters do a.Save staging (Some job.Request.ModelPath)
+                if job.Adapters |> List.exists (fun a -> not a.FreezesBase) then
+                    File.WriteAllText(Path.Combine(staging, "config.json"), HfModelFolder.configJson job.Model (Some job.SourceConfig))
+                    HfModelFolder.writeWeights (Path.Combine(staging, "model.safetensors")) job.Model
+                for file in job.TokenizerCopies do File.Copy(file, Path.Combine(staging, Path.GetFileName file), true)
+                StagedFolder.commit staging finalPath
+            with _ ->
+                StagedFolder.discard staging
+                reraise ()
+
+    let private summary (job: PreparedJob) (result: TrainResult) (progress: Progress) runtime (after: EvalFigures option) =
+        // Speeds measure the steps this process trained, in the time it trained them.
+        let stepsHere = float (result.Steps - job.StartStep)
+        let samples = stepsHere * float (job.Options.PerDeviceTrainBatchSize * job.Options.GradientAccumulationSteps)
+        { Step = result.Steps
+          TrainRuntime = runtime
+          SamplesPerSecond = samples / runtime
+          StepsPerSecond = stepsHere / runtime
+          TotalFlos = totalFlos job progress
+          TrainLoss = (if snd progress.TrainLoss = 0 then nan else fst progress.TrainLoss / float (snd progress.TrainLoss))
+          After = after |> Option.map (fun a -> { Step = result.Steps; Loss = a.Eval.Loss; Perplexity = a.Eval.Perplexity; ExactMatch = a.ExactMatch }) }
+
+    /// Trains a prepared job: metrics.jsonl and TensorBoard events as it goes, checkpoints as the policy
+    /// decides, then (unless interrupted) the summary line and final/, and loss.png.
+    let run (job: PreparedJob) (cancellation: Threading.CancellationToken) (observer: FineTuneEvents) : FineTuneResult =
+        let output = job.Request.OutputPath
+        // Everything is checked: from here on the output folder is written.
+        Directory.CreateDirectory output |> ignore
+        CheckpointFolder.cleanStale output
+        let metricsPath, finalPath, plotPath = Path.Combine(output, "metrics.jsonl"), Path.Combine(output, "final"), Path.Combine(output, "loss.png")
+        let history = job.Restored |> Option.map (fun r -> r.Record.History |> List.map RunLog.ofJson) |> Option.defaultValue []
+        let board = if job.Options.ReportToTensorBoard then Some(defaultArg job.Options.LoggingDir output) else None
+        let log = new RunLogWriter(metricsPath, board, job.IsMainProcess, history)
+        let trainClock = Stopwatch()
+        let result, before, progress =
+            use _ = log
+            let before = evaluateBefore job log observer
+            let progress = ref (startProgress job)
+            let hooks =
+                { OnLog = fun l -> log.Step l; observer.OnStep l
+                  AfterStep =
+                    fun context ->
+                        let next, decision = afterStep job log observer cancellation progress.Value context
+                        progress.Value <- next
+                        decision }
+            trainClock.Start()
+            let result = train job hooks
+            trainClock.Stop()
+            result, before, progress.Value
+        let after = if progress.Interrupted then None else evaluateAfter job progress
+        let runtime = trainClock.Elapsed.TotalSeconds
+        let summary = summary job result progress runtime after
+        if not progress.Interrupted then
+            Trainer.ensureFinite job.Options result.Steps result.Parameters
+            RunLogFinish.summary job.IsMainProcess metricsPath summary
+            if job.IsMainProcess then saveFinal job finalPath
+        RunLogFinish.plot job.IsMainProcess plotPath log.History
+        result.Parameters.Dispose()
+        { Steps = result.Steps; StartStep = job.StartStep; FinalLoss = result.FinalLoss; TrainLoss = summary.TrainLoss
+          MetricsPath = metricsPath; FinalModelPath = finalPath; PlotPath = plotPath; Before = before; After = after
+          SkippedRows = job.Data.Skipped; TrainRuntime = runtime; Checkpoints = CheckpointFolder.list output |> List.map snd
+          BestCheckpoint = progress.Policy.Best |> Option.map snd; ResumedFrom = job.Restored |> Option.map (fun r -> r.Path)
+          StoppedEarly = progress.StoppedEarly; Interrupted = progress.Interrupted; Seconds = job.Clock.Elapsed.TotalSeconds }

@@ -1,0 +1,134 @@
+namespace Functional.Training
+
+open Functional.Data
+
+/// Where the data comes from and how it becomes token ids.
+[<NoComparison>]
+type DataSettings =
+    { /// A separate evaluation file (same formats as the training data).
+      EvalDataPath: string option
+      /// Format, fields, completion-only training, packing, split, evaluation hold-out. MaxSeqLen and
+      /// Seed are taken from the training options.
+      Prompt: PromptDataOptions
+      /// A tiktoken encoding name (cl100k_base, o200k_base); None uses the model folder's tokenizer files.
+      TokenizerName: string option
+      /// Folder of the tokenized-data cache; None turns the cache off.
+      CachePath: string option
+      /// Evaluation samples whose answers are generated (greedy) and scored by exact match before and
+      /// after training; 0 turns scoring off.
+      ExactMatchSamples: int
+      /// Longest generated answer when scoring exact match, in tokens.
+      ExactMatchMaxNewTokens: int }
+
+/// LoRA for a fine-tuning job (DeepSpeed-Chat's --lora_dim, --only_optimize_lora, --lora_learning_rate;
+/// PEFT's target modules).
+[<NoComparison>]
+type LoraSettings =
+    { /// Rank, alpha, dropout and the projections to adapt.
+      Config: Functional.Peft.LoraConfig
+      /// Freeze the base model: only the adapters train.
+      OnlyOptimizeLora: bool
+      /// The adapters' own peak learning rate (default: the run's).
+      LearningRate: float option
+      /// Start from an existing PEFT adapter folder: its config and values.
+      AdapterPath: string option }
+
+/// Prefix tuning for a fine-tuning job (PaddleNLP's --prefix_tuning, PEFT's PREFIX_TUNING): learned
+/// key/value prefixes for every layer train, the base model stays frozen, and final/ is the adapter.
+[<NoComparison>]
+type PrefixSettings =
+    { /// N, the virtual tokens of the prefix (PaddleNLP's --num_prefix_tokens, default
+      /// PrefixTuning.DefaultNumVirtualTokens = 128). With AdapterPath it must equal the adapter's
+      /// num_virtual_tokens.
+      NumPrefixTokens: int
+      /// Start from an existing PEFT prefix adapter folder: its values.
+      AdapterPath: string option }
+
+/// A fine-tuning job: where the model, data and output are, and how to train.
+[<NoComparison>]
+type FineTuneRequest =
+    { /// A Hugging Face model folder (config.json + model.safetensors, tokenizer files optional).
+      ModelPath: string
+      /// Training data: JSON or JSON Lines (prompt/answer shapes, text or input_ids).
+      DataPath: string
+      /// The output folder (metrics.jsonl, TensorBoard events, plot, final/).
+      OutputPath: string
+      /// Where the caller moves OutputPath once the job has finished, when it trains in a staging folder
+      /// (the embedded default run): the checkpoint paths trainer_state.json records
+      /// (best_model_checkpoint) name that place. None: OutputPath itself.
+      PublishedOutputPath: string option
+      /// Allow an output folder that is not empty.
+      OverwriteOutputDir: bool
+      /// The hyperparameters.
+      Options: TrainOptions
+      /// Data reading, evaluation and scoring.
+      Data: DataSettings
+      /// A checkpoint folder to resume from, or "latest" (the newest complete one in OutputPath).
+      ResumeFromCheckpoint: string option
+      /// LoRA adapters to train (None: plain fine-tuning).
+      Lora: LoraSettings option
+      /// A prefix to train instead of the model (None: no prefix). Excludes Lora, mixed precision and
+      /// gradient checkpointing.
+      Prefix: PrefixSettings option
+      /// Recompute each transformer block in backward instead of keeping its activations (HF's
+      /// gradient_checkpointing, PaddleNLP's recompute): less memory, the same gradients, more time.
+      GradientCheckpointing: bool }
+
+/// Evaluation figures at one point of a run.
+[<NoComparison>]
+type EvalFigures =
+    { /// Token-weighted loss and perplexity on the evaluation set.
+      Eval: EvalResult
+      /// Fraction of scored evaluation samples whose generated answer equals the reference (0 to 1).
+      ExactMatch: float option }
+
+/// What a fine-tuning job tells its caller while it runs.
+[<NoComparison; NoEquality>]
+type FineTuneEvents =
+    { /// After every logged optimizer step.
+      OnStep: StepLog -> unit
+      /// After every evaluation: the step (0: before training) and the figures (exact match only in the
+      /// evaluation before training; the result's After holds the closing one).
+      OnEvaluation: int -> EvalFigures -> unit
+      /// A line for the user: the checkpoint a resume starts from, a newer one it skipped and why.
+      OnMessage: string -> unit }
+
+/// What a finished job wrote and measured.
+[<NoComparison>]
+type FineTuneResult =
+    { /// Optimizer steps of the run done, counting those before a resume (HF's global_step).
+      Steps: int
+      /// The step this process started from: 0, or the step of the checkpoint it resumed from.
+      StartStep: int
+      /// The last step's loss.
+      FinalLoss: float
+      /// The mean of the per-step losses of the whole run, steps before a resume included (HF's
+      /// train_loss); NaN when no step was trained.
+      TrainLoss: float
+      /// OUTPUT/metrics.jsonl.
+      MetricsPath: string
+      /// OUTPUT/final: config.json + model.safetensors in HF naming (+ tokenizer files).
+      FinalModelPath: string
+      /// OUTPUT/loss.png: loss and learning rate per step.
+      PlotPath: string
+      /// Evaluation before training, when there is an evaluation set.
+      Before: EvalFigures option
+      /// Evaluation after training, when there is an evaluation set.
+      After: EvalFigures option
+      /// Rows skipped as bad (--skip-bad-rows).
+      SkippedRows: int
+      /// Seconds spent in the training loop (HF's train_runtime).
+      TrainRuntime: float
+      /// The checkpoints left in OutputPath, oldest first.
+      Checkpoints: string list
+      /// The best checkpoint by the metric, when checkpoints were evaluated.
+      BestCheckpoint: string option
+      /// The checkpoint the run resumed from.
+      ResumedFrom: string option
+      /// Early stopping ended the run before its planned steps.
+      StoppedEarly: bool
+      /// Cancellation (SIGINT/SIGTERM) ended the run after saving a checkpoint; final/ was not written.
+      Interrupted: bool
+      /// Wall-clock seconds of the whole job.
+      Seconds: float }
+
