@@ -51,7 +51,7 @@ type LoraSettings =
 type PrefixSettings =
     { /// N, the virtual tokens of the prefix (PaddleNLP's --num_prefix_tokens, default
       /// PrefixTuning.DefaultNumVirtualTokens = 128). With AdapterPath it must equal the adapter's
-      /// num_virtual_tokens.
+      /// num_virtual_tokens, or be 0: the run reads the adapter's.
       NumPrefixTokens: int
       /// Start from an existing PEFT prefix adapter folder: its values.
       AdapterPath: string option }
@@ -358,6 +358,12 @@ module FineTune =
         let options = request.Options
         TrainOptions.validate options
         checkPrefixCombinations request
+        // NumPrefixTokens 0 with an adapter folder: the adapter's own size, read here rather than when the request is made.
+        let request =
+            match request.Prefix with
+            | Some({ AdapterPath = Some path; NumPrefixTokens = 0 } as prefix) ->
+                { request with Prefix = Some { prefix with NumPrefixTokens = (PrefixTuning.loadConfig path).NumVirtualTokens } }
+            | _ -> request
         if request.ResumeFromCheckpoint.IsNone then checkOutputFolder request else checkWritable request.OutputPath
         match options.LoggingDir with
         | Some folder when options.ReportToTensorBoard -> checkWritable folder
