@@ -3,6 +3,8 @@ using Microsoft.FSharp.Collections;
 using Microsoft.FSharp.Core;
 
 [assembly: System.Runtime.CompilerServices.InternalsVisibleTo("Functional.Cli")]
+// The embedded demo runs a core job and reports it with the facade's types (Events, ToResult).
+[assembly: System.Runtime.CompilerServices.InternalsVisibleTo("Functional.Demo")]
 
 namespace Functional;
 
@@ -155,7 +157,7 @@ public static class FineTuning
     };
 
     /// <summary>The facade's view of a finished run.</summary>
-    internal static FineTuneResult ToResult(Training.FineTuneResult r) => new(
+    internal static FineTuneResult ToResult(FineTuneOutcome r) => new(
         r.Steps, r.FinalLoss, r.MetricsPath, r.FinalModelPath, r.PlotPath,
         Figures(r.Before), Figures(r.After), r.SkippedRows, r.TrainRuntime,
         r.Checkpoints.ToList(), OptionalValue(r.BestCheckpoint), OptionalValue(r.ResumedFrom), r.StoppedEarly, r.Interrupted,

@@ -1,3 +1,5 @@
+using Functional.Training;
+
 namespace Functional;
 
 /// <summary>
@@ -469,7 +471,7 @@ public sealed class TrainerBuilder
         {
             CheckBuilderRules();
         }
-        Training.FineTuneRequest request;
+        FineTuneRequest request;
         try
         {
             request = FineTuning.ToRequest(settings, prefixTokensGiven);

@@ -1,3 +1,5 @@
+using Functional.Training;
+
 namespace Functional;
 
 /// <summary>
@@ -7,7 +9,7 @@ namespace Functional;
 /// </summary>
 public sealed class TrainingPlan
 {
-    private readonly Training.FineTuneRequest request;
+    private readonly FineTuneRequest request;
     private readonly FineTuneOptions settings;
     private readonly Action<TrainingProgress>? onProgress;
     private readonly Action<EvaluationProgress>? onEvaluation;
@@ -17,7 +19,7 @@ public sealed class TrainingPlan
     /// <summary>A plan that runs the request made by <see cref="TrainerBuilder.Build"/>; settings is a copy of the
     /// builder's settings, for the plan's properties and <see cref="ToFineTuneOptions"/>.</summary>
     internal TrainingPlan(
-        Training.FineTuneRequest request, FineTuneOptions settings, Action<TrainingProgress>? onProgress,
+        FineTuneRequest request, FineTuneOptions settings, Action<TrainingProgress>? onProgress,
         Action<EvaluationProgress>? onEvaluation, Action<string>? onMessage, OptionNames names)
     {
         this.request = request;
@@ -75,7 +77,7 @@ public sealed class TrainingPlan
     public FineTuneOptions ToFineTuneOptions() => settings.Clone();
 
     /// <summary>The core's job description the plan runs, made once by <see cref="TrainerBuilder.Build"/>.</summary>
-    internal Training.FineTuneRequest Request => request;
+    internal FineTuneRequest Request => request;
 
     /// <summary>
     /// Runs the plan on this thread: checks the model folder, data and checkpoint (nothing is written before), then

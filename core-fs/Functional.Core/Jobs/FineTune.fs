@@ -107,7 +107,7 @@ type FineTuneEvents =
 
 /// What a finished job wrote and measured.
 [<NoComparison>]
-type FineTuneResult =
+type FineTuneOutcome =
     { /// Optimizer steps of the run done, counting those before a resume (HF's global_step).
       Steps: int
       /// The step this process started from: 0, or the step of the checkpoint it resumed from.
@@ -353,7 +353,7 @@ module FineTune =
         | _ -> None
 
     /// runObserved's work (see there), without the clean-up after a failure.
-    let private execute (request: FineTuneRequest) (cancellation: Threading.CancellationToken) (observer: FineTuneEvents) : FineTuneResult =
+    let private execute (request: FineTuneRequest) (cancellation: Threading.CancellationToken) (observer: FineTuneEvents) : FineTuneOutcome =
         let clock = Stopwatch.StartNew()
         let options = request.Options
         TrainOptions.validate options
@@ -384,7 +384,7 @@ module FineTune =
         let vocabSize = ModelConfig.vocabSize model.Config
         TokenizedDataset.checkVocabulary vocabSize data.Train
         data.Eval |> Option.iter (TokenizedDataset.checkVocabulary vocabSize)
-        let plan = Trainer.plan options data.Train.Rows.Length
+        let plan = TrainingLoop.plan options data.Train.Rows.Length
         let adapters =
             request.Lora
             |> Option.map (fun lora ->
@@ -485,7 +485,7 @@ module FineTune =
         let metricsPath = Path.Combine(request.OutputPath, "metrics.jsonl")
         let finalPath = Path.Combine(request.OutputPath, "final")
         let plotPath = Path.Combine(request.OutputPath, "loss.png")
-        let evaluate eval = Evaluation.evaluate trained eval options.PerDeviceEvalBatchSize options.MaxSeqLen Trainer.PadId
+        let evaluate eval = Evaluation.evaluate trained eval options.PerDeviceEvalBatchSize options.MaxSeqLen TrainingLoop.PadId
         let history = ResizeArray<string>(restored |> Option.map (fun r -> r.Record.History) |> Option.defaultValue [])
         let mutable best = restored |> Option.bind (fun r -> r.Record.Best)
         let mutable earlyStopping = restored |> Option.map (fun r -> r.Record.EarlyStopping) |> Option.defaultValue (0, None)
@@ -542,7 +542,7 @@ module FineTune =
                 match candidate with
                 | Some value when Rotation.isBetter greaterIsBetter value (best |> Option.map fst) -> best <- Some(value, path)
                 | _ -> ()
-                Trainer.ensureFinite options step context.Parameters
+                TrainingLoop.ensureFinite options step context.Parameters
                 let record =
                     { History = List.ofSeq history
                       Best = best |> Option.map (fun (value, path) -> value, publish path)
@@ -595,7 +595,7 @@ module FineTune =
             let result =
                 // Under --bf16/--fp16 the adapters are copied onto the low-precision compute copy.
                 let attach = adapters |> Option.map MixedPrecision.attachLora |> Option.defaultValue MixedPrecision.attachNothing
-                Trainer.trainAttached plan trained attach [ for name, p in trainable -> struct (name, p) ] learningRate data.Train (restored |> Option.map (fun r -> r.Resume))
+                TrainingLoop.trainAttached plan trained attach [ for name, p in trainable -> struct (name, p) ] learningRate data.Train (restored |> Option.map (fun r -> r.Resume))
                     { OnLog =
                         fun log ->
                             write (metricsLine log)
@@ -640,7 +640,7 @@ module FineTune =
         let runtime = trainClock.Elapsed.TotalSeconds
         let averageLoss = if snd trainLoss = 0 then nan else fst trainLoss / float (snd trainLoss)
         if not interrupted then
-            Trainer.ensureFinite options result.Steps result.Parameters
+            TrainingLoop.ensureFinite options result.Steps result.Parameters
             // Speeds measure the steps this process trained, in the time it trained them.
             let stepsHere = float (result.Steps - startStep)
             let samples = stepsHere * float (options.PerDeviceTrainBatchSize * options.GradientAccumulationSteps)
@@ -706,7 +706,7 @@ module FineTune =
     /// A run that fails after it started writing (a diverged loss, an I/O error) into an output folder that
     /// was empty or absent, and saved no checkpoint, removes what it wrote, so the folder blocks no later
     /// run; when it saved a checkpoint, everything stays (resume from it, as HF's resume_from_checkpoint).
-    let runObserved (request: FineTuneRequest) (cancellation: Threading.CancellationToken) (observer: FineTuneEvents) : FineTuneResult =
+    let runObserved (request: FineTuneRequest) (cancellation: Threading.CancellationToken) (observer: FineTuneEvents) : FineTuneOutcome =
         let path = request.OutputPath
         let existed = Directory.Exists path
         let wasEmpty =
@@ -726,9 +726,9 @@ module FineTune =
         { OnStep = onStep; OnEvaluation = (fun _ _ -> ()); OnMessage = ignore }
 
     /// runObserved hearing only the logged steps.
-    let runWith (request: FineTuneRequest) (cancellation: Threading.CancellationToken) (onStep: StepLog -> unit) : FineTuneResult =
+    let runWith (request: FineTuneRequest) (cancellation: Threading.CancellationToken) (onStep: StepLog -> unit) : FineTuneOutcome =
         runObserved request cancellation (stepEvents onStep)
 
     /// runWith without cancellation.
-    let run (request: FineTuneRequest) (onStep: StepLog -> unit) : FineTuneResult =
+    let run (request: FineTuneRequest) (onStep: StepLog -> unit) : FineTuneOutcome =
         runWith request Threading.CancellationToken.None onStep

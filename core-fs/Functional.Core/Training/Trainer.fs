@@ -59,7 +59,7 @@ type TrainingPhase =
     | Other = 3
 
 /// Wall-clock time per phase of the training steps, for benchmarks (`functional bench train`): give one
-/// to the trainer through TrainingPlan.PhaseClock. Each Mark charges the time since the previous Mark (or
+/// to the trainer through LoopPlan.PhaseClock. Each Mark charges the time since the previous Mark (or
 /// Reset) to a phase, so the phases add up to the wall-clock time since Reset.
 [<Sealed>]
 type PhaseClock() =
@@ -82,7 +82,7 @@ type PhaseClock() =
 
 /// A run's shape, computed from the options and the dataset size before training starts.
 [<NoComparison; NoEquality>]
-type TrainingPlan =
+type LoopPlan =
     { /// The validated options.
       Options: TrainOptions
       /// Micro-batches per epoch and per optimizer step.
@@ -171,7 +171,7 @@ type TrainHooks =
 
 /// The training loop: a fold of optimizer steps over accumulation windows of micro-batches.
 [<RequireQualifiedAccess>]
-module Trainer =
+module TrainingLoop =
 
     /// The optimizer for the options: clipping (or only measuring the norm), AdamW or SGD on the
     /// schedule, and, when some parameters have their own learning rate, the per-parameter ratio, as
@@ -196,7 +196,7 @@ module Trainer =
     /// Plans a run over rowCount rows: micro-batches per epoch, accumulation windows, total steps,
     /// warmup and schedule. Pure; raises InvalidInputException for options that cannot make a run
     /// (e.g. a warmup longer than the run), so callers can check everything before writing anything.
-    let plan (options: TrainOptions) (rowCount: int) : TrainingPlan =
+    let plan (options: TrainOptions) (rowCount: int) : LoopPlan =
         TrainOptions.validate options
         let microBatchesPerEpoch = (rowCount + options.PerDeviceTrainBatchSize - 1) / options.PerDeviceTrainBatchSize
         let accumulation = Accumulation.plan microBatchesPerEpoch options.GradientAccumulationSteps
@@ -280,7 +280,7 @@ module Trainer =
     /// Rows are truncated to TrainOptions.sequenceLength (MaxSeqLen, or 0 for the model's context less
     /// the prefix; a MaxSeqLen above the context raises InvalidInputException naming --max-seq-len).
     let trainAttached
-        (plan: TrainingPlan)
+        (plan: LoopPlan)
         (model: CausalLm)
         (attach: CausalLm -> ComputeAttachment)
         (parameters: seq<struct (string * TorchSharp.Modules.Parameter)>)
@@ -464,7 +464,7 @@ module Trainer =
     /// trainAttached with nothing attached to the compute copy (MixedPrecision.attachNothing): the
     /// parameters are model's own (all of them, or a subset, the others frozen).
     let trainParameters
-        (plan: TrainingPlan)
+        (plan: LoopPlan)
         (model: CausalLm)
         (parameters: seq<struct (string * TorchSharp.Modules.Parameter)>)
         (learningRate: string -> float)
@@ -475,5 +475,5 @@ module Trainer =
         trainAttached plan model MixedPrecision.attachNothing parameters learningRate dataset resume hooks
 
     /// Trains every parameter of model: trainParameters with model.Module.named_parameters ().
-    let train (plan: TrainingPlan) (model: CausalLm) (dataset: TokenizedDataset) (resume: ResumePoint option) (hooks: TrainHooks) : TrainResult =
+    let train (plan: LoopPlan) (model: CausalLm) (dataset: TokenizedDataset) (resume: ResumePoint option) (hooks: TrainHooks) : TrainResult =
         trainParameters plan model (model.Module.named_parameters ()) (fun _ -> plan.Options.LearningRate) dataset resume hooks

@@ -67,7 +67,7 @@ module TrainingCheckpoint =
     /// run's length (--max-steps / --num-train-epochs) is not part of it: as with HF, a resume may train
     /// further than the saved run planned, the schedule (and a --warmup-ratio's warmup) following the new
     /// total; FineTune refuses a total below the checkpoint's step.
-    let signature (plan: TrainingPlan) (model: CausalLm) (dataset: TokenizedDataset) : (string * string) list =
+    let signature (plan: LoopPlan) (model: CausalLm) (dataset: TokenizedDataset) : (string * string) list =
         let o = plan.Options
         [ "--model (config.json)", ModelConfig.toJson model.Config
           "--optimizer", string o.Optimizer
@@ -136,7 +136,7 @@ module TrainingCheckpoint =
     /// Writes OUTPUT/checkpoint-N atomically (see CheckpointFolder.write) and returns its path.
     let save
         (outputDir: string)
-        (plan: TrainingPlan)
+        (plan: LoopPlan)
         (model: CausalLm)
         (sourceConfig: string option)
         (extraFiles: string list)

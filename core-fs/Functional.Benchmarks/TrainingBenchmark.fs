@@ -85,7 +85,7 @@ type MemoryEstimate =
 type PrecisionFigures =
     { /// "fp32" or "bf16" (bf16 compute copy, fp32 master weights and optimizer).
       Precision: string
-      /// Our Trainer (Trainer.train with AdamW, clipping 1.0, constant learning rate).
+      /// Our Trainer (TrainingLoop.train with AdamW, clipping 1.0, constant learning rate).
       Trainer: LoopFigures
       /// The plain hand-written TorchSharp loop on the same model and data.
       PlainLoop: LoopFigures
@@ -122,6 +122,20 @@ type TrainingBenchmarkResult =
 
 /// `functional bench train`: our trainer's throughput, step split, MFU and memory against a plain
 /// TorchSharp loop (and, from the CLI, PyTorch: tools/reference/bench_torch.py).
+/// A model family's facts the benchmarks use (TrainingBenchmark.family).
+[<NoComparison; NoEquality>]
+type BenchmarkFamily =
+    { /// "GPT-2" or "LLaMA", for the tables.
+      Family: string
+      /// Transformer blocks.
+      Layers: int
+      /// Hidden size.
+      Width: int
+      /// The same family named name at another depth and width.
+      Resize: string -> int -> int -> ModelConfig
+      /// Whether a parameter (HF name) is used only by a table lookup, given whether the head is tied.
+      LookupOnly: bool -> string -> bool }
+
 [<RequireQualifiedAccess>]
 module TrainingBenchmark =
 
@@ -129,23 +143,21 @@ module TrainingBenchmark =
     [<Literal>]
     let Vocabulary = 8192
 
+    let private gpt2Model name layers width heads =
+        ModelConfig.parse name
+            (sprintf """{"model_type": "gpt2", "vocab_size": %d, "n_positions": 1024, "n_embd": %d, "n_layer": %d, "n_head": %d, "resid_pdrop": 0, "embd_pdrop": 0, "attn_pdrop": 0}"""
+                Vocabulary width layers heads)
+
+    let private llamaModel name layers width heads intermediate =
+        ModelConfig.parse name
+            (sprintf """{"model_type": "llama", "vocab_size": %d, "hidden_size": %d, "intermediate_size": %d, "num_hidden_layers": %d, "num_attention_heads": %d, "max_position_embeddings": 1024}"""
+                Vocabulary width intermediate layers heads)
+
     let private gpt2 name layers width heads batch length =
-        { Name = name
-          Model =
-            ModelConfig.parse name
-                (sprintf """{"model_type": "gpt2", "vocab_size": %d, "n_positions": 1024, "n_embd": %d, "n_layer": %d, "n_head": %d, "resid_pdrop": 0, "embd_pdrop": 0, "attn_pdrop": 0}"""
-                    Vocabulary width layers heads)
-          BatchSize = batch
-          SequenceLength = length }
+        { Name = name; Model = gpt2Model name layers width heads; BatchSize = batch; SequenceLength = length }
 
     let private llamaConfig name layers width heads intermediate batch length =
-        { Name = name
-          Model =
-            ModelConfig.parse name
-                (sprintf """{"model_type": "llama", "vocab_size": %d, "hidden_size": %d, "intermediate_size": %d, "num_hidden_layers": %d, "num_attention_heads": %d, "max_position_embeddings": 1024}"""
-                    Vocabulary width intermediate layers heads)
-          BatchSize = batch
-          SequenceLength = length }
+        { Name = name; Model = llamaModel name layers width heads intermediate; BatchSize = batch; SequenceLength = length }
 
     /// GPT-2, 6 layers, width 384, 6 heads; batch 8 x 128 tokens.
     let gpt2Small = gpt2 "gpt2-small" 6 384 6 8 128
@@ -167,14 +179,32 @@ module TrainingBenchmark =
             InvalidInput.option "--config"
                 (sprintf "expected one of %s or all, found '%s'" (presets |> List.map (fun c -> c.Name) |> String.concat ", ") name)
 
-    /// The configuration with another depth, width and batch shape (heads: width / 64, at least 1;
-    /// LLaMA's intermediate size: 8/3 of the width, rounded up to a multiple of 8, as 2048 for 768); for
-    /// quick and test runs.
+    /// What the benchmarks need to know of a model's family, in one place (the family registry is to answer
+    /// it): its name, depth and width, the same family at another depth and width (heads: width / 64, at
+    /// least 1; LLaMA's intermediate size: 8/3 of the width, rounded up to a multiple of 8, as 2048 for
+    /// 768), and its parameters used only by a table lookup: the position table (GPT-2's wpe) and the
+    /// token embedding when the head is untied (its matmul counts through the head's own weight).
+    let family (config: ModelConfig) : BenchmarkFamily =
+        match config with
+        | Gpt2 c ->
+            { Family = "GPT-2"
+              Layers = c.NLayer
+              Width = c.NEmbd
+              Resize = fun name layers width -> gpt2Model name layers width (max 1 (width / 64))
+              LookupOnly = fun tied name -> name = "transformer.wpe.weight" || (not tied && name = "transformer.wte.weight") }
+        | Llama c ->
+            { Family = "LLaMA"
+              Layers = c.NumHiddenLayers
+              Width = c.HiddenSize
+              Resize = fun name layers width -> llamaModel name layers width (max 1 (width / 64)) ((width * 8 / 3 + 7) / 8 * 8)
+              LookupOnly = fun tied name -> not tied && name = "model.embed_tokens.weight" }
+
+    /// The configuration with another depth, width and batch shape (see family); for quick and test runs.
     let resize (layers: int) (width: int) (batchSize: int) (sequenceLength: int) (config: BenchmarkConfig) : BenchmarkConfig =
-        let heads = max 1 (width / 64)
-        match config.Model with
-        | Gpt2 _ -> gpt2 config.Name layers width heads batchSize sequenceLength
-        | Llama _ -> llamaConfig config.Name layers width heads ((width * 8 / 3 + 7) / 8 * 8) batchSize sequenceLength
+        { config with
+            Model = (family config.Model).Resize config.Name layers width
+            BatchSize = batchSize
+            SequenceLength = sequenceLength }
 
     /// Token `position` of synthetic row `row`: (row * 7919 + position * 31) % vocabulary. The same
     /// formula as tools/reference/bench_torch.py, so both sides train on the same data.
@@ -185,11 +215,8 @@ module TrainingBenchmark =
     let syntheticRows (vocabulary: int) (firstRow: int) (rows: int) (length: int) : int64[][] =
         Array.init rows (fun r -> Array.init length (syntheticToken vocabulary (firstRow + r)))
 
-    /// Parameters whose only use is a table lookup: the position table (GPT-2's wpe) and the token
-    /// embedding when the head is untied (its matmul counts through the head's own weight).
     let private lookupOnly (lm: CausalLm) (name: string) =
-        name = "transformer.wpe.weight"
-        || (lm.TiedKeys.IsEmpty && (name = "transformer.wte.weight" || name = "model.embed_tokens.weight"))
+        (family lm.Config).LookupOnly (not lm.TiedKeys.IsEmpty) name
 
     /// N of the FLOPs formula: every parameter that takes part in a matmul, i.e. all parameters but the
     /// lookup-only embeddings (GPT-2: all but wpe, the tied wte counted once as the head; LLaMA: all but
@@ -199,16 +226,12 @@ module TrainingBenchmark =
         |> List.filter (fun (name, _) -> not (lookupOnly lm name))
         |> List.sumBy (fun (_, shape) -> Array.fold (*) 1L shape)
 
-    let private depthAndWidth (config: ModelConfig) =
-        match config with
-        | Gpt2 c -> c.NLayer, c.NEmbd
-        | Llama c -> c.NumHiddenLayers, c.HiddenSize
-
     /// Model FLOPs of one trained token (forward and backward) at sequence length T: 6 N + 12 L T d
     /// (PaLM, appendix B: 6 N for the matmuls with weights, 12 L T d for attention's scores and
     /// weighted values over the full T x T square), with N = matmulParameters.
     let flopsPerToken (lm: CausalLm) (sequenceLength: int) : float =
-        let layers, width = depthAndWidth lm.Config
+        let shape = family lm.Config
+        let layers, width = shape.Layers, shape.Width
         6.0 * float (matmulParameters lm) + 12.0 * float layers * float sequenceLength * float width
 
     /// The best FLOP/s of several 1024 x 1024 x 1024 matmuls (2 * 1024^3 FLOPs each) in dtype.
@@ -279,7 +302,7 @@ module TrainingBenchmark =
         if settings.WarmupSteps < 0 then InvalidInput.option "--warmup" (sprintf "expected 0 or more warm-up steps, found %d" settings.WarmupSteps)
         if settings.Threads < 1 then InvalidInput.option "--threads" (sprintf "expected at least 1 thread, found %d" settings.Threads)
 
-    /// Trains a fresh model of the configuration (seed 1) with our Trainer (Trainer.plan and Trainer.train:
+    /// Trains a fresh model of the configuration (seed 1) with our Trainer (TrainingLoop.plan and TrainingLoop.train:
     /// AdamW, clipping 1.0, constant learning rate, no weight decay, rows in order, one micro-batch per
     /// step) in "fp32" or "bf16", on the synthetic rows, timing the steps after the warm-up.
     let runTrainer (config: BenchmarkConfig) (precision: string) (settings: BenchmarkSettings) : LoopFigures =
@@ -305,7 +328,7 @@ module TrainingBenchmark =
                 SaveStrategy = IntervalStrategy.No
                 Precision = precisionOf precision }
         let clock = PhaseClock()
-        let plan = { Trainer.plan options rows.Length with PhaseClock = Some clock }
+        let plan = { TrainingLoop.plan options rows.Length with PhaseClock = Some clock }
         let lm = CausalLm.create config.Model 1L
         use _ = lm.Module
         let losses = ResizeArray()
@@ -328,7 +351,7 @@ module TrainingBenchmark =
                           PeakResidentBytes = if peakReset then peakResident () else None
                           Losses = [] }
             StepDecision.Continue
-        let result = Trainer.train plan lm data None { OnLog = ignore; AfterStep = afterStep }
+        let result = TrainingLoop.train plan lm data None { OnLog = ignore; AfterStep = afterStep }
         result.Parameters.Dispose()
         match figures with
         | Some f -> { f with Losses = List.ofSeq losses }
