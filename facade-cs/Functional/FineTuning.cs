@@ -5,6 +5,8 @@ using Microsoft.FSharp.Core;
 [assembly: System.Runtime.CompilerServices.InternalsVisibleTo("Functional.Cli")]
 // The embedded demo runs a core job and reports it with the facade's types (Events, ToResult).
 [assembly: System.Runtime.CompilerServices.InternalsVisibleTo("Functional.Demo")]
+// The facade's C# tests check the request a plan keeps (TrainingPlan.Request).
+[assembly: System.Runtime.CompilerServices.InternalsVisibleTo("Functional.Facade.Tests")]
 
 namespace Functional;
 
