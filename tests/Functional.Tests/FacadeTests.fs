@@ -19,14 +19,14 @@ let private facadeTests () =
 [<Tests>]
 let tests =
     testList "facade (C#)" [
-        test "the C# test assembly holds facade tests, each a public static method without parameters" {
+        yield test "the C# test assembly holds facade tests, each a public static method without parameters" {
             let found = facadeTests ()
             Expect.isGreaterThanOrEqual found.Length 9 "the builder and entry-point tests are found"
             for m, _ in found do
                 Expect.isEmpty (m.GetParameters()) (sprintf "%s takes no parameters" m.Name)
         }
-        for m, name in facadeTests () ->
-            testCase (sprintf "%s: %s" m.DeclaringType.Name name) (fun () ->
+        for m, name in facadeTests () do
+            yield testCase (sprintf "%s: %s" m.DeclaringType.Name name) (fun () ->
                 try
                     m.Invoke(null, [||]) |> ignore
                 with :? TargetInvocationException as e when not (isNull e.InnerException) ->
