@@ -117,11 +117,11 @@ public static class FineTuning
     /// <summary>The core's events for the facade's callbacks (null ones hear nothing).</summary>
     internal static FineTuneEvents Events(
         Action<TrainingProgress>? onProgress, Action<EvaluationProgress>? onEvaluation, Action<string>? onMessage) => new(
-        FuncConvert.FromAction<StepLog>(log => onProgress?.Invoke(ToProgress(log))),
-        FuncConvert.FromAction<int, EvalFigures>((step, figures) => onEvaluation?.Invoke(new EvaluationProgress(
+        onStep: FuncConvert.FromAction<StepLog>(log => onProgress?.Invoke(ToProgress(log))),
+        onEvaluation: FuncConvert.FromAction<int, EvalFigures>((step, figures) => onEvaluation?.Invoke(new EvaluationProgress(
             step, figures.Eval.Loss, figures.Eval.Perplexity,
             FSharpOption<double>.get_IsNone(figures.ExactMatch) ? null : figures.ExactMatch.Value))),
-        FuncConvert.FromAction<string>(line => onMessage?.Invoke(line)));
+        onMessage: FuncConvert.FromAction<string>(line => onMessage?.Invoke(line)));
 
     /// <summary>
     /// The core's job description of the options, with every setting checked (the core's
