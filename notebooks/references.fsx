@@ -1,7 +1,8 @@
 // References for the F# scripts and notebooks of this folder, which use the library built from this
 // repository:
 //   #load "references.fsx"
-// Build the library first: dotnet build core-fs/Functional.Core -c Release
+// Build the library first: dotnet build core-fs/Functional.Demo -c Release (the core, and the embedded
+// demo's task and model, which lora-and-generation uses).
 // The library's own package dependencies are listed here so that dotnet fsi (and the .NET Interactive
 // F# kernel) resolve them.
 #r "nuget: TorchSharp-cpu, 0.107.0"
@@ -10,6 +11,7 @@
 #r "nuget: Microsoft.ML.Tokenizers.Data.O200kBase, 2.0.1"
 #r "nuget: ScottPlot, 5.1.59"
 #r "../core-fs/Functional.Core/bin/Release/net10.0/Functional.Core.dll"
+#r "../core-fs/Functional.Demo/bin/Release/net10.0/Functional.Demo.dll"
 
 /// The repository's folders that scripts and notebooks read from and write to.
 [<RequireQualifiedAccess>]

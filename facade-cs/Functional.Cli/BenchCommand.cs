@@ -2,23 +2,12 @@ using System.CommandLine;
 using System.Diagnostics;
 using System.Text.Json;
 using Functional.Benchmarks;
-using Functional.Checkpoint;
-using Functional.Generation;
-using Functional.Models;
-using Microsoft.FSharp.Collections;
 
 namespace Functional.Cli;
 
 /// <summary>`functional bench`: benchmarks that print figures.</summary>
 internal static class BenchCommand
 {
-    /// <summary>A GPT-2 of the given depth and width with an 8192-token vocabulary (the configurations the
-    /// performance issue compares with PyTorch).</summary>
-    private static Models.CausalLm Gpt2(int layers, int width) =>
-        CausalLmModule.create(
-            ModelConfigModule.parse("bench", $$"""{"model_type": "gpt2", "vocab_size": 8192, "n_positions": 1024, "n_embd": {{width}}, "n_layer": {{layers}}, "n_head": {{width / 64}}}"""),
-            1);
-
     private static Command PrecisionCommand()
     {
         var layers = CliOption.Create("--layers", "Transformer blocks.", 12);
@@ -35,41 +24,13 @@ internal static class BenchCommand
         };
         command.SetAction(parse =>
         {
-            if (parse.GetValue(threads) > 0)
-            {
-                TorchSharp.torch.set_num_threads(parse.GetValue(threads));
-            }
+            var threadCount = Bench.SetThreads(parse.GetValue(threads));
             int rowsPerStep = parse.GetValue(batch), length = parse.GetValue(sequence), total = parse.GetValue(steps);
-            // A learnable stream: each row counts up from a random start, modulo the vocabulary.
-            var random = new Random(7);
-            var rows = Enumerable.Range(0, rowsPerStep * total)
-                .Select(_ => { var start = random.Next(8192); return Enumerable.Range(0, length).Select(i => (long)((start + i) % 8192)).ToArray(); })
-                .ToArray();
-            var data = new Data.TokenizedDataset("bench", rows, Enumerable.Range(1, rows.Length).ToArray(), new int[rows.Length]);
-            Console.WriteLine($"GPT-2, {parse.GetValue(layers)} layers, width {parse.GetValue(width)}, vocabulary 8192; batch {rowsPerStep} x {length} tokens, {total} steps, lr {parse.GetValue(learningRate)} ({parse.GetValue(warmup)} warmup steps, then constant), {TorchSharp.torch.get_num_threads()} threads");
+            Console.WriteLine($"GPT-2, {parse.GetValue(layers)} layers, width {parse.GetValue(width)}, vocabulary 8192; batch {rowsPerStep} x {length} tokens, {total} steps, lr {parse.GetValue(learningRate)} ({parse.GetValue(warmup)} warmup steps, then constant), {threadCount} threads");
             Console.WriteLine("precision   tokens/s   final loss");
-            var results = new List<(string Name, double TokensPerSecond, double Loss)>();
-            foreach (var (name, precision) in new[] { ("fp32", Training.Precision.Fp32), ("bf16", Training.Precision.Bf16) })
-            {
-                var lm = Gpt2(parse.GetValue(layers), parse.GetValue(width));
-                var options = Training.TrainOptionsModule.defaults;
-                options = new Training.TrainOptions(
-                    rowsPerStep, 1, parse.GetValue(learningRate), options.WeightDecay, options.AdamBeta1, options.AdamBeta2, options.AdamEpsilon,
-                    options.Optimizer, options.Momentum, options.Nesterov,
-                    parse.GetValue(warmup) > 0 ? SchedulerKind.ConstantWithWarmup : SchedulerKind.Constant, options.LrSchedulerOptions,
-                    parse.GetValue(warmup), 0, options.NumTrainEpochs, total, options.MaxGradNorm, length, options.Seed, false, 1, TorchSharp.torch.get_num_threads(),
-                    options.EvalSteps, options.PerDeviceEvalBatchSize, options.EvalStrategy, Training.IntervalStrategy.No, options.SaveSteps,
-                    options.SaveTotalLimit, options.MetricForBestModel, options.GreaterIsBetter, options.LoadBestModelAtEnd,
-                    options.EarlyStoppingPatience, precision, options.LoggingStrategy, false, options.LoggingDir);
-                var plan = Training.Trainer.plan(options, rows.Length);
-                Training.StepLog? last = null;
-                var hooks = new Training.TrainHooks(
-                    Microsoft.FSharp.Core.FuncConvert.FromAction<Training.StepLog>(log => last = log),
-                    Microsoft.FSharp.Core.FuncConvert.FromFunc<Training.StepContext, Training.StepDecision>(_ => Training.StepDecision.Continue));
-                Training.Trainer.train(plan, lm, data, Microsoft.FSharp.Core.FSharpOption<Training.ResumePoint>.None, hooks).Parameters.Dispose();
-                Console.WriteLine($"{name,-9} {last!.TokensPerSecond,10:F0} {last.Loss,12:F4}");
-                results.Add((name, last.TokensPerSecond, last.Loss));
-            }
+            var results = Bench.Precision(parse.GetValue(layers), parse.GetValue(width), rowsPerStep, length, total,
+                parse.GetValue(learningRate), parse.GetValue(warmup),
+                run => Console.WriteLine($"{run.Precision,-9} {run.TokensPerSecond,10:F0} {run.Loss,12:F4}"));
             Console.WriteLine($"bf16 / fp32: {results[1].TokensPerSecond / results[0].TokensPerSecond:F2}x tokens/s; final loss {100 * (results[1].Loss / results[0].Loss - 1):+0.00;-0.00}%");
             return 0;
         });
@@ -90,25 +51,17 @@ internal static class BenchCommand
         };
         command.SetAction(parse =>
         {
-            if (parse.GetValue(threads) > 0)
-            {
-                TorchSharp.torch.set_num_threads(parse.GetValue(threads));
-            }
-            var lm = Gpt2(parse.GetValue(layers), parse.GetValue(width));
-            var parameters = CausalLmModule.parameterSpec(lm).Sum(p => p.Item2.Aggregate(1L, (a, b) => a * b));
+            var threadCount = Bench.SetThreads(parse.GetValue(threads));
+            var m = Bench.Memory(parse.GetValue(layers), parse.GetValue(width), parse.GetValue(batch), parse.GetValue(sequence), parse.GetValue(loraDim));
+            var parameters = m.Parameters;
             Console.WriteLine($"GPT-2, {parse.GetValue(layers)} layers, width {parse.GetValue(width)}, vocabulary 8192: {parameters:N0} parameters; " +
-                $"batch {parse.GetValue(batch)} x {parse.GetValue(sequence)} tokens, {TorchSharp.torch.get_num_threads()} threads, fp32");
-            using (var ids = TorchSharp.torch.randint(8192, [parse.GetValue(batch), parse.GetValue(sequence)], dtype: TorchSharp.torch.int64))
-            {
-                var (plain, checkpointed) = Models.ActivationCheckpointing.measure(lm.Module, ids).ToValueTuple();
-                Console.WriteLine("                          activations kept   step (fwd+bwd)");
-                Console.WriteLine($"plain                     {plain.RetainedBytes / 1e6,12:F0} MB   {plain.Seconds,10:F2} s");
-                Console.WriteLine($"gradient checkpointing    {checkpointed.RetainedBytes / 1e6,12:F0} MB   {checkpointed.Seconds,10:F2} s");
-                Console.WriteLine($"activation memory {100.0 * (1 - (double)checkpointed.RetainedBytes / plain.RetainedBytes):F0}% lower; step time {100.0 * (checkpointed.Seconds / plain.Seconds - 1):+0;-0}%");
-            }
-            var targets = Microsoft.FSharp.Collections.ListModule.OfSeq(new[] { "c_attn" });
-            using var adapters = Peft.Lora.wrap(new Peft.LoraConfig(parse.GetValue(loraDim), 16, 0, targets, Microsoft.FSharp.Core.FSharpOption<string>.None), lm, 1);
-            var adapterParameters = Peft.Lora.parameters(adapters).Sum(p => p.Item2.numel());
+                $"batch {parse.GetValue(batch)} x {parse.GetValue(sequence)} tokens, {threadCount} threads, fp32");
+            var (plain, checkpointed) = (m.Plain, m.Checkpointed);
+            Console.WriteLine("                          activations kept   step (fwd+bwd)");
+            Console.WriteLine($"plain                     {plain.RetainedBytes / 1e6,12:F0} MB   {plain.Seconds,10:F2} s");
+            Console.WriteLine($"gradient checkpointing    {checkpointed.RetainedBytes / 1e6,12:F0} MB   {checkpointed.Seconds,10:F2} s");
+            Console.WriteLine($"activation memory {100.0 * (1 - (double)checkpointed.RetainedBytes / plain.RetainedBytes):F0}% lower; step time {100.0 * (checkpointed.Seconds / plain.Seconds - 1):+0;-0}%");
+            var adapterParameters = m.AdapterParameters;
             // AdamW keeps two fp32 moments per trained parameter.
             Console.WriteLine($"optimizer state: full fine-tuning {2 * 4 * parameters / 1e6:F1} MB, LoRA r={parse.GetValue(loraDim)} on c_attn {2 * 4 * adapterParameters / 1e6:F2} MB ({100.0 * adapterParameters / parameters:F2}%)");
             return 0;
@@ -161,10 +114,10 @@ internal static class BenchCommand
     }
 
     /// <summary>The model's HF config.json in a temporary file, for bench_torch.py --model-config.</summary>
-    private static string ConfigFile(Models.ModelConfig config)
+    private static string ConfigFile(string configJson)
     {
         var path = Path.Combine(Path.GetTempPath(), $"functional-bench-{Guid.NewGuid():N}.json");
-        File.WriteAllText(path, ModelConfigModule.toJson(config));
+        File.WriteAllText(path, configJson);
         return path;
     }
 
@@ -180,21 +133,16 @@ internal static class BenchCommand
         Row(precision, loop, figures.TokensPerSecond, figures.Split.Total, figures.Split.Forward, figures.Split.Backward,
             figures.Split.Optimizer, figures.Split.Other, flopsPerToken * figures.TokensPerSecond / peakFp32,
             flopsPerToken * figures.TokensPerSecond / peakBf16,
-            figures.PeakResidentBytes is { } peak ? Mb(peak.Value) : "-", comparison);
+            Bench.PeakBytes(figures) is { } peak ? Mb(peak) : "-", comparison);
 
     /// <summary>Prints one configuration's figures (and PyTorch's, when given) as a compact table.</summary>
     private static void Print(TrainingBenchmarkResult result, JsonElement? pytorch)
     {
         var c = result.Config;
-        var (family, layers, width) = c.Model switch
-        {
-            Models.ModelConfig.Gpt2 g => ("GPT-2", g.Item.NLayer, g.Item.NEmbd),
-            Models.ModelConfig.Llama l => ("LLaMA", l.Item.NumHiddenLayers, l.Item.HiddenSize),
-            _ => throw new InvalidOperationException("unknown model family"),
-        };
+        var model = Bench.Describe(c);
         var s = result.Settings;
         Console.WriteLine();
-        Console.WriteLine($"{c.Name}: {family}, {layers} layers, width {width}, vocabulary {ModelConfigModule.vocabSize(c.Model)}, " +
+        Console.WriteLine($"{c.Name}: {model.Family}, {model.Layers} layers, width {model.Width}, vocabulary {model.Vocabulary}, " +
             $"{result.Parameters:N0} parameters (N = {result.MatmulParameters:N0} in matmuls); batch {c.BatchSize} x {c.SequenceLength} tokens; " +
             $"{s.Threads} threads; {s.WarmupSteps} warm-up + {s.Steps} timed steps; AdamW, clip 1.0, constant lr {s.LearningRate}");
         Console.WriteLine($"model FLOPs per token 6N + 12LTd = {Program.Num(result.FlopsPerToken / 1e6, "F1")} M; " +
@@ -223,7 +171,7 @@ internal static class BenchCommand
         foreach (var p in result.Precisions)
         {
             var m = p.Memory;
-            var peak = p.Trainer.PeakResidentBytes is { } hwm ? hwm.Value : 0L;
+            var peak = Bench.PeakBytes(p.Trainer) ?? 0L;
             Console.WriteLine($"memory {p.Precision}: estimate {Mb(m.Total)} MB = weights {Mb(m.Weights)} + gradients {Mb(m.Gradients)} + " +
                 $"AdamW moments {Mb(m.OptimizerState)} + activations {Mb(m.Activations)} (measured: peak of a forward and backward); ours peak {Mb(peak)} MB resident, " +
                 $"{Mb(p.BaselineResidentBytes)} MB before the model: (peak - before) / estimate = {Program.Num((double)(peak - p.BaselineResidentBytes) / m.Total, "F2")}x");
@@ -242,14 +190,14 @@ internal static class BenchCommand
         backward_seconds = f.Split.Backward,
         optimizer_seconds = f.Split.Optimizer,
         other_seconds = f.Split.Other,
-        peak_resident_bytes = f.PeakResidentBytes is { } peak ? (long?)peak.Value : null,
+        peak_resident_bytes = Bench.PeakBytes(f),
         losses = f.Losses.ToArray(),
     };
 
     private static object Figures(TrainingBenchmarkResult r, JsonElement? pytorch) => new
     {
         config = r.Config.Name,
-        model = JsonDocument.Parse(ModelConfigModule.toJson(r.Config.Model)).RootElement,
+        model = JsonDocument.Parse(Bench.ConfigJson(r.Config)).RootElement,
         batch = r.Config.BatchSize,
         seq_len = r.Config.SequenceLength,
         threads = r.Settings.Threads,
@@ -309,7 +257,7 @@ internal static class BenchCommand
         command.SetAction(parse =>
         {
             var name = parse.GetValue(config)!;
-            var configs = name == "all" ? TrainingBenchmark.presets.ToList() : [TrainingBenchmark.preset(name)];
+            var configs = Bench.TrainConfigs(name, parse.GetValue(layers), parse.GetValue(width), parse.GetValue(batch), parse.GetValue(sequence));
             var precisions = parse.GetValue(precision) switch
             {
                 "both" => new[] { "fp32", "bf16" },
@@ -317,37 +265,21 @@ internal static class BenchCommand
                 "bf16" => ["bf16"],
                 var other => throw new InvalidInputException("--precision", "", $"expected fp32, bf16 or both, found '{other}'"),
             };
-            if (CliOption.Given(parse, layers) || CliOption.Given(parse, width) || CliOption.Given(parse, batch) || CliOption.Given(parse, sequence))
-            {
-                configs = configs.Select(c =>
-                {
-                    var (l, w) = c.Model switch
-                    {
-                        Models.ModelConfig.Gpt2 g => (g.Item.NLayer, g.Item.NEmbd),
-                        Models.ModelConfig.Llama m => (m.Item.NumHiddenLayers, m.Item.HiddenSize),
-                        _ => throw new InvalidOperationException("unknown model family"),
-                    };
-                    static int Or(int given, int fallback) => given > 0 ? given : fallback;
-                    return TrainingBenchmark.resize(Or(parse.GetValue(layers), l), Or(parse.GetValue(width), w),
-                        Or(parse.GetValue(batch), c.BatchSize), Or(parse.GetValue(sequence), c.SequenceLength), c);
-                }).ToList();
-            }
-            var settings = new BenchmarkSettings(parse.GetValue(steps), parse.GetValue(warmup), parse.GetValue(threads), 1e-3);
+            int timedSteps = parse.GetValue(steps), warmupSteps = parse.GetValue(warmup), threadCount = parse.GetValue(threads);
             var all = new List<object>();
             foreach (var c in configs)
             {
-                var result = TrainingBenchmark.run(c, ListModule.OfSeq(precisions), settings,
-                    Microsoft.FSharp.Core.FuncConvert.FromAction<string>(line => Console.Error.WriteLine(line)));
+                var result = Bench.Train(c, precisions, timedSteps, warmupSteps, threadCount, line => Console.Error.WriteLine(line));
                 JsonElement? reference = null;
                 if (parse.GetValue(pytorch))
                 {
-                    var file = ConfigFile(c.Model);
+                    var file = ConfigFile(Bench.ConfigJson(c));
                     try
                     {
                         reference = RunPyTorch([
                             "train", "--config", c.Name, "--model-config", file, "--batch", $"{c.BatchSize}", "--seq-len", $"{c.SequenceLength}",
-                            "--precision", parse.GetValue(precision)!, "--steps", $"{settings.Steps}", "--warmup", $"{settings.WarmupSteps}",
-                            "--threads", $"{settings.Threads}", "--learning-rate", "1e-3"]);
+                            "--precision", parse.GetValue(precision)!, "--steps", $"{timedSteps}", "--warmup", $"{warmupSteps}",
+                            "--threads", $"{threadCount}", "--learning-rate", "1e-3"]);
                     }
                     finally
                     {
@@ -382,24 +314,19 @@ internal static class BenchCommand
             var counts = parse.GetValue(lengths)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)
                 .Select(s => int.TryParse(s, out var n) ? n : throw new InvalidInputException("--lengths", "", $"expected whole numbers separated by commas, found '{s}'"))
                 .ToList();
-            if (parse.GetValue(threads) > 0)
-            {
-                TorchSharp.torch.set_num_threads(parse.GetValue(threads));
-            }
-            var lm = parse.GetValue(model) is { } path
-                ? HfModelFolder.load(path, 1)
-                : CausalLmModule.create(Training.EmbeddedRun.modelConfig(512), 1);
-            Console.WriteLine($"generation benchmark, {TorchSharp.torch.get_num_threads()} threads: a one-token prompt, greedy");
-            var rows = GenerationBenchmark.run(lm, ListModule.OfSeq(counts));
-            Console.Write(GenerationBenchmark.format(rows));
+            var threadCount = Bench.SetThreads(parse.GetValue(threads));
+            Console.WriteLine($"generation benchmark, {threadCount} threads: a one-token prompt, greedy");
+            var run = Bench.Generation(parse.GetValue(model), counts.ToArray());
+            var rows = run.Rows;
+            Console.Write(run.Table);
             if (parse.GetValue(generationPyTorch))
             {
-                var file = ConfigFile(lm.Config);
+                var file = ConfigFile(run.ConfigJson);
                 JsonElement reference;
                 try
                 {
                     reference = RunPyTorch(["generation", "--model-config", file, "--lengths", string.Join(",", counts),
-                        "--threads", $"{TorchSharp.torch.get_num_threads()}"]);
+                        "--threads", $"{threadCount}"]);
                 }
                 finally
                 {

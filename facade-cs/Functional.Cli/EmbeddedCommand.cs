@@ -1,4 +1,5 @@
 using System.CommandLine;
+using Functional.Demo;
 
 namespace Functional.Cli;
 
@@ -18,25 +19,19 @@ internal static class EmbeddedCommand
             throw new InvalidInputException(other, "",
                 "applies to fine-tuning a --model on --data; the embedded default run (no --model, no --data) takes only --output, --seed, --threads and --max-steps");
         }
-        var defaults = Training.EmbeddedRun.defaults;
-        var outputPath = !CliOption.Given(parse, output) ? defaults.OutputPath : parse.GetValue(output)!;
-        var runSettings = new Training.EmbeddedSettings(
-            outputPath,
-            !CliOption.Given(parse, seed) ? defaults.Seed : checked((int)parse.GetValue(seed)),
-            defaults.TrainSamples,
-            defaults.EvalSamples,
-            !CliOption.Given(parse, maxSteps) ? defaults.MaxSteps : parse.GetValue(maxSteps),
-            parse.GetValue(threads));
+        var outputPath = !CliOption.Given(parse, output) ? EmbeddedDemo.DefaultOutputPath : parse.GetValue(output)!;
+        int? seedValue = !CliOption.Given(parse, seed) ? null : checked((int)parse.GetValue(seed));
+        int? steps = !CliOption.Given(parse, maxSteps) ? null : parse.GetValue(maxSteps);
         Console.WriteLine("Embedded default run: a small LLaMA learns to reverse and sort letters from scratch.");
         FineTuneResult? result;
         using (var signals = new StopOnSignal($"stopping after the current step without saving ({outputPath} is left as it was)"))
         using (var progress = new ProgressDisplay(0))
         {
-            var events = FineTuning.Events(
-                progress.Report, e => progress.Message(Report.EvaluationLine(e)), progress.Message);
             try
             {
-                result = FineTuning.ToResult(Training.EmbeddedRun.run(runSettings, signals.Token, events));
+                result = EmbeddedDemo.Run(
+                    outputPath, seedValue, steps, parse.GetValue(threads), signals.Token,
+                    progress.Report, e => progress.Message(Report.EvaluationLine(e)), progress.Message);
             }
             catch (OperationCanceledException) when (signals.Received is not null)
             {

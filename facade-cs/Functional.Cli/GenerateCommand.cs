@@ -1,8 +1,4 @@
 using System.CommandLine;
-using Functional.Checkpoint;
-using Functional.Generation;
-using Functional.Text;
-using Microsoft.FSharp.Collections;
 
 namespace Functional.Cli;
 
@@ -11,7 +7,7 @@ internal static class GenerateCommand
 {
     public static Command Create()
     {
-        var defaults = GenerationOptionsModule.defaults;
+        var defaults = new GenerateOptions();
         var model = CliOption.Create("--model", "Hugging Face model folder with its tokenizer files.", "", "--model_name_or_path", "--model-name-or-path");
         var prompts = new Option<string[]>("--prompt")
         {
@@ -51,35 +47,23 @@ internal static class GenerateCommand
             {
                 throw new InvalidInputException("--prompt", "", "give at least one prompt (--prompt TEXT or --prompt-file FILE)");
             }
-            var options = new GenerationOptions(
-                parse.GetValue(maxNewTokens),
-                new SamplingOptions(parse.GetValue(greedy), parse.GetValue(temperature), parse.GetValue(topK), parse.GetValue(topP), parse.GetValue(seed)),
-                defaults.EosId,
-                defaults.PadId,
-                true);
-            GenerationOptionsModule.validate(options);
-            if (parse.GetValue(threads) > 0)
+            var result = TextGeneration.Generate(modelPath, all, new GenerateOptions
             {
-                TorchSharp.torch.set_num_threads(parse.GetValue(threads));
-            }
-            var tokenizer = Tokenizers.fromFolder(modelPath);
-            var lm = HfModelFolder.load(modelPath, parse.GetValue(seed));
-            if (parse.GetValue(prefixAdapter) is { } adapter)
+                MaxNewTokens = parse.GetValue(maxNewTokens),
+                Greedy = parse.GetValue(greedy),
+                Temperature = parse.GetValue(temperature),
+                TopK = parse.GetValue(topK),
+                TopP = parse.GetValue(topP),
+                Seed = parse.GetValue(seed),
+                Threads = parse.GetValue(threads),
+                PrefixAdapter = parse.GetValue(prefixAdapter),
+            });
+            if (result.NewTokenLimit < parse.GetValue(maxNewTokens))
             {
-                lm = Peft.PrefixTuning.load(adapter, lm).Model;
-            }
-            var promptList = ListModule.OfSeq(all);
-            var encoded = Generator.encodePrompts(tokenizer, promptList);
-            var room = Generator.newTokenLimit(lm, encoded);
-            if (room < options.MaxNewTokens)
-            {
-                var longest = encoded.Max(ids => ids.Length);
-                var field = Models.ModelConfigModule.contextField(lm.Config);
-                var context = Models.ModelConfigModule.contextLength(lm.Config);
                 Console.Error.WriteLine(
-                    $"note: generation stops at the model's context ({field} = {context}): the longest prompt has {longest} tokens, so at most {room} new tokens instead of --max-new-tokens {options.MaxNewTokens}");
+                    $"note: generation stops at the model's context ({result.ContextField} = {result.ContextLength}): the longest prompt has {result.LongestPrompt} tokens, so at most {result.NewTokenLimit} new tokens instead of --max-new-tokens {parse.GetValue(maxNewTokens)}");
             }
-            var answers = Generator.generateEncoded(lm, tokenizer, encoded, options);
+            var answers = result.Texts;
             foreach (var answer in answers)
             {
                 Console.WriteLine(answer);

@@ -1,6 +1,5 @@
 using System.CommandLine;
 using System.Globalization;
-using Functional.Text;
 
 namespace Functional.Cli;
 
@@ -17,7 +16,7 @@ internal static class TokenizeCommand
         };
         var tokenizer = new Option<string?>("--tokenizer", "--tokenizer_name", "--tokenizer-name")
         {
-            Description = $"A tiktoken encoding: {string.Join(", ", Tokenizers.knownEncodings)}.",
+            Description = $"A tiktoken encoding: {string.Join(", ", Tokenizer.KnownEncodings)}.",
         };
         var decode = new Option<string?>("--decode")
         {
@@ -40,8 +39,8 @@ internal static class TokenizeCommand
             var encoding = parse.GetValue(tokenizer);
             var loaded = (string.IsNullOrEmpty(modelPath), string.IsNullOrEmpty(encoding)) switch
             {
-                (false, true) => Tokenizers.fromFolder(modelPath!),
-                (true, false) => Tokenizers.fromEncoding(encoding!),
+                (false, true) => Tokenizer.FromFolder(modelPath!),
+                (true, false) => Tokenizer.FromEncoding(encoding!),
                 _ => throw new InvalidInputException("--model", "", "expected exactly one of --model DIR or --tokenizer NAME"),
             };
             var argument = parse.GetValue(text);
@@ -50,7 +49,7 @@ internal static class TokenizeCommand
                 // No ids ("" or "[]") decode to the empty text.
                 var ids = parse.GetValue(decode) ?? argument
                     ?? throw new InvalidInputException("--decode", "", "expected token ids, e.g. --decode \"1 2 3\"");
-                Console.WriteLine(loaded.Decode.Invoke(ParseIds(ids)));
+                Console.WriteLine(loaded.Decode(ParseIds(ids)));
             }
             else
             {
@@ -58,7 +57,7 @@ internal static class TokenizeCommand
                 {
                     throw new InvalidInputException("text", "", "expected the text to encode as the argument");
                 }
-                Console.WriteLine(string.Join(" ", loaded.Encode.Invoke(argument)));
+                Console.WriteLine(string.Join(" ", loaded.Encode(argument)));
             }
             return 0;
         });

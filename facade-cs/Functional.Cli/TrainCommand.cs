@@ -106,10 +106,6 @@ internal static class TrainCommand
             {
                 return EmbeddedCommand.Run(parse, output, seed, threads, maxSteps);
             }
-            if (CliOption.Given(parse, numPrefixTokens) && !parse.GetValue(prefixTuning) && parse.GetValue(prefixAdapter) is null)
-            {
-                throw new InvalidInputException("--num-prefix-tokens", "", "needs --prefix-tuning (or --prefix-adapter PATH)");
-            }
             if (parse.GetValue(addBos) && parse.GetValue(noAddBos))
             {
                 throw new InvalidInputException("--add-bos", "", "cannot be combined with --no-add-bos");
@@ -225,9 +221,9 @@ internal static class TrainCommand
                     o.LearningRate = parse.GetValue(loraLr);
                 });
             }
-            else if (parse.GetValue(loraDim) != 0 || parse.GetValue(onlyLora) || parse.GetValue(loraLr) is not null
-                || parse.GetValue(loraModuleName) is not null || parse.GetValue(loraTargets) is not null)
+            else
             {
+                // Rank 0 is no LoRA; the facade refuses the other LoRA options without a rank.
                 builder.UseLora(parse.GetValue(loraDim), o =>
                 {
                     o.Alpha = parse.GetValue(loraAlpha);
@@ -238,9 +234,13 @@ internal static class TrainCommand
                     o.LearningRate = parse.GetValue(loraLr);
                 });
             }
-            if (parse.GetValue(prefixTuning) || CliOption.Given(parse, numPrefixTokens))
+            if (parse.GetValue(prefixTuning))
             {
                 builder.UsePrefixTuning(parse.GetValue(numPrefixTokens));
+            }
+            else if (CliOption.Given(parse, numPrefixTokens))
+            {
+                builder.UsePrefixTokenCount(parse.GetValue(numPrefixTokens));
             }
             if (parse.GetValue(prefixAdapter) is { } prefixFolder)
             {

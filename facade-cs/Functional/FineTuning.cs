@@ -3,6 +3,10 @@ using Microsoft.FSharp.Collections;
 using Microsoft.FSharp.Core;
 
 [assembly: System.Runtime.CompilerServices.InternalsVisibleTo("Functional.Cli")]
+// The embedded demo runs a core job and reports it with the facade's types (Events, ToResult).
+[assembly: System.Runtime.CompilerServices.InternalsVisibleTo("Functional.Demo")]
+// The facade's C# tests check the request a plan keeps (TrainingPlan.Request).
+[assembly: System.Runtime.CompilerServices.InternalsVisibleTo("Functional.Facade.Tests")]
 
 namespace Functional;
 
@@ -102,37 +106,46 @@ public static class FineTuning
     public static FineTuneResult Run(
         FineTuneOptions options, CancellationToken cancellation, Action<TrainingProgress>? onProgress,
         Action<EvaluationProgress>? onEvaluation, Action<string>? onMessage) =>
-        ToResult(FineTune.runObserved(ToRequest(options), cancellation, Events(onProgress, onEvaluation, onMessage)));
+        Run(ToRequest(options), cancellation, onProgress, onEvaluation, onMessage);
+
+    /// <summary>Runs a request made (and checked) by <see cref="ToRequest"/>.</summary>
+    internal static FineTuneResult Run(
+        FineTuneRequest request, CancellationToken cancellation, Action<TrainingProgress>? onProgress,
+        Action<EvaluationProgress>? onEvaluation, Action<string>? onMessage) =>
+        ToResult(FineTune.runObserved(request, cancellation, Events(onProgress, onEvaluation, onMessage)));
 
     /// <summary>The core's events for the facade's callbacks (null ones hear nothing).</summary>
     internal static FineTuneEvents Events(
         Action<TrainingProgress>? onProgress, Action<EvaluationProgress>? onEvaluation, Action<string>? onMessage) => new(
-        FuncConvert.FromAction<StepLog>(log => onProgress?.Invoke(ToProgress(log))),
-        FuncConvert.FromAction<int, EvalFigures>((step, figures) => onEvaluation?.Invoke(new EvaluationProgress(
+        onStep: FuncConvert.FromAction<StepLog>(log => onProgress?.Invoke(ToProgress(log))),
+        onEvaluation: FuncConvert.FromAction<int, EvalFigures>((step, figures) => onEvaluation?.Invoke(new EvaluationProgress(
             step, figures.Eval.Loss, figures.Eval.Perplexity,
             FSharpOption<double>.get_IsNone(figures.ExactMatch) ? null : figures.ExactMatch.Value))),
-        FuncConvert.FromAction<string>(line => onMessage?.Invoke(line)));
+        onMessage: FuncConvert.FromAction<string>(line => onMessage?.Invoke(line)));
 
     /// <summary>
     /// The core's job description of the options, with every setting checked (the core's
-    /// TrainOptions.validate and the facade's own rules); files are read only for a LoRA adapter's config.
+    /// TrainOptions.validate and the facade's own rules). No file is read: adapter folders are read by the run.
     /// Raises <see cref="InvalidInputException"/> naming the command-line option.
     /// </summary>
-    internal static FineTuneRequest ToRequest(FineTuneOptions options)
+    /// <param name="options">What to train and how.</param>
+    /// <param name="prefixTokensGiven">The number of prefix tokens was given explicitly (the command line's
+    /// --num-prefix-tokens), so it needs prefix tuning even when it equals the default.</param>
+    internal static FineTuneRequest ToRequest(FineTuneOptions options, bool prefixTokensGiven = false)
     {
         ArgumentNullException.ThrowIfNull(options);
         var request = new FineTuneRequest(
-            Required(options.ModelPath, "--model"),
-            Required(options.DataPath, "--data"),
-            Required(options.OutputPath, "--output"),
-            FSharpOption<string>.None,
-            options.OverwriteOutputDir,
-            ToCore(options),
-            ToData(options),
-            Optional(options.ResumeFromCheckpoint),
-            ToLora(options),
-            ToPrefix(options),
-            options.GradientCheckpointing);
+            modelPath: Required(options.ModelPath, "--model"),
+            dataPath: Required(options.DataPath, "--data"),
+            outputPath: Required(options.OutputPath, "--output"),
+            publishedOutputPath: FSharpOption<string>.None,
+            overwriteOutputDir: options.OverwriteOutputDir,
+            options: ToCore(options),
+            data: ToData(options),
+            resumeFromCheckpoint: Optional(options.ResumeFromCheckpoint),
+            lora: ToLora(options),
+            prefix: ToPrefix(options, prefixTokensGiven),
+            gradientCheckpointing: options.GradientCheckpointing);
         TrainOptionsModule.validate(request.Options);
         return request;
     }
@@ -146,7 +159,7 @@ public static class FineTuning
     };
 
     /// <summary>The facade's view of a finished run.</summary>
-    internal static FineTuneResult ToResult(Training.FineTuneResult r) => new(
+    internal static FineTuneResult ToResult(FineTuneOutcome r) => new(
         r.Steps, r.FinalLoss, r.MetricsPath, r.FinalModelPath, r.PlotPath,
         Figures(r.Before), Figures(r.After), r.SkippedRows, r.TrainRuntime,
         r.Checkpoints.ToList(), OptionalValue(r.BestCheckpoint), OptionalValue(r.ResumedFrom), r.StoppedEarly, r.Interrupted,
@@ -184,30 +197,30 @@ public static class FineTuning
             throw new InvalidInputException("--lora-dim", "", $"must be >= 0 (0: no LoRA), got {o.LoraDim}");
         }
         var targets = (o.LoraTargetModules ?? "").Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
-        var config = o.LoraAdapter is { } adapter
-            ? Peft.Lora.loadConfig(adapter)
-            : new Peft.LoraConfig(o.LoraDim, o.LoraAlpha, o.LoraDropout, ListModule.OfSeq(targets), Optional(o.LoraModuleName));
+        // With an adapter folder the run reads rank, alpha, dropout and targets from its adapter_config.json
+        // (the core ignores Config then), so Build reads no file.
         return FSharpOption<LoraSettings>.Some(new LoraSettings(
-            config,
-            o.OnlyOptimizeLora,
-            o.LoraLearningRate is { } lr ? FSharpOption<double>.Some(lr) : FSharpOption<double>.None,
-            Optional(o.LoraAdapter)));
+            config: new Peft.LoraConfig(
+                r: o.LoraDim, alpha: o.LoraAlpha, dropout: o.LoraDropout, targetModules: ListModule.OfSeq(targets),
+                moduleNameSubstring: Optional(o.LoraModuleName)),
+            onlyOptimizeLora: o.OnlyOptimizeLora,
+            learningRate: o.LoraLearningRate is { } lr ? FSharpOption<double>.Some(lr) : FSharpOption<double>.None,
+            adapterPath: Optional(o.LoraAdapter)));
     }
 
-    private static FSharpOption<PrefixSettings> ToPrefix(FineTuneOptions o)
+    private static FSharpOption<PrefixSettings> ToPrefix(FineTuneOptions o, bool tokensGiven)
     {
         var defaultTokens = Peft.PrefixTuning.DefaultNumVirtualTokens;
         if (!o.PrefixTuning && o.PrefixAdapter is null)
         {
-            return o.NumPrefixTokens == defaultTokens
+            return o.NumPrefixTokens == defaultTokens && !tokensGiven
                 ? FSharpOption<PrefixSettings>.None
                 : throw new InvalidInputException("--num-prefix-tokens", "", "needs --prefix-tuning (or --prefix-adapter PATH)");
         }
-        // A prefix adapter brings its own size; a different explicit --num-prefix-tokens is refused by the core.
-        var tokens = o.PrefixAdapter is { } adapter && o.NumPrefixTokens == defaultTokens
-            ? Peft.PrefixTuning.loadConfig(adapter).NumVirtualTokens
-            : o.NumPrefixTokens;
-        return FSharpOption<PrefixSettings>.Some(new PrefixSettings(tokens, Optional(o.PrefixAdapter)));
+        // A prefix adapter brings its own size: 0 asks the run to read it from the adapter folder (so Build
+        // reads no file); a different explicit --num-prefix-tokens is refused by the core.
+        var tokens = o.PrefixAdapter is not null && o.NumPrefixTokens == defaultTokens ? 0 : o.NumPrefixTokens;
+        return FSharpOption<PrefixSettings>.Some(new PrefixSettings(numPrefixTokens: tokens, adapterPath: Optional(o.PrefixAdapter)));
     }
 
     private static DataSettings ToData(FineTuneOptions o)
@@ -220,27 +233,27 @@ public static class FineTuning
         };
         var defaults = Data.PromptDataset.defaults;
         var prompt = new Data.PromptDataOptions(
-            Data.PromptDataset.parseFormat(o.DataFormat),
-            new Data.FieldMap(Optional(o.PromptField), Optional(o.AnswerField), Optional(o.TextField)),
-            defaults.MaxSeqLen,
-            trainOn,
-            o.Packing,
-            o.AddBos is bool addBos ? FSharpOption<bool>.Some(addBos) : FSharpOption<bool>.None,
-            o.SkipBadRows,
-            Optional(o.DataSplit),
-            o.EvalSplitRatio,
-            defaults.Seed);
+            format: Data.PromptDataset.parseFormat(o.DataFormat),
+            fields: new Data.FieldMap(prompt: Optional(o.PromptField), answer: Optional(o.AnswerField), text: Optional(o.TextField)),
+            maxSeqLen: defaults.MaxSeqLen,
+            trainOn: trainOn,
+            packing: o.Packing,
+            addBos: o.AddBos is bool addBos ? FSharpOption<bool>.Some(addBos) : FSharpOption<bool>.None,
+            skipBadRows: o.SkipBadRows,
+            dataSplit: Optional(o.DataSplit),
+            evalSplitRatio: o.EvalSplitRatio,
+            seed: defaults.Seed);
         if (o.ExactMatchSamples < 0)
         {
             throw new InvalidInputException("--exact-match-samples", "", $"must be >= 0, got {o.ExactMatchSamples}");
         }
         return new DataSettings(
-            Optional(o.EvalDataPath),
-            prompt,
-            Optional(o.Tokenizer),
-            o.UseDataCache ? FSharpOption<string>.Some(FineTune.defaultCachePath()) : FSharpOption<string>.None,
-            o.ExactMatchSamples,
-            FineTune.defaultData.ExactMatchMaxNewTokens);
+            evalDataPath: Optional(o.EvalDataPath),
+            prompt: prompt,
+            tokenizerName: Optional(o.Tokenizer),
+            cachePath: o.UseDataCache ? FSharpOption<string>.Some(FineTune.defaultCachePath()) : FSharpOption<string>.None,
+            exactMatchSamples: o.ExactMatchSamples,
+            exactMatchMaxNewTokens: FineTune.defaultData.ExactMatchMaxNewTokens);
     }
 
     private static string Required(string value, string option) =>
@@ -256,43 +269,45 @@ public static class FineTuning
         var scheduleOptions = o.LrSchedulerKwargs is null
             ? ScheduleOptions.Defaults
             : SchedulerKwargs.parse("--lr-scheduler-kwargs", o.LrSchedulerKwargs);
-        return new TrainOptions(
-            o.PerDeviceTrainBatchSize,
-            o.GradientAccumulationSteps,
-            o.LearningRate,
-            o.WeightDecay,
-            o.AdamBeta1,
-            o.AdamBeta2,
-            o.AdamEpsilon,
-            o.Optimizer == OptimizerType.Sgd ? OptimizerKind.Sgd : OptimizerKind.AdamW,
-            o.Momentum,
-            o.Nesterov,
-            kind.Value,
-            scheduleOptions,
-            o.NumWarmupSteps,
-            o.WarmupRatio,
-            o.NumTrainEpochs,
-            o.MaxSteps,
-            o.MaxGradNorm,
-            o.MaxSeqLen,
-            o.Seed,
-            !o.NoShuffle,
-            o.LoggingSteps,
-            o.Threads,
-            o.EvalSteps,
-            o.PerDeviceEvalBatchSize,
-            o.EvalStrategy is null ? FSharpOption<IntervalStrategy>.None : FSharpOption<IntervalStrategy>.Some(TrainOptionsModule.parseStrategy("--eval-strategy", o.EvalStrategy)),
-            TrainOptionsModule.parseStrategy("--save-strategy", o.SaveStrategy),
-            o.SaveSteps,
-            o.SaveTotalLimit is { } limit ? FSharpOption<int>.Some(limit) : FSharpOption<int>.None,
-            o.MetricForBestModel,
-            o.GreaterIsBetter is { } greater ? FSharpOption<bool>.Some(greater) : FSharpOption<bool>.None,
-            o.LoadBestModelAtEnd,
-            o.EarlyStoppingPatience,
-            TrainOptionsModule.precision(o.Bf16, o.Fp16, new Optim.LossScalerConfig(
-                o.LossScale, o.InitialScalePower, o.LossScaleWindow, o.Hysteresis, Optim.LossScaler.defaults.ConsecutiveHysteresis, o.MinLossScale)),
-            TrainOptionsModule.parseStrategy("--logging-strategy", o.LoggingStrategy),
-            o.ReportToTensorBoard,
-            string.IsNullOrWhiteSpace(o.LoggingDir) ? FSharpOption<string>.None : FSharpOption<string>.Some(o.LoggingDir));
+        return TrainOptionsModule.create(
+            perDeviceTrainBatchSize: o.PerDeviceTrainBatchSize,
+            gradientAccumulationSteps: o.GradientAccumulationSteps,
+            learningRate: o.LearningRate,
+            weightDecay: o.WeightDecay,
+            adamBeta1: o.AdamBeta1,
+            adamBeta2: o.AdamBeta2,
+            adamEpsilon: o.AdamEpsilon,
+            optimizer: o.Optimizer == OptimizerType.Sgd ? OptimizerKind.Sgd : OptimizerKind.AdamW,
+            momentum: o.Momentum,
+            nesterov: o.Nesterov,
+            lrSchedulerType: kind.Value,
+            lrSchedulerOptions: scheduleOptions,
+            numWarmupSteps: o.NumWarmupSteps,
+            warmupRatio: o.WarmupRatio,
+            numTrainEpochs: o.NumTrainEpochs,
+            maxSteps: o.MaxSteps,
+            maxGradNorm: o.MaxGradNorm,
+            maxSeqLen: o.MaxSeqLen,
+            seed: o.Seed,
+            shuffle: !o.NoShuffle,
+            loggingSteps: o.LoggingSteps,
+            threads: o.Threads,
+            evalSteps: o.EvalSteps,
+            perDeviceEvalBatchSize: o.PerDeviceEvalBatchSize,
+            evalStrategy: o.EvalStrategy is null ? FSharpOption<IntervalStrategy>.None : FSharpOption<IntervalStrategy>.Some(TrainOptionsModule.parseStrategy("--eval-strategy", o.EvalStrategy)),
+            saveStrategy: TrainOptionsModule.parseStrategy("--save-strategy", o.SaveStrategy),
+            saveSteps: o.SaveSteps,
+            saveTotalLimit: o.SaveTotalLimit,
+            metricForBestModel: o.MetricForBestModel,
+            greaterIsBetter: o.GreaterIsBetter,
+            loadBestModelAtEnd: o.LoadBestModelAtEnd,
+            earlyStoppingPatience: o.EarlyStoppingPatience,
+            precision: TrainOptionsModule.precision(o.Bf16, o.Fp16, new Optim.LossScalerConfig(
+                lossScale: o.LossScale, initialScalePower: o.InitialScalePower, lossScaleWindow: o.LossScaleWindow,
+                hysteresis: o.Hysteresis, consecutiveHysteresis: Optim.LossScaler.defaults.ConsecutiveHysteresis,
+                minLossScale: o.MinLossScale)),
+            loggingStrategy: TrainOptionsModule.parseStrategy("--logging-strategy", o.LoggingStrategy),
+            reportToTensorBoard: o.ReportToTensorBoard,
+            loggingDir: o.LoggingDir);
     }
 }

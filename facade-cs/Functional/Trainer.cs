@@ -3,8 +3,7 @@ namespace Functional;
 /// <summary>
 /// The entry point for C# callers: <c>Trainer.CreateBuilder().UseModel(folder).UseData(file).UseOutput(folder)
 /// .UseAdamW(3e-4).UseCosineSchedule(warmupSteps: 100).AccumulateGradients(8).Build().Fit()</c>.
-/// (The F# core's training loop is <c>Functional.Training.Trainer</c>; with <c>using Functional;</c> alone,
-/// <c>Trainer</c> names this class.)
+/// (The F# core's training loop is <c>Functional.Training.TrainingLoop</c>.)
 /// </summary>
 public static class Trainer
 {

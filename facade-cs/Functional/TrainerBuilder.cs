@@ -1,3 +1,5 @@
+using Functional.Training;
+
 namespace Functional;
 
 /// <summary>
@@ -19,6 +21,7 @@ public sealed class TrainerBuilder
     private int? loraRank;
     private bool loraAdapter;
     private bool trainsForSteps;
+    private bool prefixTokensGiven;
     private bool built;
 
     /// <summary>A builder whose errors name builder calls, or (commandLine true, for the `functional train` command)
@@ -365,6 +368,16 @@ public sealed class TrainerBuilder
         return this;
     }
 
+    /// <summary>The number of prefix tokens as the command line's --num-prefix-tokens gives it: without prefix
+    /// tuning (or a prefix adapter) <see cref="Build"/> refuses it, even at the default.</summary>
+    /// <param name="numPrefixTokens">Learned prefix positions per layer.</param>
+    internal TrainerBuilder UsePrefixTokenCount(int numPrefixTokens)
+    {
+        settings.NumPrefixTokens = numPrefixTokens;
+        prefixTokensGiven = true;
+        return this;
+    }
+
     /// <summary>Prefix tuning that trains on from an existing PEFT prefix adapter folder (adapter_config.json +
     /// adapter_model.safetensors), with its number of prefix tokens (--prefix-adapter).</summary>
     /// <param name="folder">The adapter folder.</param>
@@ -440,8 +453,9 @@ public sealed class TrainerBuilder
 
     /// <summary>
     /// Validates every setting and returns the plan, a snapshot that later builder calls do not change. Settings are
-    /// checked here; the model folder, data and checkpoint files are checked by <see cref="TrainingPlan.Fit()"/> before
-    /// it writes anything. Throws <see cref="InvalidInputException"/> whose <see cref="InvalidInputException.Origin"/>
+    /// checked here and turned into the core's job description once, which the plan keeps; no file is read. The
+    /// model folder, data, adapter and checkpoint files are checked by <see cref="TrainingPlan.Fit()"/> before it
+    /// writes anything. Throws <see cref="InvalidInputException"/> whose <see cref="InvalidInputException.Origin"/>
     /// is the builder method (e.g. "UseModel", "AccumulateGradients") and whose
     /// <see cref="InvalidInputException.Location"/> is its argument or options property, and
     /// <see cref="InvalidOperationException"/> when this builder has already built a plan.
@@ -457,16 +471,17 @@ public sealed class TrainerBuilder
         {
             CheckBuilderRules();
         }
+        FineTuneRequest request;
         try
         {
-            FineTuning.ToRequest(settings);
+            request = FineTuning.ToRequest(settings, prefixTokensGiven);
         }
         catch (InvalidInputException e) when (names.Renames(e))
         {
             throw names.Rename(e);
         }
         built = true;
-        return new TrainingPlan(settings.Clone(), onProgress, onEvaluation, onMessage, names.Copy());
+        return new TrainingPlan(request, settings.Clone(), onProgress, onEvaluation, onMessage, names.Copy());
     }
 
     /// <summary>The rules of the builder's own calls, checked before the settings they produce. The command line

@@ -1,3 +1,5 @@
+using Functional.Training;
+
 namespace Functional;
 
 /// <summary>
@@ -7,16 +9,20 @@ namespace Functional;
 /// </summary>
 public sealed class TrainingPlan
 {
+    private readonly FineTuneRequest request;
     private readonly FineTuneOptions settings;
     private readonly Action<TrainingProgress>? onProgress;
     private readonly Action<EvaluationProgress>? onEvaluation;
     private readonly Action<string>? onMessage;
     private readonly OptionNames names;
 
+    /// <summary>A plan that runs the request made by <see cref="TrainerBuilder.Build"/>; settings is a copy of the
+    /// builder's settings, for the plan's properties and <see cref="ToFineTuneOptions"/>.</summary>
     internal TrainingPlan(
-        FineTuneOptions settings, Action<TrainingProgress>? onProgress, Action<EvaluationProgress>? onEvaluation,
-        Action<string>? onMessage, OptionNames names)
+        FineTuneRequest request, FineTuneOptions settings, Action<TrainingProgress>? onProgress,
+        Action<EvaluationProgress>? onEvaluation, Action<string>? onMessage, OptionNames names)
     {
+        this.request = request;
         this.settings = settings;
         this.onProgress = onProgress;
         this.onEvaluation = onEvaluation;
@@ -70,6 +76,9 @@ public sealed class TrainingPlan
     /// plan as it is (it can be run with <see cref="FineTuning.Run(FineTuneOptions, CancellationToken, Action{TrainingProgress})"/>).</summary>
     public FineTuneOptions ToFineTuneOptions() => settings.Clone();
 
+    /// <summary>The core's job description the plan runs, made once by <see cref="TrainerBuilder.Build"/>.</summary>
+    internal FineTuneRequest Request => request;
+
     /// <summary>
     /// Runs the plan on this thread: checks the model folder, data and checkpoint (nothing is written before), then
     /// trains, calling the progress callbacks after each logged step (and the evaluation and message callbacks as
@@ -87,7 +96,7 @@ public sealed class TrainingPlan
         Runtime.TorchRuntime.ensure();
         try
         {
-            return FineTuning.Run(settings.Clone(), cancellationToken, onProgress, onEvaluation, onMessage);
+            return FineTuning.Run(request, cancellationToken, onProgress, onEvaluation, onMessage);
         }
         catch (InvalidInputException e) when (names.Renames(e))
         {

@@ -27,7 +27,7 @@ let tests =
                     LrSchedulerType = SchedulerKind.Cosine
                     NumWarmupSteps = 10 }
             let live = Array.zeroCreate<int64> 201
-            Trainer.train (Trainer.plan options data.Rows.Length) model data None
+            TrainingLoop.train (TrainingLoop.plan options data.Rows.Length) model data None
                 { OnLog = fun log -> live[log.Step] <- DisposeScopeManager.Statistics.TensorStatistics.ThreadTotalLiveCount
                   AfterStep = fun _ -> StepDecision.Continue }
             |> ignore

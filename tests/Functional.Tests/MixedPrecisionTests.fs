@@ -26,7 +26,7 @@ let private small =
         Shuffle = false }
 
 type private Run =
-    { Plan: TrainingPlan
+    { Plan: LoopPlan
       Result: TrainResult
       Logs: StepLog list
       Model: Models.CausalLm }
@@ -36,9 +36,9 @@ let private train (family: string) (options: TrainOptions) (afterStep: StepConte
     let model = HfModelFolder.load (Path.Combine(golden family, "model")) 1L
     let data = loadTokenized (Path.Combine(golden family, "data.jsonl"))
     let logs = ResizeArray<StepLog>()
-    let plan = Trainer.plan options data.Rows.Length
+    let plan = TrainingLoop.plan options data.Rows.Length
     let result =
-        Trainer.train plan model data None
+        TrainingLoop.train plan model data None
             { OnLog = logs.Add
               AfterStep = fun context -> afterStep context; StepDecision.Continue }
     { Plan = plan; Result = result; Logs = List.ofSeq logs; Model = model }
@@ -98,7 +98,7 @@ let private bf16 =
             let before = [ for struct (_, p) in model.Module.named_parameters () -> p.detach().clone() ]
             let data = loadTokenized (Path.Combine(golden "llama", "data.jsonl"))
             let options = { small with MaxSteps = 1; LearningRate = 1e-6; LrSchedulerType = SchedulerKind.Constant; Precision = Precision.Bf16 }
-            Trainer.train (Trainer.plan options data.Rows.Length) model data None
+            TrainingLoop.train (TrainingLoop.plan options data.Rows.Length) model data None
                 { OnLog = ignore; AfterStep = fun _ -> StepDecision.Continue }
             |> ignore
             let after = [ for struct (_, p) in model.Module.named_parameters () -> p.detach() ]
@@ -110,7 +110,7 @@ let private bf16 =
             let live = Array.zeroCreate<int64> 81
             let model = HfModelFolder.load (Path.Combine(golden "llama", "model")) 1L
             let data = loadTokenized (Path.Combine(golden "llama", "data.jsonl"))
-            Trainer.train (Trainer.plan options data.Rows.Length) model data None
+            TrainingLoop.train (TrainingLoop.plan options data.Rows.Length) model data None
                 { OnLog = fun log -> live[log.Step] <- DisposeScopeManager.Statistics.TensorStatistics.ThreadTotalLiveCount
                   AfterStep = fun _ -> StepDecision.Continue }
             |> ignore
@@ -188,7 +188,7 @@ let private fp16 =
             let data = loadTokenized (Path.Combine(golden "llama", "data.jsonl"))
             let options = { small with MaxSteps = 4; Precision = Precision.Fp16 overflowing }
             let logs = ResizeArray<StepLog>()
-            Trainer.train (Trainer.plan options data.Rows.Length) model data (Some point)
+            TrainingLoop.train (TrainingLoop.plan options data.Rows.Length) model data (Some point)
                 { OnLog = logs.Add; AfterStep = fun _ -> StepDecision.Continue }
             |> ignore
             Expect.equal logs.Count 1 "one step left"
@@ -237,10 +237,10 @@ let private trainLora (family: string) (options: TrainOptions) (onlyLora: bool) 
               for struct (name, p) in model.Module.named_parameters () -> struct (name, p)
           for name, p in Peft.Lora.parameters adapters -> struct (name, p) ]
     let logs = ResizeArray<StepLog>()
-    let plan = Trainer.plan options data.Rows.Length
+    let plan = TrainingLoop.plan options data.Rows.Length
     let result =
-        Trainer.run
-            { Trainer.setup plan model data with
+        TrainingLoop.run
+            { TrainingLoop.setup plan model data with
                 Attach = (Peft.Lora.asAdapter adapters model onlyLora None options.LearningRate).AttachToCompute
                 Parameters = trainable }
             None

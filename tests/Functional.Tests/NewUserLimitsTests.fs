@@ -112,16 +112,16 @@ let tests =
                   tensor.Dispose()
           }
 
-          test "finding 3: Trainer.ensureFinite refuses a NaN in the flat parameters, naming the step" {
+          test "finding 3: TrainingLoop.ensureFinite refuses a NaN in the flat parameters, naming the step" {
               Functional.Runtime.TorchRuntime.ensure ()
               use p = new TorchSharp.Modules.Parameter(TorchSharp.torch.ones(3L))
               let flat = Functional.Optim.FlatParameters.create [ struct ("w", p) ]
-              Trainer.ensureFinite TrainOptions.defaults 7 flat
+              TrainingLoop.ensureFinite TrainOptions.defaults 7 flat
               do
                   use _ = TorchSharp.torch.no_grad ()
                   flat.Values[1L].fill_(Double.NaN) |> ignore
               expectInvalidInput "step 7" "" [ "the weights hold NaN or infinite values"; "--learning-rate" ] (fun () ->
-                  Trainer.ensureFinite TrainOptions.defaults 7 flat)
+                  TrainingLoop.ensureFinite TrainOptions.defaults 7 flat)
               flat.Dispose()
           }
 

@@ -86,7 +86,7 @@ let tests =
                 let pointer = hasMetadata "Functional.Tool"
                 Expect.contains pointer "tools/any/any/DotnetToolSettings.xml" "Functional.Tool is a tool package"
                 let tool = hasMetadata "Functional.Tool.linux-x64"
-                for binary in [ "Functional.Cli.dll"; "Functional.Core.dll"; "TorchSharp.dll"; "libLibTorchSharp.so"; "libtorch_cpu.so" ] do
+                for binary in [ "Functional.Cli.dll"; "Functional.Core.dll"; "Functional.Demo.dll"; "Functional.Benchmarks.dll"; "TorchSharp.dll"; "libLibTorchSharp.so"; "libtorch_cpu.so" ] do
                     Expect.contains tool ("tools/net10.0/linux-x64/" + binary) (sprintf "the linux-x64 tool bundles %s" binary)
                 Expect.isFalse (tool |> List.exists (fun e -> e.Contains "osx" || e.Contains "win-x64")) "no other platform's libraries"
                 Expect.contains p.Packages (sprintf "Functional.Tool.linux-x64.%s.snupkg" p.Version) "the tool has a symbol package"

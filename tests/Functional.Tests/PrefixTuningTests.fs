@@ -156,7 +156,7 @@ let private request (output: string) =
 
 let private evalLoss (lm: CausalLm) =
     let dataset = loadTokenized (Path.Combine(golden, "data.jsonl"))
-    (Evaluation.evaluate lm dataset trainOptions.PerDeviceEvalBatchSize trainOptions.MaxSeqLen Trainer.PadId).Loss
+    (Evaluation.evaluate lm dataset trainOptions.PerDeviceEvalBatchSize trainOptions.MaxSeqLen TrainingLoop.PadId).Loss
 
 let private tensorsOf (path: string) =
     let tensors = Safetensors.load path
@@ -205,9 +205,9 @@ let private training =
             let resumed =
                 FineTune.run { request (output.File "resumed") with ResumeFromCheckpoint = Some(Path.Combine(output.File "full", "checkpoint-3")) } ignore
             Expect.equal resumed.Steps 6 "the resumed run ends at step 6"
-            let weights (r: FineTuneResult) = tensorsOf (Path.Combine(r.FinalModelPath, PrefixTuning.WeightsFileName))
+            let weights (r: FineTuneOutcome) = tensorsOf (Path.Combine(r.FinalModelPath, PrefixTuning.WeightsFileName))
             Expect.equal (weights resumed) (weights full) "the same final prefix, bit for bit"
-            let losses (r: FineTuneResult) =
+            let losses (r: FineTuneOutcome) =
                 readJsonLines r.MetricsPath
                 |> Array.filter (fun l -> l.TryGetProperty("grad_norm") |> fst)
                 |> Array.map (fun l -> l.GetProperty("step").GetInt32(), l.GetProperty("loss").GetDouble())

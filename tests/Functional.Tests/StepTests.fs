@@ -62,7 +62,7 @@ let private flatValues (result: TrainResult) =
 let private train (run: TrainRun) (afterStep: StepContext -> unit) =
     let logs = ResizeArray<StepLog>()
     let result =
-        Trainer.run run None
+        TrainingLoop.run run None
             { OnLog = logs.Add
               AfterStep = fun context -> afterStep context; StepDecision.Continue }
     let values = flatValues result
@@ -77,13 +77,13 @@ let private communicatorTests =
         torchTest "the step all-reduces three times: the window's count, the flat gradients in one call, the loss sum" (fun () ->
             let options = { small with MaxSteps = 4 }
             let dataset = data ()
-            let plan = Trainer.plan options dataset.Rows.Length
+            let plan = TrainingLoop.plan options dataset.Rows.Length
             let recording = Recording(Communicator.singleProcess)
             let perStep = ResizeArray()
             let gradients = ref 0L
             let logs, values =
                 let m = model ()
-                train { Trainer.setup plan m dataset with Communicator = recording } (fun context ->
+                train { TrainingLoop.setup plan m dataset with Communicator = recording } (fun context ->
                     gradients.Value <- context.Parameters.Grads.numel ()
                     perStep.Add(recording.Take()))
             Expect.equal perStep.Count 4 "four steps"
@@ -92,7 +92,7 @@ let private communicatorTests =
                     [ torch.ScalarType.Int64, 1L; torch.ScalarType.Float32, gradients.Value; torch.ScalarType.Float64, 1L ]
                     "count (int64), gradients (the whole flat buffer), loss sum (float64), in that order"
             // Reducing through one process changes nothing: the same run without the recorder is bit-identical.
-            let plainLogs, plainValues = train (Trainer.setup plan (model ()) dataset) ignore
+            let plainLogs, plainValues = train (TrainingLoop.setup plan (model ()) dataset) ignore
             Expect.equal (figures logs) (figures plainLogs) "same logs"
             Expect.isTrue (values = plainValues) "bit-identical weights")
 
@@ -100,11 +100,11 @@ let private communicatorTests =
             let dataset = data ()
             let options = { small with MaxSteps = 3 }
             for rank in 0..1 do
-                let plan = Trainer.planFor 2 options dataset.Rows.Length
+                let plan = TrainingLoop.planFor 2 options dataset.Rows.Length
                 Expect.equal plan.Accumulation.MicroBatchesPerEpoch 4 "7 of the 13 rows per rank, in micro-batches of 2"
                 // Reductions that stay local: what this rank trains on alone.
                 let rankOf = Recording(Communicator.singleProcess, 2, rank)
-                let logs, values = train { Trainer.setup plan (model ()) dataset with Communicator = rankOf } ignore
+                let logs, values = train { TrainingLoop.setup plan (model ()) dataset with Communicator = rankOf } ignore
                 let rows = Sampler.distributed rank 2 false options.Seed 0 dataset.Rows.Length
                 Expect.equal rows.Length 7 "ceil(13 / 2) rows"
                 let subset =
@@ -112,15 +112,15 @@ let private communicatorTests =
                         Rows = rows |> Array.map (fun i -> dataset.Rows[i])
                         Lines = rows |> Array.map (fun i -> dataset.Lines[i])
                         PromptLengths = rows |> Array.map (fun i -> dataset.PromptLengths[i]) }
-                let alone = Trainer.plan options subset.Rows.Length
-                let subsetLogs, subsetValues = train (Trainer.setup alone (model ()) subset) ignore
+                let alone = TrainingLoop.plan options subset.Rows.Length
+                let subsetLogs, subsetValues = train (TrainingLoop.setup alone (model ()) subset) ignore
                 Expect.equal (figures logs) (figures subsetLogs) (sprintf "rank %d: the logs of one process on the rank's rows" rank)
                 Expect.isTrue (values = subsetValues) (sprintf "rank %d: bit-identical weights" rank))
 
         torchTest "shuffled, each rank's windows hold the rows of its share of the (seed, epoch) order" (fun () ->
             let dataset = data ()
             let options = { small with MaxSteps = 5; Shuffle = true; Seed = 7L }
-            let plan = Trainer.planFor 2 options dataset.Rows.Length
+            let plan = TrainingLoop.planFor 2 options dataset.Rows.Length
             let predicted rank =
                 [ for epoch in 0..2 do
                       let order = Sampler.distributed rank 2 true options.Seed epoch dataset.Rows.Length
@@ -132,7 +132,7 @@ let private communicatorTests =
                 |> List.take 5
             let logged rank =
                 let rankOf = Recording(Communicator.singleProcess, 2, rank)
-                let logs, _ = train { Trainer.setup plan (model ()) dataset with Communicator = rankOf } ignore
+                let logs, _ = train { TrainingLoop.setup plan (model ()) dataset with Communicator = rankOf } ignore
                 logs |> List.map (fun l -> l.PredictedTokens)
             for rank in 0..1 do
                 Expect.equal (logged rank) (predicted rank) (sprintf "rank %d's windows" rank)
@@ -140,10 +140,10 @@ let private communicatorTests =
 
         torchTest "a plan made for another number of processes is refused" (fun () ->
             let dataset = data ()
-            let plan = Trainer.plan { small with MaxSteps = 1 } dataset.Rows.Length
+            let plan = TrainingLoop.plan { small with MaxSteps = 1 } dataset.Rows.Length
             let twoRanks = Recording(Communicator.singleProcess, 2, 0)
             Expect.throwsT<ArgumentException>
-                (fun () -> Trainer.run { Trainer.setup plan (model ()) dataset with Communicator = twoRanks } None { OnLog = ignore; AfterStep = fun _ -> StepDecision.Continue } |> ignore)
+                (fun () -> TrainingLoop.run { TrainingLoop.setup plan (model ()) dataset with Communicator = twoRanks } None { OnLog = ignore; AfterStep = fun _ -> StepDecision.Continue } |> ignore)
                 "planFor 2 is needed")
 
         torchTest "one process: sums are the values, scatter and gather copy, broadcast needs root 0" (fun () ->
@@ -172,7 +172,7 @@ let private objectiveTests =
         torchTest "the trainer and evaluation run the objective they are given" (fun () ->
             let dataset = data ()
             let options = { small with MaxSteps = 2 }
-            let plan = Trainer.plan options dataset.Rows.Length
+            let plan = TrainingLoop.plan options dataset.Rows.Length
             let calls = ref 0
             let doubled =
                 { Objective.causalLm with
@@ -181,13 +181,13 @@ let private objectiveTests =
                             calls.Value <- calls.Value + 1
                             use sum = Objective.causalLm.LossSum m batch
                             sum * 2.0 }
-            let logs, _ = train { Trainer.setup plan (model ()) dataset with Objective = doubled } ignore
+            let logs, _ = train { TrainingLoop.setup plan (model ()) dataset with Objective = doubled } ignore
             Expect.equal calls.Value 6 "one loss per micro-batch: 2 windows of 3"
-            let plainLogs, _ = train (Trainer.setup plan (model ()) dataset) ignore
+            let plainLogs, _ = train (TrainingLoop.setup plan (model ()) dataset) ignore
             Expect.floatClose Accuracy.high logs.Head.Loss (2.0 * plainLogs.Head.Loss) "the first step's loss is the doubled objective's"
             let m = model ()
-            let plain = Evaluation.evaluate m dataset 4 32 Trainer.PadId
-            let twice = Evaluation.evaluateWith doubled m dataset 4 32 Trainer.PadId
+            let plain = Evaluation.evaluate m dataset 4 32 TrainingLoop.PadId
+            let twice = Evaluation.evaluateWith doubled m dataset 4 32 TrainingLoop.PadId
             Expect.floatClose Accuracy.high twice.Loss (2.0 * plain.Loss) "evaluation's loss is the doubled objective's"
             Expect.equal twice.Tokens plain.Tokens "counted by the objective's Count")
     ]

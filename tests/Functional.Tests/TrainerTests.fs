@@ -79,8 +79,8 @@ let private run (options: TrainOptions) =
     let model = HfModelFolder.load (Path.Combine(dir, "model")) 1L
     let data = loadTokenized (Path.Combine(dir, "data.jsonl"))
     let logs = ResizeArray<StepLog>()
-    let plan = Trainer.plan options data.Rows.Length
-    let result = Trainer.train plan model data None { OnLog = logs.Add; AfterStep = fun _ -> StepDecision.Continue }
+    let plan = TrainingLoop.plan options data.Rows.Length
+    let result = TrainingLoop.train plan model data None { OnLog = logs.Add; AfterStep = fun _ -> StepDecision.Continue }
     plan, result, List.ofSeq logs
 
 /// 13 rows in micro-batches of 2 make 7 micro-batches per epoch; windows of 3 give 3 steps per epoch.
@@ -107,7 +107,7 @@ let private loop =
         test "num_train_epochs decides the steps without max_steps, rounding up fractions" {
             let plan, _, _ = run { small with NumTrainEpochs = 2.0; LoggingSteps = 100 }
             Expect.equal plan.TotalSteps 6 "2 epochs of ceil(7/3) steps"
-            Expect.equal (Trainer.plan { small with NumTrainEpochs = 1.5 } 13).TotalSteps 5 "ceil(1.5 * 3)"
+            Expect.equal (TrainingLoop.plan { small with NumTrainEpochs = 1.5 } 13).TotalSteps 5 "ceil(1.5 * 3)"
         }
         test "logging every n steps also logs the last step" {
             let _, _, logs = run { small with MaxSteps = 7; LoggingSteps = 3 }

@@ -310,7 +310,7 @@ module CheckpointFolder =
     let latest (outputDir: string) : string option = fst (latestSkipping outputDir)
 
     /// The checkpoint a --resume-from-checkpoint value names: "latest" (any case) is the newest complete
-    /// checkpoint of outputDir (InvalidInputException with origin "--resume-from-checkpoint" when there
+    /// checkpoint of outputDir (InvalidInputException with the setting resume_from_checkpoint as origin when there
     /// is none; onSkip hears each newer checkpoint passed over and why); anything else is a folder path
     /// that must verify. Returns the full path.
     let resolveReporting (outputDir: string) (spec: string) (onSkip: string -> string -> unit) : string =

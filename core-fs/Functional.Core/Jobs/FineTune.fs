@@ -66,7 +66,7 @@ module FineTune =
     /// A run that fails after it started writing (a diverged loss, an I/O error) into an output folder that
     /// was empty or absent, and saved no checkpoint, removes what it wrote, so the folder blocks no later
     /// run; when it saved a checkpoint, everything stays (resume from it, as HF's resume_from_checkpoint).
-    let runObserved (request: FineTuneRequest) (cancellation: Threading.CancellationToken) (observer: FineTuneEvents) : FineTuneResult =
+    let runObserved (request: FineTuneRequest) (cancellation: Threading.CancellationToken) (observer: FineTuneEvents) : FineTuneOutcome =
         let path = request.OutputPath
         let existed = Directory.Exists path
         let wasEmpty =
@@ -86,9 +86,9 @@ module FineTune =
         { OnStep = onStep; OnEvaluation = (fun _ _ -> ()); OnMessage = ignore }
 
     /// runObserved hearing only the logged steps.
-    let runWith (request: FineTuneRequest) (cancellation: Threading.CancellationToken) (onStep: StepLog -> unit) : FineTuneResult =
+    let runWith (request: FineTuneRequest) (cancellation: Threading.CancellationToken) (onStep: StepLog -> unit) : FineTuneOutcome =
         runObserved request cancellation (stepEvents onStep)
 
     /// runWith without cancellation.
-    let run (request: FineTuneRequest) (onStep: StepLog -> unit) : FineTuneResult =
+    let run (request: FineTuneRequest) (onStep: StepLog -> unit) : FineTuneOutcome =
         runWith request Threading.CancellationToken.None onStep

@@ -31,7 +31,7 @@ type PreparedJob =
       /// Training and evaluation rows, evaluation samples, skipped rows.
       Data: TrainAndEval
       /// Steps, accumulation and schedule.
-      Plan: TrainingPlan
+      Plan: LoopPlan
       /// The adapters (at most one kind), attached.
       Adapters: Adapter list
       /// What trains, evaluates and generates: the model behind its prefix when there is one.
@@ -143,7 +143,7 @@ module Job =
             let loadAdapters (folder: string) = for a in adapters do a.Load folder
             TrainingCheckpoint.restore path model (List.map fst trainable) loadAdapters signature)
 
-    let private checkResume (options: TrainOptions) (plan: TrainingPlan) (observer: FineTuneEvents) (restored: RestoredCheckpoint option) =
+    let private checkResume (options: TrainOptions) (plan: LoopPlan) (observer: FineTuneEvents) (restored: RestoredCheckpoint option) =
         let startStep = restored |> Option.map (fun r -> r.Resume.Accumulation.OptimizerStep) |> Option.defaultValue 0
         restored
         |> Option.iter (fun r ->
@@ -166,7 +166,7 @@ module Job =
             |> List.distinctBy fst
         6.0 * float (List.sumBy snd counted)
 
-    let private policySettings (request: FineTuneRequest) (options: TrainOptions) (plan: TrainingPlan) hasEval isMain =
+    let private policySettings (request: FineTuneRequest) (options: TrainOptions) (plan: LoopPlan) hasEval isMain =
         { EvalStrategy = TrainOptions.evalStrategy options
           EvalSteps = options.EvalSteps
           SaveStrategy = options.SaveStrategy
@@ -179,11 +179,20 @@ module Job =
           IsMainProcess = isMain
           OutputFolder = Path.GetFullPath request.OutputPath }
 
+    /// NumPrefixTokens 0 with a prefix adapter folder means the adapter's own size: read here, when the job
+    /// is prepared, not when the request is made (a builder's Build reads no files).
+    let private withAdapterPrefixSize (request: FineTuneRequest) =
+        match request.Prefix with
+        | Some({ AdapterPath = Some path; NumPrefixTokens = 0 } as prefix) ->
+            { request with Prefix = Some { prefix with NumPrefixTokens = (PrefixTuning.loadConfig path).NumVirtualTokens } }
+        | _ -> request
+
     /// Checks and loads everything a job needs, raising InvalidInputException before anything is written:
     /// options, output folder, model, tokenizer, data, adapters, learning rates and (when resuming) the
     /// checkpoint, whose weights, adapter values and signature it restores.
     let prepare (request: FineTuneRequest) (observer: FineTuneEvents) : PreparedJob =
         let clock = Stopwatch.StartNew()
+        let request = withAdapterPrefixSize request
         checkRequest request
         let model = HfModelFolder.load request.ModelPath request.Options.Seed
         let prefixTokens = request.Prefix |> Option.map (fun p -> p.NumPrefixTokens) |> Option.defaultValue 0
@@ -191,7 +200,7 @@ module Job =
         let options = { request.Options with MaxSeqLen = TrainOptions.sequenceLength request.Options model.Config prefixTokens }
         let tokenizer = tokenizerFor request
         let data = loadData request options model tokenizer
-        let plan = Trainer.plan options data.Train.Rows.Length
+        let plan = TrainingLoop.plan options data.Train.Rows.Length
         let adapters, adapterSignature = attachAdapters request options model data
         let trained = adapters |> List.tryLast |> Option.map (fun a -> a.Model) |> Option.defaultValue model
         CausalLm.setGradientCheckpointing model request.GradientCheckpointing
@@ -255,7 +264,7 @@ module Job =
         flos + job.FlopsPerInputToken * float (progress.InputTokensSeen - tokens)
 
     let private evaluate (job: PreparedJob) eval =
-        Evaluation.evaluate job.Trained eval job.Options.PerDeviceEvalBatchSize job.Options.MaxSeqLen Trainer.PadId
+        Evaluation.evaluate job.Trained eval job.Options.PerDeviceEvalBatchSize job.Options.MaxSeqLen TrainingLoop.PadId
 
     /// The evaluation figures of the model now: eval is the evaluation loss, computed by the caller.
     let private figures (job: PreparedJob) (eval: EvalResult) =
@@ -324,7 +333,7 @@ module Job =
                 LastEval = (match evaluated with Some r -> Some(step, r) | None -> progress.LastEval)
                 Interrupted = decision.Interrupted
                 StoppedEarly = decision.StopEarly }
-        if decision.Checkpoint then Trainer.ensureFinite job.Options step context.Parameters
+        if decision.Checkpoint then TrainingLoop.ensureFinite job.Options step context.Parameters
         if decision.Write then saveCheckpoint job log progress context
         progress, (if decision.Interrupted || decision.StopEarly then StepDecision.Stop else StepDecision.Continue)
 
@@ -336,8 +345,8 @@ module Job =
             | [] -> MixedPrecision.attachNothing
             | [ adapter ] -> adapter.AttachToCompute
             | _ -> invalidArg (nameof job) "a job trains one adapter at a time"
-        Trainer.run
-            { Trainer.setup job.Plan job.Trained job.Data.Train with
+        TrainingLoop.run
+            { TrainingLoop.setup job.Plan job.Trained job.Data.Train with
                 Attach = attach
                 Parameters = [ for name, p in job.Trainable -> struct (name, p) ]
                 LearningRate = job.LearningRate }
@@ -388,7 +397,7 @@ module Job =
 
     /// Trains a prepared job: metrics.jsonl and TensorBoard events as it goes, checkpoints as the policy
     /// decides, then (unless interrupted) the summary line and final/, and loss.png.
-    let run (job: PreparedJob) (cancellation: Threading.CancellationToken) (observer: FineTuneEvents) : FineTuneResult =
+    let run (job: PreparedJob) (cancellation: Threading.CancellationToken) (observer: FineTuneEvents) : FineTuneOutcome =
         let output = job.Request.OutputPath
         // Everything is checked: from here on the output folder is written.
         Directory.CreateDirectory output |> ignore
@@ -417,7 +426,7 @@ module Job =
         let runtime = trainClock.Elapsed.TotalSeconds
         let summary = summary job result progress runtime after
         if not progress.Interrupted then
-            Trainer.ensureFinite job.Options result.Steps result.Parameters
+            TrainingLoop.ensureFinite job.Options result.Steps result.Parameters
             RunLogFinish.summary job.IsMainProcess metricsPath summary
             if job.IsMainProcess then saveFinal job finalPath
         RunLogFinish.plot job.IsMainProcess plotPath log.History

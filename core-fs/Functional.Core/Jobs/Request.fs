@@ -39,7 +39,7 @@ type LoraSettings =
 type PrefixSettings =
     { /// N, the virtual tokens of the prefix (PaddleNLP's --num_prefix_tokens, default
       /// PrefixTuning.DefaultNumVirtualTokens = 128). With AdapterPath it must equal the adapter's
-      /// num_virtual_tokens.
+      /// num_virtual_tokens, or be 0: the run reads the adapter's.
       NumPrefixTokens: int
       /// Start from an existing PEFT prefix adapter folder: its values.
       AdapterPath: string option }
@@ -95,7 +95,7 @@ type FineTuneEvents =
 
 /// What a finished job wrote and measured.
 [<NoComparison>]
-type FineTuneResult =
+type FineTuneOutcome =
     { /// Optimizer steps of the run done, counting those before a resume (HF's global_step).
       Steps: int
       /// The step this process started from: 0, or the step of the checkpoint it resumed from.

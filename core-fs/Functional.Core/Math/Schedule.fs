@@ -334,7 +334,7 @@ module Schedule =
         sprintf "expected one of %s, got \"%s\"" (String.Join(", ", names)) name
 
     /// The kind an option names (parseName), or InvalidInputException for optionName (e.g.
-    /// "--lr-scheduler-type") whose problem quotes the value and lists the valid names.
+    /// the setting lr_scheduler_type) whose problem quotes the value and lists the valid names.
     let parseOption (optionName: string) (name: string) : SchedulerKind =
         match parseName name with
         | Some kind -> kind

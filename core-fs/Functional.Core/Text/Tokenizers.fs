@@ -655,7 +655,7 @@ module Tokenizers =
 
     /// A tiktoken encoding by name: "cl100k_base" (GPT-3.5/GPT-4) or "o200k_base" (GPT-4o), from the
     /// Microsoft.ML.Tokenizers.Data packages. Eos (and pad) is <|endoftext|>; there is no bos. Raises
-    /// InvalidInputException (origin "--tokenizer") for other names, listing the known ones.
+    /// InvalidInputException (the setting tokenizer as origin) for other names, listing the known ones.
     let fromEncoding (name: string) : TextTokenizer =
         let known = knownEncodings |> List.tryFind (fun k -> String.Equals(k, name, StringComparison.OrdinalIgnoreCase))
         match known with

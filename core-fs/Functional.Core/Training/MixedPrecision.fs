@@ -64,7 +64,7 @@ module MixedPrecision =
         | Precision.Bf16 -> Some torch.bfloat16
         | Precision.Fp16 _ -> Some torch.float16
 
-    /// The command-line flag of a precision: "--bf16", "--fp16" (or "" for fp32).
+    /// The setting of a precision, as a mention for messages: "{bf16}", "{fp16}" (or "" for fp32).
     let flag (precision: Precision) : string =
         match precision with
         | Precision.Fp32 -> ""

@@ -164,6 +164,86 @@ module TrainOptions =
           ReportToTensorBoard = true
           LoggingDir = None }
 
+    /// TrainOptions from named values, for C# callers: they cannot copy-and-update an F# record, and a
+    /// 36-argument constructor called positionally compiles even when two ints are swapped. Call it with
+    /// named arguments. Settings that are optional take .NET shapes: a Nullable int or bool, or a null
+    /// (or blank) string, means "not set". Nothing is checked here: validate does that once.
+    let create
+        (
+            perDeviceTrainBatchSize: int,
+            gradientAccumulationSteps: int,
+            learningRate: float,
+            weightDecay: float,
+            adamBeta1: float,
+            adamBeta2: float,
+            adamEpsilon: float,
+            optimizer: OptimizerKind,
+            momentum: float,
+            nesterov: bool,
+            lrSchedulerType: SchedulerKind,
+            lrSchedulerOptions: ScheduleOptions,
+            numWarmupSteps: int,
+            warmupRatio: float,
+            numTrainEpochs: float,
+            maxSteps: int,
+            maxGradNorm: float,
+            maxSeqLen: int,
+            seed: int64,
+            shuffle: bool,
+            loggingSteps: int,
+            threads: int,
+            evalSteps: int,
+            perDeviceEvalBatchSize: int,
+            evalStrategy: IntervalStrategy option,
+            saveStrategy: IntervalStrategy,
+            saveSteps: int,
+            saveTotalLimit: Nullable<int>,
+            metricForBestModel: string,
+            greaterIsBetter: Nullable<bool>,
+            loadBestModelAtEnd: bool,
+            earlyStoppingPatience: int,
+            precision: Precision,
+            loggingStrategy: IntervalStrategy,
+            reportToTensorBoard: bool,
+            loggingDir: string
+        ) : TrainOptions =
+        { PerDeviceTrainBatchSize = perDeviceTrainBatchSize
+          GradientAccumulationSteps = gradientAccumulationSteps
+          LearningRate = learningRate
+          WeightDecay = weightDecay
+          AdamBeta1 = adamBeta1
+          AdamBeta2 = adamBeta2
+          AdamEpsilon = adamEpsilon
+          Optimizer = optimizer
+          Momentum = momentum
+          Nesterov = nesterov
+          LrSchedulerType = lrSchedulerType
+          LrSchedulerOptions = lrSchedulerOptions
+          NumWarmupSteps = numWarmupSteps
+          WarmupRatio = warmupRatio
+          NumTrainEpochs = numTrainEpochs
+          MaxSteps = maxSteps
+          MaxGradNorm = maxGradNorm
+          MaxSeqLen = maxSeqLen
+          Seed = seed
+          Shuffle = shuffle
+          LoggingSteps = loggingSteps
+          Threads = threads
+          EvalSteps = evalSteps
+          PerDeviceEvalBatchSize = perDeviceEvalBatchSize
+          EvalStrategy = evalStrategy
+          SaveStrategy = saveStrategy
+          SaveSteps = saveSteps
+          SaveTotalLimit = Option.ofNullable saveTotalLimit
+          MetricForBestModel = metricForBestModel
+          GreaterIsBetter = Option.ofNullable greaterIsBetter
+          LoadBestModelAtEnd = loadBestModelAtEnd
+          EarlyStoppingPatience = earlyStoppingPatience
+          Precision = precision
+          LoggingStrategy = loggingStrategy
+          ReportToTensorBoard = reportToTensorBoard
+          LoggingDir = if String.IsNullOrWhiteSpace loggingDir then None else Some loggingDir }
+
     /// The evaluation strategy in force: the given one, else steps when EvalSteps > 0, else no.
     let evalStrategy (o: TrainOptions) =
         match o.EvalStrategy with

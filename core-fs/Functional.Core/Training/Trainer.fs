@@ -61,7 +61,7 @@ type TrainingPhase =
     | Other = 3
 
 /// Wall-clock time per phase of the training steps, for benchmarks (`functional bench train`): give one
-/// to the trainer through TrainingPlan.PhaseClock. Each Mark charges the time since the previous Mark (or
+/// to the trainer through LoopPlan.PhaseClock. Each Mark charges the time since the previous Mark (or
 /// Reset) to a phase, so the phases add up to the wall-clock time since Reset.
 [<Sealed>]
 type PhaseClock() =
@@ -84,7 +84,7 @@ type PhaseClock() =
 
 /// A run's shape, computed from the options and the dataset size before training starts.
 [<NoComparison; NoEquality>]
-type TrainingPlan =
+type LoopPlan =
     { /// The validated options.
       Options: TrainOptions
       /// Micro-batches per epoch and per optimizer step.
@@ -171,12 +171,12 @@ type TrainHooks =
       /// After every optimizer step: evaluate, save, decide whether to stop.
       AfterStep: StepContext -> StepDecision }
 
-/// What a training run is given besides where it starts (ResumePoint) and its hooks: Trainer.run's
-/// environment. Trainer.setup makes the usual one; change fields with `{ run with ... }`.
+/// What a training run is given besides where it starts (ResumePoint) and its hooks: TrainingLoop.run's
+/// environment. TrainingLoop.setup makes the usual one; change fields with `{ run with ... }`.
 [<NoComparison; NoEquality>]
 type TrainRun =
-    { /// The run's shape (Trainer.plan; Trainer.planFor for several processes).
-      Plan: TrainingPlan
+    { /// The run's shape (TrainingLoop.plan; TrainingLoop.planFor for several processes).
+      Plan: LoopPlan
       /// The model to train (fp32).
       Model: CausalLm
       /// Under --bf16/--fp16, what to attach to the low-precision compute copy of Model (e.g.
@@ -205,11 +205,11 @@ type EpochOrder =
       /// The epoch's micro-batches (Sampler.distributed, then Batching.microBatches).
       MicroBatches: int[][] }
 
-/// Everything a training step reads and does not change: built once per run by Trainer.run.
+/// Everything a training step reads and does not change: built once per run by TrainingLoop.run.
 [<NoComparison; NoEquality>]
 type StepEnv =
     { /// The run's shape.
-      Plan: TrainingPlan
+      Plan: LoopPlan
       /// The training rows.
       Dataset: TokenizedDataset
       /// The length rows are truncated to (TrainOptions.sequenceLength).
@@ -264,7 +264,7 @@ type TrainState =
 
 /// The training loop: a fold of optimizer steps over accumulation windows of micro-batches.
 [<RequireQualifiedAccess>]
-module Trainer =
+module TrainingLoop =
 
     /// The optimizer for the options: clipping (or only measuring the norm), AdamW or SGD on the
     /// schedule, and, when some parameters have their own learning rate, the per-parameter ratio, as
@@ -299,7 +299,7 @@ module Trainer =
     /// Plans a run over rowCount rows: micro-batches per epoch, accumulation windows, total steps,
     /// warmup and schedule. Pure; raises InvalidInputException for options that cannot make a run
     /// (e.g. a warmup longer than the run), so callers can check everything before writing anything.
-    let plan (options: TrainOptions) (rowCount: int) : TrainingPlan =
+    let plan (options: TrainOptions) (rowCount: int) : LoopPlan =
         TrainOptions.validate options
         let microBatchesPerEpoch = (rowCount + options.PerDeviceTrainBatchSize - 1) / options.PerDeviceTrainBatchSize
         let accumulation = Accumulation.plan microBatchesPerEpoch options.GradientAccumulationSteps
@@ -317,7 +317,7 @@ module Trainer =
 
     /// Plans a run of worldSize processes over rowCount rows: plan over the rows each process trains
     /// on, ceil(rowCount / worldSize) (Sampler.distributed). planFor 1 is plan.
-    let planFor (worldSize: int) (options: TrainOptions) (rowCount: int) : TrainingPlan =
+    let planFor (worldSize: int) (options: TrainOptions) (rowCount: int) : LoopPlan =
         if worldSize < 1 then invalidArg (nameof worldSize) (sprintf "the world size must be at least 1, got %d" worldSize)
         plan options ((rowCount + worldSize - 1) / worldSize)
 
@@ -344,8 +344,8 @@ module Trainer =
 
     /// The usual run of model on dataset as planned: every parameter of model trains at the options'
     /// learning rate, nothing is attached to a compute copy, the objective is causal language modelling
-    /// and the run has one process. Change fields with `{ Trainer.setup plan model dataset with ... }`.
-    let setup (plan: TrainingPlan) (model: CausalLm) (dataset: TokenizedDataset) : TrainRun =
+    /// and the run has one process. Change fields with `{ TrainingLoop.setup plan model dataset with ... }`.
+    let setup (plan: LoopPlan) (model: CausalLm) (dataset: TokenizedDataset) : TrainRun =
         { Plan = plan
           Model = model
           Attach = MixedPrecision.attachNothing
@@ -447,7 +447,7 @@ module Trainer =
     /// One optimizer step: collates the next accumulation window, runs forward and backward over its
     /// micro-batches with each loss scaled by 1 / (the window's count over all processes), all-reduces
     /// the gradients and the loss, and applies (or, on an fp16 overflow, skips) the update. Call it
-    /// inside a dispose scope (Trainer.run gives each step its own); the state given must not be used again.
+    /// inside a dispose scope (TrainingLoop.run gives each step its own); the state given must not be used again.
     let step (env: StepEnv) (state: TrainState) : TrainState * StepLog =
         let plan = env.Plan.Accumulation
         let order =
@@ -573,13 +573,13 @@ module Trainer =
             Some factors
 
     /// Trains run.Parameters of run.Model on run.Dataset as planned, from the start or from a resume
-    /// point, as a fold of Trainer.step over TrainState. After every optimizer step it calls hooks.OnLog
+    /// point, as a fold of TrainingLoop.step over TrainState. After every optimizer step it calls hooks.OnLog
     /// (logged steps: by the LoggingStrategy, and the last) and hooks.AfterStep, which may stop the run.
     /// Each optimizer step runs in its own dispose scope, with its hooks, so live tensors stay flat over
     /// the run. The model is in train mode during the call and in eval mode after it. The trained
     /// parameters end up aliasing the returned flat buffer.
     ///
-    /// Several processes (run.Communicator of size > 1, a plan from Trainer.planFor): each process reads
+    /// Several processes (run.Communicator of size > 1, a plan from TrainingLoop.planFor): each process reads
     /// its rank's rows (Sampler.distributed); the window's count, the gradients (one all-reduce of the flat
     /// buffer) and the logged loss are summed over the processes, so every process applies the same update.
     ///
@@ -612,13 +612,13 @@ module Trainer =
     let run (run: TrainRun) (resume: ResumePoint option) (hooks: TrainHooks) : TrainResult =
         let plan, model, options = run.Plan, run.Model, run.Plan.Options
         TorchRuntime.ensure ()
-        // The plan's epoch must be this process's share of the rows (Trainer.planFor).
+        // The plan's epoch must be this process's share of the rows (TrainingLoop.planFor).
         let size = run.Communicator.Size
         let rowsPerProcess = (run.Dataset.Rows.Length + size - 1) / size
         let microBatches = (rowsPerProcess + options.PerDeviceTrainBatchSize - 1) / options.PerDeviceTrainBatchSize
         if microBatches <> plan.Accumulation.MicroBatchesPerEpoch then
             invalidArg (nameof run)
-                (sprintf "the plan has %d micro-batches per epoch, but %d rows shared by %d processes make %d: plan with Trainer.planFor %d over the dataset's rows"
+                (sprintf "the plan has %d micro-batches per epoch, but %d rows shared by %d processes make %d: plan with TrainingLoop.planFor %d over the dataset's rows"
                     plan.Accumulation.MicroBatchesPerEpoch run.Dataset.Rows.Length size microBatches size)
         let threads = ThreadBudget.create options.Threads
         let maxSeqLen = TrainOptions.sequenceLength options model.Config (CausalLm.prefixLength model)
@@ -665,7 +665,7 @@ module Trainer =
     /// model's own (all of them, or a subset, the others frozen), each at its peak learning rate
     /// learningRate(name).
     let trainParameters
-        (plan: TrainingPlan)
+        (plan: LoopPlan)
         (model: CausalLm)
         (parameters: seq<struct (string * TorchSharp.Modules.Parameter)>)
         (learningRate: string -> float)
@@ -675,6 +675,6 @@ module Trainer =
         : TrainResult =
         run { setup plan model dataset with Parameters = parameters; LearningRate = learningRate } resume hooks
 
-    /// Trains every parameter of model: run (Trainer.setup plan model dataset).
-    let train (plan: TrainingPlan) (model: CausalLm) (dataset: TokenizedDataset) (resume: ResumePoint option) (hooks: TrainHooks) : TrainResult =
+    /// Trains every parameter of model: run (TrainingLoop.setup plan model dataset).
+    let train (plan: LoopPlan) (model: CausalLm) (dataset: TokenizedDataset) (resume: ResumePoint option) (hooks: TrainHooks) : TrainResult =
         run (setup plan model dataset) resume hooks

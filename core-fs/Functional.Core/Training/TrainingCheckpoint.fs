@@ -115,8 +115,8 @@ module TrainingCheckpoint =
                   "consecutive_hysteresis", (if c.ConsecutiveHysteresis then "true" else "false")
                   "min_loss_scale", number c.MinLossScale ]
 
-    /// Version 1 keyed its entries by their labels as the command line spells them ("--learning-rate",
-    /// "--bf16 / --fp16"): the label with each setting mention written as its option.
+    /// Version 1 keyed its entries by their labels as the command line spells them (--learning-rate,
+    /// --bf16 / --fp16): the label with each setting mention written as its option.
     let private legacyKey (label: string) = SettingText.render (fun name -> "--" + name.Replace('_', '-')) label
 
     let private entry key label value legacy = { Key = key; Label = label; Value = value; LegacyValue = legacy }
@@ -126,7 +126,7 @@ module TrainingCheckpoint =
     /// run's length (max_steps / num_train_epochs) is not part of it: as with HF, a resume may train
     /// further than the saved run planned, the schedule (and a warmup_ratio's warmup) following the new
     /// total; FineTune refuses a total below the checkpoint's step.
-    let signature (plan: TrainingPlan) (model: CausalLm) (dataset: TokenizedDataset) : SignatureEntry list =
+    let signature (plan: LoopPlan) (model: CausalLm) (dataset: TokenizedDataset) : SignatureEntry list =
         let o = plan.Options
         [ same "model_config" "{model} (config.json)" (ModelConfig.toJson model.Config)
           same "optimizer" "{optimizer}" (string o.Optimizer)
@@ -204,7 +204,7 @@ module TrainingCheckpoint =
     /// Writes OUTPUT/checkpoint-N atomically (see CheckpointFolder.write) and returns its path.
     let save
         (outputDir: string)
-        (plan: TrainingPlan)
+        (plan: LoopPlan)
         (model: CausalLm)
         (sourceConfig: string option)
         (extraFiles: string list)

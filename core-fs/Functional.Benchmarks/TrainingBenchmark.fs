@@ -85,7 +85,7 @@ type MemoryEstimate =
 type PrecisionFigures =
     { /// "fp32" or "bf16" (bf16 compute copy, fp32 master weights and optimizer).
       Precision: string
-      /// Our Trainer (Trainer.train with AdamW, clipping 1.0, constant learning rate).
+      /// Our Trainer (TrainingLoop.train with AdamW, clipping 1.0, constant learning rate).
       Trainer: LoopFigures
       /// The plain hand-written TorchSharp loop on the same model and data.
       PlainLoop: LoopFigures
@@ -129,23 +129,21 @@ module TrainingBenchmark =
     [<Literal>]
     let Vocabulary = 8192
 
+    let private gpt2Model name layers width heads =
+        ModelConfig.parse name
+            (sprintf """{"model_type": "gpt2", "vocab_size": %d, "n_positions": 1024, "n_embd": %d, "n_layer": %d, "n_head": %d, "resid_pdrop": 0, "embd_pdrop": 0, "attn_pdrop": 0}"""
+                Vocabulary width layers heads)
+
+    let private llamaModel name layers width heads intermediate =
+        ModelConfig.parse name
+            (sprintf """{"model_type": "llama", "vocab_size": %d, "hidden_size": %d, "intermediate_size": %d, "num_hidden_layers": %d, "num_attention_heads": %d, "max_position_embeddings": 1024}"""
+                Vocabulary width intermediate layers heads)
+
     let private gpt2 name layers width heads batch length =
-        { Name = name
-          Model =
-            ModelConfig.parse name
-                (sprintf """{"model_type": "gpt2", "vocab_size": %d, "n_positions": 1024, "n_embd": %d, "n_layer": %d, "n_head": %d, "resid_pdrop": 0, "embd_pdrop": 0, "attn_pdrop": 0}"""
-                    Vocabulary width layers heads)
-          BatchSize = batch
-          SequenceLength = length }
+        { Name = name; Model = gpt2Model name layers width heads; BatchSize = batch; SequenceLength = length }
 
     let private llamaConfig name layers width heads intermediate batch length =
-        { Name = name
-          Model =
-            ModelConfig.parse name
-                (sprintf """{"model_type": "llama", "vocab_size": %d, "hidden_size": %d, "intermediate_size": %d, "num_hidden_layers": %d, "num_attention_heads": %d, "max_position_embeddings": 1024}"""
-                    Vocabulary width intermediate layers heads)
-          BatchSize = batch
-          SequenceLength = length }
+        { Name = name; Model = llamaModel name layers width heads intermediate; BatchSize = batch; SequenceLength = length }
 
     /// GPT-2, 6 layers, width 384, 6 heads; batch 8 x 128 tokens.
     let gpt2Small = gpt2 "gpt2-small" 6 384 6 8 128
@@ -167,9 +165,8 @@ module TrainingBenchmark =
             InvalidInput.setting "config"
                 (sprintf "expected one of %s or all, found '%s'" (presets |> List.map (fun c -> c.Name) |> String.concat ", ") name)
 
-    /// The configuration with another depth, width and batch shape (heads: width / 64, at least 1;
-    /// LLaMA's intermediate size: 8/3 of the width, rounded up to a multiple of 8, as 2048 for 768); for
-    /// quick and test runs.
+    /// The configuration with another depth, width and batch shape (heads: width / 64, at least 1; the rest as
+    /// ModelFamily.resize); for quick and test runs.
     let resize (layers: int) (width: int) (batchSize: int) (sequenceLength: int) (config: BenchmarkConfig) : BenchmarkConfig =
         let heads = max 1 (width / 64)
         let resized = ModelFamily.resize layers width heads config.Model
@@ -188,8 +185,6 @@ module TrainingBenchmark =
     let syntheticRows (vocabulary: int) (firstRow: int) (rows: int) (length: int) : int64[][] =
         Array.init rows (fun r -> Array.init length (syntheticToken vocabulary (firstRow + r)))
 
-    /// Parameters whose only use is a table lookup: the position table (GPT-2's wpe) and the token
-    /// embedding when the head is untied (its matmul counts through the head's own weight).
     let private lookupOnly (lm: CausalLm) (name: string) =
         (ModelFamily.traits lm.Config).LookupOnly |> List.contains name
 
@@ -280,7 +275,7 @@ module TrainingBenchmark =
         if settings.WarmupSteps < 0 then InvalidInput.setting "warmup" (sprintf "expected 0 or more warm-up steps, found %d" settings.WarmupSteps)
         if settings.Threads < 1 then InvalidInput.setting "threads" (sprintf "expected at least 1 thread, found %d" settings.Threads)
 
-    /// Trains a fresh model of the configuration (seed 1) with our Trainer (Trainer.plan and Trainer.train:
+    /// Trains a fresh model of the configuration (seed 1) with our Trainer (TrainingLoop.plan and TrainingLoop.train:
     /// AdamW, clipping 1.0, constant learning rate, no weight decay, rows in order, one micro-batch per
     /// step) in "fp32" or "bf16", on the synthetic rows, timing the steps after the warm-up.
     let runTrainer (config: BenchmarkConfig) (precision: string) (settings: BenchmarkSettings) : LoopFigures =
@@ -306,7 +301,7 @@ module TrainingBenchmark =
                 SaveStrategy = IntervalStrategy.No
                 Precision = precisionOf precision }
         let clock = PhaseClock()
-        let plan = { Trainer.plan options rows.Length with PhaseClock = Some clock }
+        let plan = { TrainingLoop.plan options rows.Length with PhaseClock = Some clock }
         let lm = CausalLm.create config.Model 1L
         use _ = lm.Module
         let losses = ResizeArray()
@@ -329,7 +324,7 @@ module TrainingBenchmark =
                           PeakResidentBytes = if peakReset then peakResident () else None
                           Losses = [] }
             StepDecision.Continue
-        let result = Trainer.train plan lm data None { OnLog = ignore; AfterStep = afterStep }
+        let result = TrainingLoop.train plan lm data None { OnLog = ignore; AfterStep = afterStep }
         result.Parameters.Dispose()
         match figures with
         | Some f -> { f with Losses = List.ofSeq losses }

@@ -99,7 +99,7 @@ module EmbeddedRun =
     /// are; cancelled while training, it finishes the current optimizer step and returns a result with
     /// Interrupted set. observer hears what is being
     /// prepared (OnMessage), the logged steps and the evaluations.
-    let run (settings: EmbeddedSettings) (cancellation: Threading.CancellationToken) (observer: FineTuneEvents) : FineTuneResult =
+    let run (settings: EmbeddedSettings) (cancellation: Threading.CancellationToken) (observer: FineTuneEvents) : FineTuneOutcome =
         validate settings
         let output = Path.GetFullPath settings.OutputPath
         for folder, action in StagedFolder.cleanStale output do

@@ -1,0 +1,148 @@
+using Functional.Checkpoint;
+using Functional.Generation;
+using Microsoft.FSharp.Collections;
+using Microsoft.FSharp.Core;
+
+namespace Functional;
+
+/// <summary>How <see cref="TextGeneration.Generate"/> continues prompts; the defaults are sampling at
+/// temperature 1 with no filter, 64 new tokens, seed 42.</summary>
+public sealed class GenerateOptions
+{
+    /// <summary>Most tokens to generate per prompt (--max-new-tokens).</summary>
+    public int MaxNewTokens { get; set; } = GenerationOptionsModule.defaults.MaxNewTokens;
+
+    /// <summary>Divide the logits by this before sampling (--temperature).</summary>
+    public double Temperature { get; set; } = 1.0;
+
+    /// <summary>Sample among the k most likely tokens; 0 turns the filter off (--top-k).</summary>
+    public int TopK { get; set; }
+
+    /// <summary>Sample among the most likely tokens whose probability sums to p; 1 turns the filter off (--top-p).</summary>
+    public double TopP { get; set; } = 1.0;
+
+    /// <summary>Seed of the sampling and of the model's load: the same seed gives the same text (--seed).</summary>
+    public long Seed { get; set; } = 42;
+
+    /// <summary>Always take the most likely token (--greedy).</summary>
+    public bool Greedy { get; set; }
+
+    /// <summary>Intra-op threads; 0 leaves TorchSharp's setting (--threads).</summary>
+    public int Threads { get; set; }
+
+    /// <summary>A PEFT prefix adapter folder: every layer attends to its prefix first (--prefix-adapter); null: none.</summary>
+    public string? PrefixAdapter { get; set; }
+}
+
+/// <summary>The continuations of a batch of prompts.</summary>
+/// <param name="Texts">One continuation per prompt, in order.</param>
+/// <param name="NewTokenLimit">The most new tokens the model's context left to the longest prompt.</param>
+/// <param name="LongestPrompt">Tokens of the longest prompt.</param>
+/// <param name="ContextField">The config.json field that holds the model's context, e.g. "n_positions".</param>
+/// <param name="ContextLength">The model's context in tokens.</param>
+public sealed record GenerationResult(
+    IReadOnlyList<string> Texts, int NewTokenLimit, int LongestPrompt, string ContextField, int ContextLength);
+
+/// <summary>Text generation with a Hugging Face model folder and its tokenizer (the `functional generate` command).</summary>
+public static class TextGeneration
+{
+    /// <summary>
+    /// Continues every prompt (batched, with the key/value cache; a row stops at the model's context). Checks the
+    /// options first, then loads the tokenizer, the model and the prefix adapter. Bad input raises
+    /// <see cref="InvalidInputException"/>; a bad option is named by its setting (<see cref="InvalidInputException.Setting"/>,
+    /// e.g. max_new_tokens; <see cref="CommandLineFlags.Of"/> spells it as the command line does).
+    /// </summary>
+    /// <param name="modelPath">The model folder, with its tokenizer files.</param>
+    /// <param name="prompts">The prompts, at least one.</param>
+    /// <param name="options">Sampling and length; null: the defaults.</param>
+    public static GenerationResult Generate(string modelPath, IEnumerable<string> prompts, GenerateOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(modelPath);
+        ArgumentNullException.ThrowIfNull(prompts);
+        var o = options ?? new GenerateOptions();
+        var defaults = GenerationOptionsModule.defaults;
+        var generation = new GenerationOptions(
+            maxNewTokens: o.MaxNewTokens,
+            sampling: new SamplingOptions(greedy: o.Greedy, temperature: o.Temperature, topK: o.TopK, topP: o.TopP, seed: o.Seed),
+            eosId: defaults.EosId,
+            padId: defaults.PadId,
+            useCache: true);
+        GenerationOptionsModule.validate(generation);
+        Runtime.TorchRuntime.ensure();
+        if (o.Threads > 0)
+        {
+            TorchSharp.torch.set_num_threads(o.Threads);
+        }
+        var tokenizer = Text.Tokenizers.fromFolder(modelPath);
+        var lm = HfModelFolder.load(modelPath, o.Seed);
+        if (o.PrefixAdapter is { } adapter)
+        {
+            lm = Peft.PrefixTuning.load(adapter, lm).Model;
+        }
+        var encoded = Generator.encodePrompts(tokenizer, ListModule.OfSeq(prompts));
+        var room = Generator.newTokenLimit(lm, encoded);
+        var texts = Generator.generateEncoded(lm, tokenizer, encoded, generation).ToList();
+        return new GenerationResult(
+            texts, room, encoded.Length == 0 ? 0 : encoded.Max(ids => ids.Length),
+            Models.ModelConfigModule.contextField(lm.Config), Models.ModelConfigModule.contextLength(lm.Config));
+    }
+}
+
+/// <summary>Exporting models (the `functional export` command).</summary>
+public static class ModelExport
+{
+    private static readonly string[] TokenizerFiles =
+        ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"];
+
+    /// <summary>Folds a PEFT LoRA adapter into its base model (PEFT's merge_and_unload) and saves a plain HF model
+    /// folder with the base's config and tokenizer files; the output folder is replaced only when complete.</summary>
+    /// <param name="modelPath">The base model folder.</param>
+    /// <param name="adapterPath">The adapter folder (adapter_config.json + adapter_model.safetensors).</param>
+    /// <param name="outputPath">The merged model's folder.</param>
+    /// <returns>The number of adapted projections merged.</returns>
+    public static int MergeLora(string modelPath, string adapterPath, string outputPath)
+    {
+        ArgumentNullException.ThrowIfNull(modelPath);
+        ArgumentNullException.ThrowIfNull(adapterPath);
+        ArgumentNullException.ThrowIfNull(outputPath);
+        Runtime.TorchRuntime.ensure();
+        var lm = HfModelFolder.load(modelPath, 0);
+        var adapters = Peft.Lora.load(adapterPath, lm);
+        Peft.Lora.merge(adapters);
+        var tokenizer = TokenizerFiles.Select(f => Path.Combine(modelPath, f)).Where(File.Exists);
+        var source = File.ReadAllText(Path.Combine(modelPath, "config.json"));
+        HfModelFolder.save(outputPath, lm, FSharpOption<string>.Some(source), ListModule.OfSeq(tokenizer));
+        return adapters.Adapters.Length;
+    }
+}
+
+/// <summary>A tokenizer of a model folder or a tiktoken encoding, for .NET callers (the `functional tokenize` command).</summary>
+public sealed class Tokenizer
+{
+    private readonly Text.TextTokenizer tokenizer;
+
+    private Tokenizer(Text.TextTokenizer tokenizer) => this.tokenizer = tokenizer;
+
+    /// <summary>The tiktoken encodings <see cref="FromEncoding"/> knows, e.g. "cl100k_base".</summary>
+    public static IReadOnlyList<string> KnownEncodings { get; } = Text.Tokenizers.knownEncodings.ToList();
+
+    /// <summary>The tokenizer of a Hugging Face model or tokenizer folder (tokenizer.json, vocab.json + merges.txt,
+    /// or tokenizer.model).</summary>
+    /// <param name="folder">The folder.</param>
+    public static Tokenizer FromFolder(string folder) => new(Text.Tokenizers.fromFolder(folder));
+
+    /// <summary>A tiktoken encoding by name (see <see cref="KnownEncodings"/>).</summary>
+    /// <param name="name">The encoding's name.</param>
+    public static Tokenizer FromEncoding(string name) => new(Text.Tokenizers.fromEncoding(name));
+
+    /// <summary>The number of token ids.</summary>
+    public int VocabSize => tokenizer.VocabSize;
+
+    /// <summary>The token ids of a text.</summary>
+    /// <param name="text">The text.</param>
+    public long[] Encode(string text) => tokenizer.Encode.Invoke(text);
+
+    /// <summary>The text of token ids.</summary>
+    /// <param name="ids">The ids.</param>
+    public string Decode(long[] ids) => tokenizer.Decode.Invoke(ids);
+}
