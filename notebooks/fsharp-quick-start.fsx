@@ -38,7 +38,9 @@ let options =
 let request =
     { FineTune.request (Path.Combine(sample, "model")) (Path.Combine(sample, "data.jsonl")) (Repository.output "fsharp-quick-start") with
         OverwriteOutputDir = true
-        Options = options }
+        Options = options
+        // loss.png: the chart drawn with ScottPlot when the run ends.
+        Plot = Functional.Reporting.MetricsPlot.drawer }
 
 (**
 ## Train

@@ -11,6 +11,7 @@
 #r "nuget: Microsoft.ML.Tokenizers.Data.O200kBase, 2.0.1"
 #r "nuget: ScottPlot, 5.1.59"
 #r "../core-fs/Functional.Core/bin/Release/net10.0/Functional.Core.dll"
+#r "../core-fs/Functional.Reporting/bin/Release/net10.0/Functional.Reporting.dll"
 #r "../core-fs/Functional.Demo/bin/Release/net10.0/Functional.Demo.dll"
 
 /// The repository's folders that scripts and notebooks read from and write to.

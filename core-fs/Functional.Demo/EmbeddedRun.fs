@@ -139,7 +139,8 @@ module EmbeddedRun =
                   ResumeFromCheckpoint = None
                   Lora = None
                   Prefix = None
-                  GradientCheckpointing = false }
+                  GradientCheckpointing = false
+                  Plot = Functional.Reporting.MetricsPlot.drawer }
             let result = FineTune.runObserved request cancellation observer
             if result.Interrupted then
                 StagedFolder.discard staging

@@ -145,7 +145,8 @@ public static class FineTuning
             resumeFromCheckpoint: Optional(options.ResumeFromCheckpoint),
             lora: ToLora(options),
             prefix: ToPrefix(options, prefixTokensGiven),
-            gradientCheckpointing: options.GradientCheckpointing);
+            gradientCheckpointing: options.GradientCheckpointing,
+            plot: Reporting.MetricsPlot.drawer);
         TrainOptionsModule.validate(request.Options);
         return request;
     }

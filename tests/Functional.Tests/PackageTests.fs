@@ -34,6 +34,7 @@ let private packed =
          let pack (project: string) (extra: string list) =
              runProcess "dotnet" ([ "pack"; project; "-c"; "Release"; "--no-restore"; "-o"; packages ] @ extra) root [] timeLimit
          expectSuccess (pack "core-fs/Functional.Core" [ "--no-build" ])
+         expectSuccess (pack "core-fs/Functional.Reporting" [ "--no-build" ])
          expectSuccess (pack "facade-cs/Functional" [ "--no-build" ])
          // The tool's linux-x64 build is made here; the libraries it references are used as built.
          expectSuccess (pack "facade-cs/Functional.Cli" [ "-p:BuildProjectReferences=false" ])

@@ -152,7 +152,8 @@ let private request (output: string) =
       ResumeFromCheckpoint = None
       Lora = None
       Prefix = Some { NumPrefixTokens = 4; AdapterPath = None }
-      GradientCheckpointing = false }
+      GradientCheckpointing = false
+      Plot = None }
 
 let private evalLoss (lm: CausalLm) =
     let dataset = loadTokenized (Path.Combine(golden, "data.jsonl"))

@@ -35,7 +35,8 @@ module FineTune =
           ResumeFromCheckpoint = None
           Lora = None
           Prefix = None
-          GradientCheckpointing = false }
+          GradientCheckpointing = false
+          Plot = None }
 
     /// The default cache folder: $FUNCTIONAL_CACHE, else ~/.cache/functional/data.
     let defaultCachePath () =

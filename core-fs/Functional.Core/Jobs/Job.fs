@@ -429,7 +429,7 @@ module Job =
             TrainingLoop.ensureFinite job.Options result.Steps result.Parameters
             RunLogFinish.summary job.IsMainProcess metricsPath summary
             if job.IsMainProcess then saveFinal job finalPath
-        RunLogFinish.plot job.IsMainProcess plotPath log.History
+        RunLogFinish.plot job.Request.Plot job.IsMainProcess plotPath log.History
         result.Parameters.Dispose()
         { Steps = result.Steps; StartStep = job.StartStep; FinalLoss = result.FinalLoss; TrainLoss = summary.TrainLoss
           MetricsPath = metricsPath; FinalModelPath = finalPath; PlotPath = plotPath; Before = before; After = after

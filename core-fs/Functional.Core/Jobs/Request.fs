@@ -72,7 +72,12 @@ type FineTuneRequest =
       Prefix: PrefixSettings option
       /// Recompute each transformer block in backward instead of keeping its activations (HF's
       /// gradient_checkpointing, PaddleNLP's recompute): less memory, the same gradients, more time.
-      GradientCheckpointing: bool }
+      GradientCheckpointing: bool
+      /// Draws the run's chart when it has finished: the path (OutputPath/loss.png), the logged steps
+      /// (optimizer step, training loss, learning rate) and the evaluations (step, loss). None draws
+      /// nothing; Functional.Reporting's MetricsPlot.drawer draws it with ScottPlot (the facade and the
+      /// command line pass it), so the core carries no plotting library.
+      Plot: (string -> (int * float * float) list -> (int * float) list -> unit) option }
 
 /// Evaluation figures at one point of a run.
 [<NoComparison>]

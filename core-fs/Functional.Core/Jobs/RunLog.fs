@@ -177,8 +177,10 @@ module RunLogFinish =
     let summary (isMainProcess: bool) (metricsPath: string) (s: RunSummary) =
         if isMainProcess then File.AppendAllLines(metricsPath, [ RunLog.summaryJson s ])
 
-    /// Draws loss.png from the history's typed records (main process only).
-    let plot (isMainProcess: bool) (plotPath: string) (history: LogRecord list) =
-        if isMainProcess then
+    /// Draws loss.png from the history's typed records with draw (main process only; None draws nothing).
+    let plot (draw: (string -> (int * float * float) list -> (int * float) list -> unit) option) (isMainProcess: bool) (plotPath: string) (history: LogRecord list) =
+        match draw with
+        | Some draw when isMainProcess ->
             let steps, evals = RunLog.plotSeries history
-            MetricsPlot.save plotPath steps evals
+            draw plotPath steps evals
+        | _ -> ()

@@ -91,3 +91,6 @@ module MetricsPlot =
             plot.Add.Annotation("no logged steps", Alignment.MiddleCenter) |> ignore
         plot.ShowLegend(Alignment.UpperRight) |> ignore
         plot.SavePng(path, Width, Height) |> ignore
+
+    /// save as the chart a job draws when it finishes (FineTuneRequest.Plot).
+    let drawer : (string -> (int * float * float) list -> (int * float) list -> unit) option = Some save
