@@ -7,6 +7,7 @@ open TorchSharp
 open Functional
 open Functional.Models
 open Functional.Generation
+open Functional.Benchmarks
 open Functional.Runtime
 open Functional.Tests.TestUtil
 open Functional.Text

@@ -250,11 +250,13 @@ let run (path: string) : ProcessRun =
             finally File.Delete script
         | CSharp, cells ->
             // Outside the repository (its Directory.Build.props would apply), at a path that stays the same
-            // between runs, so dotnet reuses the program's build.
-            let programFolder = Path.Combine(Path.GetTempPath(), "functional-notebooks", name + "-" + fingerprint path)
+            // between runs of the same program, so dotnet reuses its build. The path follows the program's
+            // text too: dotnet's up-to-date check of a file-based program misses a new #:include.
+            let text = csharpProgram path cells
+            let programFolder = Path.Combine(Path.GetTempPath(), "functional-notebooks", name + "-" + fingerprint (path + "\n" + text))
             Directory.CreateDirectory programFolder |> ignore
             let program = Path.Combine(programFolder, name + ".cs")
-            File.WriteAllText(program, csharpProgram path cells)
+            File.WriteAllText(program, text)
             runProcess "dotnet" [ "run"; "--file"; program ] folder environment timeLimit
 
 /// The cells of a literate F# script: `(**` ... `*)` blocks (each marker on its own line) are markdown

@@ -457,13 +457,13 @@ let private transformTests =
                     "misshaped buffer")
         }
 
-        test "invalid hyperparameters raise InvalidInputException" {
+        test "invalid hyperparameters raise ArgumentException (users' values are checked by TrainOptions.validate)" {
             TorchRuntime.ensure ()
-            Expect.throwsT<InvalidInputException> (fun () -> Transform.scaleByAdam 1.0 0.999 1e-8 |> ignore) "beta1 = 1"
-            Expect.throwsT<InvalidInputException> (fun () -> Transform.scaleByAdam 0.9 -0.1 1e-8 |> ignore) "beta2 < 0"
-            Expect.throwsT<InvalidInputException> (fun () -> Transform.scaleByAdam 0.9 0.999 nan |> ignore) "eps NaN"
-            Expect.throwsT<InvalidInputException> (fun () -> Transform.trace 0.0 true |> ignore) "Nesterov without momentum"
-            Expect.throwsT<InvalidInputException> (fun () -> Transform.clipByGlobalNorm -1.0 |> ignore) "negative max norm"
+            Expect.throwsT<ArgumentException> (fun () -> Transform.scaleByAdam 1.0 0.999 1e-8 |> ignore) "beta1 = 1"
+            Expect.throwsT<ArgumentException> (fun () -> Transform.scaleByAdam 0.9 -0.1 1e-8 |> ignore) "beta2 < 0"
+            Expect.throwsT<ArgumentException> (fun () -> Transform.scaleByAdam 0.9 0.999 nan |> ignore) "eps NaN"
+            Expect.throwsT<ArgumentException> (fun () -> Transform.trace 0.0 true |> ignore) "Nesterov without momentum"
+            Expect.throwsT<ArgumentException> (fun () -> Transform.clipByGlobalNorm -1.0 |> ignore) "negative max norm"
         }
 
         test "200 updates inside per-step dispose scopes leave the live tensor count flat" {

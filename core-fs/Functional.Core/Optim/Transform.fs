@@ -86,8 +86,11 @@ module Transform =
         target.copy_ source |> ignore
         target
 
+    /// A constructor's argument check: ArgumentException naming the setting, as Schedule's constructors do.
+    /// Users' values are checked once, with InvalidInputException, by TrainOptions.validate before any
+    /// transform is made; this guards library callers that build transforms themselves.
     let private checkOption (valid: bool) (option: string) (problem: unit -> string) =
-        if not valid then InvalidInput.failSetting option (problem ())
+        if not valid then raise (ArgumentException(sprintf "%s %s" (SettingText.plain option) (problem ())))
 
     /// The state of a transform that keeps nothing (addDecayedWeights).
     [<NoEquality; NoComparison>]

@@ -335,8 +335,7 @@ module Lora =
     /// (bias other than "none", rsLoRA, DoRA, rank or alpha patterns, modules_to_save,
     /// layers_to_transform, a regular-expression target_modules).
     let loadConfig (folder: string) : LoraConfig =
-        let path = Path.Combine(folder, ConfigFileName)
-        let root = JsonInput.readObject path "the adapter configuration file does not exist"
+        let path, root = PeftFolder.readConfig folder
         let field = JsonInput.field root
         let required = JsonInput.required path root
         let number name =

@@ -32,6 +32,12 @@ module PeftFolder =
         File.Move(temporary, configPath, true)
         StateDict.export (Path.Combine(folder, WeightsFileName)) Map.empty tensors
 
+    /// folder's adapter_config.json: its path and root object. Raises InvalidInputException naming the file
+    /// when it is missing, not JSON or not an object.
+    let readConfig (folder: string) : string * System.Text.Json.JsonElement =
+        let path = Path.Combine(folder, ConfigFileName)
+        path, JsonInput.readObject path "the adapter configuration file does not exist"
+
     /// Copies folder/adapter_model.safetensors into the parameters of the same names (a checkpoint's or
     /// the best checkpoint's adapter values, written by this run). Raises InvalidInputException naming the
     /// file and tensor when a parameter is missing from it.

@@ -210,8 +210,7 @@ module PrefixTuning =
     /// non-positive size, a token_dim that num_attention_heads does not divide, or a PEFT feature this
     /// implementation lacks (prefix_projection, num_transformer_submodules other than 1).
     let loadConfig (folder: string) : PrefixTuningConfig =
-        let path = Path.Combine(folder, ConfigFileName)
-        let root = JsonInput.readObject path "the adapter configuration file does not exist"
+        let path, root = PeftFolder.readConfig folder
         let field = JsonInput.field root
         let required = JsonInput.required path root
         let positive name =
