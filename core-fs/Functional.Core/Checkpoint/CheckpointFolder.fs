@@ -190,11 +190,10 @@ module CheckpointFolder =
         if not (Directory.Exists folder) then InvalidInput.fail folder "" "the checkpoint folder does not exist"
         if not (File.Exists path) then
             InvalidInput.fail folder "" (sprintf "no %s: the checkpoint is incomplete (its writing did not finish)" ManifestName)
-        let document =
-            try JsonDocument.Parse(File.ReadAllBytes path)
-            with :? JsonException as e -> InvalidInput.fail path "" (sprintf "unreadable manifest, not valid JSON (%s)" e.Message)
-        use document = document
-        let root = document.RootElement
+        let root =
+            match JsonInput.tryParseBytes (ReadOnlyMemory(File.ReadAllBytes path)) with
+            | Ok root -> root
+            | Error e -> InvalidInput.fail path "" (sprintf "unreadable manifest, not valid JSON (%s)" e.Message)
         if root.ValueKind <> JsonValueKind.Object then InvalidInput.fail path "" "unreadable manifest: expected a JSON object"
         let field (element: JsonElement) (location: string) (key: string) (kind: JsonValueKind) =
             match element.TryGetProperty key with

@@ -18,11 +18,11 @@ module HfModelFolder =
         let index = Path.Combine(folder, "model.safetensors.index.json")
         if File.Exists single then [ single ]
         elif File.Exists index then
-            let document =
-                try JsonDocument.Parse(File.ReadAllText index)
-                with :? JsonException as e -> InvalidInput.fail index "" (sprintf "not valid JSON (%s)" e.Message)
-            use document = document
-            match document.RootElement.TryGetProperty "weight_map" with
+            let root =
+                match JsonInput.tryParse (File.ReadAllText index) with
+                | Ok root -> root
+                | Error e -> InvalidInput.fail index "" (sprintf "not valid JSON (%s)" e.Message)
+            match root.TryGetProperty "weight_map" with
             | true, map when map.ValueKind = JsonValueKind.Object ->
                 [ for entry in map.EnumerateObject() do
                       if entry.Value.ValueKind <> JsonValueKind.String then

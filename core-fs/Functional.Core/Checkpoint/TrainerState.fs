@@ -58,10 +58,9 @@ module TrainerState =
     let private checkedJson (what: string) (objectOnly: bool) (text: string) =
         let trimmed = text.Trim()
         let kind =
-            try
-                use document = JsonDocument.Parse trimmed
-                document.RootElement.ValueKind
-            with :? JsonException as e -> invalidArg what (sprintf "not a JSON value (%s): %s" e.Message text)
+            match JsonInput.tryParse trimmed with
+            | Ok root -> root.ValueKind
+            | Error e -> invalidArg what (sprintf "not a JSON value (%s): %s" e.Message text)
         if objectOnly && kind <> JsonValueKind.Object then invalidArg what (sprintf "expected a JSON object: %s" text)
         trimmed
 
@@ -131,11 +130,10 @@ module TrainerState =
     /// InvalidInputException naming the file and the field that is missing or of the wrong type.
     let read (path: string) : TrainerState =
         if not (File.Exists path) then InvalidInput.fail path "" "the trainer state file does not exist"
-        let document =
-            try JsonDocument.Parse(File.ReadAllBytes path)
-            with :? JsonException as e -> InvalidInput.fail path "" (sprintf "not valid JSON (%s)" e.Message)
-        use document = document
-        let root = document.RootElement
+        let root =
+            match JsonInput.tryParseBytes (ReadOnlyMemory(File.ReadAllBytes path)) with
+            | Ok root -> root
+            | Error e -> InvalidInput.fail path "" (sprintf "not valid JSON (%s)" e.Message)
         if root.ValueKind <> JsonValueKind.Object then InvalidInput.fail path "" "expected a JSON object"
         let fail field problem : 'T = InvalidInput.fail path field problem
         let describe (value: JsonElement) =

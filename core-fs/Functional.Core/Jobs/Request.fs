@@ -114,7 +114,7 @@ type FineTuneOutcome =
       MetricsPath: string
       /// OUTPUT/final: config.json + model.safetensors in HF naming (+ tokenizer files).
       FinalModelPath: string
-      /// OUTPUT/loss.png: loss and learning rate per step.
+      /// OUTPUT/loss.png: loss and learning rate per step (drawn when the request has a Plot).
       PlotPath: string
       /// Evaluation before training, when there is an evaluation set.
       Before: EvalFigures option

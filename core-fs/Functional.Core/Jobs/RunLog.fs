@@ -111,8 +111,10 @@ module RunLog =
     /// Reads a history line a checkpoint holds (once, on resume) back into its record; a line of another
     /// shape stays Other, written back as it was.
     let ofJson (line: string) : LogRecord =
-        use document = JsonDocument.Parse line
-        let root = document.RootElement
+        let root =
+            match Functional.JsonInput.tryParse line with
+            | Ok root -> root
+            | Error e -> invalidArg (nameof line) (sprintf "a history line that is not JSON (%s): %s" e.Reason line)
         let has (name: string) = fst (root.TryGetProperty name)
         let get (name: string) = number (root.GetProperty name)
         let names = [ for p in root.EnumerateObject() -> p.Name ]

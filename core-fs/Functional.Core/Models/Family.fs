@@ -172,14 +172,10 @@ module ModelConfig =
     /// Fields we do not use are ignored. Raises InvalidInputException naming the field at fault
     /// (or the line, for malformed JSON).
     let parse (origin: string) (json: string) : ModelConfig =
-        let document =
-            try
-                JsonDocument.Parse(json, JsonDocumentOptions(CommentHandling = JsonCommentHandling.Skip))
-            with :? JsonException as e ->
-                let line = if e.LineNumber.HasValue then sprintf "line %d" (e.LineNumber.Value + 1L) else ""
-                InvalidInput.fail origin line (sprintf "invalid JSON: %s" e.Message)
-        use document = document
-        let root = document.RootElement
+        let root =
+            match JsonInput.tryParseWith true (ReadOnlyMemory(Text.Encoding.UTF8.GetBytes json)) with
+            | Ok root -> root
+            | Error e -> InvalidInput.fail origin (if e.Line > 0L then sprintf "line %d" e.Line else "") (sprintf "invalid JSON: %s" e.Message)
         if root.ValueKind <> JsonValueKind.Object then
             InvalidInput.fail origin "" (sprintf "expected a JSON object, found %s" (ConfigJson.describe root))
         let r = ConfigJson.Reader(origin, root)

@@ -375,11 +375,11 @@ module SchedulerKwargs =
     /// timescale, min_lr, min_lr_rate, num_decay_steps, num_stable_steps, warmup_type, decay_type,
     /// min_lr_ratio. origin names the option for errors.
     let parse (origin: string) (json: string) : ScheduleOptions =
-        let document =
-            try JsonDocument.Parse json
-            with :? JsonException as e -> InvalidInput.failSetting origin (sprintf "not a JSON object (%s)" e.Message)
-        use document = document
-        if document.RootElement.ValueKind <> JsonValueKind.Object then
+        let root =
+            match JsonInput.tryParse json with
+            | Ok root -> root
+            | Error e -> InvalidInput.failSetting origin (sprintf "not a JSON object (%s)" e.Message)
+        if root.ValueKind <> JsonValueKind.Object then
             InvalidInput.failSetting origin "expected a JSON object such as {\"num_cycles\": 2}"
         let number (p: JsonProperty) =
             match p.Value.ValueKind with
@@ -393,7 +393,7 @@ module SchedulerKwargs =
             match (if p.Value.ValueKind = JsonValueKind.String then Schedule.parseShape (p.Value.GetString()) else None) with
             | Some s -> s
             | None -> InvalidInput.fail origin p.Name (sprintf "expected \"linear\", \"cosine\" or \"1-sqrt\", found %s" (p.Value.GetRawText()))
-        document.RootElement.EnumerateObject()
+        root.EnumerateObject()
         |> Seq.fold (fun (o: ScheduleOptions) p ->
             match p.Name with
             | "num_cycles" -> { o with NumCycles = Some(number p) }

@@ -265,8 +265,9 @@ module TrainingCheckpoint =
     let private functionalField (path: string) (state: TrainerState) (name: string) : JsonElement =
         match state.Functional.TryFind name with
         | Some value ->
-            try JsonDocument.Parse(value).RootElement.Clone()
-            with :? JsonException -> InvalidInput.fail path ("functional." + name) "not valid JSON"
+            match JsonInput.tryParse value with
+            | Ok root -> root
+            | Error _ -> InvalidInput.fail path ("functional." + name) "not valid JSON"
         | None -> InvalidInput.fail path ("functional." + name) "missing: this checkpoint was not written by Functional"
 
     /// Reads a checkpoint folder (verified complete first) for a resume: checks the signature against the
