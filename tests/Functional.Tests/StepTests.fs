@@ -192,6 +192,18 @@ let private objectiveTests =
             Expect.equal twice.Tokens plain.Tokens "counted by the objective's Count")
     ]
 
+/// AdamW at a constant rate, betas 0.9/0.999, eps 1e-8, no weight decay, clipping at 1 with the local norm.
+let private adamW (rate: float) (mask: torch.Tensor) : AdamWConfig =
+    { Schedule = fun _ -> rate
+      Beta1 = 0.9
+      Beta2 = 0.999
+      Epsilon = 1e-8
+      WeightDecay = 0.0
+      DecayMask = mask
+      MaxGradNorm = 1.0
+      NormReduction = Transform.localNorm
+      Factors = None }
+
 let private normTests =
     testList "norm reduction" [
         torchTest "an injected reduction that doubles the sum of squares scales the norm by sqrt 2 and clips by it" (fun () ->
@@ -214,16 +226,8 @@ let private normTests =
             use fusedFlat = make ()
             use plainFlat = make ()
             use mask = FlatParameters.uniform fusedFlat 1.0f
-            let config: AdamWConfig =
-                { Schedule = fun _ -> 1e-2
-                  Beta1 = 0.9
-                  Beta2 = 0.999
-                  Epsilon = 1e-8
-                  WeightDecay = 0.0
-                  DecayMask = mask
-                  MaxGradNorm = 1.0
-                  NormReduction = fun sumOfSquares -> 4.0 * sumOfSquares
-                  Factors = None }
+            let config =
+                { adamW 1e-2 mask with NormReduction = fun sumOfSquares -> 4.0 * sumOfSquares }
             let fused = Optimizer.fusedAdamW config
             let plain = Optimizer.unfused fused.Transform
             use gradient = torch.linspace(2.0, -3.0, 64L)
@@ -242,16 +246,7 @@ let private queryTests =
         torchTest "applied updates and state members are found by type, whatever the nesting" (fun () ->
             use values = torch.zeros 8L
             use mask = torch.ones 8L
-            let config: AdamWConfig =
-                { Schedule = fun _ -> 1e-3
-                  Beta1 = 0.9
-                  Beta2 = 0.999
-                  Epsilon = 1e-8
-                  WeightDecay = 0.0
-                  DecayMask = mask
-                  MaxGradNorm = 1.0
-                  NormReduction = Transform.localNorm
-                  Factors = Some mask }
+            let config = { adamW 1e-3 mask with Factors = Some mask }
             let transform = Optimizer.adamWChain config
             let mutableFree = transform.Init values
             Expect.equal (Optimizer.appliedUpdates mutableFree) 0 "a fresh state has applied none"
