@@ -44,6 +44,9 @@ internal static class TrainCommand
         var hysteresis = CliOption.Create("--hysteresis", "fp16: overflows tolerated before the scale halves.", d.Hysteresis);
         var minScale = CliOption.Create("--min-loss-scale", "fp16: the smallest scale.", d.MinLossScale);
         var recompute = CliOption.Create("--gradient-checkpointing", "Recompute each block in backward: less activation memory, same gradients.", false, "--recompute");
+        var disableDropout = CliOption.Create("--disable-dropout", "Build the model with every dropout probability at 0 (DeepSpeed-Chat); the saved config.json holds 0.", false);
+        var resizeMultiple = CliOption.Create("--resize-token-embeddings-to-multiple-of", "Resize the embeddings to N * ceil(len(tokenizer) / N) (HF's pad_to_multiple_of; DeepSpeed-Chat: 8). 0: only for added tokens.", d.ResizeTokenEmbeddingsToMultipleOf);
+        var maxShardSize = CliOption.Create("--max-shard-size", "The largest weight shard of final/ (HF's max_shard_size: 5GB = 5e9 bytes, 2GiB, 500MB).", d.MaxShardSize);
         var loraDim = CliOption.Create("--lora-dim", "LoRA rank (0: no LoRA).", d.LoraDim, "--lora-r", "--lora_r");
         var loraAlpha = CliOption.Create("--lora-alpha", "LoRA alpha (scale alpha / rank).", d.LoraAlpha);
         var loraDropout = CliOption.Create("--lora-dropout", "Dropout on the adapters' input.", d.LoraDropout);
@@ -93,7 +96,7 @@ internal static class TrainCommand
             trainOn, packing, addBos, noAddBos, skipBadRows, dataSplit, evalSplitRatio, tokenizer, noDataCache, exactMatch, evalSteps, evalBatch,
             evalStrategy, saveStrategy, saveSteps, saveTotalLimit, metric, greaterIsBetter, loadBest, patience, resume,
             loraDim, loraAlpha, loraDropout, loraModuleName, loraTargets, onlyLora, loraLr, loraAdapter, recompute,
-            prefixTuning, numPrefixTokens, prefixAdapter,
+            prefixTuning, numPrefixTokens, prefixAdapter, disableDropout, resizeMultiple, maxShardSize,
             bf16, fp16, lossScale, scalePower, scaleWindow, hysteresis, minScale,
         };
         foreach (var option in hf.Options)
@@ -197,6 +200,18 @@ internal static class TrainCommand
             if (parse.GetValue(recompute))
             {
                 builder.UseGradientCheckpointing();
+            }
+            if (parse.GetValue(disableDropout))
+            {
+                builder.DisableDropout();
+            }
+            if (CliOption.Given(parse, resizeMultiple))
+            {
+                builder.ResizeTokenEmbeddingsToMultipleOf(parse.GetValue(resizeMultiple));
+            }
+            if (CliOption.Given(parse, maxShardSize))
+            {
+                builder.UseMaxShardSize(parse.GetValue(maxShardSize)!);
             }
             if (values.Precision == "bf16")
             {

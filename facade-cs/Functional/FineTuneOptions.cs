@@ -208,6 +208,19 @@ public sealed class FineTuneOptions
     /// <summary>Recompute each transformer block in backward instead of keeping its activations (default false).</summary>
     public bool GradientCheckpointing { get; set; }
 
+    /// <summary>Build the model with every dropout probability of its config at 0; the saved config.json holds 0 too
+    /// (DeepSpeed-Chat's disable_dropout; default false).</summary>
+    public bool DisableDropout { get; set; }
+
+    /// <summary>Resize the token embeddings (and an untied LM head) to N * ceil(len(tokenizer) / N), as HF's
+    /// resize_token_embeddings(len(tokenizer), pad_to_multiple_of=N) and DeepSpeed-Chat (N = 8). Default 0: resize only
+    /// when the tokenizer has more tokens than vocab_size, to len(tokenizer).</summary>
+    public int ResizeTokenEmbeddingsToMultipleOf { get; set; }
+
+    /// <summary>The largest shard of final/'s weights, in HF's spelling ("5GB" = 5e9 bytes, "2GiB", "500MB", or bytes;
+    /// default "5GB", HF's max_shard_size).</summary>
+    public string MaxShardSize { get; set; } = "5GB";
+
     /// <summary>LoRA rank (DeepSpeed-Chat's lora_dim; default 0: no LoRA).</summary>
     public int LoraDim { get; set; }
 

@@ -146,9 +146,23 @@ public static class FineTuning
             lora: ToLora(options),
             prefix: ToPrefix(options, prefixTokensGiven),
             gradientCheckpointing: options.GradientCheckpointing,
+            modelHandling: ToModelHandling(options),
             plot: Reporting.MetricsPlot.drawer);
         TrainOptionsModule.validate(request.Options);
         return request;
+    }
+
+    /// <summary>Dropout, vocabulary resize and shard size, checked.</summary>
+    private static ModelSettings ToModelHandling(FineTuneOptions o)
+    {
+        if (o.ResizeTokenEmbeddingsToMultipleOf < 0)
+        {
+            throw new InvalidInputException("--resize-token-embeddings-to-multiple-of", "", $"must be >= 0 (0: resize only for added tokens), got {o.ResizeTokenEmbeddingsToMultipleOf}");
+        }
+        return new ModelSettings(
+            disableDropout: o.DisableDropout,
+            resizeTokenEmbeddingsToMultipleOf: o.ResizeTokenEmbeddingsToMultipleOf,
+            maxShardSize: Checkpoint.WeightsFormatModule.parseSize("max_shard_size", o.MaxShardSize ?? "5GB"));
     }
 
     /// <summary>The facade's view of a training step.</summary>

@@ -102,18 +102,50 @@ public static class ModelExport
     /// <returns>The number of adapted projections merged.</returns>
     public static int MergeLora(string modelPath, string adapterPath, string outputPath)
     {
-        ArgumentNullException.ThrowIfNull(modelPath);
         ArgumentNullException.ThrowIfNull(adapterPath);
+        return Export(modelPath, outputPath, null, null, adapterPath).MergedProjections;
+    }
+
+    /// <summary>Writes a model folder anew as HF's save_pretrained(torch_dtype, max_shard_size) would: config.json
+    /// (torch_dtype set), the weights in one model.safetensors or in shards with model.safetensors.index.json, and the
+    /// tokenizer files; with an adapter, the LoRA adapter is folded in first (PEFT's merge_and_unload). The output folder
+    /// is written aside and replaces the old one only when complete. Weights load as float32 (exactly) and are rounded
+    /// once to the dtype written, so exporting to the stored dtype is bit-exact.</summary>
+    /// <param name="modelPath">The model folder.</param>
+    /// <param name="outputPath">The exported model's folder.</param>
+    /// <param name="dtype">fp32, bf16 or fp16 (also float32, bfloat16, float16); null keeps the dtype the source stores.</param>
+    /// <param name="maxShardSize">The largest shard in HF's spelling ("5GB" = 5e9 bytes, "2GiB", "500MB"); null: 5GB.</param>
+    /// <param name="loraAdapterPath">A PEFT LoRA adapter folder to merge; null for none.</param>
+    public static ExportResult Export(string modelPath, string outputPath, string? dtype = null, string? maxShardSize = null, string? loraAdapterPath = null)
+    {
+        ArgumentNullException.ThrowIfNull(modelPath);
         ArgumentNullException.ThrowIfNull(outputPath);
+        var shard = maxShardSize is null ? WeightsFormatModule.defaultMaxShardSize : WeightsFormatModule.parseSize("max_shard_size", maxShardSize);
+        var requested = dtype is null ? (TorchSharp.torch.ScalarType?)null : WeightsFormatModule.parseDType("dtype", dtype);
         Runtime.TorchRuntime.ensure();
         var lm = HfModelFolder.load(modelPath, 0);
-        var adapters = Peft.Lora.load(adapterPath, lm);
-        Peft.Lora.merge(adapters);
+        var merged = 0;
+        if (loraAdapterPath is not null)
+        {
+            var adapters = Peft.Lora.load(loraAdapterPath, lm);
+            Peft.Lora.merge(adapters);
+            merged = adapters.Adapters.Length;
+        }
+        var stored = requested ?? HfModelFolder.storedDType(modelPath);
         var tokenizer = TokenizerFiles.Select(f => Path.Combine(modelPath, f)).Where(File.Exists);
         var source = File.ReadAllText(Path.Combine(modelPath, "config.json"));
-        HfModelFolder.save(outputPath, lm, FSharpOption<string>.Some(source), ListModule.OfSeq(tokenizer));
-        return adapters.Adapters.Length;
+        HfModelFolder.saveAs(outputPath, lm, FSharpOption<string>.Some(source), ListModule.OfSeq(tokenizer), new WeightsFormat(stored, shard));
+        var files = Directory.GetFiles(outputPath).Select(Path.GetFileName).Where(f => f!.EndsWith(".safetensors", StringComparison.Ordinal)).Order(StringComparer.Ordinal).ToList();
+        return new ExportResult(merged, WeightsFormatModule.shortName(stored), files!);
     }
+}
+
+/// <summary>What <see cref="ModelExport.Export"/> wrote.</summary>
+/// <param name="MergedProjections">The LoRA-adapted projections folded in (0 without an adapter).</param>
+/// <param name="DType">The dtype of the written weights: fp32, bf16 or fp16.</param>
+/// <param name="WeightFiles">The safetensors files written, in name order.</param>
+public sealed record ExportResult(int MergedProjections, string DType, IReadOnlyList<string> WeightFiles)
+{
 }
 
 /// <summary>A tokenizer of a model folder or a tiktoken encoding, for .NET callers (the `functional tokenize` command).</summary>

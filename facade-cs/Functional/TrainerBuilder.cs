@@ -308,6 +308,33 @@ public sealed class TrainerBuilder
         return this;
     }
 
+    /// <summary>Builds the model with every dropout probability at 0; the saved config.json holds 0 too
+    /// (--disable-dropout, DeepSpeed-Chat's disable_dropout).</summary>
+    public TrainerBuilder DisableDropout()
+    {
+        settings.DisableDropout = true;
+        return this;
+    }
+
+    /// <summary>Resizes the token embeddings (and an untied LM head) to multiple * ceil(len(tokenizer) / multiple), as HF's
+    /// resize_token_embeddings with pad_to_multiple_of; new rows from HF's mean-resizing rule
+    /// (--resize-token-embeddings-to-multiple-of).</summary>
+    /// <param name="multiple">The multiple, e.g. 8 (DeepSpeed-Chat).</param>
+    public TrainerBuilder ResizeTokenEmbeddingsToMultipleOf(int multiple)
+    {
+        settings.ResizeTokenEmbeddingsToMultipleOf = multiple;
+        return this;
+    }
+
+    /// <summary>Splits final/'s weights into shards of at most this size, as HF's save_pretrained max_shard_size
+    /// ("5GB" = 5e9 bytes, "2GiB", "500MB"; --max-shard-size).</summary>
+    /// <param name="size">The size in HF's spelling.</param>
+    public TrainerBuilder UseMaxShardSize(string size)
+    {
+        settings.MaxShardSize = NotNull(size);
+        return this;
+    }
+
     /// <summary>Trains new LoRA adapters of this rank with <see cref="LoraOptions"/>' defaults (--lora-dim).
     /// Excludes UseLoraAdapter.</summary>
     /// <param name="rank">The adapters' rank, at least 1.</param>

@@ -107,6 +107,7 @@ let private goldenRun (checkpointing: bool) (case: string) =
               Lora = loraSettings case
               Prefix = prefixSettings case
               GradientCheckpointing = checkpointing
+              ModelHandling = FineTune.defaultModelHandling
               Plot = None }
         let result = FineTune.run request ignore
         let expected = readJsonLines (Path.Combine(dir, "steps.jsonl"))

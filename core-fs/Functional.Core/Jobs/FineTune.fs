@@ -20,6 +20,12 @@ module FineTune =
           ExactMatchSamples = 0
           ExactMatchMaxNewTokens = 32 }
 
+    /// Dropout as config.json says, no resize beyond the tokenizer's added tokens, shards of at most 5 GB.
+    let defaultModelHandling =
+        { DisableDropout = false
+          ResizeTokenEmbeddingsToMultipleOf = 0
+          MaxShardSize = Functional.Checkpoint.WeightsFormat.defaultMaxShardSize }
+
     /// A request to fine-tune every weight of the model folder on the data file into the output folder, with
     /// TrainOptions.defaults and defaultData, no resume, no LoRA, no prefix tuning, no gradient
     /// checkpointing and an output folder that must be empty. Scripts start from it and change what they
@@ -36,6 +42,7 @@ module FineTune =
           Lora = None
           Prefix = None
           GradientCheckpointing = false
+          ModelHandling = defaultModelHandling
           Plot = None }
 
     /// The default cache folder: $FUNCTIONAL_CACHE, else ~/.cache/functional/data.

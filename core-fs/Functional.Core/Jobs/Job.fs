@@ -194,11 +194,17 @@ module Job =
         let clock = Stopwatch.StartNew()
         let request = withAdapterPrefixSize request
         checkRequest request
-        let model = HfModelFolder.load request.ModelPath request.Options.Seed
+        let handling = request.ModelHandling
+        let adjust = if handling.DisableDropout then ModelFamily.withoutDropout else id
+        let loaded = HfModelFolder.loadWith adjust request.ModelPath request.Options.Seed
+        let tokenizer = tokenizerFor request
+        // HF's resize_token_embeddings(len(tokenizer), pad_to_multiple_of): added tokens grow the embeddings.
+        let model =
+            let current = ModelConfig.vocabSize loaded.Config
+            TokenEmbeddings.resize loaded (TokenEmbeddings.targetSize current tokenizer.VocabSize handling.ResizeTokenEmbeddingsToMultipleOf) request.Options.Seed
         let prefixTokens = request.Prefix |> Option.map (fun p -> p.NumPrefixTokens) |> Option.defaultValue 0
         // From here on MaxSeqLen is the row length of the run: the model's context when it was 0.
         let options = { request.Options with MaxSeqLen = TrainOptions.sequenceLength request.Options model.Config prefixTokens }
-        let tokenizer = tokenizerFor request
         let data = loadData request options model tokenizer
         let plan = TrainingLoop.plan options data.Train.Rows.Length
         let adapters, adapterSignature = attachAdapters request options model data
@@ -369,14 +375,15 @@ module Job =
     /// final/: the model in HF layout, or for an adapter run PEFT's adapter folder (plus the base model
     /// when it trained too) and the tokenizer files. Staged, then renamed; a failure leaves nothing behind.
     let private saveFinal (job: PreparedJob) (finalPath: string) =
-        if job.Adapters.IsEmpty then HfModelFolder.save finalPath job.Model (Some job.SourceConfig) job.TokenizerCopies
+        let format = { WeightsFormat.defaults with MaxShardSize = job.Request.ModelHandling.MaxShardSize }
+        if job.Adapters.IsEmpty then HfModelFolder.saveAs finalPath job.Model (Some job.SourceConfig) job.TokenizerCopies format
         else
             let staging = StagedFolder.create finalPath
             try
                 for a in job.Adapters do a.Save staging (Some job.Request.ModelPath)
                 if job.Adapters |> List.exists (fun a -> not a.FreezesBase) then
                     File.WriteAllText(Path.Combine(staging, "config.json"), HfModelFolder.configJson job.Model (Some job.SourceConfig))
-                    HfModelFolder.writeWeights (Path.Combine(staging, "model.safetensors")) job.Model
+                    HfModelFolder.writeWeightsAs staging job.Model format |> ignore
                 for file in job.TokenizerCopies do File.Copy(file, Path.Combine(staging, Path.GetFileName file), true)
                 StagedFolder.commit staging finalPath
             with _ ->

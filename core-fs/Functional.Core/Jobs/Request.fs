@@ -44,6 +44,21 @@ type PrefixSettings =
       /// Start from an existing PEFT prefix adapter folder: its values.
       AdapterPath: string option }
 
+/// How a job changes the model it loads and how it saves final/ (DeepSpeed-Chat's --disable_dropout and
+/// token-embedding resize, save_pretrained's max_shard_size).
+[<NoComparison>]
+type ModelSettings =
+    { /// Build the model with every dropout probability at 0 (ModelFamily.withoutDropout); the saved
+      /// config.json then holds 0, as DeepSpeed-Chat's does.
+      DisableDropout: bool
+      /// HF's resize_token_embeddings(len(tokenizer), pad_to_multiple_of = N) when N > 0 (DeepSpeed-Chat:
+      /// 8); 0 resizes only when the tokenizer has more tokens than vocab_size, to len(tokenizer). See
+      /// TokenEmbeddings.targetSize and TokenEmbeddings.resize.
+      ResizeTokenEmbeddingsToMultipleOf: int
+      /// The largest shard of final/'s weights in bytes (HF's max_shard_size; default 5 GB).
+      /// Checkpoints keep one model.safetensors.
+      MaxShardSize: int64 }
+
 /// A fine-tuning job: where the model, data and output are, and how to train.
 [<NoComparison>]
 type FineTuneRequest =
@@ -73,6 +88,8 @@ type FineTuneRequest =
       /// Recompute each transformer block in backward instead of keeping its activations (HF's
       /// gradient_checkpointing, PaddleNLP's recompute): less memory, the same gradients, more time.
       GradientCheckpointing: bool
+      /// Dropout, vocabulary resize and the shard size of final/.
+      ModelHandling: ModelSettings
       /// Draws the run's chart when it has finished: the path (OutputPath/loss.png), the logged steps
       /// (optimizer step, training loss, learning rate) and the evaluations (step, loss). None draws
       /// nothing; Functional.Reporting's MetricsPlot.drawer draws it with ScottPlot (the facade and the

@@ -566,6 +566,9 @@ type CausalLmHead(name: string, backboneName: string, backbone: DecoderBackbone,
     /// The backbone below the head.
     member _.Backbone = backbone
 
+    /// The untied LM head (lm_head.weight, (vocab_size, C)); None when the head reads the token embedding.
+    member _.LmHead: Linear option = lmHead
+
     /// Logits of hidden states: (B, T, C) -> (B, T, vocab_size).
     member private _.Logits(hidden: torch.Tensor) =
         match lmHead with

@@ -150,6 +150,21 @@ module ModelFamily =
                     HeadDim = width / heads
                     IntermediateSize = (width * 8 / 3 + 7) / 8 * 8 }
 
+    /// The config with every dropout probability of the family at 0 (DeepSpeed-Chat's --disable_dropout,
+    /// applied to the config the model is built from, so a saved config.json holds 0 too): GPT-2's
+    /// resid_pdrop, embd_pdrop and attn_pdrop; LLaMA's attention_dropout.
+    let withoutDropout (config: ModelConfig) : ModelConfig =
+        match config with
+        | Gpt2 c -> Gpt2 { c with ResidPdrop = 0.0; EmbdPdrop = 0.0; AttnPdrop = 0.0 }
+        | Llama c -> Llama { c with AttentionDropout = 0.0 }
+
+    /// The config with another vocab_size (HF's resize_token_embeddings updates config.vocab_size so);
+    /// everything else kept.
+    let withVocabSize (vocabSize: int) (config: ModelConfig) : ModelConfig =
+        match config with
+        | Gpt2 c -> Gpt2 { c with VocabSize = vocabSize }
+        | Llama c -> Llama { c with VocabSize = vocabSize }
+
     /// The family facts as plain .NET types (see FamilyDescription), for C#.
     let describe (config: ModelConfig) : FamilyDescription =
         let t = traits config
