@@ -31,7 +31,7 @@ module WeightsFormat =
     let defaultMaxShardSize = 5_000_000_000L
 
     /// float32 weights in shards of at most 5 GB.
-    let defaults = { DType = torch.float32; MaxShardSize = defaultMaxShardSize }
+    let defaults = { DType = torch.ScalarType.Float32; MaxShardSize = defaultMaxShardSize }
 
     /// The file of an unsharded model.
     let singleFileName = "model.safetensors"
@@ -60,9 +60,9 @@ module WeightsFormat =
     /// Raises InvalidInputException naming the setting for anything else.
     let parseDType (setting: string) (text: string) : torch.ScalarType =
         match (if isNull text then "" else text.Trim().ToLowerInvariant()) with
-        | "fp32" | "float32" -> torch.float32
-        | "bf16" | "bfloat16" -> torch.bfloat16
-        | "fp16" | "float16" -> torch.float16
+        | "fp32" | "float32" -> torch.ScalarType.Float32
+        | "bf16" | "bfloat16" -> torch.ScalarType.BFloat16
+        | "fp16" | "float16" -> torch.ScalarType.Float16
         | _ -> InvalidInput.setting setting (sprintf "%s: expected fp32, bf16 or fp16" text)
 
     /// The units of HF's size strings (transformers' convert_file_size_to_int), longest suffix first:

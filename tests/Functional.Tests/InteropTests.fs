@@ -1,0 +1,248 @@
+/// Interoperability: sharded safetensors and fp16/bf16 weights as HF's save_pretrained writes them, dropout as
+/// config.json says (and --disable-dropout), token-embedding resize with HF's mean-resizing rule, and the export
+/// and eval commands.
+module Functional.Tests.InteropTests
+
+open System
+open System.IO
+open System.Text.Json
+open Expecto
+open TorchSharp
+open Functional
+open Functional.Checkpoint
+open Functional.Models
+open Functional.Tests.TestUtil
+
+let private tensorsOf (model: CausalLm) =
+    [ for struct (name, p) in model.Module.named_parameters () -> name, p.detach().clone () ]
+
+let private bitsEqual (a: torch.Tensor) (b: torch.Tensor) = a.dtype = b.dtype && a.shape = b.shape && a.Equals b
+
+let private gpt2 (c: Gpt2Config) seed = CausalLm.create (Gpt2 c) seed
+let private llama (c: LlamaConfig) seed = CausalLm.create (Llama c) seed
+
+let private weightFiles (folder: string) =
+    Directory.GetFiles(folder, "*.safetensors") |> Array.map Path.GetFileName |> Array.sort |> List.ofArray
+
+let private sizeTests =
+    testList "max_shard_size" [
+        test "HF's size strings: decimal and binary units, bits with a lowercase b, plain bytes" {
+            let cases =
+                [ "2GB", 2_000_000_000L; "2GiB", 2L * (1L <<< 30); "500MB", 500_000_000L; "100KB", 100_000L
+                  "10MiB", 10L * 1048576L; "1KiB", 1024L; "1.5GB", 1_500_000_000L; "8Gb", 1_000_000_000L
+                  "8mb", 1_000_000L; "5gB", 5_000_000_000L; "1TB", 1_000_000_000_000L; "123456", 123456L ]
+            for text, expected in cases do
+                Expect.equal (WeightsFormat.tryParseSize text) (Some expected) text
+        }
+        test "a bad size names the setting, the value and what was expected" {
+            for bad in [ "2XB"; "GB"; "-5GB"; "0"; ""; "5 G B" ] do
+                Expect.isNone (WeightsFormat.tryParseSize bad) bad
+            try
+                WeightsFormat.parseSize "max_shard_size" "2XB" |> ignore
+                failtest "expected an error"
+            with :? InvalidInputException as (CommandLine e) ->
+                Expect.stringContains e.Message "--max-shard-size" "names the flag"
+                Expect.stringContains e.Message "2XB: expected" "names the value"
+                Expect.stringContains e.Message "5GB, 500MB" "says what is expected"
+        }
+        torchTest "a bad dtype names the setting and the choices" (fun () ->
+            Expect.equal (WeightsFormat.parseDType "dtype" "BF16") torch.bfloat16 "bf16"
+            Expect.equal (WeightsFormat.parseDType "dtype" "float16") torch.float16 "float16"
+            try
+                WeightsFormat.parseDType "dtype" "int8" |> ignore
+                failtest "expected an error"
+            with :? InvalidInputException as (CommandLine e) ->
+                Expect.stringContains e.Message "--dtype: int8: expected fp32, bf16 or fp16" e.Message)
+        test "HF's split: in state-dict order, a new shard when the next tensor would pass the limit" {
+            let shards = WeightsFormat.split 10L [ "a", 6L; "b", 6L; "c", 2L; "d", 6L; "e", 2L; "f", 2L ]
+            Expect.equal (shards |> List.map (fun s -> s.Tensors)) [ [ "a" ]; [ "b"; "c" ]; [ "d"; "e"; "f" ] ] "[6] [6+2] [6+2+2]"
+            Expect.equal (shards |> List.map (fun s -> s.FileName))
+                [ "model-00001-of-00003.safetensors"; "model-00002-of-00003.safetensors"; "model-00003-of-00003.safetensors" ] "names"
+        }
+        test "HF's split: a tensor over the limit gets its own shard at once, before the shard being filled" {
+            let shards = WeightsFormat.split 10L [ "a", 4L; "b", 4L; "big", 20L; "c", 2L; "d", 5L ]
+            Expect.equal (shards |> List.map (fun s -> s.Tensors)) [ [ "big" ]; [ "a"; "b"; "c" ]; [ "d" ] ] "HF's order"
+        }
+        test "one shard is model.safetensors" {
+            Expect.equal (WeightsFormat.split 100L [ "a", 6L; "b", 6L ]) [ { FileName = "model.safetensors"; Tensors = [ "a"; "b" ] } ] "single"
+        }
+        testProperty "every tensor lands in exactly one shard, in order, and no shard of several tensors passes the limit" <|
+            fun (sizes: FsCheck.PositiveInt list) (limit: FsCheck.PositiveInt) ->
+                let tensors = sizes |> List.mapi (fun i s -> sprintf "t%03d" i, int64 s.Get)
+                let shards = WeightsFormat.split (int64 limit.Get) tensors
+                let sizeOf = Map.ofList tensors
+                let all = shards |> List.collect (fun s -> s.Tensors)
+                List.sort all = List.map fst tensors
+                && shards |> List.forall (fun s -> s.Tensors.Length <= 1 || (s.Tensors |> List.sumBy (fun t -> sizeOf[t])) <= int64 limit.Get)
+    ]
+
+let private folderTests =
+    testList "model folders" [
+        torchTest "sharded save: HF's file names, the index's total_size and weight_map, and a bit-exact load" (fun () ->
+            use folder = new TempFolder()
+            let model = llama tinyLlama 3L
+            let path = folder.File "model"
+            HfModelFolder.saveAs path model None [] { WeightsFormat.defaults with MaxShardSize = 2000L }
+            let files = weightFiles path
+            Expect.isGreaterThan files.Length 1 "several shards"
+            Expect.equal files.Head (sprintf "model-00001-of-%05d.safetensors" files.Length) "HF's shard names"
+            Expect.isFalse (File.Exists(Path.Combine(path, "model.safetensors"))) "no single file"
+            use index = JsonDocument.Parse(File.ReadAllText(Path.Combine(path, "model.safetensors.index.json")))
+            let parameters = tensorsOf model
+            let bytes = parameters |> List.sumBy (fun (_, t) -> t.numel () * 4L)
+            Expect.equal (index.RootElement.GetProperty("metadata").GetProperty("total_size").GetInt64()) bytes "total_size: the tensor bytes"
+            Expect.equal (index.RootElement.GetProperty("metadata").GetProperty("total_parameters").GetInt64()) (parameters |> List.sumBy (fun (_, t) -> t.numel ())) "total_parameters"
+            let map = [ for p in index.RootElement.GetProperty("weight_map").EnumerateObject() -> p.Name, p.Value.GetString() ]
+            Expect.equal (List.map fst map) (parameters |> List.map fst |> List.sortWith (fun a b -> String.CompareOrdinal(a, b))) "every tensor, sorted"
+            for name, file in map do
+                let header = Safetensors.readHeader (Path.Combine(path, file))
+                Expect.isTrue (header.Entries |> List.exists (fun e -> e.Name = name)) (sprintf "%s is in %s" name file)
+                Expect.equal header.Metadata (Map [ "format", "pt" ]) "each shard says format pt"
+            let loaded = HfModelFolder.load path 9L
+            for (name, expected), (_, actual) in List.zip parameters (tensorsOf loaded) do
+                Expect.isTrue (bitsEqual actual expected) (name + " loads bit for bit"))
+
+        torchTest "bf16 and fp16: stored as BF16/F16, torch_dtype says so, loaded widened exactly, re-exported bit for bit" (fun () ->
+            for dtype, code, name in [ torch.bfloat16, "BF16", "bfloat16"; torch.float16, "F16", "float16" ] do
+                use folder = new TempFolder()
+                let model = gpt2 { tinyGpt2 with TieWordEmbeddings = false } 4L
+                let first = folder.File "first"
+                HfModelFolder.saveAs first model None [] { WeightsFormat.defaults with DType = dtype }
+                let header = Safetensors.readHeader (Path.Combine(first, "model.safetensors"))
+                Expect.isTrue (header.Entries |> List.forall (fun e -> Safetensors.dtypeCode e.DType = code)) (code + " everywhere")
+                use config = JsonDocument.Parse(File.ReadAllText(Path.Combine(first, "config.json")))
+                Expect.equal (config.RootElement.GetProperty("torch_dtype").GetString()) name "torch_dtype"
+                Expect.equal (HfModelFolder.storedDType first) dtype "storedDType"
+                let loaded = HfModelFolder.load first 1L
+                for (n, original), (_, actual) in List.zip (tensorsOf model) (tensorsOf loaded) do
+                    Expect.equal actual.dtype torch.float32 "loaded as float32"
+                    use rounded = original.to_type(dtype).to_type(torch.float32)
+                    Expect.isTrue (bitsEqual actual rounded) (n + ": torch's rounding, widened exactly")
+                let second = folder.File "second"
+                HfModelFolder.saveAs second loaded (Some(File.ReadAllText(Path.Combine(first, "config.json")))) [] { WeightsFormat.defaults with DType = dtype }
+                Expect.sequenceEqual (File.ReadAllBytes(Path.Combine(second, "model.safetensors"))) (File.ReadAllBytes(Path.Combine(first, "model.safetensors"))) "the same bytes again")
+
+        torchTest "a source config's dtype key follows the stored dtype; fp32 folders keep float32" (fun () ->
+            use folder = new TempFolder()
+            let model = gpt2 tinyGpt2 4L
+            let source = """{"model_type": "gpt2", "dtype": "float32", "torch_dtype": "float32", "bos_token_id": 5}"""
+            let text = HfModelFolder.configJsonAs model (Some source) torch.bfloat16
+            use config = JsonDocument.Parse text
+            Expect.equal (config.RootElement.GetProperty("dtype").GetString()) "bfloat16" "dtype"
+            Expect.equal (config.RootElement.GetProperty("torch_dtype").GetString()) "bfloat16" "torch_dtype"
+            Expect.equal (config.RootElement.GetProperty("bos_token_id").GetInt32()) 5 "other keys kept"
+            use plain = JsonDocument.Parse(HfModelFolder.configJson model None)
+            Expect.equal (plain.RootElement.GetProperty("torch_dtype").GetString()) "float32" "fp32")
+
+        torchTest "a failing save leaves the folder saved before untouched" (fun () ->
+            use folder = new TempFolder()
+            let path = folder.File "model"
+            let model = gpt2 tinyGpt2 4L
+            HfModelFolder.save path model None []
+            let before = snapshot path
+            try
+                HfModelFolder.saveAs path model None [ folder.File "no-such-tokenizer.json" ] { WeightsFormat.defaults with MaxShardSize = 100L }
+                failtest "expected the copy to fail"
+            with :? FileNotFoundException -> ()
+            Expect.equal (snapshot path) before "the old folder is as it was"
+            Expect.isEmpty (Directory.GetDirectories(folder.Path) |> Array.filter (fun d -> Path.GetFileName(d).StartsWith ".")) "no staging left")
+    ]
+
+/// Two training-mode forwards of the same model on the same ids, and one in eval mode.
+let private forwards (model: CausalLm) =
+    use ids = torch.tensor([| 1L; 2L; 3L; 4L; 5L; 6L; 7L; 8L |]).view(2L, 4L)
+    model.Module.train ()
+    let a = model.Module.forward ids
+    let b = model.Module.forward ids
+    model.Module.eval ()
+    let e = model.Module.forward ids
+    a, b, e
+
+let private dropoutTests =
+    testList "dropout" [
+        for name, withDropout, withoutIt in
+            [ "GPT-2 resid/embd/attn_pdrop", Gpt2 { tinyGpt2 with ResidPdrop = 0.1; EmbdPdrop = 0.1; AttnPdrop = 0.1 }, Gpt2 tinyGpt2
+              "GPT-2 attn_pdrop alone", Gpt2 { tinyGpt2 with AttnPdrop = 0.3 }, Gpt2 tinyGpt2
+              "LLaMA attention_dropout", Llama { tinyLlama with AttentionDropout = 0.3 }, Llama tinyLlama ] do
+            torchTest (name + ": training mode with p > 0 differs run to run, eval mode equals p = 0") (fun () ->
+                let dropped = CausalLm.create withDropout 5L
+                let plain = CausalLm.create withoutIt 5L
+                let a, b, e = forwards dropped
+                let pa, pb, pe = forwards plain
+                Expect.isFalse (a.Equals b) "two training forwards differ"
+                Expect.isTrue (e.Equals pe) "eval mode equals the model without dropout"
+                Expect.isTrue (pa.Equals pb) "without dropout training forwards agree"
+                Expect.isTrue (pa.Equals pe) "and equal eval mode"
+                let disabled = CausalLm.create (ModelFamily.withoutDropout withDropout) 5L
+                let da, db, _ = forwards disabled
+                Expect.isTrue (da.Equals db && da.Equals pa) "withoutDropout: training forwards equal the p = 0 model")
+        test "withoutDropout sets every probability to 0 and the saved config.json says so" {
+            let config = ModelFamily.withoutDropout (Gpt2 { tinyGpt2 with ResidPdrop = 0.1; EmbdPdrop = 0.2; AttnPdrop = 0.3 })
+            use json = JsonDocument.Parse(ModelConfig.toJson config)
+            for key in [ "resid_pdrop"; "embd_pdrop"; "attn_pdrop" ] do
+                Expect.equal (json.RootElement.GetProperty(key).GetDouble()) 0.0 key
+            match ModelFamily.withoutDropout (Llama { tinyLlama with AttentionDropout = 0.4 }) with
+            | Llama c -> Expect.equal c.AttentionDropout 0.0 "attention_dropout"
+            | _ -> failtest "family changed"
+        }
+    ]
+
+let private resizeTests =
+    testList "token embedding resize" [
+        test "the target size: HF's pad_to_multiple_of over len(tokenizer), added tokens grow the embeddings" {
+            Expect.equal (TokenEmbeddings.targetSize 50257 50257 8) 50264 "GPT-2: 8 * ceil(50257 / 8)"
+            Expect.equal (TokenEmbeddings.targetSize 32000 32000 8) 32000 "already a multiple"
+            Expect.equal (TokenEmbeddings.targetSize 151936 151665 8) 151672 "may shrink, as HF's"
+            Expect.equal (TokenEmbeddings.targetSize 100 0 8) 104 "no tokenizer: the current size padded"
+            Expect.equal (TokenEmbeddings.targetSize 100 103 0) 103 "added tokens"
+            Expect.equal (TokenEmbeddings.targetSize 100 90 0) 100 "a smaller tokenizer changes nothing without a multiple"
+        }
+        torchTest "growing an untied LLaMA: old rows kept, new rows m + L e from one seeded generator, embedding then head" (fun () ->
+            // Width 16 with 40 rows: the covariance is positive definite.
+            let model = llama { tinyLlama with VocabSize = 40 } 6L
+            let resized = TokenEmbeddings.resize model 45 11L
+            Expect.equal (ModelConfig.vocabSize resized.Config) 45 "config vocab_size follows"
+            let before, after = dict (tensorsOf model), dict (tensorsOf resized)
+            use generator = new torch.Generator(11UL)
+            for name in [ "model.embed_tokens.weight"; "lm_head.weight" ] do
+                let old, now = before[name], after[name]
+                Expect.sequenceEqual now.shape [| 45L; 16L |] (name + " shape")
+                Expect.isTrue (now.narrow(0L, 0L, 40L).Equals old) (name + ": the old rows unchanged")
+                // The rule written out: mean, covariance / N, 1e-9 scale, Cholesky, e ~ N(0, I).
+                let w = old.to_type torch.float64
+                let mean = w.mean([| 0L |])
+                let centered = w - mean
+                let covariance = centered.t().matmul(centered) / 40.0 * 1e-9
+                let factor = torch.linalg.cholesky covariance
+                let e = torch.randn([| 5L; 16L |], dtype = torch.float32, generator = generator).to_type torch.float64
+                let expected = mean.unsqueeze(0) + e.matmul(factor.t())
+                expectClose 1e-6 (now.narrow(0L, 40L, 5L).to_type torch.float64) expected (name + ": new rows")
+                let spread = (now.narrow(0L, 40L, 5L).to_type torch.float64 - mean).abs().max().item<float> ()
+                Expect.isLessThan spread 1e-3 (name + ": new rows lie close to the mean (covariance scaled by 1e-9)")
+            for KeyValue(name, t) in before do
+                if name <> "model.embed_tokens.weight" && name <> "lm_head.weight" then
+                    Expect.isTrue (after[name].Equals t) (name + " copied"))
+        torchTest "a tied GPT-2: the head follows the embedding; a non-positive-definite covariance gives the mean" (fun () ->
+            let model = gpt2 tinyGpt2 6L
+            let resized = TokenEmbeddings.resize model 20 1L
+            let weight = dict (tensorsOf resized)
+            Expect.isFalse (weight.ContainsKey "lm_head.weight") "still tied"
+            use ids = torch.tensor([| 18L; 19L |]).view(1L, 2L)
+            resized.Module.eval ()
+            use logits = resized.Module.forward ids
+            Expect.sequenceEqual logits.shape [| 1L; 2L; 20L |] "logits over the new vocabulary"
+            use degenerate = torch.ones(4L, 8L)
+            use rows = TokenEmbeddings.meanResizedRows degenerate 3L (new torch.Generator(1UL))
+            Expect.isTrue (rows.Equals(torch.ones(3L, 8L))) "singular covariance: the mean, as HF")
+        torchTest "shrinking keeps the first rows; the same size is the model itself" (fun () ->
+            let model = llama { tinyLlama with VocabSize = 40 } 6L
+            let smaller = TokenEmbeddings.resize model 32 1L
+            let kept = (dict (tensorsOf smaller))["model.embed_tokens.weight"]
+            let original = (dict (tensorsOf model))["model.embed_tokens.weight"]
+            let first = original.narrow(0L, 0L, 32L)
+            Expect.isTrue (kept.Equals first) "first rows"
+            Expect.isTrue (obj.ReferenceEquals(TokenEmbeddings.resize model 40 1L, model)) "no change")
+    ]
+
+[<Tests>]
+let tests = testList "interop" [ sizeTests; folderTests; dropoutTests; resizeTests ]
