@@ -15,7 +15,7 @@ public static partial class Program
 
     /// <summary>The commands that compute with tensors: TorchSharp's native libraries start only for these (tokenize
     /// needs none, so it answers without the 2-3 s start).</summary>
-    private static readonly HashSet<string> TensorCommands = ["train", "generate", "bench", "export"];
+    private static readonly HashSet<string> TensorCommands = ["train", "generate", "bench", "export", "eval"];
 
     /// <summary>The command tree. The root is a plain command named `functional` (a RootCommand would be named after
     /// the executable, Functional.Cli), with help and --version; alone, it prints the help.</summary>
@@ -28,6 +28,7 @@ public static partial class Program
             GenerateCommand.Create(),
             BenchCommand.Create(),
             ExportCommand.Create(),
+            EvalCommand.Create(),
             new HelpOption(),
             new VersionOption(),
         };

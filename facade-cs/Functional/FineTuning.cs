@@ -238,7 +238,7 @@ public static class FineTuning
         return FSharpOption<PrefixSettings>.Some(new PrefixSettings(numPrefixTokens: tokens, adapterPath: Optional(o.PrefixAdapter)));
     }
 
-    private static DataSettings ToData(FineTuneOptions o)
+    internal static DataSettings ToData(FineTuneOptions o)
     {
         var trainOn = o.TrainOn.ToLowerInvariant() switch
         {
