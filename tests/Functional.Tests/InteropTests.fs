@@ -246,3 +246,123 @@ let private resizeTests =
 
 [<Tests>]
 let tests = testList "interop" [ sizeTests; folderTests; dropoutTests; resizeTests ]
+
+// ---- the command line (end-to-end: Program.endToEnd lists "interop cli") ----
+
+let private expectExit (code: int) (run: CliRun) =
+    Expect.equal run.ExitCode code (sprintf "exit code %d (stdout: %s; stderr: %s)" code run.Stdout run.Stderr)
+
+/// Exit code 2 and one `error:` line holding every part.
+let private expectError (parts: string list) (run: CliRun) =
+    expectExit 2 run
+    let errors = run.Stderr.Split('\n') |> Array.filter (fun l -> l.StartsWith "error:")
+    Expect.equal errors.Length 1 (sprintf "one error line: %s" run.Stderr)
+    for part in parts do Expect.stringContains errors[0] part "the error explains"
+
+/// A copy of the golden GPT-2 model folder whose config.json the edit changes.
+let private goldenGpt2 (folder: TempFolder) (edit: Nodes.JsonObject -> unit) =
+    let model = folder.File "model"
+    copyFolder (Path.Combine(goldenDir "gpt2-linear", "model")) model
+    let config = Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(model, "config.json"))).AsObject()
+    edit config
+    File.WriteAllText(Path.Combine(model, "config.json"), config.ToJsonString())
+    model
+
+let private goldenData = Path.Combine(goldenDir "gpt2-linear", "data.jsonl")
+
+let private configOf (folder: string) = JsonDocument.Parse(File.ReadAllText(Path.Combine(folder, "config.json"))).RootElement
+
+let private cliTests =
+    testList "interop cli" [
+        test "export --dtype bf16 --max-shard-size: HF's shards, and exporting the export again is bit-exact" {
+            use folder = new TempFolder()
+            let source = Path.Combine(goldenDir "gpt2-linear", "model")
+            let first = folder.File "bf16"
+            expectExit 0 (runCli [ "export"; "--model"; source; "--output"; first; "--dtype"; "bf16"; "--max-shard-size"; "20KB" ])
+            let files = weightFiles first
+            Expect.isGreaterThan files.Length 1 "sharded"
+            Expect.isTrue (File.Exists(Path.Combine(first, "model.safetensors.index.json"))) "the index"
+            Expect.equal ((configOf first).GetProperty("torch_dtype").GetString()) "bfloat16" "torch_dtype"
+            Expect.equal ((configOf first).GetProperty("bos_token_id").GetInt32()) 95 "the source's other keys kept"
+            let again = folder.File "again"
+            let run = runCli [ "export"; "--model"; first; "--output"; again; "--max-shard-size"; "20KB" ]
+            expectExit 0 run
+            Expect.stringContains run.Stdout "bf16" "the stored dtype is kept without --dtype"
+            for f in files @ [ "model.safetensors.index.json" ] do
+                Expect.sequenceEqual (File.ReadAllBytes(Path.Combine(again, f))) (File.ReadAllBytes(Path.Combine(first, f))) (f + " bit for bit")
+            let widened = folder.File "fp32"
+            expectExit 0 (runCli [ "export"; "--model"; first; "--output"; widened; "--dtype"; "fp32" ])
+            Expect.equal (weightFiles widened) [ "model.safetensors" ] "one file under 5GB"
+            Functional.Runtime.TorchRuntime.ensure ()
+            let original = HfModelFolder.load source 1L
+            let exported = HfModelFolder.load widened 1L
+            for (name, o), (_, e) in List.zip (tensorsOf original) (tensorsOf exported) do
+                use rounded = o.to_type(torch.bfloat16).to_type(torch.float32)
+                Expect.isTrue (bitsEqual e rounded) (name + ": fp32 -> bf16 -> fp32 is torch's rounding")
+        }
+        test "export refuses a bad size or dtype, naming the flag and the value, and leaves the output alone" {
+            use folder = new TempFolder()
+            let source = Path.Combine(goldenDir "gpt2-linear", "model")
+            let output = folder.File "out"
+            Directory.CreateDirectory output |> ignore
+            File.WriteAllText(Path.Combine(output, "keep.txt"), "saved before")
+            expectError [ "--max-shard-size"; "2XB"; "expected" ] (runCli [ "export"; "--model"; source; "--output"; output; "--max-shard-size"; "2XB" ])
+            expectError [ "--dtype"; "int4"; "fp32, bf16 or fp16" ] (runCli [ "export"; "--model"; source; "--output"; output; "--dtype"; "int4" ])
+            expectError [ "--merge-lora" ] (runCli [ "export"; "--model"; source; "--output"; output; "--lora-adapter"; folder.File "a" ])
+            expectError [ "no-model"; "does not exist" ] (runCli [ "export"; "--model"; folder.File "no-model"; "--output"; output ])
+            Expect.equal (Directory.GetFileSystemEntries output |> Array.map Path.GetFileName) [| "keep.txt" |] "the output as it was"
+        }
+        test "train: --disable-dropout, --resize-token-embeddings-to-multiple-of and --max-shard-size shape final/" {
+            use folder = new TempFolder()
+            let model = goldenGpt2 folder (fun c -> c["resid_pdrop"] <- Nodes.JsonValue.Create 0.1; c["attn_pdrop"] <- Nodes.JsonValue.Create 0.1)
+            let output = folder.File "run"
+            let run =
+                runCli [ "train"; "--model"; model; "--data"; goldenData; "--output"; output; "--max-steps"; "2"; "--no-data-cache"
+                         "--disable_dropout"; "--resize-token-embeddings-to-multiple-of"; "64"; "--max-shard-size"; "30KB" ]
+            expectExit 0 run
+            let final = Path.Combine(output, "final")
+            let config = configOf final
+            Expect.equal (config.GetProperty("vocab_size").GetInt32()) 128 "96 -> 64 * ceil(96 / 64)"
+            for key in [ "resid_pdrop"; "attn_pdrop"; "embd_pdrop" ] do
+                Expect.equal (config.GetProperty(key).GetDouble()) 0.0 (key + " is 0 in the saved config, as DeepSpeed-Chat's")
+            Expect.isGreaterThan (weightFiles final).Length 1 "final/ in shards"
+            Functional.Runtime.TorchRuntime.ensure ()
+            let loaded = HfModelFolder.load final 1L
+            Expect.equal (ModelConfig.vocabSize loaded.Config) 128 "final/ loads"
+        }
+        test "eval: the same loss as training's evaluation before step 1, written beside the model as eval_results.json" {
+            use folder = new TempFolder()
+            let model = goldenGpt2 folder ignore
+            let run = runCli [ "eval"; "--model"; model; "--data"; goldenData ]
+            expectExit 0 run
+            use printed = JsonDocument.Parse(run.Stdout.Trim())
+            let written = JsonDocument.Parse(File.ReadAllText(Path.Combine(model, "eval_results.json"))).RootElement
+            let loss = printed.RootElement.GetProperty("eval_loss").GetDouble()
+            Expect.equal (written.GetProperty("eval_loss").GetDouble()) loss "printed and written agree"
+            Expect.equal (written.GetProperty("eval_samples").GetInt32()) 13 "every row"
+            Expect.floatClose Accuracy.veryHigh (written.GetProperty("eval_perplexity").GetDouble()) (exp loss) "perplexity"
+            let output = folder.File "run"
+            expectExit 0 (runCli [ "train"; "--model"; model; "--data"; goldenData; "--eval-data"; goldenData; "--output"; output; "--max-steps"; "1"; "--no-data-cache"; "--eval-steps"; "1" ])
+            let before = readJsonLines (Path.Combine(output, "metrics.jsonl")) |> Array.find (fun l -> l.GetProperty("step").GetInt32() = 0 && fst (l.TryGetProperty "eval_loss"))
+            Expect.floatClose Accuracy.veryHigh (before.GetProperty("eval_loss").GetDouble()) loss "training's evaluation before step 1"
+            let elsewhere = folder.File "metrics/eval.json"
+            expectExit 0 (runCli [ "eval"; "--model"; model; "--data"; goldenData; "--output"; elsewhere ])
+            Expect.isTrue (File.Exists elsewhere) "--output"
+        }
+        test "eval: bad input names the file, the line and what was expected" {
+            use folder = new TempFolder()
+            let model = goldenGpt2 folder ignore
+            expectError [ "no-model"; "does not exist" ] (runCli [ "eval"; "--model"; folder.File "no-model"; "--data"; goldenData ])
+            expectError [ "no-data.jsonl" ] (runCli [ "eval"; "--model"; model; "--data"; folder.File "no-data.jsonl" ])
+            File.WriteAllText(folder.File "bad.jsonl", "{\"input_ids\": [1, 2]}\n{\"input_ids\": [1, 2")
+            expectError [ "bad.jsonl:2" ] (runCli [ "eval"; "--model"; model; "--data"; folder.File "bad.jsonl" ])
+            File.WriteAllText(folder.File "big.jsonl", "{\"input_ids\": [1, 200]}\n")
+            expectError [ "big.jsonl"; "vocab_size 96" ] (runCli [ "eval"; "--model"; model; "--data"; folder.File "big.jsonl" ])
+            expectError [ "--max-seq-len"; "n_positions 64" ] (runCli [ "eval"; "--model"; model; "--data"; goldenData; "--max-seq-len"; "65" ])
+            expectError [ "--data"; "required" ] (runCli [ "eval"; "--model"; model ])
+            Expect.isFalse (File.Exists(Path.Combine(model, "eval_results.json"))) "nothing written"
+        }
+    ]
+
+[<Tests>]
+let endToEndTests = testSequenced cliTests
