@@ -234,6 +234,22 @@ let private resizeTests =
             use degenerate = torch.ones(4L, 8L)
             use rows = TokenEmbeddings.meanResizedRows degenerate 3L (new torch.Generator(1UL))
             Expect.isTrue (rows.Equals(torch.ones(3L, 8L))) "singular covariance: the mean, as HF")
+        torchTest "PyTorch: new rows equal MultivariateNormal(m, 1e-9 S).sample after torch.manual_seed (tests/golden/resize-embeddings)" (fun () ->
+            let golden = JsonDocument.Parse(File.ReadAllText(Path.Combine(goldenDir "resize-embeddings", "resize.json"))).RootElement
+            let matrix (name: string) =
+                let rows = [| for r in golden.GetProperty(name).EnumerateArray() -> [| for x in r.EnumerateArray() -> float32 (x.GetDouble()) |] |]
+                let flat : float32[] = Array.concat rows
+                torch.tensor(flat, dtype = torch.float32).view(int64 rows.Length, int64 rows[0].Length)
+            use old = matrix "old"
+            use expected = matrix "new_rows"
+            use generator = new torch.Generator(uint64 (golden.GetProperty("seed").GetInt64()))
+            use actual = TokenEmbeddings.meanResizedRows old expected.shape[0] generator
+            use mean = old.mean([| 0L |])
+            // The rows lie within ~1e-5 of the mean: compare their offsets from it, relative to their size.
+            use offsetActual = (actual - mean).to_type torch.float64
+            use offsetExpected = (expected - mean).to_type torch.float64
+            let relative = (offsetActual - offsetExpected).norm().item<float> () / offsetExpected.norm().item<float> ()
+            Expect.isLessThan relative 1e-4 (sprintf "offsets from the mean agree (relative L2 error %g)" relative))
         torchTest "shrinking keeps the first rows; the same size is the model itself" (fun () ->
             let model = llama { tinyLlama with VocabSize = 40 } 6L
             let smaller = TokenEmbeddings.resize model 32 1L
