@@ -134,6 +134,21 @@ let private folderTests =
             use plain = JsonDocument.Parse(HfModelFolder.configJson model None)
             Expect.equal (plain.RootElement.GetProperty("torch_dtype").GetString()) "float32" "fp32")
 
+        torchTest "writing shards in bf16 and drawing resized rows leave no live tensor behind" (fun () ->
+            use folder = new TempFolder()
+            let model = llama tinyLlama 3L
+            let live () = DisposeScopeManager.Statistics.TensorStatistics.ThreadTotalLiveCount
+            let embedding = (dict (tensorsOf model))["model.embed_tokens.weight"]
+            let once () =
+                HfModelFolder.writeWeightsAs folder.Path model { DType = torch.bfloat16; MaxShardSize = 3000L } |> ignore
+                use generator = new torch.Generator(1UL)
+                use rows = TokenEmbeddings.meanResizedRows embedding 4L generator
+                ()
+            once ()
+            let settled = live ()
+            for _ in 1 .. 3 do once ()
+            Expect.equal (live ()) settled "saves and draws create no lasting tensor")
+
         torchTest "a failing save leaves the folder saved before untouched" (fun () ->
             use folder = new TempFolder()
             let path = folder.File "model"
