@@ -361,6 +361,27 @@ let private cliTests =
             let loaded = HfModelFolder.load final 1L
             Expect.equal (ModelConfig.vocabSize loaded.Config) 128 "final/ loads"
         }
+        test "train: a tokenizer with more tokens than vocab_size grows the embeddings to len(tokenizer)" {
+            use folder = new TempFolder()
+            let samples = Functional.Training.EmbeddedTask.samples 5 24 false
+            let model = folder.File "model"
+            Functional.Text.BpeTraining.trainToFolder [ for s in samples -> s.Prompt + s.Answer ] 40 model
+            let tokens = (Functional.Text.Tokenizers.fromFolder model).VocabSize
+            let config =
+                sprintf """{"model_type": "llama", "vocab_size": %d, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                            "num_attention_heads": 2, "max_position_embeddings": 64}""" (tokens - 3)
+            Functional.Runtime.TorchRuntime.ensure ()
+            let weights = folder.File "weights"
+            HfModelFolder.save weights (CausalLm.create (ModelConfig.parse "test" config) 1L) None []
+            for f in Directory.GetFiles weights do File.Copy(f, Path.Combine(model, Path.GetFileName f), true)
+            File.WriteAllLines(folder.File "data.jsonl", [ for s in samples -> JsonSerializer.Serialize(dict [ "prompt", s.Prompt; "chosen", s.Answer ]) ])
+            let output = folder.File "run"
+            expectExit 0 (runCli [ "train"; "--model"; model; "--data"; folder.File "data.jsonl"; "--output"; output; "--max-steps"; "2"; "--no-data-cache"; "--max-seq-len"; "32" ])
+            Expect.equal ((configOf (Path.Combine(output, "final"))).GetProperty("vocab_size").GetInt32()) tokens "vocab_size = len(tokenizer)"
+            let trained = HfModelFolder.load (Path.Combine(output, "final")) 1L
+            let head = (dict (tensorsOf trained))["lm_head.weight"]
+            Expect.sequenceEqual head.shape [| int64 tokens; 16L |] "the untied head grew too"
+        }
         test "eval: the same loss as training's evaluation before step 1, written beside the model as eval_results.json" {
             use folder = new TempFolder()
             let model = goldenGpt2 folder ignore
