@@ -275,8 +275,26 @@ let private resizeTests =
             Expect.isTrue (obj.ReferenceEquals(TokenEmbeddings.resize model 40 1L, model)) "no change")
     ]
 
+let private builderTests =
+    testList "builder" [
+        for name, configure, origin in
+            [ "UseMaxShardSize", (fun (b: TrainerBuilder) -> b.UseMaxShardSize "2XB"), "UseMaxShardSize"
+              "ResizeTokenEmbeddingsToMultipleOf", (fun (b: TrainerBuilder) -> b.ResizeTokenEmbeddingsToMultipleOf -8), "ResizeTokenEmbeddingsToMultipleOf" ] do
+            test (name + ": Build names the call") {
+                let builder = configure (Trainer.CreateBuilder().UseModel("model").UseData("data.jsonl").UseOutput("out"))
+                try
+                    builder.Build() |> ignore
+                    failtest "expected InvalidInputException"
+                with :? InvalidInputException as e -> Expect.equal e.Origin origin e.Message
+            }
+        test "DisableDropout, ResizeTokenEmbeddingsToMultipleOf and UseMaxShardSize pass Build" {
+            Trainer.CreateBuilder().UseModel("model").UseData("data.jsonl").UseOutput("out")
+                .DisableDropout().ResizeTokenEmbeddingsToMultipleOf(8).UseMaxShardSize("2GiB").Build() |> ignore
+        }
+    ]
+
 [<Tests>]
-let tests = testList "interop" [ sizeTests; folderTests; dropoutTests; resizeTests ]
+let tests = testList "interop" [ sizeTests; folderTests; dropoutTests; resizeTests; builderTests ]
 
 // ---- the command line (end-to-end: Program.endToEnd lists "interop cli") ----
 
