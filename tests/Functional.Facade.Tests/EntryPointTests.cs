@@ -70,4 +70,22 @@ public static class EntryPointTests
             () => ModelExport.MergeLora(Path.Combine(golden, "model"), folder.File("none"), folder.File("merged2")), "a missing adapter");
         Check.True(e.Origin.Contains("adapter_config.json"), $"names the adapter file ({e.Origin})");
     }
+
+    [FacadeTest("ModelExport.Export writes bf16 shards with the options applied to a LoRA merge, and ModelEvaluation.Evaluate measures the result")]
+    public static void ExportShardsAndEvaluates()
+    {
+        using var folder = new TempFolder();
+        var golden = Golden.Case("gpt2-lora");
+        var output = folder.File("merged");
+        var result = ModelExport.Export(Path.Combine(golden, "model"), output, "bf16", "20KB", Path.Combine(golden, "adapter"));
+        Check.True(result.MergedProjections > 0, $"adapted projections merged ({result.MergedProjections})");
+        Check.Equal("bf16", result.DType, "dtype");
+        Check.True(result.WeightFiles.Count > 1 && File.Exists(Path.Combine(output, "model.safetensors.index.json")), "sharded");
+        var report = ModelEvaluation.Evaluate(new EvaluateOptions { ModelPath = output, DataPath = Path.Combine(golden, "data.jsonl"), OutputPath = folder.File("eval.json") });
+        Check.Equal("causal-lm", report.Task, "task");
+        Check.True(report.Metrics["eval_loss"] > 0 && Math.Abs(report.Metrics["eval_perplexity"] - Math.Exp(report.Metrics["eval_loss"])) < 1e-9 * report.Metrics["eval_perplexity"], "loss and perplexity");
+        Check.True(File.Exists(folder.File("eval.json")), "written");
+        var e = Check.Throws<InvalidInputException>(() => ModelExport.Export(Path.Combine(golden, "model"), folder.File("x"), "int8"), "a bad dtype");
+        Check.True(e.Message.Contains("int8"), $"names the value ({e.Message})");
+    }
 }
