@@ -124,6 +124,43 @@ let private goldenRun (checkpointing: bool) (case: string) =
         compareWeights case (Path.Combine(result.FinalModelPath, weights)) (Path.Combine(dir, "final", weights))
     }
 
+/// The case folders whose forward.safetensors holds the initial model's logits on the first micro-batch.
+let forwardCases () =
+    Directory.GetDirectories(Path.Combine(AppContext.BaseDirectory, "golden"))
+    |> Array.filter (fun dir -> File.Exists(Path.Combine(dir, "forward.safetensors")))
+    |> Array.map Path.GetFileName
+    |> Array.sort
+    |> List.ofArray
+
+/// Our forward of the case's initial model on rows 0 and 1 of data.jsonl (truncated to max_seq_len,
+/// right-padded with id 0, as make_golden.py's first micro-batch) against PyTorch's float64 logits.
+let private goldenForward (case: string) =
+    test (sprintf "%s: initial logits match PyTorch" case) {
+        let dir = goldenDir case
+        let maxLen = (goldenOptions case).MaxSeqLen
+        let rows =
+            readJsonLines (Path.Combine(dir, "data.jsonl"))
+            |> Array.take 2
+            |> Array.map (fun row -> [| for id in row.GetProperty("input_ids").EnumerateArray() -> id.GetInt64() |] |> Array.truncate maxLen)
+        let T = rows |> Array.map Array.length |> Array.max
+        let padded = rows |> Array.map (fun r -> Array.append r (Array.zeroCreate (T - r.Length))) |> Array.concat
+        let model = HfModelFolder.load (Path.Combine(dir, "model")) 0L
+        use _ = model.Module
+        model.Module.eval ()
+        use _ = torch.no_grad ()
+        use ids = torch.tensor(padded, dtype = torch.int64).view(2L, int64 T)
+        use logits = model.Module.forward ids
+        let expected = Safetensors.load (Path.Combine(dir, "forward.safetensors"))
+        use e = expected["logits"]
+        Expect.sequenceEqual logits.shape e.shape (case + ": logits shape")
+        use diff = (logits.to_type(torch.float64) - e.to_type(torch.float64)).abs().max()
+        Expect.isLessThanOrEqual (diff.item<float>()) 1e-5 (case + ": max |logits - PyTorch's|")
+        Expect.isLessThanOrEqual (relativeL2 logits e) 1e-6 (case + ": relative L2 error of the logits")
+    }
+
+[<Tests>]
+let forwardTests = testList "golden forward" [ for case in forwardCases () -> goldenForward case ]
+
 [<Tests>]
 let tests =
     testList "golden" [

@@ -693,6 +693,17 @@ def train(family, init_f32, data, opts, dtype, lora_f32=None, prefix_f32=None):
     final = {n: trainable[n].detach() for n in order}
     return steps, final
 
+
+def write_forward(path, family, init_f32, data, opts):
+    """The initial model's logits on the epoch's first micro-batch (rows 0 and 1, truncated to
+    max_seq_len, right-padded with id 0), computed in float64 and stored F32 as "logits" (B, T, V)."""
+    cfg, _, forward = FAMILIES[family]
+    params = {n: t.to(torch.float64) for n, t in init_f32.items()}
+    ids, _ = micro_batches(data, opts)[0]
+    with torch.no_grad():
+        logits = forward(params, cfg, ids)
+    write_safetensors(path, {"logits": logits})
+
 # --------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------
@@ -750,6 +761,7 @@ def golden_readme(summary):
         "Each full fine-tuning case folder (`*-cosine`, `*-linear`) holds:",
         "",
         "- `model/config.json`, `model/model.safetensors`: initial model (HF config + HF tensor names, F32).",
+        "- `forward.safetensors`: `logits` of the initial model on the first micro-batch (rows 0 and 1, float64 computed, stored F32).",
         "- `data.jsonl`: training rows, one `{\"input_ids\": [...]}` per line.",
         "- `options.json`: training options (HF snake_case names).",
         "- `steps.jsonl`: one line per optimizer step: step, loss, lr, grad_norm (pre-clip).",
@@ -816,6 +828,8 @@ def main():
         write_safetensors(os.path.join(cdir, "model", "model.safetensors"), init[fam])
         write_jsonl(os.path.join(cdir, "data.jsonl"), [{"input_ids": r} for r in data])
         write_json(os.path.join(cdir, "options.json"), opts)
+
+        write_forward(os.path.join(cdir, "forward.safetensors"), fam, init[fam], data, opts)
 
         steps, final = train(fam, init[fam], data, opts, torch.float64)
         write_jsonl(os.path.join(cdir, "steps.jsonl"), steps)
