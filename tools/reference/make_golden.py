@@ -210,9 +210,12 @@ PREFIX_LEARNING_RATE = 0.03     # the prefix is O(1): a larger step than the mod
 PREFIX_MAX_GRAD_NORM_GPT2 = 0.0052     # clips 3 of 10 steps, each pre-clip norm >= 19% away
 PREFIX_MAX_GRAD_NORM_LLAMA = 0.0135    # clips 2 of 10 steps, each pre-clip norm >= 11% away
 PREFIX_SEEDS = {"gpt2": 20240613, "llama": 20240614}
+PREFIX_SEEDS["bloom"] = 20240616
+BLOOM_PREFIX_MAX_GRAD_NORM = 0.0004   # clips 3 of 10 steps, each pre-clip norm >= 20% away
 PREFIX_CASES = [
     ("gpt2-prefix", "gpt2", "cosine", 3, PREFIX_MAX_GRAD_NORM_GPT2),
     ("llama-prefix", "llama", "cosine", 2, PREFIX_MAX_GRAD_NORM_LLAMA),
+    ("bloom-prefix", "bloom", "cosine", 3, BLOOM_PREFIX_MAX_GRAD_NORM),
 ]
 
 # --------------------------------------------------------------------------
