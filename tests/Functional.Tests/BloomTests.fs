@@ -488,6 +488,19 @@ let private trainingTests =
             use noDrop = logits plain input
             expectClose 1e-6 noDrop evalA "without dropout, training mode equals eval mode")
 
+        torchTest "60 training steps keep the live tensor count flat" (fun () ->
+            let lm = HfModelFolder.load (Path.Combine(golden, "model")) 1L
+            let data = loadTokenized (Path.Combine(golden, "data.jsonl"))
+            let options = { small with GradientAccumulationSteps = 2; MaxSteps = 60; LearningRate = 1e-3 }
+            let live = Array.zeroCreate<int64> 61
+            TrainingLoop.train (TrainingLoop.plan options data.Rows.Length) lm data None
+                { OnLog = fun log -> live[log.Step] <- DisposeScopeManager.Statistics.TensorStatistics.ThreadTotalLiveCount
+                  AfterStep = fun _ -> StepDecision.Continue }
+            |> ignore
+            // Windows of 2, 2, 2, 1 micro-batches repeat every 4 steps: compare those steps' counts.
+            Expect.isGreaterThan live[8] 0L "the count is read"
+            Expect.equal ([| for step in 8 .. 4 .. 60 -> live[step] |] |> Array.distinct) [| live[8] |] "flat")
+
         torchTest "resuming from a checkpoint continues exactly as the uninterrupted run" (fun () ->
             use output = new TempFolder()
             let request (path: string) =
