@@ -68,9 +68,7 @@ let private model config =
 
 let private inputIds config (seed: int64) =
     let vocab =
-        match config with
-        | Gpt2 c -> c.VocabSize
-        | Llama c -> c.VocabSize
+        ModelConfig.vocabSize config
     use g = new torch.Generator(uint64 seed)
     torch.randint(int64 vocab, [| 2L; 6L |], dtype = torch.int64, generator = g)
 
