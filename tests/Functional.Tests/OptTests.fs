@@ -596,6 +596,33 @@ let private trainingTests =
             Expect.equal bf16.Length 12 "every step logged"
             for a, b in List.zip fp32 bf16 do
                 Expect.isLessThan (abs (a.Loss - b.Loss) / a.Loss) 0.02 (sprintf "step %d: fp32 loss %g, bf16 loss %g" a.Step a.Loss b.Loss))
+        torchTest "training steps (dropout on) and generation keep the live tensor count flat" (fun () ->
+            let golden = optOf (ModelConfig.load (Path.Combine(golden, "model", "config.json")))
+            let lm = CausalLm.create (Opt { golden with Dropout = 0.1; AttentionDropout = 0.1 }) 1L
+            let data = loadTokenized (Path.Combine(goldenDir "opt-cosine", "data.jsonl"))
+            let options = { trainOptions with Shuffle = false; MaxSteps = 40 }
+            let live = Array.zeroCreate<int64> 41
+            TrainingLoop.train (TrainingLoop.plan options data.Rows.Length) lm data None
+                { OnLog = fun log -> live[log.Step] <- DisposeScopeManager.Statistics.TensorStatistics.ThreadTotalLiveCount
+                  AfterStep = fun _ -> StepDecision.Continue }
+            |> ignore
+            // Windows of 2, 2, 2, 1 micro-batches repeat every 4 steps.
+            let after = [| for step in 8 .. 4 .. 40 -> live[step] |] |> Array.distinct
+            Expect.equal after [| live[8] |] (sprintf "live tensors every 4th step from 8 to 40 equal step 8's (%d)" live[8])
+            let generator = model (Opt { postNormOpt with MaxPositionEmbeddings = 128 })
+            let counts = ResizeArray()
+            let before = DisposeScopeManager.Statistics.TensorStatistics.ThreadTotalLiveCount
+            let sampling = { GenerationOptions.defaults with MaxNewTokens = 60; Sampling = { SamplingOptions.greedy with Greedy = false; Seed = 1L } }
+            Generator.generateWith (fun _ -> counts.Add DisposeScopeManager.Statistics.TensorStatistics.ThreadTotalLiveCount) generator [| [| 1L; 2L; 3L |]; [| 4L |] |] sampling
+            |> ignore
+            Expect.equal (Array.distinct (counts.ToArray())) [| counts[0] |] "the count after every generation step equals step 0's"
+            Expect.equal DisposeScopeManager.Statistics.TensorStatistics.ThreadTotalLiveCount before "nothing is left alive after generation")
+    ]
+
+/// Dropout draws from torch's global generator, which parallel tests share: these run alone (testSequenced)
+/// and seed it.
+let private seededTests =
+    testSequenced <| testList "dropout, seeded" [
         for family, config in families do
             torchTest (sprintf "%s: gradient checkpointing gives the same gradients, dropout included" family) (fun () ->
                 let config = match config with Opt c -> Opt { c with Dropout = 0.1; AttentionDropout = 0.1 } | other -> other
@@ -634,4 +661,4 @@ let private trainingTests =
     ]
 
 [<Tests>]
-let tests = testList "opt" [ configTests; moduleTests; folderTests; cacheTests; adapterTests; trainingTests ]
+let tests = testList "opt" [ configTests; moduleTests; folderTests; cacheTests; adapterTests; trainingTests; seededTests ]
