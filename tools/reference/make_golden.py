@@ -9,6 +9,11 @@ norm clipping, torch.optim.AdamW with two parameter groups, LambdaLR with HF's
 linear / cosine warmup schedules).  Training runs in float64; the float32
 initial weights are converted exactly, the final weights are written as F32.
 
+The OPT cases follow HF's OPTForCausalLM: opt-cosine with post-norm layers and
+project_in / project_out (word_embed_proj_dim != hidden_size), opt-pre-linear with
+the common pre-norm layout; learned positions at row p + 2, a tied head, and the
+token embedding's padding row (pad_token_id) without lookup gradient.
+
 The LoRA cases (gpt2-lora, llama-lora) follow PEFT's LoRA semantics: a target
 projection computes base(x) + (lora_alpha / r) * B(A(x)) with A [r, in] and
 B [out, r]; the base weights are frozen and only A and B are optimized.  The
@@ -142,6 +147,41 @@ BLOOM_POSTLN_CONFIG = {
 MODEL_SEEDS = {"gpt2": 20240601, "llama": 20240602}
 MODEL_SEEDS["bloom"] = 20240603
 MODEL_SEEDS["bloom_postln"] = 20240604
+# OPT (OPTForCausalLM) with its distinctive features on: post-norm layers (do_layer_norm_before false,
+# as opt-350m: no final LayerNorm) and project_in / project_out (word_embed_proj_dim 24 != hidden 32).
+OPT_CONFIG = {
+    "_remove_final_layer_norm": False,
+    "activation_dropout": 0.0,
+    "activation_function": "relu",
+    "architectures": ["OPTForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 2,
+    "do_layer_norm_before": False,
+    "dropout": 0.0,
+    "enable_bias": True,
+    "eos_token_id": 2,
+    "ffn_dim": 64,
+    "hidden_size": 32,
+    "init_std": 0.02,
+    "layer_norm_elementwise_affine": True,
+    "layerdrop": 0.0,
+    "max_position_embeddings": 64,
+    "model_type": "opt",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "pad_token_id": 1,
+    "tie_word_embeddings": True,
+    "torch_dtype": "float32",
+    "use_cache": True,
+    "vocab_size": 96,
+    "word_embed_proj_dim": 24,
+}
+
+# The common OPT layout (125m, 1.3b, ...): pre-norm layers, a final LayerNorm, no projections.
+OPT_PRE_CONFIG = dict(OPT_CONFIG, do_layer_norm_before=True, word_embed_proj_dim=32)
+
+MODEL_SEEDS["opt"] = 20240621
+MODEL_SEEDS["opt-pre"] = 20240622
 DATA_SEED = 4242
 DATA_ROWS = 13          # 13 rows / batch 2 -> 7 micro-batches per epoch (last has 1 row)
 DATA_MIN_LEN = 2
@@ -167,6 +207,8 @@ BASE_OPTIONS = {
 BLOOM_MAX_GRAD_NORM = 1.0          # clips 3 of 10 steps, each pre-clip norm >= 8% away
 BLOOM_POSTLN_MAX_GRAD_NORM = 1.05   # clips 4 of 10 steps, each pre-clip norm >= 7% away
 BLOOM_LORA_MAX_GRAD_NORM = 0.0028   # LoRA norms ~0.002..0.003: clips 3 of 10, each >= 8% away
+OPT_MAX_GRAD_NORM = 0.17
+OPT_PRE_MAX_GRAD_NORM = 1.6
 
 # (case name, family, scheduler, gradient_accumulation_steps, max_grad_norm)
 # max_grad_norm was chosen so that clipping triggers on some steps but not all
@@ -178,6 +220,8 @@ CASES = [
     ("llama-linear", "llama", "linear", 2, 1.0),
     ("bloom-cosine", "bloom", "cosine", 3, BLOOM_MAX_GRAD_NORM),
     ("bloom-postln-linear", "bloom_postln", "linear", 2, BLOOM_POSTLN_MAX_GRAD_NORM),
+    ("opt-cosine", "opt", "cosine", 3, OPT_MAX_GRAD_NORM),
+    ("opt-pre-linear", "opt-pre", "linear", 2, OPT_PRE_MAX_GRAD_NORM),
 ]
 
 # LoRA cases: PEFT LoRA on a frozen base (the family's initial model).  Unlike
@@ -328,6 +372,9 @@ def init_params(spec, seed):
     for name, shape, kind in spec:
         if kind[0] == "normal":
             t = torch.empty(shape, dtype=torch.float32).normal_(0.0, kind[1], generator=gen)
+        elif kind[0] == "normal_pad":      # nn.Embedding(padding_idx): the padding row starts at zero
+            t = torch.empty(shape, dtype=torch.float32).normal_(0.0, kind[1], generator=gen)
+            t[kind[2]] = 0.0
         elif kind[0] == "ones":
             t = torch.ones(shape, dtype=torch.float32)
         else:
@@ -568,6 +615,97 @@ def bloom_forward(p, cfg, input_ids, lora=None, prefix=None):
         h = residual + m
     h = ln(h, "transformer.ln_f")
     return h @ p["transformer.word_embeddings.weight"].t()          # tied head
+def opt_param_shapes(cfg):
+    """OPTForCausalLM's parameters in HF registration order (OPTDecoder: embed_tokens, embed_positions,
+    project_out, project_in, final_layer_norm, layers; OPTAttention: k, v, q, out); the head is tied."""
+    d, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    E, ffn, std = cfg["word_embed_proj_dim"], cfg["ffn_dim"], cfg["init_std"]
+    spec = [("model.decoder.embed_tokens.weight", (V, E), ("normal_pad", std, cfg["pad_token_id"])),
+            ("model.decoder.embed_positions.weight", (cfg["max_position_embeddings"] + 2, d), ("normal", std))]
+    if E != d:
+        spec += [("model.decoder.project_out.weight", (E, d), ("normal", std)),
+                 ("model.decoder.project_in.weight", (d, E), ("normal", std))]
+    if cfg["do_layer_norm_before"] and not cfg["_remove_final_layer_norm"]:
+        spec += [("model.decoder.final_layer_norm.weight", (d,), ("ones",)),
+                 ("model.decoder.final_layer_norm.bias", (d,), ("zeros",))]
+    for i in range(L):
+        p = "model.decoder.layers.%d." % i
+        for m in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            spec += [(p + "self_attn.%s.weight" % m, (d, d), ("normal", std)),
+                     (p + "self_attn.%s.bias" % m, (d,), ("zeros",))]
+        spec += [
+            (p + "self_attn_layer_norm.weight", (d,), ("ones",)),
+            (p + "self_attn_layer_norm.bias", (d,), ("zeros",)),
+            (p + "fc1.weight", (ffn, d), ("normal", std)),
+            (p + "fc1.bias", (ffn,), ("zeros",)),
+            (p + "fc2.weight", (d, ffn), ("normal", std)),
+            (p + "fc2.bias", (d,), ("zeros",)),
+            (p + "final_layer_norm.weight", (d,), ("ones",)),
+            (p + "final_layer_norm.bias", (d,), ("zeros",)),
+        ]
+    return spec
+
+
+def opt_forward(p, cfg, input_ids, lora=None, prefix=None):
+    """OPTForCausalLM (eager attention, dropout 0) on an all-ones attention mask: positions are
+    cumsum(mask) * mask - 1 (with a prefix of n virtual tokens: n .. n + T - 1), read at row p + 2 of
+    embed_positions; the token embedding is nn.Embedding(padding_idx=pad_token_id) (no gradient for
+    that row); project_in after the token lookup, project_out before the tied head; q scaled by
+    head_dim ** -0.5 before q k^T; pre-norm or post-norm layers per do_layer_norm_before."""
+    B, T = input_ids.shape
+    d, H, L = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_hidden_layers"]
+    hd = d // H
+    before = cfg["do_layer_norm_before"]
+    n = 0 if prefix is None else prefix.shape[0]
+    ones = torch.ones(B, n + T, dtype=torch.long)
+    pos = (torch.cumsum(ones, dim=1) * ones - 1)[:, n:]
+    wte = p["model.decoder.embed_tokens.weight"]
+    x = F.embedding(input_ids, wte, padding_idx=cfg["pad_token_id"])
+    if "model.decoder.project_in.weight" in p:
+        x = x @ p["model.decoder.project_in.weight"].t()
+    h = x + F.embedding(pos + 2, p["model.decoder.embed_positions.weight"])
+    mask = causal_mask(T, None) if prefix is None else prefix_mask(T, n)
+    past = None if prefix is None else prefix_past(prefix, B, L, H)
+
+    def linear(x, name):
+        y = x @ p[name + ".weight"].t()
+        if cfg["enable_bias"]:
+            y = y + p[name + ".bias"]
+        if lora is not None and name in lora["tensors"]:
+            y = y + lora_delta(lora, name, x)
+        return y
+
+    def layer_norm(x, name):
+        return F.layer_norm(x, (d,), p.get(name + ".weight"), p.get(name + ".bias"), 1e-5)
+
+    for i in range(L):
+        pre = "model.decoder.layers.%d." % i
+        residual = h
+        x = layer_norm(h, pre + "self_attn_layer_norm") if before else h
+        q = (linear(x, pre + "self_attn.q_proj") * hd ** -0.5).view(B, T, H, hd).transpose(1, 2)
+        k = linear(x, pre + "self_attn.k_proj").view(B, T, H, hd).transpose(1, 2)
+        v = linear(x, pre + "self_attn.v_proj").view(B, T, H, hd).transpose(1, 2)
+        if past is not None:
+            k = torch.cat((past[i][0], k), dim=2)
+            v = torch.cat((past[i][1], v), dim=2)
+        w = q @ k.transpose(2, 3)
+        w = torch.where(mask, w, torch.tensor(torch.finfo(w.dtype).min, dtype=w.dtype))
+        w = torch.softmax(w, dim=-1)
+        a = (w @ v).transpose(1, 2).reshape(B, T, d)
+        h = residual + linear(a, pre + "self_attn.out_proj")
+        if not before:
+            h = layer_norm(h, pre + "self_attn_layer_norm")
+        residual = h
+        x = layer_norm(h, pre + "final_layer_norm") if before else h
+        m = linear(torch.relu(linear(x, pre + "fc1")), pre + "fc2")
+        h = residual + m
+        if not before:
+            h = layer_norm(h, pre + "final_layer_norm")
+    if before and not cfg["_remove_final_layer_norm"]:
+        h = layer_norm(h, "model.decoder.final_layer_norm")
+    if "model.decoder.project_out.weight" in p:
+        h = h @ p["model.decoder.project_out.weight"].t()
+    return h @ wte.t()          # tied head
 
 
 FAMILIES = {
@@ -575,10 +713,12 @@ FAMILIES = {
     "llama": (LLAMA_CONFIG, llama_param_shapes, llama_forward),
     "bloom": (BLOOM_CONFIG, bloom_param_shapes, bloom_forward),
     "bloom_postln": (BLOOM_POSTLN_CONFIG, bloom_param_shapes, bloom_forward),
+    "opt": (OPT_CONFIG, opt_param_shapes, opt_forward),
+    "opt-pre": (OPT_PRE_CONFIG, opt_param_shapes, opt_forward),
 }
 
-NO_DECAY_MODULES = ("ln_1", "ln_2", "ln_f", "input_layernorm", "post_attention_layernorm", "norm")
-NO_DECAY_MODULES += ("word_embeddings_layernorm",)
+NO_DECAY_MODULES = ("ln_1", "ln_2", "ln_f", "input_layernorm", "post_attention_layernorm", "norm",
+                    "self_attn_layer_norm", "final_layer_norm", "word_embeddings_layernorm")
 
 
 def no_decay(name):

@@ -143,6 +143,23 @@ module ModelFamily =
               LookupOnly = if c.TieWordEmbeddings then [] else [ "transformer.word_embeddings.weight" ]
               Depth = c.NLayer
               Width = c.HiddenSize }
+        | Opt c ->
+            { DisplayName = "OPT"
+              ModelType = "opt"
+              Architecture = Opt.Architecture
+              BasePrefix = "model."
+              IgnoredBufferSuffixes = []
+              TiedKeys = tied c.TieWordEmbeddings
+              VocabSize = c.VocabSize
+              PositionLimit = c.MaxPositionEmbeddings
+              PositionField = "max_position_embeddings"
+              LearnedPositions = true
+              PrefixShape = { Layers = c.NumHiddenLayers; KeyValueHeads = c.NumAttentionHeads; HeadDim = c.HiddenSize / c.NumAttentionHeads }
+              DefaultLoraTargets = [ "q_proj"; "v_proj" ]
+              LookupOnly =
+                "model.decoder.embed_positions.weight" :: (if c.TieWordEmbeddings then [] else [ "model.decoder.embed_tokens.weight" ])
+              Depth = c.NumHiddenLayers
+              Width = c.HiddenSize }
 
     /// Builds the config's causal LM with HF's initialization drawn from a generator seeded with seed.
     let build (config: ModelConfig) (seed: int64) : CausalLmHead =
@@ -150,10 +167,12 @@ module ModelFamily =
         | Gpt2 c -> Gpt2.build c seed
         | Llama c -> Llama.build c seed
         | Bloom c -> Bloom.build c seed
+        | Opt c -> Opt.build c seed
 
     /// The config with another depth and width: heads as given (and as many key/value heads), GPT-2's
     /// n_inner 4 * width, LLaMA's intermediate size 8/3 of the width rounded up to a multiple of 8 and
-    /// head_dim width / heads (BLOOM's MLP is always 4 * width); everything else kept.
+    /// head_dim width / heads, OPT's ffn_dim 4 * width and word_embed_proj_dim the width (half of it when
+    /// the model projects its embeddings); BLOOM's MLP is always 4 * width; everything else kept.
     let resize (layers: int) (width: int) (heads: int) (config: ModelConfig) : ModelConfig =
         match config with
         | Gpt2 c -> Gpt2 { c with NLayer = layers; NEmbd = width; NHead = heads; NInner = 4 * width }
@@ -167,6 +186,14 @@ module ModelFamily =
                     HeadDim = width / heads
                     IntermediateSize = (width * 8 / 3 + 7) / 8 * 8 }
         | Bloom c -> Bloom { c with NLayer = layers; HiddenSize = width; NHead = heads }
+        | Opt c ->
+            Opt
+                { c with
+                    NumHiddenLayers = layers
+                    HiddenSize = width
+                    NumAttentionHeads = heads
+                    FfnDim = 4 * width
+                    WordEmbedProjDim = if c.WordEmbedProjDim = c.HiddenSize then width else width / 2 }
 
     /// The family facts as plain .NET types (see FamilyDescription), for C#.
     let describe (config: ModelConfig) : FamilyDescription =
@@ -197,10 +224,11 @@ module ModelConfig =
         if root.ValueKind <> JsonValueKind.Object then
             InvalidInput.fail origin "" (sprintf "expected a JSON object, found %s" (ConfigJson.describe root))
         let r = ConfigJson.Reader(origin, root)
-        let expected = "expected \"gpt2\", \"llama\", \"qwen2\", \"mistral\" or \"bloom\""
+        let expected = "expected \"gpt2\", \"llama\", \"qwen2\", \"mistral\", \"opt\" or \"bloom\""
         match r.String "model_type" with
         | Some "gpt2" -> Gpt2(Gpt2.read r)
         | Some "bloom" -> Bloom(Bloom.read r)
+        | Some "opt" -> Opt(Opt.read r)
         | Some other ->
             match Llama.tryVariant other r with
             | Some variant -> Llama(Llama.read variant r)
@@ -221,8 +249,8 @@ module ModelConfig =
         parse path text
 
     /// Writes a config.json that HF transformers loads as the same architecture (GPT2LMHeadModel,
-    /// LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, BloomForCausalLM; torch_dtype float32); parse reads it back
-    /// to an equal value.
+    /// LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, OPTForCausalLM, BloomForCausalLM; torch_dtype
+    /// float32); parse reads it back to an equal value.
     let toJson (config: ModelConfig) : string =
         use stream = new MemoryStream()
         do
@@ -235,6 +263,7 @@ module ModelConfig =
             | Gpt2 c -> Gpt2.write w c
             | Llama c -> Llama.write w c
             | Bloom c -> Bloom.write w c
+            | Opt c -> Opt.write w c
             w.WriteString("torch_dtype", "float32")
             w.WriteEndObject()
         Encoding.UTF8.GetString(stream.ToArray()) + "\n"

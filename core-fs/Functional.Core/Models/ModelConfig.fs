@@ -212,6 +212,49 @@ type BloomConfig =
       SeqLength: int
       /// "tie_word_embeddings" (default true): the LM head reuses the word embedding matrix.
       TieWordEmbeddings: bool }
+/// The fields of an HF OPTConfig that OPTForCausalLM's forward pass and initialization use.
+/// Each field names its config.json key; defaults are HF's.
+type OptConfig =
+    { /// "vocab_size" (required).
+      VocabSize: int
+      /// "hidden_size" (required): the width of the residual stream.
+      HiddenSize: int
+      /// "num_hidden_layers" (required): the number of decoder layers.
+      NumHiddenLayers: int
+      /// "num_attention_heads" (required): attention heads; must divide HiddenSize.
+      NumAttentionHeads: int
+      /// "ffn_dim" (required): the MLP's hidden width (fc1's output).
+      FfnDim: int
+      /// "max_position_embeddings" (default 2048): the learned position table has this many rows plus
+      /// HF's offset of 2 (position p reads row p + 2).
+      MaxPositionEmbeddings: int
+      /// "word_embed_proj_dim" (default HiddenSize): the width of the token embedding and of the LM head;
+      /// when it differs from HiddenSize, project_in and project_out (no bias) map between the two.
+      WordEmbedProjDim: int
+      /// "do_layer_norm_before" (default true): pre-norm layers (125m, 1.3b, ...); false gives opt-350m's
+      /// post-norm layers (a LayerNorm after each residual addition) and no final LayerNorm.
+      DoLayerNormBefore: bool
+      /// "_remove_final_layer_norm" (default false): drops the decoder's final LayerNorm of a pre-norm model.
+      RemoveFinalLayerNorm: bool
+      /// "activation_function" (default "relu"): the activation between fc1 and fc2.
+      ActivationFunction: Activation
+      /// "dropout" (default 0.1): dropout after the attention's out_proj and after fc2 (training only).
+      Dropout: float
+      /// "attention_dropout" (default 0): dropout on the attention probabilities (training only).
+      AttentionDropout: float
+      /// "activation_dropout" (default 0): kept for the round trip only; HF's OPT layers never apply it.
+      ActivationDropout: float
+      /// "init_std" (default 0.02): the standard deviation of the normal initialization.
+      InitStd: float
+      /// "enable_bias" (default true): biases on the attention projections and on fc1 and fc2.
+      EnableBias: bool
+      /// "layer_norm_elementwise_affine" (default true): LayerNorms with a weight and a bias.
+      LayerNormElementwiseAffine: bool
+      /// "tie_word_embeddings" (default true): the LM head reuses the token embedding matrix.
+      TieWordEmbeddings: bool
+      /// "pad_token_id" (default 1, null for none): the token embedding row HF's nn.Embedding(padding_idx)
+      /// initializes to zero and never updates.
+      PadTokenId: int option }
 
 /// A model's architecture, as read from an HF config.json; "model_type" picks the case. The matches on
 /// it live in Models/ only: parsing and writing (Family.fs) and the family traits (ModelFamily.traits).
@@ -222,6 +265,8 @@ type ModelConfig =
     | Llama of LlamaConfig
     /// "model_type": "bloom" (BloomForCausalLM).
     | Bloom of BloomConfig
+    /// "model_type": "opt" (OPTForCausalLM).
+    | Opt of OptConfig
 
 /// Reading the fields of HF config.json objects.
 [<RequireQualifiedAccess>]
