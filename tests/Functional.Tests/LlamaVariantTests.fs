@@ -246,6 +246,17 @@ let private generationTests =
                 for i, prompt in Array.indexed prompts do
                     Expect.equal cached[i] (greedyByFullForwards lm prompt 12) (sprintf "prompt %d alone" i))
 
+        for display, variant in variants do
+            torchTest (sprintf "%s: attention_dropout acts in training mode only" display) (fun () ->
+                let lm = model { tiny variant with AttentionDropout = 0.5 } 14L
+                use ids = idsOf 23 [| 2L; 9L |] 15L
+                use a = logits lm ids
+                use b = logits lm ids
+                Expect.isTrue (a.Equals b) "eval mode: no dropout"
+                lm.Module.train ()
+                use c = logits lm ids
+                Expect.isGreaterThan (maxAbsDiff c a) 1e-4 "training mode drops attention weights")
+
         torchTest "Mistral: the window changes generation once the sequence is longer than it" (fun () ->
             let windowed = model (tiny (LlamaVariant.mistral (Some 4))) 11L
             let full = model (tiny (LlamaVariant.mistral None)) 11L
@@ -340,6 +351,24 @@ let private trainingTests =
                 let adapter = PrefixTuning.create 3 lm 7L
                 use withPrefix = adapter.Model.Module.forward ids
                 Expect.isGreaterThan (maxAbsDiff withPrefix plain) 1e-4 "a prefix of 3")
+
+            torchTest (sprintf "%s: bf16 training follows the fp32 loss curve within 1%%" display) (fun () ->
+                let dir = goldenDir case
+                let train (precision: Precision) =
+                    let lm = HfModelFolder.load (Path.Combine(dir, "model")) 1L
+                    let data = loadTokenized (Path.Combine(dir, "data.jsonl"))
+                    let options = { small with MaxSteps = 6; Precision = precision }
+                    let logs = ResizeArray<StepLog>()
+                    TrainingLoop.train (TrainingLoop.plan options data.Rows.Length) lm data None
+                        { OnLog = logs.Add; AfterStep = fun _ -> StepDecision.Continue }
+                    |> ignore
+                    List.ofSeq logs
+                let fp32, bf16 = train Precision.Fp32, train Precision.Bf16
+                Expect.equal bf16.Length 6 "every step logged"
+                for a, b in List.zip fp32 bf16 do
+                    let relative = abs (a.Loss - b.Loss) / a.Loss
+                    Expect.isLessThan relative 0.01 (sprintf "step %d: fp32 loss %g, bf16 loss %g" a.Step a.Loss b.Loss)
+                Expect.isLessThan (List.last bf16).Loss (List.head bf16).Loss "bf16 training learns")
 
             torchTest (sprintf "%s: a bf16 forward is close to the fp32 one" display) (fun () ->
                 let lm = HfModelFolder.load (Path.Combine(goldenDir case, "model")) 1L
