@@ -257,6 +257,17 @@ let private generationTests =
                 use c = logits lm ids
                 Expect.isGreaterThan (maxAbsDiff c a) 1e-4 "training mode drops attention weights")
 
+        for display, variant in variants do
+            torchTest (sprintf "%s: live tensors stay flat over 40 generated tokens" display) (fun () ->
+                let lm = model (tiny variant) 16L
+                let live () = DisposeScopeManager.Statistics.TensorStatistics.ThreadTotalLiveCount
+                let counts = ResizeArray()
+                let before = live ()
+                let generated = Generator.generateWith (fun _ -> counts.Add(live ())) lm [| [| 1L; 2L; 3L |]; [| 4L |] |] (greedy 40)
+                Expect.equal generated[0].Length 40 "40 tokens generated"
+                Expect.equal (Array.distinct (counts.ToArray())) [| counts[0] |] (sprintf "the count after every step equals step 0's (%d)" counts[0])
+                Expect.equal (live ()) before "nothing is left alive after generation")
+
         torchTest "Mistral: the window changes generation once the sequence is longer than it" (fun () ->
             let windowed = model (tiny (LlamaVariant.mistral (Some 4))) 11L
             let full = model (tiny (LlamaVariant.mistral None)) 11L
