@@ -175,5 +175,7 @@ let tests =
         // The LLaMA variants: Qwen2 (q/k/v biases, tied head), Qwen3 (q/k norms, head_dim 12 of width 32),
         // Mistral (a window of 8 keys over rows of up to 32 tokens).
         for case in [ "qwen2-linear"; "qwen3-cosine"; "mistral-cosine" ] -> goldenRun false case
+        for case in [ "bloom-cosine"; "bloom-postln-linear"; "bloom-lora"; "bloom-prefix" ] -> goldenRun false case
         // Recomputing blocks changes nothing, with LoRA too (frozen inputs still get gradients through the block).
-        for case in [ "gpt2-cosine"; "llama-lora" ] -> goldenRun true case ]
+        for case in [ "gpt2-cosine"; "llama-lora" ] -> goldenRun true case
+        for case in [ "bloom-lora" ] -> goldenRun true case ]

@@ -230,7 +230,7 @@ let private configTests =
                 use doc = Text.Json.JsonDocument.Parse json
                 let root = doc.RootElement
                 let architecture = (root.GetProperty "architectures").[0].GetString()
-                let expectedArchitecture = match config with Gpt2 _ -> "GPT2LMHeadModel" | Llama _ -> "LlamaForCausalLM"
+                let expectedArchitecture = match config with Gpt2 _ -> "GPT2LMHeadModel" | _ -> "LlamaForCausalLM"
                 Expect.equal architecture expectedArchitecture "architectures"
                 Expect.equal (root.GetProperty("torch_dtype").GetString()) "float32" "torch_dtype"
                 Expect.equal (ModelConfig.parse "written" json) config "round trip"

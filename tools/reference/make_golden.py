@@ -183,7 +183,48 @@ MISTRAL_CONFIG = {
     "vocab_size": 96,
 }
 
+# BLOOM with six heads (not a power of two: ALiBi's extra slopes) and the pre-norm residual.
+BLOOM_CONFIG = {
+    "apply_residual_connection_post_layernorm": False,
+    "architectures": ["BloomForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_dropout": 0.0,
+    "hidden_size": 48,
+    "initializer_range": 0.02,
+    "layer_norm_epsilon": 1e-05,
+    "model_type": "bloom",
+    "n_head": 6,
+    "n_layer": 2,
+    "pretraining_tp": 1,
+    "slow_but_exact": False,
+    "tie_word_embeddings": True,
+    "torch_dtype": "float32",
+    "use_cache": True,
+    "vocab_size": 96,
+}
+
+# BLOOM with the residual taken after each layer norm, written with the legacy and alias keys
+# (n_embed, num_attention_heads, num_hidden_layers) that BloomConfig also reads.
+BLOOM_POSTLN_CONFIG = {
+    "apply_residual_connection_post_layernorm": True,
+    "architectures": ["BloomForCausalLM"],
+    "attention_dropout": 0.0,
+    "hidden_dropout": 0.0,
+    "initializer_range": 0.02,
+    "layer_norm_epsilon": 1e-05,
+    "model_type": "bloom",
+    "n_embed": 36,
+    "num_attention_heads": 6,
+    "num_hidden_layers": 2,
+    "torch_dtype": "float32",
+    "vocab_size": 96,
+}
+
 MODEL_SEEDS = {"gpt2": 20240601, "llama": 20240602, "qwen2": 20240621, "qwen3": 20240622, "mistral": 20240623}
+MODEL_SEEDS["bloom"] = 20240603
+MODEL_SEEDS["bloom_postln"] = 20240604
 DATA_SEED = 4242
 DATA_ROWS = 13          # 13 rows / batch 2 -> 7 micro-batches per epoch (last has 1 row)
 DATA_MIN_LEN = 2
@@ -209,6 +250,9 @@ BASE_OPTIONS = {
 QWEN2_MAX_GRAD_NORM = 1.0
 QWEN3_MAX_GRAD_NORM = 1.1
 MISTRAL_MAX_GRAD_NORM = 1.06
+BLOOM_MAX_GRAD_NORM = 1.0          # clips 3 of 10 steps, each pre-clip norm >= 8% away
+BLOOM_POSTLN_MAX_GRAD_NORM = 1.05   # clips 4 of 10 steps, each pre-clip norm >= 7% away
+BLOOM_LORA_MAX_GRAD_NORM = 0.0028   # LoRA norms ~0.002..0.003: clips 3 of 10, each >= 8% away
 
 # (case name, family, scheduler, gradient_accumulation_steps, max_grad_norm)
 # max_grad_norm was chosen so that clipping triggers on some steps but not all
@@ -221,6 +265,8 @@ CASES = [
     ("qwen2-linear", "qwen2", "linear", 3, QWEN2_MAX_GRAD_NORM),
     ("qwen3-cosine", "qwen3", "cosine", 3, QWEN3_MAX_GRAD_NORM),
     ("mistral-cosine", "mistral", "cosine", 2, MISTRAL_MAX_GRAD_NORM),
+    ("bloom-cosine", "bloom", "cosine", 3, BLOOM_MAX_GRAD_NORM),
+    ("bloom-postln-linear", "bloom_postln", "linear", 2, BLOOM_POSTLN_MAX_GRAD_NORM),
 ]
 
 # LoRA cases: PEFT LoRA on a frozen base (the family's initial model).  Unlike
@@ -232,6 +278,9 @@ LORA_INIT_STD = 0.05
 LORA_SEEDS = {"gpt2": 20240611, "llama": 20240612}
 LORA_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
 LORA_FAN_IN_FAN_OUT = {"gpt2": True, "llama": False}   # GPT-2 Conv1D stores weight as [in, out]
+LORA_SEEDS["bloom"] = 20240615
+LORA_TARGETS["bloom"] = ["query_key_value"]      # PEFT's default for BLOOM
+LORA_FAN_IN_FAN_OUT["bloom"] = False
 
 # (case name, family, scheduler, gradient_accumulation_steps, max_grad_norm)
 # The global norm over the LoRA parameters alone is small (~0.02 for GPT-2,
@@ -240,6 +289,7 @@ LORA_FAN_IN_FAN_OUT = {"gpt2": True, "llama": False}   # GPT-2 Conv1D stores wei
 LORA_CASES = [
     ("gpt2-lora", "gpt2", "cosine", 3, 0.0215),
     ("llama-lora", "llama", "cosine", 2, 0.09),
+    ("bloom-lora", "bloom", "cosine", 3, BLOOM_LORA_MAX_GRAD_NORM),
 ]
 
 # Prefix-tuning cases: PEFT PREFIX_TUNING (no projection) on a frozen base, the
@@ -249,9 +299,12 @@ PREFIX_LEARNING_RATE = 0.03     # the prefix is O(1): a larger step than the mod
 PREFIX_MAX_GRAD_NORM_GPT2 = 0.0052     # clips 3 of 10 steps, each pre-clip norm >= 19% away
 PREFIX_MAX_GRAD_NORM_LLAMA = 0.0135    # clips 2 of 10 steps, each pre-clip norm >= 11% away
 PREFIX_SEEDS = {"gpt2": 20240613, "llama": 20240614}
+PREFIX_SEEDS["bloom"] = 20240616
+BLOOM_PREFIX_MAX_GRAD_NORM = 0.0004   # clips 3 of 10 steps, each pre-clip norm >= 20% away
 PREFIX_CASES = [
     ("gpt2-prefix", "gpt2", "cosine", 3, PREFIX_MAX_GRAD_NORM_GPT2),
     ("llama-prefix", "llama", "cosine", 2, PREFIX_MAX_GRAD_NORM_LLAMA),
+    ("bloom-prefix", "bloom", "cosine", 3, BLOOM_PREFIX_MAX_GRAD_NORM),
 ]
 
 # --------------------------------------------------------------------------
@@ -551,16 +604,116 @@ def llama_forward(p, cfg, input_ids, lora=None, prefix=None):
     return h @ p["model.embed_tokens.weight" if tied else "lm_head.weight"].t()
 
 
+def bloom_dims(cfg):
+    """(hidden, heads, layers) as BloomConfig reads them: n_embed over hidden_size, and the
+    attribute_map aliases num_attention_heads / num_hidden_layers."""
+    d = cfg["n_embed"] if cfg.get("n_embed") is not None else cfg["hidden_size"]
+    H = cfg["n_head"] if "n_head" in cfg else cfg["num_attention_heads"]
+    L = cfg["n_layer"] if "n_layer" in cfg else cfg["num_hidden_layers"]
+    return d, H, L
+
+
+def bloom_param_shapes(cfg):
+    d, _, L = bloom_dims(cfg)
+    V = cfg["vocab_size"]
+    std = cfg["initializer_range"]
+    spec = [("transformer.word_embeddings.weight", (V, d), ("normal", std)),
+            ("transformer.word_embeddings_layernorm.weight", (d,), ("ones",)),
+            ("transformer.word_embeddings_layernorm.bias", (d,), ("zeros",))]
+    for i in range(L):
+        p = "transformer.h.%d." % i
+        spec += [
+            (p + "input_layernorm.weight", (d,), ("ones",)),
+            (p + "input_layernorm.bias", (d,), ("zeros",)),
+            (p + "self_attention.query_key_value.weight", (3 * d, d), ("normal", std)),
+            (p + "self_attention.query_key_value.bias", (3 * d,), ("zeros",)),
+            (p + "self_attention.dense.weight", (d, d), ("normal", std)),
+            (p + "self_attention.dense.bias", (d,), ("zeros",)),
+            (p + "post_attention_layernorm.weight", (d,), ("ones",)),
+            (p + "post_attention_layernorm.bias", (d,), ("zeros",)),
+            (p + "mlp.dense_h_to_4h.weight", (4 * d, d), ("normal", std)),
+            (p + "mlp.dense_h_to_4h.bias", (4 * d,), ("zeros",)),
+            (p + "mlp.dense_4h_to_h.weight", (d, 4 * d), ("normal", std)),
+            (p + "mlp.dense_4h_to_h.bias", (d,), ("zeros",)),
+        ]
+    spec += [("transformer.ln_f.weight", (d,), ("ones",)),
+             ("transformer.ln_f.bias", (d,), ("zeros",))]
+    return spec
+
+
+def alibi_slopes(n_head):
+    """build_alibi_tensor's slopes, float32 as HF computes them: base^1..base^n for the largest power
+    of two n <= n_head, then the odd powers of the 2n-head base for the remaining heads."""
+    closest = 2 ** math.floor(math.log2(n_head))
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32)
+    slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32))
+    if closest != n_head:
+        extra = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32)
+        remaining = min(closest, n_head - closest)
+        slopes = torch.cat([slopes, torch.pow(extra, torch.arange(1, 1 + 2 * remaining, 2, dtype=torch.int32))])
+    return slopes
+
+
+def bloom_gelu(x):
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+def bloom_forward(p, cfg, input_ids, lora=None, prefix=None):
+    """BloomForCausalLM with an all-ones attention mask: ALiBi's key positions are
+    (cumsum(mask) - 1) * mask = 0 .. N + T - 1 (the prefix's N first), added to q.k / sqrt(hd)
+    (baddbmm, beta 1); the fused projection is viewed (B, T, heads, 3, hd)."""
+    B, T = input_ids.shape
+    d, H, L = bloom_dims(cfg)
+    hd = d // H
+    eps = cfg["layer_norm_epsilon"]
+    post = cfg.get("apply_residual_connection_post_layernorm", False)
+    n = 0 if prefix is None else prefix.shape[0]
+    ln = lambda x, name: F.layer_norm(x, (d,), p[name + ".weight"], p[name + ".bias"], eps)
+    h = ln(p["transformer.word_embeddings.weight"][input_ids], "transformer.word_embeddings_layernorm")
+    alibi = alibi_slopes(H).to(h.dtype)[:, None] * torch.arange(n + T, dtype=h.dtype)[None, :]   # (H, S)
+    mask = causal_mask(T, None) if prefix is None else prefix_mask(T, n)
+    past = None if prefix is None else prefix_past(prefix, B, L, H)
+    inv_norm = 1.0 / math.sqrt(hd)
+    for i in range(L):
+        pre = "transformer.h.%d." % i
+        x = ln(h, pre + "input_layernorm")
+        residual = x if post else h
+        qkv = x @ p[pre + "self_attention.query_key_value.weight"].t() + p[pre + "self_attention.query_key_value.bias"]
+        if lora is not None and pre + "self_attention.query_key_value" in lora["tensors"]:
+            qkv = qkv + lora_delta(lora, pre + "self_attention.query_key_value", x)
+        qkv = qkv.view(B, T, H, 3, hd)
+        q, k, v = (qkv[:, :, :, j].transpose(1, 2) for j in range(3))      # (B, H, T, hd)
+        if past is not None:
+            k = torch.cat((past[i][0], k), dim=2)
+            v = torch.cat((past[i][1], v), dim=2)
+        w = alibi[None, :, None, :] + (q @ k.transpose(-1, -2)) * inv_norm
+        w = torch.where(mask, w, torch.tensor(torch.finfo(w.dtype).min, dtype=w.dtype))
+        w = torch.softmax(w, dim=-1)
+        a = (w @ v).transpose(1, 2).reshape(B, T, d)
+        a = a @ p[pre + "self_attention.dense.weight"].t() + p[pre + "self_attention.dense.bias"]
+        h = residual + a
+        x = ln(h, pre + "post_attention_layernorm")
+        residual = x if post else h
+        m = bloom_gelu(x @ p[pre + "mlp.dense_h_to_4h.weight"].t() + p[pre + "mlp.dense_h_to_4h.bias"])
+        m = m @ p[pre + "mlp.dense_4h_to_h.weight"].t() + p[pre + "mlp.dense_4h_to_h.bias"]
+        h = residual + m
+    h = ln(h, "transformer.ln_f")
+    return h @ p["transformer.word_embeddings.weight"].t()          # tied head
+
+
 FAMILIES = {
     "gpt2": (GPT2_CONFIG, gpt2_param_shapes, gpt2_forward),
     "llama": (LLAMA_CONFIG, llama_param_shapes, llama_forward),
     "qwen2": (QWEN2_CONFIG, llama_param_shapes, llama_forward),
     "qwen3": (QWEN3_CONFIG, llama_param_shapes, llama_forward),
     "mistral": (MISTRAL_CONFIG, llama_param_shapes, llama_forward),
+    "bloom": (BLOOM_CONFIG, bloom_param_shapes, bloom_forward),
+    "bloom_postln": (BLOOM_POSTLN_CONFIG, bloom_param_shapes, bloom_forward),
 }
 
 NO_DECAY_MODULES = ("ln_1", "ln_2", "ln_f", "input_layernorm", "post_attention_layernorm", "norm",
                     "q_norm", "k_norm")
+NO_DECAY_MODULES += ("word_embeddings_layernorm",)
 
 
 def no_decay(name):
@@ -584,6 +737,10 @@ def lora_modules(family, cfg):
             for t in LORA_TARGETS[family]:
                 sub, fin, fout = dims[t]
                 out.append(("transformer.h.%d.%s" % (i, sub), fin, fout))
+    elif family.startswith("bloom"):
+        d, _, L = bloom_dims(cfg)
+        for i in range(L):
+            out.append(("transformer.h.%d.self_attention.query_key_value" % i, d, 3 * d))
     else:
         d, hd = cfg["hidden_size"], cfg["head_dim"]
         H, KV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -661,6 +818,9 @@ def prefix_shape(family, cfg):
     for LLaMA (num_key_value_heads in the config) token_dim = head_dim * kv heads over kv heads."""
     if family == "gpt2":
         return cfg["n_layer"], cfg["n_embd"], cfg["n_head"]
+    if family.startswith("bloom"):
+        d, H, L = bloom_dims(cfg)
+        return L, d, H
     return cfg["num_hidden_layers"], cfg["head_dim"] * cfg["num_key_value_heads"], cfg["num_key_value_heads"]
 
 

@@ -128,16 +128,33 @@ module ModelFamily =
               LookupOnly = if c.TieWordEmbeddings then [] else [ "model.embed_tokens.weight" ]
               Depth = c.NumHiddenLayers
               Width = c.HiddenSize }
+        | Bloom c ->
+            { DisplayName = "BLOOM"
+              ModelType = "bloom"
+              Architecture = "BloomForCausalLM"
+              BasePrefix = "transformer."
+              IgnoredBufferSuffixes = []
+              TiedKeys = tied c.TieWordEmbeddings
+              VocabSize = c.VocabSize
+              PositionLimit = c.SeqLength
+              PositionField = "seq_length"
+              LearnedPositions = false
+              PrefixShape = { Layers = c.NLayer; KeyValueHeads = c.NHead; HeadDim = c.HiddenSize / c.NHead }
+              DefaultLoraTargets = [ "query_key_value" ]
+              LookupOnly = if c.TieWordEmbeddings then [] else [ "transformer.word_embeddings.weight" ]
+              Depth = c.NLayer
+              Width = c.HiddenSize }
 
     /// Builds the config's causal LM with HF's initialization drawn from a generator seeded with seed.
     let build (config: ModelConfig) (seed: int64) : CausalLmHead =
         match config with
         | Gpt2 c -> Gpt2.build c seed
         | Llama c -> Llama.build c seed
+        | Bloom c -> Bloom.build c seed
 
     /// The config with another depth and width: heads as given (and as many key/value heads), GPT-2's
     /// n_inner 4 * width, LLaMA's intermediate size 8/3 of the width rounded up to a multiple of 8 and
-    /// head_dim width / heads; everything else kept.
+    /// head_dim width / heads (BLOOM's MLP is always 4 * width); everything else kept.
     let resize (layers: int) (width: int) (heads: int) (config: ModelConfig) : ModelConfig =
         match config with
         | Gpt2 c -> Gpt2 { c with NLayer = layers; NEmbd = width; NHead = heads; NInner = 4 * width }
@@ -150,6 +167,7 @@ module ModelFamily =
                     NumKeyValueHeads = heads
                     HeadDim = width / heads
                     IntermediateSize = (width * 8 / 3 + 7) / 8 * 8 }
+        | Bloom c -> Bloom { c with NLayer = layers; HiddenSize = width; NHead = heads }
 
     /// The family facts as plain .NET types (see FamilyDescription), for C#.
     let describe (config: ModelConfig) : FamilyDescription =
@@ -180,9 +198,10 @@ module ModelConfig =
         if root.ValueKind <> JsonValueKind.Object then
             InvalidInput.fail origin "" (sprintf "expected a JSON object, found %s" (ConfigJson.describe root))
         let r = ConfigJson.Reader(origin, root)
-        let expected = "expected \"gpt2\", \"llama\", \"qwen2\", \"qwen3\" or \"mistral\""
+        let expected = "expected \"gpt2\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\" or \"bloom\""
         match r.String "model_type" with
         | Some "gpt2" -> Gpt2(Gpt2.read r)
+        | Some "bloom" -> Bloom(Bloom.read r)
         | Some other ->
             match Llama.tryVariant other r with
             | Some variant -> Llama(Llama.read variant r)
@@ -203,7 +222,8 @@ module ModelConfig =
         parse path text
 
     /// Writes a config.json that HF transformers loads as the same architecture (GPT2LMHeadModel,
-    /// LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM; torch_dtype float32); parse reads it back
+    /// LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM, BloomForCausalLM; torch_dtype
+    /// float32); parse reads it back
     /// to an equal value.
     let toJson (config: ModelConfig) : string =
         use stream = new MemoryStream()
@@ -216,6 +236,7 @@ module ModelConfig =
             match config with
             | Gpt2 c -> Gpt2.write w c
             | Llama c -> Llama.write w c
+            | Bloom c -> Bloom.write w c
             w.WriteString("torch_dtype", "float32")
             w.WriteEndObject()
         Encoding.UTF8.GetString(stream.ToArray()) + "\n"

@@ -190,6 +190,39 @@ type LlamaConfig =
       /// The family variant (model_type "llama", "qwen2", "qwen3", "mistral"), see LlamaVariant.
       Variant: LlamaVariant }
 
+/// The fields of an HF BloomConfig that BloomForCausalLM's forward pass and initialization use.
+/// Each field names its config.json key; defaults are HF's (BloomConfig's constructor defaults).
+type BloomConfig =
+    { /// "vocab_size" (default 250880).
+      VocabSize: int
+      /// "hidden_size" (default 64), or the legacy "n_embed", which takes precedence as in HF: the width
+      /// of the residual stream; the MLP's inner width is 4 * HiddenSize.
+      HiddenSize: int
+      /// "n_layer" (alias "num_hidden_layers", default 2): the number of BLOOM blocks.
+      NLayer: int
+      /// "n_head" (alias "num_attention_heads", default 8): attention heads; must divide HiddenSize. Any
+      /// count works, ALiBi's slopes follow HF's rule for counts that are not a power of two.
+      NHead: int
+      /// "layer_norm_epsilon" (default 1e-5).
+      LayerNormEpsilon: float
+      /// "initializer_range" (default 0.02): the standard deviation of the normal initialization.
+      InitializerRange: float
+      /// "apply_residual_connection_post_layernorm" (default false): each sublayer's residual is the
+      /// output of the layer norm before it instead of the sublayer's input.
+      ApplyResidualConnectionPostLayernorm: bool
+      /// "hidden_dropout" (default 0): dropout on the attention and MLP outputs before the residual add.
+      HiddenDropout: float
+      /// "attention_dropout" (default 0): dropout on the attention probabilities.
+      AttentionDropout: float
+      /// "pretraining_tp" (default 1): the tensor-parallel degree BLOOM was trained with; without
+      /// slow_but_exact it does not change the computation and is only kept for the written config.
+      PretrainingTp: int
+      /// "seq_length" (not a BloomConfig field; read when a config carries it, default 2048, BLOOM's
+      /// training context): the longest sequence runs default to. ALiBi itself has no position table.
+      SeqLength: int
+      /// "tie_word_embeddings" (default true): the LM head reuses the word embedding matrix.
+      TieWordEmbeddings: bool }
+
 /// A model's architecture, as read from an HF config.json; "model_type" picks the case. The matches on
 /// it live in Models/ only: parsing and writing (Family.fs) and the family traits (ModelFamily.traits).
 type ModelConfig =
@@ -197,6 +230,8 @@ type ModelConfig =
     | Gpt2 of Gpt2Config
     /// "model_type": "llama", "qwen2", "qwen3" or "mistral" (LlamaForCausalLM and its variants).
     | Llama of LlamaConfig
+    /// "model_type": "bloom" (BloomForCausalLM).
+    | Bloom of BloomConfig
 
 /// Reading the fields of HF config.json objects.
 [<RequireQualifiedAccess>]
