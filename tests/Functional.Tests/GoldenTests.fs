@@ -44,9 +44,9 @@ let private relativeL2 (actual: torch.Tensor) (expected: torch.Tensor) =
     use den = expected.to_type(torch.float64).norm()
     num.item<float>() / max (den.item<float>()) 1e-30
 
-/// Compares final weights per tensor. GPT-2's key slice of attn.c_attn.bias (and a separate key bias,
-/// OPT's self_attn.k_proj.bias) has an exactly-zero true gradient, so both sides only carry rounding noise
-/// there: it gets an absolute tolerance.
+/// Compares final weights per tensor. GPT-2's key slice of attn.c_attn.bias (and a separate key bias without
+/// rotary, OPT's self_attn.k_proj.bias) has an exactly-zero true gradient, so both sides only carry rounding
+/// noise there: it gets an absolute tolerance; Qwen2's k_proj.bias (a nearly-zero gradient) a looser relative one.
 let private compareWeights (case: string) (actualPath: string) (expectedPath: string) =
     let actual = Safetensors.load actualPath
     let expected = Safetensors.load expectedPath
@@ -62,9 +62,16 @@ let private compareWeights (case: string) (actualPath: string) (expectedPath: st
             use keyDiff = (a.narrow(0L, width, width) - e.narrow(0L, width, width)).abs().max()
             Expect.isLessThanOrEqual (keyDiff.item<float32>() |> float) 1e-4 (sprintf "%s: %s key slice absolute error" case name)
         elif name.EndsWith ".self_attn.k_proj.bias" then
-            // The key bias shifts every score of a query alike: its true gradient is exactly 0 as well.
-            use keyDiff = (a - e).abs().max()
-            Expect.isLessThanOrEqual (keyDiff.item<float32>() |> float) 1e-4 (sprintf "%s: %s absolute error" case name)
+            if case.StartsWith "opt" then
+                // Without rotary the key bias shifts every score of a query alike: its true gradient is exactly 0.
+                use keyDiff = (a - e).abs().max()
+                Expect.isLessThanOrEqual (keyDiff.item<float32>() |> float) 1e-4 (sprintf "%s: %s absolute error" case name)
+            else
+                // Qwen2's key bias: in the head dimensions whose rotary angle barely turns over 32 positions
+                // the bias shifts a query's scores almost uniformly, so its true gradient is nearly zero there
+                // and Adam magnifies rounding noise (PyTorch's own fp32 run differs from fp64 by ~2e-4).
+                let err = relativeL2 a e
+                Expect.isLessThanOrEqual err 1e-3 (sprintf "%s: %s relative L2 error" case name)
         else
             let err = relativeL2 a e
             Expect.isLessThanOrEqual err 1e-4 (sprintf "%s: %s relative L2 error" case name)
@@ -170,6 +177,9 @@ let forwardTests = testList "golden forward" [ for case in forwardCases () -> go
 let tests =
     testList "golden" [
         for case in goldenCases @ [ "gpt2-lora"; "llama-lora"; "gpt2-prefix"; "llama-prefix" ] -> goldenRun false case
+        // The LLaMA variants: Qwen2 (q/k/v biases, tied head), Qwen3 (q/k norms, head_dim 12 of width 32),
+        // Mistral (a window of 8 keys over rows of up to 32 tokens).
+        for case in [ "qwen2-linear"; "qwen3-cosine"; "mistral-cosine" ] -> goldenRun false case
         for case in [ "bloom-cosine"; "bloom-postln-linear"; "bloom-lora"; "bloom-prefix" ] -> goldenRun false case
         for case in [ "opt-cosine"; "opt-pre-linear" ] -> goldenRun false case
         // Recomputing blocks changes nothing, with LoRA too (frozen inputs still get gradients through the block).

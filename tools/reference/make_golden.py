@@ -105,6 +105,89 @@ LLAMA_CONFIG = {
     "vocab_size": 96,
 }
 
+# The LLaMA variants (HF Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM) share
+# llama_param_shapes / llama_forward; what sets them apart is read from the config
+# (see llama_variant).  Qwen2: q/k/v biases, tied head.  Qwen3: head_dim (12) unlike
+# hidden / heads (8), per-head q_norm / k_norm before the rotary embedding.  Mistral: a
+# sliding window of 8 keys, shorter than the rows (up to 32 tokens).
+QWEN2_CONFIG = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 32,
+    "initializer_range": 0.02,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+    "max_window_layers": 2,
+    "model_type": "qwen2",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000.0,
+    "sliding_window": 64,
+    "tie_word_embeddings": True,
+    "torch_dtype": "float32",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 96,
+}
+
+QWEN3_CONFIG = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "head_dim": 12,
+    "hidden_act": "silu",
+    "hidden_size": 32,
+    "initializer_range": 0.02,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+    "max_window_layers": 2,
+    "model_type": "qwen3",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000.0,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 96,
+}
+
+MISTRAL_CONFIG = {
+    "architectures": ["MistralForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "head_dim": 8,
+    "hidden_act": "silu",
+    "hidden_size": 32,
+    "initializer_range": 0.02,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+    "model_type": "mistral",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 10000.0,
+    "sliding_window": 8,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "use_cache": True,
+    "vocab_size": 96,
+}
+
 # BLOOM with six heads (not a power of two: ALiBi's extra slopes) and the pre-norm residual.
 BLOOM_CONFIG = {
     "apply_residual_connection_post_layernorm": False,
@@ -144,7 +227,7 @@ BLOOM_POSTLN_CONFIG = {
     "vocab_size": 96,
 }
 
-MODEL_SEEDS = {"gpt2": 20240601, "llama": 20240602}
+MODEL_SEEDS = {"gpt2": 20240601, "llama": 20240602, "qwen2": 20240621, "qwen3": 20240622, "mistral": 20240623}
 MODEL_SEEDS["bloom"] = 20240603
 MODEL_SEEDS["bloom_postln"] = 20240604
 # OPT (OPTForCausalLM) with its distinctive features on: post-norm layers (do_layer_norm_before false,
@@ -204,6 +287,9 @@ BASE_OPTIONS = {
     "seed": 1234,
 }
 
+QWEN2_MAX_GRAD_NORM = 1.0
+QWEN3_MAX_GRAD_NORM = 1.1
+MISTRAL_MAX_GRAD_NORM = 1.06
 BLOOM_MAX_GRAD_NORM = 1.0          # clips 3 of 10 steps, each pre-clip norm >= 8% away
 BLOOM_POSTLN_MAX_GRAD_NORM = 1.05   # clips 4 of 10 steps, each pre-clip norm >= 7% away
 BLOOM_LORA_MAX_GRAD_NORM = 0.0028   # LoRA norms ~0.002..0.003: clips 3 of 10, each >= 8% away
@@ -218,6 +304,9 @@ CASES = [
     ("gpt2-linear", "gpt2", "linear", 2, 1.4),
     ("llama-cosine", "llama", "cosine", 3, 1.0),
     ("llama-linear", "llama", "linear", 2, 1.0),
+    ("qwen2-linear", "qwen2", "linear", 3, QWEN2_MAX_GRAD_NORM),
+    ("qwen3-cosine", "qwen3", "cosine", 3, QWEN3_MAX_GRAD_NORM),
+    ("mistral-cosine", "mistral", "cosine", 2, MISTRAL_MAX_GRAD_NORM),
     ("bloom-cosine", "bloom", "cosine", 3, BLOOM_MAX_GRAD_NORM),
     ("bloom-postln-linear", "bloom_postln", "linear", 2, BLOOM_POSTLN_MAX_GRAD_NORM),
     ("opt-cosine", "opt", "cosine", 3, OPT_MAX_GRAD_NORM),
@@ -340,28 +429,54 @@ def gpt2_param_shapes(cfg):
     return spec
 
 
+def llama_variant(cfg):
+    """What the LLaMA-shaped families add, from the config as HF's classes read it:
+    (head_dim, q/k/v bias, o_proj bias, q/k norms, sliding window or None, tied head).
+    Qwen2 biases q/k/v always (never o_proj); LLaMA and Qwen3 bias q/k/v/o when
+    attention_bias; Qwen3 has q_norm / k_norm; Mistral has sliding_window (key j is seen by
+    query i when i - sliding_window < j <= i, as transformers' sliding_window_overlay)."""
+    mt = cfg["model_type"]
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    attention_bias = mt in ("llama", "qwen3") and cfg.get("attention_bias", False)
+    qkv_bias = mt == "qwen2" or attention_bias
+    window = cfg.get("sliding_window") if mt == "mistral" else None
+    if mt in ("qwen2", "qwen3"):
+        assert not cfg.get("use_sliding_window", False)
+    return hd, qkv_bias, attention_bias, mt == "qwen3", window, cfg.get("tie_word_embeddings", False)
+
+
 def llama_param_shapes(cfg):
     d, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     H, KV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    hd = cfg["head_dim"]
+    hd, qkv_bias, o_bias, qk_norm, _, tied = llama_variant(cfg)
     inter = cfg["intermediate_size"]
     std = cfg["initializer_range"]
+    # Biases and q/k norm weights are drawn (not HF's zeros / ones) so that the initial
+    # forward (forward.safetensors) depends on them too.
+    bias = ("normal", std)
     spec = [("model.embed_tokens.weight", (V, d), ("normal", std))]
     for i in range(L):
         p = "model.layers.%d." % i
+        for m, width in (("q_proj", H * hd), ("k_proj", KV * hd), ("v_proj", KV * hd)):
+            spec.append((p + "self_attn.%s.weight" % m, (width, d), ("normal", std)))
+            if qkv_bias:
+                spec.append((p + "self_attn.%s.bias" % m, (width,), bias))
+        spec.append((p + "self_attn.o_proj.weight", (d, H * hd), ("normal", std)))
+        if o_bias:
+            spec.append((p + "self_attn.o_proj.bias", (d,), bias))
+        if qk_norm:
+            spec += [(p + "self_attn.q_norm.weight", (hd,), ("near_one", 0.1)),
+                     (p + "self_attn.k_norm.weight", (hd,), ("near_one", 0.1))]
         spec += [
-            (p + "self_attn.q_proj.weight", (H * hd, d), ("normal", std)),
-            (p + "self_attn.k_proj.weight", (KV * hd, d), ("normal", std)),
-            (p + "self_attn.v_proj.weight", (KV * hd, d), ("normal", std)),
-            (p + "self_attn.o_proj.weight", (d, H * hd), ("normal", std)),
             (p + "mlp.gate_proj.weight", (inter, d), ("normal", std)),
             (p + "mlp.up_proj.weight", (inter, d), ("normal", std)),
             (p + "mlp.down_proj.weight", (d, inter), ("normal", std)),
             (p + "input_layernorm.weight", (d,), ("ones",)),
             (p + "post_attention_layernorm.weight", (d,), ("ones",)),
         ]
-    spec += [("model.norm.weight", (d,), ("ones",)),
-             ("lm_head.weight", (V, d), ("normal", std))]
+    spec.append(("model.norm.weight", (d,), ("ones",)))
+    if not tied:
+        spec.append(("lm_head.weight", (V, d), ("normal", std)))
     return spec
 
 
@@ -375,6 +490,8 @@ def init_params(spec, seed):
         elif kind[0] == "normal_pad":      # nn.Embedding(padding_idx): the padding row starts at zero
             t = torch.empty(shape, dtype=torch.float32).normal_(0.0, kind[1], generator=gen)
             t[kind[2]] = 0.0
+        elif kind[0] == "near_one":
+            t = 1.0 + torch.empty(shape, dtype=torch.float32).normal_(0.0, kind[1], generator=gen)
         elif kind[0] == "ones":
             t = torch.ones(shape, dtype=torch.float32)
         else:
@@ -467,7 +584,8 @@ def rotate_half(x):
 def llama_forward(p, cfg, input_ids, lora=None, prefix=None):
     B, T = input_ids.shape
     d = cfg["hidden_size"]
-    H, KV, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    H, KV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd, qkv_bias, o_bias, qk_norm, window, tied = llama_variant(cfg)
     rep = H // KV
     eps = cfg["rms_norm_eps"]
     dtype = p["model.embed_tokens.weight"].dtype
@@ -479,12 +597,17 @@ def llama_forward(p, cfg, input_ids, lora=None, prefix=None):
     cos, sin = emb.cos().to(dtype)[None, None], emb.sin().to(dtype)[None, None]
     scaling = hd ** -0.5
     mask = causal_mask(T, None) if prefix is None else prefix_mask(T, n)
+    if window is not None:
+        assert prefix is None, "no prefix golden for a sliding window"
+        i_pos = torch.arange(T)[:, None]
+        j_pos = torch.arange(T)[None, :]
+        mask = mask & (i_pos - j_pos < window)
     past = None if prefix is None else prefix_past(prefix, B, cfg["num_hidden_layers"], KV)
     h = p["model.embed_tokens.weight"][input_ids]
     for i in range(cfg["num_hidden_layers"]):
         pre = "model.layers.%d." % i
         x = rms_norm(h, p[pre + "input_layernorm.weight"], eps)
-        if lora is None:
+        if lora is None and not qkv_bias:
             q = (x @ p[pre + "self_attn.q_proj.weight"].t()).view(B, T, H, hd).transpose(1, 2)
             k = (x @ p[pre + "self_attn.k_proj.weight"].t()).view(B, T, KV, hd).transpose(1, 2)
             v = (x @ p[pre + "self_attn.v_proj.weight"].t()).view(B, T, KV, hd).transpose(1, 2)
@@ -492,12 +615,17 @@ def llama_forward(p, cfg, input_ids, lora=None, prefix=None):
             proj = {}
             for m in ("q_proj", "k_proj", "v_proj"):
                 y = x @ p[pre + "self_attn.%s.weight" % m].t()
-                if pre + "self_attn." + m in lora["tensors"]:
+                if qkv_bias:
+                    y = y + p[pre + "self_attn.%s.bias" % m]
+                if lora is not None and pre + "self_attn." + m in lora["tensors"]:
                     y = y + lora_delta(lora, pre + "self_attn." + m, x)
                 proj[m] = y
             q = proj["q_proj"].view(B, T, H, hd).transpose(1, 2)
             k = proj["k_proj"].view(B, T, KV, hd).transpose(1, 2)
             v = proj["v_proj"].view(B, T, KV, hd).transpose(1, 2)
+        if qk_norm:                   # Qwen3: RMSNorm over each head's head_dim, before rotary
+            q = rms_norm(q, p[pre + "self_attn.q_norm.weight"], eps)
+            k = rms_norm(k, p[pre + "self_attn.k_norm.weight"], eps)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if past is not None:          # prefix keys as stored: no rotary
@@ -511,13 +639,16 @@ def llama_forward(p, cfg, input_ids, lora=None, prefix=None):
         w = torch.where(mask, w, torch.tensor(torch.finfo(w.dtype).min, dtype=w.dtype))
         w = torch.softmax(w, dim=-1)
         a = (w @ v).transpose(1, 2).reshape(B, T, H * hd)
-        h = h + a @ p[pre + "self_attn.o_proj.weight"].t()
+        o = a @ p[pre + "self_attn.o_proj.weight"].t()
+        if o_bias:
+            o = o + p[pre + "self_attn.o_proj.bias"]
+        h = h + o
         x = rms_norm(h, p[pre + "post_attention_layernorm.weight"], eps)
         g = F.silu(x @ p[pre + "mlp.gate_proj.weight"].t())
         u = x @ p[pre + "mlp.up_proj.weight"].t()
         h = h + (g * u) @ p[pre + "mlp.down_proj.weight"].t()
     h = rms_norm(h, p["model.norm.weight"], eps)
-    return h @ p["lm_head.weight"].t()
+    return h @ p["model.embed_tokens.weight" if tied else "lm_head.weight"].t()
 
 
 def bloom_dims(cfg):
@@ -711,6 +842,9 @@ def opt_forward(p, cfg, input_ids, lora=None, prefix=None):
 FAMILIES = {
     "gpt2": (GPT2_CONFIG, gpt2_param_shapes, gpt2_forward),
     "llama": (LLAMA_CONFIG, llama_param_shapes, llama_forward),
+    "qwen2": (QWEN2_CONFIG, llama_param_shapes, llama_forward),
+    "qwen3": (QWEN3_CONFIG, llama_param_shapes, llama_forward),
+    "mistral": (MISTRAL_CONFIG, llama_param_shapes, llama_forward),
     "bloom": (BLOOM_CONFIG, bloom_param_shapes, bloom_forward),
     "bloom_postln": (BLOOM_POSTLN_CONFIG, bloom_param_shapes, bloom_forward),
     "opt": (OPT_CONFIG, opt_param_shapes, opt_forward),
@@ -718,7 +852,7 @@ FAMILIES = {
 }
 
 NO_DECAY_MODULES = ("ln_1", "ln_2", "ln_f", "input_layernorm", "post_attention_layernorm", "norm",
-                    "self_attn_layer_norm", "final_layer_norm", "word_embeddings_layernorm")
+                    "self_attn_layer_norm", "final_layer_norm", "word_embeddings_layernorm", "q_norm", "k_norm")
 
 
 def no_decay(name):

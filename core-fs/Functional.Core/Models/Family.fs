@@ -111,6 +111,7 @@ module ModelFamily =
             { DisplayName =
                 match v.ModelType with
                 | "qwen2" -> "Qwen2"
+                | "qwen3" -> "Qwen3"
                 | "mistral" -> "Mistral"
                 | _ -> "LLaMA"
               ModelType = v.ModelType
@@ -224,7 +225,7 @@ module ModelConfig =
         if root.ValueKind <> JsonValueKind.Object then
             InvalidInput.fail origin "" (sprintf "expected a JSON object, found %s" (ConfigJson.describe root))
         let r = ConfigJson.Reader(origin, root)
-        let expected = "expected \"gpt2\", \"llama\", \"qwen2\", \"mistral\", \"opt\" or \"bloom\""
+        let expected = "expected \"gpt2\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\", \"opt\" or \"bloom\""
         match r.String "model_type" with
         | Some "gpt2" -> Gpt2(Gpt2.read r)
         | Some "bloom" -> Bloom(Bloom.read r)
@@ -249,8 +250,8 @@ module ModelConfig =
         parse path text
 
     /// Writes a config.json that HF transformers loads as the same architecture (GPT2LMHeadModel,
-    /// LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, OPTForCausalLM, BloomForCausalLM; torch_dtype
-    /// float32); parse reads it back to an equal value.
+    /// LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM, OPTForCausalLM,
+    /// BloomForCausalLM; torch_dtype float32); parse reads it back to an equal value.
     let toJson (config: ModelConfig) : string =
         use stream = new MemoryStream()
         do

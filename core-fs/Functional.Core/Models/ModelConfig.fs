@@ -108,10 +108,10 @@ type Gpt2Config =
       /// "tie_word_embeddings" (default true): the LM head reuses the token embedding matrix.
       TieWordEmbeddings: bool }
 
-/// What sets a LLaMA-shaped family apart (HF's LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM
-/// share the layout and the parameter names): read from config.json's model_type.
+/// What sets a LLaMA-shaped family apart (HF's LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
+/// MistralForCausalLM share the layout and the parameter names): read from config.json's model_type.
 type LlamaVariant =
-    { /// config.json's "model_type": "llama", "qwen2" or "mistral".
+    { /// config.json's "model_type": "llama", "qwen2", "qwen3" or "mistral".
       ModelType: string
       /// The HF class config.json's "architectures" names: "LlamaForCausalLM", ...
       Architecture: string
@@ -120,7 +120,10 @@ type LlamaVariant =
       /// A bias on the o projection regardless of attention_bias (none of the variants so far).
       OutputBias: bool
       /// "sliding_window" (Mistral): each query sees this many keys, its own included; None for all.
-      SlidingWindow: int option }
+      SlidingWindow: int option
+      /// Per-head RMSNorms q_norm and k_norm (weight of size head_dim, eps rms_norm_eps) on the queries and
+      /// keys before the rotary embedding (Qwen3).
+      QkNorm: bool }
 
 /// The LLaMA variants.
 [<RequireQualifiedAccess>]
@@ -128,15 +131,20 @@ module LlamaVariant =
 
     /// LLaMA: biases only as attention_bias says, no window.
     let llama =
-        { ModelType = "llama"; Architecture = "LlamaForCausalLM"; QkvBias = false; OutputBias = false; SlidingWindow = None }
+        { ModelType = "llama"; Architecture = "LlamaForCausalLM"; QkvBias = false; OutputBias = false; SlidingWindow = None; QkNorm = false }
 
     /// Qwen2: q, k and v always biased, o_proj never (HF's Qwen2Attention).
     let qwen2 =
-        { ModelType = "qwen2"; Architecture = "Qwen2ForCausalLM"; QkvBias = true; OutputBias = false; SlidingWindow = None }
+        { ModelType = "qwen2"; Architecture = "Qwen2ForCausalLM"; QkvBias = true; OutputBias = false; SlidingWindow = None; QkNorm = false }
+
+    /// Qwen3: per-head q_norm and k_norm before the rotary embedding; biases as attention_bias says
+    /// (HF's Qwen3Attention).
+    let qwen3 =
+        { ModelType = "qwen3"; Architecture = "Qwen3ForCausalLM"; QkvBias = false; OutputBias = false; SlidingWindow = None; QkNorm = true }
 
     /// Mistral with the given sliding window (None: every key).
     let mistral (window: int option) =
-        { ModelType = "mistral"; Architecture = "MistralForCausalLM"; QkvBias = false; OutputBias = false; SlidingWindow = window }
+        { ModelType = "mistral"; Architecture = "MistralForCausalLM"; QkvBias = false; OutputBias = false; SlidingWindow = window; QkNorm = false }
 
 /// The fields of an HF LlamaConfig that LlamaForCausalLM's forward pass and initialization use.
 /// Each field names its config.json key; defaults are HF's.
@@ -151,10 +159,12 @@ type LlamaConfig =
       NumHiddenLayers: int
       /// "num_attention_heads" (required): query heads.
       NumAttentionHeads: int
-      /// "num_key_value_heads": key/value heads for grouped-query attention (default NumAttentionHeads);
-      /// must divide NumAttentionHeads.
+      /// "num_key_value_heads": key/value heads for grouped-query attention; must divide
+      /// NumAttentionHeads. Null means NumAttentionHeads; absent means HF's default of the variant:
+      /// NumAttentionHeads (llama), 32 (qwen2, qwen3), 8 (mistral).
       NumKeyValueHeads: int
-      /// "head_dim": the width of one head (default HiddenSize / NumAttentionHeads); must be even.
+      /// "head_dim": the width of one head (default HiddenSize / NumAttentionHeads; 128 for qwen3, as HF's
+      /// Qwen3Config); must be even.
       HeadDim: int
       /// "hidden_act" (default "silu"): the activation of the MLP's gate.
       HiddenAct: Activation
@@ -168,7 +178,7 @@ type LlamaConfig =
       InitializerRange: float
       /// "tie_word_embeddings" (default false): the LM head reuses the token embedding matrix.
       TieWordEmbeddings: bool
-      /// "attention_bias" (default false): biases on the q, k, v and o projections.
+      /// "attention_bias" (default false; read for llama and qwen3): biases on the q, k, v and o projections.
       AttentionBias: bool
       /// "mlp_bias" (default false): biases on the gate, up and down projections.
       MlpBias: bool
@@ -177,7 +187,7 @@ type LlamaConfig =
       /// "pad_token_id" (default null): the embedding row HF's nn.Embedding(padding_idx) keeps at zero
       /// and never updates.
       PadTokenId: int option
-      /// The family variant (model_type "llama", "qwen2", "mistral"), see LlamaVariant.
+      /// The family variant (model_type "llama", "qwen2", "qwen3", "mistral"), see LlamaVariant.
       Variant: LlamaVariant }
 
 /// The fields of an HF BloomConfig that BloomForCausalLM's forward pass and initialization use.
@@ -261,7 +271,7 @@ type OptConfig =
 type ModelConfig =
     /// "model_type": "gpt2" (GPT2LMHeadModel).
     | Gpt2 of Gpt2Config
-    /// "model_type": "llama", "qwen2" or "mistral" (LlamaForCausalLM and its variants).
+    /// "model_type": "llama", "qwen2", "qwen3" or "mistral" (LlamaForCausalLM and its variants).
     | Llama of LlamaConfig
     /// "model_type": "bloom" (BloomForCausalLM).
     | Bloom of BloomConfig
