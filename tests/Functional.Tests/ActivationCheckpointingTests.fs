@@ -148,7 +148,7 @@ let private deterministic =
                 let trained = checkpointed |> List.filter (snd >> Option.isSome) |> List.map fst
                 let expected = checkpointed |> List.map fst |> List.filter isBlockNormWeight
                 Expect.equal trained expected "exactly the block norm weights have gradients"
-                let layers = match config with Gpt2 c -> c.NLayer | Llama c -> c.NumHiddenLayers
+                let layers = (ModelFamily.traits config).Depth
                 Expect.equal expected.Length (2 * layers) "two norms per block")
         torchTest "checkpointed backward accumulates into the flat gradient buffer in place" (fun () ->
             let config = Gpt2 tinyGpt2

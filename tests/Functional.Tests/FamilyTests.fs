@@ -77,7 +77,7 @@ let private traitTests =
             let variant json =
                 match ModelConfig.parse "c.json" json with
                 | Llama c -> c.Variant
-                | Gpt2 _ -> failtest "expected a LLaMA-shaped config"
+                | _ -> failtest "expected a LLaMA-shaped config"
             Expect.equal (variant (llamaShaped "llama" "")) LlamaVariant.llama "llama"
             Expect.equal (variant (llamaShaped "qwen2" "")) LlamaVariant.qwen2 "qwen2"
             Expect.equal (variant (llamaShaped "mistral" "")).SlidingWindow (Some 4096) "mistral default window"

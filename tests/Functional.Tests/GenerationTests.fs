@@ -68,9 +68,7 @@ let private llamaConfig =
 let private families = [ "GPT-2", gpt2Config; "LLaMA (GQA)", llamaConfig ]
 
 let private vocabOf config =
-    match config with
-    | Gpt2 c -> c.VocabSize
-    | Llama c -> c.VocabSize
+    ModelConfig.vocabSize config
 
 /// A fresh model per test: tests run in parallel and generation switches the module's mode.
 let private model config =

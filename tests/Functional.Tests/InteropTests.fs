@@ -173,12 +173,21 @@ let private forwards (model: CausalLm) =
     let e = model.Module.forward ids
     a, b, e
 
+let private bloomJson (p: float) =
+    sprintf """{"model_type": "bloom", "vocab_size": 40, "hidden_size": 16, "n_head": 2, "n_layer": 2, "hidden_dropout": %g, "attention_dropout": %g}""" p p
+
+let private optJson (p: float) =
+    sprintf """{"model_type": "opt", "vocab_size": 40, "hidden_size": 16, "ffn_dim": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "max_position_embeddings": 32, "word_embed_proj_dim": 16, "dropout": %g, "attention_dropout": %g}""" p p
+
 let private dropoutTests =
     testList "dropout" [
         for name, withDropout, withoutIt in
             [ "GPT-2 resid/embd/attn_pdrop", Gpt2 { tinyGpt2 with ResidPdrop = 0.1; EmbdPdrop = 0.1; AttnPdrop = 0.1 }, Gpt2 tinyGpt2
               "GPT-2 attn_pdrop alone", Gpt2 { tinyGpt2 with AttnPdrop = 0.3 }, Gpt2 tinyGpt2
-              "LLaMA attention_dropout", Llama { tinyLlama with AttentionDropout = 0.3 }, Llama tinyLlama ] do
+              "LLaMA attention_dropout", Llama { tinyLlama with AttentionDropout = 0.3 }, Llama tinyLlama
+              "BLOOM hidden/attention_dropout", ModelConfig.parse "b.json" (bloomJson 0.3), ModelConfig.parse "b.json" (bloomJson 0.0)
+              "OPT dropout/attention_dropout", ModelConfig.parse "o.json" (optJson 0.3), ModelConfig.parse "o.json" (optJson 0.0) ] do
             torchTest (name + ": training mode with p > 0 differs run to run, eval mode equals p = 0") (fun () ->
                 let dropped = CausalLm.create withDropout 5L
                 let plain = CausalLm.create withoutIt 5L
@@ -265,6 +274,15 @@ let private resizeTests =
             use offsetExpected = (expected - mean).to_type torch.float64
             let relative = (offsetActual - offsetExpected).norm().item<float> () / offsetExpected.norm().item<float> ()
             Expect.isLessThan relative 1e-4 (sprintf "offsets from the mean agree (relative L2 error %g)" relative))
+        torchTest "BLOOM and OPT resize through the same backbone and head" (fun () ->
+            for config in [ ModelConfig.parse "b.json" (bloomJson 0.0); ModelConfig.parse "o.json" (optJson 0.0) ] do
+                let model = CausalLm.create config 2L
+                let resized = TokenEmbeddings.resize model 48 3L
+                Expect.equal (ModelConfig.vocabSize resized.Config) 48 "vocab_size"
+                use ids = torch.tensor([| 1L; 47L |]).view(1L, 2L)
+                resized.Module.eval ()
+                use logits = resized.Module.forward ids
+                Expect.sequenceEqual logits.shape [| 1L; 2L; 48L |] "logits over the new vocabulary")
         torchTest "shrinking keeps the first rows; the same size is the model itself" (fun () ->
             let model = llama { tinyLlama with VocabSize = 40 } 6L
             let smaller = TokenEmbeddings.resize model 32 1L

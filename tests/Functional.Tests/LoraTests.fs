@@ -67,10 +67,7 @@ let private model config =
     lm
 
 let private inputIds config (seed: int64) =
-    let vocab =
-        match config with
-        | Gpt2 c -> c.VocabSize
-        | Llama c -> c.VocabSize
+    let vocab = ModelConfig.vocabSize config
     use g = new torch.Generator(uint64 seed)
     torch.randint(int64 vocab, [| 2L; 6L |], dtype = torch.int64, generator = g)
 

@@ -230,7 +230,7 @@ let private configTests =
                 use doc = Text.Json.JsonDocument.Parse json
                 let root = doc.RootElement
                 let architecture = (root.GetProperty "architectures").[0].GetString()
-                let expectedArchitecture = match config with Gpt2 _ -> "GPT2LMHeadModel" | Llama _ -> "LlamaForCausalLM"
+                let expectedArchitecture = match config with Gpt2 _ -> "GPT2LMHeadModel" | Llama _ -> "LlamaForCausalLM" | other -> (ModelFamily.traits other).Architecture
                 Expect.equal architecture expectedArchitecture "architectures"
                 Expect.equal (root.GetProperty("torch_dtype").GetString()) "float32" "torch_dtype"
                 Expect.equal (ModelConfig.parse "written" json) config "round trip"
@@ -483,7 +483,7 @@ let private numericTests =
                 let k_proj = torch.nn.Linear(hidden, kvWidth, hasBias = true)
                 let v_proj = torch.nn.Linear(hidden, kvWidth, hasBias = true)
                 let o_proj = torch.nn.Linear(heads * hd, hidden, hasBias = true)
-                use attention = new LlamaAttention(q_proj, k_proj, v_proj, o_proj, 4, kvHeads, 4, 0.0, NoBias)
+                use attention = new LlamaAttention(q_proj, k_proj, v_proj, o_proj, None, 4, kvHeads, 4, 0.0, NoBias)
                 use x = torch.randn(2L, T, hidden)
                 use invFreq = Rotary.inverseFrequencies 4 10000.0
                 let cos, sin = Rotary.cosSin invFreq (torch.arange(T, dtype = torch.int64))

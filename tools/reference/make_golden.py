@@ -9,6 +9,11 @@ norm clipping, torch.optim.AdamW with two parameter groups, LambdaLR with HF's
 linear / cosine warmup schedules).  Training runs in float64; the float32
 initial weights are converted exactly, the final weights are written as F32.
 
+The OPT cases follow HF's OPTForCausalLM: opt-cosine with post-norm layers and
+project_in / project_out (word_embed_proj_dim != hidden_size), opt-pre-linear with
+the common pre-norm layout; learned positions at row p + 2, a tied head, and the
+token embedding's padding row (pad_token_id) without lookup gradient.
+
 The LoRA cases (gpt2-lora, llama-lora) follow PEFT's LoRA semantics: a target
 projection computes base(x) + (lora_alpha / r) * B(A(x)) with A [r, in] and
 B [out, r]; the base weights are frozen and only A and B are optimized.  The
@@ -100,7 +105,166 @@ LLAMA_CONFIG = {
     "vocab_size": 96,
 }
 
-MODEL_SEEDS = {"gpt2": 20240601, "llama": 20240602}
+# The LLaMA variants (HF Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM) share
+# llama_param_shapes / llama_forward; what sets them apart is read from the config
+# (see llama_variant).  Qwen2: q/k/v biases, tied head.  Qwen3: head_dim (12) unlike
+# hidden / heads (8), per-head q_norm / k_norm before the rotary embedding.  Mistral: a
+# sliding window of 8 keys, shorter than the rows (up to 32 tokens).
+QWEN2_CONFIG = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 32,
+    "initializer_range": 0.02,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+    "max_window_layers": 2,
+    "model_type": "qwen2",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000.0,
+    "sliding_window": 64,
+    "tie_word_embeddings": True,
+    "torch_dtype": "float32",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 96,
+}
+
+QWEN3_CONFIG = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "head_dim": 12,
+    "hidden_act": "silu",
+    "hidden_size": 32,
+    "initializer_range": 0.02,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+    "max_window_layers": 2,
+    "model_type": "qwen3",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000.0,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 96,
+}
+
+MISTRAL_CONFIG = {
+    "architectures": ["MistralForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "head_dim": 8,
+    "hidden_act": "silu",
+    "hidden_size": 32,
+    "initializer_range": 0.02,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+    "model_type": "mistral",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 10000.0,
+    "sliding_window": 8,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "use_cache": True,
+    "vocab_size": 96,
+}
+
+# BLOOM with six heads (not a power of two: ALiBi's extra slopes) and the pre-norm residual.
+BLOOM_CONFIG = {
+    "apply_residual_connection_post_layernorm": False,
+    "architectures": ["BloomForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_dropout": 0.0,
+    "hidden_size": 48,
+    "initializer_range": 0.02,
+    "layer_norm_epsilon": 1e-05,
+    "model_type": "bloom",
+    "n_head": 6,
+    "n_layer": 2,
+    "pretraining_tp": 1,
+    "slow_but_exact": False,
+    "tie_word_embeddings": True,
+    "torch_dtype": "float32",
+    "use_cache": True,
+    "vocab_size": 96,
+}
+
+# BLOOM with the residual taken after each layer norm, written with the legacy and alias keys
+# (n_embed, num_attention_heads, num_hidden_layers) that BloomConfig also reads.
+BLOOM_POSTLN_CONFIG = {
+    "apply_residual_connection_post_layernorm": True,
+    "architectures": ["BloomForCausalLM"],
+    "attention_dropout": 0.0,
+    "hidden_dropout": 0.0,
+    "initializer_range": 0.02,
+    "layer_norm_epsilon": 1e-05,
+    "model_type": "bloom",
+    "n_embed": 36,
+    "num_attention_heads": 6,
+    "num_hidden_layers": 2,
+    "torch_dtype": "float32",
+    "vocab_size": 96,
+}
+
+MODEL_SEEDS = {"gpt2": 20240601, "llama": 20240602, "qwen2": 20240621, "qwen3": 20240622, "mistral": 20240623}
+MODEL_SEEDS["bloom"] = 20240603
+MODEL_SEEDS["bloom_postln"] = 20240604
+# OPT (OPTForCausalLM) with its distinctive features on: post-norm layers (do_layer_norm_before false,
+# as opt-350m: no final LayerNorm) and project_in / project_out (word_embed_proj_dim 24 != hidden 32).
+OPT_CONFIG = {
+    "_remove_final_layer_norm": False,
+    "activation_dropout": 0.0,
+    "activation_function": "relu",
+    "architectures": ["OPTForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 2,
+    "do_layer_norm_before": False,
+    "dropout": 0.0,
+    "enable_bias": True,
+    "eos_token_id": 2,
+    "ffn_dim": 64,
+    "hidden_size": 32,
+    "init_std": 0.02,
+    "layer_norm_elementwise_affine": True,
+    "layerdrop": 0.0,
+    "max_position_embeddings": 64,
+    "model_type": "opt",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "pad_token_id": 1,
+    "tie_word_embeddings": True,
+    "torch_dtype": "float32",
+    "use_cache": True,
+    "vocab_size": 96,
+    "word_embed_proj_dim": 24,
+}
+
+# The common OPT layout (125m, 1.3b, ...): pre-norm layers, a final LayerNorm, no projections.
+OPT_PRE_CONFIG = dict(OPT_CONFIG, do_layer_norm_before=True, word_embed_proj_dim=32)
+
+MODEL_SEEDS["opt"] = 20240621
+MODEL_SEEDS["opt-pre"] = 20240622
 DATA_SEED = 4242
 DATA_ROWS = 13          # 13 rows / batch 2 -> 7 micro-batches per epoch (last has 1 row)
 DATA_MIN_LEN = 2
@@ -123,6 +287,15 @@ BASE_OPTIONS = {
     "seed": 1234,
 }
 
+QWEN2_MAX_GRAD_NORM = 1.0
+QWEN3_MAX_GRAD_NORM = 1.1
+MISTRAL_MAX_GRAD_NORM = 1.06
+BLOOM_MAX_GRAD_NORM = 1.0          # clips 3 of 10 steps, each pre-clip norm >= 8% away
+BLOOM_POSTLN_MAX_GRAD_NORM = 1.05   # clips 4 of 10 steps, each pre-clip norm >= 7% away
+BLOOM_LORA_MAX_GRAD_NORM = 0.0028   # LoRA norms ~0.002..0.003: clips 3 of 10, each >= 8% away
+OPT_MAX_GRAD_NORM = 0.17
+OPT_PRE_MAX_GRAD_NORM = 1.6
+
 # (case name, family, scheduler, gradient_accumulation_steps, max_grad_norm)
 # max_grad_norm was chosen so that clipping triggers on some steps but not all
 # (see the summary table the script prints).
@@ -131,6 +304,13 @@ CASES = [
     ("gpt2-linear", "gpt2", "linear", 2, 1.4),
     ("llama-cosine", "llama", "cosine", 3, 1.0),
     ("llama-linear", "llama", "linear", 2, 1.0),
+    ("qwen2-linear", "qwen2", "linear", 3, QWEN2_MAX_GRAD_NORM),
+    ("qwen3-cosine", "qwen3", "cosine", 3, QWEN3_MAX_GRAD_NORM),
+    ("mistral-cosine", "mistral", "cosine", 2, MISTRAL_MAX_GRAD_NORM),
+    ("bloom-cosine", "bloom", "cosine", 3, BLOOM_MAX_GRAD_NORM),
+    ("bloom-postln-linear", "bloom_postln", "linear", 2, BLOOM_POSTLN_MAX_GRAD_NORM),
+    ("opt-cosine", "opt", "cosine", 3, OPT_MAX_GRAD_NORM),
+    ("opt-pre-linear", "opt-pre", "linear", 2, OPT_PRE_MAX_GRAD_NORM),
 ]
 
 # LoRA cases: PEFT LoRA on a frozen base (the family's initial model).  Unlike
@@ -142,6 +322,9 @@ LORA_INIT_STD = 0.05
 LORA_SEEDS = {"gpt2": 20240611, "llama": 20240612}
 LORA_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
 LORA_FAN_IN_FAN_OUT = {"gpt2": True, "llama": False}   # GPT-2 Conv1D stores weight as [in, out]
+LORA_SEEDS["bloom"] = 20240615
+LORA_TARGETS["bloom"] = ["query_key_value"]      # PEFT's default for BLOOM
+LORA_FAN_IN_FAN_OUT["bloom"] = False
 
 # (case name, family, scheduler, gradient_accumulation_steps, max_grad_norm)
 # The global norm over the LoRA parameters alone is small (~0.02 for GPT-2,
@@ -150,6 +333,7 @@ LORA_FAN_IN_FAN_OUT = {"gpt2": True, "llama": False}   # GPT-2 Conv1D stores wei
 LORA_CASES = [
     ("gpt2-lora", "gpt2", "cosine", 3, 0.0215),
     ("llama-lora", "llama", "cosine", 2, 0.09),
+    ("bloom-lora", "bloom", "cosine", 3, BLOOM_LORA_MAX_GRAD_NORM),
 ]
 
 # Prefix-tuning cases: PEFT PREFIX_TUNING (no projection) on a frozen base, the
@@ -159,9 +343,12 @@ PREFIX_LEARNING_RATE = 0.03     # the prefix is O(1): a larger step than the mod
 PREFIX_MAX_GRAD_NORM_GPT2 = 0.0052     # clips 3 of 10 steps, each pre-clip norm >= 19% away
 PREFIX_MAX_GRAD_NORM_LLAMA = 0.0135    # clips 2 of 10 steps, each pre-clip norm >= 11% away
 PREFIX_SEEDS = {"gpt2": 20240613, "llama": 20240614}
+PREFIX_SEEDS["bloom"] = 20240616
+BLOOM_PREFIX_MAX_GRAD_NORM = 0.0004   # clips 3 of 10 steps, each pre-clip norm >= 20% away
 PREFIX_CASES = [
     ("gpt2-prefix", "gpt2", "cosine", 3, PREFIX_MAX_GRAD_NORM_GPT2),
     ("llama-prefix", "llama", "cosine", 2, PREFIX_MAX_GRAD_NORM_LLAMA),
+    ("bloom-prefix", "bloom", "cosine", 3, BLOOM_PREFIX_MAX_GRAD_NORM),
 ]
 
 # --------------------------------------------------------------------------
@@ -242,28 +429,54 @@ def gpt2_param_shapes(cfg):
     return spec
 
 
+def llama_variant(cfg):
+    """What the LLaMA-shaped families add, from the config as HF's classes read it:
+    (head_dim, q/k/v bias, o_proj bias, q/k norms, sliding window or None, tied head).
+    Qwen2 biases q/k/v always (never o_proj); LLaMA and Qwen3 bias q/k/v/o when
+    attention_bias; Qwen3 has q_norm / k_norm; Mistral has sliding_window (key j is seen by
+    query i when i - sliding_window < j <= i, as transformers' sliding_window_overlay)."""
+    mt = cfg["model_type"]
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    attention_bias = mt in ("llama", "qwen3") and cfg.get("attention_bias", False)
+    qkv_bias = mt == "qwen2" or attention_bias
+    window = cfg.get("sliding_window") if mt == "mistral" else None
+    if mt in ("qwen2", "qwen3"):
+        assert not cfg.get("use_sliding_window", False)
+    return hd, qkv_bias, attention_bias, mt == "qwen3", window, cfg.get("tie_word_embeddings", False)
+
+
 def llama_param_shapes(cfg):
     d, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     H, KV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    hd = cfg["head_dim"]
+    hd, qkv_bias, o_bias, qk_norm, _, tied = llama_variant(cfg)
     inter = cfg["intermediate_size"]
     std = cfg["initializer_range"]
+    # Biases and q/k norm weights are drawn (not HF's zeros / ones) so that the initial
+    # forward (forward.safetensors) depends on them too.
+    bias = ("normal", std)
     spec = [("model.embed_tokens.weight", (V, d), ("normal", std))]
     for i in range(L):
         p = "model.layers.%d." % i
+        for m, width in (("q_proj", H * hd), ("k_proj", KV * hd), ("v_proj", KV * hd)):
+            spec.append((p + "self_attn.%s.weight" % m, (width, d), ("normal", std)))
+            if qkv_bias:
+                spec.append((p + "self_attn.%s.bias" % m, (width,), bias))
+        spec.append((p + "self_attn.o_proj.weight", (d, H * hd), ("normal", std)))
+        if o_bias:
+            spec.append((p + "self_attn.o_proj.bias", (d,), bias))
+        if qk_norm:
+            spec += [(p + "self_attn.q_norm.weight", (hd,), ("near_one", 0.1)),
+                     (p + "self_attn.k_norm.weight", (hd,), ("near_one", 0.1))]
         spec += [
-            (p + "self_attn.q_proj.weight", (H * hd, d), ("normal", std)),
-            (p + "self_attn.k_proj.weight", (KV * hd, d), ("normal", std)),
-            (p + "self_attn.v_proj.weight", (KV * hd, d), ("normal", std)),
-            (p + "self_attn.o_proj.weight", (d, H * hd), ("normal", std)),
             (p + "mlp.gate_proj.weight", (inter, d), ("normal", std)),
             (p + "mlp.up_proj.weight", (inter, d), ("normal", std)),
             (p + "mlp.down_proj.weight", (d, inter), ("normal", std)),
             (p + "input_layernorm.weight", (d,), ("ones",)),
             (p + "post_attention_layernorm.weight", (d,), ("ones",)),
         ]
-    spec += [("model.norm.weight", (d,), ("ones",)),
-             ("lm_head.weight", (V, d), ("normal", std))]
+    spec.append(("model.norm.weight", (d,), ("ones",)))
+    if not tied:
+        spec.append(("lm_head.weight", (V, d), ("normal", std)))
     return spec
 
 
@@ -274,6 +487,11 @@ def init_params(spec, seed):
     for name, shape, kind in spec:
         if kind[0] == "normal":
             t = torch.empty(shape, dtype=torch.float32).normal_(0.0, kind[1], generator=gen)
+        elif kind[0] == "normal_pad":      # nn.Embedding(padding_idx): the padding row starts at zero
+            t = torch.empty(shape, dtype=torch.float32).normal_(0.0, kind[1], generator=gen)
+            t[kind[2]] = 0.0
+        elif kind[0] == "near_one":
+            t = 1.0 + torch.empty(shape, dtype=torch.float32).normal_(0.0, kind[1], generator=gen)
         elif kind[0] == "ones":
             t = torch.ones(shape, dtype=torch.float32)
         else:
@@ -366,7 +584,8 @@ def rotate_half(x):
 def llama_forward(p, cfg, input_ids, lora=None, prefix=None):
     B, T = input_ids.shape
     d = cfg["hidden_size"]
-    H, KV, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    H, KV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd, qkv_bias, o_bias, qk_norm, window, tied = llama_variant(cfg)
     rep = H // KV
     eps = cfg["rms_norm_eps"]
     dtype = p["model.embed_tokens.weight"].dtype
@@ -378,12 +597,17 @@ def llama_forward(p, cfg, input_ids, lora=None, prefix=None):
     cos, sin = emb.cos().to(dtype)[None, None], emb.sin().to(dtype)[None, None]
     scaling = hd ** -0.5
     mask = causal_mask(T, None) if prefix is None else prefix_mask(T, n)
+    if window is not None:
+        assert prefix is None, "no prefix golden for a sliding window"
+        i_pos = torch.arange(T)[:, None]
+        j_pos = torch.arange(T)[None, :]
+        mask = mask & (i_pos - j_pos < window)
     past = None if prefix is None else prefix_past(prefix, B, cfg["num_hidden_layers"], KV)
     h = p["model.embed_tokens.weight"][input_ids]
     for i in range(cfg["num_hidden_layers"]):
         pre = "model.layers.%d." % i
         x = rms_norm(h, p[pre + "input_layernorm.weight"], eps)
-        if lora is None:
+        if lora is None and not qkv_bias:
             q = (x @ p[pre + "self_attn.q_proj.weight"].t()).view(B, T, H, hd).transpose(1, 2)
             k = (x @ p[pre + "self_attn.k_proj.weight"].t()).view(B, T, KV, hd).transpose(1, 2)
             v = (x @ p[pre + "self_attn.v_proj.weight"].t()).view(B, T, KV, hd).transpose(1, 2)
@@ -391,12 +615,17 @@ def llama_forward(p, cfg, input_ids, lora=None, prefix=None):
             proj = {}
             for m in ("q_proj", "k_proj", "v_proj"):
                 y = x @ p[pre + "self_attn.%s.weight" % m].t()
-                if pre + "self_attn." + m in lora["tensors"]:
+                if qkv_bias:
+                    y = y + p[pre + "self_attn.%s.bias" % m]
+                if lora is not None and pre + "self_attn." + m in lora["tensors"]:
                     y = y + lora_delta(lora, pre + "self_attn." + m, x)
                 proj[m] = y
             q = proj["q_proj"].view(B, T, H, hd).transpose(1, 2)
             k = proj["k_proj"].view(B, T, KV, hd).transpose(1, 2)
             v = proj["v_proj"].view(B, T, KV, hd).transpose(1, 2)
+        if qk_norm:                   # Qwen3: RMSNorm over each head's head_dim, before rotary
+            q = rms_norm(q, p[pre + "self_attn.q_norm.weight"], eps)
+            k = rms_norm(k, p[pre + "self_attn.k_norm.weight"], eps)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if past is not None:          # prefix keys as stored: no rotary
@@ -410,21 +639,220 @@ def llama_forward(p, cfg, input_ids, lora=None, prefix=None):
         w = torch.where(mask, w, torch.tensor(torch.finfo(w.dtype).min, dtype=w.dtype))
         w = torch.softmax(w, dim=-1)
         a = (w @ v).transpose(1, 2).reshape(B, T, H * hd)
-        h = h + a @ p[pre + "self_attn.o_proj.weight"].t()
+        o = a @ p[pre + "self_attn.o_proj.weight"].t()
+        if o_bias:
+            o = o + p[pre + "self_attn.o_proj.bias"]
+        h = h + o
         x = rms_norm(h, p[pre + "post_attention_layernorm.weight"], eps)
         g = F.silu(x @ p[pre + "mlp.gate_proj.weight"].t())
         u = x @ p[pre + "mlp.up_proj.weight"].t()
         h = h + (g * u) @ p[pre + "mlp.down_proj.weight"].t()
     h = rms_norm(h, p["model.norm.weight"], eps)
-    return h @ p["lm_head.weight"].t()
+    return h @ p["model.embed_tokens.weight" if tied else "lm_head.weight"].t()
+
+
+def bloom_dims(cfg):
+    """(hidden, heads, layers) as BloomConfig reads them: n_embed over hidden_size, and the
+    attribute_map aliases num_attention_heads / num_hidden_layers."""
+    d = cfg["n_embed"] if cfg.get("n_embed") is not None else cfg["hidden_size"]
+    H = cfg["n_head"] if "n_head" in cfg else cfg["num_attention_heads"]
+    L = cfg["n_layer"] if "n_layer" in cfg else cfg["num_hidden_layers"]
+    return d, H, L
+
+
+def bloom_param_shapes(cfg):
+    d, _, L = bloom_dims(cfg)
+    V = cfg["vocab_size"]
+    std = cfg["initializer_range"]
+    spec = [("transformer.word_embeddings.weight", (V, d), ("normal", std)),
+            ("transformer.word_embeddings_layernorm.weight", (d,), ("ones",)),
+            ("transformer.word_embeddings_layernorm.bias", (d,), ("zeros",))]
+    for i in range(L):
+        p = "transformer.h.%d." % i
+        spec += [
+            (p + "input_layernorm.weight", (d,), ("ones",)),
+            (p + "input_layernorm.bias", (d,), ("zeros",)),
+            (p + "self_attention.query_key_value.weight", (3 * d, d), ("normal", std)),
+            (p + "self_attention.query_key_value.bias", (3 * d,), ("zeros",)),
+            (p + "self_attention.dense.weight", (d, d), ("normal", std)),
+            (p + "self_attention.dense.bias", (d,), ("zeros",)),
+            (p + "post_attention_layernorm.weight", (d,), ("ones",)),
+            (p + "post_attention_layernorm.bias", (d,), ("zeros",)),
+            (p + "mlp.dense_h_to_4h.weight", (4 * d, d), ("normal", std)),
+            (p + "mlp.dense_h_to_4h.bias", (4 * d,), ("zeros",)),
+            (p + "mlp.dense_4h_to_h.weight", (d, 4 * d), ("normal", std)),
+            (p + "mlp.dense_4h_to_h.bias", (d,), ("zeros",)),
+        ]
+    spec += [("transformer.ln_f.weight", (d,), ("ones",)),
+             ("transformer.ln_f.bias", (d,), ("zeros",))]
+    return spec
+
+
+def alibi_slopes(n_head):
+    """build_alibi_tensor's slopes, float32 as HF computes them: base^1..base^n for the largest power
+    of two n <= n_head, then the odd powers of the 2n-head base for the remaining heads."""
+    closest = 2 ** math.floor(math.log2(n_head))
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32)
+    slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32))
+    if closest != n_head:
+        extra = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32)
+        remaining = min(closest, n_head - closest)
+        slopes = torch.cat([slopes, torch.pow(extra, torch.arange(1, 1 + 2 * remaining, 2, dtype=torch.int32))])
+    return slopes
+
+
+def bloom_gelu(x):
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+def bloom_forward(p, cfg, input_ids, lora=None, prefix=None):
+    """BloomForCausalLM with an all-ones attention mask: ALiBi's key positions are
+    (cumsum(mask) - 1) * mask = 0 .. N + T - 1 (the prefix's N first), added to q.k / sqrt(hd)
+    (baddbmm, beta 1); the fused projection is viewed (B, T, heads, 3, hd)."""
+    B, T = input_ids.shape
+    d, H, L = bloom_dims(cfg)
+    hd = d // H
+    eps = cfg["layer_norm_epsilon"]
+    post = cfg.get("apply_residual_connection_post_layernorm", False)
+    n = 0 if prefix is None else prefix.shape[0]
+    ln = lambda x, name: F.layer_norm(x, (d,), p[name + ".weight"], p[name + ".bias"], eps)
+    h = ln(p["transformer.word_embeddings.weight"][input_ids], "transformer.word_embeddings_layernorm")
+    alibi = alibi_slopes(H).to(h.dtype)[:, None] * torch.arange(n + T, dtype=h.dtype)[None, :]   # (H, S)
+    mask = causal_mask(T, None) if prefix is None else prefix_mask(T, n)
+    past = None if prefix is None else prefix_past(prefix, B, L, H)
+    inv_norm = 1.0 / math.sqrt(hd)
+    for i in range(L):
+        pre = "transformer.h.%d." % i
+        x = ln(h, pre + "input_layernorm")
+        residual = x if post else h
+        qkv = x @ p[pre + "self_attention.query_key_value.weight"].t() + p[pre + "self_attention.query_key_value.bias"]
+        if lora is not None and pre + "self_attention.query_key_value" in lora["tensors"]:
+            qkv = qkv + lora_delta(lora, pre + "self_attention.query_key_value", x)
+        qkv = qkv.view(B, T, H, 3, hd)
+        q, k, v = (qkv[:, :, :, j].transpose(1, 2) for j in range(3))      # (B, H, T, hd)
+        if past is not None:
+            k = torch.cat((past[i][0], k), dim=2)
+            v = torch.cat((past[i][1], v), dim=2)
+        w = alibi[None, :, None, :] + (q @ k.transpose(-1, -2)) * inv_norm
+        w = torch.where(mask, w, torch.tensor(torch.finfo(w.dtype).min, dtype=w.dtype))
+        w = torch.softmax(w, dim=-1)
+        a = (w @ v).transpose(1, 2).reshape(B, T, d)
+        a = a @ p[pre + "self_attention.dense.weight"].t() + p[pre + "self_attention.dense.bias"]
+        h = residual + a
+        x = ln(h, pre + "post_attention_layernorm")
+        residual = x if post else h
+        m = bloom_gelu(x @ p[pre + "mlp.dense_h_to_4h.weight"].t() + p[pre + "mlp.dense_h_to_4h.bias"])
+        m = m @ p[pre + "mlp.dense_4h_to_h.weight"].t() + p[pre + "mlp.dense_4h_to_h.bias"]
+        h = residual + m
+    h = ln(h, "transformer.ln_f")
+    return h @ p["transformer.word_embeddings.weight"].t()          # tied head
+def opt_param_shapes(cfg):
+    """OPTForCausalLM's parameters in HF registration order (OPTDecoder: embed_tokens, embed_positions,
+    project_out, project_in, final_layer_norm, layers; OPTAttention: k, v, q, out); the head is tied."""
+    d, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    E, ffn, std = cfg["word_embed_proj_dim"], cfg["ffn_dim"], cfg["init_std"]
+    spec = [("model.decoder.embed_tokens.weight", (V, E), ("normal_pad", std, cfg["pad_token_id"])),
+            ("model.decoder.embed_positions.weight", (cfg["max_position_embeddings"] + 2, d), ("normal", std))]
+    if E != d:
+        spec += [("model.decoder.project_out.weight", (E, d), ("normal", std)),
+                 ("model.decoder.project_in.weight", (d, E), ("normal", std))]
+    if cfg["do_layer_norm_before"] and not cfg["_remove_final_layer_norm"]:
+        spec += [("model.decoder.final_layer_norm.weight", (d,), ("ones",)),
+                 ("model.decoder.final_layer_norm.bias", (d,), ("zeros",))]
+    for i in range(L):
+        p = "model.decoder.layers.%d." % i
+        for m in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            spec += [(p + "self_attn.%s.weight" % m, (d, d), ("normal", std)),
+                     (p + "self_attn.%s.bias" % m, (d,), ("zeros",))]
+        spec += [
+            (p + "self_attn_layer_norm.weight", (d,), ("ones",)),
+            (p + "self_attn_layer_norm.bias", (d,), ("zeros",)),
+            (p + "fc1.weight", (ffn, d), ("normal", std)),
+            (p + "fc1.bias", (ffn,), ("zeros",)),
+            (p + "fc2.weight", (d, ffn), ("normal", std)),
+            (p + "fc2.bias", (d,), ("zeros",)),
+            (p + "final_layer_norm.weight", (d,), ("ones",)),
+            (p + "final_layer_norm.bias", (d,), ("zeros",)),
+        ]
+    return spec
+
+
+def opt_forward(p, cfg, input_ids, lora=None, prefix=None):
+    """OPTForCausalLM (eager attention, dropout 0) on an all-ones attention mask: positions are
+    cumsum(mask) * mask - 1 (with a prefix of n virtual tokens: n .. n + T - 1), read at row p + 2 of
+    embed_positions; the token embedding is nn.Embedding(padding_idx=pad_token_id) (no gradient for
+    that row); project_in after the token lookup, project_out before the tied head; q scaled by
+    head_dim ** -0.5 before q k^T; pre-norm or post-norm layers per do_layer_norm_before."""
+    B, T = input_ids.shape
+    d, H, L = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_hidden_layers"]
+    hd = d // H
+    before = cfg["do_layer_norm_before"]
+    n = 0 if prefix is None else prefix.shape[0]
+    ones = torch.ones(B, n + T, dtype=torch.long)
+    pos = (torch.cumsum(ones, dim=1) * ones - 1)[:, n:]
+    wte = p["model.decoder.embed_tokens.weight"]
+    x = F.embedding(input_ids, wte, padding_idx=cfg["pad_token_id"])
+    if "model.decoder.project_in.weight" in p:
+        x = x @ p["model.decoder.project_in.weight"].t()
+    h = x + F.embedding(pos + 2, p["model.decoder.embed_positions.weight"])
+    mask = causal_mask(T, None) if prefix is None else prefix_mask(T, n)
+    past = None if prefix is None else prefix_past(prefix, B, L, H)
+
+    def linear(x, name):
+        y = x @ p[name + ".weight"].t()
+        if cfg["enable_bias"]:
+            y = y + p[name + ".bias"]
+        if lora is not None and name in lora["tensors"]:
+            y = y + lora_delta(lora, name, x)
+        return y
+
+    def layer_norm(x, name):
+        return F.layer_norm(x, (d,), p.get(name + ".weight"), p.get(name + ".bias"), 1e-5)
+
+    for i in range(L):
+        pre = "model.decoder.layers.%d." % i
+        residual = h
+        x = layer_norm(h, pre + "self_attn_layer_norm") if before else h
+        q = (linear(x, pre + "self_attn.q_proj") * hd ** -0.5).view(B, T, H, hd).transpose(1, 2)
+        k = linear(x, pre + "self_attn.k_proj").view(B, T, H, hd).transpose(1, 2)
+        v = linear(x, pre + "self_attn.v_proj").view(B, T, H, hd).transpose(1, 2)
+        if past is not None:
+            k = torch.cat((past[i][0], k), dim=2)
+            v = torch.cat((past[i][1], v), dim=2)
+        w = q @ k.transpose(2, 3)
+        w = torch.where(mask, w, torch.tensor(torch.finfo(w.dtype).min, dtype=w.dtype))
+        w = torch.softmax(w, dim=-1)
+        a = (w @ v).transpose(1, 2).reshape(B, T, d)
+        h = residual + linear(a, pre + "self_attn.out_proj")
+        if not before:
+            h = layer_norm(h, pre + "self_attn_layer_norm")
+        residual = h
+        x = layer_norm(h, pre + "final_layer_norm") if before else h
+        m = linear(torch.relu(linear(x, pre + "fc1")), pre + "fc2")
+        h = residual + m
+        if not before:
+            h = layer_norm(h, pre + "final_layer_norm")
+    if before and not cfg["_remove_final_layer_norm"]:
+        h = layer_norm(h, "model.decoder.final_layer_norm")
+    if "model.decoder.project_out.weight" in p:
+        h = h @ p["model.decoder.project_out.weight"].t()
+    return h @ wte.t()          # tied head
 
 
 FAMILIES = {
     "gpt2": (GPT2_CONFIG, gpt2_param_shapes, gpt2_forward),
     "llama": (LLAMA_CONFIG, llama_param_shapes, llama_forward),
+    "qwen2": (QWEN2_CONFIG, llama_param_shapes, llama_forward),
+    "qwen3": (QWEN3_CONFIG, llama_param_shapes, llama_forward),
+    "mistral": (MISTRAL_CONFIG, llama_param_shapes, llama_forward),
+    "bloom": (BLOOM_CONFIG, bloom_param_shapes, bloom_forward),
+    "bloom_postln": (BLOOM_POSTLN_CONFIG, bloom_param_shapes, bloom_forward),
+    "opt": (OPT_CONFIG, opt_param_shapes, opt_forward),
+    "opt-pre": (OPT_PRE_CONFIG, opt_param_shapes, opt_forward),
 }
 
-NO_DECAY_MODULES = ("ln_1", "ln_2", "ln_f", "input_layernorm", "post_attention_layernorm", "norm")
+NO_DECAY_MODULES = ("ln_1", "ln_2", "ln_f", "input_layernorm", "post_attention_layernorm", "norm",
+                    "self_attn_layer_norm", "final_layer_norm", "word_embeddings_layernorm", "q_norm", "k_norm")
 
 
 def no_decay(name):
@@ -448,6 +876,10 @@ def lora_modules(family, cfg):
             for t in LORA_TARGETS[family]:
                 sub, fin, fout = dims[t]
                 out.append(("transformer.h.%d.%s" % (i, sub), fin, fout))
+    elif family.startswith("bloom"):
+        d, _, L = bloom_dims(cfg)
+        for i in range(L):
+            out.append(("transformer.h.%d.self_attention.query_key_value" % i, d, 3 * d))
     else:
         d, hd = cfg["hidden_size"], cfg["head_dim"]
         H, KV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -525,6 +957,9 @@ def prefix_shape(family, cfg):
     for LLaMA (num_key_value_heads in the config) token_dim = head_dim * kv heads over kv heads."""
     if family == "gpt2":
         return cfg["n_layer"], cfg["n_embd"], cfg["n_head"]
+    if family.startswith("bloom"):
+        d, H, L = bloom_dims(cfg)
+        return L, d, H
     return cfg["num_hidden_layers"], cfg["head_dim"] * cfg["num_key_value_heads"], cfg["num_key_value_heads"]
 
 
@@ -693,6 +1128,17 @@ def train(family, init_f32, data, opts, dtype, lora_f32=None, prefix_f32=None):
     final = {n: trainable[n].detach() for n in order}
     return steps, final
 
+
+def write_forward(path, family, init_f32, data, opts):
+    """The initial model's logits on the epoch's first micro-batch (rows 0 and 1, truncated to
+    max_seq_len, right-padded with id 0), computed in float64 and stored F32 as "logits" (B, T, V)."""
+    cfg, _, forward = FAMILIES[family]
+    params = {n: t.to(torch.float64) for n, t in init_f32.items()}
+    ids, _ = micro_batches(data, opts)[0]
+    with torch.no_grad():
+        logits = forward(params, cfg, ids)
+    write_safetensors(path, {"logits": logits})
+
 # --------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------
@@ -750,6 +1196,7 @@ def golden_readme(summary):
         "Each full fine-tuning case folder (`*-cosine`, `*-linear`) holds:",
         "",
         "- `model/config.json`, `model/model.safetensors`: initial model (HF config + HF tensor names, F32).",
+        "- `forward.safetensors`: `logits` of the initial model on the first micro-batch (rows 0 and 1, float64 computed, stored F32).",
         "- `data.jsonl`: training rows, one `{\"input_ids\": [...]}` per line.",
         "- `options.json`: training options (HF snake_case names).",
         "- `steps.jsonl`: one line per optimizer step: step, loss, lr, grad_norm (pre-clip).",
@@ -816,6 +1263,8 @@ def main():
         write_safetensors(os.path.join(cdir, "model", "model.safetensors"), init[fam])
         write_jsonl(os.path.join(cdir, "data.jsonl"), [{"input_ids": r} for r in data])
         write_json(os.path.join(cdir, "options.json"), opts)
+
+        write_forward(os.path.join(cdir, "forward.safetensors"), fam, init[fam], data, opts)
 
         steps, final = train(fam, init[fam], data, opts, torch.float64)
         write_jsonl(os.path.join(cdir, "steps.jsonl"), steps)

@@ -111,6 +111,7 @@ module ModelFamily =
             { DisplayName =
                 match v.ModelType with
                 | "qwen2" -> "Qwen2"
+                | "qwen3" -> "Qwen3"
                 | "mistral" -> "Mistral"
                 | _ -> "LLaMA"
               ModelType = v.ModelType
@@ -127,16 +128,52 @@ module ModelFamily =
               LookupOnly = if c.TieWordEmbeddings then [] else [ "model.embed_tokens.weight" ]
               Depth = c.NumHiddenLayers
               Width = c.HiddenSize }
+        | Bloom c ->
+            { DisplayName = "BLOOM"
+              ModelType = "bloom"
+              Architecture = "BloomForCausalLM"
+              BasePrefix = "transformer."
+              IgnoredBufferSuffixes = []
+              TiedKeys = tied c.TieWordEmbeddings
+              VocabSize = c.VocabSize
+              PositionLimit = c.SeqLength
+              PositionField = "seq_length"
+              LearnedPositions = false
+              PrefixShape = { Layers = c.NLayer; KeyValueHeads = c.NHead; HeadDim = c.HiddenSize / c.NHead }
+              DefaultLoraTargets = [ "query_key_value" ]
+              LookupOnly = if c.TieWordEmbeddings then [] else [ "transformer.word_embeddings.weight" ]
+              Depth = c.NLayer
+              Width = c.HiddenSize }
+        | Opt c ->
+            { DisplayName = "OPT"
+              ModelType = "opt"
+              Architecture = Opt.Architecture
+              BasePrefix = "model."
+              IgnoredBufferSuffixes = []
+              TiedKeys = tied c.TieWordEmbeddings
+              VocabSize = c.VocabSize
+              PositionLimit = c.MaxPositionEmbeddings
+              PositionField = "max_position_embeddings"
+              LearnedPositions = true
+              PrefixShape = { Layers = c.NumHiddenLayers; KeyValueHeads = c.NumAttentionHeads; HeadDim = c.HiddenSize / c.NumAttentionHeads }
+              DefaultLoraTargets = [ "q_proj"; "v_proj" ]
+              LookupOnly =
+                "model.decoder.embed_positions.weight" :: (if c.TieWordEmbeddings then [] else [ "model.decoder.embed_tokens.weight" ])
+              Depth = c.NumHiddenLayers
+              Width = c.HiddenSize }
 
     /// Builds the config's causal LM with HF's initialization drawn from a generator seeded with seed.
     let build (config: ModelConfig) (seed: int64) : CausalLmHead =
         match config with
         | Gpt2 c -> Gpt2.build c seed
         | Llama c -> Llama.build c seed
+        | Bloom c -> Bloom.build c seed
+        | Opt c -> Opt.build c seed
 
     /// The config with another depth and width: heads as given (and as many key/value heads), GPT-2's
     /// n_inner 4 * width, LLaMA's intermediate size 8/3 of the width rounded up to a multiple of 8 and
-    /// head_dim width / heads; everything else kept.
+    /// head_dim width / heads, OPT's ffn_dim 4 * width and word_embed_proj_dim the width (half of it when
+    /// the model projects its embeddings); BLOOM's MLP is always 4 * width; everything else kept.
     let resize (layers: int) (width: int) (heads: int) (config: ModelConfig) : ModelConfig =
         match config with
         | Gpt2 c -> Gpt2 { c with NLayer = layers; NEmbd = width; NHead = heads; NInner = 4 * width }
@@ -149,14 +186,26 @@ module ModelFamily =
                     NumKeyValueHeads = heads
                     HeadDim = width / heads
                     IntermediateSize = (width * 8 / 3 + 7) / 8 * 8 }
+        | Bloom c -> Bloom { c with NLayer = layers; HiddenSize = width; NHead = heads }
+        | Opt c ->
+            Opt
+                { c with
+                    NumHiddenLayers = layers
+                    HiddenSize = width
+                    NumAttentionHeads = heads
+                    FfnDim = 4 * width
+                    WordEmbedProjDim = if c.WordEmbedProjDim = c.HiddenSize then width else width / 2 }
 
     /// The config with every dropout probability of the family at 0 (DeepSpeed-Chat's --disable_dropout,
     /// applied to the config the model is built from, so a saved config.json holds 0 too): GPT-2's
-    /// resid_pdrop, embd_pdrop and attn_pdrop; LLaMA's attention_dropout.
+    /// resid_pdrop, embd_pdrop and attn_pdrop; LLaMA's (and its variants') attention_dropout; BLOOM's
+    /// hidden_dropout and attention_dropout; OPT's dropout, attention_dropout and activation_dropout.
     let withoutDropout (config: ModelConfig) : ModelConfig =
         match config with
         | Gpt2 c -> Gpt2 { c with ResidPdrop = 0.0; EmbdPdrop = 0.0; AttnPdrop = 0.0 }
         | Llama c -> Llama { c with AttentionDropout = 0.0 }
+        | Bloom c -> Bloom { c with HiddenDropout = 0.0; AttentionDropout = 0.0 }
+        | Opt c -> Opt { c with Dropout = 0.0; AttentionDropout = 0.0; ActivationDropout = 0.0 }
 
     /// The config with another vocab_size (HF's resize_token_embeddings updates config.vocab_size so);
     /// everything else kept.
@@ -164,6 +213,8 @@ module ModelFamily =
         match config with
         | Gpt2 c -> Gpt2 { c with VocabSize = vocabSize }
         | Llama c -> Llama { c with VocabSize = vocabSize }
+        | Bloom c -> Bloom { c with VocabSize = vocabSize }
+        | Opt c -> Opt { c with VocabSize = vocabSize }
 
     /// The family facts as plain .NET types (see FamilyDescription), for C#.
     let describe (config: ModelConfig) : FamilyDescription =
@@ -194,9 +245,11 @@ module ModelConfig =
         if root.ValueKind <> JsonValueKind.Object then
             InvalidInput.fail origin "" (sprintf "expected a JSON object, found %s" (ConfigJson.describe root))
         let r = ConfigJson.Reader(origin, root)
-        let expected = "expected \"gpt2\", \"llama\", \"qwen2\" or \"mistral\""
+        let expected = "expected \"gpt2\", \"llama\", \"qwen2\", \"qwen3\", \"mistral\", \"opt\" or \"bloom\""
         match r.String "model_type" with
         | Some "gpt2" -> Gpt2(Gpt2.read r)
+        | Some "bloom" -> Bloom(Bloom.read r)
+        | Some "opt" -> Opt(Opt.read r)
         | Some other ->
             match Llama.tryVariant other r with
             | Some variant -> Llama(Llama.read variant r)
@@ -217,8 +270,8 @@ module ModelConfig =
         parse path text
 
     /// Writes a config.json that HF transformers loads as the same architecture (GPT2LMHeadModel,
-    /// LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM; torch_dtype float32); parse reads it back
-    /// to an equal value.
+    /// LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM, OPTForCausalLM,
+    /// BloomForCausalLM; torch_dtype float32); parse reads it back to an equal value.
     let toJson (config: ModelConfig) : string =
         use stream = new MemoryStream()
         do
@@ -230,6 +283,8 @@ module ModelConfig =
             match config with
             | Gpt2 c -> Gpt2.write w c
             | Llama c -> Llama.write w c
+            | Bloom c -> Bloom.write w c
+            | Opt c -> Opt.write w c
             w.WriteString("torch_dtype", "float32")
             w.WriteEndObject()
         Encoding.UTF8.GetString(stream.ToArray()) + "\n"

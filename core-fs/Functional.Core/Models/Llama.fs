@@ -7,17 +7,19 @@ open System.Text.Json
 open Functional.Runtime
 
 // LLaMA as HF transformers' LlamaForCausalLM (modeling_llama.py), built bottom-up, with its variants
-// as data (LlamaVariant): Qwen2 (q/k/v biases) and Mistral (a sliding window) share its layout and names.
+// as data (LlamaVariant): Qwen2 (q/k/v biases), Qwen3 (per-head q/k RMSNorms) and Mistral (a sliding
+// window) share its layout and names.
 // As in Gpt2.fs, each module registers its parts explicitly under HF's names and in HF's order, so
 // named_parameters() yields the state-dict names ("model.layers.0.self_attn.q_proj.weight", ...) in
 // HF's order; the fields holding the parts carry the same names.
 
 /// LLaMA's causal self-attention with grouped-query heads: q, k, v and o projections (nn.Linear,
 /// biased as the variant says), rotary embeddings on q and k, k and v repeated to the query heads.
-/// attentionDropout applies to the attention probabilities in training only; bias is NoBias, or
-/// Mistral's sliding Window.
+/// qkNorm: Qwen3's q_norm and k_norm, RMSNorms over each head's head_dim applied to the queries and keys
+/// before the rotary embedding (None for the other variants). attentionDropout applies to the attention
+/// probabilities in training only; bias is NoBias, or Mistral's sliding Window.
 type LlamaAttention
-    (q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear,
+    (q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear, qkNorm: (RmsNorm * RmsNorm) option,
      numHeads: int, numKeyValueHeads: int, headDim: int, attentionDropout: float, bias: AttentionBias) as this =
     inherit torch.nn.Module<torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor>("LlamaAttention")
     do
@@ -25,9 +27,15 @@ type LlamaAttention
         this.register_module("k_proj", k_proj)
         this.register_module("v_proj", v_proj)
         this.register_module("o_proj", o_proj)
+        match qkNorm with
+        | Some(q_norm, k_norm) ->
+            this.register_module("q_norm", q_norm)
+            this.register_module("k_norm", k_norm)
+        | None -> ()
         this.RegisterComponents()
 
-    /// q (B, nh, T, hd), k and v (B, nkv, T, hd) of x (B, T, hidden), rotary applied to q and k.
+    /// q (B, nh, T, hd), k and v (B, nkv, T, hd) of x (B, T, hidden), q/k-normed (Qwen3) and rotary
+    /// applied to q and k.
     member private _.Heads(x: torch.Tensor, cos: torch.Tensor, signedSin: torch.Tensor) =
         let shape = x.shape
         let B, T = shape[0], shape[1]
@@ -38,6 +46,11 @@ type LlamaAttention
         let q = split (q_proj.call x) nh // (B, nh, T, hd)
         let k = split (k_proj.call x) nkv // (B, nkv, T, hd)
         let v = split (v_proj.call x) nkv // (B, nkv, T, hd)
+        // The norms reduce over head_dim only, so they apply to the split heads in any layout.
+        let q, k =
+            match qkNorm with
+            | Some(q_norm, k_norm) -> q_norm.forward q, k_norm.forward k
+            | None -> q, k
         Rotary.applySigned q cos signedSin, Rotary.applySigned k cos signedSin, v
 
     /// Attention of q (B, nh, T, hd) over k, v (B, nkv, T_total, hd), repeated to the query heads, with
@@ -168,7 +181,7 @@ type LlamaModel
     /// norm.
     override _.FinalNorm x = norm.forward x
 
-/// Reading, writing and building LLaMA models and their variants (Qwen2, Mistral).
+/// Reading, writing and building LLaMA models and their variants (Qwen2, Qwen3, Mistral).
 [<RequireQualifiedAccess>]
 module Llama =
     /// rope_theta, from the top level (transformers 4.x) or from "rope_parameters" (5.x). Only the
@@ -193,14 +206,20 @@ module Llama =
         | Some p -> r.Fail "rope_parameters" (sprintf "expected an object, found %s" (ConfigJson.describe p))
         | None -> r.Float "rope_theta" 10000.0
 
-    /// The variant a LLaMA-shaped model_type names ("llama", "qwen2", "mistral"); None for another.
-    /// Mistral's window is "sliding_window": absent means HF's default 4096, null means none.
+    /// The variant a LLaMA-shaped model_type names ("llama", "qwen2", "qwen3", "mistral"); None for
+    /// another. Mistral's window is "sliding_window": absent means HF's default 4096, null means none.
+    /// Qwen2's and Qwen3's use_sliding_window (sliding attention on the layers from max_window_layers on)
+    /// is refused; off (HF's default), their sliding_window, max_window_layers and layer_types change
+    /// nothing.
     let tryVariant (modelType: string) (r: ConfigJson.Reader) : LlamaVariant option =
         match modelType with
         | "llama" -> Some LlamaVariant.llama
         | "qwen2" ->
             r.Unsupported "use_sliding_window"
             Some LlamaVariant.qwen2
+        | "qwen3" ->
+            r.Unsupported "use_sliding_window"
+            Some LlamaVariant.qwen3
         | "mistral" ->
             let window =
                 if not (r.Has "sliding_window") then Some 4096
@@ -212,25 +231,38 @@ module Llama =
         | _ -> None
 
     /// Reads LlamaConfig's fields from a config.json object of the variant (see tryVariant). Qwen2 and
-    /// Mistral have no attention_bias or mlp_bias (their biases are the variant's); their context defaults
-    /// are HF's (32768, 131072). Raises InvalidInputException naming the field at fault.
+    /// Mistral have no attention_bias or mlp_bias (their biases are the variant's), Qwen3 no mlp_bias;
+    /// the defaults are HF's per variant: context 32768 (qwen2, qwen3) and 131072 (mistral), key/value
+    /// heads 32 (qwen2, qwen3) and 8 (mistral) when the field is absent, head_dim 128 (qwen3). Raises
+    /// InvalidInputException naming the field at fault.
     let read (variant: LlamaVariant) (r: ConfigJson.Reader) : LlamaConfig =
         let isLlama = variant.ModelType = "llama"
         let defaultContext =
             match variant.ModelType with
-            | "qwen2" -> 32768
+            | "qwen2"
+            | "qwen3" -> 32768
             | "mistral" -> 4096 * 32
             | _ -> 2048
         let vocabSize = r.Int "vocab_size" None |> r.Positive "vocab_size"
         let hidden = r.Int "hidden_size" None |> r.Positive "hidden_size"
         let heads = r.Int "num_attention_heads" None |> r.Positive "num_attention_heads"
-        let kvHeads = r.Int "num_key_value_heads" (Some heads) |> r.Positive "num_key_value_heads"
+        // HF's config classes: an absent field takes the class default, an explicit null means "as many
+        // as the query heads".
+        let defaultKvHeads =
+            match variant.ModelType with
+            | "qwen2"
+            | "qwen3" when not (r.Has "num_key_value_heads") -> 32
+            | "mistral" when not (r.Has "num_key_value_heads") -> 8
+            | _ -> heads
+        let kvHeads = r.Int "num_key_value_heads" (Some defaultKvHeads) |> r.Positive "num_key_value_heads"
         if heads % kvHeads <> 0 then
             r.Fail "num_key_value_heads"
-                (sprintf "num_attention_heads (%d) must be divisible by num_key_value_heads (%d)" heads kvHeads)
+                (sprintf "num_attention_heads (%d) must be divisible by num_key_value_heads (%d%s)" heads kvHeads
+                     (if r.Has "num_key_value_heads" then "" else sprintf ", the %s default when the field is absent" variant.ModelType))
         let headDim =
             match r.TryGet "head_dim" with
             | Some _ -> r.Int "head_dim" None |> r.Positive "head_dim"
+            | None when variant.ModelType = "qwen3" -> 128
             | None when hidden % heads = 0 -> hidden / heads
             | None ->
                 r.Fail "num_attention_heads"
@@ -258,7 +290,7 @@ module Llama =
           RopeTheta = readRopeTheta r |> r.PositiveFloat "rope_theta"
           InitializerRange = r.Float "initializer_range" 0.02 |> r.NonNegativeFloat "initializer_range"
           TieWordEmbeddings = r.Bool "tie_word_embeddings" false
-          AttentionBias = isLlama && r.Bool "attention_bias" false
+          AttentionBias = (isLlama || variant.ModelType = "qwen3") && r.Bool "attention_bias" false
           MlpBias = isLlama && r.Bool "mlp_bias" false
           AttentionDropout = r.Float "attention_dropout" 0.0 |> r.Probability "attention_dropout"
           PadTokenId = padTokenId
@@ -287,6 +319,9 @@ module Llama =
         | "llama" ->
             w.WriteBoolean("attention_bias", c.AttentionBias)
             w.WriteBoolean("mlp_bias", c.MlpBias)
+        | "qwen3" ->
+            w.WriteBoolean("attention_bias", c.AttentionBias)
+            w.WriteBoolean("use_sliding_window", false)
         | "mistral" ->
             match c.Variant.SlidingWindow with
             | Some window -> w.WriteNumber("sliding_window", window)
@@ -314,10 +349,11 @@ module Llama =
             | :? RmsNorm as n -> torch.nn.init.ones_ n.Weight |> ignore
             | _ -> ()
 
-    /// Builds the variant's causal LM (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM: a
-    /// CausalLmHead over LlamaModel, registered as "model") for the config, initialized as HF does from a
-    /// generator seeded with seed. q/k/v are biased when attention_bias or the variant's QkvBias, o_proj
-    /// when attention_bias or OutputBias; Mistral's window becomes every layer's AttentionBias.Window.
+    /// Builds the variant's causal LM (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
+    /// MistralForCausalLM: a CausalLmHead over LlamaModel, registered as "model") for the config,
+    /// initialized as HF does from a generator seeded with seed. q/k/v are biased when attention_bias or
+    /// the variant's QkvBias, o_proj when attention_bias or OutputBias; Qwen3's QkNorm gives every layer
+    /// q_norm and k_norm (head_dim wide); Mistral's window becomes every layer's AttentionBias.Window.
     let build (config: LlamaConfig) (seed: int64) : CausalLmHead =
         TorchRuntime.ensure ()
         let hidden = int64 config.HiddenSize
@@ -338,6 +374,9 @@ module Llama =
                     linear hidden kvWidth qkvBias,
                     linear hidden kvWidth qkvBias,
                     linear qWidth hidden outputBias,
+                    (if config.Variant.QkNorm then
+                         Some(new RmsNorm(int64 config.HeadDim, config.RmsNormEps), new RmsNorm(int64 config.HeadDim, config.RmsNormEps))
+                     else None),
                     config.NumAttentionHeads, config.NumKeyValueHeads, config.HeadDim, config.AttentionDropout, bias)
             let mlp =
                 new LlamaMlp(

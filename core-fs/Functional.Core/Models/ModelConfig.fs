@@ -108,10 +108,10 @@ type Gpt2Config =
       /// "tie_word_embeddings" (default true): the LM head reuses the token embedding matrix.
       TieWordEmbeddings: bool }
 
-/// What sets a LLaMA-shaped family apart (HF's LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM
-/// share the layout and the parameter names): read from config.json's model_type.
+/// What sets a LLaMA-shaped family apart (HF's LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
+/// MistralForCausalLM share the layout and the parameter names): read from config.json's model_type.
 type LlamaVariant =
-    { /// config.json's "model_type": "llama", "qwen2" or "mistral".
+    { /// config.json's "model_type": "llama", "qwen2", "qwen3" or "mistral".
       ModelType: string
       /// The HF class config.json's "architectures" names: "LlamaForCausalLM", ...
       Architecture: string
@@ -120,7 +120,10 @@ type LlamaVariant =
       /// A bias on the o projection regardless of attention_bias (none of the variants so far).
       OutputBias: bool
       /// "sliding_window" (Mistral): each query sees this many keys, its own included; None for all.
-      SlidingWindow: int option }
+      SlidingWindow: int option
+      /// Per-head RMSNorms q_norm and k_norm (weight of size head_dim, eps rms_norm_eps) on the queries and
+      /// keys before the rotary embedding (Qwen3).
+      QkNorm: bool }
 
 /// The LLaMA variants.
 [<RequireQualifiedAccess>]
@@ -128,15 +131,20 @@ module LlamaVariant =
 
     /// LLaMA: biases only as attention_bias says, no window.
     let llama =
-        { ModelType = "llama"; Architecture = "LlamaForCausalLM"; QkvBias = false; OutputBias = false; SlidingWindow = None }
+        { ModelType = "llama"; Architecture = "LlamaForCausalLM"; QkvBias = false; OutputBias = false; SlidingWindow = None; QkNorm = false }
 
     /// Qwen2: q, k and v always biased, o_proj never (HF's Qwen2Attention).
     let qwen2 =
-        { ModelType = "qwen2"; Architecture = "Qwen2ForCausalLM"; QkvBias = true; OutputBias = false; SlidingWindow = None }
+        { ModelType = "qwen2"; Architecture = "Qwen2ForCausalLM"; QkvBias = true; OutputBias = false; SlidingWindow = None; QkNorm = false }
+
+    /// Qwen3: per-head q_norm and k_norm before the rotary embedding; biases as attention_bias says
+    /// (HF's Qwen3Attention).
+    let qwen3 =
+        { ModelType = "qwen3"; Architecture = "Qwen3ForCausalLM"; QkvBias = false; OutputBias = false; SlidingWindow = None; QkNorm = true }
 
     /// Mistral with the given sliding window (None: every key).
     let mistral (window: int option) =
-        { ModelType = "mistral"; Architecture = "MistralForCausalLM"; QkvBias = false; OutputBias = false; SlidingWindow = window }
+        { ModelType = "mistral"; Architecture = "MistralForCausalLM"; QkvBias = false; OutputBias = false; SlidingWindow = window; QkNorm = false }
 
 /// The fields of an HF LlamaConfig that LlamaForCausalLM's forward pass and initialization use.
 /// Each field names its config.json key; defaults are HF's.
@@ -151,10 +159,12 @@ type LlamaConfig =
       NumHiddenLayers: int
       /// "num_attention_heads" (required): query heads.
       NumAttentionHeads: int
-      /// "num_key_value_heads": key/value heads for grouped-query attention (default NumAttentionHeads);
-      /// must divide NumAttentionHeads.
+      /// "num_key_value_heads": key/value heads for grouped-query attention; must divide
+      /// NumAttentionHeads. Null means NumAttentionHeads; absent means HF's default of the variant:
+      /// NumAttentionHeads (llama), 32 (qwen2, qwen3), 8 (mistral).
       NumKeyValueHeads: int
-      /// "head_dim": the width of one head (default HiddenSize / NumAttentionHeads); must be even.
+      /// "head_dim": the width of one head (default HiddenSize / NumAttentionHeads; 128 for qwen3, as HF's
+      /// Qwen3Config); must be even.
       HeadDim: int
       /// "hidden_act" (default "silu"): the activation of the MLP's gate.
       HiddenAct: Activation
@@ -168,7 +178,7 @@ type LlamaConfig =
       InitializerRange: float
       /// "tie_word_embeddings" (default false): the LM head reuses the token embedding matrix.
       TieWordEmbeddings: bool
-      /// "attention_bias" (default false): biases on the q, k, v and o projections.
+      /// "attention_bias" (default false; read for llama and qwen3): biases on the q, k, v and o projections.
       AttentionBias: bool
       /// "mlp_bias" (default false): biases on the gate, up and down projections.
       MlpBias: bool
@@ -177,16 +187,96 @@ type LlamaConfig =
       /// "pad_token_id" (default null): the embedding row HF's nn.Embedding(padding_idx) keeps at zero
       /// and never updates.
       PadTokenId: int option
-      /// The family variant (model_type "llama", "qwen2", "mistral"), see LlamaVariant.
+      /// The family variant (model_type "llama", "qwen2", "qwen3", "mistral"), see LlamaVariant.
       Variant: LlamaVariant }
+
+/// The fields of an HF BloomConfig that BloomForCausalLM's forward pass and initialization use.
+/// Each field names its config.json key; defaults are HF's (BloomConfig's constructor defaults).
+type BloomConfig =
+    { /// "vocab_size" (default 250880).
+      VocabSize: int
+      /// "hidden_size" (default 64), or the legacy "n_embed", which takes precedence as in HF: the width
+      /// of the residual stream; the MLP's inner width is 4 * HiddenSize.
+      HiddenSize: int
+      /// "n_layer" (alias "num_hidden_layers", default 2): the number of BLOOM blocks.
+      NLayer: int
+      /// "n_head" (alias "num_attention_heads", default 8): attention heads; must divide HiddenSize. Any
+      /// count works, ALiBi's slopes follow HF's rule for counts that are not a power of two.
+      NHead: int
+      /// "layer_norm_epsilon" (default 1e-5).
+      LayerNormEpsilon: float
+      /// "initializer_range" (default 0.02): the standard deviation of the normal initialization.
+      InitializerRange: float
+      /// "apply_residual_connection_post_layernorm" (default false): each sublayer's residual is the
+      /// output of the layer norm before it instead of the sublayer's input.
+      ApplyResidualConnectionPostLayernorm: bool
+      /// "hidden_dropout" (default 0): dropout on the attention and MLP outputs before the residual add.
+      HiddenDropout: float
+      /// "attention_dropout" (default 0): dropout on the attention probabilities.
+      AttentionDropout: float
+      /// "pretraining_tp" (default 1): the tensor-parallel degree BLOOM was trained with; without
+      /// slow_but_exact it does not change the computation and is only kept for the written config.
+      PretrainingTp: int
+      /// "seq_length" (not a BloomConfig field; read when a config carries it, default 2048, BLOOM's
+      /// training context): the longest sequence runs default to. ALiBi itself has no position table.
+      SeqLength: int
+      /// "tie_word_embeddings" (default true): the LM head reuses the word embedding matrix.
+      TieWordEmbeddings: bool }
+/// The fields of an HF OPTConfig that OPTForCausalLM's forward pass and initialization use.
+/// Each field names its config.json key; defaults are HF's.
+type OptConfig =
+    { /// "vocab_size" (required).
+      VocabSize: int
+      /// "hidden_size" (required): the width of the residual stream.
+      HiddenSize: int
+      /// "num_hidden_layers" (required): the number of decoder layers.
+      NumHiddenLayers: int
+      /// "num_attention_heads" (required): attention heads; must divide HiddenSize.
+      NumAttentionHeads: int
+      /// "ffn_dim" (required): the MLP's hidden width (fc1's output).
+      FfnDim: int
+      /// "max_position_embeddings" (default 2048): the learned position table has this many rows plus
+      /// HF's offset of 2 (position p reads row p + 2).
+      MaxPositionEmbeddings: int
+      /// "word_embed_proj_dim" (default HiddenSize): the width of the token embedding and of the LM head;
+      /// when it differs from HiddenSize, project_in and project_out (no bias) map between the two.
+      WordEmbedProjDim: int
+      /// "do_layer_norm_before" (default true): pre-norm layers (125m, 1.3b, ...); false gives opt-350m's
+      /// post-norm layers (a LayerNorm after each residual addition) and no final LayerNorm.
+      DoLayerNormBefore: bool
+      /// "_remove_final_layer_norm" (default false): drops the decoder's final LayerNorm of a pre-norm model.
+      RemoveFinalLayerNorm: bool
+      /// "activation_function" (default "relu"): the activation between fc1 and fc2.
+      ActivationFunction: Activation
+      /// "dropout" (default 0.1): dropout after the attention's out_proj and after fc2 (training only).
+      Dropout: float
+      /// "attention_dropout" (default 0): dropout on the attention probabilities (training only).
+      AttentionDropout: float
+      /// "activation_dropout" (default 0): kept for the round trip only; HF's OPT layers never apply it.
+      ActivationDropout: float
+      /// "init_std" (default 0.02): the standard deviation of the normal initialization.
+      InitStd: float
+      /// "enable_bias" (default true): biases on the attention projections and on fc1 and fc2.
+      EnableBias: bool
+      /// "layer_norm_elementwise_affine" (default true): LayerNorms with a weight and a bias.
+      LayerNormElementwiseAffine: bool
+      /// "tie_word_embeddings" (default true): the LM head reuses the token embedding matrix.
+      TieWordEmbeddings: bool
+      /// "pad_token_id" (default 1, null for none): the token embedding row HF's nn.Embedding(padding_idx)
+      /// initializes to zero and never updates.
+      PadTokenId: int option }
 
 /// A model's architecture, as read from an HF config.json; "model_type" picks the case. The matches on
 /// it live in Models/ only: parsing and writing (Family.fs) and the family traits (ModelFamily.traits).
 type ModelConfig =
     /// "model_type": "gpt2" (GPT2LMHeadModel).
     | Gpt2 of Gpt2Config
-    /// "model_type": "llama", "qwen2" or "mistral" (LlamaForCausalLM and its variants).
+    /// "model_type": "llama", "qwen2", "qwen3" or "mistral" (LlamaForCausalLM and its variants).
     | Llama of LlamaConfig
+    /// "model_type": "bloom" (BloomForCausalLM).
+    | Bloom of BloomConfig
+    /// "model_type": "opt" (OPTForCausalLM).
+    | Opt of OptConfig
 
 /// Reading the fields of HF config.json objects.
 [<RequireQualifiedAccess>]
