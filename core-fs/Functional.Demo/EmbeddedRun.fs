@@ -140,6 +140,7 @@ module EmbeddedRun =
                   Lora = None
                   Prefix = None
                   GradientCheckpointing = false
+                  Task = TrainingTask.CausalLm
                   Plot = Functional.Reporting.MetricsPlot.drawer }
             let result = FineTune.runObserved request cancellation observer
             if result.Interrupted then

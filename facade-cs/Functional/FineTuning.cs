@@ -146,6 +146,7 @@ public static class FineTuning
             lora: ToLora(options),
             prefix: ToPrefix(options, prefixTokensGiven),
             gradientCheckpointing: options.GradientCheckpointing,
+            task: ToTask(options),
             plot: Reporting.MetricsPlot.drawer);
         TrainOptionsModule.validate(request.Options);
         return request;
@@ -222,6 +223,50 @@ public static class FineTuning
         // reads no file); a different explicit --num-prefix-tokens is refused by the core.
         var tokens = o.PrefixAdapter is not null && o.NumPrefixTokens == defaultTokens ? 0 : o.NumPrefixTokens;
         return FSharpOption<PrefixSettings>.Some(new PrefixSettings(numPrefixTokens: tokens, adapterPath: Optional(o.PrefixAdapter)));
+    }
+
+    private static TrainingTask ToTask(FineTuneOptions o)
+    {
+        var pad = o.PadTokenId is long p ? FSharpOption<long>.Some(p) : FSharpOption<long>.None;
+        if (o.PadTokenId is < 0)
+        {
+            throw new InvalidInputException("--pad-token-id", "", $"must be a token id >= 0, got {o.PadTokenId}");
+        }
+        switch (o.Task.Trim().ToLowerInvariant())
+        {
+            case "causal-lm":
+                var stray = o.LabelField is not null ? "--label-field"
+                    : o.ChosenField is not null ? "--chosen-field"
+                    : o.RejectedField is not null ? "--rejected-field"
+                    : o.NumLabels is not null ? "--num-labels"
+                    : o.PadTokenId is not null ? "--pad-token-id"
+                    : null;
+                return stray is null
+                    ? TrainingTask.CausalLm
+                    : throw new InvalidInputException(stray, "", "needs --task sequence-classification or reward-model");
+            case "sequence-classification":
+                if (o.NumLabels is < 1)
+                {
+                    throw new InvalidInputException("--num-labels", "", $"must be >= 1, got {o.NumLabels}");
+                }
+                return TrainingTask.NewSequenceClassification(new ClassificationTask(
+                    textField: o.TextField ?? "text",
+                    labelField: o.LabelField ?? "label",
+                    numLabels: o.NumLabels is int n ? FSharpOption<int>.Some(n) : FSharpOption<int>.None,
+                    padTokenId: pad));
+            case "reward-model":
+                if (o.NumLabels is not null and not 1)
+                {
+                    throw new InvalidInputException("--num-labels", "", "a reward model has one label");
+                }
+                return TrainingTask.NewRewardModel(new RewardTask(
+                    promptField: o.PromptField ?? "prompt",
+                    chosenField: o.ChosenField ?? "chosen",
+                    rejectedField: o.RejectedField ?? "rejected",
+                    padTokenId: pad));
+            default:
+                throw new InvalidInputException("--task", "", $"expected causal-lm, sequence-classification or reward-model, got '{o.Task}'");
+        }
     }
 
     private static DataSettings ToData(FineTuneOptions o)

@@ -153,6 +153,7 @@ let private request (output: string) =
       Lora = None
       Prefix = Some { NumPrefixTokens = 4; AdapterPath = None }
       GradientCheckpointing = false
+      Task = TrainingTask.CausalLm
       Plot = None }
 
 let private evalLoss (lm: CausalLm) =

@@ -40,40 +40,80 @@ module HfModelFolder =
           IgnoredSuffixes = model.IgnoredBufferSuffixes
           TiedKeys = model.TiedKeys }
 
+    /// Whether the folder's weight files hold a tensor of that name (from the headers, no data read).
+    let private holds (folder: string) (name: string) =
+        weightFiles folder |> List.exists (fun f -> (Safetensors.readHeader f).Entries |> List.exists (fun e -> e.Name = name))
+
     /// Copies the weights of a model folder's model.safetensors (or shards) into the model's parameters,
-    /// checking names and shapes first.
+    /// checking names and shapes first. A sequence classifier over a causal-LM checkpoint (no
+    /// score.weight stored) keeps its initialized score and skips the checkpoint's lm_head.weight.
     let loadWeightsInto (folder: string) (model: CausalLm) =
-        let weights = StateDict.matchShards (weightFiles folder) (spec model) torch.float32
+        let spec = spec model
+        let spec =
+            if (SequenceClassification.tryHead model).IsSome && not (holds folder SequenceClassification.ScoreKey) then
+                { spec with Expected = spec.Expected |> List.filter (fun (n, _) -> n <> SequenceClassification.ScoreKey) }
+            else spec
+        let weights = StateDict.matchShards (weightFiles folder) spec torch.float32
         try
             use _ = torch.no_grad ()
             for struct (name, parameter) in model.Module.named_parameters () do
-                parameter.copy_ weights[name] |> ignore
+                match weights.TryFind name with
+                | Some w -> parameter.copy_ w |> ignore
+                | None -> ()
         finally
             weights |> Map.iter (fun _ t -> t.Dispose())
 
-    /// Loads a model folder: parses config.json, checks every tensor's name and shape against the config
-    /// (from the safetensors headers, before any data is read), builds the model and copies the weights in
-    /// as float32. Raises InvalidInputException naming the file and field or tensor at fault.
-    let load (folder: string) (seed: int64) : CausalLm =
+    /// Loads a model folder as a sequence classifier with the given head (SequenceClassification.create,
+    /// then the weights: a classification checkpoint's score.weight too, a causal-LM checkpoint's
+    /// backbone only). Raises InvalidInputException naming the file and field or tensor at fault.
+    let loadClassifier (folder: string) (head: ClassificationHead) (seed: int64) : CausalLm =
         Functional.Runtime.TorchRuntime.ensure ()
         InvalidInput.requireFolder folder "the model folder does not exist" "a model folder (config.json + model.safetensors)"
         let config = ModelConfig.load (Path.Combine(folder, "config.json"))
         let files = weightFiles folder
         files |> List.iter (fun f -> InvalidInput.requireFile f "the weight file does not exist" "a safetensors weight file")
-        let model = CausalLm.create config seed
+        let model = SequenceClassification.create config head seed
         loadWeightsInto folder model
         model
 
+    /// Loads a model folder: parses config.json, checks every tensor's name and shape against the config
+    /// (from the safetensors headers, before any data is read), builds the model and copies the weights in
+    /// as float32. A config.json naming a *ForSequenceClassification architecture loads as that
+    /// classifier (SequenceClassification.readHead), any other as a causal LM. Raises
+    /// InvalidInputException naming the file and field or tensor at fault.
+    let load (folder: string) (seed: int64) : CausalLm =
+        Functional.Runtime.TorchRuntime.ensure ()
+        InvalidInput.requireFolder folder "the model folder does not exist" "a model folder (config.json + model.safetensors)"
+        let configPath = Path.Combine(folder, "config.json")
+        let config = ModelConfig.load configPath
+        let configText = File.ReadAllText configPath
+        if SequenceClassification.isClassifierConfig configText then
+            loadClassifier folder (SequenceClassification.readHead configPath configText) seed
+        else
+            let files = weightFiles folder
+            files |> List.iter (fun f -> InvalidInput.requireFile f "the weight file does not exist" "a safetensors weight file")
+            let model = CausalLm.create config seed
+            loadWeightsInto folder model
+            model
+
     /// The config.json text of a model: our fields written over the source config's (so keys we do
-    /// not model, such as bos_token_id or transformers_version, survive a fine-tuning run).
+    /// not model, such as bos_token_id or transformers_version, survive a fine-tuning run); a sequence
+    /// classifier's head fields last (SequenceClassification.writeInto).
     let configJson (model: CausalLm) (sourceConfig: string option) =
         let ours = ModelConfig.toJson model.Config
         match sourceConfig with
-        | None -> ours
+        | None when (SequenceClassification.tryHead model).IsNone -> ours
+        | None ->
+            let json = Nodes.JsonNode.Parse(ours).AsObject()
+            SequenceClassification.writeInto model.Config (SequenceClassification.tryHead model).Value json
+            json.ToJsonString(JsonSerializerOptions(WriteIndented = true))
         | Some source ->
             let merged = Nodes.JsonNode.Parse(source).AsObject()
             for KeyValue(key, value) in Nodes.JsonNode.Parse(ours).AsObject() do
                 merged[key] <- (if isNull value then null else value.DeepClone())
+            match SequenceClassification.tryHead model with
+            | Some head -> SequenceClassification.writeInto model.Config head merged
+            | None -> ()
             merged.ToJsonString(JsonSerializerOptions(WriteIndented = true))
 
     /// Writes the model's weights as model.safetensors with save_pretrained's names (tied head omitted).

@@ -36,6 +36,7 @@ module FineTune =
           Lora = None
           Prefix = None
           GradientCheckpointing = false
+          Task = TrainingTask.CausalLm
           Plot = None }
 
     /// The default cache folder: $FUNCTIONAL_CACHE, else ~/.cache/functional/data.

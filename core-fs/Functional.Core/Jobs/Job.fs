@@ -32,6 +32,10 @@ type PreparedJob =
       Data: TrainAndEval
       /// Steps, accumulation and schedule.
       Plan: LoopPlan
+      /// What training minimizes (the request's task: Objective.causalLm by default).
+      Objective: Objective
+      /// The evaluation of a model on a dataset of the job (the task's loss and metrics).
+      Evaluate: CausalLm -> TokenizedDataset -> EvalResult
       /// The adapters (at most one kind), attached.
       Adapters: Adapter list
       /// What trains, evaluates and generates: the model behind its prefix when there is one.
@@ -190,23 +194,58 @@ module Job =
     /// Checks and loads everything a job needs, raising InvalidInputException before anything is written:
     /// options, output folder, model, tokenizer, data, adapters, learning rates and (when resuming) the
     /// checkpoint, whose weights, adapter values and signature it restores.
+    /// A task other than causal language modelling takes no adapter (LoRA or prefix) yet and scores no
+    /// generated answers.
+    let private checkTask (request: FineTuneRequest) =
+        match request.Task with
+        | TrainingTask.CausalLm -> ()
+        | _ ->
+            if request.Prefix.IsSome then InvalidInput.setting "prefix_tuning" "trains causal language models only; not with {task}"
+            if request.Lora.IsSome then InvalidInput.setting "lora_dim" "LoRA is not supported with {task} yet"
+            if request.Data.ExactMatchSamples > 0 then InvalidInput.setting "exact_match_samples" "scores generated answers of causal language models; not with {task}"
+
+    /// The model, options, tokenizer, data, objective, evaluation and task signature of the request's task.
+    let private loadTask (request: FineTuneRequest) =
+        let tokenizer = tokenizerFor request
+        let contextOptions (config: ModelConfig) prefixTokens =
+            { request.Options with MaxSeqLen = TrainOptions.sequenceLength request.Options config prefixTokens }
+        match request.Task with
+        | TrainingTask.CausalLm ->
+            let model = HfModelFolder.load request.ModelPath request.Options.Seed
+            if (SequenceClassification.tryHead model).IsSome then
+                InvalidInput.fail (Path.Combine(request.ModelPath, "config.json")) "architectures"
+                    (sprintf "is %s, a sequence classifier: train it with {task} sequence-classification (or reward-model), or start from a causal LM" (SequenceClassification.architecture model.Config))
+            let prefixTokens = request.Prefix |> Option.map (fun p -> p.NumPrefixTokens) |> Option.defaultValue 0
+            // From here on MaxSeqLen is the row length of the run: the model's context when it was 0.
+            let options = contextOptions model.Config prefixTokens
+            let data = loadData request options model tokenizer
+            let evaluate model eval = Evaluation.evaluate model eval options.PerDeviceEvalBatchSize options.MaxSeqLen TrainingLoop.PadId
+            model, options, tokenizer, data, Objective.causalLm, evaluate, []
+        | task ->
+            let config = ModelConfig.load (Path.Combine(request.ModelPath, "config.json"))
+            let options = contextOptions config 0
+            let ratio = request.Data.Prompt.EvalSplitRatio
+            let setup =
+                match task with
+                | TrainingTask.SequenceClassification c -> TaskJob.prepareClassification request.ModelPath request.DataPath request.Data.EvalDataPath c options ratio tokenizer
+                | TrainingTask.RewardModel r -> TaskJob.prepareReward request.ModelPath request.DataPath request.Data.EvalDataPath r options ratio tokenizer
+                | TrainingTask.CausalLm -> invalidArg (nameof request) "handled above"
+            checkSettings request setup.Data.Eval.IsSome
+            setup.Model, options, tokenizer, setup.Data, setup.Objective, setup.Evaluate, setup.Signature
+
     let prepare (request: FineTuneRequest) (observer: FineTuneEvents) : PreparedJob =
         let clock = Stopwatch.StartNew()
         let request = withAdapterPrefixSize request
         checkRequest request
-        let model = HfModelFolder.load request.ModelPath request.Options.Seed
-        let prefixTokens = request.Prefix |> Option.map (fun p -> p.NumPrefixTokens) |> Option.defaultValue 0
-        // From here on MaxSeqLen is the row length of the run: the model's context when it was 0.
-        let options = { request.Options with MaxSeqLen = TrainOptions.sequenceLength request.Options model.Config prefixTokens }
-        let tokenizer = tokenizerFor request
-        let data = loadData request options model tokenizer
+        checkTask request
+        let model, options, tokenizer, data, objective, evaluate, taskSignature = loadTask request
         let plan = TrainingLoop.plan options data.Train.Rows.Length
         let adapters, adapterSignature = attachAdapters request options model data
         let trained = adapters |> List.tryLast |> Option.map (fun a -> a.Model) |> Option.defaultValue model
         CausalLm.setGradientCheckpointing model request.GradientCheckpointing
         let trainable = trainableParameters model adapters
         let learningRate = learningRates options adapters
-        let signature = TrainingCheckpoint.signature plan model data.Train @ adapterSignature
+        let signature = TrainingCheckpoint.signature plan model data.Train @ adapterSignature @ taskSignature
         let restored = restore request observer model trainable adapters signature
         let isMain = true
         { Request = request
@@ -219,6 +258,8 @@ module Job =
             else tokenizerFiles |> List.map (fun f -> Path.Combine(request.ModelPath, f)) |> List.filter File.Exists
           Data = data
           Plan = plan
+          Objective = objective
+          Evaluate = evaluate
           Adapters = adapters
           Trained = trained
           Trainable = trainable
@@ -263,8 +304,7 @@ module Job =
         let tokens, flos = savedTokensAndFlos job
         flos + job.FlopsPerInputToken * float (progress.InputTokensSeen - tokens)
 
-    let private evaluate (job: PreparedJob) eval =
-        Evaluation.evaluate job.Trained eval job.Options.PerDeviceEvalBatchSize job.Options.MaxSeqLen TrainingLoop.PadId
+    let private evaluate (job: PreparedJob) eval = job.Evaluate job.Trained eval
 
     /// The evaluation figures of the model now: eval is the evaluation loss, computed by the caller.
     let private figures (job: PreparedJob) (eval: EvalResult) =
@@ -275,7 +315,7 @@ module Job =
             else None }
 
     let private logEval (log: RunLogWriter) (observer: FineTuneEvents) step (f: EvalFigures) =
-        log.Eval { Step = step; Loss = f.Eval.Loss; Perplexity = f.Eval.Perplexity; ExactMatch = f.ExactMatch }
+        log.Eval { Step = step; Loss = f.Eval.Loss; Perplexity = f.Eval.Perplexity; ExactMatch = f.ExactMatch; Metrics = f.Eval.Metrics }
         observer.OnEvaluation step f
 
     /// The evaluation before training: evaluated now, or (resuming) read from the history.
@@ -283,7 +323,7 @@ module Job =
         match job.Restored, job.Data.Eval with
         | Some _, _ ->
             RunLog.before log.History
-            |> Option.map (fun e -> { Eval = { Loss = e.Loss; Perplexity = e.Perplexity; Tokens = 0L }; ExactMatch = e.ExactMatch })
+            |> Option.map (fun e -> { Eval = { Loss = e.Loss; Perplexity = e.Perplexity; Tokens = 0L; Metrics = e.Metrics }; ExactMatch = e.ExactMatch })
         | None, Some eval ->
             let f = figures job (evaluate job eval)
             logEval log observer 0 f
@@ -348,6 +388,7 @@ module Job =
         TrainingLoop.run
             { TrainingLoop.setup job.Plan job.Trained job.Data.Train with
                 Attach = attach
+                Objective = job.Objective
                 Parameters = [ for name, p in job.Trainable -> struct (name, p) ]
                 LearningRate = job.LearningRate }
             (job.Restored |> Option.map (fun r -> r.Resume))
@@ -393,7 +434,7 @@ module Job =
           StepsPerSecond = stepsHere / runtime
           TotalFlos = totalFlos job progress
           TrainLoss = (if snd progress.TrainLoss = 0 then nan else fst progress.TrainLoss / float (snd progress.TrainLoss))
-          After = after |> Option.map (fun a -> { Step = result.Steps; Loss = a.Eval.Loss; Perplexity = a.Eval.Perplexity; ExactMatch = a.ExactMatch }) }
+          After = after |> Option.map (fun a -> { Step = result.Steps; Loss = a.Eval.Loss; Perplexity = a.Eval.Perplexity; ExactMatch = a.ExactMatch; Metrics = a.Eval.Metrics }) }
 
     /// Trains a prepared job: metrics.jsonl and TensorBoard events as it goes, checkpoints as the policy
     /// decides, then (unless interrupted) the summary line and final/, and loss.png.

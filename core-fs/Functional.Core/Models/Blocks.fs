@@ -566,6 +566,10 @@ type CausalLmHead(name: string, backboneName: string, backbone: DecoderBackbone,
     /// The backbone below the head.
     member _.Backbone = backbone
 
+    /// The name the backbone is registered under, so the state-dict prefix ("transformer", "model");
+    /// other heads over the same backbone (SequenceClassifierHead) register it under this name too.
+    member _.BackboneName = backboneName
+
     /// Logits of hidden states: (B, T, C) -> (B, T, vocab_size).
     member private _.Logits(hidden: torch.Tensor) =
         match lmHead with
