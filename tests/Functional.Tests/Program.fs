@@ -25,7 +25,8 @@ let endToEnd =
       [ "builder"; "fit" ]
       [ "mixed precision"; "LoRA" ]
       [ "prefix tuning"; "bad input" ]
-      [ "prefix tuning"; "generation" ] ]
+      [ "prefix tuning"; "generation" ]
+      [ "heads cli" ] ]
 
 let private isEndToEnd (names: string list) =
     endToEnd |> List.exists (fun prefix -> List.length prefix <= List.length names && List.take prefix.Length names = prefix)

@@ -204,11 +204,13 @@ module TaskJob =
           Evaluate = fun m d -> Evaluation.evaluateReward objective m d options.PerDeviceEvalBatchSize options.MaxSeqLen
           Signature = [ entry "task" "{task}" (sprintf "reward-model pad_token_id=%s" (pad |> Option.map string |> Option.defaultValue "none")) ] }
 
-    /// The tokenizer of a model folder (or an encoding name) for evaluation.
+    /// The tokenizer of a model folder (or an encoding name) for evaluation; none for a folder without
+    /// tokenizer files (pre-tokenized data only).
     let private tokenizerOf (modelPath: string) (tokenizerName: string option) =
         match tokenizerName with
         | Some name -> Tokenizers.fromEncoding name
-        | None -> Tokenizers.fromFolder modelPath
+        | None when JobChecks.hasTokenizer modelPath -> Tokenizers.fromFolder modelPath
+        | None -> TextTokenizer.absent modelPath "the model folder has no tokenizer files: give pre-tokenized rows or {tokenizer} NAME"
 
     /// Evaluates a trained classifier folder on a labelled file (functional eval): loss, accuracy and
     /// macro_f1 as the job's evaluation lines report them. The folder's head decides the labels; rows
