@@ -225,6 +225,38 @@ let tests =
             use config = JsonDocument.Parse(File.ReadAllText(Path.Combine(result.FinalModelPath, "config.json")))
             Expect.equal (config.RootElement.GetProperty("id2label").EnumerateObject() |> Seq.length) 1 "one label")
 
+        torchTest "LoRA on a classifier writes PEFT's SEQ_CLS adapter: task_type SEQ_CLS, modules_to_save [score], the trained score under base_model.model.score.weight; it loads back" (fun () ->
+            use folder = new TempFolder()
+            let rng = Random 5
+            let rows = [ for i in 1 .. 8 -> sprintf """{"input_ids": [%s], "label": %d}""" (idsRow rng) (i % 2) ]
+            let lora =
+                { Config = { R = 2; Alpha = 4.0; Dropout = 0.0; TargetModules = [ "q_proj"; "v_proj" ]; ModuleNameSubstring = None }
+                  OnlyOptimizeLora = true
+                  LearningRate = None
+                  AdapterPath = None }
+            let request = { taskRequest folder classification rows with Lora = Some lora }
+            let result = FineTune.run request ignore
+            use config = JsonDocument.Parse(File.ReadAllText(Path.Combine(result.FinalModelPath, "adapter_config.json")))
+            Expect.equal (config.RootElement.GetProperty("task_type").GetString()) "SEQ_CLS" "task_type"
+            Expect.equal [ for m in config.RootElement.GetProperty("modules_to_save").EnumerateArray() -> m.GetString() ] [ "score" ] "modules_to_save"
+            let saved = Safetensors.load (Path.Combine(result.FinalModelPath, "adapter_model.safetensors"))
+            Expect.isTrue (saved.ContainsKey Functional.Peft.Lora.ScoreKey) "score saved under PEFT's name"
+            let fresh = HfModelFolder.loadClassifier (folder.File "model") (head [| "LABEL_0"; "LABEL_1" |] (Some 0L)) request.Options.Seed
+            let initial = (classifierOf fresh).Score.weight.clone ()
+            Expect.isGreaterThan (maxAbsDiff saved[Functional.Peft.Lora.ScoreKey] initial) 0.0 "the score trained"
+            let adapters = Functional.Peft.Lora.load result.FinalModelPath fresh
+            expectClose 0.0 (classifierOf fresh).Score.weight saved[Functional.Peft.Lora.ScoreKey] "score loaded back"
+            Expect.equal (Functional.Peft.Lora.parameters adapters).Length 8 "two adapters per layer, A and B"
+            saved |> Map.iter (fun _ t -> t.Dispose()))
+
+        torchTest "a classification job trains under bf16 (the compute copy is a classifier too)" (fun () ->
+            use folder = new TempFolder()
+            let rng = Random 6
+            let rows = [ for i in 1 .. 8 -> sprintf """{"input_ids": [%s], "label": %d}""" (idsRow rng) (i % 2) ]
+            let request = taskRequest folder classification rows
+            let result = FineTune.run { request with Options = { request.Options with Precision = Precision.Bf16 } } ignore
+            Expect.isTrue (Double.IsFinite result.FinalLoss) "finite loss")
+
         torchTest "batches of more than one row without pad_token_id are refused naming config.json's pad_token_id; a classifier is refused as a causal LM" (fun () ->
             use folder = new TempFolder()
             causalFolder (folder.File "model") (Llama tinyLlama) |> ignore

@@ -126,12 +126,17 @@ module Job =
         let prefix = request.Prefix |> Option.map (prefixAdapter options model data)
         let adapters = (lora |> Option.map fst |> Option.toList) @ Option.toList prefix
         for a in adapters do if a.FreezesBase then Adapter.freezeBase model
+        // What an adapter trains of the base model (a classifier's score, PEFT's modules_to_save) stays trainable.
+        for a in adapters do for _, p in a.Parameters do p.requires_grad <- true
         adapters, TrainingCheckpoint.adapterSignature (lora |> Option.map snd) (prefix |> Option.map (fun p -> p.Signature))
 
     let private trainableParameters (model: CausalLm) (adapters: Adapter list) =
-        [ if adapters |> List.forall (fun a -> not a.FreezesBase) then
-              for struct (name, p) in model.Module.named_parameters () -> name, p
-          yield! Adapter.parameters adapters ]
+        let own = [ for struct (name, p) in model.Module.named_parameters () -> name, p ]
+        let isOwn (p: TorchSharp.Modules.Parameter) = own |> List.exists (fun (_, q) -> obj.ReferenceEquals(p, q))
+        [ if adapters |> List.forall (fun a -> not a.FreezesBase) then yield! own
+          // A parameter of the model an adapter also trains (a classifier's score) appears once.
+          for name, p in Adapter.parameters adapters do
+              if adapters |> List.forall (fun a -> a.FreezesBase) || not (isOwn p) then yield name, p ]
 
     let private learningRates (options: TrainOptions) (adapters: Adapter list) =
         let rates = dict [ for a in adapters do for name, _ in a.Parameters -> name, defaultArg a.LearningRate options.LearningRate ]
@@ -194,14 +199,13 @@ module Job =
     /// Checks and loads everything a job needs, raising InvalidInputException before anything is written:
     /// options, output folder, model, tokenizer, data, adapters, learning rates and (when resuming) the
     /// checkpoint, whose weights, adapter values and signature it restores.
-    /// A task other than causal language modelling takes no adapter (LoRA or prefix) yet and scores no
-    /// generated answers.
+    /// A task other than causal language modelling takes no prefix (LoRA is PEFT's SEQ_CLS there) and
+    /// scores no generated answers.
     let private checkTask (request: FineTuneRequest) =
         match request.Task with
         | TrainingTask.CausalLm -> ()
         | _ ->
             if request.Prefix.IsSome then InvalidInput.setting "prefix_tuning" "trains causal language models only; not with {task}"
-            if request.Lora.IsSome then InvalidInput.setting "lora_dim" "LoRA is not supported with {task} yet"
             if request.Data.ExactMatchSamples > 0 then InvalidInput.setting "exact_match_samples" "scores generated answers of causal language models; not with {task}"
 
     /// The model, options, tokenizer, data, objective, evaluation and task signature of the request's task.
