@@ -154,7 +154,7 @@ let tests =
             use c = model.Module.forward (ids [| 1L; 2L; 1L; 1L; 2L; 2L; 1L; 2L; 3L |] 3L)
             use r = model.Module.forward (ids [| 4L; 5L; 6L |] 3L)
             use expected = torch.nn.functional.logsigmoid(c - r).sum().neg()
-            Expect.floatClose Accuracy.high (float (loss.item<float32> ())) (float (expected.item<float32> ())) "loss")
+            Expect.floatClose Accuracy.medium (float (loss.item<float32> ())) (float (expected.item<float32> ())) "loss (float32 sums of another order)")
 
         test "labels: sorted distinct names of the training rows (run_glue), config's id2label when it names them, ids with --num-labels" {
             let rows (labels: RawLabel list) = [| for i, l in List.indexed labels -> { Line = i + 1; Text = "t"; Ids = None; Label = l } |]
