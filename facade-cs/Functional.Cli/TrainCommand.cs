@@ -108,6 +108,11 @@ internal static class TrainCommand
         }
         command.SetAction(parse =>
         {
+            if (!CliOption.Given(parse, model) && !CliOption.Given(parse, data)
+                && parse.GetValue(task)!.Trim().Equals("sequence-classification", StringComparison.OrdinalIgnoreCase))
+            {
+                return EmbeddedCommand.RunClassification(parse, output, seed, threads, maxSteps, task);
+            }
             if (!CliOption.Given(parse, model) && !CliOption.Given(parse, data))
             {
                 return EmbeddedCommand.Run(parse, output, seed, threads, maxSteps);

@@ -297,6 +297,16 @@ type private TextScratch() =
 [<Tests>]
 let cliTests =
     testList "heads cli" [
+        test "functional train --task sequence-classification without data: the embedded sentiment demo trains and writes a classifier" {
+            use folder = new TempFolder()
+            let run = runCli [ "train"; "--task"; "sequence-classification"; "--output"; folder.File "demo"; "--max-steps"; "12"; "--threads"; "1" ]
+            Expect.equal run.ExitCode 0 (sprintf "exit 0 (stderr: %s)" run.Stderr)
+            Expect.stringContains run.Stdout "accuracy" "reports accuracy"
+            Expect.stringContains (File.ReadAllText(folder.File "demo/final/config.json")) "\"positive\"" "labels from the data"
+            let refused = runCli [ "train"; "--task"; "sequence-classification"; "--output"; folder.File "demo2"; "--learning-rate"; "1" ]
+            Expect.equal refused.ExitCode 2 "other options refused"
+        }
+
         test "functional train --task sequence-classification on a CSV: exit 0, eval_accuracy logged, final/ a classifier; an unknown label names file:line" {
             use s = new TextScratch()
             let evalFile = s.File "eval.csv"
