@@ -257,6 +257,20 @@ let tests =
             let result = FineTune.run { request with Options = { request.Options with Precision = Precision.Bf16 } } ignore
             Expect.isTrue (Double.IsFinite result.FinalLoss) "finite loss")
 
+        torchTest "a classification run resumed from its checkpoint ends with the same weights (the checkpoint holds the classifier and its config)" (fun () ->
+            use folder = new TempFolder()
+            let rng = Random 7
+            let rows = [ for i in 1 .. 9 -> sprintf """{"input_ids": [%s], "label": "%s"}""" (idsRow rng) (if i % 3 = 0 then "x" else "y") ]
+            let request = taskRequest folder classification rows
+            let request = { request with Options = { request.Options with SaveSteps = 2; GradientAccumulationSteps = 2 } }
+            let full = FineTune.run request ignore
+            let resumed = folder.File "resumed"
+            copyFolder (Path.Combine(request.OutputPath, "checkpoint-2")) (Path.Combine(resumed, "checkpoint-2"))
+            let again = FineTune.run { request with OutputPath = resumed; ResumeFromCheckpoint = Some "latest" } ignore
+            Expect.equal again.StartStep 2 "resumed at step 2"
+            Expect.sequenceEqual (File.ReadAllBytes(Path.Combine(again.FinalModelPath, "model.safetensors"))) (File.ReadAllBytes(Path.Combine(full.FinalModelPath, "model.safetensors"))) "same final weights"
+            Expect.stringContains (File.ReadAllText(Path.Combine(request.OutputPath, "checkpoint-2", "config.json"))) "LlamaForSequenceClassification" "checkpoint config")
+
         torchTest "batches of more than one row without pad_token_id are refused naming config.json's pad_token_id; a classifier is refused as a causal LM" (fun () ->
             use folder = new TempFolder()
             causalFolder (folder.File "model") (Llama tinyLlama) |> ignore
