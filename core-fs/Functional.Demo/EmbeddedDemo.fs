@@ -1,6 +1,7 @@
 namespace Functional.Demo
 
 open System
+open System.IO
 open System.Threading
 open Functional
 open Functional.Training
@@ -37,3 +38,31 @@ type EmbeddedDemo =
                 Threads = threads }
         let events = FineTuning.Events(onProgress, onEvaluation, onMessage)
         FineTuning.ToResult(EmbeddedRun.run settings cancellation events)
+
+    /// Where the classification demo lands by default (runs/embedded-classification).
+    static member ClassificationOutputPath: string = Path.Combine("runs", "embedded-classification")
+
+    /// Runs the embedded classification demo (EmbeddedClassification.run): a small LLaMA classifier learns
+    /// the sentiment of synthetic reviews, negation included, from 2,000 of them in 300 steps. Nulls keep
+    /// the defaults; cancellation as Run.
+    static member RunClassification
+        (
+            outputPath: string,
+            seed: Nullable<int>,
+            maxSteps: Nullable<int>,
+            threads: int,
+            cancellation: CancellationToken,
+            onProgress: Action<TrainingProgress>,
+            onEvaluation: Action<EvaluationProgress>,
+            onMessage: Action<string>
+        ) : FineTuneResult =
+        let settings =
+            { EmbeddedRun.defaults with
+                OutputPath = (if isNull outputPath then EmbeddedDemo.ClassificationOutputPath else outputPath)
+                Seed = (if seed.HasValue then seed.Value else EmbeddedRun.defaults.Seed)
+                TrainSamples = 2000
+                EvalSamples = 200
+                MaxSteps = (if maxSteps.HasValue then maxSteps.Value else 300)
+                Threads = threads }
+        let events = FineTuning.Events(onProgress, onEvaluation, onMessage)
+        FineTuning.ToResult(EmbeddedClassification.run settings cancellation events)

@@ -141,6 +141,7 @@ module EmbeddedRun =
                   Prefix = None
                   GradientCheckpointing = false
                   ModelHandling = FineTune.defaultModelHandling
+                  Task = TrainingTask.CausalLm
                   Plot = Functional.Reporting.MetricsPlot.drawer }
             let result = FineTune.runObserved request cancellation observer
             if result.Interrupted then

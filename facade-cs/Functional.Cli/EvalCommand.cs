@@ -2,7 +2,7 @@ using System.CommandLine;
 
 namespace Functional.Cli;
 
-/// <summary>`functional eval`: the loss and perplexity of a model folder on a data file, printed and written as JSON.</summary>
+/// <summary>`functional eval`: the loss and the task's metrics of a model folder on a data file, printed and written as JSON.</summary>
 internal static class EvalCommand
 {
     public static Command Create()
@@ -19,9 +19,14 @@ internal static class EvalCommand
         var maxSeqLen = CliOption.Create("--max-seq-len", "Cut rows to this many tokens (0: the model's context).", d.MaxSeqLen, "--max_seq_length", "--max-seq-length");
         var batch = CliOption.Create("--per-device-eval-batch-size", "Rows per micro-batch.", d.BatchSize);
         var tokenizer = CliOption.Create<string?>("--tokenizer", "A tiktoken encoding (cl100k_base, o200k_base) instead of the model folder's tokenizer.", null);
-        var command = new Command("eval", "Evaluate a model folder on a data file: eval_loss and eval_perplexity (as training's evaluation lines), printed and written as JSON.")
+        var task = CliOption.Create<string?>("--task", "causal-lm, sequence-classification or reward-model (default: as the folder's config.json says).", null);
+        var labelField = CliOption.Create<string?>("--label-field", "The label field of a classification file (default label).", null);
+        var chosenField = CliOption.Create<string?>("--chosen-field", "The preferred answer's field of a reward file (default chosen).", null);
+        var rejectedField = CliOption.Create<string?>("--rejected-field", "The other answer's field of a reward file (default rejected).", null);
+        var command = new Command("eval", "Evaluate a model folder on a data file, printed and written as JSON in the names of training's evaluation lines: eval_loss and eval_perplexity (causal LM), eval_accuracy and eval_macro_f1 (classifier), eval_accuracy and eval_mean_margin (reward model).")
         {
             model, data, output, dataFormat, promptField, answerField, textField, trainOn, maxSeqLen, batch, tokenizer,
+            task, labelField, chosenField, rejectedField,
         };
         command.SetAction(parse =>
         {
@@ -38,6 +43,10 @@ internal static class EvalCommand
                 MaxSeqLen = parse.GetValue(maxSeqLen),
                 BatchSize = parse.GetValue(batch),
                 Tokenizer = parse.GetValue(tokenizer),
+                Task = parse.GetValue(task),
+                LabelField = parse.GetValue(labelField),
+                ChosenField = parse.GetValue(chosenField),
+                RejectedField = parse.GetValue(rejectedField),
             });
             Console.WriteLine(report.Line);
             Console.Error.WriteLine($"wrote {report.OutputPath}");

@@ -12,6 +12,11 @@ internal static class Report
     {
         var when = e.Step == 0 ? "eval before training" : $"eval at step {e.Step}";
         var exact = e.ExactMatch is { } m ? $"  exact match {Percent(m)}" : "";
+        if (e.Metrics.Count > 0)
+        {
+            var figures = string.Concat(e.Metrics.Select(m => $"  {m.Key.Replace('_', ' ')} {Program.Num(m.Value, "F4")}"));
+            return $"{when}: loss {Program.Num(e.Loss, "F4")}{figures}";
+        }
         return $"{when}: loss {Program.Num(e.Loss, "F4")}  perplexity {Program.Num(e.Perplexity, "F2")}{exact}";
     }
 
@@ -29,7 +34,15 @@ internal static class Report
         {
             Console.WriteLine($"                 before     after");
             Console.WriteLine($"eval loss    {Program.Num(before.Loss, "F4"),10} {Program.Num(after.Loss, "F4"),9}");
-            Console.WriteLine($"perplexity   {Program.Num(before.Perplexity, "F2"),10} {Program.Num(after.Perplexity, "F2"),9}");
+            if (after.Metrics.Count == 0)
+            {
+                Console.WriteLine($"perplexity   {Program.Num(before.Perplexity, "F2"),10} {Program.Num(after.Perplexity, "F2"),9}");
+            }
+            foreach (var (name, value) in after.Metrics)
+            {
+                var earlier = before.Metrics.FirstOrDefault(m => m.Key == name).Value;
+                Console.WriteLine($"{name.Replace('_', ' '),-12} {Program.Num(earlier, "F4"),10} {Program.Num(value, "F4"),9}");
+            }
             if (before.ExactMatch is not null || after.ExactMatch is not null)
             {
                 Console.WriteLine($"exact match  {Percent(before.ExactMatch),10} {Percent(after.ExactMatch),9}");

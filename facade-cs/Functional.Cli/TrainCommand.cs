@@ -17,6 +17,12 @@ internal static class TrainCommand
         var answerField = CliOption.Create<string?>("--answer-field", "Field holding the answer (data of another shape).", null);
         var textField = CliOption.Create<string?>("--text-field", "Field holding plain text (data of another shape).", null);
         var trainOn = CliOption.Create("--train-on", "all (loss on prompt and answer) or completion (loss on the answer only).", d.TrainOn);
+        var task = CliOption.Create("--task", "causal-lm (default), sequence-classification (rows of --text-field and --label-field) or reward-model (rows of --prompt-field, --chosen-field, --rejected-field).", d.Task);
+        var labelField = CliOption.Create<string?>("--label-field", "Classification: the label field (default label): a name or an integer id.", null);
+        var chosenField = CliOption.Create<string?>("--chosen-field", "Reward model: the preferred answer's field (default chosen).", null);
+        var rejectedField = CliOption.Create<string?>("--rejected-field", "Reward model: the other answer's field (default rejected).", null);
+        var numLabels = CliOption.Create<int?>("--num-labels", "Classification: num_labels when config.json names no labels and the labels are ids.", null, "--num_labels");
+        var padTokenId = CliOption.Create<long?>("--pad-token-id", "Classification and reward model: the pad id (over config.json's pad_token_id).", null, "--pad_token_id");
         var packing = CliOption.Create("--packing", "Concatenate samples separated by eos into rows of --max-seq-len tokens.", false);
         var addBos = CliOption.Create("--add-bos", "Start every sample with the tokenizer's bos token (default: the tokenizer's own rule, as HF: LLaMA's adds it, GPT-2's does not).", false);
         var noAddBos = CliOption.Create("--no-add-bos", "Start no sample with bos, whatever the tokenizer's rule.", false);
@@ -97,6 +103,7 @@ internal static class TrainCommand
             evalStrategy, saveStrategy, saveSteps, saveTotalLimit, metric, greaterIsBetter, loadBest, patience, resume,
             loraDim, loraAlpha, loraDropout, loraModuleName, loraTargets, onlyLora, loraLr, loraAdapter, recompute,
             prefixTuning, numPrefixTokens, prefixAdapter, disableDropout, resizeMultiple, maxShardSize,
+            task, labelField, chosenField, rejectedField, numLabels, padTokenId,
             bf16, fp16, lossScale, scalePower, scaleWindow, hysteresis, minScale,
         };
         foreach (var option in hf.Options)
@@ -105,6 +112,11 @@ internal static class TrainCommand
         }
         command.SetAction(parse =>
         {
+            if (!CliOption.Given(parse, model) && !CliOption.Given(parse, data)
+                && parse.GetValue(task)!.Trim().Equals("sequence-classification", StringComparison.OrdinalIgnoreCase))
+            {
+                return EmbeddedCommand.RunClassification(parse, output, seed, threads, maxSteps, task);
+            }
             if (!CliOption.Given(parse, model) && !CliOption.Given(parse, data))
             {
                 return EmbeddedCommand.Run(parse, output, seed, threads, maxSteps);
@@ -249,6 +261,14 @@ internal static class TrainCommand
                     o.LearningRate = parse.GetValue(loraLr);
                 });
             }
+            builder.UseTask(parse.GetValue(task)!, o =>
+            {
+                o.LabelField = parse.GetValue(labelField);
+                o.ChosenField = parse.GetValue(chosenField);
+                o.RejectedField = parse.GetValue(rejectedField);
+                o.NumLabels = parse.GetValue(numLabels);
+                o.PadTokenId = parse.GetValue(padTokenId);
+            });
             if (parse.GetValue(prefixTuning))
             {
                 builder.UsePrefixTuning(parse.GetValue(numPrefixTokens));

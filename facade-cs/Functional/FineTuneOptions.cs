@@ -257,4 +257,24 @@ public sealed class FineTuneOptions
 
     /// <summary>A checkpoint folder to resume from, or "latest" for the newest complete one in OutputPath (default none).</summary>
     public string? ResumeFromCheckpoint { get; set; }
+
+    /// <summary>What the model learns: "causal-lm" (default), "sequence-classification" (rows of <see cref="TextField"/>
+    /// and <see cref="LabelField"/>; HF's *ForSequenceClassification) or "reward-model" (rows of
+    /// <see cref="PromptField"/>, <see cref="ChosenField"/> and <see cref="RejectedField"/>; a one-label classifier).</summary>
+    public string Task { get; set; } = "causal-lm";
+
+    /// <summary>Classification: the label field (default "label"): a name mapped through label2id, or an id.</summary>
+    public string? LabelField { get; set; }
+
+    /// <summary>Reward model: the preferred answer's field (default "chosen").</summary>
+    public string? ChosenField { get; set; }
+
+    /// <summary>Reward model: the other answer's field (default "rejected").</summary>
+    public string? RejectedField { get; set; }
+
+    /// <summary>Classification: num_labels when neither config.json nor the label names decide it (default none).</summary>
+    public int? NumLabels { get; set; }
+
+    /// <summary>Classification and reward model: the pad id, over config.json's pad_token_id (default none).</summary>
+    public long? PadTokenId { get; set; }
 }

@@ -39,13 +39,23 @@ public readonly record struct TrainingProgress(
 /// <param name="Perplexity">exp(Loss).</param>
 /// <param name="ExactMatch">Fraction of scored samples answered exactly, in the evaluation before training when
 /// scoring was asked for, else null (the result's <see cref="FineTuneResult.After"/> holds the closing score).</param>
-public readonly record struct EvaluationProgress(int Step, double Loss, double Perplexity, double? ExactMatch);
+public readonly record struct EvaluationProgress(int Step, double Loss, double Perplexity, double? ExactMatch)
+{
+    /// <summary>A task's own figures by name as metrics.jsonl writes them without eval_ (sequence classification:
+    /// accuracy, macro_f1; reward model: accuracy, mean_margin); empty for causal language modelling, where
+    /// perplexity applies instead.</summary>
+    public IReadOnlyList<KeyValuePair<string, double>> Metrics { get; init; } = [];
+}
 
 /// <summary>Evaluation figures at one point of a run.</summary>
 /// <param name="Loss">Token-weighted evaluation loss.</param>
 /// <param name="Perplexity">exp(Loss).</param>
 /// <param name="ExactMatch">Fraction of scored samples answered exactly, when scoring was asked for.</param>
-public sealed record EvaluationFigures(double Loss, double Perplexity, double? ExactMatch);
+public sealed record EvaluationFigures(double Loss, double Perplexity, double? ExactMatch)
+{
+    /// <summary>A task's own figures by name (see <see cref="EvaluationProgress.Metrics"/>).</summary>
+    public IReadOnlyList<KeyValuePair<string, double>> Metrics { get; init; } = [];
+}
 
 /// <summary>The outcome of a finished run.</summary>
 /// <param name="Steps">Optimizer steps of the run done, counting those before a resume (HF's global_step).</param>
@@ -120,7 +130,10 @@ public static class FineTuning
         onStep: FuncConvert.FromAction<StepLog>(log => onProgress?.Invoke(ToProgress(log))),
         onEvaluation: FuncConvert.FromAction<int, EvalFigures>((step, figures) => onEvaluation?.Invoke(new EvaluationProgress(
             step, figures.Eval.Loss, figures.Eval.Perplexity,
-            FSharpOption<double>.get_IsNone(figures.ExactMatch) ? null : figures.ExactMatch.Value))),
+            FSharpOption<double>.get_IsNone(figures.ExactMatch) ? null : figures.ExactMatch.Value)
+        {
+            Metrics = MetricsOf(figures.Eval),
+        })),
         onMessage: FuncConvert.FromAction<string>(line => onMessage?.Invoke(line)));
 
     /// <summary>
@@ -147,6 +160,7 @@ public static class FineTuning
             prefix: ToPrefix(options, prefixTokensGiven),
             gradientCheckpointing: options.GradientCheckpointing,
             modelHandling: ToModelHandling(options),
+            task: ToTask(options),
             plot: Reporting.MetricsPlot.drawer);
         TrainOptionsModule.validate(request.Options);
         return request;
@@ -189,7 +203,13 @@ public static class FineTuning
             : new EvaluationFigures(
                 figures.Value.Eval.Loss,
                 figures.Value.Eval.Perplexity,
-                FSharpOption<double>.get_IsNone(figures.Value.ExactMatch) ? null : figures.Value.ExactMatch.Value);
+                FSharpOption<double>.get_IsNone(figures.Value.ExactMatch) ? null : figures.Value.ExactMatch.Value)
+            {
+                Metrics = MetricsOf(figures.Value.Eval),
+            };
+
+    private static IReadOnlyList<KeyValuePair<string, double>> MetricsOf(EvalResult eval) =>
+        eval.Metrics.Select(m => new KeyValuePair<string, double>(m.Item1, m.Item2)).ToList();
 
     private static FSharpOption<T> Optional<T>(T? value) where T : class =>
         value is null ? FSharpOption<T>.None : FSharpOption<T>.Some(value);
@@ -236,6 +256,50 @@ public static class FineTuning
         // reads no file); a different explicit --num-prefix-tokens is refused by the core.
         var tokens = o.PrefixAdapter is not null && o.NumPrefixTokens == defaultTokens ? 0 : o.NumPrefixTokens;
         return FSharpOption<PrefixSettings>.Some(new PrefixSettings(numPrefixTokens: tokens, adapterPath: Optional(o.PrefixAdapter)));
+    }
+
+    internal static TrainingTask ToTask(FineTuneOptions o)
+    {
+        var pad = o.PadTokenId is long p ? FSharpOption<long>.Some(p) : FSharpOption<long>.None;
+        if (o.PadTokenId is < 0)
+        {
+            throw new InvalidInputException("--pad-token-id", "", $"must be a token id >= 0, got {o.PadTokenId}");
+        }
+        switch (o.Task.Trim().ToLowerInvariant())
+        {
+            case "causal-lm":
+                var stray = o.LabelField is not null ? "--label-field"
+                    : o.ChosenField is not null ? "--chosen-field"
+                    : o.RejectedField is not null ? "--rejected-field"
+                    : o.NumLabels is not null ? "--num-labels"
+                    : o.PadTokenId is not null ? "--pad-token-id"
+                    : null;
+                return stray is null
+                    ? TrainingTask.CausalLm
+                    : throw new InvalidInputException(stray, "", "needs --task sequence-classification or reward-model");
+            case "sequence-classification":
+                if (o.NumLabels is < 1)
+                {
+                    throw new InvalidInputException("--num-labels", "", $"must be >= 1, got {o.NumLabels}");
+                }
+                return TrainingTask.NewSequenceClassification(new ClassificationTask(
+                    textField: o.TextField ?? "text",
+                    labelField: o.LabelField ?? "label",
+                    numLabels: o.NumLabels is int n ? FSharpOption<int>.Some(n) : FSharpOption<int>.None,
+                    padTokenId: pad));
+            case "reward-model":
+                if (o.NumLabels is not null and not 1)
+                {
+                    throw new InvalidInputException("--num-labels", "", "a reward model has one label");
+                }
+                return TrainingTask.NewRewardModel(new RewardTask(
+                    promptField: o.PromptField ?? "prompt",
+                    chosenField: o.ChosenField ?? "chosen",
+                    rejectedField: o.RejectedField ?? "rejected",
+                    padTokenId: pad));
+            default:
+                throw new InvalidInputException("--task", "", $"expected causal-lm, sequence-classification or reward-model, got '{o.Task}'");
+        }
     }
 
     internal static DataSettings ToData(FineTuneOptions o)

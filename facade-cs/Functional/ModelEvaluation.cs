@@ -38,11 +38,27 @@ public sealed class EvaluateOptions
 
     /// <summary>A tiktoken encoding instead of the model folder's tokenizer (--tokenizer).</summary>
     public string? Tokenizer { get; set; }
+
+    /// <summary>What the folder is evaluated as (--task): "causal-lm", "sequence-classification" or
+    /// "reward-model"; null: the folder's config.json decides (a causal LM; a one-label classifier without
+    /// problem_type as a reward model; any other classifier on "text" and "label" fields).</summary>
+    public string? Task { get; set; }
+
+    /// <summary>The label field of a classification file (--label-field; needs <see cref="Task"/>).</summary>
+    public string? LabelField { get; set; }
+
+    /// <summary>The preferred answer's field of a reward file (--chosen-field; needs <see cref="Task"/>).</summary>
+    public string? ChosenField { get; set; }
+
+    /// <summary>The other answer's field of a reward file (--rejected-field; needs <see cref="Task"/>).</summary>
+    public string? RejectedField { get; set; }
 }
 
 /// <summary>What an evaluation measured.</summary>
-/// <param name="Task">What the model was evaluated as: "causal-lm".</param>
-/// <param name="Metrics">eval_loss, eval_perplexity, eval_samples, eval_tokens (the names of training's evaluation lines).</param>
+/// <param name="Task">What the model was evaluated as: "causal-lm", "sequence-classification" or "reward-model".</param>
+/// <param name="Metrics">The names of training's evaluation lines: eval_loss, eval_perplexity, eval_samples, eval_tokens
+/// (causal LM); eval_loss, eval_accuracy, eval_macro_f1, eval_samples (classification); eval_loss, eval_accuracy,
+/// eval_mean_margin, eval_samples (reward model, samples are pairs).</param>
 /// <param name="OutputPath">The metrics file written.</param>
 /// <param name="Line">The metrics as one compact JSON line.</param>
 public sealed record EvaluationReport(string Task, IReadOnlyDictionary<string, double> Metrics, string OutputPath, string Line);
@@ -73,6 +89,31 @@ public static class ModelEvaluation
             TrainOn = options.TrainOn,
             Tokenizer = options.Tokenizer,
         });
+        FSharpOption<TrainingTask> task;
+        if (options.Task is null)
+        {
+            var stray = options.LabelField is not null ? "--label-field"
+                : options.ChosenField is not null ? "--chosen-field"
+                : options.RejectedField is not null ? "--rejected-field"
+                : null;
+            if (stray is not null)
+            {
+                throw new InvalidInputException(stray, "", "needs --task sequence-classification or reward-model");
+            }
+            task = FSharpOption<TrainingTask>.None;
+        }
+        else
+        {
+            task = FSharpOption<TrainingTask>.Some(FineTuning.ToTask(new FineTuneOptions
+            {
+                Task = options.Task,
+                TextField = options.TextField,
+                PromptField = options.PromptField,
+                LabelField = options.LabelField,
+                ChosenField = options.ChosenField,
+                RejectedField = options.RejectedField,
+            }));
+        }
         var request = new EvalRequest(
             modelPath: options.ModelPath,
             dataPath: options.DataPath,
@@ -80,7 +121,8 @@ public static class ModelEvaluation
             prompt: data.Prompt,
             maxSeqLen: options.MaxSeqLen,
             tokenizerName: data.TokenizerName,
-            batchSize: options.BatchSize);
+            batchSize: options.BatchSize,
+            task: task);
         var report = Training.Evaluate.run(request);
         var metrics = report.Metrics.ToDictionary(m => m.Item1, m => m.Item2);
         return new EvaluationReport(report.Task, metrics, report.OutputPath, Training.Evaluate.metricsLine(report));

@@ -90,6 +90,12 @@ internal sealed class OptionNames
         ["--load-best-model-at-end"] = new("UseCheckpoints", nameof(CheckpointOptions.LoadBestModelAtEnd)),
         ["--early-stopping-patience"] = new("UseCheckpoints", nameof(CheckpointOptions.EarlyStoppingPatience)),
         ["--resume-from-checkpoint"] = new("ResumeFrom", ""),
+        ["--task"] = new("UseTask", "task"),
+        ["--label-field"] = new("UseTask", nameof(TaskOptions.LabelField)),
+        ["--chosen-field"] = new("UseTask", nameof(TaskOptions.ChosenField)),
+        ["--rejected-field"] = new("UseTask", nameof(TaskOptions.RejectedField)),
+        ["--num-labels"] = new("UseTask", nameof(TaskOptions.NumLabels)),
+        ["--pad-token-id"] = new("UseTask", nameof(TaskOptions.PadTokenId)),
     };
 
     private readonly Dictionary<string, BuilderOption> names;

@@ -300,6 +300,27 @@ public sealed class TrainerBuilder
         return this;
     }
 
+    /// <summary>What the model learns (--task): "causal-lm" (the default), "sequence-classification" (HF's
+    /// *ForSequenceClassification on rows of a text and a label) or "reward-model" (a one-label classifier on
+    /// prompt/chosen/rejected rows, loss -log sigmoid(r_chosen - r_rejected)).</summary>
+    /// <param name="task">The task's name.</param>
+    public TrainerBuilder UseTask(string task) => UseTask(task, _ => { });
+
+    /// <summary>What the model learns, with its fields and head (--task and the task options).</summary>
+    /// <param name="task">"causal-lm", "sequence-classification" or "reward-model".</param>
+    /// <param name="configure">Sets the label, chosen and rejected fields, num_labels and the pad id.</param>
+    public TrainerBuilder UseTask(string task, Action<TaskOptions> configure)
+    {
+        var o = Configure(configure);
+        settings.Task = NotNull(task);
+        settings.LabelField = o.LabelField;
+        settings.ChosenField = o.ChosenField;
+        settings.RejectedField = o.RejectedField;
+        settings.NumLabels = o.NumLabels;
+        settings.PadTokenId = o.PadTokenId;
+        return this;
+    }
+
     /// <summary>Recomputes each transformer block in backward instead of keeping its activations: far less memory,
     /// the same gradients, more time (--gradient-checkpointing).</summary>
     public TrainerBuilder UseGradientCheckpointing()

@@ -103,6 +103,16 @@ let private prefixSettings (case: string) : PrefixSettings option =
               AdapterPath = Some adapter }
     else None
 
+/// Head cases name their task in options.json ("sequence-classification", "reward-model").
+let private taskOf (case: string) =
+    use document = JsonDocument.Parse(File.ReadAllText(Path.Combine(goldenDir case, "options.json")))
+    match document.RootElement.TryGetProperty "task" with
+    | true, t when t.GetString() = "sequence-classification" ->
+        TrainingTask.SequenceClassification { TextField = "text"; LabelField = "label"; NumLabels = None; PadTokenId = None }
+    | true, t when t.GetString() = "reward-model" ->
+        TrainingTask.RewardModel { PromptField = "prompt"; ChosenField = "chosen"; RejectedField = "rejected"; PadTokenId = None }
+    | _ -> TrainingTask.CausalLm
+
 let private goldenRun (checkpointing: bool) (case: string) =
     test (sprintf "%s%s: per-step loss, lr, grad_norm and final weights match PyTorch" case (if checkpointing then " with gradient checkpointing" else "")) {
         use output = new TempFolder()
@@ -120,6 +130,7 @@ let private goldenRun (checkpointing: bool) (case: string) =
               Prefix = prefixSettings case
               GradientCheckpointing = checkpointing
               ModelHandling = FineTune.defaultModelHandling
+              Task = taskOf case
               Plot = None }
         let result = FineTune.run request ignore
         let expected = readJsonLines (Path.Combine(dir, "steps.jsonl"))
@@ -183,6 +194,7 @@ let tests =
         for case in [ "qwen2-linear"; "qwen3-cosine"; "mistral-cosine" ] -> goldenRun false case
         for case in [ "bloom-cosine"; "bloom-postln-linear"; "bloom-lora"; "bloom-prefix" ] -> goldenRun false case
         for case in [ "opt-cosine"; "opt-pre-linear" ] -> goldenRun false case
+        for case in [ "llama-classification"; "llama-reward" ] -> goldenRun false case
         // Recomputing blocks changes nothing, with LoRA too (frozen inputs still get gradients through the block).
         for case in [ "gpt2-cosine"; "llama-lora" ] -> goldenRun true case
         for case in [ "bloom-lora" ] -> goldenRun true case ]

@@ -432,6 +432,7 @@ let private trainingTests =
                       Prefix = None
                       GradientCheckpointing = false
                       ModelHandling = FineTune.defaultModelHandling
+                      Task = TrainingTask.CausalLm
                       Plot = None }
                 let full = FineTune.run (request (output.File "full")) ignore
                 let resumed =

@@ -485,6 +485,7 @@ let private request (modelPath: string) (output: string) =
       Prefix = None
       GradientCheckpointing = false
       ModelHandling = FineTune.defaultModelHandling
+      Task = TrainingTask.CausalLm
       Plot = None }
 
 let private tensorsOf (path: string) =

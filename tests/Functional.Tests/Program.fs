@@ -26,7 +26,8 @@ let endToEnd =
       [ "mixed precision"; "LoRA" ]
       [ "prefix tuning"; "bad input" ]
       [ "prefix tuning"; "generation" ]
-      [ "interop cli" ] ]
+      [ "interop cli" ]
+      [ "heads cli" ] ]
 
 let private isEndToEnd (names: string list) =
     endToEnd |> List.exists (fun prefix -> List.length prefix <= List.length names && List.take prefix.Length names = prefix)

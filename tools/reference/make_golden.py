@@ -351,6 +351,122 @@ PREFIX_CASES = [
     ("bloom-prefix", "bloom", "cosine", 3, BLOOM_PREFIX_MAX_GRAD_NORM),
 ]
 
+# Sequence-classification and reward-model cases (HF's LlamaForSequenceClassification):
+# the LLaMA init without lm_head plus score.weight (num_labels, hidden) drawn from
+# normal(0, initializer_range); logits at the rightmost token whose id is not
+# pad_token_id; cross-entropy (classification) or -log sigmoid(r_chosen - r_rejected)
+# (reward) summed over the window's examples / pairs and divided by their count.
+HEAD_PAD_ID = 0                 # no text holds it: ids are drawn from 1..95
+HEAD_SEEDS = {"classification": 20240621, "reward": 20240622}
+HEAD_DATA_SEED = 4343
+CLASSIFICATION_LABELS = ["negative", "neutral", "positive"]
+CLASSIFICATION_ROWS = 13        # batch 2, accumulation 3: windows of 3, 3 and 1 micro-batches
+REWARD_PAIRS = 9                # batch 2, accumulation 2: windows of 2, 2 and 1 micro-batches
+# (case name, task, scheduler, gradient_accumulation_steps, max_grad_norm, learning_rate)
+HEAD_CASES = [
+    ("llama-classification", "sequence-classification", "linear", 3, 15.4, 3e-4),
+    ("llama-reward", "reward-model", "cosine", 2, 20.5, 3e-4),
+]
+
+
+def head_config(task):
+    cfg = dict(LLAMA_CONFIG)
+    cfg["architectures"] = ["LlamaForSequenceClassification"]
+    cfg["pad_token_id"] = HEAD_PAD_ID
+    labels = CLASSIFICATION_LABELS if task == "sequence-classification" else ["LABEL_0"]
+    cfg["id2label"] = {str(i): l for i, l in enumerate(labels)}
+    cfg["label2id"] = {l: i for i, l in enumerate(labels)}
+    if task == "sequence-classification":
+        cfg["problem_type"] = "single_label_classification"
+    return cfg
+
+
+def head_init(task, base):
+    cfg = LLAMA_CONFIG
+    labels = len(CLASSIFICATION_LABELS) if task == "sequence-classification" else 1
+    params = {n: t for n, t in base.items() if n != "lm_head.weight"}
+    g = torch.Generator().manual_seed(HEAD_SEEDS["classification" if labels > 1 else "reward"])
+    params["score.weight"] = torch.randn(labels, cfg["hidden_size"], generator=g, dtype=torch.float64).mul(
+        cfg["initializer_range"] * 10).to(torch.float32)   # 10x HF's std: the head moves the loss from step 1
+    return params
+
+
+def head_rows(rng, n):
+    return [[rng.randrange(1, 96) for _ in range(rng.randint(DATA_MIN_LEN, DATA_MAX_LEN))] for _ in range(n)]
+
+
+def head_data(task):
+    rng = random.Random(HEAD_DATA_SEED + (0 if task == "sequence-classification" else 1))
+    if task == "sequence-classification":
+        rows = head_rows(rng, CLASSIFICATION_ROWS)
+        labels = [rng.randrange(len(CLASSIFICATION_LABELS)) for _ in rows]
+        return [{"input_ids": r, "label": CLASSIFICATION_LABELS[l]} for r, l in zip(rows, labels)]
+    chosen, rejected = head_rows(rng, REWARD_PAIRS), head_rows(rng, REWARD_PAIRS)
+    return [{"input_ids_chosen": c, "input_ids_rejected": r} for c, r in zip(chosen, rejected)]
+
+
+def pooled_scores(params, ids):
+    """HF's *ForSequenceClassification logits: score of the rightmost non-pad token."""
+    p = dict(params)
+    p["lm_head.weight"] = params["score.weight"]          # per-position scores (B, T, num_labels)
+    scores = llama_forward(p, LLAMA_CONFIG, ids)
+    T = ids.shape[1]
+    last = (torch.arange(T)[None, :] * (ids != HEAD_PAD_ID).long()).argmax(-1)
+    return scores[torch.arange(ids.shape[0]), last]
+
+
+def pad_rows(rows, L):
+    rows = [r[:L] for r in rows]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), HEAD_PAD_ID, dtype=torch.long)
+    for j, r in enumerate(rows):
+        ids[j, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return ids
+
+
+def train_head(task, init_f32, data, opts, dtype):
+    params = {n: t.to(dtype).clone().requires_grad_(True) for n, t in init_f32.items()}
+    order = list(params)
+    decay = [params[n] for n in order if not no_decay(n)]
+    nodecay = [params[n] for n in order if no_decay(n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": opts["weight_decay"]}, {"params": nodecay, "weight_decay": 0.0}],
+        lr=opts["learning_rate"], betas=(opts["adam_beta1"], opts["adam_beta2"]),
+        eps=opts["adam_epsilon"], weight_decay=opts["weight_decay"], foreach=False)
+    lam = {"linear": linear_lambda, "cosine": cosine_lambda}[opts["lr_scheduler_type"]](
+        opts["num_warmup_steps"], opts["max_steps"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+    L, bs = opts["max_seq_len"], opts["per_device_train_batch_size"]
+    mbs = [data[s:s + bs] for s in range(0, len(data), bs)]
+    epoch_windows = windows(mbs, opts["gradient_accumulation_steps"])
+    label_id = {l: i for i, l in enumerate(CLASSIFICATION_LABELS)}
+    steps, step = [], 0
+    while step < opts["max_steps"]:
+        for win in epoch_windows:
+            if step >= opts["max_steps"]:
+                break
+            step += 1
+            n = sum(len(mb) for mb in win)
+            total = 0.0
+            for mb in win:
+                if task == "sequence-classification":
+                    logits = pooled_scores(params, pad_rows([r["input_ids"] for r in mb], L))
+                    labels = torch.tensor([label_id[r["label"]] for r in mb], dtype=torch.long)
+                    loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+                else:
+                    rows = [r["input_ids_chosen"] for r in mb] + [r["input_ids_rejected"] for r in mb]
+                    r = pooled_scores(params, pad_rows(rows, L)).squeeze(-1)
+                    loss_sum = -F.logsigmoid(r[:len(mb)] - r[len(mb):]).sum()
+                (loss_sum / n).backward()
+                total += loss_sum.item()
+            gnorm = torch.nn.utils.clip_grad_norm_([params[k] for k in order], opts["max_grad_norm"])
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            steps.append({"step": step, "loss": total / n, "lr": float(lr), "grad_norm": float(gnorm)})
+    return steps, {k: params[k].detach() for k in order}
+
 # --------------------------------------------------------------------------
 # safetensors (hand written)
 # --------------------------------------------------------------------------
@@ -1216,11 +1332,23 @@ def golden_readme(summary):
         "- `data.jsonl`, `options.json` (with `prefix_tuning`, `num_prefix_tokens`), `steps.jsonl`: as above.",
         "- `final/adapter_config.json`, `final/adapter_model.safetensors`: prefix after `max_steps` steps (float64 training, stored F32).",
         "",
+        "Each head case folder (`llama-classification`, `llama-reward`) holds a LlamaForSequenceClassification",
+        "(`model/`: the LLaMA init without `lm_head`, plus `score.weight`; `pad_token_id` 0, absent from the data),",
+        "`data.jsonl` (`input_ids` + `label` names; TRL's `input_ids_chosen` / `input_ids_rejected`), `options.json`",
+        "(with `task`), `steps.jsonl` and `final/` as the full fine-tuning cases.",
+        "",
         "| case | steps | first loss | last loss | clipped steps |",
         "|---|---|---|---|---|",
     ]
     for row in summary:
         lines.append("| %s | %d | %.6f | %.6f | %d of %d |" % row)
+    lines += [
+        "",
+        "The folder `resize-embeddings/` is generated by `/usr/bin/python3 tools/reference/make_resize_golden.py --out tests/golden`:",
+        "`resize.json` holds 40 old embedding rows (width 16, F32), the seed, and the 5 rows PyTorch's",
+        "`MultivariateNormal(mean, covariance_matrix=1e-9 * cov).sample((5,))` draws right after `torch.manual_seed(seed)`",
+        "(HF's mean-resizing rule for added tokens).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -1352,6 +1480,28 @@ def main():
             steps32, final32 = train(fam, init[fam], data, opts, torch.float32, prefix_f32=adapter)
             fp32_rows[case] = (fp32_report(fam, cfg, final32, final),
                                max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(steps32, steps)))
+
+    for case, task, sched, gas, mgn, lr in HEAD_CASES:
+        opts = dict(BASE_OPTIONS)
+        opts.update(lr_scheduler_type=sched, gradient_accumulation_steps=gas, max_grad_norm=mgn,
+                    learning_rate=lr, task=task)
+        cfg = head_config(task)
+        start = head_init(task, init["llama"])
+        data = head_data(task)
+        cdir = os.path.join(args.out, case)
+        if os.path.isdir(cdir):
+            shutil.rmtree(cdir)
+        for sub in ("model", "final"):
+            os.makedirs(os.path.join(cdir, sub))
+        write_json(os.path.join(cdir, "model", "config.json"), cfg)
+        write_safetensors(os.path.join(cdir, "model", "model.safetensors"), start)
+        write_jsonl(os.path.join(cdir, "data.jsonl"), data)
+        write_json(os.path.join(cdir, "options.json"), opts)
+        steps, final = train_head(task, start, data, opts, torch.float64)
+        write_jsonl(os.path.join(cdir, "steps.jsonl"), steps)
+        write_json(os.path.join(cdir, "final", "config.json"), cfg)
+        write_safetensors(os.path.join(cdir, "final", "model.safetensors"), final)
+        report_case(case, steps, mgn, summary)
 
     with open(os.path.join(args.out, "README.md"), "w", encoding="utf-8", newline="\n") as f:
         f.write(golden_readme(summary))

@@ -40,14 +40,26 @@ module HfModelFolder =
           IgnoredSuffixes = model.IgnoredBufferSuffixes
           TiedKeys = model.TiedKeys }
 
+    /// Whether the folder's weight files hold a tensor of that name (from the headers, no data read).
+    let private holds (folder: string) (name: string) =
+        weightFiles folder |> List.exists (fun f -> (Safetensors.readHeader f).Entries |> List.exists (fun e -> e.Name = name))
+
     /// Copies the weights of a model folder's model.safetensors (or shards) into the model's parameters,
-    /// checking names and shapes first.
+    /// checking names and shapes first. A sequence classifier over a causal-LM checkpoint (no
+    /// score.weight stored) keeps its initialized score and skips the checkpoint's lm_head.weight.
     let loadWeightsInto (folder: string) (model: CausalLm) =
-        let weights = StateDict.matchShards (weightFiles folder) (spec model) torch.float32
+        let spec = spec model
+        let spec =
+            if (SequenceClassification.tryHead model).IsSome && not (holds folder SequenceClassification.ScoreKey) then
+                { spec with Expected = spec.Expected |> List.filter (fun (n, _) -> n <> SequenceClassification.ScoreKey) }
+            else spec
+        let weights = StateDict.matchShards (weightFiles folder) spec torch.float32
         try
             use _ = torch.no_grad ()
             for struct (name, parameter) in model.Module.named_parameters () do
-                parameter.copy_ weights[name] |> ignore
+                match weights.TryFind name with
+                | Some w -> parameter.copy_ w |> ignore
+                | None -> ()
         finally
             weights |> Map.iter (fun _ t -> t.Dispose())
 
@@ -65,29 +77,54 @@ module HfModelFolder =
         | [ one ] -> one
         | _ -> torch.float32
 
-    /// load, with the config changed by adjust before the model is built (e.g.
+    /// loadClassifier, with the config changed by adjust before the model is built (e.g.
     /// ModelFamily.withoutDropout). The weights must fit the adjusted config.
-    let loadWith (adjust: ModelConfig -> ModelConfig) (folder: string) (seed: int64) : CausalLm =
+    let loadClassifierWith (adjust: ModelConfig -> ModelConfig) (folder: string) (head: ClassificationHead) (seed: int64) : CausalLm =
         Functional.Runtime.TorchRuntime.ensure ()
         InvalidInput.requireFolder folder "the model folder does not exist" "a model folder (config.json + model.safetensors)"
         let config = ModelConfig.load (Path.Combine(folder, "config.json")) |> adjust
         let files = weightFiles folder
         files |> List.iter (fun f -> InvalidInput.requireFile f "the weight file does not exist" "a safetensors weight file")
-        let model = CausalLm.create config seed
+        let model = SequenceClassification.create config head seed
         loadWeightsInto folder model
         model
+
+    /// Loads a model folder as a sequence classifier with the given head (SequenceClassification.create,
+    /// then the weights: a classification checkpoint's score.weight too, a causal-LM checkpoint's
+    /// backbone only). Raises InvalidInputException naming the file and field or tensor at fault.
+    let loadClassifier (folder: string) (head: ClassificationHead) (seed: int64) : CausalLm =
+        loadClassifierWith id folder head seed
+
+    /// load, with the config changed by adjust before the model is built (e.g.
+    /// ModelFamily.withoutDropout). The weights must fit the adjusted config.
+    let loadWith (adjust: ModelConfig -> ModelConfig) (folder: string) (seed: int64) : CausalLm =
+        Functional.Runtime.TorchRuntime.ensure ()
+        InvalidInput.requireFolder folder "the model folder does not exist" "a model folder (config.json + model.safetensors)"
+        let configPath = Path.Combine(folder, "config.json")
+        let config = ModelConfig.load configPath |> adjust
+        let configText = File.ReadAllText configPath
+        if SequenceClassification.isClassifierConfig configText then
+            loadClassifierWith adjust folder (SequenceClassification.readHead configPath configText) seed
+        else
+            let files = weightFiles folder
+            files |> List.iter (fun f -> InvalidInput.requireFile f "the weight file does not exist" "a safetensors weight file")
+            let model = CausalLm.create config seed
+            loadWeightsInto folder model
+            model
 
     /// Loads a model folder: parses config.json, checks every tensor's name and shape against the config
     /// (from the safetensors headers, before any data is read), builds the model and copies the weights in
     /// as float32: F16 and BF16 weights are widened exactly (the model's master weights are always
-    /// float32; --bf16/--fp16 training computes on a rounded copy). Raises InvalidInputException naming
-    /// the file and field or tensor at fault.
+    /// float32; --bf16/--fp16 training computes on a rounded copy). A config.json naming a
+    /// *ForSequenceClassification architecture loads as that classifier (SequenceClassification.readHead),
+    /// any other as a causal LM. Raises InvalidInputException naming the file and field or tensor at fault.
     let load (folder: string) (seed: int64) : CausalLm = loadWith id folder seed
 
     /// The config.json text of a model whose weights are stored as dtype: our fields written over the
     /// source config's (so keys we do not model, such as bos_token_id or transformers_version, survive),
-    /// torch_dtype set to dtype's name ("float32", "bfloat16", "float16"), and so is "dtype" when the
-    /// source has that key (transformers 5's spelling).
+    /// a sequence classifier's head fields (SequenceClassification.writeInto), torch_dtype set to dtype's
+    /// name ("float32", "bfloat16", "float16"), and so is "dtype" when the source has that key
+    /// (transformers 5's spelling).
     let configJsonAs (model: CausalLm) (sourceConfig: string option) (dtype: torch.ScalarType) =
         let ours = ModelConfig.toJson model.Config
         let merged =
@@ -98,6 +135,9 @@ module HfModelFolder =
                 for KeyValue(key, value) in Nodes.JsonNode.Parse(ours).AsObject() do
                     merged[key] <- (if isNull value then null else value.DeepClone())
                 merged
+        match SequenceClassification.tryHead model with
+        | Some head -> SequenceClassification.writeInto model.Config head merged
+        | None -> ()
         let name = WeightsFormat.dtypeName dtype
         merged["torch_dtype"] <- Nodes.JsonValue.Create name
         if merged.ContainsKey "dtype" then merged["dtype"] <- Nodes.JsonValue.Create name
@@ -106,9 +146,9 @@ module HfModelFolder =
 
     /// The config.json text of a model with float32 weights (see configJsonAs).
     let configJson (model: CausalLm) (sourceConfig: string option) =
-        match sourceConfig with
-        | None -> ModelConfig.toJson model.Config
-        | Some _ -> configJsonAs model sourceConfig torch.float32
+        match sourceConfig, SequenceClassification.tryHead model with
+        | None, None -> ModelConfig.toJson model.Config
+        | _ -> configJsonAs model sourceConfig torch.float32
 
     /// Writes the model's weights as model.safetensors with save_pretrained's names (tied head omitted).
     let writeWeights (path: string) (model: CausalLm) =

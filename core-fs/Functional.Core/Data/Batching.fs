@@ -57,7 +57,9 @@ module Sampler =
 type MicroBatch =
     { /// Token ids (B, T) int64, rows right-padded with the pad id.
       InputIds: torch.Tensor
-      /// Labels (B, T) int64: the token ids, with -100 at padding positions (ignored by the loss).
+      /// Labels (B, T) int64: the token ids, with -100 at padding positions (ignored by the loss). An
+      /// objective with a collation of its own puts its targets here (sequence classification: (B)
+      /// class ids or regression targets).
       Labels: torch.Tensor
       /// Positions the causal loss predicts: labels after the shift that are not -100.
       PredictedTokens: int64

@@ -26,12 +26,16 @@ type EvalRequest =
       /// A tiktoken encoding name; None: the model folder's tokenizer.
       TokenizerName: string option
       /// Rows per evaluation micro-batch.
-      BatchSize: int }
+      BatchSize: int
+      /// What the folder is evaluated as. None: its config.json decides: a causal LM, or a
+      /// *ForSequenceClassification folder as a reward model when it has one label and no problem_type (how
+      /// a reward model is saved), else as a sequence classifier on "text" and "label" fields.
+      Task: TrainingTask option }
 
 /// What an evaluation measured and where it wrote it.
 [<NoComparison>]
 type EvalReport =
-    { /// What the model was evaluated as: "causal-lm" (more with other heads).
+    { /// What the model was evaluated as: "causal-lm", "sequence-classification" or "reward-model".
       Task: string
       /// The metrics in the names of training's evaluation lines (eval_loss, eval_perplexity), then
       /// eval_samples (rows) and eval_tokens (what the loss was averaged over), as written.
@@ -44,6 +48,9 @@ type EvalReport =
 type EvalTask =
     /// *ForCausalLM, *LMHeadModel (or no architectures): loss and perplexity of the next token.
     | CausalLm
+    /// *ForSequenceClassification: a classifier's loss, accuracy and macro-F1, or a reward model's loss,
+    /// pairwise accuracy and mean margin.
+    | SequenceClassification
 
 /// Evaluating a model folder on a data file. The one dispatch point on the model's task is
 /// Evaluate.run's match on EvalTask: a head with metrics of its own (classification accuracy, reward
@@ -69,9 +76,10 @@ module Evaluate =
         | [] -> EvalTask.CausalLm
         | name :: _ when name.EndsWith("ForCausalLM", StringComparison.Ordinal) || name.EndsWith("LMHeadModel", StringComparison.Ordinal) ->
             EvalTask.CausalLm
+        | name :: _ when name.EndsWith("ForSequenceClassification", StringComparison.Ordinal) -> EvalTask.SequenceClassification
         | name :: _ ->
             InvalidInput.fail configPath "architectures"
-                (sprintf "%s cannot be evaluated yet; expected a causal LM (...ForCausalLM, ...LMHeadModel)" name)
+                (sprintf "%s cannot be evaluated yet; expected a causal LM (...ForCausalLM, ...LMHeadModel) or a sequence classifier (...ForSequenceClassification)" name)
 
     let private tokenizerOf (request: EvalRequest) : TextTokenizer =
         match request.TokenizerName with
@@ -126,9 +134,33 @@ module Evaluate =
         if request.BatchSize <= 0 then InvalidInput.setting "per_device_eval_batch_size" (sprintf "must be positive, got %d" request.BatchSize)
         let output = request.OutputPath |> Option.defaultValue (Path.Combine(request.ModelPath, defaultFileName))
         if Directory.Exists output then InvalidInput.fail output "" "is a folder; expected the metrics file to write"
+        let configPath = Path.Combine(request.ModelPath, "config.json")
+        let taskMetrics (result: EvalResult) =
+            ("eval_loss", result.Loss) :: [ for name, value in result.Metrics -> "eval_" + name, value ]
+            @ [ "eval_samples", float result.Tokens ]
         let task, metrics =
-            match taskOf (Path.Combine(request.ModelPath, "config.json")) with
-            | EvalTask.CausalLm ->
+            match taskOf configPath, request.Task with
+            | EvalTask.CausalLm, Some task when task <> TrainingTask.CausalLm ->
+                InvalidInput.fail configPath "architectures" "is a causal LM; {task} needs a sequence classifier folder (...ForSequenceClassification)"
+            | EvalTask.SequenceClassification, Some TrainingTask.CausalLm ->
+                InvalidInput.fail configPath "architectures" "is a sequence classifier; evaluate it with {task} sequence-classification or reward-model"
+            | EvalTask.SequenceClassification, task ->
+                let task =
+                    match task with
+                    | Some task -> task
+                    | None ->
+                        let head = SequenceClassification.readHead configPath (File.ReadAllText configPath)
+                        if head.NumLabels = 1 && not head.ProblemTypeWritten then
+                            TrainingTask.RewardModel { PromptField = "prompt"; ChosenField = "chosen"; RejectedField = "rejected"; PadTokenId = None }
+                        else
+                            TrainingTask.SequenceClassification { TextField = "text"; LabelField = "label"; NumLabels = None; PadTokenId = None }
+                match task with
+                | TrainingTask.RewardModel r ->
+                    "reward-model", taskMetrics (TaskJob.evaluateRewardFile request.ModelPath request.DataPath r request.BatchSize request.MaxSeqLen request.TokenizerName)
+                | TrainingTask.SequenceClassification c ->
+                    "sequence-classification", taskMetrics (TaskJob.evaluateClassificationFile request.ModelPath request.DataPath c request.BatchSize request.MaxSeqLen request.TokenizerName)
+                | TrainingTask.CausalLm -> invalidArg (nameof request) "handled above"
+            | EvalTask.CausalLm, _ ->
                 let model = HfModelFolder.load request.ModelPath 0L
                 let data, maxSeqLen = rows request model.Config (tokenizerOf request)
                 let result = Evaluation.evaluate model data request.BatchSize maxSeqLen TrainingLoop.PadId

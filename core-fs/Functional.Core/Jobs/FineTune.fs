@@ -43,6 +43,7 @@ module FineTune =
           Prefix = None
           GradientCheckpointing = false
           ModelHandling = defaultModelHandling
+          Task = TrainingTask.CausalLm
           Plot = None }
 
     /// The default cache folder: $FUNCTIONAL_CACHE, else ~/.cache/functional/data.

@@ -32,6 +32,10 @@ type PreparedJob =
       Data: TrainAndEval
       /// Steps, accumulation and schedule.
       Plan: LoopPlan
+      /// What training minimizes (the request's task: Objective.causalLm by default).
+      Objective: Objective
+      /// The evaluation of a model on a dataset of the job (the task's loss and metrics).
+      Evaluate: CausalLm -> TokenizedDataset -> EvalResult
       /// The adapters (at most one kind), attached.
       Adapters: Adapter list
       /// What trains, evaluates and generates: the model behind its prefix when there is one.
@@ -122,12 +126,17 @@ module Job =
         let prefix = request.Prefix |> Option.map (prefixAdapter options model data)
         let adapters = (lora |> Option.map fst |> Option.toList) @ Option.toList prefix
         for a in adapters do if a.FreezesBase then Adapter.freezeBase model
+        // What an adapter trains of the base model (a classifier's score, PEFT's modules_to_save) stays trainable.
+        for a in adapters do for _, p in a.Parameters do p.requires_grad <- true
         adapters, TrainingCheckpoint.adapterSignature (lora |> Option.map snd) (prefix |> Option.map (fun p -> p.Signature))
 
     let private trainableParameters (model: CausalLm) (adapters: Adapter list) =
-        [ if adapters |> List.forall (fun a -> not a.FreezesBase) then
-              for struct (name, p) in model.Module.named_parameters () -> name, p
-          yield! Adapter.parameters adapters ]
+        let own = [ for struct (name, p) in model.Module.named_parameters () -> name, p ]
+        let isOwn (p: TorchSharp.Modules.Parameter) = own |> List.exists (fun (_, q) -> obj.ReferenceEquals(p, q))
+        [ if adapters |> List.forall (fun a -> not a.FreezesBase) then yield! own
+          // A parameter of the model an adapter also trains (a classifier's score) appears once.
+          for name, p in Adapter.parameters adapters do
+              if adapters |> List.forall (fun a -> a.FreezesBase) || not (isOwn p) then yield name, p ]
 
     let private learningRates (options: TrainOptions) (adapters: Adapter list) =
         let rates = dict [ for a in adapters do for name, _ in a.Parameters -> name, defaultArg a.LearningRate options.LearningRate ]
@@ -190,29 +199,65 @@ module Job =
     /// Checks and loads everything a job needs, raising InvalidInputException before anything is written:
     /// options, output folder, model, tokenizer, data, adapters, learning rates and (when resuming) the
     /// checkpoint, whose weights, adapter values and signature it restores.
+    /// A task other than causal language modelling takes no prefix (LoRA is PEFT's SEQ_CLS there), scores
+    /// no generated answers and resizes no embeddings.
+    let private checkTask (request: FineTuneRequest) =
+        match request.Task with
+        | TrainingTask.CausalLm -> ()
+        | _ ->
+            if request.Prefix.IsSome then InvalidInput.setting "prefix_tuning" "trains causal language models only; not with {task}"
+            if request.Data.ExactMatchSamples > 0 then InvalidInput.setting "exact_match_samples" "scores generated answers of causal language models; not with {task}"
+            if request.ModelHandling.ResizeTokenEmbeddingsToMultipleOf > 0 then
+                InvalidInput.setting "resize_token_embeddings_to_multiple_of" "resizes a causal language model's embeddings and head; not with {task}"
+
+    /// The model, options, tokenizer, data, objective, evaluation and task signature of the request's task.
+    let private loadTask (request: FineTuneRequest) =
+        let tokenizer = tokenizerFor request
+        let handling = request.ModelHandling
+        let adjust = if handling.DisableDropout then ModelFamily.withoutDropout else id
+        let contextOptions (config: ModelConfig) prefixTokens =
+            { request.Options with MaxSeqLen = TrainOptions.sequenceLength request.Options config prefixTokens }
+        match request.Task with
+        | TrainingTask.CausalLm ->
+            let loaded = HfModelFolder.loadWith adjust request.ModelPath request.Options.Seed
+            if (SequenceClassification.tryHead loaded).IsSome then
+                InvalidInput.fail (Path.Combine(request.ModelPath, "config.json")) "architectures"
+                    (sprintf "is %s, a sequence classifier: train it with {task} sequence-classification (or reward-model), or start from a causal LM" (SequenceClassification.architecture loaded.Config))
+            // HF's resize_token_embeddings(len(tokenizer), pad_to_multiple_of): added tokens grow the embeddings.
+            let model =
+                let current = ModelConfig.vocabSize loaded.Config
+                TokenEmbeddings.resize loaded (TokenEmbeddings.targetSize current tokenizer.VocabSize handling.ResizeTokenEmbeddingsToMultipleOf) request.Options.Seed
+            let prefixTokens = request.Prefix |> Option.map (fun p -> p.NumPrefixTokens) |> Option.defaultValue 0
+            // From here on MaxSeqLen is the row length of the run: the model's context when it was 0.
+            let options = contextOptions model.Config prefixTokens
+            let data = loadData request options model tokenizer
+            let evaluate model eval = Evaluation.evaluate model eval options.PerDeviceEvalBatchSize options.MaxSeqLen TrainingLoop.PadId
+            model, options, tokenizer, data, Objective.causalLm, evaluate, []
+        | task ->
+            let config = ModelConfig.load (Path.Combine(request.ModelPath, "config.json"))
+            let options = contextOptions config 0
+            let ratio = request.Data.Prompt.EvalSplitRatio
+            let setup =
+                match task with
+                | TrainingTask.SequenceClassification c -> TaskJob.prepareClassification adjust request.ModelPath request.DataPath request.Data.EvalDataPath c options ratio tokenizer
+                | TrainingTask.RewardModel r -> TaskJob.prepareReward adjust request.ModelPath request.DataPath request.Data.EvalDataPath r options ratio tokenizer
+                | TrainingTask.CausalLm -> invalidArg (nameof request) "handled above"
+            checkSettings request setup.Data.Eval.IsSome
+            setup.Model, options, tokenizer, setup.Data, setup.Objective, setup.Evaluate, setup.Signature
+
     let prepare (request: FineTuneRequest) (observer: FineTuneEvents) : PreparedJob =
         let clock = Stopwatch.StartNew()
         let request = withAdapterPrefixSize request
         checkRequest request
-        let handling = request.ModelHandling
-        let adjust = if handling.DisableDropout then ModelFamily.withoutDropout else id
-        let loaded = HfModelFolder.loadWith adjust request.ModelPath request.Options.Seed
-        let tokenizer = tokenizerFor request
-        // HF's resize_token_embeddings(len(tokenizer), pad_to_multiple_of): added tokens grow the embeddings.
-        let model =
-            let current = ModelConfig.vocabSize loaded.Config
-            TokenEmbeddings.resize loaded (TokenEmbeddings.targetSize current tokenizer.VocabSize handling.ResizeTokenEmbeddingsToMultipleOf) request.Options.Seed
-        let prefixTokens = request.Prefix |> Option.map (fun p -> p.NumPrefixTokens) |> Option.defaultValue 0
-        // From here on MaxSeqLen is the row length of the run: the model's context when it was 0.
-        let options = { request.Options with MaxSeqLen = TrainOptions.sequenceLength request.Options model.Config prefixTokens }
-        let data = loadData request options model tokenizer
+        checkTask request
+        let model, options, tokenizer, data, objective, evaluate, taskSignature = loadTask request
         let plan = TrainingLoop.plan options data.Train.Rows.Length
         let adapters, adapterSignature = attachAdapters request options model data
         let trained = adapters |> List.tryLast |> Option.map (fun a -> a.Model) |> Option.defaultValue model
         CausalLm.setGradientCheckpointing model request.GradientCheckpointing
         let trainable = trainableParameters model adapters
         let learningRate = learningRates options adapters
-        let signature = TrainingCheckpoint.signature plan model data.Train @ adapterSignature
+        let signature = TrainingCheckpoint.signature plan model data.Train @ adapterSignature @ taskSignature
         let restored = restore request observer model trainable adapters signature
         let isMain = true
         { Request = request
@@ -225,6 +270,8 @@ module Job =
             else tokenizerFiles |> List.map (fun f -> Path.Combine(request.ModelPath, f)) |> List.filter File.Exists
           Data = data
           Plan = plan
+          Objective = objective
+          Evaluate = evaluate
           Adapters = adapters
           Trained = trained
           Trainable = trainable
@@ -269,8 +316,7 @@ module Job =
         let tokens, flos = savedTokensAndFlos job
         flos + job.FlopsPerInputToken * float (progress.InputTokensSeen - tokens)
 
-    let private evaluate (job: PreparedJob) eval =
-        Evaluation.evaluate job.Trained eval job.Options.PerDeviceEvalBatchSize job.Options.MaxSeqLen TrainingLoop.PadId
+    let private evaluate (job: PreparedJob) eval = job.Evaluate job.Trained eval
 
     /// The evaluation figures of the model now: eval is the evaluation loss, computed by the caller.
     let private figures (job: PreparedJob) (eval: EvalResult) =
@@ -281,7 +327,7 @@ module Job =
             else None }
 
     let private logEval (log: RunLogWriter) (observer: FineTuneEvents) step (f: EvalFigures) =
-        log.Eval { Step = step; Loss = f.Eval.Loss; Perplexity = f.Eval.Perplexity; ExactMatch = f.ExactMatch }
+        log.Eval { Step = step; Loss = f.Eval.Loss; Perplexity = f.Eval.Perplexity; ExactMatch = f.ExactMatch; Metrics = f.Eval.Metrics }
         observer.OnEvaluation step f
 
     /// The evaluation before training: evaluated now, or (resuming) read from the history.
@@ -289,7 +335,7 @@ module Job =
         match job.Restored, job.Data.Eval with
         | Some _, _ ->
             RunLog.before log.History
-            |> Option.map (fun e -> { Eval = { Loss = e.Loss; Perplexity = e.Perplexity; Tokens = 0L }; ExactMatch = e.ExactMatch })
+            |> Option.map (fun e -> { Eval = { Loss = e.Loss; Perplexity = e.Perplexity; Tokens = 0L; Metrics = e.Metrics }; ExactMatch = e.ExactMatch })
         | None, Some eval ->
             let f = figures job (evaluate job eval)
             logEval log observer 0 f
@@ -354,6 +400,7 @@ module Job =
         TrainingLoop.run
             { TrainingLoop.setup job.Plan job.Trained job.Data.Train with
                 Attach = attach
+                Objective = job.Objective
                 Parameters = [ for name, p in job.Trainable -> struct (name, p) ]
                 LearningRate = job.LearningRate }
             (job.Restored |> Option.map (fun r -> r.Resume))
@@ -400,7 +447,7 @@ module Job =
           StepsPerSecond = stepsHere / runtime
           TotalFlos = totalFlos job progress
           TrainLoss = (if snd progress.TrainLoss = 0 then nan else fst progress.TrainLoss / float (snd progress.TrainLoss))
-          After = after |> Option.map (fun a -> { Step = result.Steps; Loss = a.Eval.Loss; Perplexity = a.Eval.Perplexity; ExactMatch = a.ExactMatch }) }
+          After = after |> Option.map (fun a -> { Step = result.Steps; Loss = a.Eval.Loss; Perplexity = a.Eval.Perplexity; ExactMatch = a.ExactMatch; Metrics = a.Eval.Metrics }) }
 
     /// Trains a prepared job: metrics.jsonl and TensorBoard events as it goes, checkpoints as the policy
     /// decides, then (unless interrupted) the summary line and final/, and loss.png.

@@ -58,6 +58,40 @@ type ModelSettings =
       /// The largest shard of final/'s weights in bytes (HF's max_shard_size; default 5 GB).
       /// Checkpoints keep one model.safetensors.
       MaxShardSize: int64 }
+/// The sequence-classification task (HF's run_glue): rows of a text and a label.
+[<NoComparison>]
+type ClassificationTask =
+    { /// The field holding the text (default "text").
+      TextField: string
+      /// The field holding the label: a name (mapped through label2id) or an integer id (default "label").
+      LabelField: string
+      /// num_labels when neither the model's config.json nor the label names decide it (ids in the data).
+      NumLabels: int option
+      /// Overrides config.json's pad_token_id (the id rows are padded with and pooled before).
+      PadTokenId: int64 option }
+
+/// The reward-model task (DeepSpeed-Chat step 2, TRL's RewardTrainer): rows of a prompt and a chosen
+/// and a rejected answer.
+[<NoComparison>]
+type RewardTask =
+    { /// The prompt field (default "prompt").
+      PromptField: string
+      /// The preferred answer's field (default "chosen").
+      ChosenField: string
+      /// The other answer's field (default "rejected").
+      RejectedField: string
+      /// Overrides config.json's pad_token_id.
+      PadTokenId: int64 option }
+
+/// What a fine-tuning job trains the model to do.
+[<RequireQualifiedAccess; NoComparison>]
+type TrainingTask =
+    /// Next-token prediction on text (the default).
+    | CausalLm
+    /// A sequence classifier (HF's *ForSequenceClassification) on labelled texts.
+    | SequenceClassification of ClassificationTask
+    /// A reward model (a one-label sequence classifier) on preference pairs.
+    | RewardModel of RewardTask
 
 /// A fine-tuning job: where the model, data and output are, and how to train.
 [<NoComparison>]
@@ -90,6 +124,8 @@ type FineTuneRequest =
       GradientCheckpointing: bool
       /// Dropout, vocabulary resize and the shard size of final/.
       ModelHandling: ModelSettings
+      /// What the model learns (TrainingTask.CausalLm by default).
+      Task: TrainingTask
       /// Draws the run's chart when it has finished: the path (OutputPath/loss.png), the logged steps
       /// (optimizer step, training loss, learning rate) and the evaluations (step, loss). None draws
       /// nothing; Functional.Reporting's MetricsPlot.drawer draws it with ScottPlot (the facade and the

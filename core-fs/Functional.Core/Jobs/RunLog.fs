@@ -29,7 +29,11 @@ type EvalRecord =
       /// exp(Loss).
       Perplexity: float
       /// Exact-match accuracy, when scored.
-      ExactMatch: float option }
+      ExactMatch: float option
+      /// A task's own figures in order, named without the eval_ prefix (sequence classification:
+      /// accuracy, macro_f1; reward modelling: accuracy, mean_margin); empty for causal language
+      /// modelling. A record with metrics writes them instead of eval_perplexity.
+      Metrics: (string * float) list }
 
 /// A line of a run's log history (metrics.jsonl, trainer_state.json's log_history).
 type LogRecord =
@@ -70,7 +74,8 @@ module RunLog =
 
     let private evalFields (e: EvalRecord) =
         [ yield "eval_loss", box e.Loss
-          yield "eval_perplexity", box e.Perplexity
+          if e.Metrics.IsEmpty then yield "eval_perplexity", box e.Perplexity
+          for name, value in e.Metrics do yield "eval_" + name, box value
           match e.ExactMatch with
           | Some m -> yield "eval_exact_match", box m
           | None -> () ]
@@ -123,12 +128,14 @@ module RunLog =
             round (Trained
                 { Step = root.GetProperty("step").GetInt32(); Epoch = get "epoch"; Loss = get "loss"; LearningRate = get "lr"
                   GradNorm = get "grad_norm"; NumTokens = root.GetProperty("num_tokens").GetInt64() })
-        elif has "step" && has "eval_loss" && List.forall (fun n -> List.contains n [ "step"; "eval_loss"; "eval_perplexity"; "eval_exact_match" ]) names then
+        elif has "step" && has "eval_loss" && List.forall (fun (n: string) -> n = "step" || n.StartsWith "eval_") names then
+            let known = [ "eval_loss"; "eval_perplexity"; "eval_exact_match" ]
             round (Evaluated
                 { Step = root.GetProperty("step").GetInt32()
                   Loss = get "eval_loss"
                   Perplexity = (if has "eval_perplexity" then get "eval_perplexity" else exp (get "eval_loss"))
-                  ExactMatch = if has "eval_exact_match" then Some(get "eval_exact_match") else None })
+                  ExactMatch = if has "eval_exact_match" then Some(get "eval_exact_match") else None
+                  Metrics = [ for n in names do if n.StartsWith "eval_" && not (List.contains n known) then yield n.Substring 5, get n ] })
         else Other line
 
     /// The evaluation before training (step 0) in a history.
@@ -163,7 +170,10 @@ type RunLogWriter(metricsPath: string, tensorBoardFolder: string option, isMainP
     /// Logs an evaluation (metrics.jsonl, TensorBoard eval/*).
     member _.Eval(record: EvalRecord) =
         write (Evaluated record)
-        scalars (int64 record.Step) [ "eval/loss", record.Loss; "eval/perplexity", record.Perplexity ]
+        scalars (int64 record.Step)
+            [ yield "eval/loss", record.Loss
+              if record.Metrics.IsEmpty then yield "eval/perplexity", record.Perplexity
+              for name, value in record.Metrics do yield "eval/" + name, value ]
 
     /// Closes metrics.jsonl and the event file.
     interface IDisposable with

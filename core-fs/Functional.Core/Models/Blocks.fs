@@ -568,6 +568,9 @@ type CausalLmHead(name: string, backboneName: string, backbone: DecoderBackbone,
 
     /// The untied LM head (lm_head.weight, (vocab_size, C)); None when the head reads the token embedding.
     member _.LmHead: Linear option = lmHead
+    /// The name the backbone is registered under, so the state-dict prefix ("transformer", "model");
+    /// other heads over the same backbone (SequenceClassifierHead) register it under this name too.
+    member _.BackboneName = backboneName
 
     /// Logits of hidden states: (B, T, C) -> (B, T, vocab_size).
     member private _.Logits(hidden: torch.Tensor) =

@@ -53,6 +53,19 @@ module CausalLm =
                   if name = "bias" || name.EndsWith ".bias" then yield name ]
         Set.ofList (normParameters @ biases)
 
+    /// Wraps a module over the config's family (a causal LM or another head over the same backbone,
+    /// such as SequenceClassifierHead) with the family's names (ModelFamily.traits) and the module's
+    /// weight-decay exemptions; extraTiedKeys are further checkpoint keys loaders skip (a classifier
+    /// built from a causal-LM checkpoint skips its lm_head.weight).
+    let ofModule (config: ModelConfig) (model: torch.nn.Module<torch.Tensor, torch.Tensor>) (extraTiedKeys: string list) : CausalLm =
+        let traits = ModelFamily.traits config
+        { Config = config
+          Module = model
+          BasePrefix = traits.BasePrefix
+          IgnoredBufferSuffixes = traits.IgnoredBufferSuffixes
+          TiedKeys = List.distinct (traits.TiedKeys @ extraTiedKeys)
+          NoWeightDecay = noWeightDecay model }
+
     /// Builds the model the config describes (ModelFamily.build), with HF's initialization drawn from a
     /// generator seeded with seed (the same seed gives the same weights); names as ModelFamily.traits says.
     let create (config: ModelConfig) (seed: int64) : CausalLm =

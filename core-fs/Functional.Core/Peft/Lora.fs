@@ -294,8 +294,21 @@ module Lora =
               yield adapter.AKey, adapter.A
               yield adapter.BKey, adapter.B ]
 
-    /// adapter_config.json as PEFT's LoraConfig.to_dict writes it for a causal LM.
-    let private configJson (adapters: LoraAdapters) (baseModelNameOrPath: string option) =
+    /// PEFT's key of a sequence classifier's score, a module it saves whole (modules_to_save ["score"]):
+    /// get_peft_model_state_dict drops the wrapper's "modules_to_save.<adapter>." part.
+    [<Literal>]
+    let ScoreKey = "base_model.model.score.weight"
+
+    /// The score weight of a sequence classifier (trained whole beside the adapters, PEFT's SEQ_CLS); None
+    /// for a causal LM.
+    let scoreOf (lm: CausalLm) : Parameter option =
+        match box lm.Module with
+        | :? SequenceClassifierHead as c -> Some c.Score.weight
+        | _ -> None
+
+    /// adapter_config.json as PEFT's LoraConfig.to_dict writes it for a causal LM, or (classifier) for
+    /// sequence classification: task_type "SEQ_CLS", modules_to_save ["score"].
+    let private configJsonFor (classifier: bool) (adapters: LoraAdapters) (baseModelNameOrPath: string option) =
         let config = adapters.Config
         let json = JsonObject()
         json["alpha_pattern"] <- JsonObject()
@@ -309,13 +322,13 @@ module Lora =
         json["layers_to_transform"] <- null
         json["lora_alpha"] <- JsonValue.Create config.Alpha
         json["lora_dropout"] <- JsonValue.Create config.Dropout
-        json["modules_to_save"] <- null
+        json["modules_to_save"] <- (if classifier then JsonArray(JsonValue.Create "score") :> JsonNode else null)
         json["peft_type"] <- JsonValue.Create "LORA"
         json["r"] <- JsonValue.Create config.R
         json["rank_pattern"] <- JsonObject()
         json["revision"] <- null
         json["target_modules"] <- JsonArray([| for name in adapters.TargetModuleNames -> JsonValue.Create name :> JsonNode |])
-        json["task_type"] <- JsonValue.Create "CAUSAL_LM"
+        json["task_type"] <- JsonValue.Create(if classifier then "SEQ_CLS" else "CAUSAL_LM")
         json["use_dora"] <- JsonValue.Create false
         json["use_rslora"] <- JsonValue.Create false
         json.ToJsonString(JsonSerializerOptions(WriteIndented = true))
@@ -327,7 +340,16 @@ module Lora =
     /// is written under a temporary name and renamed into place.
     let save (folder: string) (baseModelNameOrPath: string option) (adapters: LoraAdapters) : unit =
         let tensors = [ for name, p in parameters adapters -> name, (p :> torch.Tensor) ]
-        PeftFolder.write folder (configJson adapters baseModelNameOrPath) tensors
+        PeftFolder.write folder (configJsonFor false adapters baseModelNameOrPath) tensors
+
+    /// save for the adapters on lm: a sequence classifier's folder is PEFT's SEQ_CLS adapter (task_type
+    /// "SEQ_CLS", modules_to_save ["score"], the score weight under ScoreKey beside the adapters).
+    let saveFor (lm: CausalLm) (folder: string) (baseModelNameOrPath: string option) (adapters: LoraAdapters) : unit =
+        match scoreOf lm with
+        | None -> save folder baseModelNameOrPath adapters
+        | Some score ->
+            let tensors = [ for name, p in parameters adapters -> name, (p :> torch.Tensor) ] @ [ ScoreKey, (score :> torch.Tensor) ]
+            PeftFolder.write folder (configJsonFor true adapters baseModelNameOrPath) tensors
 
     /// Reads a LoRA configuration from folder's adapter_config.json (PEFT's format). Raises
     /// InvalidInputException naming the file and field for a missing file, malformed JSON, a missing or
@@ -375,7 +397,9 @@ module Lora =
         absentOr "use_dora" (fun v -> v.ValueKind = JsonValueKind.False) "DoRA is not supported"
         absentOr "rank_pattern" (fun v -> v.ValueKind = JsonValueKind.Object && Seq.isEmpty (v.EnumerateObject())) "per-module ranks are not supported"
         absentOr "alpha_pattern" (fun v -> v.ValueKind = JsonValueKind.Object && Seq.isEmpty (v.EnumerateObject())) "per-module alphas are not supported"
-        absentOr "modules_to_save" (fun v -> v.ValueKind = JsonValueKind.Array && v.GetArrayLength() = 0) "modules_to_save is not supported"
+        absentOr "modules_to_save"
+            (fun v -> v.ValueKind = JsonValueKind.Array && (v.GetArrayLength() = 0 || (v.GetArrayLength() = 1 && v[0].ValueKind = JsonValueKind.String && v[0].GetString() = "score")))
+            "modules_to_save is supported only as [\"score\"] (a sequence classifier's head, PEFT's SEQ_CLS)"
         absentOr "layers_to_transform" (fun _ -> false) "layers_to_transform is not supported"
         let config =
             { R = rank
@@ -399,7 +423,7 @@ module Lora =
             if not (File.Exists path) then InvalidInput.fail path "" "the adapter weights file does not exist"
             let stored = Safetensors.load path
             try
-                let expected = parameters adapters
+                let expected = parameters adapters @ (scoreOf lm |> Option.map (fun p -> ScoreKey, p) |> Option.toList)
                 let expectedNames = expected |> List.map fst |> Set.ofList
                 for KeyValue(name, _) in stored do
                     if not (expectedNames.Contains name) then
@@ -451,19 +475,22 @@ module Lora =
     /// onlyOptimizeLora freezes the base, learningRate is the adapters' own (None: the run's, runLearningRate,
     /// which the signature records then). AttachToCompute copies the adapters onto the compute copy in
     /// its dtype (copyTo), so the adapter path runs in the low precision.
+    /// On a sequence classifier the score trains whole beside the adapters (PEFT's modules_to_save
+    /// ["score"]), under ScoreKey, and the folder is PEFT's SEQ_CLS adapter (saveFor).
     let asAdapter (adapters: LoraAdapters) (lm: CausalLm) (onlyOptimizeLora: bool) (learningRate: float option) (runLearningRate: float) : Adapter =
-        let trained = parameters adapters
+        let score (model: CausalLm) = scoreOf model |> Option.map (fun p -> ScoreKey, p) |> Option.toList
+        let trained = parameters adapters @ score lm
         { Kind = "LORA"
           Model = lm
           Parameters = trained
           FreezesBase = onlyOptimizeLora
           LearningRate = learningRate
           Signature = signature adapters onlyOptimizeLora (defaultArg learningRate runLearningRate)
-          Save = fun folder baseModel -> save folder baseModel adapters
+          Save = fun folder baseModel -> saveFor lm folder baseModel adapters
           Load = fun folder -> PeftFolder.loadValues folder trained
           AttachToCompute =
             fun copy ->
                 let copied = copyTo adapters copy
                 { Model = copy
-                  Parameters = parameters copied
+                  Parameters = parameters copied @ score copy
                   Release = fun () -> (copied :> IDisposable).Dispose() } }

@@ -114,7 +114,8 @@ module MixedPrecision =
         { Functional.Peft.ComputeAttachment.Model = copy; Parameters = []; Release = ignore }
 
     /// A compute copy in the precision's dtype of model plus what attach attaches to it, or None for fp32.
-    /// The base copy is built from model.Config (CausalLm.create, then Module.to(dtype)), with model's
+    /// The base copy is built from model.Config (CausalLm.create, or SequenceClassification.create for a
+    /// classifier, then Module.to(dtype)), with model's
     /// gradient-checkpointing setting, in training mode. Every name in master (the trained parameters)
     /// must be a parameter of the base copy or of the attachment: that parameter then aliases its slice of
     /// Values and Grads and holds master's value rounded to the dtype. Every other parameter is frozen
@@ -127,7 +128,10 @@ module MixedPrecision =
         | Some dtype ->
             TorchRuntime.ensure ()
             let option = flag precision
-            let baseCopy = CausalLm.create model.Config 0L
+            let baseCopy =
+                match SequenceClassification.tryHead model with
+                | Some head -> SequenceClassification.create model.Config head 0L
+                | None -> CausalLm.create model.Config 0L
             let attachment =
                 try
                     baseCopy.Module.``to`` dtype |> ignore

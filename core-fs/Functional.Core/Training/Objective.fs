@@ -1,5 +1,6 @@
 namespace Functional.Training
 
+open System
 open TorchSharp
 open Functional
 open Functional.Data
@@ -15,7 +16,12 @@ type Objective =
       LossSum: CausalLm -> MicroBatch -> torch.Tensor
       /// What LossSum sums over in the micro-batch (predicted tokens, examples), counted without running
       /// the model: the trainer counts a whole window before its first forward.
-      Count: MicroBatch -> int64 }
+      Count: MicroBatch -> int64
+      /// Makes the micro-batch of the dataset's rows at indices, rows cut to maxSeqLen (arguments:
+      /// maxSeqLen, the trainer's padding id, dataset, indices). Causal language modelling is
+      /// Batching.collate; a task with targets of its own pads with its model's pad id and puts its
+      /// targets in MicroBatch.Labels.
+      Collate: int -> int64 -> TokenizedDataset -> int[] -> MicroBatch }
 
 /// The objectives the trainer and evaluation run.
 [<RequireQualifiedAccess>]
@@ -28,4 +34,86 @@ module Objective =
             fun model batch ->
                 use logits = model.Module.forward batch.InputIds // (B, T, V)
                 Loss.causalLmSum logits batch.Labels
-          Count = fun batch -> batch.PredictedTokens }
+          Count = fun batch -> batch.PredictedTokens
+          Collate = Batching.collate }
+
+    /// Right-pads rows (each cut to maxSeqLen) with padId into (rows, longest) ids.
+    let private padRows (maxSeqLen: int) (padId: int64) (rows: int64[][]) =
+        let lengths = rows |> Array.map (fun r -> min r.Length maxSeqLen)
+        let width = max 1 (Array.max lengths)
+        let ids = Array.create (rows.Length * width) padId
+        rows |> Array.iteri (fun r row -> Array.blit row 0 ids (r * width) lengths[r])
+        torch.tensor(ids, ReadOnlySpan<int64>([| int64 rows.Length; int64 width |])), lengths |> Array.sumBy int64
+
+    let private headOf (model: CausalLm) =
+        match SequenceClassification.tryHead model with
+        | Some head -> head
+        | None -> invalidArg (nameof model) "the objective needs a sequence classifier (SequenceClassification.create)"
+
+    /// The summed classification loss of logits (B, num_labels) against labels: cross-entropy over
+    /// int64 class ids (B) for a single-label head, squared error against float targets (B) for a
+    /// regression head (HF's losses with reduction sum). fp32.
+    let classificationLossSum (head: ClassificationHead) (logits: torch.Tensor) (labels: torch.Tensor) : torch.Tensor =
+        use scope = torch.NewDisposeScope()
+        let logits = logits.to_type torch.float32
+        let loss =
+            match head.ProblemType with
+            | ProblemType.SingleLabel -> torch.nn.functional.cross_entropy(logits, labels, reduction = torch.nn.Reduction.Sum)
+            | ProblemType.Regression ->
+                torch.nn.functional.mse_loss(logits.squeeze(-1L), labels.to_type torch.float32, reduction = torch.nn.Reduction.Sum)
+        scope.MoveToOuter loss
+
+    /// Sequence classification (HF's *ForSequenceClassification loss): the per-example loss
+    /// (classificationLossSum) summed over the micro-batch, counted in examples. targetsOf gives the
+    /// target of every row of a dataset (class ids as floats, or regression targets); rows are
+    /// right-padded with the head's pad_token_id (0 when it has none, which the model allows only for
+    /// one row per micro-batch).
+    let sequenceClassification (head: ClassificationHead) (targetsOf: TokenizedDataset -> float[]) : Objective =
+        { LossSum =
+            fun model batch ->
+                use logits = model.Module.forward batch.InputIds // (B, L)
+                classificationLossSum (headOf model) logits batch.Labels
+          Count = fun batch -> batch.PredictedTokens
+          Collate =
+            fun maxSeqLen _ dataset indices ->
+                let targets = targetsOf dataset
+                let ids, tokens = padRows maxSeqLen (defaultArg head.PadTokenId 0L) (indices |> Array.map (fun i -> dataset.Rows[i]))
+                let values = indices |> Array.map (fun i -> targets[i])
+                let labels =
+                    match head.ProblemType with
+                    | ProblemType.SingleLabel -> torch.tensor(values |> Array.map int64)
+                    | ProblemType.Regression -> torch.tensor(values |> Array.map float32)
+                { InputIds = ids; Labels = labels; PredictedTokens = int64 indices.Length; Tokens = tokens } }
+
+    /// The pair rows of a reward dataset: row i holds chosen ++ rejected, PromptLengths[i] the chosen
+    /// length (RewardData). Returns the chosen and the rejected token ids.
+    let splitPair (dataset: TokenizedDataset) (i: int) : int64[] * int64[] =
+        let row, split = dataset.Rows[i], dataset.PromptLengths[i]
+        row[.. split - 1], row[split ..]
+
+    /// The rewards of a reward micro-batch: the model's scores (2B, 1) of the chosen rows (the first B)
+    /// and of the rejected rows (the last B), each (B).
+    let rewards (model: CausalLm) (batch: MicroBatch) : torch.Tensor * torch.Tensor =
+        use scores = model.Module.forward batch.InputIds // (2B, 1)
+        let B = scores.shape[0] / 2L
+        use flat = scores.to_type(torch.float32).squeeze(-1L)
+        flat.narrow(0L, 0L, B), flat.narrow(0L, B, B)
+
+    /// Reward modelling (TRL's RewardTrainer, InstructGPT's pairwise loss): -log sigmoid(r_chosen -
+    /// r_rejected) summed over the pairs of the micro-batch, counted in pairs; r is the score (one label)
+    /// at each text's pooled position. Rows are RewardData pairs; a micro-batch holds the B chosen texts,
+    /// then the B rejected ones, right-padded with the head's pad_token_id.
+    let reward (head: ClassificationHead) : Objective =
+        { LossSum =
+            fun model batch ->
+                use scope = torch.NewDisposeScope()
+                let chosen, rejected = rewards model batch
+                let loss = torch.nn.functional.logsigmoid(chosen - rejected).sum().neg()
+                scope.MoveToOuter loss
+          Count = fun batch -> batch.PredictedTokens
+          Collate =
+            fun maxSeqLen _ dataset indices ->
+                let pairs = indices |> Array.map (splitPair dataset)
+                let rows = Array.append (Array.map fst pairs) (Array.map snd pairs)
+                let ids, tokens = padRows maxSeqLen (defaultArg head.PadTokenId 0L) rows
+                { InputIds = ids; Labels = torch.zeros([| int64 indices.Length |], dtype = torch.int64); PredictedTokens = int64 indices.Length; Tokens = tokens } }

@@ -454,7 +454,7 @@ module TrainingLoop =
             if state.Order.Epoch = state.Accumulation.Epoch then state.Order
             else epochOrder env.Plan.Options env.Communicator env.Dataset.Rows.Length state.Accumulation.Epoch
         let first, size = Accumulation.currentWindow plan state.Accumulation
-        let window = [ for i in first .. first + size - 1 -> Batching.collate env.MaxSeqLen PadId env.Dataset order.MicroBatches[i] ]
+        let window = [ for i in first .. first + size - 1 -> env.Objective.Collate env.MaxSeqLen PadId env.Dataset order.MicroBatches[i] ]
         // Every process normalizes by the count of the whole window, over all processes.
         let windowTokens = Communicator.sumInt64 env.Communicator (window |> List.sumBy env.Objective.Count)
         let scale = Accumulation.lossScale windowTokens * (state.LossScale |> Option.map (fun s -> s.Scale) |> Option.defaultValue 1.0)
