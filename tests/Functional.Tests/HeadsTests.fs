@@ -63,6 +63,53 @@ let private reward = TrainingTask.RewardModel { PromptField = "prompt"; ChosenFi
 
 let private idsRow (rng: Random) = String.Join(", ", Array.init (rng.Next(2, 9)) (fun _ -> rng.Next(1, 19)))
 
+/// One small config.json per family (the golden cases' models), each with pad_token_id 0.
+let private familyConfigs =
+    [ "gpt2-cosine"; "llama-cosine"; "qwen2-linear"; "qwen3-cosine"; "mistral-cosine"; "opt-cosine"; "opt-pre-linear"; "bloom-cosine" ]
+    |> List.map (fun case ->
+        let path = Path.Combine(goldenDir case, "model", "config.json")
+        let json = Nodes.JsonNode.Parse(File.ReadAllText path).AsObject()
+        json["pad_token_id"] <- Nodes.JsonValue.Create 0
+        case, ModelConfig.parse path (json.ToJsonString()))
+
+/// Every family carries the classification head: HF's class name, its names (the causal LM's backbone
+/// names + score.weight), pooling at the last non-pad token, and an exact save/load round trip.
+let private classifierEveryFamily (case: string, config: ModelConfig) =
+    test (sprintf "%s: a sequence classifier over the family's backbone saves and loads as HF's class" case) {
+        use root = new TempFolder()
+        let traits = ModelFamily.traits config
+        let expectedClass = traits.Architecture.Replace("LMHeadModel", "ForSequenceClassification").Replace("ForCausalLM", "ForSequenceClassification")
+        Expect.equal (SequenceClassification.architecture config) expectedClass "HF's *ForSequenceClassification class"
+        let model = SequenceClassification.create config (head [| "a"; "b"; "c" |] (Some 0L)) 3L
+        use _ = model.Module
+        model.Module.eval ()
+        let causal = CausalLm.create config 3L
+        use _ = causal.Module
+        let backboneNames = [ for struct (name, _) in causal.Module.named_parameters () do if not (name.StartsWith "lm_head.") then yield name ]
+        let names = [ for struct (name, _) in model.Module.named_parameters () -> name ]
+        Expect.equal (List.sort names) (List.sort ("score.weight" :: backboneNames)) "the causal LM's backbone names and score.weight"
+        use _ = torch.no_grad ()
+        // Row 0 right-padded with the pad id 0: it pools where the same row alone pools.
+        use padded = torch.tensor([| 5L; 9L; 17L; 0L; 0L; 11L; 12L; 13L; 14L; 15L |]).view(2L, 5L)
+        use alone = torch.tensor([| 5L; 9L; 17L |]).view(1L, 3L)
+        use both = model.Module.forward padded
+        use single = model.Module.forward alone
+        Expect.sequenceEqual both.shape [| 2L; 3L |] "(batch, num_labels)"
+        use first = both.narrow(0L, 0L, 1L)
+        Expect.isLessThanOrEqual (maxAbsDiff first single) 1e-5 "a padded row scores as the row alone"
+        let folder = root.File "model"
+        HfModelFolder.save folder model None []
+        use config = JsonDocument.Parse(File.ReadAllText(Path.Combine(folder, "config.json")))
+        let written = config.RootElement.GetProperty("architectures")
+        Expect.equal (written[0].GetString()) expectedClass "config.json's architectures"
+        Expect.equal (config.RootElement.GetProperty("id2label").GetProperty("2").GetString()) "c" "id2label"
+        let back = HfModelFolder.load folder 99L
+        use _ = back.Module
+        back.Module.eval ()
+        use again = back.Module.forward padded
+        Expect.equal (maxAbsDiff again both) 0.0 "the loaded classifier scores bit for bit alike"
+    }
+
 /// `functional eval`'s core on a golden case's trained classifier folder, the task decided by the folder.
 let private evalGoldenFinal (case: string) (expectedTask: string) (rows: float) (names: string list) =
     test (sprintf "Evaluate.run takes %s's trained folder as %s and reports its metrics" case expectedTask) {
@@ -93,6 +140,7 @@ let private evalGoldenFinal (case: string) (expectedTask: string) (rows: float) 
 [<Tests>]
 let tests =
     testList "heads" [
+        yield! [ for family in familyConfigs -> classifierEveryFamily family ]
         evalGoldenFinal "llama-classification" "sequence-classification" 13.0 [ "eval_loss"; "eval_accuracy"; "eval_macro_f1"; "eval_samples" ]
         evalGoldenFinal "llama-reward" "reward-model" 9.0 [ "eval_loss"; "eval_accuracy"; "eval_mean_margin"; "eval_samples" ]
         test "each family's classifier is HF's class name: GPT2ForSequenceClassification, LlamaForSequenceClassification, Qwen2's, Mistral's" {
