@@ -92,7 +92,7 @@ internal static class TrainCommand
         var hf = new HfFlags();
 
         var command = new Command("train",
-            "Fine-tune a GPT-2 or LLaMA model folder (--model, --data and --output required) on text, prompt/answer or pre-tokenized data. "
+            "Fine-tune a GPT-2, LLaMA, Qwen2, Qwen3, Mistral, OPT or BLOOM model folder (--model, --data and --output required) on text, prompt/answer or pre-tokenized data. "
             + "Without --model and --data: the embedded default run, a small LLaMA trained from scratch to reverse and sort letters "
             + "(only --output, --seed, --threads and --max-steps apply). HF Trainer and DeepSpeed flags are accepted in their snake_case spelling.")
         {

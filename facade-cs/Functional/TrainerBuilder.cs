@@ -32,7 +32,7 @@ public sealed class TrainerBuilder
     }
 
     /// <summary>The Hugging Face model folder to fine-tune: config.json + model.safetensors (or a sharded index),
-    /// GPT-2 or LLaMA; its tokenizer files are used for text data (--model). Required.</summary>
+    /// GPT-2, LLaMA, Qwen2, Qwen3, Mistral, OPT or BLOOM; its tokenizer files are used for text data (--model). Required.</summary>
     /// <param name="folder">The model folder.</param>
     public TrainerBuilder UseModel(string folder)
     {
