@@ -50,8 +50,6 @@ let private randomIds (vocab: int) (shape: int64[]) (seed: int64) =
     use g = new torch.Generator(uint64 seed)
     torch.randint(int64 vocab, shape, dtype = torch.int64, generator = g)
 
-let private ids (data: int64[]) = torch.tensor(data, ReadOnlySpan [| 1L; int64 data.Length |])
-
 let private ones (rows: int64) (columns: int64) = torch.ones(rows, columns, dtype = torch.int64)
 
 let private logits (lm: CausalLm) (input: torch.Tensor) =
@@ -223,81 +221,14 @@ let private moduleTests =
 
 // ---------------------------------------------------------------- key/value cache and generation
 
-let private greedyByFullForwards (lm: CausalLm) (prompt: int64[]) (newTokens: int) =
-    use _ = torch.no_grad ()
-    let sequence = ResizeArray prompt
-    for _ in 1 .. newTokens do
-        use input = ids (sequence.ToArray())
-        use all = lm.Module.forward input // (1, T, V)
-        use last = all[0L, -1L]
-        sequence.Add(last.argmax().item<int64> ())
-    sequence.ToArray()[prompt.Length ..]
-
-let private greedy newTokens = { GenerationOptions.defaults with MaxNewTokens = newTokens }
-
 let private cacheTests =
     testList "kv cache" [
         for name, config in variants do
-            torchTest (sprintf "%s: cached incremental logits equal the full forward's at every position" name) (fun () ->
-                let lm = model config
-                use _ = torch.no_grad ()
-                use input = randomIds 19 [| 2L; 9L |] 5L
-                use full = lm.Module.forward input // (2, 9, V)
-                let mutable cache = None
-                let pieces =
-                    [ for start, length in [ 0L, 4L; 4L, 1L; 5L, 1L; 6L, 2L; 8L, 1L ] do
-                          use mask = ones 2L (start + length)
-                          use chunk = input.narrow(1L, start, length)
-                          let out, next = CausalLm.forwardCached lm chunk mask cache
-                          cache |> Option.iter (fun (c: KvCache) -> (c :> IDisposable).Dispose())
-                          cache <- Some next
-                          yield out ]
-                use cached = torch.cat(List.toArray pieces, 1L)
-                expectClose 1e-5 cached full "prefill of 4, then 1, 1, 2 and 1 new positions"
-                Expect.equal (cache |> Option.map (fun c -> c.Length)) (Some 9L) "the cache holds every position"
-                cache |> Option.iter (fun c -> (c :> IDisposable).Dispose()))
-
-            torchTest (sprintf "%s: left-padded batch rows equal the same prompt run alone (ALiBi from the mask's cumulative sum)" name) (fun () ->
-                let lm = model config
-                use _ = torch.no_grad ()
-                let pad = 7L
-                let long = [| 3L; 1L; 4L; 1L; 5L; 9L |]
-                let short = [| 2L; 6L; 5L |]
-                let next = [| 8L; 10L |]
-                use batch = torch.tensor(Array.append long (Array.append [| pad; pad; pad |] short), ReadOnlySpan [| 2L; 6L |])
-                use mask = torch.tensor([| 1L; 1L; 1L; 1L; 1L; 1L; 0L; 0L; 0L; 1L; 1L; 1L |], ReadOnlySpan [| 2L; 6L |])
-                let prefill, cache = CausalLm.forwardCached lm batch mask None
-                use prefill = prefill
-                use cache = cache
-                use newTokens = torch.tensor(next, ReadOnlySpan [| 2L; 1L |])
-                use grownMask = torch.cat([| mask; ones 2L 1L |], 1L)
-                let step, grown = CausalLm.nextTokenLogits lm newTokens grownMask (Some cache)
-                use step = step // (2, V)
-                use grown = grown
-                use longAlone = lm.Module.forward (ids (Array.append long [| next[0] |])) // (1, 7, V)
-                use shortAlone = lm.Module.forward (ids (Array.append short [| next[1] |])) // (1, 4, V)
-                expectClose 1e-5 (prefill.narrow(0L, 0L, 1L)) (longAlone.narrow(1L, 0L, 6L)) "unpadded row, prompt"
-                expectClose 1e-5 (prefill.narrow(0L, 1L, 1L).narrow(1L, 3L, 3L)) (shortAlone.narrow(1L, 0L, 3L)) "padded row, prompt"
-                expectClose 1e-5 (step.narrow(0L, 0L, 1L)) (longAlone[0L, -1L].unsqueeze 0L) "unpadded row, next step"
-                expectClose 1e-5 (step.narrow(0L, 1L, 1L)) (shortAlone[0L, -1L].unsqueeze 0L) "padded row, next step")
-
-            torchTest (sprintf "%s: greedy generation with the cache equals greedy generation by full forwards" name) (fun () ->
-                let lm = model config
-                let prompt = [| 1L; 4L; 2L; 8L |]
-                let expected = greedyByFullForwards lm prompt 24
-                let cached = Generator.generate lm [| prompt |] (greedy 24)
-                let uncached = Generator.generate lm [| prompt |] { greedy 24 with UseCache = false }
-                Expect.equal cached[0] expected "with the cache"
-                Expect.equal uncached[0] expected "without the cache"
-                Expect.isGreaterThan (Set.count (Set.ofArray expected)) 1 "the reference moves between tokens")
-
-            torchTest (sprintf "%s: batched (left-padded) generation equals one-by-one generation" name) (fun () ->
-                let lm = model config
-                let prompts = [| [| 5L |]; [| 3L; 1L; 4L; 1L; 5L |]; [| 9L; 2L; 6L |] |]
-                let batched = Generator.generate lm prompts (greedy 12)
-                for i, prompt in Array.indexed prompts do
-                    let alone = Generator.generate lm [| prompt |] (greedy 12)
-                    Expect.equal batched[i] alone[0] (sprintf "prompt %d" i))
+            let fresh () = model config
+            FamilyChecks.cachedLogits name fresh
+            FamilyChecks.paddedRows name "ALiBi from the mask's cumulative sum" fresh 7L [| 3L; 1L; 4L; 1L; 5L; 9L |]
+            FamilyChecks.greedyMatches name fresh FamilyChecks.prompt 24 1
+            FamilyChecks.batchedMatches name fresh FamilyChecks.prompts 12
     ]
 
 // ---------------------------------------------------------------- LoRA
@@ -337,24 +268,7 @@ let private loraTests =
             let lm = HfModelFolder.load (Path.Combine(golden, "model")) 1L
             let adapters = Lora.wrap defaultLora lm 3L
             randomize adapters 4L
-            let initial = [ for _, p in Lora.parameters adapters -> p.detach().clone() ]
-            let data = loadTokenized (Path.Combine(golden, "data.jsonl"))
-            Lora.freezeBase lm
-            let options = { small with MaxSteps = 2 }
-            let plan = TrainingLoop.plan options data.Rows.Length
-            TrainingLoop.run
-                { TrainingLoop.setup plan lm data with
-                    Attach = (Lora.asAdapter adapters lm true None options.LearningRate).AttachToCompute
-                    Parameters = [ for name, p in Lora.parameters adapters -> struct (name, p) ] }
-                None
-                { OnLog = ignore; AfterStep = fun _ -> StepDecision.Continue }
-            |> ignore
-            let original = HfModelFolder.load (Path.Combine(golden, "model")) 1L
-            let trained = dict [ for struct (name, p) in lm.Module.named_parameters () -> name, p ]
-            for struct (name, p) in original.Module.named_parameters () do
-                Expect.isTrue (trained[name].Equals p) (sprintf "base %s bit-identical" name)
-            for (name, p), p0 in List.zip (Lora.parameters adapters) initial do
-                Expect.isFalse (p.Equals p0) (sprintf "%s trained" name))
+            FamilyChecks.expectOnlyAdaptersTrain golden lm adapters { small with MaxSteps = 2 } |> ignore)
 
         torchTest "the adapters save in PEFT's files and load back to the same logits" (fun () ->
             let lm = model (Bloom tinyBloom)
@@ -419,14 +333,6 @@ let private prefixTests =
 
 // ---------------------------------------------------------------- bf16, checkpointing, resume
 
-let private trainGolden (options: TrainOptions) =
-    let lm = HfModelFolder.load (Path.Combine(golden, "model")) 1L
-    let data = loadTokenized (Path.Combine(golden, "data.jsonl"))
-    let logs = ResizeArray<StepLog>()
-    let plan = TrainingLoop.plan options data.Rows.Length
-    TrainingLoop.train plan lm data None { OnLog = logs.Add; AfterStep = fun _ -> StepDecision.Continue } |> ignore
-    List.ofSeq logs
-
 let private gradientsOf (lm: CausalLm) (input: torch.Tensor) (checkpointing: bool) =
     CausalLm.setGradientCheckpointing lm checkpointing
     for p in lm.Module.parameters () do
@@ -454,11 +360,7 @@ let private trainingTests =
 
         torchTest "bf16 training follows the fp32 loss curve within 2% over 20 steps" (fun () ->
             let options = { small with MaxSteps = 20; LearningRate = 3e-3; LrSchedulerType = SchedulerKind.Cosine; NumWarmupSteps = 2 }
-            let fp32 = trainGolden options
-            let mixed = trainGolden { options with Precision = Precision.Bf16 }
-            Expect.equal mixed.Length 20 "every step logged"
-            for a, b in List.zip fp32 mixed do
-                Expect.isLessThan (abs (a.Loss - b.Loss) / a.Loss) 0.02 (sprintf "step %d: fp32 loss %g, bf16 loss %g" a.Step a.Loss b.Loss)
+            let _, mixed = FamilyChecks.expectBf16FollowsFp32 golden options 0.02
             Expect.isLessThan (List.last mixed).Loss (mixed.Head.Loss - 0.1) "bf16 training learns")
 
         for name, config in variants do
@@ -502,37 +404,8 @@ let private trainingTests =
             Expect.equal ([| for step in 8 .. 4 .. 60 -> live[step] |] |> Array.distinct) [| live[8] |] "flat")
 
         torchTest "resuming from a checkpoint continues exactly as the uninterrupted run" (fun () ->
-            use output = new TempFolder()
-            let request (path: string) =
-                { ModelPath = Path.Combine(golden, "model")
-                  DataPath = Path.Combine(golden, "data.jsonl")
-                  OutputPath = path
-                  PublishedOutputPath = None
-                  OverwriteOutputDir = false
-                  Options = { small with MaxSteps = 6; SaveSteps = 3; GradientAccumulationSteps = 2; LearningRate = 3e-3 }
-                  Data = FineTune.defaultData
-                  ResumeFromCheckpoint = None
-                  Lora = None
-                  Prefix = None
-                  GradientCheckpointing = false
-                  ModelHandling = FineTune.defaultModelHandling
-                  Task = TrainingTask.CausalLm
-                  Plot = None }
-            let full = FineTune.run (request (output.File "full")) ignore
-            let resumed =
-                FineTune.run { request (output.File "resumed") with ResumeFromCheckpoint = Some(Path.Combine(output.File "full", "checkpoint-3")) } ignore
-            Expect.equal resumed.Steps 6 "the resumed run ends at step 6"
-            let weights (r: FineTuneOutcome) =
-                let tensors = Safetensors.load (Path.Combine(r.FinalModelPath, "model.safetensors"))
-                let result = tensors |> Map.map (fun _ t -> values t)
-                tensors |> Map.iter (fun _ t -> t.Dispose())
-                result
-            Expect.equal (weights resumed) (weights full) "the same final weights, bit for bit"
-            let losses (r: FineTuneOutcome) =
-                readJsonLines r.MetricsPath
-                |> Array.filter (fun l -> l.TryGetProperty("grad_norm") |> fst)
-                |> Array.map (fun l -> l.GetProperty("step").GetInt32(), l.GetProperty("loss").GetDouble())
-            Expect.equal (losses resumed |> Array.filter (fun (s, _) -> s > 3)) (losses full |> Array.filter (fun (s, _) -> s > 3)) "the same losses after the checkpoint")
+            let options = { small with MaxSteps = 6; SaveSteps = 3; GradientAccumulationSteps = 2; LearningRate = 3e-3 }
+            FamilyChecks.expectResumeMatches (Path.Combine(golden, "model")) (Path.Combine(golden, "data.jsonl")) options)
     ]
 
 [<Tests>]

@@ -15,14 +15,6 @@ open Functional.Text
 // ---------------------------------------------------------------- helpers
 
 
-let private randomIds (vocab: int) (shape: int64[]) (seed: int64) =
-    use g = new torch.Generator(uint64 seed)
-    torch.randint(int64 vocab, shape, dtype = torch.int64, generator = g)
-
-let private ids (data: int64[]) = torch.tensor(data, ReadOnlySpan [| 1L; int64 data.Length |])
-
-let private ones (rows: int64) (columns: int64) = torch.ones(rows, columns, dtype = torch.int64)
-
 // A wide initialization makes the tiny models' next-token distributions far from uniform, so greedy
 // decoding moves between tokens and near-ties are unlikely.
 let private gpt2Config =
@@ -67,25 +59,11 @@ let private llamaConfig =
 
 let private families = [ "GPT-2", gpt2Config; "LLaMA (GQA)", llamaConfig ]
 
-let private vocabOf config =
-    ModelConfig.vocabSize config
-
 /// A fresh model per test: tests run in parallel and generation switches the module's mode.
 let private model config =
     let lm = CausalLm.create config 11L
     lm.Module.eval ()
     lm
-
-/// Greedy decoding by a full forward over the whole sequence every step: the reference the cache must match.
-let private greedyByFullForwards (lm: CausalLm) (prompt: int64[]) (newTokens: int) =
-    use _ = torch.no_grad ()
-    let sequence = ResizeArray prompt
-    for _ in 1 .. newTokens do
-        use input = ids (sequence.ToArray())
-        use logits = lm.Module.forward input // (1, T, V)
-        use last = logits[0L, -1L]
-        sequence.Add(last.argmax().item<int64> ())
-    sequence.ToArray()[prompt.Length ..]
 
 let private greedy newTokens =
     { GenerationOptions.defaults with MaxNewTokens = newTokens }
@@ -102,49 +80,9 @@ let private expectInvalid origin location action = expectInvalidInput origin loc
 let private cacheTests =
     testList "kv cache" [
         for family, config in families do
-            torchTest (sprintf "%s: cached incremental logits equal the full forward's at every position" family) (fun () ->
-                let lm = model config
-                use _ = torch.no_grad ()
-                use input = randomIds (vocabOf config) [| 2L; 9L |] 5L
-                use full = lm.Module.forward input // (2, 9, V)
-                let mutable cache = None
-                let pieces =
-                    [ for start, length in [ 0L, 4L; 4L, 1L; 5L, 1L; 6L, 2L; 8L, 1L ] do
-                          use mask = ones 2L (start + length)
-                          use chunk = input.narrow(1L, start, length)
-                          let logits, next = CausalLm.forwardCached lm chunk mask cache
-                          cache |> Option.iter (fun (c: KvCache) -> (c :> IDisposable).Dispose())
-                          cache <- Some next
-                          yield logits ]
-                use cached = torch.cat(List.toArray pieces, 1L)
-                expectClose 1e-5 cached full "prefill of 4, then 1, 1, 2 and 1 new positions"
-                Expect.equal (cache |> Option.map (fun c -> c.Length)) (Some 9L) "the cache holds every position"
-                cache |> Option.iter (fun c -> (c :> IDisposable).Dispose()))
-
-            torchTest (sprintf "%s: left-padded batch rows equal the same prompt run alone" family) (fun () ->
-                let lm = model config
-                use _ = torch.no_grad ()
-                let pad = 7L
-                let long = [| 3L; 1L; 4L; 1L; 5L; 9L |]
-                let short = [| 2L; 6L; 5L |]
-                let next = [| 8L; 10L |]
-                use batch = torch.tensor(Array.append long (Array.append [| pad; pad; pad |] short), ReadOnlySpan [| 2L; 6L |])
-                use mask = torch.tensor([| 1L; 1L; 1L; 1L; 1L; 1L; 0L; 0L; 0L; 1L; 1L; 1L |], ReadOnlySpan [| 2L; 6L |])
-                let prefill, cache = CausalLm.forwardCached lm batch mask None
-                use prefill = prefill
-                use cache = cache
-                use newTokens = torch.tensor(next, ReadOnlySpan [| 2L; 1L |])
-                use grownMask = torch.cat([| mask; ones 2L 1L |], 1L)
-                let step, grown = CausalLm.nextTokenLogits lm newTokens grownMask (Some cache)
-                use step = step // (2, V)
-                use grown = grown
-                use longAlone = lm.Module.forward (ids (Array.append long [| next[0] |])) // (1, 7, V)
-                use shortAlone = lm.Module.forward (ids (Array.append short [| next[1] |])) // (1, 4, V)
-                expectClose 1e-5 (prefill.narrow(0L, 0L, 1L)) (longAlone.narrow(1L, 0L, 6L)) "unpadded row, prompt"
-                expectClose 1e-5 (prefill.narrow(0L, 1L, 1L).narrow(1L, 3L, 3L)) (shortAlone.narrow(1L, 0L, 3L)) "padded row, prompt"
-                expectClose 1e-5 (step.narrow(0L, 0L, 1L)) (longAlone[0L, -1L].unsqueeze 0L) "unpadded row, next step"
-                expectClose 1e-5 (step.narrow(0L, 1L, 1L)) (shortAlone[0L, -1L].unsqueeze 0L) "padded row, next step"
-                Expect.equal grown.Length 7L "the grown cache holds the padded prompt and the new token")
+            let fresh () = model config
+            FamilyChecks.cachedLogits family fresh
+            FamilyChecks.paddedRows family "positions from the mask's cumulative sum" fresh 7L [| 3L; 1L; 4L; 1L; 5L; 9L |]
     ]
 
 // ---------------------------------------------------------------- sampling
@@ -224,23 +162,9 @@ let private samplingTests =
 let private generationTests =
     testList "generator" [
         for family, config in families do
-            torchTest (sprintf "%s: greedy generation with the cache equals greedy generation by full forwards" family) (fun () ->
-                let lm = model config
-                let prompt = [| 1L; 4L; 2L; 8L |]
-                let expected = greedyByFullForwards lm prompt 16
-                let cached = Generator.generate lm [| prompt |] (greedy 16)
-                let uncached = Generator.generate lm [| prompt |] { greedy 16 with UseCache = false }
-                Expect.equal cached[0] expected "with the cache"
-                Expect.equal uncached[0] expected "without the cache"
-                Expect.isGreaterThan (Set.count (Set.ofArray expected)) 1 "the reference moves between tokens")
-
-            torchTest (sprintf "%s: batched generation equals one-by-one generation for prompts of different lengths" family) (fun () ->
-                let lm = model config
-                let prompts = [| [| 5L |]; [| 3L; 1L; 4L; 1L; 5L |]; [| 9L; 2L; 6L |] |]
-                let batched = Generator.generate lm prompts (greedy 10)
-                for i, prompt in Array.indexed prompts do
-                    let alone = Generator.generate lm [| prompt |] (greedy 10)
-                    Expect.equal batched[i] alone[0] (sprintf "prompt %d" i))
+            let fresh () = model config
+            FamilyChecks.greedyMatches family fresh FamilyChecks.prompt 16 1
+            FamilyChecks.batchedMatches family fresh FamilyChecks.prompts 10
 
         torchTest "a row stops at eos, its result ends with eos, and the other rows go on" (fun () ->
             let lm = model llamaConfig

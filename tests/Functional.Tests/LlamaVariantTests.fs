@@ -77,24 +77,7 @@ let private logits (lm: CausalLm) (ids: torch.Tensor) =
 
 let private names (lm: CausalLm) = [ for struct (name, _) in lm.Module.named_parameters () -> name ]
 
-/// Greedy decoding by the training forward over the whole sequence every step: the reference.
-let private greedyByFullForwards (lm: CausalLm) (prompt: int64[]) (newTokens: int) =
-    use _ = torch.no_grad ()
-    let sequence = ResizeArray prompt
-    for _ in 1 .. newTokens do
-        use input = torch.tensor(sequence.ToArray(), ReadOnlySpan [| 1L; int64 sequence.Count |])
-        use out = lm.Module.forward input // (1, T, V)
-        use last = out[0L, -1L]
-        sequence.Add(last.argmax().item<int64> ())
-    sequence.ToArray()[prompt.Length ..]
-
 let private greedy newTokens = { GenerationOptions.defaults with MaxNewTokens = newTokens }
-
-let private relativeL2 (actual: torch.Tensor) (expected: torch.Tensor) =
-    use diff = actual.to_type(torch.float64) - expected.to_type(torch.float64)
-    use num = diff.norm()
-    use den = expected.to_type(torch.float64).norm()
-    num.item<float>() / den.item<float>()
 
 // ---------------------------------------------------------------- config.json
 
@@ -227,24 +210,8 @@ let private modelTests =
 let private generationTests =
     testList "generation" [
         for display, variant in variants do
-            torchTest (sprintf "%s: greedy generation with the cache equals generation without it and by full forwards, 26 tokens" display) (fun () ->
-                let lm = model (tiny variant) 11L
-                let prompt = [| 1L; 4L; 2L; 8L; 3L; 7L |]
-                let expected = greedyByFullForwards lm prompt 20
-                let cached = Generator.generate lm [| prompt |] (greedy 20)
-                let uncached = Generator.generate lm [| prompt |] { greedy 20 with UseCache = false }
-                Expect.equal cached[0] expected "with the cache"
-                Expect.equal uncached[0] expected "without the cache"
-                Expect.isGreaterThan (Set.count (Set.ofArray expected)) 2 "the reference moves between tokens")
-
-            torchTest (sprintf "%s: a left-padded batch generates with and without the cache as each prompt alone" display) (fun () ->
-                let lm = model (tiny variant) 12L
-                let prompts = [| [| 5L |]; [| 3L; 1L; 4L; 1L; 5L; 9L; 2L |]; [| 9L; 2L; 6L |] |]
-                let cached = Generator.generate lm prompts (greedy 12)
-                let uncached = Generator.generate lm prompts { greedy 12 with UseCache = false }
-                Expect.equal uncached cached "the batch without the cache"
-                for i, prompt in Array.indexed prompts do
-                    Expect.equal cached[i] (greedyByFullForwards lm prompt 12) (sprintf "prompt %d alone" i))
+            FamilyChecks.greedyMatches display (fun () -> model (tiny variant) 11L) [| 1L; 4L; 2L; 8L; 3L; 7L |] 20 2
+            FamilyChecks.batchedMatches display (fun () -> model (tiny variant) 12L) [| [| 5L |]; [| 3L; 1L; 4L; 1L; 5L; 9L; 2L |]; [| 9L; 2L; 6L |] |] 12
 
         for display, variant in variants do
             torchTest (sprintf "%s: attention_dropout acts in training mode only" display) (fun () ->
@@ -320,24 +287,7 @@ let private trainingTests =
                 let lm = HfModelFolder.load (Path.Combine(dir, "model")) 1L
                 use adapters = Lora.wrap { R = 2; Alpha = 4.0; Dropout = 0.0; TargetModules = []; ModuleNameSubstring = None } lm 3L
                 Expect.equal adapters.TargetModuleNames [ "q_proj"; "v_proj" ] "PEFT's default targets"
-                let initial = [ for _, p in Lora.parameters adapters -> p.detach().clone() ]
-                Lora.freezeBase lm
-                let data = loadTokenized (Path.Combine(dir, "data.jsonl"))
-                let options = { small with MaxSteps = 2 }
-                let plan = TrainingLoop.plan options data.Rows.Length
-                TrainingLoop.run
-                    { TrainingLoop.setup plan lm data with
-                        Attach = (Lora.asAdapter adapters lm true None options.LearningRate).AttachToCompute
-                        Parameters = [ for name, p in Lora.parameters adapters -> struct (name, p) ] }
-                    None
-                    { OnLog = ignore; AfterStep = fun _ -> StepDecision.Continue }
-                |> ignore
-                let original = HfModelFolder.load (Path.Combine(dir, "model")) 1L
-                let trained = dict [ for struct (name, p) in lm.Module.named_parameters () -> name, p ]
-                for struct (name, p) in original.Module.named_parameters () do
-                    Expect.isTrue (trained[name].Equals p) (sprintf "base %s unchanged" name)
-                for (name, p), p0 in List.zip (Lora.parameters adapters) initial do
-                    Expect.isFalse (p.Equals p0) (sprintf "adapter %s trained" name)
+                let original = FamilyChecks.expectOnlyAdaptersTrain dir lm adapters { small with MaxSteps = 2 }
                 use folder = new TempFolder()
                 Lora.save folder.Path None adapters
                 use loaded = Lora.load folder.Path original
@@ -364,21 +314,7 @@ let private trainingTests =
                 Expect.isGreaterThan (maxAbsDiff withPrefix plain) 1e-4 "a prefix of 3")
 
             torchTest (sprintf "%s: bf16 training follows the fp32 loss curve within 1%%" display) (fun () ->
-                let dir = goldenDir case
-                let train (precision: Precision) =
-                    let lm = HfModelFolder.load (Path.Combine(dir, "model")) 1L
-                    let data = loadTokenized (Path.Combine(dir, "data.jsonl"))
-                    let options = { small with MaxSteps = 6; Precision = precision }
-                    let logs = ResizeArray<StepLog>()
-                    TrainingLoop.train (TrainingLoop.plan options data.Rows.Length) lm data None
-                        { OnLog = logs.Add; AfterStep = fun _ -> StepDecision.Continue }
-                    |> ignore
-                    List.ofSeq logs
-                let fp32, bf16 = train Precision.Fp32, train Precision.Bf16
-                Expect.equal bf16.Length 6 "every step logged"
-                for a, b in List.zip fp32 bf16 do
-                    let relative = abs (a.Loss - b.Loss) / a.Loss
-                    Expect.isLessThan relative 0.01 (sprintf "step %d: fp32 loss %g, bf16 loss %g" a.Step a.Loss b.Loss)
+                let _, bf16 = FamilyChecks.expectBf16FollowsFp32 (goldenDir case) { small with MaxSteps = 6 } 0.01
                 Expect.isLessThan (List.last bf16).Loss (List.head bf16).Loss "bf16 training learns")
 
             torchTest (sprintf "%s: a bf16 forward is close to the fp32 one" display) (fun () ->
@@ -391,7 +327,7 @@ let private trainingTests =
                 use a = logits lm ids
                 use b = logits low ids
                 Expect.equal b.dtype torch.bfloat16 "bf16 logits"
-                let error = relativeL2 b a
+                let error = FamilyChecks.relativeL2 b a
                 Expect.isLessThan error 2e-2 (sprintf "relative L2 error %g" error))
 
             torchTest (sprintf "%s: gradient checkpointing gives the same loss and gradients" display) (fun () ->
@@ -418,32 +354,8 @@ let private trainingTests =
 
             torchTest (sprintf "%s: resuming from a checkpoint continues exactly as the uninterrupted run" display) (fun () ->
                 let dir = goldenDir case
-                use output = new TempFolder()
-                let request path =
-                    { ModelPath = Path.Combine(dir, "model")
-                      DataPath = Path.Combine(dir, "data.jsonl")
-                      OutputPath = path
-                      PublishedOutputPath = None
-                      OverwriteOutputDir = false
-                      Options = { small with MaxSteps = 6; SaveSteps = 3; LrSchedulerType = SchedulerKind.Cosine; NumWarmupSteps = 1 }
-                      Data = FineTune.defaultData
-                      ResumeFromCheckpoint = None
-                      Lora = None
-                      Prefix = None
-                      GradientCheckpointing = false
-                      ModelHandling = FineTune.defaultModelHandling
-                      Task = TrainingTask.CausalLm
-                      Plot = None }
-                let full = FineTune.run (request (output.File "full")) ignore
-                let resumed =
-                    FineTune.run { request (output.File "resumed") with ResumeFromCheckpoint = Some(Path.Combine(output.File "full", "checkpoint-3")) } ignore
-                let weights (r: FineTuneOutcome) = File.ReadAllBytes(Path.Combine(r.FinalModelPath, "model.safetensors"))
-                Expect.isTrue (weights resumed = weights full) "the same final weights, bit for bit"
-                let losses (r: FineTuneOutcome) =
-                    readJsonLines r.MetricsPath
-                    |> Array.filter (fun l -> l.TryGetProperty("grad_norm") |> fst)
-                    |> Array.map (fun l -> l.GetProperty("step").GetInt32(), l.GetProperty("loss").GetDouble())
-                Expect.equal (losses resumed) (losses full) "the same per-step losses")
+                let options = { small with MaxSteps = 6; SaveSteps = 3; LrSchedulerType = SchedulerKind.Cosine; NumWarmupSteps = 1 }
+                FamilyChecks.expectResumeMatches (Path.Combine(dir, "model")) (Path.Combine(dir, "data.jsonl")) options)
     ]
 
 [<Tests>]

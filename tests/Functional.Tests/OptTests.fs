@@ -67,8 +67,6 @@ let private opt350mJson =
 let private minimalJson (extra: string) =
     sprintf """{"model_type": "opt", "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "ffn_dim": 16%s}""" extra
 
-let private ids (data: int64[]) = torch.tensor(data, ReadOnlySpan [| 1L; int64 data.Length |])
-
 let private randomIds (vocab: int) (shape: int64[]) (seed: int64) =
     use g = new torch.Generator(uint64 seed)
     torch.randint(int64 vocab, shape, dtype = torch.int64, generator = g)
@@ -90,14 +88,6 @@ let private names (lm: CausalLm) = [ for name, _ in CausalLm.parameterSpec lm ->
 let private parameters (lm: CausalLm) =
     dict [ for struct (name, p) in lm.Module.named_parameters () -> name, p :> torch.Tensor ]
 
-let private relativeL2 (actual: torch.Tensor) (expected: torch.Tensor) =
-    use a = actual.to_type torch.float64
-    use e = expected.to_type torch.float64
-    use diff = a - e
-    use num = diff.norm ()
-    use den = e.norm ()
-    num.item<float> () / den.item<float> ()
-
 /// One training micro-step: forward, summed causal-LM loss, backward; every gradient by name.
 let private gradientsOf (lm: CausalLm) (input: torch.Tensor) =
     for p in lm.Module.parameters () do
@@ -110,17 +100,6 @@ let private gradientsOf (lm: CausalLm) (input: torch.Tensor) =
           match p.grad with
           | null -> name, None
           | g -> name, Some(values g) ]
-
-/// Greedy decoding by a full forward over the whole sequence every step.
-let private greedyByFullForwards (lm: CausalLm) (prompt: int64[]) (newTokens: int) =
-    use _ = torch.no_grad ()
-    let sequence = ResizeArray prompt
-    for _ in 1 .. newTokens do
-        use input = ids (sequence.ToArray())
-        use all = lm.Module.forward input // (1, T, V)
-        use last = all[0L, -1L]
-        sequence.Add(last.argmax().item<int64> ())
-    sequence.ToArray()[prompt.Length ..]
 
 let private greedy newTokens = { GenerationOptions.defaults with MaxNewTokens = newTokens }
 
@@ -385,65 +364,11 @@ let private folderTests =
 let private cacheTests =
     testList "kv cache" [
         for family, config in families do
-            torchTest (sprintf "%s: cached incremental logits equal the full forward's at every position" family) (fun () ->
-                let lm = model config
-                use _ = torch.no_grad ()
-                use input = randomIds 40 [| 2L; 9L |] 5L
-                use full = lm.Module.forward input
-                let mutable cache = None
-                let pieces =
-                    [ for start, length in [ 0L, 4L; 4L, 1L; 5L, 1L; 6L, 2L; 8L, 1L ] do
-                          use mask = ones 2L (start + length)
-                          use chunk = input.narrow(1L, start, length)
-                          let out, next = CausalLm.forwardCached lm chunk mask cache
-                          cache |> Option.iter (fun (c: KvCache) -> (c :> IDisposable).Dispose())
-                          cache <- Some next
-                          yield out ]
-                use cached = torch.cat(List.toArray pieces, 1L)
-                expectClose 1e-5 cached full "prefill of 4, then 1, 1, 2 and 1 new positions"
-                Expect.equal (cache |> Option.map (fun c -> c.Length)) (Some 9L) "the cache holds every position"
-                cache |> Option.iter (fun c -> (c :> IDisposable).Dispose()))
-            torchTest (sprintf "%s: left-padded batch rows equal the same prompt run alone (positions from the mask's cumsum)" family) (fun () ->
-                let lm = model config
-                use _ = torch.no_grad ()
-                let pad = 1L
-                let long = [| 3L; 2L; 4L; 7L; 5L; 9L |]
-                let short = [| 2L; 6L; 5L |]
-                let next = [| 8L; 10L |]
-                use batch = torch.tensor(Array.append long (Array.append [| pad; pad; pad |] short), ReadOnlySpan [| 2L; 6L |])
-                use mask = torch.tensor([| 1L; 1L; 1L; 1L; 1L; 1L; 0L; 0L; 0L; 1L; 1L; 1L |], ReadOnlySpan [| 2L; 6L |])
-                let prefill, cache = CausalLm.forwardCached lm batch mask None
-                use prefill = prefill
-                use cache = cache
-                use newTokens = torch.tensor(next, ReadOnlySpan [| 2L; 1L |])
-                use grownMask = torch.cat([| mask; ones 2L 1L |], 1L)
-                let step, grown = CausalLm.nextTokenLogits lm newTokens grownMask (Some cache)
-                use step = step
-                use grown = grown
-                use longAlone = lm.Module.forward (ids (Array.append long [| next[0] |]))
-                use shortAlone = lm.Module.forward (ids (Array.append short [| next[1] |]))
-                expectClose 1e-5 (prefill.narrow(0L, 0L, 1L)) (longAlone.narrow(1L, 0L, 6L)) "unpadded row, prompt"
-                expectClose 1e-5 (prefill.narrow(0L, 1L, 1L).narrow(1L, 3L, 3L)) (shortAlone.narrow(1L, 0L, 3L)) "padded row, prompt"
-                expectClose 1e-5 (step.narrow(0L, 0L, 1L)) (longAlone[0L, -1L].unsqueeze 0L) "unpadded row, next step"
-                expectClose 1e-5 (step.narrow(0L, 1L, 1L)) (shortAlone[0L, -1L].unsqueeze 0L) "padded row, next step")
-            torchTest (sprintf "%s: greedy generation with the cache equals generation without it and by full forwards, token for token" family) (fun () ->
-                let lm = model config
-                let prompt = [| 1L; 4L; 2L; 8L |]
-                let expected = greedyByFullForwards lm prompt 16
-                let cached = Generator.generate lm [| prompt |] (greedy 16)
-                let uncached = Generator.generate lm [| prompt |] { greedy 16 with UseCache = false }
-                Expect.equal cached[0] expected "with the cache"
-                Expect.equal uncached[0] expected "without the cache"
-                Expect.isGreaterThan (Set.count (Set.ofArray expected)) 1 "the reference moves between tokens")
-            torchTest (sprintf "%s: a left-padded batch generates what each prompt generates alone, with and without the cache" family) (fun () ->
-                let lm = model config
-                let prompts = [| [| 5L |]; [| 3L; 1L; 4L; 1L; 5L |]; [| 9L; 2L; 6L |] |]
-                let batched = Generator.generate lm prompts (greedy 10)
-                let batchedUncached = Generator.generate lm prompts { greedy 10 with UseCache = false }
-                for i, prompt in Array.indexed prompts do
-                    let alone = Generator.generate lm [| prompt |] (greedy 10)
-                    Expect.equal batched[i] alone[0] (sprintf "prompt %d" i)
-                    Expect.equal batchedUncached[i] alone[0] (sprintf "prompt %d without the cache" i))
+            let fresh () = model config
+            FamilyChecks.cachedLogits family fresh
+            FamilyChecks.paddedRows family "positions from the mask's cumsum" fresh 1L [| 3L; 2L; 4L; 7L; 5L; 9L |]
+            FamilyChecks.greedyMatches family fresh FamilyChecks.prompt 16 1
+            FamilyChecks.batchedMatches family fresh FamilyChecks.prompts 10
         torchTest "generation stops at max_position_embeddings" (fun () ->
             let lm = model (Opt { tinyOpt with MaxPositionEmbeddings = 12 })
             let generated = Generator.generate lm [| [| 1L; 2L; 3L |] |] (greedy 20)
@@ -473,31 +398,13 @@ let private trainOptions =
         SaveSteps = 3 }
 
 let private request (modelPath: string) (output: string) =
-    { ModelPath = modelPath
-      DataPath = Path.Combine(golden, "data.jsonl")
-      OutputPath = output
-      PublishedOutputPath = None
-      OverwriteOutputDir = false
-      Options = trainOptions
-      Data = FineTune.defaultData
-      ResumeFromCheckpoint = None
-      Lora = None
-      Prefix = None
-      GradientCheckpointing = false
-      ModelHandling = FineTune.defaultModelHandling
-      Task = TrainingTask.CausalLm
-      Plot = None }
+    FamilyChecks.fineTuneRequest modelPath (Path.Combine(golden, "data.jsonl")) output trainOptions
 
 let private tensorsOf (path: string) =
     let tensors = Safetensors.load path
     let result = tensors |> Map.map (fun _ t -> values t)
     tensors |> Map.iter (fun _ t -> t.Dispose())
     result
-
-let private losses (r: FineTuneOutcome) =
-    readJsonLines r.MetricsPath
-    |> Array.filter (fun l -> l.TryGetProperty("grad_norm") |> fst)
-    |> Array.map (fun l -> l.GetProperty("step").GetInt32(), l.GetProperty("loss").GetDouble())
 
 let private adapterTests =
     testList "adapters" [
@@ -582,22 +489,10 @@ let private trainingTests =
                     use full = logits lm input
                     use half = logits low input
                     Expect.equal half.dtype torch.bfloat16 "bf16 logits"
-                    let err = relativeL2 half full
+                    let err = FamilyChecks.relativeL2 half full
                     Expect.isLessThan err 0.03 (sprintf "relative L2 error of the bf16 logits %g" err))
         torchTest "bf16 training of the golden post-norm OPT follows the fp32 loss curve within 2%" (fun () ->
-            let train precision =
-                let lm = HfModelFolder.load (Path.Combine(golden, "model")) 1L
-                let data = loadTokenized (Path.Combine(golden, "data.jsonl"))
-                let options = { trainOptions with Shuffle = false; MaxSteps = 12; Precision = precision }
-                let logs = ResizeArray<StepLog>()
-                let plan = TrainingLoop.plan options data.Rows.Length
-                TrainingLoop.train plan lm data None { OnLog = logs.Add; AfterStep = fun _ -> StepDecision.Continue } |> ignore
-                List.ofSeq logs
-            let fp32 = train Precision.Fp32
-            let bf16 = train Precision.Bf16
-            Expect.equal bf16.Length 12 "every step logged"
-            for a, b in List.zip fp32 bf16 do
-                Expect.isLessThan (abs (a.Loss - b.Loss) / a.Loss) 0.02 (sprintf "step %d: fp32 loss %g, bf16 loss %g" a.Step a.Loss b.Loss))
+            FamilyChecks.expectBf16FollowsFp32 golden { trainOptions with Shuffle = false; MaxSteps = 12 } 0.02 |> ignore)
         torchTest "training steps (dropout on) and generation keep the live tensor count flat" (fun () ->
             let golden = optOf (ModelConfig.load (Path.Combine(golden, "model", "config.json")))
             let lm = CausalLm.create (Opt { golden with Dropout = 0.1; AttentionDropout = 0.1 }) 1L
@@ -648,18 +543,11 @@ let private seededTests =
                     | None, None -> ()
                     | _ -> failtestf "%s: a gradient in one run only" name)
         torchTest "a run resumed from a checkpoint ends exactly as the uninterrupted run (dropout on, shuffled)" (fun () ->
-            use output = new TempFolder()
-            let source = output.File "model"
+            use folder = new TempFolder()
+            let source = folder.File "model"
             let baseModel = HfModelFolder.load (Path.Combine(golden, "model")) 0L
             HfModelFolder.save source { baseModel with Config = Opt { optOf baseModel.Config with Dropout = 0.1; AttentionDropout = 0.1 } } None []
-            let full = FineTune.run (request source (output.File "full")) ignore
-            let resumed =
-                FineTune.run { request source (output.File "resumed") with ResumeFromCheckpoint = Some(Path.Combine(output.File "full", "checkpoint-3")) } ignore
-            Expect.equal resumed.Steps 6 "the resumed run ends at step 6"
-            let weights (r: FineTuneOutcome) = tensorsOf (Path.Combine(r.FinalModelPath, "model.safetensors"))
-            Expect.equal (weights resumed) (weights full) "the same final weights, bit for bit"
-            Expect.equal (losses resumed) (losses full) "the same per-step losses"
-            Expect.equal (losses full).Length 6 "six logged steps")
+            FamilyChecks.expectResumeMatches source (Path.Combine(golden, "data.jsonl")) trainOptions)
     ]
 
 [<Tests>]
