@@ -293,6 +293,31 @@ module CausalAttention =
             torch.nn.functional.scaled_dot_product_attention(q, k, v, cast, dropout, false)
         else written q k v mask dropout
 
+    /// The training forward of a self-attention sublayer: heads projects x (B, T, C) to q, k, v (B, nh, T,
+    /// hd), apply attends causally with the options, output merges the heads' results and projects them
+    /// back: (B, T, C).
+    let sublayer
+        (heads: torch.Tensor -> torch.Tensor * torch.Tensor * torch.Tensor) (output: torch.Tensor -> torch.Tensor)
+        (options: AttentionOptions) (x: torch.Tensor) : torch.Tensor =
+        use scope = torch.NewDisposeScope()
+        let q, k, v = heads x
+        let y = apply q k v options // (B, nh, T, hd)
+        scope.MoveToOuter(output y)
+
+    /// The cached forward of a self-attention sublayer (heads and output as in sublayer): T_new new
+    /// positions x (B, T_new, C) attend over the layer's cached keys and values past (B, nh, T_past, hd)
+    /// and themselves with the mask (IncrementalDecoding.keyMask, or null) and dropout ->
+    /// (B, T_new, C) and the keys and values of all T_total positions (B, nh, T_total, hd).
+    let sublayerCached
+        (heads: torch.Tensor -> torch.Tensor * torch.Tensor * torch.Tensor) (output: torch.Tensor -> torch.Tensor)
+        (dropout: float) (x: torch.Tensor) (mask: torch.Tensor) (past: (torch.Tensor * torch.Tensor) option) =
+        use scope = torch.NewDisposeScope()
+        let q, k, v = heads x
+        let k = IncrementalDecoding.append (Option.map fst past) k // (B, nh, T_total, hd)
+        let v = IncrementalDecoding.append (Option.map snd past) v // (B, nh, T_total, hd)
+        let y = applyCached q k v mask dropout // (B, nh, T_new, hd)
+        scope.MoveToOuter(output y), scope.MoveToOuter k, scope.MoveToOuter v
+
 /// A projection whose weight is stored transposed, (in, out), so y = x @ W + b (PEFT's fan_in_fan_out):
 /// what LoRA needs to know of a projection that is not a Linear.
 type ITransposedWeight =
@@ -591,3 +616,24 @@ type CausalLmHead(name: string, backboneName: string, backbone: DecoderBackbone,
             let T = hidden.shape[1]
             use kept = if lastPositionOnly then hidden.narrow(1L, T - 1L, 1L) else hidden.alias ()
             this.Logits kept, newCache
+
+/// The parts of HF's PreTrainedModel._init_weights that the families share, drawn from the generator
+/// (call under torch.no_grad, in named_modules order, so the draws follow HF's).
+[<RequireQualifiedAccess>]
+module HfInit =
+
+    /// A Linear's weight from normal(0, std), its bias (when it has one) zero.
+    let linear (std: float) (generator: torch.Generator) (l: Linear) : unit =
+        l.weight.normal_(0.0, std, generator) |> ignore
+        if not (isNull l.bias) then torch.nn.init.zeros_ l.bias |> ignore
+
+    /// A Linear as linear does; an Embedding's weight from normal(0, std); a LayerNorm's weight one and
+    /// bias zero; any other module untouched (GPT-2's and BLOOM's rules for these kinds).
+    let standard (std: float) (generator: torch.Generator) (m: torch.nn.Module) : unit =
+        match m with
+        | :? Linear as l -> linear std generator l
+        | :? Embedding as e -> e.weight.normal_(0.0, std, generator) |> ignore
+        | :? LayerNorm as n ->
+            torch.nn.init.ones_ n.weight |> ignore
+            torch.nn.init.zeros_ n.bias |> ignore
+        | _ -> ()

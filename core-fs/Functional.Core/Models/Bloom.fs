@@ -74,13 +74,8 @@ type BloomAttention(query_key_value: Linear, dense: Linear, nHead: int, attentio
     /// ALiBi mask (IncrementalDecoding.keyMask, (B, nh, T_new, T_total)), the layer's cached keys and values
     /// (B, nh, T_past, hd) -> dense's output (B, T_new, C) and the keys and values of all T_total positions.
     member this.ForwardCached(x: torch.Tensor, mask: torch.Tensor, past: (torch.Tensor * torch.Tensor) option) =
-        use scope = torch.NewDisposeScope()
-        let q, k, v = this.Heads x
-        let k = IncrementalDecoding.append (Option.map fst past) k // (B, nh, T_total, hd)
-        let v = IncrementalDecoding.append (Option.map snd past) v // (B, nh, T_total, hd)
         let p = if this.training then attentionDropout else 0.0
-        let y = CausalAttention.applyCached q k v mask p // (B, nh, T_new, hd)
-        scope.MoveToOuter(this.Output y), scope.MoveToOuter k, scope.MoveToOuter v
+        CausalAttention.sublayerCached this.Heads this.Output p x mask past
 
 /// BLOOM's MLP: dense_h_to_4h to 4 * hidden, the tanh approximation of GELU (BloomGelu), dense_4h_to_h back.
 type BloomMlp(dense_h_to_4h: Linear, dense_4h_to_h: Linear) as this =
@@ -263,15 +258,7 @@ module Bloom =
         let std = config.InitializerRange
         use _ = torch.no_grad ()
         for _, m in model.named_modules () do
-            match m with
-            | :? Linear as l ->
-                l.weight.normal_(0.0, std, generator) |> ignore
-                if not (isNull l.bias) then torch.nn.init.zeros_ l.bias |> ignore
-            | :? Embedding as e -> e.weight.normal_(0.0, std, generator) |> ignore
-            | :? LayerNorm as n ->
-                torch.nn.init.ones_ n.weight |> ignore
-                torch.nn.init.zeros_ n.bias |> ignore
-            | _ -> ()
+            HfInit.standard std generator m
 
     /// Builds BloomForCausalLM (a CausalLmHead over BloomModel, registered as "transformer") for the
     /// config, initialized as HF does from a generator seeded with seed.

@@ -48,23 +48,15 @@ type Gpt2Attention
 
     /// (B, T, C) -> (B, T, C).
     override this.forward(x) =
-        use scope = torch.NewDisposeScope()
-        let q, k, v = this.Heads x
         let p = if this.training then attnPdrop else 0.0
-        let y = CausalAttention.apply q k v { Dropout = p; Bias = NoBias } // (B, nh, T, hs)
-        scope.MoveToOuter(this.Output y)
+        CausalAttention.sublayer this.Heads this.Output { Dropout = p; Bias = NoBias } x
 
     /// Attention of T_new new positions over the cached ones and themselves: x (B, T_new, C), the mask
     /// (IncrementalDecoding.keyMask) or null, the layer's cached keys and values (B, nh, T_past, hs) ->
     /// (B, T_new, C) and the keys and values of all T_total positions (B, nh, T_total, hs).
     member this.ForwardCached(x: torch.Tensor, mask: torch.Tensor, past: (torch.Tensor * torch.Tensor) option) =
-        use scope = torch.NewDisposeScope()
-        let q, k, v = this.Heads x
-        let k = IncrementalDecoding.append (Option.map fst past) k // (B, nh, T_total, hs)
-        let v = IncrementalDecoding.append (Option.map snd past) v // (B, nh, T_total, hs)
         let p = if this.training then attnPdrop else 0.0
-        let y = CausalAttention.applyCached q k v mask p // (B, nh, T_new, hs)
-        scope.MoveToOuter(this.Output y), scope.MoveToOuter k, scope.MoveToOuter v
+        CausalAttention.sublayerCached this.Heads this.Output p x mask past
 
 /// GPT-2's MLP: c_fc to the inner width, the activation, c_proj back, dropout (resid_pdrop).
 type Gpt2Mlp(c_fc: Conv1D, c_proj: Conv1D, activation: Activation, dropout: Dropout) as this =
@@ -207,14 +199,7 @@ module Gpt2 =
                 let s = if name.EndsWith "c_proj" then projectionStd else std
                 c.Weight.normal_(0.0, s, generator) |> ignore
                 torch.nn.init.zeros_ c.Bias |> ignore
-            | :? Linear as l ->
-                l.weight.normal_(0.0, std, generator) |> ignore
-                if not (isNull l.bias) then torch.nn.init.zeros_ l.bias |> ignore
-            | :? Embedding as e -> e.weight.normal_(0.0, std, generator) |> ignore
-            | :? LayerNorm as n ->
-                torch.nn.init.ones_ n.weight |> ignore
-                torch.nn.init.zeros_ n.bias |> ignore
-            | _ -> ()
+            | other -> HfInit.standard std generator other
 
     /// Builds GPT2LMHeadModel (a CausalLmHead over GPT2Model, registered as "transformer") for the
     /// config, initialized as HF does from a generator seeded with seed.

@@ -340,9 +340,7 @@ module Llama =
         use _ = torch.no_grad ()
         for _, m in model.named_modules () do
             match m with
-            | :? Linear as l ->
-                l.weight.normal_(0.0, std, generator) |> ignore
-                if not (isNull l.bias) then torch.nn.init.zeros_ l.bias |> ignore
+            | :? Linear as l -> HfInit.linear std generator l
             | :? Embedding as e ->
                 e.weight.normal_(0.0, std, generator) |> ignore
                 config.PadTokenId |> Option.iter (fun pad -> e.weight[int64 pad].zero_() |> ignore)

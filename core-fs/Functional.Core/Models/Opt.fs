@@ -67,23 +67,15 @@ type OptAttention(k_proj: Linear, v_proj: Linear, q_proj: Linear, out_proj: Line
 
     /// (B, T, C) -> (B, T, C), causal.
     override this.forward(x) =
-        use scope = torch.NewDisposeScope()
-        let q, k, v = this.Heads x
         let p = if this.training then attentionDropout else 0.0
-        let y = CausalAttention.apply q k v { Dropout = p; Bias = NoBias } // (B, nh, T, hd)
-        scope.MoveToOuter(this.Output y)
+        CausalAttention.sublayer this.Heads this.Output { Dropout = p; Bias = NoBias } x
 
     /// Attention of T_new new positions over the cached ones and themselves: x (B, T_new, C), the mask
     /// (IncrementalDecoding.keyMask) or null, the layer's cached keys and values (B, nh, T_past, hd) ->
     /// (B, T_new, C) and the keys and values of all T_total positions (B, nh, T_total, hd).
     member this.ForwardCached(x: torch.Tensor, mask: torch.Tensor, past: (torch.Tensor * torch.Tensor) option) =
-        use scope = torch.NewDisposeScope()
-        let q, k, v = this.Heads x
-        let k = IncrementalDecoding.append (Option.map fst past) k // (B, nh, T_total, hd)
-        let v = IncrementalDecoding.append (Option.map snd past) v // (B, nh, T_total, hd)
         let p = if this.training then attentionDropout else 0.0
-        let y = CausalAttention.applyCached q k v mask p // (B, nh, T_new, hd)
-        scope.MoveToOuter(this.Output y), scope.MoveToOuter k, scope.MoveToOuter v
+        CausalAttention.sublayerCached this.Heads this.Output p x mask past
 
 /// An OPT decoder layer. Pre-norm (do_layer_norm_before): h = x + drop(self_attn(self_attn_layer_norm(x))),
 /// then h + drop(fc2(act(fc1(final_layer_norm(h))))). Post-norm (opt-350m): the same sublayers on the
@@ -319,9 +311,7 @@ module Opt =
         use _ = torch.no_grad ()
         for name, m in model.named_modules () do
             match m with
-            | :? Linear as l ->
-                l.weight.normal_(0.0, std, generator) |> ignore
-                if not (isNull l.bias) then torch.nn.init.zeros_ l.bias |> ignore
+            | :? Linear as l -> HfInit.linear std generator l
             | :? Embedding as e ->
                 e.weight.normal_(0.0, std, generator) |> ignore
                 if name.EndsWith "embed_tokens" then
