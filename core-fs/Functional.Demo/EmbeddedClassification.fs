@@ -51,23 +51,14 @@ module EmbeddedClassification =
         if settings.MaxSteps < 1 then InvalidInput.setting "max_steps" "must be at least 1"
         let output = Path.GetFullPath settings.OutputPath
         if File.Exists output then InvalidInput.fail output "" "the output path is a file (expected a folder)"
-        let staging = StagedFolder.create output
-        let folder (name: string) = Directory.CreateDirectory(Path.Combine(staging, name)).FullName
-        try
-            let data = folder "data"
+        EmbeddedRun.staged output cancellation observer (fun staging ->
+            let data = Directory.CreateDirectory(Path.Combine(staging, "data")).FullName
             let train = samples settings.Seed settings.TrainSamples
             let heldOut = samples (settings.Seed + 1) settings.EvalSamples
             write (Path.Combine(data, "train.jsonl")) train
             write (Path.Combine(data, "eval.jsonl")) heldOut
             observer.OnMessage(sprintf "task: sentiment of %d short reviews (%d held out), e.g. \"%s\" -> %s" train.Length heldOut.Length (fst train[0]) (snd train[0]))
-            let tokenizerFolder = folder "tokenizer"
-            BpeTraining.trainToFolder (Array.map fst train) 96 tokenizerFolder
-            let tokenizer = Tokenizers.fromFolder tokenizerFolder
-            let model = CausalLm.create (modelConfig tokenizer.VocabSize) (int64 settings.Seed)
-            let initial = Path.Combine(staging, "initial")
-            HfModelFolder.save initial model None (List.ofArray (Directory.GetFiles tokenizerFolder))
-            Directory.Delete(tokenizerFolder, true)
-            cancellation.ThrowIfCancellationRequested()
+            let initial, _, _ = EmbeddedRun.initialModel staging (Array.map fst train) 96 modelConfig settings.Seed cancellation
             let request =
                 { FineTune.request initial (Path.Combine(data, "train.jsonl")) staging with
                     PublishedOutputPath = Some output
@@ -90,19 +81,4 @@ module EmbeddedClassification =
                     Data = { FineTune.defaultData with EvalDataPath = Some(Path.Combine(data, "eval.jsonl")) }
                     Task = TrainingTask.SequenceClassification { TextField = "text"; LabelField = "label"; NumLabels = None; PadTokenId = None }
                     Plot = Functional.Reporting.MetricsPlot.drawer }
-            let result = FineTune.runObserved request cancellation observer
-            if result.Interrupted then
-                StagedFolder.discard staging
-                result
-            else
-                StagedFolder.commit staging output
-                let relocate (path: string) = Path.Combine(output, Path.GetRelativePath(staging, path))
-                { result with
-                    MetricsPath = relocate result.MetricsPath
-                    FinalModelPath = relocate result.FinalModelPath
-                    PlotPath = relocate result.PlotPath
-                    Checkpoints = result.Checkpoints |> List.map relocate
-                    BestCheckpoint = result.BestCheckpoint |> Option.map relocate }
-        with _ ->
-            StagedFolder.discard staging
-            reraise ()
+            request)

@@ -89,6 +89,51 @@ module EmbeddedRun =
         if settings.Threads < 0 then InvalidInput.setting "threads" "must be >= 0"
         if File.Exists settings.OutputPath then InvalidInput.fail settings.OutputPath "" "the output path is a file (expected a folder)"
 
+    /// Runs an embedded job staged beside output (StagedFolder): prepare writes the job's inputs into the
+    /// staging folder and returns its fine-tuning request (output the staging folder, published at
+    /// output); the job's files then replace output only when it finished. Interrupted (the result says
+    /// so) or failing, the staging folder is removed and output is left as it was. The result's paths
+    /// point into output.
+    let staged
+        (output: string) (cancellation: Threading.CancellationToken) (observer: FineTuneEvents) (prepare: string -> FineTuneRequest)
+        : FineTuneOutcome =
+        let staging = StagedFolder.create output
+        try
+            let request = prepare staging
+            let result = FineTune.runObserved request cancellation observer
+            if result.Interrupted then
+                StagedFolder.discard staging
+                result
+            else
+                StagedFolder.commit staging output
+                let relocate (path: string) = Path.Combine(output, Path.GetRelativePath(staging, path))
+                { result with
+                    MetricsPath = relocate result.MetricsPath
+                    FinalModelPath = relocate result.FinalModelPath
+                    PlotPath = relocate result.PlotPath
+                    Checkpoints = result.Checkpoints |> List.map relocate
+                    BestCheckpoint = result.BestCheckpoint |> Option.map relocate }
+        with _ ->
+            StagedFolder.discard staging
+            reraise ()
+
+    /// The untrained model of an embedded job: a byte-level BPE with the given merges trained on texts
+    /// (in staging/tokenizer, removed afterwards), the model of config (of the tokenizer's vocabulary size)
+    /// created from seed and saved with the tokenizer's files as staging/initial. Raises
+    /// OperationCanceledException when cancelled by then. Returns initial's path, the tokenizer and the model.
+    let initialModel
+        (staging: string) (texts: string seq) (merges: int) (config: int -> ModelConfig) (seed: int)
+        (cancellation: Threading.CancellationToken) =
+        let tokenizerFolder = Directory.CreateDirectory(Path.Combine(staging, "tokenizer")).FullName
+        BpeTraining.trainToFolder texts merges tokenizerFolder
+        let tokenizer = Tokenizers.fromFolder tokenizerFolder
+        let model = CausalLm.create (config tokenizer.VocabSize) (int64 seed)
+        let initial = Path.Combine(staging, "initial")
+        HfModelFolder.save initial model None (List.ofArray (Directory.GetFiles tokenizerFolder))
+        Directory.Delete(tokenizerFolder, true)
+        cancellation.ThrowIfCancellationRequested()
+        initial, tokenizer, model
+
     /// Runs the embedded default. Everything is written to a staging folder beside OutputPath (the task's
     /// data as DeepSpeed-Chat JSON Lines in data/, the tokenizer and untrained model in initial/, then the
     /// fine-tuning job's metrics.jsonl, TensorBoard events, loss.png and final/), which replaces OutputPath
@@ -104,23 +149,15 @@ module EmbeddedRun =
         let output = Path.GetFullPath settings.OutputPath
         for folder, action in StagedFolder.cleanStale output do
             observer.OnMessage(sprintf "%s: %s (its run is no longer running)" folder action)
-        let staging = StagedFolder.create output
-        let folder (name: string) = Directory.CreateDirectory(Path.Combine(staging, name)).FullName
-        try
-            let data = folder "data"
+        staged output cancellation observer (fun staging ->
+            let data = Directory.CreateDirectory(Path.Combine(staging, "data")).FullName
             let train = EmbeddedTask.samples settings.Seed settings.TrainSamples false
             let heldOut = EmbeddedTask.samples (settings.Seed + 1) settings.EvalSamples true
             writeSamples (Path.Combine(data, "train.jsonl")) train
             writeSamples (Path.Combine(data, "eval.jsonl")) heldOut
             observer.OnMessage(sprintf "task: %d training and %d held-out samples, e.g.%s ->%s" train.Length heldOut.Length train[0].Prompt train[0].Answer)
-            let tokenizerFolder = folder "tokenizer"
-            BpeTraining.trainToFolder [ for s in train -> s.Prompt + s.Answer ] Merges tokenizerFolder
-            let tokenizer = Tokenizers.fromFolder tokenizerFolder
-            let model = CausalLm.create (modelConfig tokenizer.VocabSize) (int64 settings.Seed)
-            let initial = Path.Combine(staging, "initial")
-            HfModelFolder.save initial model None (List.ofArray (Directory.GetFiles tokenizerFolder))
-            Directory.Delete(tokenizerFolder, true)
-            cancellation.ThrowIfCancellationRequested()
+            let initial, tokenizer, model =
+                initialModel staging [ for s in train -> s.Prompt + s.Answer ] Merges modelConfig settings.Seed cancellation
             let parameters = CausalLm.parameterSpec model |> List.sumBy (fun (_, shape) -> Array.fold (*) 1L shape)
             observer.OnMessage(sprintf "model: LLaMA, %d parameters, vocabulary of %d tokens (byte-level BPE)" parameters tokenizer.VocabSize)
             let request =
@@ -143,19 +180,4 @@ module EmbeddedRun =
                   ModelHandling = FineTune.defaultModelHandling
                   Task = TrainingTask.CausalLm
                   Plot = Functional.Reporting.MetricsPlot.drawer }
-            let result = FineTune.runObserved request cancellation observer
-            if result.Interrupted then
-                StagedFolder.discard staging
-                result
-            else
-                StagedFolder.commit staging output
-                let relocate (path: string) = Path.Combine(output, Path.GetRelativePath(staging, path))
-                { result with
-                    MetricsPath = relocate result.MetricsPath
-                    FinalModelPath = relocate result.FinalModelPath
-                    PlotPath = relocate result.PlotPath
-                    Checkpoints = result.Checkpoints |> List.map relocate
-                    BestCheckpoint = result.BestCheckpoint |> Option.map relocate }
-        with _ ->
-            StagedFolder.discard staging
-            reraise ()
+            request)
