@@ -25,6 +25,25 @@ let private withV1Checkpoint (folder: TempFolder) (case: string) =
 let private stepLines (output: string) =
     File.ReadAllLines(Path.Combine(output, "metrics.jsonl")) |> Array.filter (fun l -> not (l.Contains "train_runtime"))
 
+/// The resumed run's metric lines against the pre-change run's: the lines of the steps the checkpoint
+/// carries (its log_history) byte for byte; the recomputed steps field by field, step, epoch, lr and
+/// num_tokens exactly and loss and grad_norm to 1e-5 relative. The pre-change numbers were recorded on
+/// another CPU, whose float32 kernels sum in another order (~1e-7 apart); the same machine repeats a
+/// run bit for bit (the resume tests check that).
+let private expectSameSteps (actual: string[]) (expected: string[]) (carried: int) =
+    Expect.equal actual.Length expected.Length "one line per step"
+    for i, (a, e) in Array.indexed (Array.zip actual expected) do
+        if i < carried then Expect.equal a e (sprintf "step %d, restored from the checkpoint, byte for byte" (i + 1))
+        else
+            let a, e = JsonDocument.Parse(a).RootElement, JsonDocument.Parse(e).RootElement
+            let names (j: JsonElement) = [ for p in j.EnumerateObject() -> p.Name ]
+            Expect.equal (names a) (names e) (sprintf "step %d: the same fields" (i + 1))
+            for name in names e do
+                let x, y = a.GetProperty(name).GetDouble(), e.GetProperty(name).GetDouble()
+                if name = "loss" || name = "grad_norm" then
+                    Expect.isLessThanOrEqual (abs (x - y) / abs y) 1e-5 (sprintf "step %d: %s %.17g vs %.17g" (i + 1) name x y)
+                else Expect.equal x y (sprintf "step %d: %s" (i + 1) name)
+
 let private functionalSection (checkpoint: string) =
     JsonDocument.Parse(File.ReadAllText(Path.Combine(checkpoint, "trainer_state.json"))).RootElement.GetProperty("functional").Clone()
 
@@ -38,9 +57,9 @@ let tests =
                 let run = runCli (args lora output @ [ "--resume-from-checkpoint"; "latest" ])
                 Expect.equal run.ExitCode 0 run.Stderr
                 let expected = File.ReadAllLines(Path.Combine(goldenDir "checkpoint-v1", case, "metrics-steps.jsonl"))
-                Expect.sequenceEqual (stepLines output) expected "metrics.jsonl equals the uninterrupted pre-change run's"
-                let last = JsonDocument.Parse(Array.last expected).RootElement
-                Expect.equal (last.GetProperty("loss").GetDouble()) finalLoss "the recorded final loss"
+                expectSameSteps (stepLines output) expected 3
+                let last = JsonDocument.Parse(Array.last (stepLines output)).RootElement
+                Expect.isLessThanOrEqual (abs (last.GetProperty("loss").GetDouble() - finalLoss) / finalLoss) 1e-5 "the final loss of the pre-change run"
                 // The checkpoint this run wrote is version 2: snake_case keys, plain text.
                 let written = functionalSection (Path.Combine(output, "checkpoint-6"))
                 Expect.equal (written.GetProperty("signature_version").GetInt32()) 2 "signature_version"
