@@ -291,6 +291,32 @@ let tests =
             Expect.equal again.Tokens 10L "every row evaluated"
             Expect.equal (again.Metrics |> List.map fst) [ "accuracy"; "macro_f1" ] "functional eval's metrics")
 
+        testProperty "DeepSpeed-Chat's phases partition the shuffled rows; phase 1 is splitIndices" (fun (size: uint8) (a: uint8) (b: uint8) (c: uint8) (seed: int) ->
+            let n = int size
+            let split = sprintf "%d,%d,%d" (int a + 1) (int b) (int c)
+            let phases = [ for phase in 0 .. 2 -> PromptDataset.phaseIndices split phase (int64 seed) n ]
+            phases[0] = PromptDataset.splitIndices split (int64 seed) n
+            && (Array.concat phases |> Array.sort) = Array.init n id)
+
+        torchTest "a reward job with a data split trains on DeepSpeed-Chat's second share; classification refuses a split" (fun () ->
+            use folder = new TempFolder()
+            let rng = Random 5
+            let rows = [ for _ in 1 .. 20 -> sprintf """{"input_ids_chosen": [%s], "input_ids_rejected": [%s]}""" (idsRow rng) (idsRow rng) ]
+            let request = taskRequest folder reward rows
+            let split = { request.Data.Prompt with DataSplit = Some "2,4,4" }
+            let events = { OnStep = ignore; OnEvaluation = (fun _ _ -> ()); OnMessage = ignore }
+            let job = Job.prepare { request with Data = { request.Data with Prompt = split } } events
+            use _ = job.Model.Module
+            let share = PromptDataset.phaseIndices "2,4,4" 1 request.Options.Seed 20
+            let held = job.Data.Eval |> Option.map (fun e -> e.Rows.Length) |> Option.defaultValue 0
+            Expect.equal (job.Data.Train.Rows.Length + held) share.Length "the second share's pairs (training and held out)"
+            Expect.isTrue (share.Length > 0 && share.Length < 20) "a share, not every pair"
+            let labelled = [ for i in 1 .. 6 -> sprintf """{"input_ids": [%s], "label": %d}""" (idsRow rng) (i % 2) ]
+            use other = new TempFolder()
+            let cls = taskRequest other classification labelled
+            expectInvalidInput "--data-split" "" [ "three phases"; "--task reward-model" ] (fun () ->
+                Job.prepare { cls with Data = { cls.Data with Prompt = { cls.Data.Prompt with DataSplit = Some "2,4,4" } } } events |> ignore))
+
         torchTest "a reward job logs eval_loss, eval_accuracy and eval_mean_margin and writes a one-label classifier" (fun () ->
             use folder = new TempFolder()
             let rng = Random 4

@@ -194,6 +194,17 @@ module PromptDataset =
         let order = Sampler.shuffled seed 0 dataSize
         order[boundaries[0] .. boundaries[1] - 1]
 
+    /// The row indices DeepSpeed-Chat's phase (0: supervised fine-tuning, 1: reward model, 2: RLHF)
+    /// takes from dataSize rows: split phase of the same shuffled order as splitIndices. A split with
+    /// fewer shares than the phase needs raises InvalidInputException naming data_split.
+    let phaseIndices (dataSplit: string) (phase: int) (seed: int64) (dataSize: int) : int[] =
+        let boundaries = splitBoundaries dataSplit dataSize
+        if phase + 1 >= boundaries.Length then
+            InvalidInput.setting "data_split"
+                (sprintf "phase %d takes share %d of \"%s\", which has %d" (phase + 1) (phase + 1) dataSplit (boundaries.Length - 1))
+        let order = Sampler.shuffled seed 0 dataSize
+        order[boundaries[phase] .. boundaries[phase + 1] - 1]
+
     // ---------------------------------------------------------------- reading records
 
     type private Record =

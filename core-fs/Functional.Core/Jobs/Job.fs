@@ -207,6 +207,10 @@ module Job =
         | _ ->
             if request.Prefix.IsSome then InvalidInput.setting "prefix_tuning" "trains causal language models only; not with {task}"
             if request.Data.ExactMatchSamples > 0 then InvalidInput.setting "exact_match_samples" "scores generated answers of causal language models; not with {task}"
+            match request.Task with
+            | TrainingTask.SequenceClassification _ when request.Data.Prompt.DataSplit.IsSome ->
+                InvalidInput.setting "data_split" "splits DeepSpeed-Chat's data among its three phases (step 2 is {task} reward-model); sequence classification is none of them"
+            | _ -> ()
             if request.ModelHandling.ResizeTokenEmbeddingsToMultipleOf > 0 then
                 InvalidInput.setting "resize_token_embeddings_to_multiple_of" "resizes a causal language model's embeddings and head; not with {task}"
 
@@ -240,7 +244,7 @@ module Job =
             let setup =
                 match task with
                 | TrainingTask.SequenceClassification c -> TaskJob.prepareClassification adjust request.ModelPath request.DataPath request.Data.EvalDataPath c options ratio tokenizer
-                | TrainingTask.RewardModel r -> TaskJob.prepareReward adjust request.ModelPath request.DataPath request.Data.EvalDataPath r options ratio tokenizer
+                | TrainingTask.RewardModel r -> TaskJob.prepareReward adjust request.Data.Prompt.DataSplit request.ModelPath request.DataPath request.Data.EvalDataPath r options ratio tokenizer
                 | TrainingTask.CausalLm -> invalidArg (nameof request) "handled above"
             checkSettings request setup.Data.Eval.IsSome
             setup.Model, options, tokenizer, setup.Data, setup.Objective, setup.Evaluate, setup.Signature

@@ -173,16 +173,22 @@ module TaskJob =
             [ entry "task" "{task}" (sprintf "sequence-classification labels=%s problem_type=%s pad_token_id=%s" (String.Join("|", labels)) problemName (pad |> Option.map string |> Option.defaultValue "none"))
               entry "targets" "{data} (labels)" (fingerprint trainTargets) ] }
 
-    /// Prepares a reward-model job: reads the preference rows (prompt, chosen, rejected fields), loads
+    /// Prepares a reward-model job: reads the preference rows (prompt, chosen, rejected fields; with a
+    /// data split, DeepSpeed-Chat's second share, PromptDataset.phaseIndices), loads
     /// the model folder (its config changed by adjust) as a one-label classifier (a classifier checkpoint must have one label) and
     /// tokenizes prompt + chosen and prompt + rejected (TaskData.pairDataset).
-    let prepareReward (adjust: ModelConfig -> ModelConfig) (modelPath: string) (dataPath: string) (evalPath: string option) (task: RewardTask) (options: TrainOptions) (evalSplitRatio: float) (tokenizer: TextTokenizer) : TaskSetup =
+    let prepareReward (adjust: ModelConfig -> ModelConfig) (dataSplit: string option) (modelPath: string) (dataPath: string) (evalPath: string option) (task: RewardTask) (options: TrainOptions) (evalSplitRatio: float) (tokenizer: TextTokenizer) : TaskSetup =
         let configPath, config, text = configOf modelPath
         let baseHead = SequenceClassification.readHead configPath text
         let isClassifier = SequenceClassification.isClassifierConfig text
         if isClassifier && baseHead.NumLabels <> 1 then
             InvalidInput.fail configPath "id2label" (sprintf "a reward model scores with one label; this classifier has %d" baseHead.NumLabels)
-        let read path = TaskData.readPairs path task.PromptField task.ChosenField task.RejectedField
+        // DeepSpeed-Chat's step 2 trains on the second share of its data split, of the train and eval files alike.
+        let phase (records: 'T[]) =
+            match dataSplit with
+            | Some split -> PromptDataset.phaseIndices split 1 options.Seed records.Length |> Array.map (fun i -> records[i])
+            | None -> records
+        let read path = TaskData.readPairs path task.PromptField task.ChosenField task.RejectedField |> phase
         let trainRecords, evalRecords = split evalSplitRatio options.Seed (read dataPath) (evalPath |> Option.map read)
         let vocabSize = ModelConfig.vocabSize config
         let pad = padFor configPath task.PadTokenId baseHead [ options.PerDeviceTrainBatchSize; options.PerDeviceEvalBatchSize; 2 ] vocabSize
@@ -229,5 +235,5 @@ module TaskJob =
         let _, config, _ = configOf modelPath
         let maxSeqLen = if maxSeqLen > 0 then maxSeqLen else ModelConfig.contextLength config
         let options = { TrainOptions.defaults with PerDeviceTrainBatchSize = 1; PerDeviceEvalBatchSize = batchSize; MaxSeqLen = maxSeqLen }
-        let setup = prepareReward id modelPath dataPath None task options 0.0 (tokenizerOf modelPath tokenizerName)
+        let setup = prepareReward id None modelPath dataPath None task options 0.0 (tokenizerOf modelPath tokenizerName)
         setup.Evaluate setup.Model setup.Data.Train
