@@ -75,6 +75,13 @@ public static class TextGeneration
         }
         var tokenizer = Text.Tokenizers.fromFolder(modelPath);
         var lm = HfModelFolder.load(modelPath, o.Seed);
+        if (Microsoft.FSharp.Core.OptionModule.IsSome(Models.SequenceClassification.tryHead(lm)))
+        {
+            throw new InvalidInputException(
+                System.IO.Path.Combine(modelPath, "config.json"),
+                "architectures",
+                $"is {Models.SequenceClassification.architecture(lm.Config)}, a sequence classifier: it scores texts and generates none; generate with a causal LM folder (...ForCausalLM), evaluate this one with functional eval");
+        }
         if (o.PrefixAdapter is { } adapter)
         {
             lm = Peft.PrefixTuning.load(adapter, lm).Model;

@@ -414,6 +414,20 @@ type private TextScratch() =
 [<Tests>]
 let cliTests =
     testList "heads cli" [
+        test "functional generate on a classifier folder is refused naming config.json's architectures; functional eval measures it" {
+            use folder = new TempFolder()
+            let model = folder.File "classifier"
+            copyFolder (Path.Combine(goldenDir "llama-classification", "final")) model
+            for f in Directory.GetFiles(Path.Combine(AppContext.BaseDirectory, "golden", "tokenization", "gpt2")) do
+                File.Copy(f, Path.Combine(model, Path.GetFileName f))
+            let run = runCli [ "generate"; "--model"; model; "--prompt"; "hi" ]
+            Expect.equal run.ExitCode 2 "bad input"
+            Expect.stringContains run.Stderr "config.json:architectures: is LlamaForSequenceClassification, a sequence classifier" "names the file, field and class"
+            let data = Path.Combine(goldenDir "llama-classification", "data.jsonl")
+            let eval = runCli [ "eval"; "--model"; model; "--data"; data; "--output"; folder.File "eval.json" ]
+            Expect.equal eval.ExitCode 0 eval.Stderr
+            Expect.stringContains eval.Stdout "\"eval_macro_f1\"" "a classifier's metrics"
+        }
         test "functional train --task sequence-classification without data: the embedded sentiment demo trains and writes a classifier" {
             use folder = new TempFolder()
             let run = runCli [ "train"; "--task"; "sequence-classification"; "--output"; folder.File "demo"; "--max-steps"; "12"; "--threads"; "1" ]
