@@ -246,7 +246,8 @@ module Bloom =
         w.WriteNumber("attention_dropout", c.AttentionDropout)
         w.WriteNumber("pretraining_tp", c.PretrainingTp)
         w.WriteBoolean("slow_but_exact", false)
-        w.WriteNumber("seq_length", c.SeqLength)
+        // Not a BloomConfig field: written only when it is not the default, so a plain config stays HF's.
+        if c.SeqLength <> 2048 then w.WriteNumber("seq_length", c.SeqLength)
         w.WriteBoolean("tie_word_embeddings", c.TieWordEmbeddings)
 
     /// The config with every dropout probability zero (hidden_dropout, attention_dropout).

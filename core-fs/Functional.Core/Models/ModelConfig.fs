@@ -218,7 +218,8 @@ type BloomConfig =
       /// slow_but_exact it does not change the computation and is only kept for the written config.
       PretrainingTp: int
       /// "seq_length" (not a BloomConfig field; read when a config carries it, default 2048, BLOOM's
-      /// training context): the longest sequence runs default to. ALiBi itself has no position table.
+      /// training context; written back only when it is not 2048): the longest sequence runs default to.
+      /// ALiBi itself has no position table.
       SeqLength: int
       /// "tie_word_embeddings" (default true): the LM head reuses the word embedding matrix.
       TieWordEmbeddings: bool }
