@@ -113,3 +113,31 @@ let mpiTests =
             Expect.stringContains out "launch-check rank 0 of 1 (local rank 0): ok" report
         }
     ]
+
+/// A communicator that claims two processes but does nothing: every collective result is wrong.
+type private SilentPair() =
+    interface ICommunicator with
+        member _.Rank = 0
+        member _.Size = 2
+        member _.LocalRank = 0
+        member _.AllReduce _ = ()
+        member _.ReduceScatter(_, _) = ()
+        member _.AllGather(_, _) = ()
+        member _.Broadcast(_, _) = ()
+        member _.Barrier() = ()
+
+[<Tests>]
+let launchCheckTests =
+    testList "distributed launch check" [
+        test "passes on the single-process communicator" {
+            let passed, line = LaunchCheck.check Communicator.singleProcess
+            Expect.isTrue passed line
+            Expect.stringContains line "rank 0 of 1 (local rank 0): ok" "the line"
+        }
+        test "a communicator whose results are wrong fails, naming each collective" {
+            let passed, line = LaunchCheck.check (SilentPair())
+            Expect.isFalse passed line
+            for what in [ "float32 AllReduce"; "int64 ReduceScatter"; "float64 AllGather"; "float32 Broadcast"; "AllReduce accepted a float16 tensor" ] do
+                Expect.stringContains line what "names the failed check"
+        }
+    ]

@@ -50,6 +50,15 @@ module LaunchCheck =
             let b = if r = root then (range k * 3.0).to_type dtype else torch.zeros([| k |], dtype = dtype)
             communicator.Broadcast(b, root)
             expect (name + " Broadcast") b (range k * 3.0)
+        // What a multi-process communicator refuses: other dtypes, non-contiguous memory.
+        if n > 1 then
+            let refuses (what: string) (t: torch.Tensor) =
+                try
+                    communicator.AllReduce t
+                    failures.Add(sprintf "AllReduce accepted %s" what)
+                with :? ArgumentException -> ()
+            refuses "a float16 tensor" (torch.zeros([| k |], dtype = torch.ScalarType.Float16))
+            refuses "a non-contiguous tensor" (torch.zeros([| 2L; 3L |], dtype = torch.ScalarType.Float32).t())
         communicator.Barrier()
         let passed = failures.Count = 0
         let status = if passed then "ok (AllReduce, ReduceScatter, AllGather, Broadcast on float32, float64, int64; Barrier)" else "FAILED: " + String.Join("; ", failures)

@@ -222,6 +222,8 @@ type MpiCommunicator private (library: MpiLibrary, localRank: int) =
     static member Start(localRank: int) =
         let library = MpiLibrary.Load()
         library.Init()
+        // A process that leaves without MPI_Finalize makes mpirun report the run as failed.
+        AppDomain.CurrentDomain.ProcessExit.Add(fun _ -> try library.FinalizeMpi() with _ -> ())
         new MpiCommunicator(library, localRank)
 
     /// The MPI library in use.
