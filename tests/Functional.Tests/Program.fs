@@ -27,7 +27,8 @@ let endToEnd =
       [ "prefix tuning"; "bad input" ]
       [ "prefix tuning"; "generation" ]
       [ "interop cli" ]
-      [ "heads cli" ] ]
+      [ "heads cli" ]
+      [ "mpi" ] ]
 
 let private isEndToEnd (names: string list) =
     endToEnd |> List.exists (fun prefix -> List.length prefix <= List.length names && List.take prefix.Length names = prefix)
@@ -37,6 +38,9 @@ let private isEndToEnd (names: string list) =
 /// line, "tests: N passed, N failed, N skipped", that CI reads.
 [<EntryPoint>]
 let main argv =
+    // `--launch-check`: the distributed self-check (LaunchCheck, docs/distributed.md) instead of the tests,
+    // for `mpirun -np N dotnet Functional.Tests.dll --launch-check` (the test list "mpi" starts it).
+    if argv |> Array.contains "--launch-check" then exit (Functional.Distributed.LaunchCheck.run ())
     let unitOnly = argv |> Array.contains "--unit"
     let e2eOnly = argv |> Array.contains "--e2e"
     let argv = argv |> Array.filter (fun a -> a <> "--unit" && a <> "--e2e")

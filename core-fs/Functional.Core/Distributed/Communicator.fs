@@ -71,26 +71,4 @@ type SingleProcess() =
 
         member _.Barrier() = ()
 
-/// Communicators and the reductions of plain numbers the trainer needs.
-[<RequireQualifiedAccess>]
-module Communicator =
-
-    /// The communicator of a run with one process.
-    let singleProcess: ICommunicator = SingleProcess()
-
-    /// The sum of value over all processes (an all-reduce of one int64): e.g. a window's predicted
-    /// tokens, so that every process normalizes its loss by the tokens of the whole window.
-    let sumInt64 (communicator: ICommunicator) (value: int64) : int64 =
-        TorchRuntime.ensure ()
-        use tensor = torch.tensor value
-        communicator.AllReduce tensor
-        tensor.item<int64> ()
-
-    /// The sum of value over all processes (an all-reduce of one float64): e.g. a window's summed loss,
-    /// or, as a Transform.NormReduction, the squared gradient norms of the shards of a sharded gradient.
-    /// With one process it is value exactly.
-    let sumFloat (communicator: ICommunicator) (value: float) : float =
-        TorchRuntime.ensure ()
-        use tensor = torch.tensor value
-        communicator.AllReduce tensor
-        tensor.item<float> ()
+// The Communicator module (singleProcess, fromEnvironment, the sums) is in Mpi.fs, after the MPI communicator.
