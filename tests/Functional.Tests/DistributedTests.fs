@@ -79,7 +79,8 @@ let private runLaunchCheck (processes: int) =
         match findMpirun () with
         | Some path -> path
         | None ->
-            failtest "mpirun is not on PATH: install Open MPI (tools/install-mpi.sh, or apt-get install openmpi-bin libopenmpi-dev); CI installs it"
+            // As the PyTorch comparisons: the README's test command alone skips, saying why; .ci/run installs it.
+            skiptest "needs mpirun (Open MPI): sh tools/install-mpi.sh, or apt-get install openmpi-bin libopenmpi-dev; CI installs it"
     let info = ProcessStartInfo(mpirun, RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
     for a in [ "-np"; string processes; "--oversubscribe"; "dotnet"; Path.Combine(AppContext.BaseDirectory, "Functional.Tests.dll"); "--launch-check" ] do
         info.ArgumentList.Add a
