@@ -287,7 +287,7 @@ let tests =
             use config = JsonDocument.Parse(File.ReadAllText(Path.Combine(result.FinalModelPath, "config.json")))
             Expect.equal ((config.RootElement.GetProperty "architectures").[0].GetString()) "LlamaForSequenceClassification" "architecture"
             Expect.equal (config.RootElement.GetProperty("id2label").GetProperty("1").GetString()) "b" "labels from the data"
-            let again = TaskJob.evaluateClassificationFile result.FinalModelPath (folder.File "data.jsonl") { TextField = "text"; LabelField = "label"; NumLabels = None; PadTokenId = None } 4 0 None
+            let again = TaskJob.evaluateClassificationFile result.FinalModelPath (folder.File "data.jsonl") { TextField = "text"; LabelField = "label"; NumLabels = None; PadTokenId = None } 4 0 (Functional.Text.TextTokenizer.absent result.FinalModelPath "pre-tokenized rows only")
             Expect.equal again.Tokens 10L "every row evaluated"
             Expect.equal (again.Metrics |> List.map fst) [ "accuracy"; "macro_f1" ] "functional eval's metrics")
 

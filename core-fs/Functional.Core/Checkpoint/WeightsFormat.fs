@@ -101,8 +101,9 @@ module WeightsFormat =
                         if decimalUnit && text.EndsWith("b", StringComparison.Ordinal) then size / 8L else size))
         bytes |> Option.filter (fun n -> n > 0L)
 
-    /// tryParseSize, raising InvalidInputException naming the setting (e.g. "--max-shard-size: 2XB:
-    /// expected a size like 5GB, 500MB, 2GiB or a number of bytes").
+    /// tryParseSize, raising InvalidInputException naming the setting (e.g. max_shard_size, which the
+    /// command line shows as its flag) and what was expected ("2XB: expected a size like 5GB, 500MB, 2GiB
+    /// or a number of bytes").
     let parseSize (setting: string) (text: string) : int64 =
         match tryParseSize text with
         | Some n -> n

@@ -217,6 +217,16 @@ type MpiCommunicator private (library: MpiLibrary, localRank: int) =
 
     let datatype (t: torch.Tensor) = library.Datatype t.dtype
 
+    /// Checks the two tensors of ReduceScatter or AllGather: plain, one dtype, and whole (named by
+    /// wholeLabel) holding size parts of part's length (part named by partName).
+    let parts (operation: string) (input: torch.Tensor) (output: torch.Tensor) (wholeLabel: string) (partName: string) (whole: torch.Tensor) (part: torch.Tensor) =
+        plain operation (nameof input) input
+        plain operation (nameof output) output
+        if input.dtype <> output.dtype then invalidArg (nameof output) (sprintf "%s needs input and output of one dtype" operation)
+        if whole.numel () <> part.numel () * int64 size then
+            invalidArg (nameof output)
+                (sprintf "%s with %d processes needs %s of %d x the %s's %d elements, got %d" operation size wholeLabel size partName (part.numel ()) (whole.numel ()))
+
     /// Starts MPI (MPI_Init) in this process, which mpirun (or another MPI launcher) started, and
     /// returns the world communicator; localRank is this process's index on its machine.
     static member Start(localRank: int) =
@@ -243,21 +253,11 @@ type MpiCommunicator private (library: MpiLibrary, localRank: int) =
                 library.AllreduceSumInPlace(TensorMemory.address tensor, int (tensor.numel ()), datatype tensor)
 
         member _.ReduceScatter(input, output) =
-            plain "ReduceScatter" (nameof input) input
-            plain "ReduceScatter" (nameof output) output
-            if input.dtype <> output.dtype then invalidArg (nameof output) "ReduceScatter needs input and output of one dtype"
-            if input.numel () <> output.numel () * int64 size then
-                invalidArg (nameof output)
-                    (sprintf "ReduceScatter with %d processes needs an input of %d x the output's %d elements, got %d" size size (output.numel ()) (input.numel ()))
+            parts "ReduceScatter" input output "an input" "output" input output
             library.ReduceScatterBlockSum(TensorMemory.address input, TensorMemory.address output, int (output.numel ()), datatype output)
 
         member _.AllGather(input, output) =
-            plain "AllGather" (nameof input) input
-            plain "AllGather" (nameof output) output
-            if input.dtype <> output.dtype then invalidArg (nameof output) "AllGather needs input and output of one dtype"
-            if output.numel () <> input.numel () * int64 size then
-                invalidArg (nameof output)
-                    (sprintf "AllGather with %d processes needs an output of %d x the input's %d elements, got %d" size size (input.numel ()) (output.numel ()))
+            parts "AllGather" input output "an output" "input" output input
             library.Allgather(TensorMemory.address input, TensorMemory.address output, int (input.numel ()), datatype input)
 
         member _.Broadcast(tensor, root) =

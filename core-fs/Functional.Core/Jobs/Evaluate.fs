@@ -156,9 +156,9 @@ module Evaluate =
                             TrainingTask.SequenceClassification { TextField = "text"; LabelField = "label"; NumLabels = None; PadTokenId = None }
                 match task with
                 | TrainingTask.RewardModel r ->
-                    "reward-model", taskMetrics (TaskJob.evaluateRewardFile request.ModelPath request.DataPath r request.BatchSize request.MaxSeqLen request.TokenizerName)
+                    "reward-model", taskMetrics (TaskJob.evaluateRewardFile request.ModelPath request.DataPath r request.BatchSize request.MaxSeqLen (tokenizerOf request))
                 | TrainingTask.SequenceClassification c ->
-                    "sequence-classification", taskMetrics (TaskJob.evaluateClassificationFile request.ModelPath request.DataPath c request.BatchSize request.MaxSeqLen request.TokenizerName)
+                    "sequence-classification", taskMetrics (TaskJob.evaluateClassificationFile request.ModelPath request.DataPath c request.BatchSize request.MaxSeqLen (tokenizerOf request))
                 | TrainingTask.CausalLm -> invalidArg (nameof request) "handled above"
             | EvalTask.CausalLm, _ ->
                 let model = HfModelFolder.load request.ModelPath 0L

@@ -211,29 +211,24 @@ module TaskJob =
           Evaluate = fun m d -> Evaluation.evaluateReward objective m d options.PerDeviceEvalBatchSize options.MaxSeqLen
           Signature = [ entry "task" "{task}" (sprintf "reward-model pad_token_id=%s" (pad |> Option.map string |> Option.defaultValue "none")) ] }
 
-    /// The tokenizer of a model folder (or an encoding name) for evaluation; none for a folder without
-    /// tokenizer files (pre-tokenized data only).
-    let private tokenizerOf (modelPath: string) (tokenizerName: string option) =
-        match tokenizerName with
-        | Some name -> Tokenizers.fromEncoding name
-        | None when JobChecks.hasTokenizer modelPath -> Tokenizers.fromFolder modelPath
-        | None -> TextTokenizer.absent modelPath "the model folder has no tokenizer files: give pre-tokenized rows or {tokenizer} NAME"
+    /// The options of a standalone evaluation: batchSize rows per micro-batch, rows cut to maxSeqLen
+    /// (0: the model's context).
+    let private evalOptions (modelPath: string) (batchSize: int) (maxSeqLen: int) =
+        let _, config, _ = configOf modelPath
+        let maxSeqLen = if maxSeqLen > 0 then maxSeqLen else ModelConfig.contextLength config
+        { TrainOptions.defaults with PerDeviceTrainBatchSize = 1; PerDeviceEvalBatchSize = batchSize; MaxSeqLen = maxSeqLen }
 
     /// Evaluates a trained classifier folder on a labelled file (functional eval): loss, accuracy and
     /// macro_f1 as the job's evaluation lines report them. The folder's head decides the labels; rows
-    /// cut to maxSeqLen (0: the model's context).
-    let evaluateClassificationFile (modelPath: string) (dataPath: string) (task: ClassificationTask) (batchSize: int) (maxSeqLen: int) (tokenizerName: string option) : EvalResult =
-        let _, config, _ = configOf modelPath
-        let maxSeqLen = if maxSeqLen > 0 then maxSeqLen else ModelConfig.contextLength config
-        let options = { TrainOptions.defaults with PerDeviceTrainBatchSize = 1; PerDeviceEvalBatchSize = batchSize; MaxSeqLen = maxSeqLen }
-        let setup = prepareClassification id modelPath dataPath None { task with NumLabels = None } options 0.0 (tokenizerOf modelPath tokenizerName)
+    /// cut to maxSeqLen (0: the model's context); texts encoded by tokenizer.
+    let evaluateClassificationFile (modelPath: string) (dataPath: string) (task: ClassificationTask) (batchSize: int) (maxSeqLen: int) (tokenizer: TextTokenizer) : EvalResult =
+        let options = evalOptions modelPath batchSize maxSeqLen
+        let setup = prepareClassification id modelPath dataPath None { task with NumLabels = None } options 0.0 tokenizer
         setup.Evaluate setup.Model setup.Data.Train
 
     /// Evaluates a trained reward model folder on a preference file (functional eval): loss, accuracy and
     /// mean_margin as the job's evaluation lines report them.
-    let evaluateRewardFile (modelPath: string) (dataPath: string) (task: RewardTask) (batchSize: int) (maxSeqLen: int) (tokenizerName: string option) : EvalResult =
-        let _, config, _ = configOf modelPath
-        let maxSeqLen = if maxSeqLen > 0 then maxSeqLen else ModelConfig.contextLength config
-        let options = { TrainOptions.defaults with PerDeviceTrainBatchSize = 1; PerDeviceEvalBatchSize = batchSize; MaxSeqLen = maxSeqLen }
-        let setup = prepareReward id None modelPath dataPath None task options 0.0 (tokenizerOf modelPath tokenizerName)
+    let evaluateRewardFile (modelPath: string) (dataPath: string) (task: RewardTask) (batchSize: int) (maxSeqLen: int) (tokenizer: TextTokenizer) : EvalResult =
+        let options = evalOptions modelPath batchSize maxSeqLen
+        let setup = prepareReward id None modelPath dataPath None task options 0.0 tokenizer
         setup.Evaluate setup.Model setup.Data.Train
