@@ -49,6 +49,10 @@ module internal MpiNative =
     [<DllImport("libc", EntryPoint = "dlerror")>]
     extern nativeint dlerror()
 
+    /// _exit: ends the process at once, without exit handlers (no MPI_Finalize).
+    [<DllImport("libc", EntryPoint = "_exit")>]
+    extern void exitNow(int code)
+
 /// What to do when the MPI library is missing: the message names the library and the packages.
 [<RequireQualifiedAccess>]
 module internal MpiHelp =
@@ -92,6 +96,7 @@ type MpiLibrary private (handle: nativeint, path: string) =
     let abort = Marshal.GetDelegateForFunctionPointer<MpiNative.Abort>(call "MPI_Abort")
     let errorString = Marshal.GetDelegateForFunctionPointer<MpiNative.ErrorString>(call "MPI_Error_string")
     let commWorld = export "ompi_mpi_comm_world"
+    let mutable aborting = false
     let opSum = export "ompi_mpi_op_sum"
     let float32Type = export "ompi_mpi_float"
     let float64Type = export "ompi_mpi_double"
@@ -155,9 +160,10 @@ type MpiLibrary private (handle: nativeint, path: string) =
     member this.Init() =
         if not this.IsInitialized then this.Check "Init" (init.Invoke(0n, 0n))
 
-    /// MPI_Finalize, once, if MPI was started and is not yet finalized.
+    /// MPI_Finalize, once, if MPI was started, is not yet finalized and no Abort has begun (after one,
+    /// MPI_Finalize would wait for the processes the abort is ending).
     member this.FinalizeMpi() =
-        if this.IsInitialized && not this.IsFinalized then this.Check "Finalize" (finalize.Invoke())
+        if not aborting && this.IsInitialized && not this.IsFinalized then this.Check "Finalize" (finalize.Invoke())
 
     member this.Rank =
         let mutable r = 0
@@ -192,18 +198,29 @@ type MpiLibrary private (handle: nativeint, path: string) =
 
     member this.Barrier() = this.Check "Barrier" (barrier.Invoke commWorld)
 
-    /// MPI_Abort on the world communicator: ends every process of the run with code.
-    member _.Abort(code: int) = abort.Invoke(commWorld, code) |> ignore
+    /// MPI_Abort on the world communicator: ends every process of the run with code (mpirun exits
+    /// with it). From here on FinalizeMpi does nothing.
+    member _.Abort(code: int) =
+        aborting <- true
+        abort.Invoke(commWorld, code) |> ignore
 
 /// A communicator over MPI's world communicator (Open MPI, loaded at run time).
 ///
 /// CPU ONLY for now: every tensor must be a contiguous CPU tensor of float32, float64 or int64, and MPI
 /// reads and writes its memory directly (no staging copy). Tensors on other devices raise; a NCCL
 /// communicator will sit behind the same ICommunicator seam. Dispose finalizes MPI.
+///
+/// Faults: a process that fails must not leave its peers waiting inside a collective or in
+/// MPI_Finalize. Fail (Faults.abortRun) writes one line naming the rank and ends the whole run with
+/// MPI_Abort. Start arranges the same for a process that leaves through an unhandled exception, or that
+/// exits with a failing code without calling Fail; a process that exits with 0 finalizes MPI.
 [<Sealed>]
 type MpiCommunicator private (library: MpiLibrary, localRank: int) =
+    static let mutable current: MpiCommunicator option = None
     let rank = library.Rank
     let size = library.Size
+    let gate = obj ()
+    let mutable failing = false
 
     static let plain (operation: string) (name: string) (t: torch.Tensor) =
         if t.device_type <> DeviceType.CPU then
@@ -227,20 +244,65 @@ type MpiCommunicator private (library: MpiLibrary, localRank: int) =
             invalidArg (nameof output)
                 (sprintf "%s with %d processes needs %s of %d x the %s's %d elements, got %d" operation size wholeLabel size partName (part.numel ()) (whole.numel ()))
 
+    /// The line a failing process writes before it aborts the run: "rank R of N failed: message".
+    static member FailureLine(rank: int, size: int, message: string) =
+        sprintf "rank %d of %d failed: %s" rank size message
+
     /// Starts MPI (MPI_Init) in this process, which mpirun (or another MPI launcher) started, and
-    /// returns the world communicator; localRank is this process's index on its machine.
+    /// returns the world communicator (also MpiCommunicator.Current from then on); localRank is this
+    /// process's index on its machine. At process exit MPI is finalized when the exit code is 0 (or says
+    /// the process was stopped by a signal), and the run is failed (Fail) otherwise; an unhandled
+    /// exception fails the run too.
     static member Start(localRank: int) =
         let library = MpiLibrary.Load()
         library.Init()
-        // A process that leaves without MPI_Finalize makes mpirun report the run as failed.
-        AppDomain.CurrentDomain.ProcessExit.Add(fun _ -> try library.FinalizeMpi() with _ -> ())
-        new MpiCommunicator(library, localRank)
+        let communicator = new MpiCommunicator(library, localRank)
+        current <- Some communicator
+        // A process that leaves without MPI_Finalize makes mpirun report the run as failed. One that
+        // finalizes while a peer waits for it in a collective hangs both: a failing exit aborts instead.
+        AppDomain.CurrentDomain.ProcessExit.Add(fun _ -> communicator.Exit())
+        AppDomain.CurrentDomain.UnhandledException.Add(fun e ->
+            communicator.Fail(1, sprintf "unhandled exception: %O" e.ExceptionObject))
+        communicator
+
+    /// The communicator Start returned in this process, or None when MPI was not started.
+    static member Current: MpiCommunicator option = current
 
     /// The MPI library in use.
     member _.Library = library
 
+    /// At process exit: fails the run when the exit code says this process failed (or a failure is under
+    /// way on another thread), finalizes MPI otherwise. Codes 0 and 129-192 (128 + a signal's number: the
+    /// run was asked to stop, e.g. 130 after SIGINT, 143 after SIGTERM, and every process stops alike)
+    /// finalize; any other code fails the run, since this process may be leaving alone.
+    member private this.Exit() =
+        let code = Environment.ExitCode
+        let stopped = code > 128 && code <= 128 + 64
+        if failing || (code <> 0 && not stopped) then this.Fail(code, sprintf "the process is exiting with code %d" code)
+        else try library.FinalizeMpi() with _ -> ()
+
     /// Ends every process of the run (MPI_Abort) with code.
     member _.Abort(code: int) = library.Abort code
+
+    /// Fails the run: writes FailureLine (this rank, the size, message) to standard error, then ends
+    /// every process of the run with MPI_Abort(code): mpirun kills the other processes and exits with
+    /// a code other than 0. Does not return; MPI is not finalized. A second call (another thread, or the
+    /// exit handler after a failure) only waits for the first to end the process.
+    member _.Fail(code: int, message: string) : unit =
+        let code = if code = 0 then 1 else code
+        let first = lock gate (fun () -> if failing then false else (failing <- true; true))
+        if first then
+            try
+                Console.Out.Flush()
+                Console.Error.WriteLine(MpiCommunicator.FailureLine(rank, size, message))
+                Console.Error.Flush()
+            with _ -> ()
+            if not library.IsFinalized then library.Abort code
+            // MPI_Abort ends this process; should it come back (or MPI be finalized already), leave at
+            // once, without exit handlers: mpirun then ends the run as it does for a process that died.
+            MpiNative.exitNow code
+        else
+            Threading.Thread.Sleep(Threading.Timeout.Infinite)
 
     interface ICommunicator with
         member _.Rank = rank
