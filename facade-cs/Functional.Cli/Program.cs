@@ -61,19 +61,31 @@ public static partial class Program
         }
         catch (InvalidInputException e)
         {
-            Console.Error.WriteLine($"error: {e.Render(CommandLineFlags.Of).Message}");
-            return BadInput;
+            var message = e.Render(CommandLineFlags.Of).Message;
+            Console.Error.WriteLine($"error: {message}");
+            return Fail(BadInput, message);
         }
         catch (Exception e) when (FileSystemProblem(e) is { } problem)
         {
             Console.Error.WriteLine($"error: {problem}");
-            return BadInput;
+            return Fail(BadInput, problem);
         }
         catch (Exception e)
         {
             Console.Error.WriteLine($"error: the run failed unexpectedly; please report this with the details below.\n{e}");
-            return 1;
+            return Fail(1, $"{e.GetType().FullName}: {e.Message.ReplaceLineEndings(" ")}");
         }
+    }
+
+    /// <summary>Ends a failed command with code. In a multi-process (mpirun) run this process's peers would wait
+    /// for it forever inside a collective, so the whole run is aborted first: one line naming the rank ("rank 1 of 2
+    /// failed: message") and MPI_Abort, which does not return; mpirun then ends the other processes and exits with
+    /// code. In a single-process run it just returns code. (An exception that escapes Main, on any thread, aborts
+    /// the run the same way: the MPI communicator installs that handler when it starts.)</summary>
+    private static int Fail(int code, string message)
+    {
+        Distributed.Faults.abortActiveRun(code, message);
+        return code;
     }
 
     /// <summary>One line for a failed file-system operation (a read-only file system, a full disk, no permission, a
