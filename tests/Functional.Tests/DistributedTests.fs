@@ -68,7 +68,7 @@ let environmentTests =
     ]
 
 /// The mpirun on PATH, or None.
-let private findMpirun () =
+let findMpirun () =
     (Environment.GetEnvironmentVariable "PATH").Split(':', StringSplitOptions.RemoveEmptyEntries)
     |> Array.map (fun d -> Path.Combine(d, "mpirun"))
     |> Array.tryFind File.Exists

@@ -28,7 +28,8 @@ let endToEnd =
       [ "prefix tuning"; "generation" ]
       [ "interop cli" ]
       [ "heads cli" ]
-      [ "mpi" ] ]
+      [ "mpi" ]
+      [ "mpi faults" ] ]
 
 let private isEndToEnd (names: string list) =
     endToEnd |> List.exists (fun prefix -> List.length prefix <= List.length names && List.take prefix.Length names = prefix)
@@ -41,6 +42,21 @@ let main argv =
     // `--launch-check`: the distributed self-check (LaunchCheck, docs/distributed.md) instead of the tests,
     // for `mpirun -np N dotnet Functional.Tests.dll --launch-check` (the test list "mpi" starts it).
     if argv |> Array.contains "--launch-check" then exit (Functional.Distributed.LaunchCheck.run ())
+    // The modes the test list "mpi faults" starts under mpirun (DistributedFaultTests.FaultModes).
+    let valueOf (flag: string) = argv |> Array.tryFindIndex ((=) flag) |> Option.map (fun i -> argv[i + 1])
+    match valueOf "--collective-loop" with
+    | Some seconds -> exit (DistributedFaultTests.FaultModes.collectiveLoop (float seconds) (valueOf "--checkpoints"))
+    | None -> ()
+    match valueOf "--raise-on-rank" with
+    | Some rank ->
+        let leaving =
+            match valueOf "--leaving" with
+            | None | Some "caught" -> DistributedFaultTests.FaultModes.Caught
+            | Some "uncaught" -> DistributedFaultTests.FaultModes.Uncaught
+            | Some "exit-code" -> DistributedFaultTests.FaultModes.ExitCode
+            | Some other -> failwithf "--leaving: expected caught, uncaught or exit-code, got %s" other
+        exit (DistributedFaultTests.FaultModes.raiseOnRank (int rank) leaving)
+    | None -> ()
     let unitOnly = argv |> Array.contains "--unit"
     let e2eOnly = argv |> Array.contains "--e2e"
     let argv = argv |> Array.filter (fun a -> a <> "--unit" && a <> "--e2e")
