@@ -28,7 +28,8 @@ let endToEnd =
       [ "prefix tuning"; "generation" ]
       [ "interop cli" ]
       [ "heads cli" ]
-      [ "mpi" ] ]
+      [ "mpi" ]
+      [ "distributed training" ] ]
 
 let private isEndToEnd (names: string list) =
     endToEnd |> List.exists (fun prefix -> List.length prefix <= List.length names && List.take prefix.Length names = prefix)
