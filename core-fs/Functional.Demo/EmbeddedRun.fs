@@ -178,6 +178,7 @@ module EmbeddedRun =
                   Prefix = None
                   GradientCheckpointing = false
                   ModelHandling = FineTune.defaultModelHandling
+                  Distributed = FineTune.defaultDistributed
                   Task = TrainingTask.CausalLm
                   Plot = Functional.Reporting.MetricsPlot.drawer }
             request)

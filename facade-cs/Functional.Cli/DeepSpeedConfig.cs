@@ -21,6 +21,9 @@ internal sealed class DeepSpeedConfig
     /// <summary>train_batch_size, when set: micro batch x accumulation x processes (1 here).</summary>
     public int? TrainBatchSize { get; private set; }
 
+    /// <summary>zero_optimization.stage, when the file sets it.</summary>
+    public int? ZeroStage { get; private set; }
+
     /// <summary>One-line notes on what the file asks for that has no effect here.</summary>
     public List<string> Notes { get; } = [];
 
@@ -259,8 +262,13 @@ internal sealed class DeepSpeedConfig
             {
                 throw new InvalidInputException(Path, "zero_optimization.stage", $"expected 0, 1, 2 or 3, got {stage}");
             }
+            ZeroStage = stage;
         }
-        Notes.Add($"{Path}: zero_optimization: one process holds everything in CPU memory, so every ZeRO stage and offload computes the same here");
+        var others = zero.EnumerateObject().Select(p => p.Name).Where(n => n != "stage").ToList();
+        if (others.Count > 0)
+        {
+            Notes.Add($"{Path}: zero_optimization.{string.Join(", zero_optimization.", others)}: no effect here (buckets and offload: everything is in CPU memory)");
+        }
     }
 
     private void Set(string option, object? value, string field)

@@ -6,8 +6,8 @@ namespace Functional.Cli;
 /// <summary>
 /// Flags of HF Trainer and DeepSpeed(-Chat) training scripts that `functional train` accepts as they are written
 /// there: the ones that map are honoured (--report_to, --logging_dir, --logging_strategy, --torch_dtype, --dtype,
-/// --deepspeed ds.json), the ones with no effect on one CPU process are accepted with a one-line note
-/// (--zero_stage, --offload, --do_train, --dataloader_num_workers, --local_rank, --save_safetensors, --print_loss,
+/// --deepspeed ds.json, --zero_stage), the ones with no effect on one CPU process are accepted with a one-line note
+/// (--offload, --do_train, --dataloader_num_workers, --local_rank, --save_safetensors, --print_loss,
 /// --num_padding_at_beginning), and only what contradicts another setting is refused.
 /// </summary>
 internal sealed class HfFlags
@@ -22,7 +22,7 @@ internal sealed class HfFlags
     private readonly Option<string?> torchDtype = CliOption.Create<string?>("--torch-dtype", "bfloat16, float16 or float32 (or auto): the compute precision, as --bf16 / --fp16.", null);
     private readonly Option<string?> dtype = CliOption.Create<string?>("--dtype", "DeepSpeed-Chat's bf16, fp16 or fp32: the compute precision, as --bf16 / --fp16.", null);
     private readonly Option<string?> deepspeed = CliOption.Create<string?>("--deepspeed", "A DeepSpeed JSON config: batch sizes, accumulation, clipping, fp16/bf16, optimizer and scheduler parameters are read from it.", null);
-    private readonly Option<int?> zeroStage = CliOption.Create<int?>("--zero-stage", "DeepSpeed ZeRO stage 0-3: the same computation on one process (accepted, no effect).", null);
+    private readonly Option<int?> zeroStage = CliOption.Create<int?>("--zero-stage", "DeepSpeed ZeRO stage of a multi-process run (mpirun -np N): 0 (default), 1 shards the optimizer state, 2 also the gradients.", null);
     private readonly Option<bool> offload = CliOption.Create("--offload", "DeepSpeed offloading: everything is in CPU memory already (accepted, no effect).", false);
     private readonly Option<bool> doTrain = CliOption.Create("--do-train", "HF's do_train: train always trains (accepted, no effect).", false);
     private readonly Option<int?> dataloaderWorkers = CliOption.Create<int?>("--dataloader-num-workers", "HF's loader workers: data is tokenized before training (accepted, no effect).", null);
@@ -87,19 +87,28 @@ internal sealed class HfFlags
             ResolveTrainBatchSize(parse, config, values, total, batch, accumulation);
         }
         values.Precision = Precision(parse, config, bf16, fp16);
+        values.ZeroStage = ZeroStage(parse, config);
         return values;
+    }
+
+    /// <summary>The ZeRO stage: --zero-stage, or the DeepSpeed config's zero_optimization.stage (both given: they
+    /// must agree), else 0.</summary>
+    private int ZeroStage(ParseResult parse, DeepSpeedConfig? config)
+    {
+        var flag = parse.GetValue(zeroStage);
+        if (flag is { } stage and (< 0 or > 3))
+        {
+            throw new InvalidInputException("--zero-stage", "", $"expected 0, 1, 2 or 3, got {stage}");
+        }
+        if (flag is { } given && config?.ZeroStage is { } fromFile && given != fromFile)
+        {
+            throw new InvalidInputException("--zero-stage", "", $"is {given}, but {config.Path} sets zero_optimization.stage = {fromFile}: remove one of them");
+        }
+        return flag ?? config?.ZeroStage ?? 0;
     }
 
     private void CheckNoEffectFlags(ParseResult parse)
     {
-        if (parse.GetValue(zeroStage) is { } stage)
-        {
-            if (stage is < 0 or > 3)
-            {
-                throw new InvalidInputException("--zero-stage", "", $"expected 0, 1, 2 or 3, got {stage}");
-            }
-            Note($"--zero-stage {stage}: one process holds the whole model, so every ZeRO stage computes the same here; no effect");
-        }
         if (CliOption.Given(parse, offload))
         {
             Note("--offload: everything is in CPU memory already; no effect");
@@ -235,6 +244,9 @@ internal sealed class TrainValues(ParseResult parse, DeepSpeedConfig? config)
 {
     /// <summary>fp32, bf16 or fp16.</summary>
     public string Precision { get; set; } = "fp32";
+
+    /// <summary>DeepSpeed's ZeRO stage (--zero-stage or zero_optimization.stage).</summary>
+    public int ZeroStage { get; set; }
 
     /// <summary>The option's value: the file's when it sets the option (checked against the flag when both are
     /// given), else the command line's (or its default).</summary>

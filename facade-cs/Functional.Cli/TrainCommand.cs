@@ -225,6 +225,10 @@ internal static class TrainCommand
             {
                 builder.UseMaxShardSize(parse.GetValue(maxShardSize)!);
             }
+            if (values.ZeroStage != 0)
+            {
+                builder.UseDistributed(d => d.ZeroStage = values.ZeroStage);
+            }
             if (values.Precision == "bf16")
             {
                 builder.UseBf16();
@@ -297,7 +301,11 @@ internal static class TrainCommand
                     return signals.ExitCode;
                 }
             }
-            Report.Print(result);
+            // Under mpirun process 0 reports for the run.
+            if (Functional.Distributed.Communicator.fromEnvironment().Rank == 0)
+            {
+                Report.Print(result);
+            }
             return 0;
         });
         return command;

@@ -217,6 +217,15 @@ public sealed class FineTuneOptions
     /// when the tokenizer has more tokens than vocab_size, to len(tokenizer).</summary>
     public int ResizeTokenEmbeddingsToMultipleOf { get; set; }
 
+    /// <summary>DeepSpeed's ZeRO stage of a multi-process run (default 0: every process holds all the training
+    /// state; 1: each keeps its block of the optimizer state; 2: also of the reduced gradients). With one process every
+    /// stage computes the same.</summary>
+    public int ZeroStage { get; set; }
+
+    /// <summary>The processes of the run; null (default): from the launcher's environment (mpirun's or torchrun's
+    /// variables; one process without them).</summary>
+    public Functional.Distributed.ICommunicator? Communicator { get; set; }
+
     /// <summary>The largest shard of final/'s weights, in HF's spelling ("5GB" = 5e9 bytes, "2GiB", "500MB", or bytes;
     /// default "5GB", HF's max_shard_size).</summary>
     public string MaxShardSize { get; set; } = "5GB";

@@ -161,7 +161,9 @@ public static class FineTuning
             gradientCheckpointing: options.GradientCheckpointing,
             modelHandling: ToModelHandling(options),
             task: ToTask(options),
+            distributed: new DistributedSettings(options.ZeroStage, Optional(options.Communicator)),
             plot: Reporting.MetricsPlot.drawer);
+        Functional.Distributed.ZeroStage.validate(options.ZeroStage);
         TrainOptionsModule.validate(request.Options);
         return request;
     }

@@ -347,6 +347,19 @@ public sealed class TrainerBuilder
         return this;
     }
 
+    /// <summary>Runs over the processes of the launcher (<c>mpirun -np N functional train ...</c>, or a C# program
+    /// started so), each training on its share of every batch, with the ZeRO stage of the options
+    /// (<c>.UseDistributed(d => d.ZeroStage = 2)</c>; --zero-stage). Process 0 writes the output, logs and
+    /// reports. Without a launcher this is one process and every stage computes the same.</summary>
+    /// <param name="configure">Sets the ZeRO stage and, optionally, the communicator.</param>
+    public TrainerBuilder UseDistributed(Action<DistributedOptions> configure)
+    {
+        var o = Configure(configure);
+        settings.ZeroStage = o.ZeroStage;
+        settings.Communicator = o.Communicator;
+        return this;
+    }
+
     /// <summary>Splits final/'s weights into shards of at most this size, as HF's save_pretrained max_shard_size
     /// ("5GB" = 5e9 bytes, "2GiB", "500MB"; --max-shard-size).</summary>
     /// <param name="size">The size in HF's spelling.</param>

@@ -239,13 +239,17 @@ let private fitting =
     ]
 
 /// Types a C# caller should never meet in a signature: F# types (FSharp.Core, the F# core) and tuples.
+/// Core interfaces a C# caller implements itself (the facade exposes them): their own members are checked
+/// to be C#-shaped instead.
+let private implementable: Type list = [ typeof<Functional.Distributed.ICommunicator> ]
+
 let rec private fSharpShaped (t: Type) =
     if t.HasElementType then fSharpShaped (t.GetElementType())
     else
         let definition = if t.IsGenericType then t.GetGenericTypeDefinition() else t
         let assembly = definition.Assembly.GetName().Name
         assembly = "FSharp.Core"
-        || assembly = "Functional.Core"
+        || (assembly = "Functional.Core" && not (List.contains definition implementable))
         || (definition.FullName <> null && (definition.FullName.StartsWith "System.Tuple`" || definition.FullName.StartsWith "System.ValueTuple`"))
         || (t.IsGenericType && t.GetGenericArguments() |> Array.exists fSharpShaped)
 
@@ -275,6 +279,13 @@ let private surface =
         test "no public member of the C# facade exposes FSharpOption, FSharpList, FSharpFunc, a tuple or an F# core type" {
             let offenders =
                 [ for t in typeof<TrainerBuilder>.Assembly.GetExportedTypes() do
+                      for name, used in signatureTypes t do
+                          if fSharpShaped used then yield sprintf "%s.%s: %s" t.Name name used.FullName ]
+            Expect.isEmpty offenders "C#-shaped signatures only"
+        }
+        test "the core interfaces C# callers implement (ICommunicator) have C#-shaped members" {
+            let offenders =
+                [ for t in implementable do
                       for name, used in signatureTypes t do
                           if fSharpShaped used then yield sprintf "%s.%s: %s" t.Name name used.FullName ]
             Expect.isEmpty offenders "C#-shaped signatures only"

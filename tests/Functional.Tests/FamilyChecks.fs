@@ -187,6 +187,7 @@ let fineTuneRequest (modelPath: string) (dataPath: string) (output: string) (opt
       Prefix = None
       GradientCheckpointing = false
       ModelHandling = FineTune.defaultModelHandling
+      Distributed = FineTune.defaultDistributed
       Task = TrainingTask.CausalLm
       Plot = None }
 

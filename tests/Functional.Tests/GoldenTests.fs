@@ -131,6 +131,7 @@ let private goldenRun (checkpointing: bool) (case: string) =
               Prefix = prefixSettings case
               GradientCheckpointing = checkpointing
               ModelHandling = FineTune.defaultModelHandling
+              Distributed = FineTune.defaultDistributed
               Task = taskOf case
               Plot = None }
         let result = FineTune.run request ignore

@@ -154,6 +154,7 @@ let private request (output: string) =
       Prefix = Some { NumPrefixTokens = 4; AdapterPath = None }
       GradientCheckpointing = false
       ModelHandling = FineTune.defaultModelHandling
+      Distributed = FineTune.defaultDistributed
       Task = TrainingTask.CausalLm
       Plot = None }
 

@@ -29,7 +29,8 @@ let endToEnd =
       [ "interop cli" ]
       [ "heads cli" ]
       [ "mpi" ]
-      [ "mpi faults" ] ]
+      [ "mpi faults" ]
+      [ "distributed training" ] ]
 
 let private isEndToEnd (names: string list) =
     endToEnd |> List.exists (fun prefix -> List.length prefix <= List.length names && List.take prefix.Length names = prefix)

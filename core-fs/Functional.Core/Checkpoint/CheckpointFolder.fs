@@ -58,7 +58,7 @@ module CheckpointFolder =
     let private folderPattern = Regex(@"^checkpoint-([0-9]+)$", RegexOptions.CultureInvariant)
 
     let private leftoverPattern =
-        Regex(@"^\.checkpoint-([0-9]+)\.(staging|old|deleting)-[0-9]+$", RegexOptions.CultureInvariant)
+        Regex(@"^\.checkpoint-([0-9]+)\.(staging|old|deleting)-(rank)?[0-9]+$", RegexOptions.CultureInvariant)
 
     let private bufferSize = 1 <<< 20
 
@@ -345,7 +345,8 @@ module CheckpointFolder =
             Directory.Delete(hidden, true)
 
     /// Removes what interrupted writes and deletes left in outputDir: staging folders
-    /// (`.checkpoint-N.staging-<pid>`), folders being deleted (`.checkpoint-N.deleting-<pid>`) and
+    /// (`.checkpoint-N.staging-<pid>`, and `.checkpoint-N.staging-rank<R>` where process R of a ZeRO run
+    /// wrote its block of the optimizer state), folders being deleted (`.checkpoint-N.deleting-<pid>`) and
     /// replaced checkpoints (`.checkpoint-N.old-<pid>`). A replaced checkpoint whose replacement never
     /// arrived (no `checkpoint-N`) and that verifies is renamed back to `checkpoint-N` instead. Call it
     /// before training starts, while no other process writes checkpoints to outputDir.

@@ -394,12 +394,7 @@ module Communicator =
             raise (InvalidInputException("environment", name, sprintf "expected a rank below the run's %d processes, got %d" sizeValue rank))
         { Size = sizeValue; Rank = rank; LocalRank = localRank; SizeVariable = size |> Option.map fst }
 
-    /// The communicator of this process as its launcher set it up: with no launcher variables, or a
-    /// size of 1, the single-process communicator (MPI is not loaded); with a size above 1, MPI's world
-    /// communicator (Open MPI's libmpi.so.40; CPU tensors only for now). Raises, naming the library and
-    /// how to install it, when the environment says there are several processes but MPI cannot be
-    /// loaded, or when MPI's size disagrees with the environment's.
-    let fromEnvironment () : ICommunicator =
+    let private fromLaunch () : ICommunicator =
         let launch = parseEnvironment Environment.GetEnvironmentVariable
         if launch.Size <= 1 then singleProcess
         else
@@ -409,3 +404,13 @@ module Communicator =
                 failwithf "%s says %d processes but MPI's world has %d: start the run with mpirun (%s)"
                     (Option.defaultValue "the environment" launch.SizeVariable) launch.Size communicator.Size MpiHelp.install
             communicator
+
+    let private launched = lazy (fromLaunch ())
+
+    /// The communicator of this process as its launcher set it up: with no launcher variables, or a
+    /// size of 1, the single-process communicator (MPI is not loaded); with a size above 1, MPI's world
+    /// communicator (Open MPI's libmpi.so.40; CPU tensors only for now). Raises, naming the library and
+    /// how to install it, when the environment says there are several processes but MPI cannot be
+    /// loaded, or when MPI's size disagrees with the environment's. Made on the first call; every later call returns the same
+    /// communicator (MPI starts once per process).
+    let fromEnvironment () : ICommunicator = launched.Force()

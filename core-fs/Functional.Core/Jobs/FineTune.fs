@@ -27,6 +27,9 @@ module FineTune =
           MaxShardSize = Functional.Checkpoint.WeightsFormat.defaultMaxShardSize }
 
     /// A request to fine-tune every weight of the model folder on the data file into the output folder, with
+    /// The processes from the launcher's environment (Communicator.fromEnvironment), ZeRO stage 0.
+    let defaultDistributed: DistributedSettings = { ZeroStage = 0; Communicator = None }
+
     /// TrainOptions.defaults and defaultData, no resume, no LoRA, no prefix tuning, no gradient
     /// checkpointing and an output folder that must be empty. Scripts start from it and change what they
     /// need: `{ FineTune.request model data output with Options = ...; Lora = Some ... }`.
@@ -44,6 +47,7 @@ module FineTune =
           GradientCheckpointing = false
           ModelHandling = defaultModelHandling
           Task = TrainingTask.CausalLm
+          Distributed = defaultDistributed
           Plot = None }
 
     /// The default cache folder: $FUNCTIONAL_CACHE, else ~/.cache/functional/data.
@@ -81,9 +85,13 @@ module FineTune =
         let wasEmpty =
             try not existed || Directory.EnumerateFileSystemEntries path |> Seq.isEmpty
             with :? IOException | :? UnauthorizedAccessException -> false
+        // Only process 0 of a multi-process run writes the folder, so only it removes what was written.
+        let isMain () =
+            try (request.Distributed.Communicator |> Option.defaultWith Functional.Distributed.Communicator.fromEnvironment).Rank = 0
+            with _ -> false
         try
             Job.run (Job.prepare request observer) cancellation observer
-        with _ when wasEmpty && Directory.Exists path && List.isEmpty (CheckpointFolder.list path) ->
+        with _ when wasEmpty && Directory.Exists path && List.isEmpty (CheckpointFolder.list path) && isMain () ->
             if existed then
                 for entry in Directory.EnumerateFileSystemEntries path |> List.ofSeq do
                     if Directory.Exists entry then Directory.Delete(entry, true) else File.Delete entry

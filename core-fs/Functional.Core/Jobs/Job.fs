@@ -6,6 +6,7 @@ open System.IO
 open Functional
 open Functional.Checkpoint
 open Functional.Data
+open Functional.Distributed
 open Functional.Generation
 open Functional.Models
 open Functional.Peft
@@ -54,8 +55,10 @@ type PreparedJob =
       FlopsPerInputToken: float
       /// The evaluate, save, rotate and early-stop settings.
       Policy: PolicySettings
-      /// True for the one process that writes files (rank 0); every job is one process today.
+      /// True for the one process that writes files, logs and reports (rank 0).
       IsMainProcess: bool
+      /// The processes of the run (one, or those of mpirun).
+      Communicator: ICommunicator
       /// Started when the job was.
       Clock: Stopwatch }
 
@@ -249,21 +252,30 @@ module Job =
             checkSettings request setup.Data.Eval.IsSome
             setup.Model, options, tokenizer, setup.Data, setup.Objective, setup.Evaluate, setup.Signature
 
+    /// The events of a process other than the main one: it reports nothing (rank 0 speaks for the run).
+    let private quiet: FineTuneEvents = { OnStep = ignore; OnEvaluation = (fun _ _ -> ()); OnMessage = ignore }
+
     let prepare (request: FineTuneRequest) (observer: FineTuneEvents) : PreparedJob =
         let clock = Stopwatch.StartNew()
         let request = withAdapterPrefixSize request
         checkRequest request
         checkTask request
+        ZeroStage.validate request.Distributed.ZeroStage
+        let communicator = request.Distributed.Communicator |> Option.defaultWith Communicator.fromEnvironment
         let model, options, tokenizer, data, objective, evaluate, taskSignature = loadTask request
-        let plan = TrainingLoop.plan options data.Train.Rows.Length
+        let plan = TrainingLoop.planFor communicator.Size options data.Train.Rows.Length
         let adapters, adapterSignature = attachAdapters request options model data
         let trained = adapters |> List.tryLast |> Option.map (fun a -> a.Model) |> Option.defaultValue model
         CausalLm.setGradientCheckpointing model request.GradientCheckpointing
         let trainable = trainableParameters model adapters
         let learningRate = learningRates options adapters
-        let signature = TrainingCheckpoint.signature plan model data.Train @ adapterSignature @ taskSignature
+        let signature = TrainingCheckpoint.signatureFor communicator.Size plan model data.Train @ adapterSignature @ taskSignature
+        let isMain = communicator.Rank = 0
+        let observer = if isMain then observer else quiet
         let restored = restore request observer model trainable adapters signature
-        let isMain = true
+        let startStep = checkResume options plan observer restored
+        // Every process has checked everything before any writes (a process that failed has ended the run).
+        communicator.Barrier()
         { Request = request
           Options = options
           Model = model
@@ -282,10 +294,11 @@ module Job =
           LearningRate = learningRate
           Signature = signature
           Restored = restored
-          StartStep = checkResume options plan observer restored
+          StartStep = startStep
           FlopsPerInputToken = flopsPerInputToken model adapters
           Policy = policySettings request options plan data.Eval.IsSome isMain
           IsMainProcess = isMain
+          Communicator = communicator
           Clock = clock }
 
     // ---- run ----
@@ -389,8 +402,10 @@ module Job =
                 LastEval = (match evaluated with Some r -> Some(step, r) | None -> progress.LastEval)
                 Interrupted = decision.Interrupted
                 StoppedEarly = decision.StopEarly }
-        if decision.Checkpoint then TrainingLoop.ensureFinite job.Options step context.Parameters
-        if decision.Write then saveCheckpoint job log progress context
+        if decision.Checkpoint then
+            TrainingLoop.ensureFinite job.Options step context.Parameters
+            // Every process takes part (each may hold a block of the optimizer state); process 0 writes.
+            saveCheckpoint job log progress context
         progress, (if decision.Interrupted || decision.StopEarly then StepDecision.Stop else StepDecision.Continue)
 
     /// The one call into the trainer: the job's plan, model, adapters' compute attachment and parameters.
@@ -406,7 +421,9 @@ module Job =
                 Attach = attach
                 Objective = job.Objective
                 Parameters = [ for name, p in job.Trainable -> struct (name, p) ]
-                LearningRate = job.LearningRate }
+                LearningRate = job.LearningRate
+                Communicator = job.Communicator
+                ZeroStage = job.Request.Distributed.ZeroStage }
             (job.Restored |> Option.map (fun r -> r.Resume))
             hooks
 
@@ -457,9 +474,11 @@ module Job =
     /// decides, then (unless interrupted) the summary line and final/, and loss.png.
     let run (job: PreparedJob) (cancellation: Threading.CancellationToken) (observer: FineTuneEvents) : FineTuneOutcome =
         let output = job.Request.OutputPath
-        // Everything is checked: from here on the output folder is written.
-        Directory.CreateDirectory output |> ignore
-        CheckpointFolder.cleanStale output
+        // Everything is checked: from here on the output folder is written (by process 0).
+        if job.IsMainProcess then
+            Directory.CreateDirectory output |> ignore
+            CheckpointFolder.cleanStale output
+        job.Communicator.Barrier()
         let metricsPath, finalPath, plotPath = Path.Combine(output, "metrics.jsonl"), Path.Combine(output, "final"), Path.Combine(output, "loss.png")
         let history = job.Restored |> Option.map (fun r -> r.Record.History |> List.map RunLog.ofJson) |> Option.defaultValue []
         let board = if job.Options.ReportToTensorBoard then Some(defaultArg job.Options.LoggingDir output) else None
@@ -488,6 +507,8 @@ module Job =
             RunLogFinish.summary job.IsMainProcess metricsPath summary
             if job.IsMainProcess then saveFinal job finalPath
         RunLogFinish.plot job.Request.Plot job.IsMainProcess plotPath log.History
+        // The run ends together: no process reports success before final/ is written.
+        job.Communicator.Barrier()
         result.Parameters.Dispose()
         { Steps = result.Steps; StartStep = job.StartStep; FinalLoss = result.FinalLoss; TrainLoss = summary.TrainLoss
           MetricsPath = metricsPath; FinalModelPath = finalPath; PlotPath = plotPath; Before = before; After = after

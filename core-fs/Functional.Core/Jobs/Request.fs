@@ -93,6 +93,18 @@ type TrainingTask =
     /// A reward model (a one-label sequence classifier) on preference pairs.
     | RewardModel of RewardTask
 
+/// How a job runs over several processes: the processes (from the launcher by default) and DeepSpeed's
+/// ZeRO stage.
+[<NoComparison; NoEquality>]
+type DistributedSettings =
+    { /// DeepSpeed's ZeRO stage (zero_stage): 0 (default) every process holds all the training state; 1
+      /// each keeps only its block of the optimizer state; 2 also reduce-scatters the gradients into that
+      /// block. With one process every stage computes the same.
+      ZeroStage: int
+      /// The processes of the run; None (default): Communicator.fromEnvironment () (mpirun's, or
+      /// torchrun's, variables; one process without them).
+      Communicator: Functional.Distributed.ICommunicator option }
+
 /// A fine-tuning job: where the model, data and output are, and how to train.
 [<NoComparison>]
 type FineTuneRequest =
@@ -126,6 +138,8 @@ type FineTuneRequest =
       ModelHandling: ModelSettings
       /// What the model learns (TrainingTask.CausalLm by default).
       Task: TrainingTask
+      /// The processes and the ZeRO stage (FineTune.defaultDistributed: from the launcher, stage 0).
+      Distributed: DistributedSettings
       /// Draws the run's chart when it has finished: the path (OutputPath/loss.png), the logged steps
       /// (optimizer step, training loss, learning rate) and the evaluations (step, loss). None draws
       /// nothing; Functional.Reporting's MetricsPlot.drawer draws it with ScottPlot (the facade and the

@@ -104,8 +104,11 @@ type LoopPlan =
 type TrainResult =
     { /// The flat parameter and gradient buffers the model's parameters alias.
       Parameters: FlatParameters
-      /// The optimizer state at the end.
+      /// The optimizer state at the end (of OptimizerShard's elements of the flat buffers).
       OptimizerState: ITransformState
+      /// The elements of the flat buffers this process's optimizer state covers: all of them, or under
+      /// ZeRO stage 1 or 2 its block (Sharding.block).
+      OptimizerShard: ShardRange
       /// The last step's loss (NaN when a resumed run had no step left).
       FinalLoss: float
       /// Optimizer steps completed, counting those before a resume.
@@ -145,8 +148,13 @@ type StepContext =
       InputTokensSeen: int64
       /// The flat parameters (the model's parameters alias them).
       Parameters: FlatParameters
-      /// The optimizer state after the step.
+      /// The optimizer state after the step (of OptimizerShard's elements of the flat buffers).
       OptimizerState: ITransformState
+      /// The elements of Parameters this process's optimizer state covers: all of them, or under ZeRO
+      /// stage 1 or 2 its block (a checkpoint stores each process's block).
+      OptimizerShard: ShardRange
+      /// The processes of the run.
+      Communicator: ICommunicator
       /// With --fp16: the loss scaler's state after this step's update (store it in checkpoints);
       /// None otherwise.
       LossScale: LossScalerState option
@@ -195,7 +203,12 @@ type TrainRun =
       Objective: Objective
       /// The processes of the run (Communicator.singleProcess): the step all-reduces the window's count,
       /// the gradients and the logged loss through it, and reads only its rank's rows.
-      Communicator: ICommunicator }
+      Communicator: ICommunicator
+      /// DeepSpeed's ZeRO stage (0, what setup gives: every process holds all the state): 1 keeps only
+      /// this process's block of the optimizer state (Sharding.block over the flat buffer), 2 also
+      /// reduce-scatters the gradients into that block instead of all-reducing them. Both then update the
+      /// block and all-gather the parameters. (Stage 3 is refused for now.)
+      ZeroStage: int }
 
 /// The rows of one epoch as micro-batches of row indices, in the order this process visits them.
 [<NoComparison; NoEquality>]
@@ -204,6 +217,22 @@ type EpochOrder =
       Epoch: int
       /// The epoch's micro-batches (Sampler.distributed, then Batching.microBatches).
       MicroBatches: int[][] }
+
+/// How a step's gradients reach the optimizer and its update reaches every process (ZeRO stages 0 to 2).
+[<NoComparison; NoEquality>]
+type GradientSync =
+    { /// The ZeRO stage.
+      Stage: int
+      /// The elements of the flat buffers this process's optimizer updates: all of them at stage 0.
+      Shard: ShardRange
+      /// What the optimizer steps on: the flat buffers themselves at stage 0, else views of this process's
+      /// block of the values and of the reduced gradients.
+      OptimizerFlat: FlatParameters
+      /// Stage 2: this process's block of the reduce-scattered gradient (Sharding.blockLength elements).
+      ReducedGrads: torch.Tensor option }
+
+    /// Whether the optimizer updates a block and the parameters are all-gathered after it.
+    member this.Sharded = this.Stage > 0
 
 /// Everything a training step reads and does not change: built once per run by TrainingLoop.run.
 [<NoComparison; NoEquality>]
@@ -224,8 +253,10 @@ type StepEnv =
       Compute: ComputeCopy option
       /// The model forward and backward run on: the compute copy's, else the trained model.
       ComputeModel: CausalLm
-      /// The optimizer over Flat.
+      /// The optimizer over Sync.OptimizerFlat.
       Optimizer: FlatOptimizer
+      /// How gradients and updates travel between the processes (ZeRO).
+      Sync: GradientSync
       /// Under --fp16, the loss scaler's settings; None otherwise.
       LossScaler: LossScalerConfig option
       /// Started when training started in this process (StepLog.ElapsedSeconds, TokensPerSecond).
@@ -266,13 +297,9 @@ type TrainState =
 [<RequireQualifiedAccess>]
 module TrainingLoop =
 
-    /// The optimizer for the options: clipping (or only measuring the norm), AdamW or SGD on the
-    /// schedule, and, when some parameters have their own learning rate, the per-parameter ratio, as
-    /// chain [clipByGlobalNorm; adamW or sgd; scaleByFactors]. AdamW steps through the fused kernel
-    /// (Optimizer.fusedAdamW), SGD through the chain.
-    let optimizer (options: TrainOptions) (schedule: int -> float) (decayMask: torch.Tensor) (learningRateRatios: torch.Tensor option) : FlatOptimizer =
-        // The step all-reduces the whole gradient before the optimizer runs, so every process holds all
-        // of it and the local norm is the global one.
+    /// TrainingLoop.optimizer with the clip norm reduced by reduction: Transform.localNorm when the
+    /// optimizer sees the whole gradient, the sum over the processes when it sees a block of it (ZeRO).
+    let optimizerWith (reduction: NormReduction) (options: TrainOptions) (schedule: int -> float) (decayMask: torch.Tensor) (learningRateRatios: torch.Tensor option) : FlatOptimizer =
         match options.Optimizer with
         | OptimizerKind.AdamW ->
             Optimizer.fusedAdamW
@@ -283,11 +310,18 @@ module TrainingLoop =
                   WeightDecay = options.WeightDecay
                   DecayMask = decayMask
                   MaxGradNorm = options.MaxGradNorm
-                  NormReduction = Transform.localNorm
+                  NormReduction = reduction
                   Factors = learningRateRatios }
         | OptimizerKind.Sgd ->
             let sgd = Optimizer.sgd schedule options.Momentum options.Nesterov options.WeightDecay decayMask
-            Optimizer.unfused (Optimizer.trainerChain Transform.localNorm options.MaxGradNorm sgd learningRateRatios)
+            Optimizer.unfused (Optimizer.trainerChain reduction options.MaxGradNorm sgd learningRateRatios)
+
+    /// The optimizer for the options: clipping (or only measuring the norm), AdamW or SGD on the
+    /// schedule, and, when some parameters have their own learning rate, the per-parameter ratio, as
+    /// chain [clipByGlobalNorm; adamW or sgd; scaleByFactors]. AdamW steps through the fused kernel
+    /// (Optimizer.fusedAdamW), SGD through the chain.
+    let optimizer (options: TrainOptions) (schedule: int -> float) (decayMask: torch.Tensor) (learningRateRatios: torch.Tensor option) : FlatOptimizer =
+        optimizerWith Transform.localNorm options schedule decayMask learningRateRatios
 
     /// The micro-batches of one epoch in the order this process visits them: its rank's share of the
     /// epoch's order (Sampler.distributed; with one process, the whole order: file order, or shuffled
@@ -353,7 +387,8 @@ module TrainingLoop =
           LearningRate = fun _ -> plan.Options.LearningRate
           Dataset = dataset
           Objective = Objective.causalLm
-          Communicator = Communicator.singleProcess }
+          Communicator = Communicator.singleProcess
+          ZeroStage = 0 }
 
     /// What the micro-batches of a window have left so far: the accumulation state, the window's
     /// report (after its last micro-batch), and this process's loss sum and token counts.
@@ -393,21 +428,34 @@ module TrainingLoop =
     /// else unscale), then the optimizer update, and the gradients zeroed. Returns whether the update
     /// ran, the optimizer state and the loss scaler state after it.
     let private update (env: StepEnv) (state: TrainState) (step: int) : bool * ITransformState * LossScalerState option =
+        let grads = env.Sync.OptimizerFlat.Grads
         let applied, lossScale =
             match env.LossScaler, state.LossScale with
             | Some config, Some scaler ->
-                let decision = LossScaler.decide config scaler (LossScaler.hasOverflow env.Flat.Grads)
+                // Each process sees its block of the gradient under ZeRO: all must skip together.
+                let overflow =
+                    let local = LossScaler.hasOverflow grads
+                    if env.Sync.Sharded then Communicator.sumInt64 env.Communicator (if local then 1L else 0L) > 0L else local
+                let decision = LossScaler.decide config scaler overflow
                 if decision.Change = OverflowAtMinimum then
                     InvalidInput.setting "fp16"
                         (sprintf "the gradients overflowed at the minimum loss scale %g in step %d: fp16 cannot hold them (lower {min_loss_scale}, or train with {bf16})"
                             scaler.Scale step)
-                if decision.ApplyUpdate then LossScaler.unscale scaler.Scale env.Flat.Grads
+                if decision.ApplyUpdate then LossScaler.unscale scaler.Scale grads
                 decision.ApplyUpdate, Some decision.Next
             | _ -> true, state.LossScale
         mark env TrainingPhase.Other
+        let computeValues = env.Compute |> Option.map (fun c -> c.Values)
         let optimizerState =
-            if applied then env.Optimizer.Step env.Flat state.OptimizerState (env.Compute |> Option.map (fun c -> c.Values))
-            else state.OptimizerState
+            if not applied then state.OptimizerState
+            elif not env.Sync.Sharded then env.Optimizer.Step env.Flat state.OptimizerState computeValues
+            else
+                // ZeRO: this process updates its block, then every process gathers all blocks (and refreshes
+                // its whole compute copy from them).
+                let next = env.Optimizer.Step env.Sync.OptimizerFlat state.OptimizerState None
+                Sharding.allGather env.Communicator env.Sync.OptimizerFlat.Values env.Flat.Values
+                computeValues |> Option.iter (fun copy -> (use _ = torch.no_grad () in copy.copy_ env.Flat.Values |> ignore))
+                next
         // With a compute copy, the window's first micro-batch overwrites the master gradients
         // (MixedPrecision.accumulateGradients): only fp32 training accumulates into them.
         if env.Compute.IsNone then FlatParameters.zeroGrads env.Flat
@@ -467,7 +515,9 @@ module TrainingLoop =
         let progress = window |> List.indexed |> List.fold (microBatch env scale) start
         let report = progress.Report |> Option.defaultWith (fun () -> invalidOp "an accumulation window ended without an optimizer step")
         // Each process's gradients are of its loss sum / the global count: their sum is the window's gradient.
-        env.Communicator.AllReduce env.Flat.Grads
+        match env.Sync.ReducedGrads with
+        | Some block -> Sharding.reduceScatter env.Communicator env.Flat.Grads block
+        | None -> env.Communicator.AllReduce env.Flat.Grads
         let lossSum = Communicator.sumFloat env.Communicator progress.LossSum
         let applied, optimizerState, lossScale = update env state report.OptimizerStep
         let next =
@@ -507,6 +557,8 @@ module TrainingLoop =
                   InputTokensSeen = next.InputTokensSeen
                   Parameters = env.Flat
                   OptimizerState = next.OptimizerState
+                  OptimizerShard = env.Sync.Shard
+                  Communicator = env.Communicator
                   LossScale = next.LossScale
                   ComputeModel = env.ComputeModel }
         { next with Threads = ThreadBudget.adjust next.Threads },
@@ -526,16 +578,24 @@ module TrainingLoop =
         (run: TrainRun)
         (optimizer: FlatOptimizer)
         (flat: FlatParameters)
+        (sync: GradientSync)
         (scaler: LossScalerConfig option)
         (threads: ThreadBudget)
         (resume: ResumePoint option)
         : TrainState =
-        let fresh = optimizer.Transform.Init flat.Values
+        let fresh = optimizer.Transform.Init sync.OptimizerFlat.Values
         let freshScale = scaler |> Option.map LossScaler.init
         let optimizerState, accumulation, lossScale =
             match resume with
             | Some point ->
-                let loaded = Transform.loadStateTensors point.OptimizerState fresh
+                // A checkpoint holds the whole buffers, whatever the processes and stage that saved it (a
+                // universal checkpoint): this process takes its block of them.
+                let wholeLength = flat.Values.numel ()
+                let entries =
+                    [ for name, tensor in point.OptimizerState ->
+                          if sync.Sharded && tensor.dim () = 1L && tensor.numel () = wholeLength then name, Sharding.view tensor sync.Shard
+                          else name, tensor ]
+                let loaded = Transform.loadStateTensors entries fresh
                 torch.set_rng_state point.RandomState
                 loaded, point.Accumulation, (if scaler.IsSome then Option.orElse freshScale point.LossScale else freshScale)
             | None -> fresh, Accumulation.start, freshScale
@@ -571,6 +631,35 @@ module TrainingLoop =
                 use slice = FlatParameters.sliceOf flat factors name
                 slice.fill_(ratio name) |> ignore
             Some factors
+
+    /// The gradient path of a ZeRO stage over flat: stage 0 steps the optimizer on flat itself; stages 1
+    /// and 2 on this process's block (Sharding.block) of the values and gradients, stage 2 with a block
+    /// buffer the gradients are reduce-scattered into.
+    let private gradientSync (communicator: ICommunicator) (stage: int) (flat: FlatParameters) : GradientSync =
+        ZeroStage.validate stage
+        if stage = 3 then
+            InvalidInput.setting "zero_stage"
+                "3 (parameters sharded and gathered layer by layer) is not available yet: use stage 2, which keeps the optimizer state and the reduced gradients sharded"
+        if stage = 0 then { Stage = 0; Shard = Sharding.whole (flat.Values.numel ()); OptimizerFlat = flat; ReducedGrads = None }
+        else
+            let total = flat.Values.numel ()
+            let shard = Sharding.block total communicator.Size communicator.Rank
+            let reduced =
+                if stage = 2 then Some(torch.zeros([| Sharding.blockLength total communicator.Size |], dtype = flat.Grads.dtype, device = flat.Grads.device).DetachFromDisposeScope())
+                else None
+            let grads =
+                match reduced with
+                | Some block -> block.narrow(0L, 0L, shard.Count)
+                | None -> Sharding.view flat.Grads shard
+            { Stage = stage
+              Shard = shard
+              OptimizerFlat = { flat with Values = (Sharding.view flat.Values shard).DetachFromDisposeScope(); Grads = grads.DetachFromDisposeScope() }
+              ReducedGrads = reduced }
+
+    let private disposeSync (sync: GradientSync) =
+        if sync.Sharded then
+            sync.OptimizerFlat.Dispose()
+            sync.ReducedGrads |> Option.iter (fun t -> t.Dispose())
 
     /// Trains run.Parameters of run.Model on run.Dataset as planned, from the start or from a resume
     /// point, as a fold of TrainingLoop.step over TrainState. After every optimizer step it calls hooks.OnLog
@@ -632,13 +721,18 @@ module TrainingLoop =
             // of the weights.
             if options.WeightDecay = 0.0 then FlatParameters.uniform flat 1.0f
             else FlatParameters.mask flat (fun name -> not (model.NoWeightDecay.Contains name))
-        let optimizer = optimizer options plan.Schedule decayMask (learningRateRatios options run.LearningRate flat)
+        let sync = gradientSync run.Communicator run.ZeroStage flat
+        use _ = { new IDisposable with member _.Dispose() = disposeSync sync }
+        let reduction = if sync.Sharded then (fun squared -> Communicator.sumFloat run.Communicator squared) else Transform.localNorm
+        let ratios = learningRateRatios options run.LearningRate flat |> Option.map (fun r -> if sync.Sharded then Sharding.view r sync.Shard else r)
+        let mask = if sync.Sharded then Sharding.view decayMask sync.Shard else decayMask
+        let optimizer = optimizerWith reduction options plan.Schedule mask ratios
         let scaler =
             match options.Precision with
             | Precision.Fp16 config -> Some config
             | Precision.Fp32
             | Precision.Bf16 -> None
-        let state = initialState run optimizer flat scaler threads resume
+        let state = initialState run optimizer flat sync scaler threads resume
         let env =
             { Plan = plan
               Dataset = run.Dataset
@@ -649,6 +743,7 @@ module TrainingLoop =
               Compute = compute
               ComputeModel = compute |> Option.map (fun c -> c.Model) |> Option.defaultValue model
               Optimizer = optimizer
+              Sync = sync
               LossScaler = scaler
               Clock = Stopwatch.StartNew()
               StartStep = state.Accumulation.OptimizerStep
@@ -657,6 +752,7 @@ module TrainingLoop =
         model.Module.eval ()
         { Parameters = flat
           OptimizerState = final.OptimizerState
+          OptimizerShard = sync.Shard
           FinalLoss = final.LastLoss
           Steps = final.Accumulation.OptimizerStep
           Stopped = stopped }

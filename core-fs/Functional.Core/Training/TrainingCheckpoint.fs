@@ -8,6 +8,7 @@ open TorchSharp
 open Functional
 open Functional.Checkpoint
 open Functional.Data
+open Functional.Distributed
 open Functional.Models
 open Functional.Optim
 
@@ -126,7 +127,13 @@ module TrainingCheckpoint =
     /// run's length (max_steps / num_train_epochs) is not part of it: as with HF, a resume may train
     /// further than the saved run planned, the schedule (and a warmup_ratio's warmup) following the new
     /// total; FineTune refuses a total below the checkpoint's step.
-    let signature (plan: LoopPlan) (model: CausalLm) (dataset: TokenizedDataset) : SignatureEntry list =
+    let rec signature (plan: LoopPlan) (model: CausalLm) (dataset: TokenizedDataset) : SignatureEntry list =
+        signatureFor 1 plan model dataset
+
+    /// signature of a run of worldSize processes: the batch entry is the rows of one micro-step over all
+    /// processes (per_device_train_batch_size x worldSize, per_device_train_batch_size itself for one
+    /// process), so a checkpoint resumes on another number of processes with the same global batch.
+    and signatureFor (worldSize: int) (plan: LoopPlan) (model: CausalLm) (dataset: TokenizedDataset) : SignatureEntry list =
         let o = plan.Options
         [ same "model_config" "{model} (config.json)" (ModelConfig.toJson model.Config)
           same "optimizer" "{optimizer}" (string o.Optimizer)
@@ -141,7 +148,7 @@ module TrainingCheckpoint =
           same "lr_scheduler_type" "{lr_scheduler_type}" (Schedule.name o.LrSchedulerType)
           entry "lr_scheduler_kwargs" "{lr_scheduler_kwargs}" (scheduleKwargs o.LrSchedulerOptions) (sprintf "%A" o.LrSchedulerOptions)
           same "warmup" "{num_warmup_steps} / {warmup_ratio}" (sprintf "%d / %s" o.NumWarmupSteps (number o.WarmupRatio))
-          same "per_device_train_batch_size" "{per_device_train_batch_size}" (string o.PerDeviceTrainBatchSize)
+          same "per_device_train_batch_size" "{per_device_train_batch_size}" (string (o.PerDeviceTrainBatchSize * worldSize))
           same "gradient_accumulation_steps" "{gradient_accumulation_steps}" (string o.GradientAccumulationSteps)
           same "max_seq_len" "{max_seq_len}" (string o.MaxSeqLen)
           same "seed" "{seed}" (string o.Seed)
@@ -184,6 +191,88 @@ module TrainingCheckpoint =
                       yield parameter + ":" + name, FlatParameters.sliceOf flat tensor parameter
               else yield name, tensor ]
 
+    /// The optimizer file of process rank of size under ZeRO stage 1 or 2: each process stores its block.
+    let optimizerShardFile (rank: int) (size: int) = sprintf "optimizer-rank-%05d-of-%05d.safetensors" rank size
+
+    let private shardFilePattern =
+        Text.RegularExpressions.Regex(@"^optimizer-rank-([0-9]{5})-of-([0-9]{5})\.safetensors$", Text.RegularExpressions.RegexOptions.CultureInvariant)
+
+    /// The parts of the parameters a block of the flat buffers holds: (parameter, first element within the
+    /// parameter, first element within the block, elements).
+    let private fragments (flat: FlatParameters) (shard: ShardRange) =
+        [ for (name, offset), count in List.zip (List.zip flat.Names flat.Offsets) flat.Counts do
+              let first = max offset shard.Offset
+              let last = min (offset + count) (shard.Offset + shard.Count)
+              if last > first then yield name, first - offset, first - shard.Offset, last - first ]
+
+    /// What one process stores of a sharded optimizer state (its block shard of the flat buffers): each
+    /// buffer's part of every parameter the block touches, as "PARAMETER:STATE" (1-D), counters under
+    /// their names, and metadata "fragment:PARAMETER" = "first,count" (elements within the parameter).
+    let optimizerShardTensors (flat: FlatParameters) (shard: ShardRange) (state: ITransformState) : (string * torch.Tensor) list * (string * string) list =
+        let parts = fragments flat shard
+        [ for name, tensor in Transform.stateTensors state do
+              if tensor.dim () = 1L && tensor.numel () = shard.Count then
+                  for parameter, _, inBlock, count in parts do
+                      yield parameter + ":" + name, tensor.narrow(0L, inBlock, count)
+              else yield name, tensor ],
+        [ for parameter, inParameter, _, count in parts -> "fragment:" + parameter, sprintf "%d,%d" inParameter count ]
+
+    /// Reads the optimizer state of a checkpoint folder as optimizerTensors lays it out (whole
+    /// "PARAMETER:STATE" tensors and counters), from optimizer.safetensors, or from the processes' block
+    /// files (optimizer-rank-R-of-N.safetensors) joined: every file of 0 .. N-1 must be there and their
+    /// fragments must cover every parameter exactly once.
+    let private readOptimizerState (folder: string) : string * Map<string, torch.Tensor> =
+        let single = Path.Combine(folder, "optimizer.safetensors")
+        if File.Exists single then single, Safetensors.load single
+        else
+            let shards =
+                [ for file in Directory.GetFiles folder do
+                      let m = shardFilePattern.Match(Path.GetFileName file)
+                      if m.Success then yield int m.Groups[1].Value, int m.Groups[2].Value, file ]
+                |> List.sortBy (fun (rank, _, _) -> rank)
+            match shards with
+            | [] -> InvalidInput.fail single "" "missing: the checkpoint holds neither optimizer.safetensors nor the processes' optimizer-rank-R-of-N.safetensors files"
+            | (_, size, _) :: _ ->
+                for rank in 0 .. size - 1 do
+                    match shards |> List.filter (fun (r, s, _) -> r = rank && s = size) with
+                    | [ _ ] -> ()
+                    | _ -> InvalidInput.fail (Path.Combine(folder, optimizerShardFile rank size)) "" (sprintf "missing: the checkpoint was saved by %d processes and needs the block file of each" size)
+                match shards |> List.tryFind (fun (_, s, _) -> s <> size) with
+                | Some(_, _, file) -> InvalidInput.fail file "" (sprintf "is from a run of another number of processes than %s" (optimizerShardFile 0 size))
+                | None -> ()
+                let pieces = Collections.Generic.Dictionary<string, (int64 * torch.Tensor) list>()
+                let mutable counters = Map.empty
+                for rank, _, file in shards do
+                    let header = Safetensors.readHeader file
+                    let tensors = Safetensors.load file
+                    for KeyValue(key, tensor) in tensors do
+                        match key.IndexOf ':' with
+                        | -1 -> if rank = 0 then counters <- counters.Add(key, tensor)
+                        | colon ->
+                            let parameter = key.Substring(0, colon)
+                            let first =
+                                match header.Metadata.TryFind("fragment:" + parameter) with
+                                | Some text ->
+                                    match text.Split ',' with
+                                    | [| a; _ |] ->
+                                        match Int64.TryParse a with
+                                        | true, v -> v
+                                        | _ -> InvalidInput.fail file ("fragment:" + parameter) (sprintf "expected \"first,count\", got '%s'" text)
+                                    | _ -> InvalidInput.fail file ("fragment:" + parameter) (sprintf "expected \"first,count\", got '%s'" text)
+                                | None -> InvalidInput.fail file ("fragment:" + parameter) "missing from the metadata: where the block's part of the parameter starts"
+                            let existing = match pieces.TryGetValue key with | true, l -> l | _ -> []
+                            pieces[key] <- (first, tensor.reshape(-1L)) :: existing
+                let joined =
+                    [ for KeyValue(key, parts) in pieces ->
+                          let ordered = parts |> List.sortBy fst
+                          let mutable next = 0L
+                          for first, t in ordered do
+                              if first <> next then
+                                  InvalidInput.fail folder key (sprintf "the processes' blocks do not join: a part starts at element %d where %d was expected" first next)
+                              next <- first + t.numel ()
+                          key, torch.cat(Collections.Generic.List(ordered |> List.map snd), 0L) ]
+                Path.Combine(folder, optimizerShardFile 0 size), Map.ofList joined |> Map.fold (fun acc k v -> Map.add k v acc) counters
+
     /// Reassembles what optimizerTensors wrote into flat buffers, in the parameters' order.
     let private flatOptimizerTensors (path: string) (parameterNames: string list) (stored: Map<string, torch.Tensor>) =
         let perParameter, whole = stored |> Map.partition (fun name _ -> name.Contains ':')
@@ -201,7 +290,12 @@ module TrainingCheckpoint =
                         | None -> InvalidInput.fail path (parameter + ":" + buffer) "missing from the optimizer state" ]
               buffer, torch.cat(Collections.Generic.List pieces, 0L) ]
 
-    /// Writes OUTPUT/checkpoint-N atomically (see CheckpointFolder.write) and returns its path.
+    /// Writes OUTPUT/checkpoint-N atomically (see CheckpointFolder.write) and returns its path. Every
+    /// process of the run (context.Communicator) calls it: process 0 writes the folder; when the optimizer
+    /// state is sharded (ZeRO stage 1 or 2: context.OptimizerShard is a block), each other process first
+    /// writes its block's optimizer-rank-R-of-N.safetensors into `.checkpoint-N.staging-rankR`, and process 0
+    /// moves them into the checkpoint before its manifest (which lists every file) is written. Returns on
+    /// every process once the checkpoint is complete.
     let save
         (outputDir: string)
         (plan: LoopPlan)
@@ -249,18 +343,51 @@ module TrainingCheckpoint =
                       "train_loss_sum", raw (fst record.TrainLoss)
                       "train_loss_steps", raw (snd record.TrainLoss)
                       "early_stopping_best", (match snd record.EarlyStopping with Some v -> raw v | None -> "null") ] }
+        let communicator = context.Communicator
+        let size = communicator.Size
+        let shard = context.OptimizerShard
+        let sharded = shard <> Sharding.whole (context.Parameters.Values.numel ())
+        let root = Path.GetFullPath outputDir
+        let rankFolder rank = Path.Combine(root, sprintf ".checkpoint-%d.staging-rank%d" step rank)
+        let writeBlock (path: string) =
+            let tensors, fragments = optimizerShardTensors context.Parameters shard context.OptimizerState
+            let metadata = Map([ "format", "pt"; "world_size", string size; "rank", string communicator.Rank ] @ fragments)
+            Safetensors.save path metadata tensors
+        if sharded && communicator.Rank <> 0 then
+            let folder = rankFolder communicator.Rank
+            if Directory.Exists folder then Directory.Delete(folder, true)
+            Directory.CreateDirectory folder |> ignore
+            writeBlock (Path.Combine(folder, optimizerShardFile communicator.Rank size))
+        // The blocks are written; process 0 writes the checkpoint.
+        if sharded then communicator.Barrier()
+        if communicator.Rank <> 0 then
+            communicator.Barrier()
+            if Directory.Exists(rankFolder communicator.Rank) then Directory.Delete(rankFolder communicator.Rank, true)
+            Path.Combine(root, sprintf "checkpoint-%d" step)
+        else
+        let optimizerWriters =
+            if not sharded then
+                [ "optimizer.safetensors", (fun (path: string) ->
+                      Safetensors.save path (Map [ "format", "pt" ]) (optimizerTensors context.Parameters context.OptimizerState)) ]
+            else
+                [ yield optimizerShardFile 0 size, writeBlock
+                  for rank in 1 .. size - 1 ->
+                      optimizerShardFile rank size, (fun (path: string) -> File.Move(Path.Combine(rankFolder rank, optimizerShardFile rank size), path)) ]
         let writers =
             [ yield "config.json", (fun (path: string) -> File.WriteAllText(path, HfModelFolder.configJson model sourceConfig))
               yield "model.safetensors", (fun path -> HfModelFolder.writeWeights path model)
               for file in extraFiles -> Path.GetFileName file, (fun path -> File.Copy(file, path, true))
-              yield "optimizer.safetensors", (fun path ->
-                  Safetensors.save path (Map [ "format", "pt" ]) (optimizerTensors context.Parameters context.OptimizerState))
+              yield! optimizerWriters
               yield "rng_state.safetensors", (fun path ->
                   use rng = torch.get_rng_state ()
                   Safetensors.save path Map.empty [ "torch", rng ])
               yield "trainer_state.json", (fun path -> TrainerState.write path state)
               yield! extraWriters ]
-        CheckpointFolder.write outputDir step writers
+        let written = CheckpointFolder.write outputDir step writers
+        for rank in 1 .. size - 1 do
+            if Directory.Exists(rankFolder rank) then Directory.Delete(rankFolder rank, true)
+        communicator.Barrier()
+        written
 
     let private functionalField (path: string) (state: TrainerState) (name: string) : JsonElement =
         match state.Functional.TryFind name with
@@ -305,8 +432,8 @@ module TrainingCheckpoint =
             match position.TryGetProperty name with
             | true, v when v.ValueKind = JsonValueKind.Number -> v.GetInt32()
             | _ -> InvalidInput.fail statePath ("functional.data_position." + name) "expected an integer"
-        let optimizerPath = Path.Combine(path, "optimizer.safetensors")
-        let optimizer = flatOptimizerTensors optimizerPath trainableNames (Safetensors.load optimizerPath)
+        let optimizerPath, stored = readOptimizerState path
+        let optimizer = flatOptimizerTensors optimizerPath trainableNames stored
         let rng = Safetensors.load (Path.Combine(path, "rng_state.safetensors"))
         { Path = path
           Resume =

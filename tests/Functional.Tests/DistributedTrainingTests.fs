@@ -1,0 +1,184 @@
+/// End-to-end tests of data-parallel training under `mpirun -np 2` (the list "distributed training"): every
+/// ZeRO stage gives the per-step figures and final weights of one process with the same global batch, and a
+/// checkpoint of a 2-process run resumes on 1 process and on 2 processes at another stage.
+module Functional.Tests.DistributedTrainingTests
+
+open System
+open System.Diagnostics
+open System.IO
+open System.Text.Json
+open Expecto
+open Functional
+open Functional.Tests.TestUtil
+
+/// The mpirun on PATH, or a skip saying how to get it.
+let private mpirun () =
+    (Environment.GetEnvironmentVariable "PATH").Split(':', StringSplitOptions.RemoveEmptyEntries)
+    |> Array.map (fun d -> Path.Combine(d, "mpirun"))
+    |> Array.tryFind File.Exists
+    |> Option.defaultWith (fun () ->
+        skiptest "needs mpirun (Open MPI): sh tools/install-mpi.sh, or apt-get install openmpi-bin libopenmpi-dev; CI installs it")
+
+/// Runs `functional args` under `mpirun -np processes` (one intra-op thread per process), or as one plain
+/// process when processes is 1. Fails the test when it does not finish in 4 minutes.
+let private train (processes: int) (args: string list) =
+    let info =
+        if processes = 1 then ProcessStartInfo("dotnet")
+        else
+            let info = ProcessStartInfo(mpirun ())
+            for a in [ "-np"; string processes; "--oversubscribe"; "dotnet" ] do info.ArgumentList.Add a
+            info
+    info.RedirectStandardOutput <- true
+    info.RedirectStandardError <- true
+    info.UseShellExecute <- false
+    info.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "Functional.Cli.dll"))
+    for a in args do info.ArgumentList.Add a
+    info.Environment["OMPI_ALLOW_RUN_AS_ROOT"] <- "1"
+    info.Environment["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] <- "1"
+    info.Environment["OMP_NUM_THREADS"] <- "1"
+    info.Environment["TERM"] <- "dumb"
+    use p = Process.Start info
+    let stdout = p.StandardOutput.ReadToEndAsync()
+    let stderr = p.StandardError.ReadToEndAsync()
+    if not (p.WaitForExit(TimeSpan.FromMinutes 4.0)) then
+        p.Kill true
+        failtestf "functional %s on %d processes did not finish in 4 minutes\n%s\n%s" (String.Join(" ", args)) processes stdout.Result stderr.Result
+    let report = sprintf "functional %s on %d processes: exit %d\nstdout:\n%s\nstderr:\n%s" (String.Join(" ", args)) processes p.ExitCode stdout.Result stderr.Result
+    Expect.equal p.ExitCode 0 report
+    stdout.Result
+
+/// The golden LLaMA and 12 of its rows (lengths 8 to 38): a multiple of the global micro-batch of 4, so
+/// DistributedSampler repeats no row and one process with batch 4 sees the same rows per micro-step.
+type private Setup() =
+    let root = new TempFolder()
+    do
+        copyFolder (Path.Combine(goldenDir "llama-cosine", "model")) (root.File "model")
+        let rows = File.ReadAllLines(Path.Combine(goldenDir "llama-cosine", "data.jsonl")) |> Array.take 12
+        File.WriteAllLines(root.File "data.jsonl", rows)
+    member _.File name = root.File name
+    /// The arguments of a run into output with a per-process batch (the global batch is 4 with
+    /// accumulation 2: 8 rows per optimizer step; 12 rows make an epoch of 1.5 steps).
+    member _.Args (output: string) (batch: int) =
+        [ "train"; "--model"; root.File "model"; "--data"; root.File "data.jsonl"; "--output"; root.File output
+          "--per-device-train-batch-size"; string batch; "--gradient-accumulation-steps"; "2"; "--max-steps"; "5"
+          "--max-seq-len"; "40"; "--learning-rate"; "3e-3"; "--lr-scheduler-type"; "cosine"; "--num-warmup-steps"; "1"
+          "--weight-decay"; "0.1"; "--max-grad-norm"; "0.5"; "--save-steps"; "2"; "--report-to"; "none" ]
+    interface IDisposable with
+        member _.Dispose() = (root :> IDisposable).Dispose()
+
+/// args with option's value replaced.
+let private replace (option: string) (value: string) (args: string list) =
+    let i = List.findIndex ((=) option) args
+    List.updateAt (i + 1) value args
+
+/// The step records (step, loss, lr, grad_norm) of a run's metrics.jsonl.
+let private steps (output: string) =
+    readJsonLines (Path.Combine(output, "metrics.jsonl"))
+    |> Array.filter (fun (e: JsonElement) -> e.TryGetProperty("loss") |> fst && e.TryGetProperty("grad_norm") |> fst)
+    |> Array.toList
+    |> List.map (fun (e: JsonElement) ->
+        e.GetProperty("step").GetInt32(), e.GetProperty("loss").GetDouble(), e.GetProperty("lr").GetDouble(), e.GetProperty("grad_norm").GetDouble())
+
+let private relative (a: float) (b: float) = abs (a - b) / max (abs b) 1e-12
+
+/// Expects the same steps with loss and grad norm within tolerance (relative), lr within 1e-9.
+let private expectSameStepsWithin (tolerance: float) (actual: string) (expected: string) (what: string) =
+    let a, e = steps actual, steps expected
+    Expect.equal (a |> List.map (fun (s, _, _, _) -> s)) (e |> List.map (fun (s, _, _, _) -> s)) (what + ": the same steps")
+    Expect.isNonEmpty e (what + ": steps were logged")
+    for (step, loss, lr, norm), (_, loss', lr', norm') in List.zip a e do
+        Expect.isLessThanOrEqual (relative loss loss') tolerance (sprintf "%s: step %d loss %.9g vs %.9g" what step loss loss')
+        Expect.isLessThanOrEqual (relative lr lr') 1e-9 (sprintf "%s: step %d lr %.9g vs %.9g" what step lr lr')
+        Expect.isLessThanOrEqual (relative norm norm') tolerance (sprintf "%s: step %d grad norm %.9g vs %.9g" what step norm norm')
+
+/// Expects the same steps with loss and grad norm within 1e-5 (relative), lr within 1e-9.
+let private expectSameSteps = expectSameStepsWithin 1e-5
+
+/// Expects every tensor of every safetensors file of expected's folder in actual's, with
+/// ||a - b|| / ||b|| <= tolerance.
+let private expectSameWeightsWithin (tolerance: float) (actual: string) (expected: string) (what: string) =
+    let files = Directory.GetFiles(expected, "*.safetensors") |> Array.map Path.GetFileName
+    Expect.isNonEmpty files (what + ": weights were written")
+    for file in files do
+        let a = Functional.Checkpoint.Safetensors.load (Path.Combine(actual, file))
+        let e = Functional.Checkpoint.Safetensors.load (Path.Combine(expected, file))
+        Expect.equal (Set a.Keys) (Set e.Keys) (sprintf "%s: %s has the same tensors" what file)
+        for KeyValue(name, b: TorchSharp.torch.Tensor) in e do
+            use b64 = b.to_type TorchSharp.torch.float64
+            use a64 = (a[name]: TorchSharp.torch.Tensor).to_type TorchSharp.torch.float64
+            use diff = a64 - b64
+            let error = diff.norm().item<float> () / max (b64.norm().item<float> ()) 1e-30
+            Expect.isLessThanOrEqual error tolerance (sprintf "%s: %s %s relative error %g" what file name error)
+
+let private expectSameWeights = expectSameWeightsWithin 1e-5
+
+[<Tests>]
+let tests =
+    testSequenced <| testList "distributed training" [
+        test "ZeRO stages 0, 1 and 2 on 2 processes equal one process with the same global batch" {
+            mpirun () |> ignore
+            use s = new Setup()
+            train 1 (s.Args "single" 4) |> ignore
+            for stage in [ 0; 1; 2 ] do
+                let output = sprintf "stage%d" stage
+                let out = train 2 (s.Args output 2 @ [ "--zero-stage"; string stage ])
+                let what = sprintf "stage %d" stage
+                expectSameSteps (s.File output) (s.File "single") what
+                expectSameWeights (Path.Combine(s.File output, "final")) (Path.Combine(s.File "single", "final")) what
+                // Process 0 reports; the other process prints nothing of the run.
+                Expect.equal (out.Split('\n') |> Array.filter (fun l -> l.StartsWith "metrics: ") |> Array.length) 1 (what + ": one final report\n" + out)
+                if stage > 0 then
+                    let checkpoint = Path.Combine(s.File output, "checkpoint-2")
+                    for rank in 0 .. 1 do
+                        Expect.isTrue (File.Exists(Path.Combine(checkpoint, sprintf "optimizer-rank-%05d-of-00002.safetensors" rank))) (sprintf "%s: rank %d's optimizer block" what rank)
+                    Expect.isFalse (File.Exists(Path.Combine(checkpoint, "optimizer.safetensors"))) (what + ": no whole optimizer file")
+        }
+        test "LoRA at stage 1 on 2 processes equals one process" {
+            mpirun () |> ignore
+            use s = new Setup()
+            let lora = [ "--lora-dim"; "4"; "--only-optimize-lora" ]
+            train 1 (s.Args "single" 4 @ lora) |> ignore
+            train 2 (s.Args "two" 2 @ lora @ [ "--zero-stage"; "1" ]) |> ignore
+            expectSameSteps (s.File "two") (s.File "single") "LoRA"
+            expectSameWeights (Path.Combine(s.File "two", "final")) (Path.Combine(s.File "single", "final")) "LoRA"
+        }
+        test "bf16 at stage 2 on 2 processes equals one process to bf16's own rounding" {
+            mpirun () |> ignore
+            use s = new Setup()
+            // Each process rounds the bf16 gradient of its 2 rows before the fp32 sum, one process the gradient
+            // of 4 rows: bf16 (8 significant bits) cannot give the same bits, and the weights' bf16 copy
+            // carries the difference on. Its size is measured here by one process that rounds per 2 rows
+            // itself (batch 2, accumulation 4: the same rows per step); 2 processes must stay within 4 times it.
+            let bf16 = [ "--bf16" ]
+            train 1 (s.Args "single" 4 @ bf16) |> ignore
+            train 1 (replace "--gradient-accumulation-steps" "4" (s.Args "rounding" 2 @ bf16)) |> ignore
+            train 2 (s.Args "two" 2 @ bf16 @ [ "--zero-stage"; "2" ]) |> ignore
+            let reference, rounding, two = steps (s.File "single"), steps (s.File "rounding"), steps (s.File "two")
+            Expect.equal two.Length reference.Length "the same steps"
+            for ((step, loss, lr, norm), (_, loss1, _, norm1)), (_, loss2, lr2, norm2) in List.zip (List.zip reference rounding) two do
+                let within (what: string) (value: float) (noise: float) (expected: float) =
+                    let bound = max 1e-5 (4.0 * relative noise expected)
+                    Expect.isLessThanOrEqual (relative value expected) bound
+                        (sprintf "bf16 step %d %s: 2 processes %.9g, one process %.9g, one process rounding per 2 rows %.9g" step what value expected noise)
+                within "loss" loss2 loss1 loss
+                within "grad norm" norm2 norm1 norm
+                Expect.isLessThanOrEqual (relative lr2 lr) 1e-9 (sprintf "bf16 step %d lr" step)
+        }
+        test "a checkpoint of 2 processes at stage 2 resumes on 1 process and on 2 processes at stages 1 and 0" {
+            mpirun () |> ignore
+            use s = new Setup()
+            train 2 (s.Args "whole" 2 @ [ "--zero-stage"; "2" ]) |> ignore
+            // A run stopped after its checkpoint at step 2: the folder as a kill would leave it.
+            let stopped (name: string) =
+                let folder = s.File name
+                copyFolder (Path.Combine(s.File "whole", "checkpoint-2")) (Path.Combine(folder, "checkpoint-2"))
+                File.WriteAllLines(Path.Combine(folder, "metrics.jsonl"), File.ReadAllLines(Path.Combine(s.File "whole", "metrics.jsonl")) |> Array.take 2)
+            for name, processes, batch, stage in [ "one", 1, 4, 0; "stage1", 2, 2, 1; "stage0", 2, 2, 0 ] do
+                stopped name
+                let out = train processes (s.Args name batch @ [ "--zero-stage"; string stage; "--resume-from-checkpoint"; "latest" ])
+                let what = sprintf "resumed on %d processes at stage %d" processes stage
+                Expect.stringContains out "resuming from" what
+                expectSameSteps (s.File name) (s.File "whole") what
+                expectSameWeights (Path.Combine(s.File name, "final")) (Path.Combine(s.File "whole", "final")) what
+        }
+    ]
