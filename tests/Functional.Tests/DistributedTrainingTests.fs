@@ -164,6 +164,19 @@ let tests =
                 within "grad norm" norm2 norm1 norm
                 Expect.isLessThanOrEqual (relative lr2 lr) 1e-9 (sprintf "bf16 step %d lr" step)
         }
+        test "across two hosts (network namespaces): stages 0, 1 and 2 equal one process" {
+            use s = new Setup()
+            train 1 (s.Args "single" 4) |> ignore
+            TwoHosts.withHosts (fun () ->
+                for stage in [ 0; 1; 2 ] do
+                    let output = sprintf "hosts-stage%d" stage
+                    let command = [ "--"; "dotnet"; Path.Combine(AppContext.BaseDirectory, "Functional.Cli.dll") ] @ s.Args output 2 @ [ "--zero-stage"; string stage ]
+                    let run = TwoHosts.runWithin (TimeSpan.FromMinutes 2.0) ([ "-np"; "2"; "-x"; "OMP_NUM_THREADS=1"; "-x"; "TERM=dumb" ] @ command)
+                    Functional.Tests.ScriptTests.expectSuccess run
+                    let what = sprintf "two hosts, stage %d" stage
+                    expectSameSteps (s.File output) (s.File "single") what
+                    expectSameWeights (Path.Combine(s.File output, "final")) (Path.Combine(s.File "single", "final")) what)
+        }
         test "a checkpoint of 2 processes at stage 2 resumes on 1 process and on 2 processes at stages 1 and 0" {
             mpirun () |> ignore
             use s = new Setup()

@@ -29,7 +29,8 @@ let endToEnd =
       [ "interop cli" ]
       [ "heads cli" ]
       [ "mpi" ]
-      [ "distributed training" ] ]
+      [ "distributed training" ]
+      [ "two hosts" ] ]
 
 let private isEndToEnd (names: string list) =
     endToEnd |> List.exists (fun prefix -> List.length prefix <= List.length names && List.take prefix.Length names = prefix)
@@ -40,8 +41,11 @@ let private isEndToEnd (names: string list) =
 [<EntryPoint>]
 let main argv =
     // `--launch-check`: the distributed self-check (LaunchCheck, docs/distributed.md) instead of the tests,
-    // for `mpirun -np N dotnet Functional.Tests.dll --launch-check` (the test list "mpi" starts it).
-    if argv |> Array.contains "--launch-check" then exit (Functional.Distributed.LaunchCheck.run ())
+    // for `mpirun -np N dotnet Functional.Tests.dll --launch-check` (the test lists "mpi" and "two hosts"
+    // start it; the latter has each rank record where it ran).
+    if argv |> Array.contains "--launch-check" then
+        TwoHosts.recordLaunch ()
+        exit (Functional.Distributed.LaunchCheck.run ())
     let unitOnly = argv |> Array.contains "--unit"
     let e2eOnly = argv |> Array.contains "--e2e"
     let argv = argv |> Array.filter (fun a -> a <> "--unit" && a <> "--e2e")

@@ -474,6 +474,8 @@ module Job =
     /// decides, then (unless interrupted) the summary line and final/, and loss.png.
     let run (job: PreparedJob) (cancellation: Threading.CancellationToken) (observer: FineTuneEvents) : FineTuneOutcome =
         let output = job.Request.OutputPath
+        // Process 0 speaks for the run.
+        let observer = if job.IsMainProcess then observer else quiet
         // Everything is checked: from here on the output folder is written (by process 0).
         if job.IsMainProcess then
             Directory.CreateDirectory output |> ignore

@@ -59,13 +59,16 @@ type TrainingPhase =
     | Optimizer = 2
     /// Everything else: collation, loss read-back, logging, the hooks, releasing the step's tensors.
     | Other = 3
+    /// The collectives between the processes of a data-parallel run: the window's token count, the
+    /// gradients' all-reduce or reduce-scatter, the parameters' all-gather (ZeRO), the logged loss.
+    | Communication = 4
 
 /// Wall-clock time per phase of the training steps, for benchmarks (`functional bench train`): give one
 /// to the trainer through LoopPlan.PhaseClock. Each Mark charges the time since the previous Mark (or
 /// Reset) to a phase, so the phases add up to the wall-clock time since Reset.
 [<Sealed>]
 type PhaseClock() =
-    let ticks = Array.zeroCreate<int64> 4
+    let ticks = Array.zeroCreate<int64> 5
     let mutable last = Stopwatch.GetTimestamp()
 
     /// Charges the time since the previous mark (or Reset) to phase.
@@ -453,7 +456,9 @@ module TrainingLoop =
                 // ZeRO: this process updates its block, then every process gathers all blocks (and refreshes
                 // its whole compute copy from them).
                 let next = env.Optimizer.Step env.Sync.OptimizerFlat state.OptimizerState None
+                mark env TrainingPhase.Optimizer
                 Sharding.allGather env.Communicator env.Sync.OptimizerFlat.Values env.Flat.Values
+                mark env TrainingPhase.Communication
                 computeValues |> Option.iter (fun copy -> (use _ = torch.no_grad () in copy.copy_ env.Flat.Values |> ignore))
                 next
         // With a compute copy, the window's first micro-batch overwrites the master gradients
@@ -504,7 +509,10 @@ module TrainingLoop =
         let first, size = Accumulation.currentWindow plan state.Accumulation
         let window = [ for i in first .. first + size - 1 -> env.Objective.Collate env.MaxSeqLen PadId env.Dataset order.MicroBatches[i] ]
         // Every process normalizes by the count of the whole window, over all processes.
-        let windowTokens = Communicator.sumInt64 env.Communicator (window |> List.sumBy env.Objective.Count)
+        let localTokens = window |> List.sumBy env.Objective.Count
+        mark env TrainingPhase.Other
+        let windowTokens = Communicator.sumInt64 env.Communicator localTokens
+        mark env TrainingPhase.Communication
         let scale = Accumulation.lossScale windowTokens * (state.LossScale |> Option.map (fun s -> s.Scale) |> Option.defaultValue 1.0)
         let start =
             { Accumulation = Accumulation.beginWindow plan state.Accumulation windowTokens
@@ -515,10 +523,12 @@ module TrainingLoop =
         let progress = window |> List.indexed |> List.fold (microBatch env scale) start
         let report = progress.Report |> Option.defaultWith (fun () -> invalidOp "an accumulation window ended without an optimizer step")
         // Each process's gradients are of its loss sum / the global count: their sum is the window's gradient.
+        mark env TrainingPhase.Other
         match env.Sync.ReducedGrads with
         | Some block -> Sharding.reduceScatter env.Communicator env.Flat.Grads block
         | None -> env.Communicator.AllReduce env.Flat.Grads
         let lossSum = Communicator.sumFloat env.Communicator progress.LossSum
+        mark env TrainingPhase.Communication
         let applied, optimizerState, lossScale = update env state report.OptimizerStep
         let next =
             { state with
