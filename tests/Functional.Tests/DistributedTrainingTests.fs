@@ -49,12 +49,13 @@ let private train (processes: int) (args: string list) =
 
 /// The golden LLaMA and 12 of its rows (lengths 8 to 38): a multiple of the global micro-batch of 4, so
 /// DistributedSampler repeats no row and one process with batch 4 sees the same rows per micro-step.
-type private Setup() =
+type private Setup(case: string) =
     let root = new TempFolder()
     do
-        copyFolder (Path.Combine(goldenDir "llama-cosine", "model")) (root.File "model")
-        let rows = File.ReadAllLines(Path.Combine(goldenDir "llama-cosine", "data.jsonl")) |> Array.take 12
+        copyFolder (Path.Combine(goldenDir case, "model")) (root.File "model")
+        let rows = File.ReadAllLines(Path.Combine(goldenDir case, "data.jsonl")) |> Array.take 12
         File.WriteAllLines(root.File "data.jsonl", rows)
+    new() = new Setup("llama-cosine")
     member _.File name = root.File name
     /// The arguments of a run into output with a per-process batch (the global batch is 4 with
     /// accumulation 2: 8 rows per optimizer step; 12 rows make an epoch of 1.5 steps).
@@ -108,18 +109,26 @@ let private expectSameWeightsWithin (tolerance: float) (actual: string) (expecte
             use a64 = (a[name]: TorchSharp.torch.Tensor).to_type TorchSharp.torch.float64
             use diff = a64 - b64
             let error = diff.norm().item<float> () / max (b64.norm().item<float> ()) 1e-30
-            Expect.isLessThanOrEqual error tolerance (sprintf "%s: %s %s relative error %g" what file name error)
+            // A key bias (GPT-2's c_attn.bias holds one, OPT's and Qwen's k_proj.bias, BLOOM's query_key_value.bias)
+            // shifts all of a query's scores nearly alike: its true gradient is (nearly) zero, so it carries
+            // rounding noise that Adam magnifies (the golden comparisons with PyTorch relax it alike).
+            let keyBias = name.EndsWith "c_attn.bias" || name.EndsWith "k_proj.bias" || name.EndsWith "query_key_value.bias"
+            // Without rotary positions (OPT) the true gradient is exactly zero: the values are noise around 0 and
+            // are held to an absolute bound.
+            use absolute = diff.abs().max()
+            let within = error <= tolerance || (keyBias && (error <= 1e-3 || absolute.item<float> () <= 1e-4))
+            Expect.isTrue within (sprintf "%s: %s %s relative error %g (largest difference %g)" what file name error (absolute.item<float> ()))
 
 let private expectSameWeights = expectSameWeightsWithin 1e-5
 
 [<Tests>]
 let tests =
     testSequenced <| testList "distributed training" [
-        test "ZeRO stages 0, 1 and 2 on 2 processes equal one process with the same global batch" {
+        test "ZeRO stages 0, 1, 2 and 3 on 2 processes equal one process with the same global batch" {
             mpirun () |> ignore
             use s = new Setup()
             train 1 (s.Args "single" 4) |> ignore
-            for stage in [ 0; 1; 2 ] do
+            for stage in [ 0; 1; 2; 3 ] do
                 let output = sprintf "stage%d" stage
                 let out = train 2 (s.Args output 2 @ [ "--zero-stage"; string stage ])
                 let what = sprintf "stage %d" stage
@@ -133,14 +142,26 @@ let tests =
                         Expect.isTrue (File.Exists(Path.Combine(checkpoint, sprintf "optimizer-rank-%05d-of-00002.safetensors" rank))) (sprintf "%s: rank %d's optimizer block" what rank)
                     Expect.isFalse (File.Exists(Path.Combine(checkpoint, "optimizer.safetensors"))) (what + ": no whole optimizer file")
         }
-        test "LoRA at stage 1 on 2 processes equals one process" {
+        test "LoRA at stages 1 and 3 on 2 processes equals one process" {
             mpirun () |> ignore
             use s = new Setup()
             let lora = [ "--lora-dim"; "4"; "--only-optimize-lora" ]
             train 1 (s.Args "single" 4 @ lora) |> ignore
-            train 2 (s.Args "two" 2 @ lora @ [ "--zero-stage"; "1" ]) |> ignore
-            expectSameSteps (s.File "two") (s.File "single") "LoRA"
-            expectSameWeights (Path.Combine(s.File "two", "final")) (Path.Combine(s.File "single", "final")) "LoRA"
+            for stage in [ 1; 3 ] do
+                let output = sprintf "stage%d" stage
+                train 2 (s.Args output 2 @ lora @ [ "--zero-stage"; string stage ]) |> ignore
+                let what = sprintf "LoRA at stage %d" stage
+                expectSameSteps (s.File output) (s.File "single") what
+                expectSameWeights (Path.Combine(s.File output, "final")) (Path.Combine(s.File "single", "final")) what
+        }
+        test "every family at stage 3 with gradient checkpointing on 2 processes equals one process" {
+            mpirun () |> ignore
+            for case in [ "gpt2-cosine"; "opt-cosine"; "bloom-cosine"; "qwen2-linear"; "qwen3-cosine"; "mistral-cosine" ] do
+                use s = new Setup(case)
+                train 1 (s.Args "single" 4 @ [ "--gradient-checkpointing" ]) |> ignore
+                train 2 (s.Args "two" 2 @ [ "--gradient-checkpointing"; "--zero-stage"; "3" ]) |> ignore
+                expectSameSteps (s.File "two") (s.File "single") case
+                expectSameWeights (Path.Combine(s.File "two", "final")) (Path.Combine(s.File "single", "final")) case
         }
         test "bf16 at stage 2 on 2 processes equals one process to bf16's own rounding" {
             mpirun () |> ignore
@@ -164,7 +185,20 @@ let tests =
                 within "grad norm" norm2 norm1 norm
                 Expect.isLessThanOrEqual (relative lr2 lr) 1e-9 (sprintf "bf16 step %d lr" step)
         }
-        test "a checkpoint of 2 processes at stage 2 resumes on 1 process and on 2 processes at stages 1 and 0" {
+        test "across two hosts (network namespaces): stages 0, 1 and 2 equal one process" {
+            use s = new Setup()
+            train 1 (s.Args "single" 4) |> ignore
+            TwoHosts.withHosts (fun () ->
+                for stage in [ 0; 1; 2 ] do
+                    let output = sprintf "hosts-stage%d" stage
+                    let command = [ "--"; "dotnet"; Path.Combine(AppContext.BaseDirectory, "Functional.Cli.dll") ] @ s.Args output 2 @ [ "--zero-stage"; string stage ]
+                    let run = TwoHosts.runWithin (TimeSpan.FromMinutes 2.0) ([ "-np"; "2"; "-x"; "OMP_NUM_THREADS=1"; "-x"; "TERM=dumb" ] @ command)
+                    Functional.Tests.ScriptTests.expectSuccess run
+                    let what = sprintf "two hosts, stage %d" stage
+                    expectSameSteps (s.File output) (s.File "single") what
+                    expectSameWeights (Path.Combine(s.File output, "final")) (Path.Combine(s.File "single", "final")) what)
+        }
+        test "a checkpoint of 2 processes at stage 2 resumes on 1 process and on 2 processes at stages 3, 1 and 0" {
             mpirun () |> ignore
             use s = new Setup()
             train 2 (s.Args "whole" 2 @ [ "--zero-stage"; "2" ]) |> ignore
@@ -173,7 +207,7 @@ let tests =
                 let folder = s.File name
                 copyFolder (Path.Combine(s.File "whole", "checkpoint-2")) (Path.Combine(folder, "checkpoint-2"))
                 File.WriteAllLines(Path.Combine(folder, "metrics.jsonl"), File.ReadAllLines(Path.Combine(s.File "whole", "metrics.jsonl")) |> Array.take 2)
-            for name, processes, batch, stage in [ "one", 1, 4, 0; "stage1", 2, 2, 1; "stage0", 2, 2, 0 ] do
+            for name, processes, batch, stage in [ "one", 1, 4, 0; "stage3", 2, 2, 3; "stage1", 2, 2, 1; "stage0", 2, 2, 0 ] do
                 stopped name
                 let out = train processes (s.Args name batch @ [ "--zero-stage"; string stage; "--resume-from-checkpoint"; "latest" ])
                 let what = sprintf "resumed on %d processes at stage %d" processes stage

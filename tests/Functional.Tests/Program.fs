@@ -30,7 +30,8 @@ let endToEnd =
       [ "heads cli" ]
       [ "mpi" ]
       [ "mpi faults" ]
-      [ "distributed training" ] ]
+      [ "distributed training" ]
+      [ "two hosts" ] ]
 
 let private isEndToEnd (names: string list) =
     endToEnd |> List.exists (fun prefix -> List.length prefix <= List.length names && List.take prefix.Length names = prefix)
@@ -41,8 +42,11 @@ let private isEndToEnd (names: string list) =
 [<EntryPoint>]
 let main argv =
     // `--launch-check`: the distributed self-check (LaunchCheck, docs/distributed.md) instead of the tests,
-    // for `mpirun -np N dotnet Functional.Tests.dll --launch-check` (the test list "mpi" starts it).
-    if argv |> Array.contains "--launch-check" then exit (Functional.Distributed.LaunchCheck.run ())
+    // for `mpirun -np N dotnet Functional.Tests.dll --launch-check` (the test lists "mpi" and "two hosts"
+    // start it; the latter has each rank record where it ran).
+    if argv |> Array.contains "--launch-check" then
+        TwoHosts.recordLaunch ()
+        exit (Functional.Distributed.LaunchCheck.run ())
     // The modes the test list "mpi faults" starts under mpirun (DistributedFaultTests.FaultModes).
     let valueOf (flag: string) = argv |> Array.tryFindIndex ((=) flag) |> Option.map (fun i -> argv[i + 1])
     match valueOf "--collective-loop" with

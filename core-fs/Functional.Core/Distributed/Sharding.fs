@@ -13,6 +13,20 @@ type ShardRange =
       /// The owned elements (0 when the buffer has fewer elements than processes ahead of this one).
       Count: int64 }
 
+/// A part of one parameter in a process's optimizer state buffers (ZeRO stage 3, where a process's block
+/// is not one range of the flat buffer): Count elements of Parameter from element First, at Offset of the
+/// state buffers.
+[<Struct>]
+type StateFragment =
+    { /// The parameter's name.
+      Parameter: string
+      /// The fragment's first element within the parameter (flattened).
+      First: int64
+      /// Where the fragment starts in the process's state buffers.
+      Offset: int64
+      /// The fragment's elements.
+      Count: int64 }
+
 /// DeepSpeed's ZeRO stages: what each process of a data-parallel run keeps of the training state.
 [<RequireQualifiedAccess>]
 module ZeroStage =

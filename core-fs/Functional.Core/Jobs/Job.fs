@@ -382,6 +382,11 @@ module Job =
     /// One finished step: counters, evaluation, the policy's decision, the checkpoint it asks for.
     let private afterStep (job: PreparedJob) log observer (cancellation: Threading.CancellationToken) (progress: Progress) (context: StepContext) =
         let step = context.Log.Step
+        // Under ZeRO stage 3 the parameters exist only while used: gathered (on every process alike) for an
+        // evaluation or a checkpoint, and freed when the step's hook returns.
+        let gathered = ref None
+        let whole () = if gathered.Value.IsNone then gathered.Value <- Some(context.GatherParameters())
+        use _ = { new IDisposable with member _.Dispose() = gathered.Value |> Option.iter (fun g -> g.Dispose()) }
         let savedTokens, _ = savedTokensAndFlos job
         let progress =
             { progress with
@@ -390,6 +395,7 @@ module Job =
         let evaluated =
             match job.Data.Eval with
             | Some eval when CheckpointPolicy.shouldEvaluate job.Policy step context.EpochEnded ->
+                whole ()
                 let result = evaluate job eval
                 logEval log observer step { Eval = result; ExactMatch = None }
                 Some result
@@ -403,6 +409,7 @@ module Job =
                 Interrupted = decision.Interrupted
                 StoppedEarly = decision.StopEarly }
         if decision.Checkpoint then
+            whole ()
             TrainingLoop.ensureFinite job.Options step context.Parameters
             // Every process takes part (each may hold a block of the optimizer state); process 0 writes.
             saveCheckpoint job log progress context
@@ -474,6 +481,8 @@ module Job =
     /// decides, then (unless interrupted) the summary line and final/, and loss.png.
     let run (job: PreparedJob) (cancellation: Threading.CancellationToken) (observer: FineTuneEvents) : FineTuneOutcome =
         let output = job.Request.OutputPath
+        // Process 0 speaks for the run.
+        let observer = if job.IsMainProcess then observer else quiet
         // Everything is checked: from here on the output folder is written (by process 0).
         if job.IsMainProcess then
             Directory.CreateDirectory output |> ignore

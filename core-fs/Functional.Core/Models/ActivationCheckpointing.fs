@@ -20,6 +20,20 @@ type IGradientCheckpointing =
     /// the block in backward. Eval mode, no_grad and the key/value-cache path always run blocks plainly.
     abstract GradientCheckpointing: bool with get, set
 
+/// Calls around one checkpointed block's two runs, for parameters that exist only while the block runs
+/// (ZeRO stage 3 gathers them from every process): before and after the forward, before the recomputation
+/// in backward, and after its backward (when the parameters' gradients are complete).
+[<NoEquality; NoComparison>]
+type BlockHooks =
+    { /// Before the forward (no graph is recorded).
+      BeforeForward: unit -> unit
+      /// After the forward, also when it failed.
+      AfterForward: unit -> unit
+      /// Before the recomputation in backward.
+      BeforeBackward: unit -> unit
+      /// After the recomputation's backward, also when it failed.
+      AfterBackward: unit -> unit }
+
 /// What the backward of one checkpointed block needs besides its saved tensors.
 [<NoEquality; NoComparison>]
 type private Recomputation =
@@ -29,7 +43,9 @@ type private Recomputation =
       /// so that the block's parameters get theirs).
       InputNeedsGrad: bool
       /// The number of extra tensors after the hidden state.
-      Extras: int }
+      Extras: int
+      /// The calls around the block's runs.
+      Hooks: BlockHooks }
 
 /// The autograd function of one checkpointed block. Arguments: the hidden state, the extra tensors, the
 /// random state before the block ran, the Recomputation. Saves the hidden state, the extras and the random
@@ -48,7 +64,11 @@ type private CheckpointedBlock() =
         ctx.save_data("recomputation", recomputation)
         use scope = torch.NewDisposeScope()
         let inputs = tensors[.. recomputation.Extras]
-        scope.MoveToOuter(recomputation.Block inputs)
+        recomputation.Hooks.BeforeForward()
+        try
+            scope.MoveToOuter(recomputation.Block inputs)
+        finally
+            recomputation.Hooks.AfterForward()
 
     /// Re-runs the block with gradients on a detached alias of its input, with the random state its forward
     /// saw (so dropout draws the same masks), and backpropagates the output gradient through it: the
@@ -61,16 +81,20 @@ type private CheckpointedBlock() =
         let input = saved[0].detach().requires_grad_(recomputation.InputNeedsGrad)
         let extras = [| for i in 1 .. recomputation.Extras -> saved[i] |]
         let randomState = saved[recomputation.Extras + 1]
-        let output =
-            use _ = torch.enable_grad ()
-            let current = torch.get_rng_state ()
-            torch.set_rng_state randomState
-            try
-                recomputation.Block(Array.append [| input |] extras)
-            finally
-                torch.set_rng_state current
-        if output.requires_grad then
-            torch.autograd.backward([| output |], [| outputGradient |])
+        recomputation.Hooks.BeforeBackward()
+        try
+            let output =
+                use _ = torch.enable_grad ()
+                let current = torch.get_rng_state ()
+                torch.set_rng_state randomState
+                try
+                    recomputation.Block(Array.append [| input |] extras)
+                finally
+                    torch.set_rng_state current
+            if output.requires_grad then
+                torch.autograd.backward([| output |], [| outputGradient |])
+        finally
+            recomputation.Hooks.AfterBackward()
         let inputGradient =
             match input.grad with
             | null -> null
@@ -105,7 +129,16 @@ module ActivationCheckpointing =
     /// nothing to differentiate, runs `forward inputs` plainly. Returns a fresh tensor. The random state
     /// preserved is the CPU generator's (TorchSharp exposes no CUDA generator state): on CUDA, dropout
     /// inside a checkpointed block draws new masks in the recomputation.
-    let run (blockModule: torch.nn.Module) (forward: torch.Tensor[] -> torch.Tensor) (inputs: torch.Tensor[]) : torch.Tensor =
+    let rec run (blockModule: torch.nn.Module) (forward: torch.Tensor[] -> torch.Tensor) (inputs: torch.Tensor[]) : torch.Tensor =
+        runWith none blockModule forward inputs
+
+    /// Calls that do nothing.
+    and none: BlockHooks = { BeforeForward = ignore; AfterForward = ignore; BeforeBackward = ignore; AfterBackward = ignore }
+
+    /// run with hooks called around the block's forward and around its recomputation and backward (ZeRO
+    /// stage 3 gathers the block's parameters before each and frees them after). When the block runs
+    /// plainly (no gradient), hooks.BeforeForward and hooks.AfterForward wrap that run.
+    and runWith (hooks: BlockHooks) (blockModule: torch.nn.Module) (forward: torch.Tensor[] -> torch.Tensor) (inputs: torch.Tensor[]) : torch.Tensor =
         if inputs.Length = 0 then
             invalidArg "inputs" "expected the block's hidden state and any extra tensors, found no tensor"
         if inputs |> Array.skip 1 |> Array.exists (fun t -> t.requires_grad) then
@@ -116,9 +149,10 @@ module ActivationCheckpointing =
             torch.is_grad_enabled ()
             && (inputNeedsGrad || blockModule.parameters () |> Seq.exists (fun p -> p.requires_grad))
         if not differentiable then
-            forward inputs
+            hooks.BeforeForward()
+            try forward inputs finally hooks.AfterForward()
         else
-            let recomputation = { Block = forward; InputNeedsGrad = inputNeedsGrad; Extras = inputs.Length - 1 }
+            let recomputation = { Block = forward; InputNeedsGrad = inputNeedsGrad; Extras = inputs.Length - 1; Hooks = hooks }
             use detached = if inputNeedsGrad then null else hidden.detach().requires_grad_(true)
             let entry = if inputNeedsGrad then hidden else detached
             use randomState = torch.get_rng_state ()

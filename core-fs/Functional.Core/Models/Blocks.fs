@@ -498,6 +498,16 @@ type IDecoderLayer =
         x: torch.Tensor * extras: torch.Tensor[] * mask: torch.Tensor * past: (torch.Tensor * torch.Tensor) option ->
             torch.Tensor * torch.Tensor * torch.Tensor
 
+/// How a backbone runs its layers in the training forward when something other than the plain loop or
+/// activation checkpointing must happen around each (ZeRO stage 3 gathers a layer's parameters from every
+/// process before it runs and frees them after).
+type ILayerExecution =
+    /// Runs layer index (its parameters in block): forward applied to the hidden state and the extras, as
+    /// the backbone would run it (checkpointing says whether activation checkpointing is on).
+    abstract Run:
+        index: int * block: torch.nn.Module * forward: (torch.Tensor[] -> torch.Tensor) * inputs: torch.Tensor[] * checkpointing: bool ->
+            torch.Tensor
+
 /// A decoder-only transformer below its LM head: embeddings, a stack of layers and a final norm. The one
 /// layer loop lives here and serves the training forward (with activation checkpointing) and the cached
 /// forward; a family supplies its embedding, its layers, its final norm and its attention bias.
@@ -505,6 +515,7 @@ type IDecoderLayer =
 type DecoderBackbone(name: string) =
     inherit torch.nn.Module<torch.Tensor, torch.Tensor>(name)
     let mutable gradientCheckpointing = false
+    let mutable layerExecution: ILayerExecution option = None
 
     /// The token embedding, (vocab_size, C); a tied LM head reads it.
     abstract TokenEmbedding: Embedding
@@ -536,11 +547,15 @@ type DecoderBackbone(name: string) =
         use scope = torch.NewDisposeScope()
         let positions = torch.arange(T, dtype = torch.int64, device = inputIds.device) // (T)
         let x, extras = this.Embed(inputIds, positions)
-        let runLayer (x: torch.Tensor) (block: torch.nn.Module, layer: IDecoderLayer) =
-            if gradientCheckpointing && this.training then
-                ActivationCheckpointing.run block (fun inputs -> layer.Forward(inputs[0], inputs[1..])) (Array.append [| x |] extras)
-            else layer.Forward(x, extras)
-        let x = this.Layers |> Array.fold runLayer x
+        let runLayer (x: torch.Tensor) (index: int, (block: torch.nn.Module, layer: IDecoderLayer)) =
+            let checkpointing = gradientCheckpointing && this.training
+            let forward (inputs: torch.Tensor[]) = layer.Forward(inputs[0], inputs[1..])
+            match layerExecution with
+            | Some execution when this.training -> execution.Run(index, block, forward, Array.append [| x |] extras, checkpointing)
+            | _ ->
+                if checkpointing then ActivationCheckpointing.run block forward (Array.append [| x |] extras)
+                else layer.Forward(x, extras)
+        let x = this.Layers |> Array.indexed |> Array.fold runLayer x
         scope.MoveToOuter(this.FinalNorm x)
 
     /// Incremental forward (see IIncrementalDecoder): input_ids (B, T_new), attention_mask
@@ -569,6 +584,12 @@ type DecoderBackbone(name: string) =
         hidden,
         { Keys = keysValues |> Array.map (fst >> scope.MoveToOuter)
           Values = keysValues |> Array.map (snd >> scope.MoveToOuter) }
+
+    /// How training-mode forwards run the layers (None, the default: the plain loop, with activation
+    /// checkpointing when it is on). ZeRO stage 3 sets it for the run.
+    member _.LayerExecution
+        with get () = layerExecution
+        and set value = layerExecution <- value
 
     interface IGradientCheckpointing with
         /// Whether training-mode forwards recompute each layer in backward (see ActivationCheckpointing.run).

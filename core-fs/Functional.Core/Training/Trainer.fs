@@ -59,13 +59,16 @@ type TrainingPhase =
     | Optimizer = 2
     /// Everything else: collation, loss read-back, logging, the hooks, releasing the step's tensors.
     | Other = 3
+    /// The collectives between the processes of a data-parallel run: the window's token count, the
+    /// gradients' all-reduce or reduce-scatter, the parameters' all-gather (ZeRO), the logged loss.
+    | Communication = 4
 
 /// Wall-clock time per phase of the training steps, for benchmarks (`functional bench train`): give one
 /// to the trainer through LoopPlan.PhaseClock. Each Mark charges the time since the previous Mark (or
 /// Reset) to a phase, so the phases add up to the wall-clock time since Reset.
 [<Sealed>]
 type PhaseClock() =
-    let ticks = Array.zeroCreate<int64> 4
+    let ticks = Array.zeroCreate<int64> 5
     let mutable last = Stopwatch.GetTimestamp()
 
     /// Charges the time since the previous mark (or Reset) to phase.
@@ -153,6 +156,13 @@ type StepContext =
       /// The elements of Parameters this process's optimizer state covers: all of them, or under ZeRO
       /// stage 1 or 2 its block (a checkpoint stores each process's block).
       OptimizerShard: ShardRange
+      /// Under ZeRO stage 3, the parameter fragments this process's optimizer state holds (its blocks of
+      /// the layers); None when the state covers OptimizerShard of Parameters.
+      OptimizerFragments: StateFragment list option
+      /// Makes the model's parameters whole until the result is disposed: under ZeRO stage 3 they exist only
+      /// while used, so a hook that evaluates or saves the model gathers them first (every process at the
+      /// same step); a no-op otherwise.
+      GatherParameters: unit -> IDisposable
       /// The processes of the run.
       Communicator: ICommunicator
       /// With --fp16: the loss scaler's state after this step's update (store it in checkpoints);
@@ -207,7 +217,9 @@ type TrainRun =
       /// DeepSpeed's ZeRO stage (0, what setup gives: every process holds all the state): 1 keeps only
       /// this process's block of the optimizer state (Sharding.block over the flat buffer), 2 also
       /// reduce-scatters the gradients into that block instead of all-reducing them. Both then update the
-      /// block and all-gather the parameters. (Stage 3 is refused for now.)
+      /// block and all-gather the parameters. 3 also shards the parameters (ZeroThree): each layer's are
+      /// gathered for its forward and for its recomputation in backward, then freed, and its gradients are
+      /// reduce-scattered per micro-batch (fp32 only for now).
       ZeroStage: int }
 
 /// The rows of one epoch as micro-batches of row indices, in the order this process visits them.
@@ -229,7 +241,9 @@ type GradientSync =
       /// block of the values and of the reduced gradients.
       OptimizerFlat: FlatParameters
       /// Stage 2: this process's block of the reduce-scattered gradient (Sharding.blockLength elements).
-      ReducedGrads: torch.Tensor option }
+      ReducedGrads: torch.Tensor option
+      /// Stage 3: the sharded parameters.
+      Zero3: ZeroThree option }
 
     /// Whether the optimizer updates a block and the parameters are all-gathered after it.
     member this.Sharded = this.Stage > 0
@@ -247,7 +261,8 @@ type StepEnv =
       Objective: Objective
       /// The processes of the run.
       Communicator: ICommunicator
-      /// The fp32 flat parameters and gradients the trained parameters alias.
+      /// The fp32 flat parameters and gradients the trained parameters alias (under ZeRO stage 3, this
+      /// process's blocks: ZeroThree.ShardFlat).
       Flat: FlatParameters
       /// Under --bf16/--fp16, the low-precision compute copy; None in fp32.
       Compute: ComputeCopy option
@@ -406,10 +421,12 @@ module TrainingLoop =
     /// gradients moved to the fp32 master under mixed precision, and its loss observed.
     let private microBatch (env: StepEnv) (scale: float) (progress: WindowProgress) (index: int, batch: MicroBatch) : WindowProgress =
         mark env TrainingPhase.Other
+        env.Sync.Zero3 |> Option.iter (fun z -> z.BeginMicroBatch())
         use lossSum = env.Objective.LossSum env.ComputeModel batch
         mark env TrainingPhase.Forward
         use scaled = lossSum * scale
         scaled.backward ()
+        env.Sync.Zero3 |> Option.iter (fun z -> z.EndMicroBatch())
         // The window's first micro-batch overwrites the master gradients; later ones add to them.
         env.Compute |> Option.iter (fun c -> MixedPrecision.accumulateGradients c env.Flat (index = 0))
         mark env TrainingPhase.Backward
@@ -449,11 +466,16 @@ module TrainingLoop =
         let optimizerState =
             if not applied then state.OptimizerState
             elif not env.Sync.Sharded then env.Optimizer.Step env.Flat state.OptimizerState computeValues
+            elif env.Sync.Zero3.IsSome then
+                // Stage 3: the parameters are gathered from the blocks when they are next used.
+                env.Optimizer.Step env.Sync.OptimizerFlat state.OptimizerState None
             else
                 // ZeRO: this process updates its block, then every process gathers all blocks (and refreshes
                 // its whole compute copy from them).
                 let next = env.Optimizer.Step env.Sync.OptimizerFlat state.OptimizerState None
+                mark env TrainingPhase.Optimizer
                 Sharding.allGather env.Communicator env.Sync.OptimizerFlat.Values env.Flat.Values
+                mark env TrainingPhase.Communication
                 computeValues |> Option.iter (fun copy -> (use _ = torch.no_grad () in copy.copy_ env.Flat.Values |> ignore))
                 next
         // With a compute copy, the window's first micro-batch overwrites the master gradients
@@ -504,7 +526,10 @@ module TrainingLoop =
         let first, size = Accumulation.currentWindow plan state.Accumulation
         let window = [ for i in first .. first + size - 1 -> env.Objective.Collate env.MaxSeqLen PadId env.Dataset order.MicroBatches[i] ]
         // Every process normalizes by the count of the whole window, over all processes.
-        let windowTokens = Communicator.sumInt64 env.Communicator (window |> List.sumBy env.Objective.Count)
+        let localTokens = window |> List.sumBy env.Objective.Count
+        mark env TrainingPhase.Other
+        let windowTokens = Communicator.sumInt64 env.Communicator localTokens
+        mark env TrainingPhase.Communication
         let scale = Accumulation.lossScale windowTokens * (state.LossScale |> Option.map (fun s -> s.Scale) |> Option.defaultValue 1.0)
         let start =
             { Accumulation = Accumulation.beginWindow plan state.Accumulation windowTokens
@@ -515,10 +540,14 @@ module TrainingLoop =
         let progress = window |> List.indexed |> List.fold (microBatch env scale) start
         let report = progress.Report |> Option.defaultWith (fun () -> invalidOp "an accumulation window ended without an optimizer step")
         // Each process's gradients are of its loss sum / the global count: their sum is the window's gradient.
-        match env.Sync.ReducedGrads with
-        | Some block -> Sharding.reduceScatter env.Communicator env.Flat.Grads block
-        | None -> env.Communicator.AllReduce env.Flat.Grads
+        mark env TrainingPhase.Other
+        match env.Sync.ReducedGrads, env.Sync.Zero3 with
+        | Some block, _ -> Sharding.reduceScatter env.Communicator env.Flat.Grads block
+        // Stage 3 reduce-scattered every unit's gradients as its backward finished.
+        | None, Some _ -> ()
+        | None, None -> env.Communicator.AllReduce env.Flat.Grads
         let lossSum = Communicator.sumFloat env.Communicator progress.LossSum
+        mark env TrainingPhase.Communication
         let applied, optimizerState, lossScale = update env state report.OptimizerStep
         let next =
             { state with
@@ -558,6 +587,12 @@ module TrainingLoop =
                   Parameters = env.Flat
                   OptimizerState = next.OptimizerState
                   OptimizerShard = env.Sync.Shard
+                  OptimizerFragments = env.Sync.Zero3 |> Option.map (fun z -> z.Fragments)
+                  GatherParameters =
+                    fun () ->
+                        match env.Sync.Zero3 with
+                        | Some z -> z.GatherAll()
+                        | None -> { new IDisposable with member _.Dispose() = () }
                   Communicator = env.Communicator
                   LossScale = next.LossScale
                   ComputeModel = env.ComputeModel }
@@ -577,7 +612,7 @@ module TrainingLoop =
     let private initialState
         (run: TrainRun)
         (optimizer: FlatOptimizer)
-        (flat: FlatParameters)
+        (wholeLength: int64)
         (sync: GradientSync)
         (scaler: LossScalerConfig option)
         (threads: ThreadBudget)
@@ -590,10 +625,12 @@ module TrainingLoop =
             | Some point ->
                 // A checkpoint holds the whole buffers, whatever the processes and stage that saved it (a
                 // universal checkpoint): this process takes its block of them.
-                let wholeLength = flat.Values.numel ()
                 let entries =
                     [ for name, tensor in point.OptimizerState ->
-                          if sync.Sharded && tensor.dim () = 1L && tensor.numel () = wholeLength then name, Sharding.view tensor sync.Shard
+                          if sync.Sharded && tensor.dim () = 1L && tensor.numel () = wholeLength then
+                              match sync.Zero3 with
+                              | Some z -> name, z.Select tensor
+                              | None -> name, Sharding.view tensor sync.Shard
                           else name, tensor ]
                 let loaded = Transform.loadStateTensors entries fresh
                 torch.set_rng_state point.RandomState
@@ -635,12 +672,13 @@ module TrainingLoop =
     /// The gradient path of a ZeRO stage over flat: stage 0 steps the optimizer on flat itself; stages 1
     /// and 2 on this process's block (Sharding.block) of the values and gradients, stage 2 with a block
     /// buffer the gradients are reduce-scattered into.
-    let private gradientSync (communicator: ICommunicator) (stage: int) (flat: FlatParameters) : GradientSync =
+    let private gradientSync (communicator: ICommunicator) (stage: int) (flat: FlatParameters) (zero3: ZeroThree option) : GradientSync =
         ZeroStage.validate stage
-        if stage = 3 then
-            InvalidInput.setting "zero_stage"
-                "3 (parameters sharded and gathered layer by layer) is not available yet: use stage 2, which keeps the optimizer state and the reduced gradients sharded"
-        if stage = 0 then { Stage = 0; Shard = Sharding.whole (flat.Values.numel ()); OptimizerFlat = flat; ReducedGrads = None }
+        match zero3 with
+        | Some z ->
+            { Stage = 3; Shard = Sharding.whole (z.ShardFlat.Values.numel ()); OptimizerFlat = z.ShardFlat; ReducedGrads = None; Zero3 = Some z }
+        | None ->
+        if stage = 0 then { Stage = 0; Shard = Sharding.whole (flat.Values.numel ()); OptimizerFlat = flat; ReducedGrads = None; Zero3 = None }
         else
             let total = flat.Values.numel ()
             let shard = Sharding.block total communicator.Size communicator.Rank
@@ -654,10 +692,11 @@ module TrainingLoop =
             { Stage = stage
               Shard = shard
               OptimizerFlat = { flat with Values = (Sharding.view flat.Values shard).DetachFromDisposeScope(); Grads = grads.DetachFromDisposeScope() }
-              ReducedGrads = reduced }
+              ReducedGrads = reduced
+              Zero3 = None }
 
     let private disposeSync (sync: GradientSync) =
-        if sync.Sharded then
+        if sync.Sharded && sync.Zero3.IsNone then
             sync.OptimizerFlat.Dispose()
             sync.ReducedGrads |> Option.iter (fun t -> t.Dispose())
 
@@ -713,7 +752,16 @@ module TrainingLoop =
         let maxSeqLen = TrainOptions.sequenceLength options model.Config (CausalLm.prefixLength model)
         torch.manual_seed options.Seed |> ignore
         model.Module.train ()
-        let flat = FlatParameters.create run.Parameters
+        ZeroStage.validate run.ZeroStage
+        if run.ZeroStage = 3 && options.Precision <> Precision.Fp32 then
+            InvalidInput.setting "zero_stage" "3 trains in fp32 for now: with {bf16} or {fp16} use stage 2 (optimizer state and gradients sharded)"
+        let parameters = [ for struct (name, p) in run.Parameters -> name, p ]
+        let whole = FlatParameters.create [ for name, p in parameters -> struct (name, p) ]
+        let wholeLength = whole.Values.numel ()
+        // Stage 3 keeps only this process's blocks (and frees the whole buffers): the step works on them.
+        let zero3 = if run.ZeroStage = 3 then Some(ZeroThree.create run.Communicator model whole parameters) else None
+        use _ = { new IDisposable with member _.Dispose() = zero3 |> Option.iter (fun z -> z.Dispose()) }
+        let flat = zero3 |> Option.map (fun z -> z.ShardFlat) |> Option.defaultValue whole
         let compute = MixedPrecision.createWith options.Precision model run.Attach flat
         use _ = { new IDisposable with member _.Dispose() = compute |> Option.iter (fun c -> c.Dispose()) }
         let decayMask =
@@ -721,18 +769,22 @@ module TrainingLoop =
             // of the weights.
             if options.WeightDecay = 0.0 then FlatParameters.uniform flat 1.0f
             else FlatParameters.mask flat (fun name -> not (model.NoWeightDecay.Contains name))
-        let sync = gradientSync run.Communicator run.ZeroStage flat
+        let sync = gradientSync run.Communicator run.ZeroStage flat zero3
         use _ = { new IDisposable with member _.Dispose() = disposeSync sync }
+        // Stages 1 and 2 narrow the whole buffers' masks to the block; stage 3's are laid out as its blocks.
+        let narrow (t: torch.Tensor) = if sync.Sharded && zero3.IsNone then Sharding.view t sync.Shard else t
         let reduction = if sync.Sharded then (fun squared -> Communicator.sumFloat run.Communicator squared) else Transform.localNorm
-        let ratios = learningRateRatios options run.LearningRate flat |> Option.map (fun r -> if sync.Sharded then Sharding.view r sync.Shard else r)
-        let mask = if sync.Sharded then Sharding.view decayMask sync.Shard else decayMask
-        let optimizer = optimizerWith reduction options plan.Schedule mask ratios
+        let ratios = learningRateRatios options run.LearningRate flat |> Option.map narrow
+        let optimizer = optimizerWith reduction options plan.Schedule (narrow decayMask) ratios
+        let backbone = zero3 |> Option.bind (fun _ -> ZeroThree.backbone model)
+        backbone |> Option.iter (fun b -> b.LayerExecution <- zero3 |> Option.map (fun z -> z.LayerExecution))
+        use _ = { new IDisposable with member _.Dispose() = backbone |> Option.iter (fun b -> b.LayerExecution <- None) }
         let scaler =
             match options.Precision with
             | Precision.Fp16 config -> Some config
             | Precision.Fp32
             | Precision.Bf16 -> None
-        let state = initialState run optimizer flat sync scaler threads resume
+        let state = initialState run optimizer wholeLength sync scaler threads resume
         let env =
             { Plan = plan
               Dataset = run.Dataset
@@ -750,7 +802,10 @@ module TrainingLoop =
               UpdatesAtStart = state.Updates }
         let final, stopped = loop env hooks state
         model.Module.eval ()
-        { Parameters = flat
+        { Parameters =
+            match zero3 with
+            | Some z -> z.Finish parameters
+            | None -> flat
           OptimizerState = final.OptimizerState
           OptimizerShard = sync.Shard
           FinalLoss = final.LastLoss

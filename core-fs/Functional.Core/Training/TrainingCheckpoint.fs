@@ -208,10 +208,14 @@ module TrainingCheckpoint =
     /// What one process stores of a sharded optimizer state (its block shard of the flat buffers): each
     /// buffer's part of every parameter the block touches, as "PARAMETER:STATE" (1-D), counters under
     /// their names, and metadata "fragment:PARAMETER" = "first,count" (elements within the parameter).
-    let optimizerShardTensors (flat: FlatParameters) (shard: ShardRange) (state: ITransformState) : (string * torch.Tensor) list * (string * string) list =
-        let parts = fragments flat shard
+    let rec optimizerShardTensors (flat: FlatParameters) (shard: ShardRange) (state: ITransformState) : (string * torch.Tensor) list * (string * string) list =
+        optimizerFragmentTensors (fragments flat shard) shard.Count state
+
+    /// optimizerShardTensors of a state whose buffers (of length elements) hold the given parameter parts
+    /// (parameter, first element within it, first element in the buffers, elements).
+    and private optimizerFragmentTensors (parts: (string * int64 * int64 * int64) list) (length: int64) (state: ITransformState) =
         [ for name, tensor in Transform.stateTensors state do
-              if tensor.dim () = 1L && tensor.numel () = shard.Count then
+              if tensor.dim () = 1L && tensor.numel () = length then
                   for parameter, _, inBlock, count in parts do
                       yield parameter + ":" + name, tensor.narrow(0L, inBlock, count)
               else yield name, tensor ],
@@ -346,11 +350,15 @@ module TrainingCheckpoint =
         let communicator = context.Communicator
         let size = communicator.Size
         let shard = context.OptimizerShard
-        let sharded = shard <> Sharding.whole (context.Parameters.Values.numel ())
+        let sharded = context.OptimizerFragments.IsSome || shard <> Sharding.whole (context.Parameters.Values.numel ())
         let root = Path.GetFullPath outputDir
         let rankFolder rank = Path.Combine(root, sprintf ".checkpoint-%d.staging-rank%d" step rank)
         let writeBlock (path: string) =
-            let tensors, fragments = optimizerShardTensors context.Parameters shard context.OptimizerState
+            let tensors, fragments =
+                match context.OptimizerFragments with
+                | Some parts ->
+                    optimizerFragmentTensors [ for f in parts -> f.Parameter, f.First, f.Offset, f.Count ] (context.Parameters.Values.numel ()) context.OptimizerState
+                | None -> optimizerShardTensors context.Parameters shard context.OptimizerState
             let metadata = Map([ "format", "pt"; "world_size", string size; "rank", string communicator.Rank ] @ fragments)
             Safetensors.save path metadata tensors
         if sharded && communicator.Rank <> 0 then

@@ -1,0 +1,226 @@
+namespace Functional.Training
+
+open System
+open TorchSharp
+open TorchSharp.Modules
+open Functional
+open Functional.Distributed
+open Functional.Models
+open Functional.Optim
+open Functional.Runtime
+
+/// One unit of ZeRO stage 3: the trained parameters of one decoder layer, or all the others (embeddings,
+/// final norm, heads), laid out one after the other in a unit buffer of Length elements of which each
+/// process keeps its block (Sharding.block).
+[<NoEquality; NoComparison>]
+type internal ZeroUnit =
+    { /// The parameters (name, parameter, first element in the unit buffer, elements, shape), in flat order.
+      Parameters: (string * Parameter * int64 * int64 * int64[]) list
+      /// The unit buffer's elements.
+      Length: int64
+      /// This process's block of the unit buffer.
+      Block: ShardRange
+      /// Where that block starts in this process's shard buffers.
+      ShardOffset: int64 }
+
+/// DeepSpeed's ZeRO stage 3 on CPU tensors: every process keeps only its block of each unit's parameters
+/// (ShardFlat: the fp32 values and gradients the optimizer steps on), and a unit's parameters exist whole
+/// only while it runs: the units' parameters are all-gathered before use and freed after; each decoder layer
+/// runs through activation checkpointing with its parameters gathered for the forward and again for the
+/// recomputation in backward, after which its gradients are reduce-scattered into the processes' blocks.
+/// The other unit (embeddings, final norm, heads) is gathered for a micro-batch's forward and backward.
+/// Parameters that do not train (a frozen base under LoRA) stay whole on every process.
+[<Sealed>]
+type ZeroThree internal (communicator: ICommunicator, units: ZeroUnit[], layerUnits: Map<int, int>, shardFlat: FlatParameters, fragments: StateFragment list, canonical: Map<string, int64>) =
+    let gatheredValues: torch.Tensor option[] = Array.create units.Length None
+    let gatheredGrads: torch.Tensor option[] = Array.create units.Length None
+    let placeholder = torch.empty([| 0L |], dtype = torch.float32).DetachFromDisposeScope()
+
+    let gather (index: int) (withGrads: bool) =
+        let unit = units[index]
+        if gatheredValues[index].IsNone then
+            use _ = torch.no_grad ()
+            let values = torch.empty([| unit.Length |], dtype = torch.float32).DetachFromDisposeScope()
+            use own = shardFlat.Values.narrow(0L, unit.ShardOffset, unit.Block.Count)
+            Sharding.allGather communicator own values
+            for _, p, first, count, shape in unit.Parameters do
+                use part = values.narrow(0L, first, count)
+                use view = part.view shape
+                p.set_ view |> ignore
+            gatheredValues[index] <- Some values
+        if withGrads && gatheredGrads[index].IsNone then
+            let grads = torch.zeros([| unit.Length |], dtype = torch.float32).DetachFromDisposeScope()
+            for _, p, first, count, shape in unit.Parameters do
+                use part = grads.narrow(0L, first, count)
+                use view = part.view shape
+                p.grad <- view
+            gatheredGrads[index] <- Some grads
+
+    let release (index: int) =
+        let unit = units[index]
+        use _ = torch.no_grad ()
+        for _, p, _, _, _ in unit.Parameters do
+            p.grad <- null
+            p.set_ placeholder |> ignore
+        gatheredValues[index] |> Option.iter (fun t -> t.Dispose())
+        gatheredGrads[index] |> Option.iter (fun t -> t.Dispose())
+        gatheredValues[index] <- None
+        gatheredGrads[index] <- None
+
+    /// Sums the unit's gathered gradients over the processes and adds this process's block to ShardFlat.Grads.
+    let reduceGradients (index: int) =
+        match gatheredGrads[index] with
+        | Some grads ->
+            let unit = units[index]
+            use _ = torch.no_grad ()
+            use block = torch.empty([| Sharding.blockLength unit.Length communicator.Size |], dtype = torch.float32)
+            Sharding.reduceScatter communicator grads block
+            use own = shardFlat.Grads.narrow(0L, unit.ShardOffset, unit.Block.Count)
+            use reduced = block.narrow(0L, 0L, unit.Block.Count)
+            own.add_ reduced |> ignore
+        | None -> ()
+
+    let layerExecution =
+        { new ILayerExecution with
+            member _.Run(layer, block, forward, inputs, _) =
+                match layerUnits.TryFind layer with
+                | None -> forward inputs
+                | Some index ->
+                    let hooks: BlockHooks =
+                        { BeforeForward = fun () -> gather index false
+                          AfterForward = fun () -> release index
+                          BeforeBackward = fun () -> gather index true
+                          AfterBackward = fun () -> (try reduceGradients index finally release index) }
+                    ActivationCheckpointing.runWith hooks block forward inputs }
+
+    /// The unit of everything outside the decoder layers.
+    member internal _.OuterUnit = 0
+
+    /// What the optimizer steps on: this process's blocks of every unit, one after the other; its Names,
+    /// Offsets and Counts are the parameter fragments the blocks hold (1-D shapes).
+    member _.ShardFlat = shardFlat
+
+    /// The parameter fragments of ShardFlat (what a checkpoint stores of this process's optimizer state).
+    member _.Fragments = fragments
+
+    /// The layer runner a backbone uses for the run (DecoderBackbone.LayerExecution).
+    member _.LayerExecution = layerExecution
+
+    /// Gathers the outer unit with gradient buffers for one micro-batch's forward and backward.
+    member _.BeginMicroBatch() = gather 0 true
+
+    /// After a micro-batch's backward: reduce-scatters the outer unit's gradients and frees it.
+    member _.EndMicroBatch() =
+        try reduceGradients 0 finally release 0
+
+    /// Gathers every unit (no gradients) so the whole model can be read (evaluation, saving) until the
+    /// result is disposed, which frees them again. Every process must call it at the same point.
+    member _.GatherAll() : IDisposable =
+        for i in 0 .. units.Length - 1 do gather i false
+        { new IDisposable with
+            member _.Dispose() =
+                for i in 0 .. units.Length - 1 do release i }
+
+    /// Frees every unit's parameters.
+    member internal _.ReleaseAll() =
+        for i in 0 .. units.Length - 1 do release i
+
+    /// This process's elements of a whole flat state buffer laid out as the run's flat parameters (a
+    /// checkpoint's moment): the fragments' parts, in ShardFlat's order.
+    member _.Select(whole: torch.Tensor) : torch.Tensor =
+        use _ = torch.no_grad ()
+        let parts =
+            [ for f in fragments -> whole.narrow(0L, canonical[f.Parameter] + f.First, f.Count) ]
+        if parts.IsEmpty then torch.empty([| 0L |], dtype = whole.dtype)
+        else torch.cat(Collections.Generic.List parts, 0L)
+
+    /// Gathers every unit and gives the parameters whole storage again, laid out as one flat buffer (the
+    /// run's result). Ends stage 3: the parameters keep that storage.
+    member _.Finish(parameters: (string * Parameter) list) : FlatParameters =
+        for i in 0 .. units.Length - 1 do gather i false
+        let flat = FlatParameters.create [ for name, p in parameters -> struct (name, p) ]
+        for i in 0 .. units.Length - 1 do
+            gatheredValues[i] |> Option.iter (fun t -> t.Dispose())
+            gatheredGrads[i] |> Option.iter (fun t -> t.Dispose())
+            gatheredValues[i] <- None
+            gatheredGrads[i] <- None
+        flat
+
+    /// Releases the shard buffers.
+    member _.Dispose() =
+        shardFlat.Dispose()
+        placeholder.Dispose()
+
+    interface IDisposable with
+        member this.Dispose() = this.Dispose()
+
+/// Building the ZeRO stage-3 state of a run.
+[<RequireQualifiedAccess>]
+module ZeroThree =
+
+    /// The decoder backbone of a model (the module whose layers stage 3 gathers one by one).
+    let backbone (model: CausalLm) : DecoderBackbone option =
+        model.Module.modules () |> Seq.tryPick (fun m -> match box m with :? DecoderBackbone as b -> Some b | _ -> None)
+
+    /// Shards flat (the run's fp32 flat parameters, which the parameters alias) among the processes: each
+    /// keeps its block of every unit; then every parameter is freed (its storage is gathered when it is
+    /// used) and flat's buffers are released. Raises InvalidInputException naming zero_stage for a model
+    /// without a decoder backbone.
+    let create (communicator: ICommunicator) (model: CausalLm) (flat: FlatParameters) (parameters: (string * Parameter) list) : ZeroThree =
+        let backbone =
+            backbone model
+            |> Option.defaultWith (fun () -> InvalidInput.setting "zero_stage" "3 gathers a decoder's layers one by one; this model has no decoder backbone")
+        let layerOf =
+            let owners =
+                [ for i, (block, _) in Array.indexed backbone.Layers do
+                      for p in block.parameters () -> p, i ]
+            fun (p: Parameter) -> owners |> List.tryPick (fun (q, i) -> if obj.ReferenceEquals(p, q) then Some i else None)
+        let canonical = Map(List.zip flat.Names flat.Offsets)
+        let byUnit = parameters |> List.map (fun (name, p) -> name, p, layerOf p)
+        let unitKeys = None :: (byUnit |> List.choose (fun (_, _, l) -> l) |> List.distinct |> List.sort |> List.map Some)
+        let size, rank = communicator.Size, communicator.Rank
+        let units, _ =
+            unitKeys
+            |> List.mapFold
+                (fun shardOffset key ->
+                    let members = byUnit |> List.filter (fun (_, _, l) -> l = key)
+                    let counts = members |> List.map (fun (_, p, _) -> p.numel ())
+                    let firsts = counts |> List.scan (+) 0L |> List.take counts.Length
+                    let length = List.sum counts
+                    let block = Sharding.block length size rank
+                    { Parameters = [ for (name, p, _), (first, count) in List.zip members (List.zip firsts counts) -> name, p, first, count, Array.copy p.shape ]
+                      Length = length
+                      Block = block
+                      ShardOffset = shardOffset },
+                    shardOffset + block.Count)
+                0L
+        let units = Array.ofList units
+        let layerUnits = Map [ for i, key in List.indexed unitKeys do match key with Some layer -> yield layer, i | None -> () ]
+        let fragments =
+            [ for unit in units do
+                  for name, _, first, count, _ in unit.Parameters do
+                      let from = max first unit.Block.Offset
+                      let until = min (first + count) (unit.Block.Offset + unit.Block.Count)
+                      if until > from then
+                          yield { Parameter = name; First = from - first; Offset = unit.ShardOffset + from - unit.Block.Offset; Count = until - from } ]
+        let total = units |> Array.sumBy (fun u -> u.Block.Count)
+        let values = torch.empty([| total |], dtype = torch.float32).DetachFromDisposeScope()
+        let grads = torch.zeros([| total |], dtype = torch.float32).DetachFromDisposeScope()
+        do
+            use _ = torch.no_grad ()
+            for f in fragments do
+                use source = flat.Values.narrow(0L, canonical[f.Parameter] + f.First, f.Count)
+                use target = values.narrow(0L, f.Offset, f.Count)
+                target.copy_ source |> ignore
+        let shardFlat =
+            { Names = fragments |> List.map (fun f -> f.Parameter)
+              Shapes = fragments |> List.map (fun f -> [| f.Count |])
+              Offsets = fragments |> List.map (fun f -> f.Offset)
+              Counts = fragments |> List.map (fun f -> f.Count)
+              Values = values
+              Grads = grads }
+        let zero = new ZeroThree(communicator, units, layerUnits, shardFlat, fragments, canonical)
+        // Every parameter is freed: from here on it exists only while gathered.
+        zero.ReleaseAll()
+        flat.Dispose()
+        zero
