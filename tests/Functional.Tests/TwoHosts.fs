@@ -60,11 +60,16 @@ let runWithin (timeout: TimeSpan) (arguments: string list) = script ("run" :: ar
 /// runWithin with a limit of five minutes.
 let run (arguments: string list) = runWithin (TimeSpan.FromMinutes 5.0) arguments
 
-/// Brings the hosts up, runs action, and removes them again, also when action fails.
+/// The hosts are one pair per machine, and test lists run in parallel: one user at a time.
+let private hostsGate = obj ()
+
+/// Brings the hosts up, runs action, and removes them again, also when action fails. Callers in this
+/// process take turns (the lists "two hosts", "distributed training" and "mpi faults" run in parallel).
 let withHosts (action: unit -> 'T) : 'T =
     requireMpirun ()
-    up ()
-    try action () finally down ()
+    lock hostsGate (fun () ->
+        up ()
+        try action () finally down ())
 
 /// In a `--launch-check` process whose environment names a folder in FUNCTIONAL_LAUNCH_CHECK_RECORD,
 /// writes rank-R.txt there, one "key: value" line each: the rank, the host name, the network namespace and the IPv4 addresses of
