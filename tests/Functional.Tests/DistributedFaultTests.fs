@@ -1,7 +1,8 @@
-/// Faults in multi-process runs (end to end, the list "mpi faults"): a rank killed by SIGKILL inside
-/// repeated collectives, and a rank that raises while the other waits in a collective, must end the
-/// whole mpirun run within a bounded time, with a code other than 0 and a message naming the rank;
-/// the last complete checkpoint must stay usable. FaultModes holds the hidden modes of the test
+/// Faults in multi-process runs (end to end, the list "mpi faults"; docs/distributed.md, "Faults"): a rank
+/// killed by SIGKILL inside repeated collectives (of the test program or of `functional train`, on one host
+/// or across two), a rank that raises while the other waits in a collective, and a host that goes silent
+/// must end the whole mpirun run within 60 s, with a code other than 0 and a message naming the rank (or
+/// host); the last complete checkpoint must stay usable. FaultModes holds the hidden modes of the test
 /// program that these tests start under mpirun.
 module Functional.Tests.DistributedFaultTests
 
@@ -93,16 +94,12 @@ module FaultModes =
                 if leaving = Caught then Faults.abortRun communicator 1 e.Message
                 3
 
-/// One `mpirun -np 2 --oversubscribe dotnet Functional.Tests.dll ARGS` run, its output gathered line by line.
-type private MpiRun(arguments: string list) =
-    let mpirun =
-        match DistributedTests.findMpirun () with
-        | Some path -> path
-        | None -> skiptest "needs mpirun (Open MPI): sh tools/install-mpi.sh, or apt-get install openmpi-bin libopenmpi-dev; CI installs it"
+/// A run of program (mpirun, or tools/two-hosts.sh) with arguments, its output gathered line by line.
+type private MpiRun(program: string, arguments: string list) =
     let output = StringBuilder()
-    let info = ProcessStartInfo(mpirun, RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
+    let info = ProcessStartInfo(program, RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
     do
-        for a in [ "-np"; "2"; "--oversubscribe"; "dotnet"; Path.Combine(AppContext.BaseDirectory, "Functional.Tests.dll") ] @ arguments do
+        for a in arguments do
             info.ArgumentList.Add a
         info.Environment["OMPI_ALLOW_RUN_AS_ROOT"] <- "1"
         info.Environment["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] <- "1"
@@ -116,6 +113,23 @@ type private MpiRun(arguments: string list) =
         p.Start() |> ignore
         p.BeginOutputReadLine()
         p.BeginErrorReadLine()
+
+    /// `mpirun --oversubscribe ARGUMENTS` on this machine; skips the test, saying why, without mpirun.
+    static member Local(arguments: string list) =
+        match DistributedTests.findMpirun () with
+        | Some mpirun -> new MpiRun(mpirun, "--oversubscribe" :: arguments)
+        | None -> skiptest "needs mpirun (Open MPI): sh tools/install-mpi.sh, or apt-get install openmpi-bin libopenmpi-dev; CI installs it"
+
+    /// `tools/two-hosts.sh run OPTIONS -- COMMAND`: one rank on each of the two hosts (TwoHosts), one
+    /// intra-op thread each; the hosts must be up.
+    static member AcrossHosts(options: string list, command: string list) =
+        new MpiRun("bash", [ Path.Combine(ScriptTests.repositoryRoot (), "tools", "two-hosts.sh"); "run"; "-x"; "OMP_NUM_THREADS=1" ] @ options @ "--" :: command)
+
+    /// The process id of mpirun (or of the script that became it).
+    member _.Id = p.Id
+
+    /// Whether mpirun has exited.
+    member _.HasExited = p.HasExited
 
     /// Standard output and error so far, interleaved.
     member _.Output = lock output (fun () -> output.ToString())
@@ -147,6 +161,31 @@ type private MpiRun(arguments: string list) =
             if not p.HasExited then p.Kill true
             p.Dispose()
 
+/// This test program with args, as a command for mpirun.
+let private testCommand (args: string list) = [ "dotnet"; Path.Combine(AppContext.BaseDirectory, "Functional.Tests.dll") ] @ args
+
+/// The arguments of mpirun for two processes of this test program with args.
+let private testProgram (args: string list) = [ "-np"; "2" ] @ testCommand args
+
+/// The functional command (Functional.Cli.dll beside the tests) and args, for mpirun.
+let private functional (args: string list) = [ "dotnet"; Path.Combine(AppContext.BaseDirectory, "Functional.Cli.dll") ] @ args
+
+/// The process id of rank among mpirun's children (the one whose environment has OMPI_COMM_WORLD_RANK=rank).
+let private rankProcess (mpirun: int) (rank: int) =
+    let parentOf (pid: string) =
+        let stat = try File.ReadAllText(sprintf "/proc/%s/stat" pid) with _ -> ""
+        // pid (name) state ppid ...: the name may hold spaces, so split after its closing parenthesis.
+        match stat.LastIndexOf ')' with
+        | -1 -> -1
+        | i -> (stat.Substring(i + 2).Split ' ')[1] |> int
+    let marker = sprintf "\000OMPI_COMM_WORLD_RANK=%d\000" rank
+    Directory.GetDirectories "/proc"
+    |> Array.map Path.GetFileName
+    |> Array.filter (fun name -> name |> Seq.forall Char.IsDigit)
+    |> Array.tryFind (fun pid ->
+        parentOf pid = mpirun && ("\000" + (try File.ReadAllText(sprintf "/proc/%s/environ" pid) with _ -> "")).Contains marker)
+    |> Option.map int
+
 /// Whether a process with this id is still alive (not a zombie).
 let private alive (pid: int) =
     try
@@ -157,12 +196,54 @@ let private alive (pid: int) =
 /// The bound the issue sets: mpirun must exit this soon after a rank died or raised.
 let private bound = TimeSpan.FromSeconds 60.0
 
-let private report (run: MpiRun) (code: int option) =
+/// The number of complete checkpoints in a folder that a run is writing to. A checkpoint may vanish while
+/// it is looked at (the rotation deletes the older ones): then it looks again.
+let rec private completeCheckpoints (folder: string) =
+    try (CheckpointFolder.list folder).Length with :? IOException -> completeCheckpoints folder
+
+/// The exit code and output of a run, for failure messages.
+let private describe (run: MpiRun) (code: int option) =
     sprintf "mpirun exit %s\noutput:\n%s" (match code with Some c -> string c | None -> "none (still running: killed)") run.Output
+
+/// The golden LLaMA and 12 rows of its data (data.jsonl) in a temporary folder, and the arguments of a
+/// ZeRO stage 2 run on 2 processes that saves a checkpoint every 2 steps and keeps the last 2.
+type private TrainingSetup() =
+    let root = new TestUtil.TempFolder()
+    do
+        TestUtil.copyFolder (Path.Combine(TestUtil.goldenDir "llama-cosine", "model")) (root.File "model")
+        File.WriteAllLines(root.File "data.jsonl", File.ReadAllLines(Path.Combine(TestUtil.goldenDir "llama-cosine", "data.jsonl")) |> Array.take 12)
+    member _.File name = root.File name
+    member _.Args (data: string) (output: string) (steps: int) =
+        [ "train"; "--model"; root.File "model"; "--data"; root.File data; "--output"; root.File output
+          "--per-device-train-batch-size"; "2"; "--gradient-accumulation-steps"; "2"; "--max-steps"; string steps
+          "--max-seq-len"; "40"; "--save-steps"; "2"; "--save-total-limit"; "2"; "--report-to"; "none"; "--zero-stage"; "2" ]
+    interface IDisposable with
+        member _.Dispose() = (root :> IDisposable).Dispose()
+
+/// The process id that rank printed in `--collective-loop` (waiting up to 60 s for it).
+let private loopProcess (run: MpiRun) (rank: int) =
+    match run.WaitFor(Regex(sprintf "collective-loop rank %d of 2 pid ([0-9]+)" rank), TimeSpan.FromSeconds 60.0) with
+    | Some m -> int m.Groups[1].Value
+    | None -> failtestf "rank %d did not start\n%s" rank run.Output
+
+/// Kills pid with SIGKILL, expects mpirun to exit with a code other than 0 within the bound, prints the
+/// time it took (labelled what), and returns the run's description.
+let private killAndWait (run: MpiRun) (pid: int) (what: string) =
+    let killed = Stopwatch.StartNew()
+    do
+        use victim = Process.GetProcessById pid
+        victim.Kill()
+    let code = run.WaitForExit bound
+    let seconds = killed.Elapsed.TotalSeconds
+    let report = describe run code
+    Expect.isSome code (sprintf "mpirun still ran %.0f s after rank 1 was killed\n%s" bound.TotalSeconds report)
+    printfn "mpi faults (%s): mpirun exited %.1f s after the kill of rank 1, code %d" what seconds code.Value
+    Expect.notEqual code.Value 0 report
+    report
 
 let private raiseTest (name: string) (leaving: string) (expectedLine: string) =
     test name {
-        use run = new MpiRun([ "--raise-on-rank"; "1"; "--leaving"; leaving ])
+        use run = MpiRun.Local(testProgram [ "--raise-on-rank"; "1"; "--leaving"; leaving ])
         let raised = run.WaitFor(Regex "raise-on-rank: rank 1 raises at ([0-9]+)", TimeSpan.FromSeconds 60.0)
         let raisedAt =
             match raised with
@@ -170,7 +251,7 @@ let private raiseTest (name: string) (leaving: string) (expectedLine: string) =
             | None -> failtestf "rank 1 did not get to raise\n%s" run.Output
         let code = run.WaitForExit bound
         let seconds = (DateTimeOffset.UtcNow - raisedAt).TotalSeconds
-        let report = report run code
+        let report = describe run code
         Expect.isSome code (sprintf "mpirun still ran %.0f s after rank 1 raised\n%s" bound.TotalSeconds report)
         printfn "mpi faults (%s): mpirun exited %.1f s after rank 1 raised, code %d" leaving seconds code.Value
         Expect.notEqual code.Value 0 report
@@ -184,28 +265,17 @@ let faultTests =
         test "kill -9 of rank 1 inside repeated collectives ends mpirun, naming the rank; the last checkpoint verifies" {
             use folder = new TestUtil.TempFolder()
             let checkpoints = folder.File "out"
-            use run = new MpiRun([ "--collective-loop"; "120"; "--checkpoints"; checkpoints ])
-            let pidOf (rank: int) =
-                match run.WaitFor(Regex(sprintf "collective-loop rank %d of 2 pid ([0-9]+)" rank), TimeSpan.FromSeconds 60.0) with
-                | Some m -> int m.Groups[1].Value
-                | None -> failtestf "rank %d did not start\n%s" rank run.Output
-            let rank0, rank1 = pidOf 0, pidOf 1
+            use run = MpiRun.Local(testProgram [ "--collective-loop"; "120"; "--checkpoints"; checkpoints ])
+            let rank0, rank1 = loopProcess run 0, loopProcess run 1
             // Into the loop: wait for rank 0's first checkpoint.
             let watch = Stopwatch.StartNew()
-            while (CheckpointFolder.list checkpoints).IsEmpty && watch.Elapsed.TotalSeconds < 30.0 do
+            let mutable seen = 0
+            while seen = 0 && watch.Elapsed.TotalSeconds < 30.0 do
                 Threading.Thread.Sleep 100
-            Expect.isNonEmpty (CheckpointFolder.list checkpoints) ("rank 0 wrote no checkpoint in 30 s\n" + run.Output)
+                seen <- completeCheckpoints checkpoints
+            Expect.isGreaterThan seen 0 ("rank 0 wrote no checkpoint in 30 s\n" + run.Output)
             Threading.Thread.Sleep 500
-            let killed = Stopwatch.StartNew()
-            do
-                use victim = Process.GetProcessById rank1
-                victim.Kill()
-            let code = run.WaitForExit bound
-            let seconds = killed.Elapsed.TotalSeconds
-            let report = report run code
-            Expect.isSome code (sprintf "mpirun still ran %.0f s after rank 1 was killed\n%s" bound.TotalSeconds report)
-            printfn "mpi faults (kill -9): mpirun exited %.1f s after the kill of rank 1, code %d" seconds code.Value
-            Expect.notEqual code.Value 0 report
+            let report = killAndWait run rank1 "kill -9"
             Expect.isMatch run.Output "rank 1 with PID [0-9]+ on node .* exited on signal 9" ("Open MPI names the rank\n" + report)
             Expect.isFalse (alive rank0) ("rank 0 was ended too\n" + report)
             match CheckpointFolder.latest checkpoints with
@@ -218,4 +288,73 @@ let faultTests =
             "rank 1 of 2 failed: unhandled exception: System.InvalidOperationException: raised on purpose by --raise-on-rank 1"
         raiseTest "a rank that exits with code 3 without failing the run still ends mpirun (no MPI_Finalize)" "exit-code"
             "rank 1 of 2 failed: the process is exiting with code 3"
+        test "functional train: bad data on rank 1 alone ends the run with exit code 2, naming the rank" {
+            use s = new TrainingSetup()
+            File.WriteAllText(s.File "bad.jsonl", "this is not json\n")
+            // Two commands (MPMD): rank 0 reads good data and waits for rank 1 at the job's first Barrier.
+            let args data = s.Args data "out" 3000
+            use run = MpiRun.Local([ "-np"; "1" ] @ functional (args "data.jsonl") @ [ ":"; "-np"; "1" ] @ functional (args "bad.jsonl"))
+            let code = run.WaitForExit(TimeSpan.FromSeconds 90.0)
+            let report = describe run code
+            Expect.equal code (Some 2) report
+            Expect.stringContains run.Output "rank 1 of 2 failed: " ("the line naming the rank\n" + report)
+            Expect.isMatch run.Output "rank 1 of 2 failed: .*bad\\.jsonl:1: not valid JSON" ("the error\n" + report)
+        }
+        test "functional train: kill -9 of rank 1 mid-run ends mpirun, and the run resumes from its last complete checkpoint" {
+            use s = new TrainingSetup()
+            let output = s.File "out"
+            use run = MpiRun.Local([ "-np"; "2" ] @ functional (s.Args "data.jsonl" "out" 3000))
+            let watch = Stopwatch.StartNew()
+            let mutable seen = 0
+            while seen < 2 && watch.Elapsed.TotalSeconds < 90.0 && not run.HasExited do
+                Threading.Thread.Sleep 20
+                seen <- completeCheckpoints output
+            Expect.isGreaterThanOrEqual seen 2 ("two checkpoints within 90 s\n" + run.Output)
+            let victim =
+                match rankProcess run.Id 1 with
+                | Some pid -> pid
+                | None -> failtestf "no process of rank 1 among mpirun's children\n%s" run.Output
+            let report = killAndWait run victim "functional train, kill -9"
+            Expect.isMatch run.Output "rank 1 with PID [0-9]+ on node .* exited on signal 9" ("Open MPI names the rank\n" + report)
+            let latest =
+                match CheckpointFolder.latest output with
+                | Some folder -> folder
+                | None -> failtestf "no checkpoint verifies after the kill: %A\n%s" (snd (CheckpointFolder.latestSkipping output)) report
+            let step = (CheckpointFolder.stepOf latest).Value
+            use resumed = MpiRun.Local([ "-np"; "2" ] @ functional (s.Args "data.jsonl" "out" (step + 2) @ [ "--resume-from-checkpoint"; "latest" ]))
+            let resumedCode = resumed.WaitForExit(TimeSpan.FromSeconds 90.0)
+            let resumedReport = sprintf "the resumed run\n%s" (describe resumed resumedCode)
+            Expect.equal resumedCode (Some 0) resumedReport
+            Expect.stringContains resumed.Output (sprintf "resumed from %s" latest) resumedReport
+        }
+        test "two hosts (TCP): kill -9 of rank 1 inside repeated collectives ends mpirun, naming the rank and its host" {
+            TwoHosts.withHosts (fun () ->
+                use run = MpiRun.AcrossHosts([], testCommand [ "--collective-loop"; "120" ])
+                let rank1 = loopProcess run 1
+                loopProcess run 0 |> ignore
+                Threading.Thread.Sleep 1000
+                let report = killAndWait run rank1 "two hosts, kill -9"
+                Expect.isMatch run.Output "rank 1 with PID [0-9]+ on node fnl-host1 exited on signal 9" ("Open MPI names the rank and host\n" + report))
+        }
+        test "two hosts (TCP): a host that goes silent (its link down) ends mpirun within 60 s with short keepalives" {
+            TwoHosts.withHosts (fun () ->
+                // Open MPI's defaults notice a silent host only after 300 + 9 x 20 s of keepalives: shortened here.
+                let keepalive = [ "--mca"; "oob_tcp_keepalive_time"; "10"; "--mca"; "oob_tcp_keepalive_intvl"; "5"; "--mca"; "oob_tcp_keepalive_probes"; "3" ]
+                use run = MpiRun.AcrossHosts(keepalive, testCommand [ "--collective-loop"; "120" ])
+                let rank1 = loopProcess run 1
+                loopProcess run 0 |> ignore
+                Threading.Thread.Sleep 1000
+                let silenced = Stopwatch.StartNew()
+                let link = ScriptTests.runProcess "ip" [ "netns"; "exec"; fst TwoHosts.hosts[1]; "ip"; "link"; "set"; "fnl-veth1"; "down" ] "/" [] (TimeSpan.FromSeconds 10.0)
+                ScriptTests.expectSuccess link
+                let code = run.WaitForExit bound
+                let report = describe run code
+                Expect.isSome code (sprintf "mpirun still ran %.0f s after fnl-host1 went silent\n%s" bound.TotalSeconds report)
+                printfn "mpi faults (two hosts, link down): mpirun exited %.1f s after fnl-host1 went silent, code %d" silenced.Elapsed.TotalSeconds code.Value
+                Expect.notEqual code.Value 0 report
+                Expect.stringContains run.Output "ORTE has lost communication with a remote daemon" report
+                Expect.isMatch run.Output "Remote daemon: .* on node fnl-host1" ("names the host\n" + report)
+                Threading.Thread.Sleep 1000
+                Expect.isFalse (alive rank1) ("rank 1, on the silent host, was ended too\n" + report))
+        }
     ]
