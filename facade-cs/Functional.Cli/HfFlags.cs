@@ -1,5 +1,6 @@
 using System.CommandLine;
 using System.Globalization;
+using Microsoft.FSharp.Core;
 
 namespace Functional.Cli;
 
@@ -26,7 +27,7 @@ internal sealed class HfFlags
     private readonly Option<bool> offload = CliOption.Create("--offload", "DeepSpeed offloading: everything is in CPU memory already (accepted, no effect).", false);
     private readonly Option<bool> doTrain = CliOption.Create("--do-train", "HF's do_train: train always trains (accepted, no effect).", false);
     private readonly Option<int?> dataloaderWorkers = CliOption.Create<int?>("--dataloader-num-workers", "HF's loader workers: data is tokenized before training (accepted, no effect).", null);
-    private readonly Option<int?> localRank = CliOption.Create<int?>("--local-rank", "The launcher's process rank: one process here (0 or -1 accepted, no effect).", null);
+    private readonly Option<int?> localRank = CliOption.Create<int?>("--local-rank", "The launcher's local rank: taken from its environment (the same value or -1 accepted, no effect).", null);
     private readonly Option<bool> saveSafetensors = CliOption.Create("--save-safetensors", "HF's save_safetensors: weights are always safetensors (accepted, no effect).", true);
     private readonly Option<bool> printLoss = CliOption.Create("--print-loss", "DeepSpeed-Chat's print_loss: the loss is printed anyway (accepted, no effect).", false);
     private readonly Option<int?> numPaddingAtBeginning = CliOption.Create<int?>("--num-padding-at-beginning", "A DeepSpeed-Chat reward-model option (accepted, no effect on fine-tuning).", null);
@@ -104,7 +105,12 @@ internal sealed class HfFlags
         {
             throw new InvalidInputException("--zero-stage", "", $"is {given}, but {config.Path} sets zero_optimization.stage = {fromFile}: remove one of them");
         }
-        return flag ?? config?.ZeroStage ?? 0;
+        var result = flag ?? config?.ZeroStage ?? 0;
+        if (flag is { } noted && Functional.Distributed.Communicator.parseEnvironment(FuncConvert.FromFunc<string, string>(name => Environment.GetEnvironmentVariable(name)!)).Size == 1)
+        {
+            Note($"--zero-stage {noted}: one process holds everything, so every ZeRO stage computes the same; no effect (it shards under mpirun)");
+        }
+        return result;
     }
 
     private void CheckNoEffectFlags(ParseResult parse)
@@ -127,11 +133,16 @@ internal sealed class HfFlags
         }
         if (parse.GetValue(localRank) is { } rank)
         {
-            if (rank > 0)
+            // The launcher's environment says which local rank this process is (mpirun, torchrun).
+            var launch = Functional.Distributed.Communicator.parseEnvironment(FuncConvert.FromFunc<string, string>(name => Environment.GetEnvironmentVariable(name)!));
+            if (rank >= 0 && rank != launch.LocalRank)
             {
-                throw new InvalidInputException("--local-rank", "", $"is {rank}, but there is no distributed runtime: run one process (rank 0)");
+                throw new InvalidInputException("--local-rank", "",
+                    launch.Size > 1
+                        ? $"is {rank}, but the launcher made this process local rank {launch.LocalRank}"
+                        : $"is {rank}, but this is one process, not a distributed launch (local rank 0): start several with mpirun -np N");
             }
-            Note($"--local-rank {rank}: one process; no effect");
+            Note($"--local-rank {rank}: the rank comes from the launcher's environment; no effect");
         }
         if (CliOption.Given(parse, saveSafetensors))
         {
@@ -165,13 +176,21 @@ internal sealed class HfFlags
             config.Derive(accumulation.Name, 1);
             return;
         }
+        // DeepSpeed's train_batch_size counts every process's micro batches.
+        var processes = Functional.Distributed.Communicator.parseEnvironment(FuncConvert.FromFunc<string, string>(name => Environment.GetEnvironmentVariable(name)!)).Size;
+        if (total % processes != 0)
+        {
+            throw new InvalidInputException(config.Path, "train_batch_size",
+                $"is {total}, but it must equal micro batch x gradient accumulation x processes ({processes}), as DeepSpeed requires");
+        }
+        total /= processes;
         var known = microKnown ? values.Get(batch) : values.Get(accumulation);
         if (known < 1 || total % known != 0 || (microKnown && accumulationKnown && values.Get(batch) * values.Get(accumulation) != total))
         {
             var micro = microKnown ? values.Get(batch).ToString(CultureInfo.InvariantCulture) : "?";
             var steps = accumulationKnown ? values.Get(accumulation).ToString(CultureInfo.InvariantCulture) : "?";
             throw new InvalidInputException(config.Path, "train_batch_size",
-                $"is {total}, but it must equal micro batch ({micro}) x gradient accumulation ({steps}) x processes (1), as DeepSpeed requires");
+                $"is {total * processes}, but it must equal micro batch ({micro}) x gradient accumulation ({steps}) x processes ({processes}), as DeepSpeed requires");
         }
         if (!accumulationKnown)
         {

@@ -263,5 +263,64 @@ let private queryTests =
             counted.Dispose())
     ]
 
+/// ZeRO stages in one process (every block is the whole buffer) and Sharding's arithmetic. The collectives
+/// between processes are compared with one process under mpirun in the list "distributed training".
+let private zeroTests =
+    testList "zero stages" [
+        torchTest "stages 1, 2 and 3 in one process train as stage 0: the same losses, norms and weights" (fun () ->
+            let options = { small with MaxSteps = 4; WeightDecay = 0.1; MaxGradNorm = 0.5 }
+            let dataset = data ()
+            let plan = TrainingLoop.plan options dataset.Rows.Length
+            let baseLogs, baseValues = train (TrainingLoop.setup plan (model ()) dataset) ignore
+            for stage in [ 1; 2; 3 ] do
+                let logs, values = train { TrainingLoop.setup plan (model ()) dataset with ZeroStage = stage } ignore
+                for (s, loss, norm, _, lr), (_, loss', norm', _, lr') in List.zip (figures logs) (figures baseLogs) do
+                    Expect.floatClose Accuracy.medium loss loss' (sprintf "stage %d step %d loss" stage s)
+                    Expect.floatClose Accuracy.medium norm norm' (sprintf "stage %d step %d grad norm" stage s)
+                    Expect.equal lr lr' (sprintf "stage %d step %d lr" stage s)
+                let worst = Array.map2 (fun (a: float) b -> abs (a - b)) values baseValues |> Array.max
+                Expect.isLessThan worst 1e-6 (sprintf "stage %d: largest weight difference %g" stage worst))
+
+        torchTest "stage 3 keeps live tensors flat over the steps and gathers the whole model only on request" (fun () ->
+            let options = { small with MaxSteps = 7 }
+            let dataset = data ()
+            let plan = TrainingLoop.plan options dataset.Rows.Length
+            let m = model ()
+            let live = ResizeArray<int64>()
+            let weight = m.Module.named_parameters () |> Seq.pick (fun struct (n, p) -> if n.EndsWith "q_proj.weight" then Some p else None)
+            let sizes = ResizeArray<int64 * int64>()
+            let _ =
+                train { TrainingLoop.setup plan m dataset with ZeroStage = 3 } (fun context ->
+                    let freed = weight.numel ()
+                    use _ = context.GatherParameters()
+                    sizes.Add((freed, weight.numel ()))
+                    live.Add(DisposeScopeManager.Statistics.TensorStatistics.ThreadTotalLiveCount))
+            for freed, gathered in sizes do
+                Expect.equal freed 0L "a layer's parameter is freed between its uses"
+                Expect.isGreaterThan gathered 0L "GatherParameters makes it whole"
+            // Windows of 3, 3 and 1 micro-batches repeat every 3 steps: steps 4 and 7 hold the same.
+            Expect.equal live[6] live[3] (sprintf "live tensors after each step: %A" (List.ofSeq live))
+            Expect.isGreaterThan (weight.numel ()) 0L "after the run the parameters are whole")
+
+        testProperty "Sharding.block: the blocks of every process cover the buffer once, in order" (fun (total: uint16) (size: byte) ->
+            let total, size = int64 total, int size % 16 + 1
+            let blocks = [ for r in 0 .. size - 1 -> Sharding.block total size r ]
+            let mutable next = 0L
+            for b in blocks do
+                Expect.equal b.Offset next "consecutive"
+                Expect.isLessThanOrEqual b.Count (Sharding.blockLength total size) "at most one block length"
+                next <- b.Offset + b.Count
+            Expect.equal next total "covers the buffer")
+
+        torchTest "Sharding's collectives on one process: reduce-scatter and all-gather of a buffer copy it" (fun () ->
+            use x = torch.arange(7L, dtype = torch.float32)
+            use block = torch.zeros([| 7L |])
+            Sharding.reduceScatter Communicator.singleProcess x block
+            Expect.equal (TestUtil.values block) (TestUtil.values x) "the one block is the buffer"
+            use back = torch.zeros([| 7L |])
+            Sharding.allGather Communicator.singleProcess block back
+            Expect.equal (TestUtil.values back) (TestUtil.values x) "gathered back")
+    ]
+
 [<Tests>]
-let tests = testList "step" [ communicatorTests; objectiveTests; normTests; queryTests ]
+let tests = testList "step" [ communicatorTests; objectiveTests; normTests; queryTests; zeroTests ]

@@ -753,8 +753,13 @@ module TrainingLoop =
         torch.manual_seed options.Seed |> ignore
         model.Module.train ()
         ZeroStage.validate run.ZeroStage
-        if run.ZeroStage = 3 && options.Precision <> Precision.Fp32 then
-            InvalidInput.setting "zero_stage" "3 trains in fp32 for now: with {bf16} or {fp16} use stage 2 (optimizer state and gradients sharded)"
+        // One process shards nothing: there stage 3 with mixed precision is stage 0 (as DeepSpeed-Chat's
+        // scripts ask for on one device); several processes are refused it for now.
+        let run =
+            if run.ZeroStage = 3 && options.Precision <> Precision.Fp32 then
+                if run.Communicator.Size = 1 then { run with ZeroStage = 0 }
+                else InvalidInput.setting "zero_stage" "3 trains in fp32 for now: with {bf16} or {fp16} use stage 2 (optimizer state and gradients sharded)"
+            else run
         let parameters = [ for struct (name, p) in run.Parameters -> name, p ]
         let whole = FlatParameters.create [ for name, p in parameters -> struct (name, p) ]
         let wholeLength = whole.Values.numel ()
