@@ -116,9 +116,7 @@ type private MpiRun(program: string, arguments: string list) =
 
     /// `mpirun --oversubscribe ARGUMENTS` on this machine; skips the test, saying why, without mpirun.
     static member Local(arguments: string list) =
-        match DistributedTests.findMpirun () with
-        | Some mpirun -> new MpiRun(mpirun, "--oversubscribe" :: arguments)
-        | None -> skiptest "needs mpirun (Open MPI): sh tools/install-mpi.sh, or apt-get install openmpi-bin libopenmpi-dev; CI installs it"
+        new MpiRun(DistributedTests.requireMpirun (), "--oversubscribe" :: arguments)
 
     /// `tools/two-hosts.sh run OPTIONS -- COMMAND`: one rank on each of the two hosts (TwoHosts), one
     /// intra-op thread each; the hosts must be up.

@@ -73,22 +73,28 @@ let findMpirun () =
     |> Array.map (fun d -> Path.Combine(d, "mpirun"))
     |> Array.tryFind File.Exists
 
-/// Runs the launch check (this test assembly with --launch-check) under `mpirun -np processes`.
-let private runLaunchCheck (processes: int) =
-    let mpirun =
-        match findMpirun () with
-        | Some path -> path
-        | None ->
-            // As the PyTorch comparisons: the README's test command alone skips, saying why; .ci/run installs it.
-            skiptest "needs mpirun (Open MPI): sh tools/install-mpi.sh, or apt-get install openmpi-bin libopenmpi-dev; CI installs it"
-    let info = ProcessStartInfo(mpirun, RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
-    for a in [ "-np"; string processes; "--oversubscribe"; "dotnet"; Path.Combine(AppContext.BaseDirectory, "Functional.Tests.dll"); "--launch-check" ] do
+/// The mpirun on PATH; skips the calling test, saying why, without it (as the PyTorch comparisons: the
+/// README's test command alone skips, .ci/run installs it).
+let requireMpirun () : string =
+    match findMpirun () with
+    | Some path -> path
+    | None -> skiptest "needs mpirun (Open MPI): sh tools/install-mpi.sh, or apt-get install openmpi-bin libopenmpi-dev; CI installs it"
+
+/// `mpirun -np processes --oversubscribe dotnet ASSEMBLY arguments` (an assembly next to the tests), with
+/// stdout and stderr redirected, Open MPI's root variables, one intra-op thread per process and TERM=dumb.
+let mpirunInfo (processes: int) (assembly: string) (arguments: string list) : ProcessStartInfo =
+    let info = ProcessStartInfo(requireMpirun (), RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
+    for a in [ "-np"; string processes; "--oversubscribe"; "dotnet"; Path.Combine(AppContext.BaseDirectory, assembly) ] @ arguments do
         info.ArgumentList.Add a
     info.Environment["OMPI_ALLOW_RUN_AS_ROOT"] <- "1"
     info.Environment["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] <- "1"
     info.Environment["OMP_NUM_THREADS"] <- "1"
     info.Environment["TERM"] <- "dumb"
-    use p = Process.Start info
+    info
+
+/// Runs the launch check (this test assembly with --launch-check) under `mpirun -np processes`.
+let private runLaunchCheck (processes: int) =
+    use p = Process.Start(mpirunInfo processes "Functional.Tests.dll" [ "--launch-check" ])
     let stdout = p.StandardOutput.ReadToEndAsync()
     let stderr = p.StandardError.ReadToEndAsync()
     if not (p.WaitForExit(TimeSpan.FromMinutes 3.0)) then

@@ -12,31 +12,18 @@ open Functional
 open Functional.Tests.TestUtil
 
 /// The mpirun on PATH, or a skip saying how to get it.
-let private mpirun () =
-    (Environment.GetEnvironmentVariable "PATH").Split(':', StringSplitOptions.RemoveEmptyEntries)
-    |> Array.map (fun d -> Path.Combine(d, "mpirun"))
-    |> Array.tryFind File.Exists
-    |> Option.defaultWith (fun () ->
-        skiptest "needs mpirun (Open MPI): sh tools/install-mpi.sh, or apt-get install openmpi-bin libopenmpi-dev; CI installs it")
+let private mpirun () = DistributedTests.requireMpirun ()
 
 /// Runs `functional args` under `mpirun -np processes` (one intra-op thread per process), or as one plain
 /// process when processes is 1. Fails the test when it does not finish in 4 minutes.
 let private train (processes: int) (args: string list) =
     let info =
-        if processes = 1 then ProcessStartInfo("dotnet")
+        if processes > 1 then DistributedTests.mpirunInfo processes "Functional.Cli.dll" args
         else
-            let info = ProcessStartInfo(mpirun ())
-            for a in [ "-np"; string processes; "--oversubscribe"; "dotnet" ] do info.ArgumentList.Add a
+            let info = ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
+            for a in Path.Combine(AppContext.BaseDirectory, "Functional.Cli.dll") :: args do info.ArgumentList.Add a
+            info.Environment["OMP_NUM_THREADS"] <- "1"
             info
-    info.RedirectStandardOutput <- true
-    info.RedirectStandardError <- true
-    info.UseShellExecute <- false
-    info.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "Functional.Cli.dll"))
-    for a in args do info.ArgumentList.Add a
-    info.Environment["OMPI_ALLOW_RUN_AS_ROOT"] <- "1"
-    info.Environment["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] <- "1"
-    info.Environment["OMP_NUM_THREADS"] <- "1"
-    info.Environment["TERM"] <- "dumb"
     use p = Process.Start info
     let stdout = p.StandardOutput.ReadToEndAsync()
     let stderr = p.StandardError.ReadToEndAsync()

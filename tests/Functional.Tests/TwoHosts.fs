@@ -31,12 +31,7 @@ let private script (arguments: string list) (timeout: TimeSpan) =
     runProcess "bash" (Path.Combine(root, "tools", "two-hosts.sh") :: arguments) root [] timeout
 
 /// Skips the calling test, saying why, when mpirun is not on PATH.
-let requireMpirun () =
-    let onPath =
-        (Environment.GetEnvironmentVariable "PATH").Split(':', StringSplitOptions.RemoveEmptyEntries)
-        |> Array.exists (fun d -> File.Exists(Path.Combine(d, "mpirun")))
-    if not onPath then
-        skiptest "needs mpirun (Open MPI): sh tools/install-mpi.sh, or apt-get install openmpi-bin libopenmpi-dev; CI installs it"
+let requireMpirun () = DistributedTests.requireMpirun () |> ignore
 
 /// Fails the test with the script's output unless it exited with 0; skips it, with the script's reason,
 /// when the script says this machine cannot make the hosts.
