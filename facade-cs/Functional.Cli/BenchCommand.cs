@@ -312,7 +312,7 @@ internal static class BenchCommand
         var width = CliOption.Create("--width", "Hidden size (heads: width / 64; 0: the configuration's).", 512);
         var batch = CliOption.Create("--batch", "Rows per step over all processes (each process trains on its share).", 8);
         var sequence = CliOption.Create("--seq-len", "Tokens per row.", 128);
-        var steps = CliOption.Create("--steps", "Timed optimizer steps per stage.", 3);
+        var steps = CliOption.Create("--steps", "Timed optimizer steps per stage.", 5);
         var warmup = CliOption.Create("--warmup", "Optimizer steps per stage before timing starts.", 2);
         var processes = CliOption.Create("--processes", "Processes mpirun starts (the single-process reference gets processes x threads threads).", 2);
         var threads = CliOption.Create("--threads", "Intra-op threads per process.", 1);
