@@ -355,6 +355,10 @@ internal static class BenchCommand
             {
                 throw new InvalidInputException("--processes", "", $"expected at least 2 processes to compare with one, got {processCount}");
             }
+            if (c.BatchSize % processCount != 0)
+            {
+                throw new InvalidInputException("--batch", "", $"the rows per step (over all processes) must be a multiple of the {processCount} processes, found {c.BatchSize}");
+            }
             var mpirun = Mpirun.Require("bench distributed");
             var handOverFile = Path.Combine(Path.GetTempPath(), $"functional-bench-distributed-{Guid.NewGuid():N}.json");
             try
@@ -374,7 +378,7 @@ internal static class BenchCommand
                     {
                         Console.Error.Write(output.Result);
                         Console.Error.WriteLine($"error: the {processCount} ranks under mpirun failed (exit code {ranks.ExitCode}); their messages are above");
-                        return 1;
+                        return ranks.ExitCode != 0 ? ranks.ExitCode : 1;
                     }
                 }
                 var distributed = Bench.ReadDistributed(File.ReadAllText(handOverFile));

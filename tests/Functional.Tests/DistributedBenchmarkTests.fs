@@ -118,4 +118,9 @@ let tests =
                 let share = s.GetProperty("communication_share").GetDouble()
                 Expect.isTrue (share >= 0.0 && share <= 1.0) (sprintf "stage %d's communication share is a share: %g" stage share)
         }
+        test "bench distributed refuses rows per step the processes do not share evenly, before starting them (exit 2)" {
+            let run = runCli [ "bench"; "distributed"; "--layers"; "1"; "--width"; "64"; "--batch"; "3" ]
+            Expect.equal run.ExitCode 2 (sprintf "exit code (stderr: %s)" run.Stderr)
+            Expect.stringContains run.Stderr "--batch: the rows per step (over all processes) must be a multiple of the 2 processes, found 3" "names the option"
+        }
     ]
