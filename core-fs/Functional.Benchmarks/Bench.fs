@@ -161,3 +161,38 @@ type Bench =
             else HfModelFolder.load modelPath 1L
         let rows = GenerationBenchmark.run lm (List.ofArray lengths)
         { Rows = Array.ofList rows; Table = GenerationBenchmark.format rows; ConfigJson = ModelConfig.toJson lm.Config }
+
+    /// Whether a launcher (mpirun, torchrun) started this process: its environment names a world size
+    /// (Communicator.parseEnvironment), even a size of 1.
+    static member LaunchedByLauncher() : bool =
+        (Distributed.Communicator.parseEnvironment Environment.GetEnvironmentVariable).SizeVariable.IsSome
+
+    /// Whether this process is rank 0 of the launch (or runs alone): the one that prints.
+    static member IsMainProcess() : bool = (Distributed.Communicator.fromEnvironment ()).Rank = 0
+
+    /// `bench distributed` on the processes of this launch (Communicator.fromEnvironment): each ZeRO stage
+    /// of stages in turn (DistributedBenchmark.measure), threads intra-op threads per process, a constant
+    /// learning rate of 1e-3; onLine hears the progress lines on rank 0.
+    static member Distributed(config: BenchmarkConfig, stages: int[], steps: int, warmupSteps: int, threads: int, onLine: Action<string>)
+        : DistributedRun =
+        let communicator = Distributed.Communicator.fromEnvironment ()
+        let settings = { Steps = steps; WarmupSteps = warmupSteps; Threads = threads; LearningRate = 1e-3 }
+        let progress line = if communicator.Rank = 0 && not (isNull onLine) then onLine.Invoke line
+        DistributedBenchmark.measure communicator config settings (List.ofArray stages) progress
+
+    /// `bench distributed`'s reference: stage 0 in this process alone with threads intra-op threads.
+    static member SingleProcess(config: BenchmarkConfig, steps: int, warmupSteps: int, threads: int, onLine: Action<string>) : DistributedRun =
+        let settings = { Steps = steps; WarmupSteps = warmupSteps; Threads = threads; LearningRate = 1e-3 }
+        DistributedBenchmark.measure Distributed.Communicator.singleProcess config settings [ 0 ] (fun line -> if not (isNull onLine) then onLine.Invoke line)
+
+    /// The table of `bench distributed` (DistributedBenchmark.format) for runs of steps timed steps after
+    /// warmupSteps.
+    static member FormatDistributed(config: BenchmarkConfig, steps: int, warmupSteps: int, runs: DistributedRun[]) : string =
+        let threads = if runs.Length > 0 then runs[0].ThreadsPerProcess else 1
+        DistributedBenchmark.format config { Steps = steps; WarmupSteps = warmupSteps; Threads = threads; LearningRate = 1e-3 } (List.ofArray runs)
+
+    /// A run as JSON (DistributedBenchmark.toJson).
+    static member DistributedJson(run: DistributedRun) : string = DistributedBenchmark.toJson run
+
+    /// A run from DistributedJson's text.
+    static member ReadDistributed(json: string) : DistributedRun = DistributedBenchmark.ofJson json

@@ -299,6 +299,124 @@ internal static class BenchCommand
         return command;
     }
 
+    /// <summary>The ZeRO stages of --stages ("0,1,2,3").</summary>
+    private static int[] Stages(string text) =>
+        text.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)
+            .Select(s => int.TryParse(s, out var n) && n is >= 0 and <= 3 ? n : throw new InvalidInputException("--stages", "", $"expected ZeRO stages 0 to 3 separated by commas, found '{s}'"))
+            .ToArray();
+
+    private static Command DistributedCommand()
+    {
+        var config = CliOption.Create("--config", "gpt2-small, gpt2-base or llama (then resized by --layers, --width, --batch, --seq-len).", "gpt2-small");
+        var layers = CliOption.Create("--layers", "Transformer blocks (0: the configuration's).", 0);
+        var width = CliOption.Create("--width", "Hidden size (heads: width / 64; 0: the configuration's).", 512);
+        var batch = CliOption.Create("--batch", "Rows per step over all processes (each process trains on its share).", 8);
+        var sequence = CliOption.Create("--seq-len", "Tokens per row.", 128);
+        var steps = CliOption.Create("--steps", "Timed optimizer steps per stage.", 5);
+        var warmup = CliOption.Create("--warmup", "Optimizer steps per stage before timing starts.", 2);
+        var processes = CliOption.Create("--processes", "Processes mpirun starts (the single-process reference gets processes x threads threads).", 2);
+        var threads = CliOption.Create("--threads", "Intra-op threads per process.", 1);
+        var stages = CliOption.Create("--stages", "ZeRO stages to measure, comma separated.", "0,1,2,3");
+        var json = CliOption.Create<string?>("--json", "Write every figure to this JSON file.", null);
+        var figures = CliOption.Create<string?>("--figures", "Under mpirun: rank 0 writes its run's figures to this file instead of printing (the driver's hand-over).", null);
+        figures.Hidden = true;
+        var command = new Command("distributed",
+            "Per-rank memory of parameters, gradients and optimizer state for each ZeRO stage, tokens/s of N ranks against one process " +
+            "with as many threads, and the share of a step spent communicating. Alone it starts mpirun -np N itself; under mpirun it measures the launch's ranks.")
+        {
+            config, layers, width, batch, sequence, steps, warmup, processes, threads, stages, json, figures,
+        };
+        command.SetAction(parse =>
+        {
+            var c = Bench.TrainConfigs(parse.GetValue(config)!, parse.GetValue(layers), parse.GetValue(width), parse.GetValue(batch), parse.GetValue(sequence))[0];
+            int timedSteps = parse.GetValue(steps), warmupSteps = parse.GetValue(warmup), threadCount = parse.GetValue(threads);
+            var stageList = Stages(parse.GetValue(stages)!);
+            void Progress(string line) => Console.Error.WriteLine(line);
+            if (Bench.LaunchedByLauncher())
+            {
+                // A rank of a launch: measure with the others; rank 0 reports.
+                var run = Bench.Distributed(c, stageList, timedSteps, warmupSteps, threadCount, Progress);
+                if (Bench.IsMainProcess())
+                {
+                    if (parse.GetValue(figures) is { } handOver)
+                    {
+                        File.WriteAllText(handOver, Bench.DistributedJson(run));
+                    }
+                    else
+                    {
+                        Console.Write(Bench.FormatDistributed(c, timedSteps, warmupSteps, [run]));
+                        WriteDistributedJson(parse.GetValue(json), c, timedSteps, warmupSteps, [run]);
+                    }
+                }
+                return 0;
+            }
+            var processCount = parse.GetValue(processes);
+            if (processCount < 2)
+            {
+                throw new InvalidInputException("--processes", "", $"expected at least 2 processes to compare with one, got {processCount}");
+            }
+            if (c.BatchSize % processCount != 0)
+            {
+                throw new InvalidInputException("--batch", "", $"the rows per step (over all processes) must be a multiple of the {processCount} processes, found {c.BatchSize}");
+            }
+            var mpirun = Mpirun.Require("bench distributed");
+            var handOverFile = Path.Combine(Path.GetTempPath(), $"functional-bench-distributed-{Guid.NewGuid():N}.json");
+            try
+            {
+                var info = Mpirun.StartInfo(mpirun, processCount, null, [
+                    "bench", "distributed", "--config", parse.GetValue(config)!, "--layers", $"{parse.GetValue(layers)}", "--width", $"{parse.GetValue(width)}",
+                    "--batch", $"{parse.GetValue(batch)}", "--seq-len", $"{parse.GetValue(sequence)}", "--steps", $"{timedSteps}", "--warmup", $"{warmupSteps}",
+                    "--threads", $"{threadCount}", "--stages", parse.GetValue(stages)!, "--figures", handOverFile]);
+                info.Environment["OMP_NUM_THREADS"] = $"{threadCount}";
+                info.RedirectStandardOutput = true;
+                using (var ranks = Process.Start(info) ?? throw new InvalidOperationException($"{mpirun} did not start"))
+                {
+                    // The ranks' progress goes to stderr as it comes; what they print otherwise is shown on failure.
+                    var output = ranks.StandardOutput.ReadToEndAsync();
+                    ranks.WaitForExit();
+                    if (ranks.ExitCode != 0 || !File.Exists(handOverFile))
+                    {
+                        Console.Error.Write(output.Result);
+                        Console.Error.WriteLine($"error: the {processCount} ranks under mpirun failed (exit code {ranks.ExitCode}); their messages are above");
+                        return ranks.ExitCode != 0 ? ranks.ExitCode : 1;
+                    }
+                }
+                var distributed = Bench.ReadDistributed(File.ReadAllText(handOverFile));
+                var single = Bench.SingleProcess(c, timedSteps, warmupSteps, processCount * threadCount, Progress);
+                Console.Write(Bench.FormatDistributed(c, timedSteps, warmupSteps, [distributed, single]));
+                WriteDistributedJson(parse.GetValue(json), c, timedSteps, warmupSteps, [distributed, single]);
+                return 0;
+            }
+            finally
+            {
+                File.Delete(handOverFile);
+            }
+        });
+        return command;
+    }
+
+    /// <summary>Writes the configuration and the runs of `bench distributed` to path, when given.</summary>
+    private static void WriteDistributedJson(string? path, BenchmarkConfig c, int steps, int warmup, DistributedRun[] runs)
+    {
+        if (path is null)
+        {
+            return;
+        }
+        var figures = new
+        {
+            config = c.Name,
+            model = JsonDocument.Parse(Bench.ConfigJson(c)).RootElement,
+            batch = c.BatchSize,
+            seq_len = c.SequenceLength,
+            steps,
+            warmup,
+            learning_rate = 1e-3,
+            runs = runs.Select(r => JsonDocument.Parse(Bench.DistributedJson(r)).RootElement).ToArray(),
+        };
+        File.WriteAllText(path, JsonSerializer.Serialize(figures, new JsonSerializerOptions { WriteIndented = true }) + "\n");
+        Console.WriteLine($"figures: {path}");
+    }
+
     public static Command Create()
     {
         var model = CliOption.Create<string?>("--model", "Hugging Face model folder (default: a random model the size of the embedded default's).", null);
@@ -344,6 +462,6 @@ internal static class BenchCommand
             }
             return 0;
         });
-        return new Command("bench", "Benchmarks that print figures.") { generation, MemoryCommand(), PrecisionCommand(), TrainBenchCommand() };
+        return new Command("bench", "Benchmarks that print figures.") { generation, MemoryCommand(), PrecisionCommand(), TrainBenchCommand(), DistributedCommand() };
     }
 }

@@ -23,7 +23,7 @@ internal sealed class HfFlags
     private readonly Option<string?> torchDtype = CliOption.Create<string?>("--torch-dtype", "bfloat16, float16 or float32 (or auto): the compute precision, as --bf16 / --fp16.", null);
     private readonly Option<string?> dtype = CliOption.Create<string?>("--dtype", "DeepSpeed-Chat's bf16, fp16 or fp32: the compute precision, as --bf16 / --fp16.", null);
     private readonly Option<string?> deepspeed = CliOption.Create<string?>("--deepspeed", "A DeepSpeed JSON config: batch sizes, accumulation, clipping, fp16/bf16, optimizer and scheduler parameters are read from it.", null);
-    private readonly Option<int?> zeroStage = CliOption.Create<int?>("--zero-stage", "DeepSpeed ZeRO stage of a multi-process run (mpirun -np N): 0 (default), 1 shards the optimizer state, 2 also the gradients.", null);
+    private readonly Option<int?> zeroStage = CliOption.Create<int?>("--zero-stage", "DeepSpeed ZeRO stage of a multi-process run (mpirun -np N): 0 (default), 1 shards the optimizer state, 2 also the gradients, 3 also the parameters.", null);
     private readonly Option<bool> offload = CliOption.Create("--offload", "DeepSpeed offloading: everything is in CPU memory already (accepted, no effect).", false);
     private readonly Option<bool> doTrain = CliOption.Create("--do-train", "HF's do_train: train always trains (accepted, no effect).", false);
     private readonly Option<int?> dataloaderWorkers = CliOption.Create<int?>("--dataloader-num-workers", "HF's loader workers: data is tokenized before training (accepted, no effect).", null);

@@ -29,6 +29,7 @@ public static partial class Program
             BenchCommand.Create(),
             ExportCommand.Create(),
             EvalCommand.Create(),
+            LaunchCommand.Create(),
             new HelpOption(),
             new VersionOption(),
         };

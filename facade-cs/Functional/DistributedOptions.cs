@@ -5,8 +5,9 @@ namespace Functional;
 public sealed class DistributedOptions
 {
     /// <summary>DeepSpeed's ZeRO stage (--zero-stage): 0 (default) every process holds all the training state; 1
-    /// each keeps only its block of the optimizer state; 2 also reduce-scatters the gradients into that block. Stage 3
-    /// is not available yet.</summary>
+    /// each keeps only its block of the optimizer state; 2 also reduce-scatters the gradients into that block; 3 also
+    /// shards the parameters, gathering each layer while it runs (fp32; with one process a mixed-precision stage 3 runs as
+    /// stage 0).</summary>
     public int ZeroStage { get; set; }
 
     /// <summary>The processes of the run; null (default): from the launcher's environment. Implement

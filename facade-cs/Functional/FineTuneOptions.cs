@@ -218,8 +218,8 @@ public sealed class FineTuneOptions
     public int ResizeTokenEmbeddingsToMultipleOf { get; set; }
 
     /// <summary>DeepSpeed's ZeRO stage of a multi-process run (default 0: every process holds all the training
-    /// state; 1: each keeps its block of the optimizer state; 2: also of the reduced gradients). With one process every
-    /// stage computes the same.</summary>
+    /// state; 1: each keeps its block of the optimizer state; 2: also of the reduced gradients; 3: also of the parameters).
+    /// With one process every stage computes the same.</summary>
     public int ZeroStage { get; set; }
 
     /// <summary>The processes of the run; null (default): from the launcher's environment (mpirun's or torchrun's

@@ -31,7 +31,9 @@ let endToEnd =
       [ "mpi" ]
       [ "mpi faults" ]
       [ "distributed training" ]
-      [ "two hosts" ] ]
+      [ "two hosts" ]
+      [ "launch" ]
+      [ "distributed benchmark" ] ]
 
 let private isEndToEnd (names: string list) =
     endToEnd |> List.exists (fun prefix -> List.length prefix <= List.length names && List.take prefix.Length names = prefix)

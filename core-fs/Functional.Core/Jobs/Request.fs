@@ -99,7 +99,8 @@ type TrainingTask =
 type DistributedSettings =
     { /// DeepSpeed's ZeRO stage (zero_stage): 0 (default) every process holds all the training state; 1
       /// each keeps only its block of the optimizer state; 2 also reduce-scatters the gradients into that
-      /// block. With one process every stage computes the same.
+      /// block; 3 also shards the parameters (gathered layer by layer). With one process every stage
+      /// computes the same.
       ZeroStage: int
       /// The processes of the run; None (default): Communicator.fromEnvironment () (mpirun's, or
       /// torchrun's, variables; one process without them).

@@ -77,6 +77,13 @@ type PhaseClock() =
         ticks[int phase] <- ticks[int phase] + (now - last)
         last <- now
 
+    /// Moves seconds already charged to one phase to another (time a phase spent waiting for collectives
+    /// inside it, e.g. ZeRO stage 3's gathers during forward and backward, is communication).
+    member _.Move(from: TrainingPhase, target: TrainingPhase, seconds: float) =
+        let moved = min ticks[int from] (int64 (seconds * float Stopwatch.Frequency))
+        ticks[int from] <- ticks[int from] - moved
+        ticks[int target] <- ticks[int target] + moved
+
     /// Forgets every phase's time and starts counting from now.
     member _.Reset() =
         Array.fill ticks 0 ticks.Length 0L
@@ -112,6 +119,12 @@ type TrainResult =
       /// The elements of the flat buffers this process's optimizer state covers: all of them, or under
       /// ZeRO stage 1 or 2 its block (Sharding.block).
       OptimizerShard: ShardRange
+      /// The bytes of parameters this process kept between steps: the flat values (stages 0 to 2), or its
+      /// blocks of them (stage 3; a unit is whole only while it runs). Parameters that did not train are not counted.
+      ParameterBytes: int64
+      /// The bytes of gradients this process kept: the flat gradient buffer backward writes (stages 0 to 2),
+      /// plus the reduced block at stage 2, or its blocks (stage 3).
+      GradientBytes: int64
       /// The last step's loss (NaN when a resumed run had no step left).
       FinalLoss: float
       /// Optimizer steps completed, counting those before a resume.
@@ -424,12 +437,18 @@ module TrainingLoop =
         env.Sync.Zero3 |> Option.iter (fun z -> z.BeginMicroBatch())
         use lossSum = env.Objective.LossSum env.ComputeModel batch
         mark env TrainingPhase.Forward
+        let collectives (phase: TrainingPhase) =
+            match env.Sync.Zero3, env.Plan.PhaseClock with
+            | Some z, Some clock -> clock.Move(phase, TrainingPhase.Communication, z.TakeCollectiveSeconds())
+            | _ -> ()
+        collectives TrainingPhase.Forward
         use scaled = lossSum * scale
         scaled.backward ()
         env.Sync.Zero3 |> Option.iter (fun z -> z.EndMicroBatch())
         // The window's first micro-batch overwrites the master gradients; later ones add to them.
         env.Compute |> Option.iter (fun c -> MixedPrecision.accumulateGradients c env.Flat (index = 0))
         mark env TrainingPhase.Backward
+        collectives TrainingPhase.Backward
         let loss = lossSum.item<float32> () |> float
         let accumulation, event = Accumulation.observe env.Plan.Accumulation progress.Accumulation loss
         { Accumulation = accumulation
@@ -807,7 +826,12 @@ module TrainingLoop =
               UpdatesAtStart = state.Updates }
         let final, stopped = loop env hooks state
         model.Module.eval ()
-        { Parameters =
+        let bytes (t: torch.Tensor) = t.numel () * int64 t.ElementSize
+        let parameterBytes = bytes flat.Values
+        let gradientBytes = bytes flat.Grads + (sync.ReducedGrads |> Option.map bytes |> Option.defaultValue 0L)
+        { ParameterBytes = parameterBytes
+          GradientBytes = gradientBytes
+          Parameters =
             match zero3 with
             | Some z -> z.Finish parameters
             | None -> flat

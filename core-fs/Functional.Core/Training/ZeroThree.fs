@@ -35,6 +35,10 @@ type ZeroThree internal (communicator: ICommunicator, units: ZeroUnit[], layerUn
     let gatheredValues: torch.Tensor option[] = Array.create units.Length None
     let gatheredGrads: torch.Tensor option[] = Array.create units.Length None
     let placeholder = torch.empty([| 0L |], dtype = torch.float32).DetachFromDisposeScope()
+    let mutable collectiveTicks = 0L
+    let timed (action: unit -> unit) =
+        let start = Diagnostics.Stopwatch.GetTimestamp()
+        try action () finally collectiveTicks <- collectiveTicks + (Diagnostics.Stopwatch.GetTimestamp() - start)
 
     let gather (index: int) (withGrads: bool) =
         let unit = units[index]
@@ -42,7 +46,7 @@ type ZeroThree internal (communicator: ICommunicator, units: ZeroUnit[], layerUn
             use _ = torch.no_grad ()
             let values = torch.empty([| unit.Length |], dtype = torch.float32).DetachFromDisposeScope()
             use own = shardFlat.Values.narrow(0L, unit.ShardOffset, unit.Block.Count)
-            Sharding.allGather communicator own values
+            timed (fun () -> Sharding.allGather communicator own values)
             for _, p, first, count, shape in unit.Parameters do
                 use part = values.narrow(0L, first, count)
                 use view = part.view shape
@@ -74,7 +78,7 @@ type ZeroThree internal (communicator: ICommunicator, units: ZeroUnit[], layerUn
             let unit = units[index]
             use _ = torch.no_grad ()
             use block = torch.empty([| Sharding.blockLength unit.Length communicator.Size |], dtype = torch.float32)
-            Sharding.reduceScatter communicator grads block
+            timed (fun () -> Sharding.reduceScatter communicator grads block)
             use own = shardFlat.Grads.narrow(0L, unit.ShardOffset, unit.Block.Count)
             use reduced = block.narrow(0L, 0L, unit.Block.Count)
             own.add_ reduced |> ignore
@@ -92,6 +96,12 @@ type ZeroThree internal (communicator: ICommunicator, units: ZeroUnit[], layerUn
                           BeforeBackward = fun () -> gather index true
                           AfterBackward = fun () -> (try reduceGradients index finally release index) }
                     ActivationCheckpointing.runWith hooks block forward inputs }
+
+    /// The seconds spent in collectives (gathers and reduce-scatters) since the last call, forgotten.
+    member _.TakeCollectiveSeconds() : float =
+        let seconds = float collectiveTicks / float Diagnostics.Stopwatch.Frequency
+        collectiveTicks <- 0L
+        seconds
 
     /// The unit of everything outside the decoder layers.
     member internal _.OuterUnit = 0
