@@ -100,12 +100,7 @@ module DistributedBenchmark =
         Runtime.TorchRuntime.ensure ()
         torch.set_num_threads settings.Threads
         let total = settings.WarmupSteps + settings.Steps
-        let rows = TrainingBenchmark.syntheticRows (ModelConfig.vocabSize config.Model) 0 (config.BatchSize * total) config.SequenceLength
-        let data =
-            { Path = "synthetic"
-              Rows = rows
-              Lines = Array.init rows.Length (fun i -> i + 1)
-              PromptLengths = Array.zeroCreate rows.Length }
+        let data = TrainingBenchmark.syntheticDataset (ModelConfig.vocabSize config.Model) (config.BatchSize * total) config.SequenceLength
         let options =
             { TrainOptions.defaults with
                 PerDeviceTrainBatchSize = config.BatchSize / processes
@@ -118,7 +113,7 @@ module DistributedBenchmark =
                 SaveStrategy = IntervalStrategy.No
                 ReportToTensorBoard = false }
         let clock = PhaseClock()
-        let plan = { TrainingLoop.planFor processes options rows.Length with PhaseClock = Some clock }
+        let plan = { TrainingLoop.planFor processes options data.Rows.Length with PhaseClock = Some clock }
         let lm = CausalLm.create config.Model 1L
         use _ = lm.Module
         let losses = ResizeArray()

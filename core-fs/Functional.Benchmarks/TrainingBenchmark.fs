@@ -185,6 +185,14 @@ module TrainingBenchmark =
     let syntheticRows (vocabulary: int) (firstRow: int) (rows: int) (length: int) : int64[][] =
         Array.init rows (fun r -> Array.init length (syntheticToken vocabulary (firstRow + r)))
 
+    /// A training set of count synthetic rows of length tokens (syntheticRows from the first row), as a dataset.
+    let syntheticDataset (vocabulary: int) (count: int) (length: int) : TokenizedDataset =
+        let rows = syntheticRows vocabulary 0 count length
+        { Path = "synthetic"
+          Rows = rows
+          Lines = Array.init rows.Length (fun i -> i + 1)
+          PromptLengths = Array.zeroCreate rows.Length }
+
     let private lookupOnly (lm: CausalLm) (name: string) =
         (ModelFamily.traits lm.Config).LookupOnly |> List.contains name
 
@@ -283,12 +291,7 @@ module TrainingBenchmark =
         Runtime.TorchRuntime.ensure ()
         torch.set_num_threads settings.Threads
         let total = settings.WarmupSteps + settings.Steps
-        let rows = syntheticRows (ModelConfig.vocabSize config.Model) 0 (config.BatchSize * total) config.SequenceLength
-        let data =
-            { Path = "synthetic"
-              Rows = rows
-              Lines = Array.init rows.Length (fun i -> i + 1)
-              PromptLengths = Array.zeroCreate rows.Length }
+        let data = syntheticDataset (ModelConfig.vocabSize config.Model) (config.BatchSize * total) config.SequenceLength
         let options =
             { TrainOptions.defaults with
                 PerDeviceTrainBatchSize = config.BatchSize
@@ -301,7 +304,7 @@ module TrainingBenchmark =
                 SaveStrategy = IntervalStrategy.No
                 Precision = precisionOf precision }
         let clock = PhaseClock()
-        let plan = { TrainingLoop.plan options rows.Length with PhaseClock = Some clock }
+        let plan = { TrainingLoop.plan options data.Rows.Length with PhaseClock = Some clock }
         let lm = CausalLm.create config.Model 1L
         use _ = lm.Module
         let losses = ResizeArray()
