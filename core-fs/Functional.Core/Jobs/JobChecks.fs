@@ -33,6 +33,9 @@ module internal JobChecks =
     /// Creates the folder when missing, writes and deletes a probe file, then removes what it created, so
     /// that a read-only file system, a missing permission or a full disk stops the run before training,
     /// naming the folder and the reason. A folder already there is left as it was.
+    /// Safe when several processes check the same folder at once (the ranks of an mpirun): each writes its
+    /// own probe, and a folder another process removed between this one's mkdir and its probe is made again
+    /// (a folder may then stay behind, empty, as the run itself would have made it).
     let internal checkWritable (path: string) =
         let rec missingAncestors (folder: string) =
             if String.IsNullOrEmpty folder || Directory.Exists folder || File.Exists folder then []
@@ -42,17 +45,28 @@ module internal JobChecks =
         | Some parent when File.Exists parent ->
             InvalidInput.fail path "" (sprintf "the folder cannot be created: %s is a file" parent)
         | _ -> ()
-        let probe = Path.Combine(path, sprintf ".write-probe-%d" Environment.ProcessId)
-        try
+        let probe = Path.Combine(path, sprintf ".write-probe-%d-%s" Environment.ProcessId (Guid.NewGuid().ToString "N"))
+        let rec createAndProbe attempt =
             try
                 Directory.CreateDirectory path |> ignore
-                File.WriteAllBytes(probe, Array.zeroCreate 4096)
-                File.Delete probe
             with
             | :? FileNotFoundException
             | :? DirectoryNotFoundException ->
                 // mkdir answers ENOENT where the file system takes no new folders (/proc, /sys).
                 InvalidInput.fail path "" "the folder cannot be created there: the file system takes no new folders"
+            try
+                File.WriteAllBytes(probe, Array.zeroCreate 4096)
+                File.Delete probe
+            with
+            | :? DirectoryNotFoundException when attempt < 100 ->
+                // The folder was made, then removed by another process checking it too: make it again.
+                Threading.Thread.Sleep 1
+                createAndProbe (attempt + 1)
+        try
+            try
+                createAndProbe 1
+            with
+            | :? InvalidInputException -> reraise ()
             | :? IOException
             | :? UnauthorizedAccessException as e ->
                 InvalidInput.fail path "" (sprintf "the folder is not writable: %s" (e.Message.ReplaceLineEndings " "))
