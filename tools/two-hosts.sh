@@ -128,6 +128,14 @@ down() {
     local host
     for host in "${HOSTS[@]}"; do
         if namespace_exists "$host"; then
+            # What still runs on the host (a daemon of a run whose link went down) is ended first: a deleted
+            # namespace lives on while a process holds it, and mpirun's daemons would outlive the hosts.
+            local pids
+            pids=$(ip netns pids "$host" 2>/dev/null || true)
+            if [ -n "$pids" ]; then
+                kill -9 $pids 2>/dev/null || true
+                sleep 0.2
+            fi
             ip netns del "$host" || die "cannot remove the namespace $host (ip netns pids $host lists what still runs there)"
         fi
     done

@@ -29,7 +29,7 @@ let tests =
                                    with e -> errors.Add e.Message) |]
                     workers |> Array.iter (fun t -> t.Start())
                     workers |> Array.iter (fun t -> t.Join())
-                    Expect.isEmpty errors (sprintf "round %d" round)
+                    Expect.isEmpty errors (sprintf "round %d: %s" round (String.Join(" | ", errors)))
                     // A folder one caller made while another's probe was in it may stay, but empty (no probes).
                     let made = Path.Combine(root, sprintf "out-%d" round)
                     if Directory.Exists made then

@@ -46,22 +46,29 @@ module internal JobChecks =
             InvalidInput.fail path "" (sprintf "the folder cannot be created: %s is a file" parent)
         | _ -> ()
         let probe = Path.Combine(path, sprintf ".write-probe-%d-%s" Environment.ProcessId (Guid.NewGuid().ToString "N"))
+        // A folder that another process checking it too removes between this one's mkdir (of the folder or
+        // of a parent) and the probe is made again; mkdir answers ENOENT every time where the file system
+        // takes no new folders (/proc, /sys).
         let rec createAndProbe attempt =
-            try
-                Directory.CreateDirectory path |> ignore
-            with
-            | :? FileNotFoundException
-            | :? DirectoryNotFoundException ->
-                // mkdir answers ENOENT where the file system takes no new folders (/proc, /sys).
-                InvalidInput.fail path "" "the folder cannot be created there: the file system takes no new folders"
-            try
-                File.WriteAllBytes(probe, Array.zeroCreate 4096)
-                File.Delete probe
-            with
-            | :? DirectoryNotFoundException when attempt < 100 ->
-                // The folder was made, then removed by another process checking it too: make it again.
+            let again () =
                 Threading.Thread.Sleep 1
                 createAndProbe (attempt + 1)
+            let made =
+                try
+                    Directory.CreateDirectory path |> ignore
+                    true
+                with
+                | :? FileNotFoundException
+                | :? DirectoryNotFoundException when attempt >= 100 ->
+                    InvalidInput.fail path "" "the folder cannot be created there: the file system takes no new folders"
+                | :? FileNotFoundException
+                | :? DirectoryNotFoundException -> false
+            if not made then again ()
+            else
+                try
+                    File.WriteAllBytes(probe, Array.zeroCreate 4096)
+                    File.Delete probe
+                with :? DirectoryNotFoundException when attempt < 100 -> again ()
         try
             try
                 createAndProbe 1
