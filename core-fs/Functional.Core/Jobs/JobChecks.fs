@@ -73,7 +73,6 @@ module internal JobChecks =
             try
                 createAndProbe 1
             with
-            | :? InvalidInputException -> reraise ()
             | :? IOException
             | :? UnauthorizedAccessException as e ->
                 InvalidInput.fail path "" (sprintf "the folder is not writable: %s" (e.Message.ReplaceLineEndings " "))
