@@ -150,6 +150,19 @@ let tests =
                 expectSameSteps (s.File "two") (s.File "single") case
                 expectSameWeights (Path.Combine(s.File "two", "final")) (Path.Combine(s.File "single", "final")) case
         }
+        test "bf16 and fp16 (full and LoRA) at stage 3 on 2 processes equal stage 2" {
+            mpirun () |> ignore
+            use s = new Setup()
+            // The processes round the same gradients the same way under stages 2 and 3 (stage 3 gathers each
+            // unit's fp32 blocks and rounds them once, as stage 2 rounds its whole copy): only the order of
+            // fp32 sums differs.
+            for what, extra in [ "bf16", [ "--bf16" ]; "fp16 LoRA", [ "--fp16"; "--lora-dim"; "4"; "--only-optimize-lora" ] ] do
+                let output stage = sprintf "%s-stage%d" (what.Replace(' ', '-')) stage
+                for stage in [ 2; 3 ] do
+                    train 2 (s.Args (output stage) 2 @ extra @ [ "--zero-stage"; string stage ]) |> ignore
+                expectSameSteps (s.File(output 3)) (s.File(output 2)) (what + " at stage 3")
+                expectSameWeights (Path.Combine(s.File(output 3), "final")) (Path.Combine(s.File(output 2), "final")) (what + " at stage 3")
+        }
         test "bf16 at stage 2 on 2 processes equals one process to bf16's own rounding" {
             mpirun () |> ignore
             use s = new Setup()

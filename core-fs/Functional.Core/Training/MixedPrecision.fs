@@ -38,6 +38,8 @@ type ComputeCopy =
       Values: torch.Tensor
       /// Every trained parameter's gradient, laid out as Values (1-D, DType).
       Grads: torch.Tensor
+      /// The copy's trained parameters under the master's names, in the master's order.
+      Trained: (string * TorchSharp.Modules.Parameter) list
       /// Releases what the attach function attached.
       Release: unit -> unit }
 
@@ -150,6 +152,7 @@ module MixedPrecision =
                   DType = dtype
                   Values = values
                   Grads = grads
+                  Trained = []
                   Release = attachment.Release }
             try
                 let baseParameters = [ for struct (name, p) in baseCopy.Module.named_parameters () -> name, p ]
@@ -184,10 +187,20 @@ module MixedPrecision =
                     if not (trained.Contains name) then p.requires_grad <- false
                 attachment.Model.Module.train ()
                 refresh result master
-                Some result
+                Some { result with Trained = [ for name in master.Names -> name, byName[name] ] }
             with _ ->
                 result.Dispose()
                 reraise ()
+
+    /// The copy without its flat Values and Grads buffers (freed; empty tensors in their place), for
+    /// ZeRO stage 3, where each unit of its trained parameters is gathered when it runs (ZeroThree)
+    /// rather than refreshed from a whole master: refresh and accumulateGradients no longer apply.
+    let withoutFlatBuffers (copy: ComputeCopy) : ComputeCopy =
+        copy.Values.Dispose()
+        copy.Grads.Dispose()
+        { copy with
+            Values = torch.empty([| 0L |], dtype = copy.DType).DetachFromDisposeScope()
+            Grads = torch.empty([| 0L |], dtype = copy.DType).DetachFromDisposeScope() }
 
     /// createWith with nothing attached (attachNothing): master must hold parameters of model itself.
     let create (precision: Precision) (model: CausalLm) (master: FlatParameters) : ComputeCopy option =

@@ -446,7 +446,9 @@ module TrainingLoop =
         scaled.backward ()
         env.Sync.Zero3 |> Option.iter (fun z -> z.EndMicroBatch())
         // The window's first micro-batch overwrites the master gradients; later ones add to them.
-        env.Compute |> Option.iter (fun c -> MixedPrecision.accumulateGradients c env.Flat (index = 0))
+        // (Stage 3 reduced the compute copy's gradients into the master's blocks unit by unit.)
+        if env.Sync.Zero3.IsNone then
+            env.Compute |> Option.iter (fun c -> MixedPrecision.accumulateGradients c env.Flat (index = 0))
         mark env TrainingPhase.Backward
         collectives TrainingPhase.Backward
         let loss = lossSum.item<float32> () |> float
@@ -498,8 +500,8 @@ module TrainingLoop =
                 computeValues |> Option.iter (fun copy -> (use _ = torch.no_grad () in copy.copy_ env.Flat.Values |> ignore))
                 next
         // With a compute copy, the window's first micro-batch overwrites the master gradients
-        // (MixedPrecision.accumulateGradients): only fp32 training accumulates into them.
-        if env.Compute.IsNone then FlatParameters.zeroGrads env.Flat
+        // (MixedPrecision.accumulateGradients): only fp32 training and stage 3 accumulate into them.
+        if env.Compute.IsNone || env.Sync.Zero3.IsSome then FlatParameters.zeroGrads env.Flat
         mark env TrainingPhase.Optimizer
         applied, optimizerState, lossScale
 
@@ -737,7 +739,9 @@ module TrainingLoop =
     /// every micro-batch; clipping and the optimizer run on the fp32 master, and the trained parameters
     /// of the copy are refreshed from it after every update. Parameters that do not train (a frozen base)
     /// are rounded into the copy once. A trained parameter the copy has no counterpart of raises
-    /// InvalidInputException naming --bf16/--fp16. With fp32, Attach is not used.
+    /// InvalidInputException naming --bf16/--fp16. With fp32, Attach is not used. Under ZeRO stage 3 the
+    /// copy's trained parameters are gathered unit by unit from the fp32 blocks (rounded once) and their
+    /// gradients reduce-scattered in fp32 into the blocks (ZeroThree.create).
     ///
     /// fp16 (DeepSpeed's dynamic loss scaling, LossScaler): each micro-batch's loss is multiplied by
     /// the current scale before backward; after the window, when the gradients hold inf or NaN the
@@ -772,22 +776,23 @@ module TrainingLoop =
         torch.manual_seed options.Seed |> ignore
         model.Module.train ()
         ZeroStage.validate run.ZeroStage
-        // One process shards nothing: there stage 3 with mixed precision is stage 0 (as DeepSpeed-Chat's
-        // scripts ask for on one device); several processes are refused it for now.
-        let run =
-            if run.ZeroStage = 3 && options.Precision <> Precision.Fp32 then
-                if run.Communicator.Size = 1 then { run with ZeroStage = 0 }
-                else InvalidInput.setting "zero_stage" "3 trains in fp32 for now: with {bf16} or {fp16} use stage 2 (optimizer state and gradients sharded)"
-            else run
         let parameters = [ for struct (name, p) in run.Parameters -> name, p ]
         let whole = FlatParameters.create [ for name, p in parameters -> struct (name, p) ]
         let wholeLength = whole.Values.numel ()
+        let computeCell = ref (MixedPrecision.createWith options.Precision model run.Attach whole)
+        use _ = { new IDisposable with member _.Dispose() = computeCell.Value |> Option.iter (fun c -> c.Dispose()) }
         // Stage 3 keeps only this process's blocks (and frees the whole buffers): the step works on them.
-        let zero3 = if run.ZeroStage = 3 then Some(ZeroThree.create run.Communicator model whole parameters) else None
+        // Under mixed precision the compute copy's trained parameters are gathered unit by unit too, so its
+        // whole buffers go.
+        let zero3 =
+            if run.ZeroStage = 3 then
+                let computeParameters = computeCell.Value |> Option.map (fun c -> c.DType, Map c.Trained)
+                Some(ZeroThree.create run.Communicator model whole parameters computeParameters)
+            else None
         use _ = { new IDisposable with member _.Dispose() = zero3 |> Option.iter (fun z -> z.Dispose()) }
+        if zero3.IsSome then computeCell.Value <- computeCell.Value |> Option.map MixedPrecision.withoutFlatBuffers
+        let compute = computeCell.Value
         let flat = zero3 |> Option.map (fun z -> z.ShardFlat) |> Option.defaultValue whole
-        let compute = MixedPrecision.createWith options.Precision model run.Attach flat
-        use _ = { new IDisposable with member _.Dispose() = compute |> Option.iter (fun c -> c.Dispose()) }
         let decayMask =
             // Without weight decay the mask is never read: a one-element view spares a buffer the size
             // of the weights.
@@ -800,7 +805,7 @@ module TrainingLoop =
         let reduction = if sync.Sharded then (fun squared -> Communicator.sumFloat run.Communicator squared) else Transform.localNorm
         let ratios = learningRateRatios options run.LearningRate flat |> Option.map narrow
         let optimizer = optimizerWith reduction options plan.Schedule (narrow decayMask) ratios
-        let backbone = zero3 |> Option.bind (fun _ -> ZeroThree.backbone model)
+        let backbone = zero3 |> Option.bind (fun _ -> ZeroThree.backbone (compute |> Option.map (fun c -> c.Model) |> Option.defaultValue model))
         backbone |> Option.iter (fun b -> b.LayerExecution <- zero3 |> Option.map (fun z -> z.LayerExecution))
         use _ = { new IDisposable with member _.Dispose() = backbone |> Option.iter (fun b -> b.LayerExecution <- None) }
         let scaler =

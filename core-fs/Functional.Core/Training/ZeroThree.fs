@@ -16,6 +16,9 @@ open Functional.Runtime
 type internal ZeroUnit =
     { /// The parameters (name, parameter, first element in the unit buffer, elements, shape), in flat order.
       Parameters: (string * Parameter * int64 * int64 * int64[]) list
+      /// The compute copy's parameters of the same names, in the same order, under mixed precision (what
+      /// forward and backward run on); empty in fp32, where the parameters themselves run.
+      Compute: Parameter list
       /// The unit buffer's elements.
       Length: int64
       /// This process's block of the unit buffer.
@@ -31,54 +34,85 @@ type internal ZeroUnit =
 /// The other unit (embeddings, final norm, heads) is gathered for a micro-batch's forward and backward.
 /// Parameters that do not train (a frozen base under LoRA) stay whole on every process.
 [<Sealed>]
-type ZeroThree internal (communicator: ICommunicator, units: ZeroUnit[], layerUnits: Map<int, int>, shardFlat: FlatParameters, fragments: StateFragment list, canonical: Map<string, int64>) =
-    let gatheredValues: torch.Tensor option[] = Array.create units.Length None
+type ZeroThree internal (communicator: ICommunicator, units: ZeroUnit[], layerUnits: Map<int, int>, shardFlat: FlatParameters, fragments: StateFragment list, canonical: Map<string, int64>, computeType: torch.ScalarType option) =
+    // Gathered buffers per unit: [0] the fp32 values set into the parameters themselves (GatherAll, Finish;
+    // also what fp32 training runs on), [1] under mixed precision the low-precision values set into the
+    // compute copy's parameters (what training runs on).
+    let gatheredValues: torch.Tensor option[][] = Array.init 2 (fun _ -> Array.create units.Length None)
     let gatheredGrads: torch.Tensor option[] = Array.create units.Length None
     let placeholder = torch.empty([| 0L |], dtype = torch.float32).DetachFromDisposeScope()
+    let computePlaceholder =
+        computeType |> Option.map (fun dtype -> torch.empty([| 0L |], dtype = dtype).DetachFromDisposeScope())
     let mutable collectiveTicks = 0L
     let timed (action: unit -> unit) =
         let start = Diagnostics.Stopwatch.GetTimestamp()
         try action () finally collectiveTicks <- collectiveTicks + (Diagnostics.Stopwatch.GetTimestamp() - start)
+    /// The slot training runs on: the compute copy's under mixed precision, else the parameters'.
+    let trainingSlot = if computeType.IsSome then 1 else 0
+    let targets (unit: ZeroUnit) (slot: int) =
+        if slot = 0 then unit.Parameters |> List.map (fun (_, p, first, count, shape) -> p, first, count, shape)
+        else List.map2 (fun (_, _, first, count, shape) c -> c, first, count, shape) unit.Parameters unit.Compute
 
-    let gather (index: int) (withGrads: bool) =
+    /// Gathers unit index into slot's parameters (with zeroed gradient buffers when withGrads: in the
+    /// slot's dtype). The blocks are all-gathered in fp32 and converted after, so a low-precision copy
+    /// holds the master's values rounded once, as the whole compute copy of stages 0 to 2 does.
+    let gather (index: int) (slot: int) (withGrads: bool) =
         let unit = units[index]
-        if gatheredValues[index].IsNone then
+        let dtype = if slot = 0 then torch.float32 else computeType.Value
+        if gatheredValues.[slot].[index].IsNone then
             use _ = torch.no_grad ()
-            let values = torch.empty([| unit.Length |], dtype = torch.float32).DetachFromDisposeScope()
+            let whole = torch.empty([| unit.Length |], dtype = torch.float32).DetachFromDisposeScope()
             use own = shardFlat.Values.narrow(0L, unit.ShardOffset, unit.Block.Count)
-            timed (fun () -> Sharding.allGather communicator own values)
-            for _, p, first, count, shape in unit.Parameters do
+            timed (fun () -> Sharding.allGather communicator own whole)
+            let values =
+                if dtype = torch.float32 then whole
+                else
+                    let converted = whole.to_type(dtype).DetachFromDisposeScope()
+                    whole.Dispose()
+                    converted
+            for p, first, count, shape in targets unit slot do
                 use part = values.narrow(0L, first, count)
                 use view = part.view shape
                 p.set_ view |> ignore
-            gatheredValues[index] <- Some values
+            gatheredValues.[slot].[index] <- Some values
         if withGrads && gatheredGrads[index].IsNone then
-            let grads = torch.zeros([| unit.Length |], dtype = torch.float32).DetachFromDisposeScope()
-            for _, p, first, count, shape in unit.Parameters do
+            let grads = torch.zeros([| unit.Length |], dtype = dtype).DetachFromDisposeScope()
+            for p, first, count, shape in targets unit slot do
                 use part = grads.narrow(0L, first, count)
                 use view = part.view shape
                 p.grad <- view
             gatheredGrads[index] <- Some grads
 
-    let release (index: int) =
+    let releaseSlot (index: int) (slot: int) =
         let unit = units[index]
         use _ = torch.no_grad ()
-        for _, p, _, _, _ in unit.Parameters do
+        let empty = if slot = 0 then placeholder else computePlaceholder.Value
+        for p, _, _, _ in targets unit slot do
             p.grad <- null
-            p.set_ placeholder |> ignore
-        gatheredValues[index] |> Option.iter (fun t -> t.Dispose())
-        gatheredGrads[index] |> Option.iter (fun t -> t.Dispose())
-        gatheredValues[index] <- None
-        gatheredGrads[index] <- None
+            p.set_ empty |> ignore
+        gatheredValues.[slot].[index] |> Option.iter (fun t -> t.Dispose())
+        gatheredValues.[slot].[index] <- None
+        if slot = trainingSlot then
+            gatheredGrads[index] |> Option.iter (fun t -> t.Dispose())
+            gatheredGrads[index] <- None
 
-    /// Sums the unit's gathered gradients over the processes and adds this process's block to ShardFlat.Grads.
+    /// Frees what training gathered of the unit.
+    let release (index: int) = releaseSlot index trainingSlot
+
+    /// Sums the unit's gathered gradients over the processes (in fp32: low-precision gradients are
+    /// converted first, as stages 0 to 2 accumulate them in fp32) and adds this process's block to
+    /// ShardFlat.Grads.
     let reduceGradients (index: int) =
         match gatheredGrads[index] with
         | Some grads ->
             let unit = units[index]
             use _ = torch.no_grad ()
             use block = torch.empty([| Sharding.blockLength unit.Length communicator.Size |], dtype = torch.float32)
-            timed (fun () -> Sharding.reduceScatter communicator grads block)
+            let reduce (source: torch.Tensor) = timed (fun () -> Sharding.reduceScatter communicator source block)
+            if grads.dtype = torch.float32 then reduce grads
+            else
+                use converted = grads.to_type torch.float32
+                reduce converted
             use own = shardFlat.Grads.narrow(0L, unit.ShardOffset, unit.Block.Count)
             use reduced = block.narrow(0L, 0L, unit.Block.Count)
             own.add_ reduced |> ignore
@@ -91,9 +125,9 @@ type ZeroThree internal (communicator: ICommunicator, units: ZeroUnit[], layerUn
                 | None -> forward inputs
                 | Some index ->
                     let hooks: BlockHooks =
-                        { BeforeForward = fun () -> gather index false
+                        { BeforeForward = fun () -> gather index trainingSlot false
                           AfterForward = fun () -> release index
-                          BeforeBackward = fun () -> gather index true
+                          BeforeBackward = fun () -> gather index trainingSlot true
                           AfterBackward = fun () -> (try reduceGradients index finally release index) }
                     ActivationCheckpointing.runWith hooks block forward inputs }
 
@@ -117,7 +151,7 @@ type ZeroThree internal (communicator: ICommunicator, units: ZeroUnit[], layerUn
     member _.LayerExecution = layerExecution
 
     /// Gathers the outer unit with gradient buffers for one micro-batch's forward and backward.
-    member _.BeginMicroBatch() = gather 0 true
+    member _.BeginMicroBatch() = gather 0 trainingSlot true
 
     /// After a micro-batch's backward: reduce-scatters the outer unit's gradients and frees it.
     member _.EndMicroBatch() =
@@ -126,14 +160,16 @@ type ZeroThree internal (communicator: ICommunicator, units: ZeroUnit[], layerUn
     /// Gathers every unit (no gradients) so the whole model can be read (evaluation, saving) until the
     /// result is disposed, which frees them again. Every process must call it at the same point.
     member _.GatherAll() : IDisposable =
-        for i in 0 .. units.Length - 1 do gather i false
+        for i in 0 .. units.Length - 1 do gather i 0 false
         { new IDisposable with
             member _.Dispose() =
-                for i in 0 .. units.Length - 1 do release i }
+                for i in 0 .. units.Length - 1 do releaseSlot i 0 }
 
-    /// Frees every unit's parameters.
+    /// Frees every unit's parameters (and the compute copy's).
     member internal _.ReleaseAll() =
-        for i in 0 .. units.Length - 1 do release i
+        for i in 0 .. units.Length - 1 do
+            releaseSlot i 0
+            if computeType.IsSome then releaseSlot i 1
 
     /// This process's elements of a whole flat state buffer laid out as the run's flat parameters (a
     /// checkpoint's moment): the fragments' parts, in ShardFlat's order.
@@ -147,12 +183,14 @@ type ZeroThree internal (communicator: ICommunicator, units: ZeroUnit[], layerUn
     /// Gathers every unit and gives the parameters whole storage again, laid out as one flat buffer (the
     /// run's result). Ends stage 3: the parameters keep that storage.
     member _.Finish(parameters: (string * Parameter) list) : FlatParameters =
-        for i in 0 .. units.Length - 1 do gather i false
+        for i in 0 .. units.Length - 1 do
+            if computeType.IsSome then releaseSlot i 1
+            gather i 0 false
         let flat = FlatParameters.create [ for name, p in parameters -> struct (name, p) ]
         for i in 0 .. units.Length - 1 do
-            gatheredValues[i] |> Option.iter (fun t -> t.Dispose())
+            gatheredValues.[0].[i] |> Option.iter (fun t -> t.Dispose())
             gatheredGrads[i] |> Option.iter (fun t -> t.Dispose())
-            gatheredValues[i] <- None
+            gatheredValues.[0].[i] <- None
             gatheredGrads[i] <- None
         flat
 
@@ -160,6 +198,7 @@ type ZeroThree internal (communicator: ICommunicator, units: ZeroUnit[], layerUn
     member _.Dispose() =
         shardFlat.Dispose()
         placeholder.Dispose()
+        computePlaceholder |> Option.iter (fun t -> t.Dispose())
 
     interface IDisposable with
         member this.Dispose() = this.Dispose()
@@ -174,12 +213,28 @@ module ZeroThree =
 
     /// Shards flat (the run's fp32 flat parameters, which the parameters alias) among the processes: each
     /// keeps its block of every unit; then every parameter is freed (its storage is gathered when it is
-    /// used) and flat's buffers are released. Raises InvalidInputException naming zero_stage for a model
-    /// without a decoder backbone.
-    let create (communicator: ICommunicator) (model: CausalLm) (flat: FlatParameters) (parameters: (string * Parameter) list) : ZeroThree =
+    /// used) and flat's buffers are released. Under mixed precision, compute gives the low-precision copy
+    /// that forward and backward run on (its dtype and its trained parameters by name, every name of
+    /// parameters among them): training gathers a unit into those (the blocks rounded once to the dtype)
+    /// and reduces their gradients in fp32, while GatherAll and Finish gather the fp32 parameters. Raises
+    /// InvalidInputException naming zero_stage for a model without a decoder backbone.
+    let create
+        (communicator: ICommunicator)
+        (model: CausalLm)
+        (flat: FlatParameters)
+        (parameters: (string * Parameter) list)
+        (compute: (torch.ScalarType * Map<string, Parameter>) option)
+        : ZeroThree =
         let backbone =
             backbone model
             |> Option.defaultWith (fun () -> InvalidInput.setting "zero_stage" "3 gathers a decoder's layers one by one; this model has no decoder backbone")
+        let computeOf (name: string) =
+            match compute with
+            | None -> []
+            | Some(_, byName) ->
+                match byName.TryFind name with
+                | Some p -> [ p ]
+                | None -> invalidArg (nameof compute) (sprintf "the compute copy has no trained parameter '%s'" name)
         let layerOf =
             let owners =
                 [ for i, (block, _) in Array.indexed backbone.Layers do
@@ -199,6 +254,7 @@ module ZeroThree =
                     let length = List.sum counts
                     let block = Sharding.block length size rank
                     { Parameters = [ for (name, p, _), (first, count) in List.zip members (List.zip firsts counts) -> name, p, first, count, Array.copy p.shape ]
+                      Compute = members |> List.collect (fun (name, _, _) -> computeOf name)
                       Length = length
                       Block = block
                       ShardOffset = shardOffset },
@@ -229,7 +285,7 @@ module ZeroThree =
               Counts = fragments |> List.map (fun f -> f.Count)
               Values = values
               Grads = grads }
-        let zero = new ZeroThree(communicator, units, layerUnits, shardFlat, fragments, canonical)
+        let zero = new ZeroThree(communicator, units, layerUnits, shardFlat, fragments, canonical, compute |> Option.map fst)
         // Every parameter is freed: from here on it exists only while gathered.
         zero.ReleaseAll()
         flat.Dispose()
