@@ -264,10 +264,22 @@ internal sealed class DeepSpeedConfig
             }
             ZeroStage = stage;
         }
-        var others = zero.EnumerateObject().Select(p => p.Name).Where(n => n != "stage").ToList();
+        foreach (var (name, option) in new[] { ("reduce_bucket_size", "--reduce-bucket-size"), ("allgather_bucket_size", "--allgather-bucket-size") })
+        {
+            if (JsonInput.field(zero, name) is { } bucket && Number(bucket.Value, "zero_optimization." + name) is { } elements)
+            {
+                if (elements != Math.Floor(elements) || elements < 1 || elements > int.MaxValue)
+                {
+                    throw new InvalidInputException(Path, "zero_optimization." + name, $"expected a number of elements from 1 to {int.MaxValue}, got {Show(elements)}");
+                }
+                Set(option, (long)elements, "zero_optimization." + name);
+            }
+        }
+        var read = new[] { "stage", "reduce_bucket_size", "allgather_bucket_size" };
+        var others = zero.EnumerateObject().Select(p => p.Name).Where(n => !read.Contains(n)).ToList();
         if (others.Count > 0)
         {
-            Notes.Add($"{Path}: zero_optimization.{string.Join(", zero_optimization.", others)}: no effect here (buckets and offload: everything is in CPU memory)");
+            Notes.Add($"{Path}: zero_optimization.{string.Join(", zero_optimization.", others)}: no effect here (offload and the other tuning: everything is in CPU memory)");
         }
     }
 

@@ -24,6 +24,8 @@ internal sealed class HfFlags
     private readonly Option<string?> dtype = CliOption.Create<string?>("--dtype", "DeepSpeed-Chat's bf16, fp16 or fp32: the compute precision, as --bf16 / --fp16.", null);
     private readonly Option<string?> deepspeed = CliOption.Create<string?>("--deepspeed", "A DeepSpeed JSON config: batch sizes, accumulation, clipping, fp16/bf16, optimizer and scheduler parameters are read from it.", null);
     private readonly Option<int?> zeroStage = CliOption.Create<int?>("--zero-stage", "DeepSpeed ZeRO stage of a multi-process run (mpirun -np N): 0 (default), 1 shards the optimizer state, 2 also the gradients, 3 also the parameters.", null);
+    private readonly Option<long?> reduceBucketSize = CliOption.Create<long?>("--reduce-bucket-size", "DeepSpeed's reduce_bucket_size: elements per all-reduce or reduce-scatter of the gradients under mpirun (default 5e8).", null);
+    private readonly Option<long?> allgatherBucketSize = CliOption.Create<long?>("--allgather-bucket-size", "DeepSpeed's allgather_bucket_size: elements per all-gather of the parameters under mpirun (default 5e8).", null);
     private readonly Option<bool> offload = CliOption.Create("--offload", "DeepSpeed offloading: everything is in CPU memory already (accepted, no effect).", false);
     private readonly Option<bool> doTrain = CliOption.Create("--do-train", "HF's do_train: train always trains (accepted, no effect).", false);
     private readonly Option<int?> dataloaderWorkers = CliOption.Create<int?>("--dataloader-num-workers", "HF's loader workers: data is tokenized before training (accepted, no effect).", null);
@@ -35,7 +37,7 @@ internal sealed class HfFlags
     /// <summary>The options, to add to the train command.</summary>
     public IEnumerable<Option> Options =>
     [
-        reportTo, loggingDir, loggingStrategy, torchDtype, dtype, deepspeed, zeroStage, offload, doTrain,
+        reportTo, loggingDir, loggingStrategy, torchDtype, dtype, deepspeed, zeroStage, reduceBucketSize, allgatherBucketSize, offload, doTrain,
         dataloaderWorkers, localRank, saveSafetensors, printLoss, numPaddingAtBeginning,
     ];
 
@@ -89,7 +91,21 @@ internal sealed class HfFlags
         }
         values.Precision = Precision(parse, config, bf16, fp16);
         values.ZeroStage = ZeroStage(parse, config);
+        values.ReduceBucketSize = BucketSize(values, reduceBucketSize);
+        values.AllgatherBucketSize = BucketSize(values, allgatherBucketSize);
         return values;
+    }
+
+    /// <summary>A bucket size: the flag or the DeepSpeed config's field (both given: they must agree), else DeepSpeed's
+    /// default; refused outside 1 to 2^31 - 1 elements.</summary>
+    private static long BucketSize(TrainValues values, Option<long?> option)
+    {
+        var size = values.Get(option) ?? Functional.Distributed.CollectiveBucketsModule.DefaultElements;
+        if (size is < 1 or > int.MaxValue)
+        {
+            throw new InvalidInputException(option.Name, "", $"expected a number of elements from 1 to {int.MaxValue}, got {size}");
+        }
+        return size;
     }
 
     /// <summary>The ZeRO stage: --zero-stage, or the DeepSpeed config's zero_optimization.stage (both given: they
@@ -266,6 +282,12 @@ internal sealed class TrainValues(ParseResult parse, DeepSpeedConfig? config)
 
     /// <summary>DeepSpeed's ZeRO stage (--zero-stage or zero_optimization.stage).</summary>
     public int ZeroStage { get; set; }
+
+    /// <summary>Elements per gradient reduction (--reduce-bucket-size or zero_optimization.reduce_bucket_size).</summary>
+    public long ReduceBucketSize { get; set; } = Functional.Distributed.CollectiveBucketsModule.DefaultElements;
+
+    /// <summary>Elements per parameter gather (--allgather-bucket-size or zero_optimization.allgather_bucket_size).</summary>
+    public long AllgatherBucketSize { get; set; } = Functional.Distributed.CollectiveBucketsModule.DefaultElements;
 
     /// <summary>The option's value: the file's when it sets the option (checked against the flag when both are
     /// given), else the command line's (or its default).</summary>

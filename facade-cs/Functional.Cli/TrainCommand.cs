@@ -225,9 +225,16 @@ internal static class TrainCommand
             {
                 builder.UseMaxShardSize(parse.GetValue(maxShardSize)!);
             }
-            if (values.ZeroStage != 0)
+            if (values.ZeroStage != 0
+                || values.ReduceBucketSize != Functional.Distributed.CollectiveBucketsModule.DefaultElements
+                || values.AllgatherBucketSize != Functional.Distributed.CollectiveBucketsModule.DefaultElements)
             {
-                builder.UseDistributed(d => d.ZeroStage = values.ZeroStage);
+                builder.UseDistributed(d =>
+                {
+                    d.ZeroStage = values.ZeroStage;
+                    d.ReduceBucketSize = values.ReduceBucketSize;
+                    d.AllgatherBucketSize = values.AllgatherBucketSize;
+                });
             }
             if (values.Precision == "bf16")
             {

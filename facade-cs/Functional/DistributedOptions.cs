@@ -6,9 +6,16 @@ public sealed class DistributedOptions
 {
     /// <summary>DeepSpeed's ZeRO stage (--zero-stage): 0 (default) every process holds all the training state; 1
     /// each keeps only its block of the optimizer state; 2 also reduce-scatters the gradients into that block; 3 also
-    /// shards the parameters, gathering each layer while it runs (fp32; with one process a mixed-precision stage 3 runs as
-    /// stage 0).</summary>
+    /// shards the parameters, gathering each layer while it runs.</summary>
     public int ZeroStage { get; set; }
+
+    /// <summary>Elements per all-reduce or reduce-scatter of the gradients (DeepSpeed's reduce_bucket_size,
+    /// --reduce-bucket-size; default 5e8).</summary>
+    public long ReduceBucketSize { get; set; } = Functional.Distributed.CollectiveBucketsModule.DefaultElements;
+
+    /// <summary>Elements per all-gather of the parameters (DeepSpeed's allgather_bucket_size, --allgather-bucket-size;
+    /// default 5e8).</summary>
+    public long AllgatherBucketSize { get; set; } = Functional.Distributed.CollectiveBucketsModule.DefaultElements;
 
     /// <summary>The processes of the run; null (default): from the launcher's environment. Implement
     /// <see cref="Functional.Distributed.ICommunicator"/> to bring another transport.</summary>

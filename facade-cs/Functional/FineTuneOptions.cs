@@ -222,6 +222,13 @@ public sealed class FineTuneOptions
     /// With one process every stage computes the same.</summary>
     public int ZeroStage { get; set; }
 
+    /// <summary>Elements per all-reduce or reduce-scatter of the gradients (DeepSpeed's zero_optimization.reduce_bucket_size;
+    /// default 5e8): bounds a collective's staging memory and keeps each MPI call within its int count.</summary>
+    public long ReduceBucketSize { get; set; } = Functional.Distributed.CollectiveBucketsModule.DefaultElements;
+
+    /// <summary>Elements per all-gather of the parameters (DeepSpeed's zero_optimization.allgather_bucket_size; default 5e8).</summary>
+    public long AllgatherBucketSize { get; set; } = Functional.Distributed.CollectiveBucketsModule.DefaultElements;
+
     /// <summary>The processes of the run; null (default): from the launcher's environment (mpirun's or torchrun's
     /// variables; one process without them).</summary>
     public Functional.Distributed.ICommunicator? Communicator { get; set; }

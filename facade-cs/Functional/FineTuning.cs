@@ -161,9 +161,10 @@ public static class FineTuning
             gradientCheckpointing: options.GradientCheckpointing,
             modelHandling: ToModelHandling(options),
             task: ToTask(options),
-            distributed: new DistributedSettings(options.ZeroStage, Optional(options.Communicator)),
+            distributed: new DistributedSettings(options.ZeroStage, new Functional.Distributed.CollectiveBuckets(options.ReduceBucketSize, options.AllgatherBucketSize), Optional(options.Communicator)),
             plot: Reporting.MetricsPlot.drawer);
         Functional.Distributed.ZeroStage.validate(options.ZeroStage);
+        Functional.Distributed.CollectiveBucketsModule.validate(request.Distributed.Buckets);
         TrainOptionsModule.validate(request.Options);
         return request;
     }

@@ -356,6 +356,8 @@ public sealed class TrainerBuilder
     {
         var o = Configure(configure);
         settings.ZeroStage = o.ZeroStage;
+        settings.ReduceBucketSize = o.ReduceBucketSize;
+        settings.AllgatherBucketSize = o.AllgatherBucketSize;
         settings.Communicator = o.Communicator;
         return this;
     }

@@ -141,6 +141,19 @@ let tests =
                 expectSameSteps (s.File output) (s.File "single") what
                 expectSameWeights (Path.Combine(s.File output, "final")) (Path.Combine(s.File "single", "final")) what
         }
+        test "buckets smaller than a layer (flags, or a DeepSpeed config) give the same run at stages 0, 2 and 3" {
+            mpirun () |> ignore
+            use s = new Setup()
+            train 1 (s.Args "single" 4) |> ignore
+            File.WriteAllText(s.File "ds.json", """{ "zero_optimization": { "stage": 2, "reduce_bucket_size": 999, "allgather_bucket_size": 1.234e3 } }""")
+            for output, extra in
+                [ "stage0", [ "--zero-stage"; "0"; "--reduce-bucket-size"; "1000" ]
+                  "stage2", [ "--deepspeed"; s.File "ds.json" ]
+                  "stage3", [ "--zero_stage"; "3"; "--reduce_bucket_size"; "777"; "--allgather_bucket_size"; "555" ] ] do
+                train 2 (s.Args output 2 @ extra) |> ignore
+                expectSameSteps (s.File output) (s.File "single") (output + " in small buckets")
+                expectSameWeights (Path.Combine(s.File output, "final")) (Path.Combine(s.File "single", "final")) (output + " in small buckets")
+        }
         test "every family at stage 3 with gradient checkpointing on 2 processes equals one process" {
             mpirun () |> ignore
             for case in [ "gpt2-cosine"; "opt-cosine"; "bloom-cosine"; "qwen2-linear"; "qwen3-cosine"; "mistral-cosine" ] do

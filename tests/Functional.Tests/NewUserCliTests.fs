@@ -167,7 +167,9 @@ let private finding8 =
             for flags, parts in
                 [ [ "--local_rank"; "1" ], [ "--local-rank"; "distributed" ]
                   [ "--save_safetensors"; "false" ], [ "--save-safetensors"; "safetensors" ]
-                  [ "--zero_stage"; "4" ], [ "--zero-stage"; "0, 1, 2 or 3" ] ] do
+                  [ "--zero_stage"; "4" ], [ "--zero-stage"; "0, 1, 2 or 3" ]
+                  [ "--reduce_bucket_size"; "0" ], [ "--reduce-bucket-size"; "from 1 to 2147483647" ]
+                  [ "--allgather-bucket-size"; "3000000000" ], [ "--allgather-bucket-size"; "from 1 to 2147483647" ] ] do
                 expectOneLineError parts (runCli (trainArgs s (s.File "out") @ flags))
                 Expect.isFalse (Directory.Exists(s.File "out")) "nothing written"
         }
@@ -243,6 +245,8 @@ let private finding8 =
             refuses """{"optimizer": {"type": "Lamb"}}""" [] [ ds + ":optimizer.type"; "Lamb" ]
             refuses """{"optimizer": {"params": {"lr": 0.1}}, "scheduler": {"params": {"warmup_max_lr": 0.2}}}""" [] [ ds + ":scheduler.params.warmup_max_lr"; "optimizer.params.lr" ]
             refuses """{"gradient_clipping": "high"}""" [] [ ds + ":gradient_clipping"; "a number" ]
+            refuses """{"zero_optimization": {"reduce_bucket_size": 1.5e0}}""" [] [ ds + ":zero_optimization.reduce_bucket_size"; "from 1 to 2147483647" ]
+            refuses """{"zero_optimization": {"allgather_bucket_size": 5e8}}""" [ "--allgather-bucket-size"; "1000" ] [ "--allgather-bucket-size"; "zero_optimization.allgather_bucket_size = 500000000" ]
             refuses "{\n  \"train_batch_size\": 4,\n  \"fp16\": {\"enabled\": tru}\n}" [] [ ds + ":3:"; "not valid JSON" ]
         }
         test "finding 8: value errors name the option and say a number or an integer, not .NET types" {

@@ -16,6 +16,65 @@ open Functional.Optim
 open Functional.Training
 open Functional.Tests.TestUtil
 
+/// size processes as threads of this one (the test stand-in for mpirun): Run gives each thread a
+/// communicator whose collectives meet the others' at barriers and sum or copy their tensors, as MPI does.
+/// LargestPart is the most elements any process contributed to one call (a reduce-scatter's input part
+/// or an all-gather's input).
+type private LocalGroup(size: int) =
+    let barrier = new Threading.Barrier(size)
+    let posted: torch.Tensor[] = Array.zeroCreate size
+    let mutable largest = 0L
+    let note (elements: int64) = lock posted (fun () -> largest <- max largest elements)
+    let meet (rank: int) (tensor: torch.Tensor) (finish: unit -> unit) =
+        posted[rank] <- tensor
+        barrier.SignalAndWait()
+        finish ()
+        barrier.SignalAndWait()
+    let sumOf (part: torch.Tensor -> torch.Tensor) =
+        let parts = posted |> Array.map part
+        let total = parts |> Array.reduce (fun a b -> a + b)
+        total
+    member _.LargestPart = largest
+    member _.Run(body: ICommunicator -> 'T) : 'T[] =
+        let communicator rank =
+            { new ICommunicator with
+                member _.Rank = rank
+                member _.Size = size
+                member _.LocalRank = rank
+                member _.AllReduce tensor =
+                    note (tensor.numel ())
+                    use copy = tensor.clone ()
+                    let mutable sum = None
+                    meet rank copy (fun () -> sum <- Some(sumOf id))
+                    use result = sum.Value
+                    tensor.copy_ result |> ignore
+                    barrier.SignalAndWait()
+                member _.ReduceScatter(input, output) =
+                    let length = output.numel ()
+                    note length
+                    meet rank input (fun () ->
+                        use result = sumOf (fun t -> t.narrow(0L, int64 rank * length, length))
+                        output.copy_ result |> ignore)
+                member _.AllGather(input, output) =
+                    let length = input.numel ()
+                    note length
+                    meet rank input (fun () ->
+                        for r in 0 .. size - 1 do
+                            use target = output.narrow(0L, int64 r * length, length)
+                            target.copy_ posted[r] |> ignore)
+                member _.Broadcast(tensor, root) =
+                    meet rank tensor (fun () -> if rank <> root then tensor.copy_ posted[root] |> ignore)
+                member _.Barrier() = barrier.SignalAndWait() }
+        let results = Array.zeroCreate size
+        let threads =
+            [| for rank in 0 .. size - 1 ->
+                   Threading.Thread(fun () ->
+                       use _ = torch.NewDisposeScope()
+                       results[rank] <- Some(body (communicator rank))) |]
+        for t in threads do t.Start()
+        for t in threads do t.Join()
+        results |> Array.map (fun r -> r |> Option.defaultWith (fun () -> failwith "a process of the group failed"))
+
 /// A communicator that passes every operation to inner and records each AllReduce as (dtype, elements);
 /// Size and Rank can be overridden to pose as one process of several.
 type private Recording(inner: ICommunicator, size: int, rank: int) =
@@ -315,11 +374,50 @@ let private zeroTests =
         torchTest "Sharding's collectives on one process: reduce-scatter and all-gather of a buffer copy it" (fun () ->
             use x = torch.arange(7L, dtype = torch.float32)
             use block = torch.zeros([| 7L |])
-            Sharding.reduceScatter Communicator.singleProcess x block
+            Sharding.reduceScatter Communicator.singleProcess 3L x block
             Expect.equal (TestUtil.values block) (TestUtil.values x) "the one block is the buffer"
             use back = torch.zeros([| 7L |])
-            Sharding.allGather Communicator.singleProcess block back
+            Sharding.allGather Communicator.singleProcess 3L block back
             Expect.equal (TestUtil.values back) (TestUtil.values x) "gathered back")
+
+        testProperty "Sharding's collectives in buckets equal the whole sums and gathers, with no call above a bucket" (fun (total: byte) (size: byte) (bucket: byte) (seed: int) ->
+            let total, size, bucket = int64 total, int size % 4 + 1, int64 (bucket % 40uy) + 1L
+            Functional.Runtime.TorchRuntime.ensure ()
+            let generator = Random seed
+            // Small integers: every order of summation gives the same floats.
+            let inputs = Array.init size (fun _ -> Array.init (int total) (fun _ -> float32 (generator.Next(-50, 50))))
+            let sum = Array.init (int total) (fun i -> inputs |> Array.sumBy (fun row -> float row[i]))
+            let length = Sharding.blockLength total size
+            let group = new LocalGroup(size)
+            let results =
+                group.Run(fun communicator ->
+                    let rank = communicator.Rank
+                    use input = torch.tensor inputs[rank]
+                    use reduced = torch.zeros([| length |])
+                    Sharding.reduceScatter communicator bucket input reduced
+                    let own = Sharding.block total size rank
+                    use mine = reduced.narrow(0L, 0L, own.Count)
+                    use gathered = torch.zeros([| total |])
+                    Sharding.allGather communicator bucket mine gathered
+                    use summed = torch.tensor inputs[rank]
+                    Sharding.allReduce communicator bucket summed
+                    TestUtil.values reduced, TestUtil.values gathered, TestUtil.values summed)
+            for rank, (reduced, gathered, summed) in Array.indexed results do
+                let expected = Array.init (int length) (fun i -> let at = int64 rank * length + int64 i in if at < total then sum[int at] else 0.0)
+                Expect.equal reduced expected (sprintf "rank %d's block of the sum (zero past the end)" rank)
+                Expect.equal gathered sum (sprintf "rank %d gathered the whole sum" rank)
+                Expect.equal summed sum (sprintf "rank %d all-reduced the sum" rank)
+            Expect.isLessThanOrEqual group.LargestPart bucket (sprintf "no process's part of a call exceeds the bucket of %d" bucket))
+
+        testCase "Sharding refuses a bucket outside 1 to 2^31 - 1 elements, naming it" (fun () ->
+            use x = torch.zeros([| 4L |])
+            let refusal (action: unit -> unit) =
+                try
+                    action ()
+                    failtest "expected an InvalidInputException"
+                with :? InvalidInputException as e -> e.Origin + ": " + e.Message
+            Expect.stringContains (refusal (fun () -> Sharding.allReduce Communicator.singleProcess 0L x)) "reduce_bucket_size" "0 elements: names the setting"
+            Expect.stringContains (refusal (fun () -> Sharding.allGather Communicator.singleProcess 3000000000L x x)) "allgather_bucket_size" "above an MPI count: names the setting")
     ]
 
 [<Tests>]

@@ -28,7 +28,7 @@ module FineTune =
 
     /// A request to fine-tune every weight of the model folder on the data file into the output folder, with
     /// The processes from the launcher's environment (Communicator.fromEnvironment), ZeRO stage 0.
-    let defaultDistributed: DistributedSettings = { ZeroStage = 0; Communicator = None }
+    let defaultDistributed: DistributedSettings = { ZeroStage = 0; Buckets = Functional.Distributed.CollectiveBuckets.defaults; Communicator = None }
 
     /// TrainOptions.defaults and defaultData, no resume, no LoRA, no prefix tuning, no gradient
     /// checkpointing and an output folder that must be empty. Scripts start from it and change what they

@@ -261,6 +261,7 @@ module Job =
         checkRequest request
         checkTask request
         ZeroStage.validate request.Distributed.ZeroStage
+        CollectiveBuckets.validate request.Distributed.Buckets
         let communicator = request.Distributed.Communicator |> Option.defaultWith Communicator.fromEnvironment
         let model, options, tokenizer, data, objective, evaluate, taskSignature = loadTask request
         let plan = TrainingLoop.planFor communicator.Size options data.Train.Rows.Length
@@ -430,7 +431,8 @@ module Job =
                 Parameters = [ for name, p in job.Trainable -> struct (name, p) ]
                 LearningRate = job.LearningRate
                 Communicator = job.Communicator
-                ZeroStage = job.Request.Distributed.ZeroStage }
+                ZeroStage = job.Request.Distributed.ZeroStage
+                Buckets = job.Request.Distributed.Buckets }
             (job.Restored |> Option.map (fun r -> r.Resume))
             hooks
 

@@ -102,6 +102,9 @@ type DistributedSettings =
       /// block; 3 also shards the parameters (gathered layer by layer). With one process every stage
       /// computes the same.
       ZeroStage: int
+      /// The bucket sizes of the gradient reductions and parameter gathers in elements (DeepSpeed's
+      /// zero_optimization reduce_bucket_size and allgather_bucket_size; CollectiveBuckets.defaults: 5e8 each).
+      Buckets: Functional.Distributed.CollectiveBuckets
       /// The processes of the run; None (default): Communicator.fromEnvironment () (mpirun's, or
       /// torchrun's, variables; one process without them).
       Communicator: Functional.Distributed.ICommunicator option }

@@ -232,8 +232,11 @@ type TrainRun =
       /// reduce-scatters the gradients into that block instead of all-reducing them. Both then update the
       /// block and all-gather the parameters. 3 also shards the parameters (ZeroThree): each layer's are
       /// gathered for its forward and for its recomputation in backward, then freed, and its gradients are
-      /// reduce-scattered per micro-batch (fp32 only for now).
-      ZeroStage: int }
+      /// reduce-scattered per micro-batch.
+      ZeroStage: int
+      /// The bucket sizes of the gradient reductions and parameter gathers (CollectiveBuckets.defaults:
+      /// DeepSpeed's 5e8 elements each).
+      Buckets: CollectiveBuckets }
 
 /// The rows of one epoch as micro-batches of row indices, in the order this process visits them.
 [<NoComparison; NoEquality>]
@@ -256,7 +259,9 @@ type GradientSync =
       /// Stage 2: this process's block of the reduce-scattered gradient (Sharding.blockLength elements).
       ReducedGrads: torch.Tensor option
       /// Stage 3: the sharded parameters.
-      Zero3: ZeroThree option }
+      Zero3: ZeroThree option
+      /// The bucket sizes of the collectives over the flat buffers.
+      Buckets: CollectiveBuckets }
 
     /// Whether the optimizer updates a block and the parameters are all-gathered after it.
     member this.Sharded = this.Stage > 0
@@ -416,7 +421,8 @@ module TrainingLoop =
           Dataset = dataset
           Objective = Objective.causalLm
           Communicator = Communicator.singleProcess
-          ZeroStage = 0 }
+          ZeroStage = 0
+          Buckets = CollectiveBuckets.defaults }
 
     /// What the micro-batches of a window have left so far: the accumulation state, the window's
     /// report (after its last micro-batch), and this process's loss sum and token counts.
@@ -495,7 +501,7 @@ module TrainingLoop =
                 // its whole compute copy from them).
                 let next = env.Optimizer.Step env.Sync.OptimizerFlat state.OptimizerState None
                 mark env TrainingPhase.Optimizer
-                Sharding.allGather env.Communicator env.Sync.OptimizerFlat.Values env.Flat.Values
+                Sharding.allGather env.Communicator env.Sync.Buckets.Allgather env.Sync.OptimizerFlat.Values env.Flat.Values
                 mark env TrainingPhase.Communication
                 computeValues |> Option.iter (fun copy -> (use _ = torch.no_grad () in copy.copy_ env.Flat.Values |> ignore))
                 next
@@ -563,10 +569,10 @@ module TrainingLoop =
         // Each process's gradients are of its loss sum / the global count: their sum is the window's gradient.
         mark env TrainingPhase.Other
         match env.Sync.ReducedGrads, env.Sync.Zero3 with
-        | Some block, _ -> Sharding.reduceScatter env.Communicator env.Flat.Grads block
+        | Some block, _ -> Sharding.reduceScatter env.Communicator env.Sync.Buckets.Reduce env.Flat.Grads block
         // Stage 3 reduce-scattered every unit's gradients as its backward finished.
         | None, Some _ -> ()
-        | None, None -> env.Communicator.AllReduce env.Flat.Grads
+        | None, None -> Sharding.allReduce env.Communicator env.Sync.Buckets.Reduce env.Flat.Grads
         let lossSum = Communicator.sumFloat env.Communicator progress.LossSum
         mark env TrainingPhase.Communication
         let applied, optimizerState, lossScale = update env state report.OptimizerStep
@@ -693,13 +699,13 @@ module TrainingLoop =
     /// The gradient path of a ZeRO stage over flat: stage 0 steps the optimizer on flat itself; stages 1
     /// and 2 on this process's block (Sharding.block) of the values and gradients, stage 2 with a block
     /// buffer the gradients are reduce-scattered into.
-    let private gradientSync (communicator: ICommunicator) (stage: int) (flat: FlatParameters) (zero3: ZeroThree option) : GradientSync =
+    let private gradientSync (communicator: ICommunicator) (stage: int) (buckets: CollectiveBuckets) (flat: FlatParameters) (zero3: ZeroThree option) : GradientSync =
         ZeroStage.validate stage
         match zero3 with
         | Some z ->
-            { Stage = 3; Shard = Sharding.whole (z.ShardFlat.Values.numel ()); OptimizerFlat = z.ShardFlat; ReducedGrads = None; Zero3 = Some z }
+            { Stage = 3; Shard = Sharding.whole (z.ShardFlat.Values.numel ()); OptimizerFlat = z.ShardFlat; ReducedGrads = None; Zero3 = Some z; Buckets = buckets }
         | None ->
-        if stage = 0 then { Stage = 0; Shard = Sharding.whole (flat.Values.numel ()); OptimizerFlat = flat; ReducedGrads = None; Zero3 = None }
+        if stage = 0 then { Stage = 0; Shard = Sharding.whole (flat.Values.numel ()); OptimizerFlat = flat; ReducedGrads = None; Zero3 = None; Buckets = buckets }
         else
             let total = flat.Values.numel ()
             let shard = Sharding.block total communicator.Size communicator.Rank
@@ -714,7 +720,8 @@ module TrainingLoop =
               Shard = shard
               OptimizerFlat = { flat with Values = (Sharding.view flat.Values shard).DetachFromDisposeScope(); Grads = grads.DetachFromDisposeScope() }
               ReducedGrads = reduced
-              Zero3 = None }
+              Zero3 = None
+              Buckets = buckets }
 
     let private disposeSync (sync: GradientSync) =
         if sync.Sharded && sync.Zero3.IsNone then
@@ -776,6 +783,7 @@ module TrainingLoop =
         torch.manual_seed options.Seed |> ignore
         model.Module.train ()
         ZeroStage.validate run.ZeroStage
+        CollectiveBuckets.validate run.Buckets
         let parameters = [ for struct (name, p) in run.Parameters -> name, p ]
         let whole = FlatParameters.create [ for name, p in parameters -> struct (name, p) ]
         let wholeLength = whole.Values.numel ()
@@ -787,7 +795,7 @@ module TrainingLoop =
         let zero3 =
             if run.ZeroStage = 3 then
                 let computeParameters = computeCell.Value |> Option.map (fun c -> c.DType, Map c.Trained)
-                Some(ZeroThree.create run.Communicator model whole parameters computeParameters)
+                Some(ZeroThree.create run.Communicator run.Buckets model whole parameters computeParameters)
             else None
         use _ = { new IDisposable with member _.Dispose() = zero3 |> Option.iter (fun z -> z.Dispose()) }
         if zero3.IsSome then computeCell.Value <- computeCell.Value |> Option.map MixedPrecision.withoutFlatBuffers
@@ -798,7 +806,7 @@ module TrainingLoop =
             // of the weights.
             if options.WeightDecay = 0.0 then FlatParameters.uniform flat 1.0f
             else FlatParameters.mask flat (fun name -> not (model.NoWeightDecay.Contains name))
-        let sync = gradientSync run.Communicator run.ZeroStage flat zero3
+        let sync = gradientSync run.Communicator run.ZeroStage run.Buckets flat zero3
         use _ = { new IDisposable with member _.Dispose() = disposeSync sync }
         // Stages 1 and 2 narrow the whole buffers' masks to the block; stage 3's are laid out as its blocks.
         let narrow (t: torch.Tensor) = if sync.Sharded && zero3.IsNone then Sharding.view t sync.Shard else t

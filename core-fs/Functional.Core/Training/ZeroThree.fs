@@ -34,7 +34,7 @@ type internal ZeroUnit =
 /// The other unit (embeddings, final norm, heads) is gathered for a micro-batch's forward and backward.
 /// Parameters that do not train (a frozen base under LoRA) stay whole on every process.
 [<Sealed>]
-type ZeroThree internal (communicator: ICommunicator, units: ZeroUnit[], layerUnits: Map<int, int>, shardFlat: FlatParameters, fragments: StateFragment list, canonical: Map<string, int64>, computeType: torch.ScalarType option) =
+type ZeroThree internal (communicator: ICommunicator, buckets: CollectiveBuckets, units: ZeroUnit[], layerUnits: Map<int, int>, shardFlat: FlatParameters, fragments: StateFragment list, canonical: Map<string, int64>, computeType: torch.ScalarType option) =
     // Gathered buffers per unit: [0] the fp32 values set into the parameters themselves (GatherAll, Finish;
     // also what fp32 training runs on), [1] under mixed precision the low-precision values set into the
     // compute copy's parameters (what training runs on).
@@ -63,7 +63,7 @@ type ZeroThree internal (communicator: ICommunicator, units: ZeroUnit[], layerUn
             use _ = torch.no_grad ()
             let whole = torch.empty([| unit.Length |], dtype = torch.float32).DetachFromDisposeScope()
             use own = shardFlat.Values.narrow(0L, unit.ShardOffset, unit.Block.Count)
-            timed (fun () -> Sharding.allGather communicator own whole)
+            timed (fun () -> Sharding.allGather communicator buckets.Allgather own whole)
             let values =
                 if dtype = torch.float32 then whole
                 else
@@ -108,7 +108,7 @@ type ZeroThree internal (communicator: ICommunicator, units: ZeroUnit[], layerUn
             let unit = units[index]
             use _ = torch.no_grad ()
             use block = torch.empty([| Sharding.blockLength unit.Length communicator.Size |], dtype = torch.float32)
-            let reduce (source: torch.Tensor) = timed (fun () -> Sharding.reduceScatter communicator source block)
+            let reduce (source: torch.Tensor) = timed (fun () -> Sharding.reduceScatter communicator buckets.Reduce source block)
             if grads.dtype = torch.float32 then reduce grads
             else
                 use converted = grads.to_type torch.float32
@@ -220,6 +220,7 @@ module ZeroThree =
     /// InvalidInputException naming zero_stage for a model without a decoder backbone.
     let create
         (communicator: ICommunicator)
+        (buckets: CollectiveBuckets)
         (model: CausalLm)
         (flat: FlatParameters)
         (parameters: (string * Parameter) list)
@@ -285,7 +286,7 @@ module ZeroThree =
               Counts = fragments |> List.map (fun f -> f.Count)
               Values = values
               Grads = grads }
-        let zero = new ZeroThree(communicator, units, layerUnits, shardFlat, fragments, canonical, compute |> Option.map fst)
+        let zero = new ZeroThree(communicator, buckets, units, layerUnits, shardFlat, fragments, canonical, compute |> Option.map fst)
         // Every parameter is freed: from here on it exists only while gathered.
         zero.ReleaseAll()
         flat.Dispose()
