@@ -102,15 +102,7 @@ module DistributedBenchmark =
         let total = settings.WarmupSteps + settings.Steps
         let data = TrainingBenchmark.syntheticDataset (ModelConfig.vocabSize config.Model) (config.BatchSize * total) config.SequenceLength
         let options =
-            { TrainOptions.defaults with
-                PerDeviceTrainBatchSize = config.BatchSize / processes
-                LearningRate = settings.LearningRate
-                LrSchedulerType = SchedulerKind.Constant
-                MaxSteps = total
-                MaxSeqLen = config.SequenceLength
-                Shuffle = false
-                Threads = settings.Threads
-                SaveStrategy = IntervalStrategy.No
+            { TrainingBenchmark.benchmarkOptions (config.BatchSize / processes) config.SequenceLength settings.LearningRate total settings.Threads with
                 ReportToTensorBoard = false }
         let clock = PhaseClock()
         let plan = { TrainingLoop.planFor processes options data.Rows.Length with PhaseClock = Some clock }

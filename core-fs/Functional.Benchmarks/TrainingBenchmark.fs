@@ -283,6 +283,19 @@ module TrainingBenchmark =
         if settings.WarmupSteps < 0 then InvalidInput.setting "warmup" (sprintf "expected 0 or more warm-up steps, found %d" settings.WarmupSteps)
         if settings.Threads < 1 then InvalidInput.setting "threads" (sprintf "expected at least 1 thread, found %d" settings.Threads)
 
+    /// The options the training benchmarks train with: AdamW with clipping 1.0 (the defaults), a constant
+    /// learning rate, rows in order, no checkpoints, steps micro-batches of batch rows of sequenceLength.
+    let benchmarkOptions (batch: int) (sequenceLength: int) (learningRate: float) (steps: int) threads : TrainOptions =
+        { TrainOptions.defaults with
+            PerDeviceTrainBatchSize = batch
+            LearningRate = learningRate
+            LrSchedulerType = SchedulerKind.Constant
+            MaxSteps = steps
+            MaxSeqLen = sequenceLength
+            Shuffle = false
+            Threads = threads
+            SaveStrategy = IntervalStrategy.No }
+
     /// Trains a fresh model of the configuration (seed 1) with our Trainer (TrainingLoop.plan and TrainingLoop.train:
     /// AdamW, clipping 1.0, constant learning rate, no weight decay, rows in order, one micro-batch per
     /// step) in "fp32" or "bf16", on the synthetic rows, timing the steps after the warm-up.
@@ -293,15 +306,7 @@ module TrainingBenchmark =
         let total = settings.WarmupSteps + settings.Steps
         let data = syntheticDataset (ModelConfig.vocabSize config.Model) (config.BatchSize * total) config.SequenceLength
         let options =
-            { TrainOptions.defaults with
-                PerDeviceTrainBatchSize = config.BatchSize
-                LearningRate = settings.LearningRate
-                LrSchedulerType = SchedulerKind.Constant
-                MaxSteps = total
-                MaxSeqLen = config.SequenceLength
-                Shuffle = false
-                Threads = settings.Threads
-                SaveStrategy = IntervalStrategy.No
+            { benchmarkOptions config.BatchSize config.SequenceLength settings.LearningRate total settings.Threads with
                 Precision = precisionOf precision }
         let clock = PhaseClock()
         let plan = { TrainingLoop.plan options data.Rows.Length with PhaseClock = Some clock }
