@@ -37,6 +37,35 @@ let tests =
             finally
                 Directory.Delete(root, true)
         }
+        test "checkOutputFolder: eight callers at once on one missing output folder all pass (another's probe is not content)" {
+            // CI run of 2026-12-03: rank 1 of an mpirun found rank 0's probe in the new output folder and refused
+            // it as "already exists and is not empty".
+            let root = Path.Combine(Path.GetTempPath(), "functional-tests", "output-" + Guid.NewGuid().ToString "N")
+            Directory.CreateDirectory root |> ignore
+            try
+                for round in 1..40 do
+                    let request = FineTune.request "model" "data.jsonl" (Path.Combine(root, sprintf "out-%d" round))
+                    use start = new Barrier(8)
+                    let errors = Collections.Concurrent.ConcurrentBag<string>()
+                    let workers =
+                        [| for _ in 1..8 ->
+                               Thread(fun () ->
+                                   start.SignalAndWait()
+                                   try JobChecks.checkOutputFolder request
+                                   with e -> errors.Add e.Message) |]
+                    workers |> Array.iter (fun t -> t.Start())
+                    workers |> Array.iter (fun t -> t.Join())
+                    Expect.isEmpty errors (sprintf "round %d: %s" round (String.Join(" | ", errors)))
+                // A real file still makes the folder not empty.
+                let taken = Path.Combine(root, "taken")
+                Directory.CreateDirectory taken |> ignore
+                File.WriteAllText(Path.Combine(taken, ".write-probe-notes.txt.bak"), "x")
+                File.WriteAllText(Path.Combine(taken, "metrics.jsonl"), "{}")
+                let refused = try JobChecks.checkOutputFolder (FineTune.request "model" "data.jsonl" taken); None with :? InvalidInputException as e -> Some e.Message
+                Expect.isSome refused "a folder with a file in it is refused"
+            finally
+                Directory.Delete(root, true)
+        }
         test "checkWritable: a folder in /proc is refused, naming it, the same way every time" {
             let target = "/proc/functional-no-such-folder/out"
             for _ in 1..3 do

@@ -30,6 +30,9 @@ module internal JobChecks =
             TextTokenizer.absent request.DataPath
                 (sprintf "the data holds text, but the model folder %s has no tokenizer (tokenizer.json, vocab.json + merges.txt or tokenizer.model): pass {tokenizer} NAME or pre-tokenized {\"input_ids\": [...]} rows" request.ModelPath)
 
+    /// The name of checkWritable's probe files starts so.
+    let private probePrefix = ".write-probe-"
+
     /// Creates the folder when missing, writes and deletes a probe file, then removes what it created, so
     /// that a read-only file system, a missing permission or a full disk stops the run before training,
     /// naming the folder and the reason. A folder already there is left as it was.
@@ -45,30 +48,32 @@ module internal JobChecks =
         | Some parent when File.Exists parent ->
             InvalidInput.fail path "" (sprintf "the folder cannot be created: %s is a file" parent)
         | _ -> ()
-        let probe = Path.Combine(path, sprintf ".write-probe-%d-%s" Environment.ProcessId (Guid.NewGuid().ToString "N"))
+        let probe = Path.Combine(path, sprintf "%s%d-%s" probePrefix Environment.ProcessId (Guid.NewGuid().ToString "N"))
         // A folder that another process checking it too removes between this one's mkdir (of the folder or
-        // of a parent) and the probe is made again; mkdir answers ENOENT every time where the file system
-        // takes no new folders (/proc, /sys).
+        // of a parent) and the probe is made again: any I/O error is retried (100 times, 1 ms apart), so a
+        // concurrent removal passes while a lasting cause (a read-only or full file system, a missing
+        // permission) is reported. mkdir answers ENOENT every time where the file system takes no new
+        // folders (/proc, /sys).
         let rec createAndProbe attempt =
-            let again () =
-                Threading.Thread.Sleep 1
-                createAndProbe (attempt + 1)
-            let made =
+            let outcome =
                 try
-                    Directory.CreateDirectory path |> ignore
-                    true
-                with
-                | :? FileNotFoundException
-                | :? DirectoryNotFoundException when attempt >= 100 ->
-                    InvalidInput.fail path "" "the folder cannot be created there: the file system takes no new folders"
-                | :? FileNotFoundException
-                | :? DirectoryNotFoundException -> false
-            if not made then again ()
-            else
-                try
+                    try
+                        Directory.CreateDirectory path |> ignore
+                    with
+                    | :? FileNotFoundException
+                    | :? DirectoryNotFoundException when attempt >= 100 ->
+                        InvalidInput.fail path "" "the folder cannot be created there: the file system takes no new folders"
                     File.WriteAllBytes(probe, Array.zeroCreate 4096)
                     File.Delete probe
-                with :? DirectoryNotFoundException when attempt < 100 -> again ()
+                    None
+                with
+                | :? IOException
+                | :? UnauthorizedAccessException as e when attempt < 100 -> Some e
+            match outcome with
+            | None -> ()
+            | Some _ ->
+                Threading.Thread.Sleep 1
+                createAndProbe (attempt + 1)
         try
             try
                 createAndProbe 1
@@ -84,7 +89,13 @@ module internal JobChecks =
     let internal checkOutputFolder (request: FineTuneRequest) =
         let path = request.OutputPath
         if File.Exists path then InvalidInput.fail path "" "the output path is a file (expected a folder)"
-        if Directory.Exists path && Directory.EnumerateFileSystemEntries path |> Seq.isEmpty |> not && not request.OverwriteOutputDir then
+        // Another process of the run may be probing the folder at this moment: its probe is not content, and
+        // the folder it made may vanish while this one looks.
+        let content () =
+            try
+                Directory.EnumerateFileSystemEntries path |> Seq.exists (fun entry -> not (Path.GetFileName(entry).StartsWith probePrefix))
+            with :? DirectoryNotFoundException -> false
+        if Directory.Exists path && content () && not request.OverwriteOutputDir then
             InvalidInput.fail path "" "the output folder already exists and is not empty; pass {overwrite_output_dir} to write into it"
         checkWritable path
 
