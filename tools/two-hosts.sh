@@ -177,7 +177,7 @@ run() {
         exec ip netns exec "${HOSTS[0]}" mpirun -np "$processes" \
         --hostfile "$DIR/hostfile" --map-by node --oversubscribe \
         --mca plm_rsh_agent "$DIR/agent" --mca plm_rsh_no_tree_spawn 1 \
-        --mca pml ob1 --mca btl tcp,self \
+        --mca pml ob1 --mca btl tcp,self --mca rtc_hwloc_vmhole none \
         --mca btl_tcp_if_include "$SUBNET" --mca oob_tcp_if_include "$SUBNET" \
         -x TERM \
         "${forward[@]}" "${options[@]}" "$@"

@@ -93,6 +93,11 @@ internal static class Mpirun
         {
             info.ArgumentList.Add("--hostfile");
             info.ArgumentList.Add(hostfile);
+            // Open MPI 4.1's daemon on another machine (orted) maps the shared hardware topology into the
+            // "biggest" hole of its address space; now and then that lands on its stack and it dies at startup
+            // (SIGSEGV in hwloc_shmem_topology_write), and mpirun waits for it for ever: about 1 launch in 10
+            // here. Without the shared topology every daemon reads its own (docs/distributed.md).
+            info.Environment["OMPI_MCA_rtc_hwloc_vmhole"] = "none";
         }
         info.ArgumentList.Add(DotnetHost());
         info.ArgumentList.Add(ProgramDll());
