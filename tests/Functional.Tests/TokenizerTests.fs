@@ -369,11 +369,16 @@ let private sentencePiece =
             Expect.equal (tokenizer.Decode [| 1L; 263L; 264L; 269L; 268L; 270L; 267L; 271L; 2L |]) "hello world" "bos/eos left out"
             Expect.equal (tokenizer.Decode(tokenizer.Encode "hé")) "hé" "round trip"
         }
-        test "a SentencePiece-style tokenizer.json defers to tokenizer.model" {
+        test "a SentencePiece-style tokenizer.json is read itself, also beside a tokenizer.model (as HF's fast tokenizer)" {
             use folder = new TempFolder()
             File.WriteAllBytes(folder.File "tokenizer.model", sentencePieceModel ())
-            write folder "tokenizer.json" """{"pre_tokenizer": {"type": "Metaspace"}, "decoder": {"type": "Metaspace"}, "model": {"type": "BPE", "vocab": {}, "merges": []}}"""
-            Expect.equal ((Tokenizers.fromFolder folder.Path).Encode "hello") [| 263L |] "loaded from tokenizer.model"
+            write folder "tokenizer.json" """{"pre_tokenizer": {"type": "Metaspace"}, "decoder": {"type": "Metaspace"},
+                "model": {"type": "BPE", "unk_token": "<unk>",
+                          "vocab": {"<unk>": 0, "\u2581": 1, "h": 2, "e": 3, "l": 4, "o": 5, "\u2581h": 6, "\u2581he": 7, "\u2581hel": 8, "\u2581hell": 9, "\u2581hello": 10},
+                          "merges": ["\u2581 h", "\u2581h e", "\u2581he l", "\u2581hel l", "\u2581hell o"]}}"""
+            let tokenizer = Tokenizers.fromFolder folder.Path
+            Expect.equal (tokenizer.Encode "hello") [| 10L |] "the tokenizer.json's vocabulary and merges, not tokenizer.model's"
+            Expect.equal (tokenizer.Decode [| 10L |]) "hello" "Metaspace decodes the leading space away"
         }
         test "a corrupt tokenizer.model is rejected naming the file" {
             use folder = new TempFolder()

@@ -11,11 +11,13 @@ open System.Text.RegularExpressions
 open Microsoft.ML.Tokenizers
 open Functional
 
-/// Tokenizers from Hugging Face model folders and tiktoken encoding names, built on
-/// Microsoft.ML.Tokenizers (BpeTokenizer, LlamaTokenizer, TiktokenTokenizer).
+/// Tokenizers from Hugging Face model folders and tiktoken encoding names: tokenizer.json by our own
+/// implementation of HF's pipeline (HfTokenizerJson), the other files by Microsoft.ML.Tokenizers
+/// (BpeTokenizer, LlamaTokenizer, TiktokenTokenizer).
 ///
-/// A model folder is read the way HF's fast tokenizers read it: `tokenizer.json` first (a byte-level
-/// BPE model, GPT-2 style), then `vocab.json` + `merges.txt` (GPT-2 byte-level BPE), then
+/// A model folder is read the way HF's fast tokenizers read it: `tokenizer.json` first (a BPE model,
+/// byte-level or SentencePiece-style; its TemplateProcessing's special tokens give bos and eos when no
+/// config names them), then `vocab.json` + `merges.txt` (GPT-2 byte-level BPE), then
 /// `tokenizer.model` (LLaMA SentencePiece BPE). Special tokens are resolved per role (bos, eos, pad),
 /// the first source that names one winning:
 ///   1. `tokenizer_config.json` (`bos_token`, `eos_token`, `pad_token`: a token string or
@@ -27,36 +29,36 @@ open Functional
 ///      whose first element is taken), then `config.json` (same keys).
 /// A negative id means "none", as SentencePiece's -1. Pad falls back to eos, as in DeepSpeed-Chat.
 /// Encode adds no special tokens (no bos); added tokens written in the text are kept whole, as HF does.
-/// EncodeJoined tokenizes prompt + answer as one string and counts the prompt's tokens from the
-/// tokenizer's character offsets. The tokenizer's own bos/eos rule (AddsBos, AddsEos) is HF's:
+/// EncodeJoined tokenizes prompt + answer as one string and counts the prompt's tokens: from the
+/// tokenizer's character offsets, or for tokenizer.json the longest run of leading tokens whose decoded
+/// text is no longer than the prompt. The tokenizer's own bos/eos rule (AddsBos, AddsEos) is HF's:
 /// `tokenizer_config.json`'s `add_bos_token` / `add_eos_token` when present, else the special tokens
 /// around `$A` in `tokenizer.json`'s TemplateProcessing post-processor, else bos for a
 /// `tokenizer.model` (HF's LlamaTokenizer default) and nothing for byte-level BPE and tiktoken.
 /// Decode leaves out special tokens (added tokens marked special, the bos/eos/pad/unk tokens and
 /// `additional_special_tokens`), as HF's `decode(ids, skip_special_tokens=True)`.
 ///
-/// tokenizer.json support covers byte-level BPE: GPT-2's pre-tokenization pattern, or the regex of a
-/// `Split` pre-tokenizer (LLaMA-3, Qwen2 style), `add_prefix_space`, and no normalizer or NFC. A
-/// SentencePiece-style tokenizer.json (LLaMA, Mistral: a BPE model without byte-level pre-tokenization,
-/// `Prepend("▁")` + `Replace(" ", "▁")` normalizers or a Metaspace pre-tokenizer, byte fallback) is read
-/// through the tokenizer.model beside it, or, without one, turned into the SentencePiece model it was
-/// converted from (merge ranks as piece scores). BPE `ignore_merges` is not applied: words are always
-/// built by merges.
+/// tokenizer.json (a BPE model, byte-level or SentencePiece-style) is run by our own implementation of HF's
+/// pipeline (HfTokenizerJson): added tokens (special or not, lstrip/rstrip/single_word/normalized),
+/// normalizer and pre-tokenizer sequences (NFC/NFD/NFKC/NFKD, Lowercase, Strip, StripAccents, Prepend,
+/// Replace; Split with every behavior and invert, ByteLevel, Metaspace, Digits, Punctuation, Whitespace,
+/// WhitespaceSplit), BPE with ignore_merges, byte fallback and unk, merges taken by rank and left to right
+/// among equals (HF's order; Microsoft.ML.Tokenizers' SentencePiece BPE takes equal scores right to left),
+/// and the decoders (ByteLevel, Metaspace, Replace, ByteFallback, Fuse, Strip). Patterns see characters
+/// outside the BMP as one character of their category, as HF's regex engine does. A component it does not
+/// implement is refused at load, naming it. Microsoft.ML.Tokenizers still reads vocab.json + merges.txt,
+/// tokenizer.model and the tiktoken encodings.
 [<RequireQualifiedAccess>]
 module Tokenizers =
 
     /// GPT-2's pre-tokenization pattern: contractions, letters, digits and other symbols, each with an
     /// optional leading space, and runs of whitespace.
-    let gpt2Pattern = @"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+    let gpt2Pattern = HfTokenizerJson.gpt2Pattern
 
     /// GPT-2's byte-to-unicode table (`bytes_to_unicode` in openai/gpt-2's encoder.py): the character
     /// that stands for each byte in a byte-level vocabulary. Printable Latin-1 bytes stand for
     /// themselves; the others map in order to U+0100 and up (the space byte 0x20 becomes 'Ġ').
-    let byteLevelAlphabet: char[] =
-        let printable b = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255)
-        [| 0..255 |]
-        |> Array.mapFold (fun next b -> if printable b then char b, next else char next, next + 1) 256
-        |> fst
+    let byteLevelAlphabet: char[] = HfTokenizerJson.byteLevelAlphabet
 
     /// The encoding names fromEncoding knows.
     let knownEncodings = [ "cl100k_base"; "o200k_base" ]
@@ -173,18 +175,6 @@ module Tokenizers =
                   | Some content -> { Content = content; Id = id; Special = boolField entry.Value "special" false }
                   | None -> InvalidInput.fail path location "expected an object with a \"content\" string" ]
         | Some _ -> InvalidInput.fail path "added_tokens_decoder" "expected an object mapping ids to tokens"
-
-    let private addedTokensOfTokenizerJson (path: string) (root: JsonElement) =
-        match field root "added_tokens" with
-        | None -> []
-        | Some list when list.ValueKind = JsonValueKind.Array ->
-            [ for i, entry in Seq.indexed (list.EnumerateArray()) do
-                  let location = sprintf "added_tokens[%d]" i
-                  match stringField entry "content", field entry "id" |> Option.bind integer with
-                  | Some content, Some id when id >= 0L && id <= int64 Int32.MaxValue ->
-                      { Content = content; Id = int id; Special = boolField entry "special" false }
-                  | _ -> InvalidInput.fail path location "expected an object with \"id\" (an integer) and \"content\" (a string)" ]
-        | Some _ -> InvalidInput.fail path "added_tokens" "expected a list of tokens"
 
     /// The length of the longest common prefix of a and b.
     let private commonPrefix (a: string) (b: string) =
@@ -324,128 +314,6 @@ module Tokenizers =
     let private fromSentencePiece (path: string) (added: AddedToken list) : Loaded =
         sentencePieceOf path (fun () -> File.OpenRead path :> Stream) added None
 
-    /// Protocol-buffer writing, for the SentencePiece ModelProto built from a tokenizer.json.
-    module private Proto =
-        let private varint (w: Stream) (value: uint64) =
-            let mutable v = value
-            while v >= 0x80UL do
-                w.WriteByte(byte (v &&& 0x7FUL ||| 0x80UL))
-                v <- v >>> 7
-            w.WriteByte(byte v)
-
-        let private tag (w: Stream) (field: int) (wire: int) = varint w (uint64 ((field <<< 3) ||| wire))
-
-        let bytes (w: Stream) field (value: byte[]) =
-            tag w field 2
-            varint w (uint64 value.Length)
-            w.Write(value, 0, value.Length)
-
-        let text (w: Stream) field (value: string) = bytes w field (Encoding.UTF8.GetBytes value)
-
-        /// An int32 or enum field (negative values as 10-byte varints, as protobuf writes them).
-        let int32 (w: Stream) field (value: int) =
-            tag w field 0
-            varint w (uint64 (int64 value))
-
-        let float32 (w: Stream) field (value: float32) =
-            tag w field 5
-            w.Write(BitConverter.GetBytes value, 0, 4)
-
-        let message (build: Stream -> unit) =
-            use stream = new MemoryStream()
-            build stream
-            stream.ToArray()
-
-    /// The SentencePiece model a SentencePiece-style tokenizer.json was converted from (HF's
-    /// LlamaConverter run backwards): every vocabulary entry becomes a piece, in id order, scored by
-    /// minus the rank of the merge that makes it (pieces no merge makes rank after every merge), so
-    /// merging by score is merging by rank; `<0xXX>` pieces are byte pieces under byte fallback, the
-    /// unknown token is the unknown piece and added tokens marked special are control pieces.
-    /// `Prepend("▁")` / Metaspace prepending is the dummy prefix, `Replace(" ", "▁")` / Metaspace the
-    /// whitespace escaping. Raises InvalidInputException for any other normalizer or pre-tokenizer.
-    let private sentencePieceModelOf
-        (path: string)
-        (root: JsonElement)
-        (model: JsonElement)
-        (vocabulary: Dictionary<string, int>)
-        (merges: string list)
-        (added: AddedToken list)
-        : byte[] =
-        let mutable dummyPrefix = false
-        let mutable escapeWhitespace = false
-        for c in componentsOf root "normalizer" do
-            match typeOf c with
-            | "Sequence" -> ()
-            | "Prepend" when stringField c "prepend" = Some "▁" -> dummyPrefix <- true
-            | "Replace" when
-                (field c "pattern" |> Option.bind (fun p -> stringField p "String")) = Some " "
-                && stringField c "content" = Some "▁"
-                ->
-                escapeWhitespace <- true
-            | other ->
-                InvalidInput.fail path "normalizer"
-                    (sprintf "a SentencePiece-style model supports only Prepend(\"▁\") and Replace(\" \", \"▁\") normalizers, found %s" other)
-        for c in componentsOf root "pre_tokenizer" do
-            match typeOf c with
-            | "Sequence" -> ()
-            | "Metaspace" when (stringField c "replacement" |> Option.defaultValue "▁") = "▁" ->
-                escapeWhitespace <- true
-                let scheme = stringField c "prepend_scheme" |> Option.defaultValue (if boolField c "add_prefix_space" true then "always" else "never")
-                if scheme <> "never" then dummyPrefix <- true
-            | other ->
-                InvalidInput.fail path "pre_tokenizer"
-                    (sprintf "a SentencePiece-style model supports only a Metaspace pre-tokenizer, found %s" other)
-        let byteFallback = boolField model "byte_fallback" false
-        let size = (vocabulary.Values |> Seq.fold max -1) + 1
-        let pieces = Array.create size null
-        for entry in vocabulary do
-            pieces[entry.Value] <- entry.Key
-        match pieces |> Array.tryFindIndex isNull with
-        | Some id -> InvalidInput.fail path "model.vocab" (sprintf "the ids must be 0 to %d without gaps; id %d is missing" (size - 1) id)
-        | None -> ()
-        let rank = Dictionary<string, int>(StringComparer.Ordinal)
-        merges
-        |> List.iteri (fun i merge ->
-            let made = merge.Replace(" ", "")
-            if not (rank.ContainsKey made) then rank[made] <- i)
-        let unknown = stringField model "unk_token"
-        let control = added |> List.filter (fun t -> t.Special) |> List.map (fun t -> t.Content) |> set
-        let idOf token = match vocabulary.TryGetValue(token: string) with | true, id -> id | _ -> -1
-        let isByte (piece: string) = byteFallback && piece.Length = 6 && piece.StartsWith "<0x" && piece.EndsWith ">"
-        let normal, unknownKind, controlKind, byteKind = 1, 2, 3, 6
-        Proto.message (fun m ->
-            pieces
-            |> Array.iteri (fun id piece ->
-                let kind =
-                    if Some piece = unknown then unknownKind
-                    elif control.Contains piece then controlKind
-                    elif isByte piece then byteKind
-                    else normal
-                let score =
-                    match rank.TryGetValue piece with
-                    | true, r -> -(float32 r)
-                    | _ when kind = normal -> -(float32 (merges.Length + id))
-                    | _ -> 0.0f
-                Proto.bytes m 1 (Proto.message (fun p ->
-                    Proto.text p 1 piece
-                    Proto.float32 p 2 score
-                    Proto.int32 p 3 kind)))
-            // TrainerSpec: model_type BPE, vocab_size, byte_fallback, unk/bos/eos/pad ids.
-            Proto.bytes m 2 (Proto.message (fun t ->
-                Proto.int32 t 3 2
-                Proto.int32 t 4 size
-                Proto.int32 t 35 (if byteFallback then 1 else 0)
-                Proto.int32 t 40 (unknown |> Option.map idOf |> Option.defaultValue -1)
-                Proto.int32 t 41 (idOf "<s>")
-                Proto.int32 t 42 (idOf "</s>")
-                Proto.int32 t 43 -1))
-            // NormalizerSpec: identity, dummy prefix, keep extra whitespace, whitespace escaping.
-            Proto.bytes m 3 (Proto.message (fun n ->
-                Proto.text n 1 "identity"
-                Proto.int32 n 3 (if dummyPrefix then 1 else 0)
-                Proto.int32 n 4 0
-                Proto.int32 n 5 (if escapeWhitespace then 1 else 0))))
-
     /// The special tokens a TemplateProcessing post-processor puts before and after `$A` in its
     /// "single" template: (adds bos, adds eos); None without one.
     let private templateOf (root: JsonElement) =
@@ -458,10 +326,29 @@ module Tokenizers =
                 Some(items.Length > 0 && isSpecial items[0], items.Length > 0 && isSpecial items[items.Length - 1])
             | _ -> None)
 
-    /// Reads tokenizer.json: Ok with the tokenizer when it holds a byte-level BPE, or a SentencePiece-style
-    /// BPE and there is no tokenizer.model (hasModelFile false); Error with the reason when it holds
-    /// another kind of model (a tokenizer.model next to it may then be used instead).
-    let private fromTokenizerJson (path: string) (hasModelFile: bool) (configAdded: AddedToken list) : Result<Loaded, string * string> =
+    /// The ids of the special tokens a TemplateProcessing post-processor puts before and after `$A`
+    /// (its "single" template, resolved through its "special_tokens"): (bos, eos).
+    let private templateTokensOf (root: JsonElement) =
+        componentsOf root "post_processor"
+        |> List.tryPick (fun c ->
+            match typeOf c, field c "single" with
+            | "TemplateProcessing", Some single when single.ValueKind = JsonValueKind.Array ->
+                let items = single.EnumerateArray() |> Array.ofSeq
+                let idOf (item: JsonElement) =
+                    field item "SpecialToken"
+                    |> Option.bind (fun t -> stringField t "id")
+                    |> Option.bind (fun name -> field c "special_tokens" |> Option.bind (fun tokens -> field tokens name))
+                    |> Option.bind (fun token -> field token "ids")
+                    |> Option.bind (fun ids -> if ids.ValueKind = JsonValueKind.Array && ids.GetArrayLength() > 0 then integer ids[0] else None)
+                    |> Option.map int
+                if items.Length = 0 then None else Some(idOf items[0], idOf items[items.Length - 1])
+            | _ -> None)
+        |> Option.defaultValue (None, None)
+
+    /// Reads tokenizer.json: Ok with the tokenizer when it holds a BPE model (byte-level or SentencePiece-style,
+    /// run by HfTokenizerJson as HF's tokenizers library runs it); Error with the reason when it holds another
+    /// kind of model (a tokenizer.model next to it may then be used instead).
+    let private fromTokenizerJson (path: string) (configAdded: AddedToken list) : Result<Loaded, string * string> =
         let root = readJsonObject path
         let model =
             match field root "model" with
@@ -489,39 +376,39 @@ module Tokenizers =
                           merge[0].GetString() + " " + merge[1].GetString()
                       | _ -> InvalidInput.fail path (sprintf "model.merges[%d]" i) "expected \"left right\" or [\"left\", \"right\"]" ]
             | Some _ -> InvalidInput.fail path "model.merges" "expected a list of merges"
-        let added () = addedTokensOfTokenizerJson path root @ configAdded |> List.distinctBy (fun t -> t.Content)
         if modelType <> "BPE" then
             Error("model.type", sprintf "a %s model is not supported; %s" (if modelType = "" then "untyped" else modelType) expectedFiles)
-        elif not byteLevel && hasModelFile then
-            Error("pre_tokenizer", "a SentencePiece-style model is read from the tokenizer.model beside it")
-        elif not byteLevel then
-            let vocabulary = vocabularyOf ()
-            let added = added ()
-            let proto = sentencePieceModelOf path root model vocabulary (mergesOf ()) added
-            Ok(sentencePieceOf path (fun () -> new MemoryStream(proto) :> Stream) added (templateOf root))
         else
             let vocabulary = vocabularyOf ()
-            let merges = mergesOf ()
-            let splitPattern =
-                preTokenizers
-                |> List.tryPick (fun c ->
-                    if typeOf c = "Split" then field c "pattern" |> Option.bind (fun p -> stringField p "Regex") else None)
-            let pattern =
-                let source = splitPattern |> Option.defaultValue gpt2Pattern
-                try
-                    Regex(source, RegexOptions.Compiled)
-                with :? ArgumentException as e ->
-                    InvalidInput.fail path "pre_tokenizer" (sprintf "the Split pattern is not a .NET regular expression (%s)" e.Message)
-            let addPrefixSpace =
-                preTokenizers |> List.exists (fun c -> typeOf c = "ByteLevel" && boolField c "add_prefix_space" false)
-            let normalizers = componentsOf root "normalizer" |> List.map typeOf |> List.filter ((<>) "Sequence")
-            let normalizeNfc =
-                match normalizers with
-                | [] -> false
-                | [ "NFC" ] -> true
-                | other -> InvalidInput.fail path "normalizer" (sprintf "only no normalizer or NFC is supported, found %s" (String.Join(", ", other)))
-            let loaded = byteLevelBpe path vocabulary merges (added ()) pattern addPrefixSpace normalizeNfc [ path ]
-            Ok { loaded with Template = templateOf root }
+            let extra =
+                [ for t in configAdded ->
+                      { HfAddedToken.Content = t.Content; Id = t.Id; Special = t.Special; SingleWord = false; LStrip = false; RStrip = false; Normalized = not t.Special } ]
+            let hf = HfTokenizerJson.load path root vocabulary (mergesOf ()) extra
+            let specialIds = hf.Added |> List.filter (fun t -> t.Special) |> List.map (fun t -> t.Id)
+            let special = HashSet<int>(specialIds)
+            let decodeKept (ids: int[]) = ids |> Array.filter (special.Contains >> not) |> hf.Decode
+            Ok
+                { Encode = fun text -> hf.Encode text :> IReadOnlyList<int>
+                  EncodeJoined =
+                    fun prompt answer ->
+                        // The prompt's tokens: the longest run of leading tokens whose text is no longer than the
+                        // prompt (a token across the boundary belongs to the answer).
+                        let ids = hf.Encode(prompt + answer)
+                        let fits k = (decodeKept ids[0 .. k - 1]).Length <= prompt.Length
+                        let mutable low, high = 0, ids.Length
+                        while low < high do
+                            let middle = (low + high + 1) / 2
+                            if fits middle then low <- middle else high <- middle - 1
+                        ids, low
+                  Template = templateOf root
+                  AddsBosByDefault = not byteLevel
+                  Decode = hf.Decode
+                  Lookup = hf.Lookup
+                  SpecialIds = specialIds
+                  ModelBos = fst (templateTokensOf root)
+                  ModelEos = snd (templateTokensOf root)
+                  VocabSize = hf.VocabSize
+                  Files = [ path ] }
 
     let private fingerprintOf (files: string list) (extra: string) =
         use hash = IncrementalHash.CreateHash HashAlgorithmName.SHA256
@@ -560,7 +447,7 @@ module Tokenizers =
         let sentencePiece () = fromSentencePiece (file "tokenizer.model") configAdded
         let loaded =
             if File.Exists(file "tokenizer.json") then
-                match fromTokenizerJson (file "tokenizer.json") (File.Exists(file "tokenizer.model")) configAdded with
+                match fromTokenizerJson (file "tokenizer.json") configAdded with
                 | Ok loaded -> loaded
                 | Error _ when File.Exists(file "tokenizer.model") -> sentencePiece ()
                 | Error(location, problem) -> InvalidInput.fail (file "tokenizer.json") location problem
