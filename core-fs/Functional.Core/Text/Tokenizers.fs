@@ -36,7 +36,9 @@ open Functional
 /// around `$A` in `tokenizer.json`'s TemplateProcessing post-processor, else bos for a
 /// `tokenizer.model` (HF's LlamaTokenizer default) and nothing for byte-level BPE and tiktoken.
 /// Decode leaves out special tokens (added tokens marked special, the bos/eos/pad/unk tokens and
-/// `additional_special_tokens`), as HF's `decode(ids, skip_special_tokens=True)`.
+/// `additional_special_tokens`), as HF's `decode(ids, skip_special_tokens=True)`, and cleans up the spaces
+/// before punctuation and contractions as HF does unless `tokenizer_config.json` sets
+/// `clean_up_tokenization_spaces` to false (HF's default is true).
 ///
 /// tokenizer.json (a BPE model, byte-level or SentencePiece-style) is run by our own implementation of HF's
 /// pipeline (HfTokenizerJson): added tokens (special or not, lstrip/rstrip/single_word/normalized),
@@ -538,7 +540,11 @@ module Tokenizers =
             fun prompt answer ->
                 let ids, promptTokens = loaded.EncodeJoined prompt answer
                 { Ids = Array.map int64 ids; PromptTokens = promptTokens }
-          Decode = makeDecode folder loaded.VocabSize specialIds loaded.Decode }
+          Decode =
+            // HF's decode cleans up spaces before punctuation unless the config turns it off (default on).
+            let cleanUp = configRule "clean_up_tokenization_spaces" |> Option.defaultValue true
+            let decode = makeDecode folder loaded.VocabSize specialIds loaded.Decode
+            if cleanUp then decode >> HfTokenizerJson.cleanUpTokenization else decode }
 
     /// A tiktoken encoding by name: "cl100k_base" (GPT-3.5/GPT-4) or "o200k_base" (GPT-4o), from the
     /// Microsoft.ML.Tokenizers.Data packages. Eos (and pad) is <|endoftext|>; there is no bos. Raises
