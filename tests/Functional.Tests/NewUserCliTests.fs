@@ -5,6 +5,7 @@ module Functional.Tests.NewUserCliTests
 open System
 open System.Diagnostics
 open System.IO
+open System.Text.Json
 open Expecto
 open Functional.Tests.TestUtil
 
@@ -274,6 +275,28 @@ let private finding10 =
             let plain = runCli [ "tokenize"; "--tokenizer"; "cl100k_base"; "@dataclass" ]
             expectExit 0 plain
             Expect.equal (plain.Stdout.Trim()) (idsOf "@dataclass") "the ids of @dataclass"
+        }
+        test "tokenize --file: one {\"ids\"} line per {\"text\"} line, --decode --file back, a bad line named by file and line" {
+            use folder = new TempFolder()
+            let texts = [ "Hello world!"; "中文分词：梯度累积"; ""; "𝟘𝟙 🤷🏽‍♀️ <|endoftext|>" ]
+            File.WriteAllLines(folder.File "texts.jsonl", [ for t in texts -> JsonSerializer.Serialize(dict [ "text", t ]) ])
+            let run = runCli [ "tokenize"; "--tokenizer"; "cl100k_base"; "--file"; folder.File "texts.jsonl" ]
+            expectExit 0 run
+            let lines = run.Stdout.TrimEnd('\n').Split('\n')
+            Expect.equal lines.Length texts.Length "one line out per line in"
+            let encoder = Functional.Text.Tokenizers.fromEncoding "cl100k_base"
+            for text, line in List.zip texts (List.ofArray lines) do
+                let ids = JsonDocument.Parse(line).RootElement.GetProperty("ids").EnumerateArray() |> Seq.map (fun e -> e.GetInt64()) |> Array.ofSeq
+                Expect.equal ids (encoder.Encode text) (sprintf "the ids of %s" text)
+            File.WriteAllLines(folder.File "ids.jsonl", lines)
+            let back = runCli [ "tokenize"; "--tokenizer"; "cl100k_base"; "--decode"; "--file"; folder.File "ids.jsonl" ]
+            expectExit 0 back
+            let decoded = back.Stdout.TrimEnd('\n').Split('\n') |> Array.map (fun l -> JsonDocument.Parse(l).RootElement.GetProperty("text").GetString())
+            Expect.equal (List.ofArray decoded) (texts |> List.map (fun t -> t.Replace("<|endoftext|>", ""))) "decoded back (special tokens skipped)"
+            File.WriteAllLines(folder.File "bad.jsonl", [ "{\"text\": \"ok\"}"; "{\"txt\": \"typo\"}" ])
+            expectOneLineError [ folder.File "bad.jsonl"; "line 2"; "\"text\"" ] (runCli [ "tokenize"; "--tokenizer"; "cl100k_base"; "--file"; folder.File "bad.jsonl" ])
+            File.WriteAllLines(folder.File "badids.jsonl", [ "{\"ids\": [1, -2]}" ])
+            expectOneLineError [ folder.File "badids.jsonl"; "line 1"; "non-negative" ] (runCli [ "tokenize"; "--tokenizer"; "cl100k_base"; "--decode"; "--file"; folder.File "badids.jsonl" ])
         }
         test "finding 10: -- ends the options, so a text that looks like an option is encoded" {
             let run = runCli [ "tokenize"; "--tokenizer"; "cl100k_base"; "--"; "--decode" ]
