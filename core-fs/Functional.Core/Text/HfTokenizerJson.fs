@@ -30,19 +30,22 @@ module internal HfTokenizerJson =
 
     // ---- JSON helpers ----
 
-    let private field (element: JsonElement) (name: string) =
+    /// The value of an object's property; None when it is absent or null.
+    let field (element: JsonElement) (name: string) =
         if element.ValueKind <> JsonValueKind.Object then None
         else
             match element.TryGetProperty name with
             | true, value when value.ValueKind <> JsonValueKind.Null -> Some value
             | _ -> None
 
-    let private stringField element name =
+    /// A string property; None when absent or of another kind.
+    let stringField element name =
         match field element name with
         | Some v when v.ValueKind = JsonValueKind.String -> Some(v.GetString())
         | _ -> None
 
-    let private boolField element name defaultValue =
+    /// A boolean property, or defaultValue when absent or of another kind.
+    let boolField element name defaultValue =
         match field element name with
         | Some v when v.ValueKind = JsonValueKind.True -> true
         | Some v when v.ValueKind = JsonValueKind.False -> false
@@ -272,6 +275,16 @@ module internal HfTokenizerJson =
             | None -> InvalidInput.fail path (location + ".pattern") "expected the pattern to replace"
         | other -> refuse path location (sprintf "the normalizer %s" (if other = "" then "(untyped)" else other))
 
+    /// A Metaspace's replacement and prepend scheme (always, first or never; older files say
+    /// add_prefix_space).
+    let private metaspaceOf (element: JsonElement) =
+        let replacement = stringField element "replacement" |> Option.defaultValue "▁"
+        let scheme =
+            match stringField element "prepend_scheme" with
+            | Some scheme -> scheme
+            | None -> if boolField element "add_prefix_space" true then "always" else "never"
+        replacement, scheme
+
     let rec private preTokenizerOf (path: string) (location: string) (element: JsonElement) : Piece list -> Piece list =
         let each (split: Piece -> string list) =
             fun (pieces: Piece list) ->
@@ -301,11 +314,7 @@ module internal HfTokenizerJson =
                     let parts = if useRegex then splitBy (findMatches gpt2Regex.Value) "Isolated" false text else [ text ]
                     parts |> List.mapi (fun i t -> { Text = toByteLevel t; First = piece.First && i = 0 }))
         | "Metaspace" ->
-            let replacement = stringField element "replacement" |> Option.defaultValue "▁"
-            let scheme =
-                match stringField element "prepend_scheme" with
-                | Some scheme -> scheme
-                | None -> if boolField element "add_prefix_space" true then "always" else "never"
+            let replacement, scheme = metaspaceOf element
             let split = boolField element "split" true
             let splitter = Regex(Regex.Escape replacement, RegexOptions.Compiled)
             fun pieces ->
@@ -359,11 +368,7 @@ module internal HfTokenizerJson =
                 flush ()
                 List.ofSeq result
         | "Metaspace" ->
-            let replacement = stringField element "replacement" |> Option.defaultValue "▁"
-            let scheme =
-                match stringField element "prepend_scheme" with
-                | Some scheme -> scheme
-                | None -> if boolField element "add_prefix_space" true then "always" else "never"
+            let replacement, scheme = metaspaceOf element
             fun tokens ->
                 tokens
                 |> List.mapi (fun i (token, added) ->

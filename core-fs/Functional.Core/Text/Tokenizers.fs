@@ -106,24 +106,9 @@ module Tokenizers =
         if root.ValueKind <> JsonValueKind.Object then InvalidInput.fail path "" "expected a JSON object"
         root
 
-    /// The value of an object's property; None when it is absent or null.
-    let private field (element: JsonElement) (name: string) =
-        if element.ValueKind <> JsonValueKind.Object then None
-        else
-            match element.TryGetProperty name with
-            | true, value when value.ValueKind <> JsonValueKind.Null -> Some value
-            | _ -> None
-
-    let private stringField element name =
-        match field element name with
-        | Some v when v.ValueKind = JsonValueKind.String -> Some(v.GetString())
-        | _ -> None
-
-    let private boolField element name defaultValue =
-        match field element name with
-        | Some v when v.ValueKind = JsonValueKind.True -> true
-        | Some v when v.ValueKind = JsonValueKind.False -> false
-        | _ -> defaultValue
+    let private field = HfTokenizerJson.field
+    let private stringField = HfTokenizerJson.stringField
+    let private boolField = HfTokenizerJson.boolField
 
     /// A JSON integer; None for any other value.
     let private integer (element: JsonElement) =
@@ -316,36 +301,37 @@ module Tokenizers =
     let private fromSentencePiece (path: string) (added: AddedToken list) : Loaded =
         sentencePieceOf path (fun () -> File.OpenRead path :> Stream) added None
 
-    /// The special tokens a TemplateProcessing post-processor puts before and after `$A` in its
-    /// "single" template: (adds bos, adds eos); None without one.
-    let private templateOf (root: JsonElement) =
+    /// tokenizer.json's TemplateProcessing post-processor and the items of its "single" template.
+    let private templateItems (root: JsonElement) =
         componentsOf root "post_processor"
         |> List.tryPick (fun c ->
             match typeOf c, field c "single" with
-            | "TemplateProcessing", Some single when single.ValueKind = JsonValueKind.Array ->
-                let items = single.EnumerateArray() |> Array.ofSeq
-                let isSpecial (item: JsonElement) = (field item "SpecialToken").IsSome
-                Some(items.Length > 0 && isSpecial items[0], items.Length > 0 && isSpecial items[items.Length - 1])
+            | "TemplateProcessing", Some single when single.ValueKind = JsonValueKind.Array && single.GetArrayLength() > 0 ->
+                Some(c, single.EnumerateArray() |> Array.ofSeq)
             | _ -> None)
 
-    /// The ids of the special tokens a TemplateProcessing post-processor puts before and after `$A`
-    /// (its "single" template, resolved through its "special_tokens"): (bos, eos).
+    /// Whether the "single" template puts a special token before and after `$A`: (adds bos, adds eos); None
+    /// without a TemplateProcessing post-processor.
+    let private templateOf (root: JsonElement) =
+        templateItems root
+        |> Option.map (fun (_, items) ->
+            let isSpecial (item: JsonElement) = (field item "SpecialToken").IsSome
+            isSpecial items[0], isSpecial items[items.Length - 1])
+
+    /// The ids of the special tokens the "single" template puts before and after `$A` (resolved through the
+    /// post-processor's "special_tokens"): (bos, eos).
     let private templateTokensOf (root: JsonElement) =
-        componentsOf root "post_processor"
-        |> List.tryPick (fun c ->
-            match typeOf c, field c "single" with
-            | "TemplateProcessing", Some single when single.ValueKind = JsonValueKind.Array ->
-                let items = single.EnumerateArray() |> Array.ofSeq
-                let idOf (item: JsonElement) =
-                    field item "SpecialToken"
-                    |> Option.bind (fun t -> stringField t "id")
-                    |> Option.bind (fun name -> field c "special_tokens" |> Option.bind (fun tokens -> field tokens name))
-                    |> Option.bind (fun token -> field token "ids")
-                    |> Option.bind (fun ids -> if ids.ValueKind = JsonValueKind.Array && ids.GetArrayLength() > 0 then integer ids[0] else None)
-                    |> Option.map int
-                if items.Length = 0 then None else Some(idOf items[0], idOf items[items.Length - 1])
-            | _ -> None)
-        |> Option.defaultValue (None, None)
+        match templateItems root with
+        | None -> None, None
+        | Some(processor, items) ->
+            let idOf (item: JsonElement) =
+                field item "SpecialToken"
+                |> Option.bind (fun t -> stringField t "id")
+                |> Option.bind (fun name -> field processor "special_tokens" |> Option.bind (fun tokens -> field tokens name))
+                |> Option.bind (fun token -> field token "ids")
+                |> Option.bind (fun ids -> if ids.ValueKind = JsonValueKind.Array && ids.GetArrayLength() > 0 then integer ids[0] else None)
+                |> Option.map int
+            idOf items[0], idOf items[items.Length - 1]
 
     /// Reads tokenizer.json: Ok with the tokenizer when it holds a BPE model (byte-level or SentencePiece-style,
     /// run by HfTokenizerJson as HF's tokenizers library runs it); Error with the reason when it holds another
