@@ -529,32 +529,33 @@ module internal HfTokenizerJson =
 
     /// Splits text around the added tokens (leftmost, longest first): Choice1Of2 text between them,
     /// Choice2Of2 the id of an added token (lstrip / rstrip take the whitespace beside it along).
-    let private splitAdded (tokens: HfAddedToken list) (text: string) : Choice<string, int> list =
-        if tokens.IsEmpty || text.Length = 0 then [ Choice1Of2 text ]
-        else
-            let ordered = tokens |> List.sortByDescending (fun t -> t.Content.Length)
-            let pattern = Regex(String.Join("|", ordered |> List.map (fun t -> Regex.Escape t.Content)))
-            let byContent = dict [ for t in tokens -> t.Content, t ]
-            let isWord (i: int) = i >= 0 && i < text.Length && (Char.IsLetterOrDigit text[i] || text[i] = '_')
-            let result = ResizeArray<Choice<string, int>>()
-            let mutable previous = 0
-            let mutable m = pattern.Match(text)
-            while m.Success do
-                let token = byContent[m.Value]
-                let accepted = not token.SingleWord || (not (isWord (m.Index - 1)) && not (isWord (m.Index + m.Length)))
-                if accepted && m.Index >= previous then
-                    let mutable start = m.Index
-                    let mutable finish = m.Index + m.Length
-                    if token.LStrip then
-                        while start > previous && Char.IsWhiteSpace text[start - 1] do start <- start - 1
-                    if token.RStrip then
-                        while finish < text.Length && Char.IsWhiteSpace text[finish] do finish <- finish + 1
-                    if start > previous then result.Add(Choice1Of2(text.Substring(previous, start - previous)))
-                    result.Add(Choice2Of2 token.Id)
-                    previous <- finish
-                m <- if accepted then pattern.Match(text, max previous (m.Index + 1)) else pattern.Match(text, m.Index + 1)
-            if previous < text.Length then result.Add(Choice1Of2(text.Substring previous))
-            List.ofSeq result
+    let private splitAdded (tokens: HfAddedToken list) : string -> Choice<string, int> list =
+        let ordered = tokens |> List.sortByDescending (fun t -> t.Content.Length)
+        let pattern = Regex(String.Join("|", ordered |> List.map (fun t -> Regex.Escape t.Content)), RegexOptions.Compiled)
+        let byContent = dict [ for t in tokens -> t.Content, t ]
+        fun text ->
+            if tokens.IsEmpty || text.Length = 0 then [ Choice1Of2 text ]
+            else
+                let isWord (i: int) = i >= 0 && i < text.Length && (Char.IsLetterOrDigit text[i] || text[i] = '_')
+                let result = ResizeArray<Choice<string, int>>()
+                let mutable previous = 0
+                let mutable m = pattern.Match(text)
+                while m.Success do
+                    let token = byContent[m.Value]
+                    let accepted = not token.SingleWord || (not (isWord (m.Index - 1)) && not (isWord (m.Index + m.Length)))
+                    if accepted && m.Index >= previous then
+                        let mutable start = m.Index
+                        let mutable finish = m.Index + m.Length
+                        if token.LStrip then
+                            while start > previous && Char.IsWhiteSpace text[start - 1] do start <- start - 1
+                        if token.RStrip then
+                            while finish < text.Length && Char.IsWhiteSpace text[finish] do finish <- finish + 1
+                        if start > previous then result.Add(Choice1Of2(text.Substring(previous, start - previous)))
+                        result.Add(Choice2Of2 token.Id)
+                        previous <- finish
+                    m <- if accepted then pattern.Match(text, max previous (m.Index + 1)) else pattern.Match(text, m.Index + 1)
+                if previous < text.Length then result.Add(Choice1Of2(text.Substring previous))
+                List.ofSeq result
 
     /// Reads a BPE tokenizer.json (root) with extra added tokens (tokenizer_config.json's, by content).
     /// Raises InvalidInputException naming path and the component it cannot reproduce.
@@ -594,22 +595,22 @@ module internal HfTokenizerJson =
         let normalize = match field root "normalizer" with Some n -> normalizerOf path "normalizer" n | None -> id
         let preTokenize = match field root "pre_tokenizer" with Some p -> preTokenizerOf path "pre_tokenizer" p | None -> id
         let decode = match field root "decoder" with Some d -> decoderOf path "decoder" d | None -> (fun tokens -> [ String.Join(" ", tokens |> List.map fst), false ])
-        let raw = added |> List.filter (fun t -> not t.Normalized)
-        let normalized = added |> List.filter (fun t -> t.Normalized)
+        let raw = splitAdded (added |> List.filter (fun t -> not t.Normalized))
+        let normalized = splitAdded (added |> List.filter (fun t -> t.Normalized))
         let encodeText (text: string) (first: bool) : int[] =
             let pieces = preTokenize [ { Text = text; First = first } ]
             pieces |> List.toArray |> Array.collect (fun p -> bpeWord bpe p.Text)
         let encode (text: string) : int[] =
             let ids = ResizeArray<int>()
             let mutable atStart = true
-            for part in splitAdded raw text do
+            for part in raw text do
                 match part with
                 | Choice2Of2 id ->
                     ids.Add id
                     atStart <- false
                 | Choice1Of2 segment ->
                     let normalizedSegment = normalize segment
-                    for inner in splitAdded normalized normalizedSegment do
+                    for inner in normalized normalizedSegment do
                         match inner with
                         | Choice2Of2 id -> ids.Add id
                         | Choice1Of2 piece -> ids.AddRange(encodeText piece atStart)
