@@ -89,7 +89,12 @@ case "$host" in
     fnl-host0|fnl-host1) ;;
     *) echo "two-hosts agent: unknown host '$host' (known: fnl-host0 fnl-host1)" >&2; exit 255 ;;
 esac
-exec ip netns exec "$host" env -i PATH="$PATH" HOME="${HOME:-/root}" USER="${USER:-root}" LOGNAME="${LOGNAME:-root}" SHELL=/bin/sh LANG="${LANG:-C.UTF-8}" /bin/sh -c "$*"
+# Each host keeps Open MPI's session files in a /tmp of its own, as separate machines do: the hosts share
+# this machine's /tmp and host name, and a daemon meeting another run's leftover session folder of the same
+# name (job numbers come back) stops at startup.
+tmp="$(cd "$(dirname "$0")" && pwd)/tmp/$host"
+mkdir -p "$tmp"
+exec ip netns exec "$host" env -i PATH="$PATH" HOME="${HOME:-/root}" USER="${USER:-root}" LOGNAME="${LOGNAME:-root}" SHELL=/bin/sh LANG="${LANG:-C.UTF-8}" OMPI_MCA_orte_tmpdir_base="$tmp" /bin/sh -c "$*"
 EOF
     chmod +x "$DIR/agent.tmp"
     mv -f "$DIR/agent.tmp" "$DIR/agent"
@@ -140,6 +145,7 @@ down() {
         fi
     done
     rm -f "$DIR/hostfile" "$DIR/agent" "$DIR/agent.tmp"
+    rm -rf "$DIR/tmp"
 }
 
 status() {
@@ -177,7 +183,7 @@ run() {
         exec ip netns exec "${HOSTS[0]}" mpirun -np "$processes" \
         --hostfile "$DIR/hostfile" --map-by node --oversubscribe \
         --mca plm_rsh_agent "$DIR/agent" --mca plm_rsh_no_tree_spawn 1 \
-        --mca pml ob1 --mca btl tcp,self --mca rtc_hwloc_vmhole none \
+        --mca pml ob1 --mca btl tcp,self --mca rtc_hwloc_vmhole none --mca orte_leave_session_attached 1 \
         --mca btl_tcp_if_include "$SUBNET" --mca oob_tcp_if_include "$SUBNET" \
         -x TERM \
         "${forward[@]}" "${options[@]}" "$@"
