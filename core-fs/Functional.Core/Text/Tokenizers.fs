@@ -253,9 +253,9 @@ module Tokenizers =
         let pattern = Regex(gpt2Pattern, RegexOptions.Compiled)
         byteLevelBpe mergesPath vocabulary merges configAdded pattern false false [ vocabPath; mergesPath ]
 
-    /// A SentencePiece BPE from a serialized ModelProto (tokenizer.model's content); path names it in
-    /// errors and template is what tokenizer.json's post-processor adds, if it was read from there.
-    let private sentencePieceOf (path: string) (openModel: unit -> Stream) (added: AddedToken list) template : Loaded =
+    /// A SentencePiece BPE from tokenizer.model (a serialized ModelProto).
+    let private fromSentencePiece (path: string) (added: AddedToken list) : Loaded =
+        let openModel () = File.OpenRead path :> Stream
         let addedIds = Dictionary<string, int>(StringComparer.Ordinal)
         for token in added do
             addedIds[token.Content] <- token.Id
@@ -279,7 +279,7 @@ module Tokenizers =
                     | null, _ | _, null -> prompt.Length
                     | normalized, normalizer -> commonPrefix (normalizer.Normalize prompt) normalized
                 splitAt boundary tokens
-          Template = template
+          Template = None
           AddsBosByDefault = true
           Decode = fun ids -> tokenizer.Decode(ids, false)
           Lookup =
@@ -297,9 +297,6 @@ module Tokenizers =
           ModelEos = valid tokenizer.EndOfSentenceId
           VocabSize = vocabSize
           Files = [ path ] }
-
-    let private fromSentencePiece (path: string) (added: AddedToken list) : Loaded =
-        sentencePieceOf path (fun () -> File.OpenRead path :> Stream) added None
 
     /// tokenizer.json's TemplateProcessing post-processor and the items of its "single" template.
     let private templateItems (root: JsonElement) =
