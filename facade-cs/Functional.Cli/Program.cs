@@ -25,6 +25,7 @@ public static partial class Program
         {
             TrainCommand.Create(),
             TokenizeCommand.Create(),
+            ChatTemplateCommand.Create(),
             GenerateCommand.Create(),
             BenchCommand.Create(),
             ExportCommand.Create(),

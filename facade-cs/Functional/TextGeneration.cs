@@ -185,3 +185,50 @@ public sealed class Tokenizer
     /// <param name="ids">The ids.</param>
     public string Decode(long[] ids) => tokenizer.Decode.Invoke(ids);
 }
+
+/// <summary>A model's chat template (the `functional chat-template` command): renders conversations as
+/// transformers' <c>apply_chat_template(messages, tools=..., add_generation_prompt=..., tokenize=False)</c>.</summary>
+public sealed class ChatTemplate
+{
+    private readonly Text.ChatTemplate template;
+
+    private ChatTemplate(Text.ChatTemplate template) => this.template = template;
+
+    /// <summary>The chat template of a model folder: <paramref name="templateFile"/> when given, else the folder's
+    /// chat_template.jinja, else tokenizer_config.json's chat_template; special tokens from tokenizer_config.json.</summary>
+    /// <param name="folder">The model or tokenizer folder.</param>
+    /// <param name="templateFile">A Jinja template file that replaces the folder's template, or null.</param>
+    /// <exception cref="InvalidInputException">No template, or one that does not parse (file and line named).</exception>
+    public static ChatTemplate FromFolder(string folder, string? templateFile = null) =>
+        new(Text.ChatTemplateModule.load(folder, templateFile is null ? FSharpOption<string>.None : FSharpOption<string>.Some(templateFile)));
+
+    /// <summary>Where the template came from.</summary>
+    public string Source => template.Source;
+
+    /// <summary>Renders one conversation given as JSON: an object with "messages" (role/content objects; roles
+    /// system, user, assistant, tool) or ShareGPT's "conversations" (from/value), and optionally "tools".</summary>
+    /// <param name="conversationJson">The conversation row.</param>
+    /// <param name="addGenerationPrompt">Append the header of the assistant's next turn.</param>
+    /// <exception cref="InvalidInputException">The row is not a conversation, or the template refused it.</exception>
+    public string Render(string conversationJson, bool addGenerationPrompt = false)
+    {
+        var parsed = JsonInput.tryParse(conversationJson);
+        if (parsed.IsError)
+        {
+            throw new InvalidInputException("conversation", "", $"not valid JSON ({parsed.ErrorValue.Reason})");
+        }
+        var conversation = Text.ChatTemplateModule.parseConversation(parsed.ResultValue);
+        if (conversation.IsError)
+        {
+            throw new InvalidInputException("conversation", "", conversation.ErrorValue);
+        }
+        try
+        {
+            return Text.ChatTemplateModule.render(template, conversation.ResultValue, addGenerationPrompt);
+        }
+        catch (Text.JinjaException e)
+        {
+            throw new InvalidInputException(e.Template, e.Line > 0 ? e.Line.ToString(System.Globalization.CultureInfo.InvariantCulture) : "", e.Problem);
+        }
+    }
+}

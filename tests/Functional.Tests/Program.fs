@@ -22,6 +22,7 @@ let endToEnd =
       [ "new user limits" ]
       [ "new user: training text"; "finding 9" ]
       [ "tokenizers"; "functional tokenize" ]
+      [ "chat templates"; "chat-template command" ]
       [ "builder"; "fit" ]
       [ "mixed precision"; "LoRA" ]
       [ "prefix tuning"; "bad input" ]
