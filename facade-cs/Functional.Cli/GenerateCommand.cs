@@ -23,9 +23,12 @@ internal static class GenerateCommand
         var greedy = CliOption.Create("--greedy", "Always take the most likely token.", false);
         var threads = CliOption.Create("--threads", "Intra-op threads (0: all cores).", 0);
         var prefixAdapter = CliOption.Create<string?>("--prefix-adapter", "A PEFT prefix adapter folder (functional train --prefix-tuning): every layer attends to its prefix first.", null);
+        var chat = CliOption.Create("--chat", "Each prompt is a user message, rendered with the model's chat template (and its generation prompt); stop at the template's end-of-turn token.", false);
+        var system = CliOption.Create<string?>("--system", "With --chat: a system message before every prompt.", null);
+        var chatTemplate = CliOption.Create<string?>("--chat-template", "With --chat: a Jinja chat template file instead of the model's own.", null, "--chat_template");
         var command = new Command("generate", "Continue prompts with a trained model (stops at eos; batched; key/value cache).")
         {
-            model, prompts, promptFile, maxNewTokens, temperature, topK, topP, seed, greedy, threads, prefixAdapter,
+            model, prompts, promptFile, maxNewTokens, temperature, topK, topP, seed, greedy, threads, prefixAdapter, chat, system, chatTemplate,
         };
         command.SetAction(parse =>
         {
@@ -57,6 +60,9 @@ internal static class GenerateCommand
                 Seed = parse.GetValue(seed),
                 Threads = parse.GetValue(threads),
                 PrefixAdapter = parse.GetValue(prefixAdapter),
+                Chat = parse.GetValue(chat),
+                System = parse.GetValue(system),
+                ChatTemplate = parse.GetValue(chatTemplate),
             });
             if (result.NewTokenLimit < parse.GetValue(maxNewTokens))
             {

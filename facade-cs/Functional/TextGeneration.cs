@@ -32,6 +32,16 @@ public sealed class GenerateOptions
 
     /// <summary>A PEFT prefix adapter folder: every layer attends to its prefix first (--prefix-adapter); null: none.</summary>
     public string? PrefixAdapter { get; set; }
+
+    /// <summary>Each prompt is a user message: rendered with the model's chat template and its generation prompt,
+    /// and a row stops at the template's end-of-turn token as well as at eos (--chat).</summary>
+    public bool Chat { get; set; }
+
+    /// <summary>With <see cref="Chat"/>: a system message put before every prompt (--system); null: none.</summary>
+    public string? System { get; set; }
+
+    /// <summary>With <see cref="Chat"/>: a Jinja chat template file instead of the model's own (--chat-template).</summary>
+    public string? ChatTemplate { get; set; }
 }
 
 /// <summary>The continuations of a batch of prompts.</summary>
@@ -65,9 +75,14 @@ public static class TextGeneration
             maxNewTokens: o.MaxNewTokens,
             sampling: new SamplingOptions(greedy: o.Greedy, temperature: o.Temperature, topK: o.TopK, topP: o.TopP, seed: o.Seed),
             eosId: defaults.EosId,
+            stopIds: defaults.StopIds,
             padId: defaults.PadId,
             useCache: true);
         GenerationOptionsModule.validate(generation);
+        if (!o.Chat && (o.System is not null || o.ChatTemplate is not null))
+        {
+            throw new InvalidInputException(o.System is not null ? "--system" : "--chat-template", "", "renders chat prompts: add --chat");
+        }
         Runtime.TorchRuntime.ensure();
         if (o.Threads > 0)
         {
@@ -86,7 +101,20 @@ public static class TextGeneration
         {
             lm = Peft.PrefixTuning.load(adapter, lm).Model;
         }
-        var encoded = Generator.encodePrompts(tokenizer, ListModule.OfSeq(prompts));
+        long[][] encoded;
+        if (o.Chat)
+        {
+            var template = Text.ChatTemplateModule.load(modelPath, o.ChatTemplate is null ? FSharpOption<string>.None : FSharpOption<string>.Some(o.ChatTemplate));
+            var chat = Generator.encodeChatPrompts(
+                template, tokenizer, o.System is null ? FSharpOption<string>.None : FSharpOption<string>.Some(o.System), ListModule.OfSeq(prompts));
+            encoded = chat.Item1;
+            generation = new GenerationOptions(
+                generation.MaxNewTokens, generation.Sampling, generation.EosId, chat.Item2, generation.PadId, generation.UseCache);
+        }
+        else
+        {
+            encoded = Generator.encodePrompts(tokenizer, ListModule.OfSeq(prompts));
+        }
         var room = Generator.newTokenLimit(lm, encoded);
         var texts = Generator.generateEncoded(lm, tokenizer, encoded, generation).ToList();
         return new GenerationResult(

@@ -181,6 +181,18 @@ let private generationTests =
             Expect.isLessThan stopped[0].Length 12 "the first row stopped early"
             Expect.equal stopped[1] (upToEos free[1]) "the second row is unaffected by the first stopping")
 
+        torchTest "a row stops at any of the stop tokens as well as at eos (a chat template's end of turn)" (fun () ->
+            let lm = model llamaConfig
+            let prompt = [| 1L; 4L; 2L; 8L |]
+            let free = (Generator.generate lm [| prompt |] (greedy 12))[0]
+            let stop = free[2]
+            let upTo (tokens: int64[]) = tokens[.. Array.findIndex ((=) stop) tokens]
+            let stopped = (Generator.generate lm [| prompt |] { greedy 12 with StopIds = [ 9999L; stop ] })[0]
+            Expect.equal stopped (upTo free) "ends at the first stop token"
+            let both = (Generator.generate lm [| prompt |] { greedy 12 with EosId = Some free[1]; StopIds = [ stop ] })[0]
+            let eos = free[1]
+            Expect.equal both free[.. Array.findIndex (fun t -> t = eos || t = stop) free] "eos stops it too")
+
         torchTest "the same seed gives the same tokens and another seed other tokens" (fun () ->
             let lm = model gpt2Config
             let prompts = [| [| 1L; 2L |]; [| 3L |] |]

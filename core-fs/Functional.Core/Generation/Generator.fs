@@ -17,6 +17,9 @@ type GenerationOptions =
       Sampling: SamplingOptions
       /// A row stops after producing this token (eos_token_id); None: rows run to MaxNewTokens.
       EosId: int64 option
+      /// Further tokens that stop a row after it produces them (a list eos_token_id: the end-of-turn token
+      /// of a chat template, generate --chat); empty by default.
+      StopIds: int64 list
       /// The token that left-pads shorter prompts and is fed to rows that have stopped (pad_token_id).
       /// Padding is masked, so its value only has to be a valid id.
       PadId: int64
@@ -33,6 +36,7 @@ module GenerationOptions =
         { MaxNewTokens = 64
           Sampling = SamplingOptions.greedy
           EosId = None
+          StopIds = []
           PadId = 0L
           UseCache = true }
 
@@ -178,7 +182,7 @@ module Generator =
                         match token with
                         | Some id ->
                             generated[b].Add id
-                            if options.EosId = Some id then running[b] <- false
+                            if options.EosId = Some id || List.contains id options.StopIds then running[b] <- false
                         | None -> ())
                     onStep { Step = step; Tokens = chosen }
                     step <- step + 1
@@ -228,6 +232,30 @@ module Generator =
                 EosId = special.Eos
                 PadId = special.Pad |> Option.defaultValue 0L }
         generate lm prompts options |> Array.map tokenizer.Decode |> List.ofArray
+
+    /// The token ids of chat prompts and the tokens that end the assistant's turn: each prompt is one user
+    /// message (after a system message when system is given) rendered with the chat template and its
+    /// generation prompt, as apply_chat_template(add_generation_prompt=True), and encoded with no special
+    /// tokens added (the template writes them). The stop tokens are the first token of the text the
+    /// template writes after an answer (ChatTemplate.endOfTurnText) when it is a special token (Llama 3's
+    /// <|eot_id|>, ChatML's <|im_end|>); generateEncoded stops at eos as well. Raises InvalidInputException
+    /// naming the template's line for a conversation it cannot render.
+    let encodeChatPrompts (template: ChatTemplate) (tokenizer: TextTokenizer) (system: string option) (prompts: string list) : int64[][] * int64 list =
+        let encode i (prompt: string) =
+            let messages =
+                [| match system with
+                   | Some s -> Dict [| "role", Str "system"; "content", Str s |]
+                   | None -> ()
+                   Dict [| "role", Str "user"; "content", Str prompt |] |]
+            let text =
+                try ChatTemplate.render template { Messages = messages; Tools = None } true
+                with :? JinjaException as e -> InvalidInput.fail template.Source (if e.Line > 0 then string e.Line else "") (sprintf "cannot render prompt %d: %s" (i + 1) e.Problem)
+            tokenizer.Encode text
+        let stop =
+            match tokenizer.Encode(ChatTemplate.endOfTurnText template) |> Array.tryHead with
+            | Some id when tokenizer.Decode [| id |] = "" -> [ id ]
+            | _ -> []
+        prompts |> List.mapi encode |> Array.ofList, stop
 
     /// generate over text: generateEncoded of the prompts' encodePrompts.
     let generateText (lm: CausalLm) (tokenizer: TextTokenizer) (prompts: string list) (options: GenerationOptions) : string list =
