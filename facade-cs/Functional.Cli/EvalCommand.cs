@@ -11,11 +11,12 @@ internal static class EvalCommand
         var model = CliOption.Create("--model", "The model folder.", "", "--model_name_or_path", "--model-name-or-path");
         var data = CliOption.Create("--data", "The data file (any training data format); every row is evaluated.", "", "--validation_file", "--validation-file");
         var output = CliOption.Create<string?>("--output", "The metrics file (default: MODEL/eval_results.json, HF Trainer's file).", null, "--output_file");
-        var dataFormat = CliOption.Create("--data-format", "auto, deepspeed-chat, phoenix, alpaca, text or input-ids.", d.DataFormat);
+        var dataFormat = CliOption.Create("--data-format", "auto, deepspeed-chat, phoenix, alpaca, text, input-ids or conversation (messages / ShareGPT conversations).", d.DataFormat);
         var promptField = CliOption.Create<string?>("--prompt-field", "A custom prompt field.", null);
         var answerField = CliOption.Create<string?>("--answer-field", "A custom answer field.", null);
         var textField = CliOption.Create<string?>("--text-field", "A custom text field.", null);
-        var trainOn = CliOption.Create("--train-on", "all (loss over prompt and answer) or completion (the answer only).", d.TrainOn);
+        var trainOn = CliOption.Create("--train-on", "all (loss over prompt and answer), completion (the answer only) or assistant (the assistant turns of conversations).", d.TrainOn);
+        var chatTemplate = CliOption.Create<string?>("--chat-template", "A Jinja chat template file for conversation rows instead of the model's own.", null, "--chat_template");
         var maxSeqLen = CliOption.Create("--max-seq-len", "Cut rows to this many tokens (0: the model's context).", d.MaxSeqLen, "--max_seq_length", "--max-seq-length");
         var batch = CliOption.Create("--per-device-eval-batch-size", "Rows per micro-batch.", d.BatchSize);
         var tokenizer = CliOption.Create<string?>("--tokenizer", "A tiktoken encoding (cl100k_base, o200k_base) instead of the model folder's tokenizer.", null);
@@ -25,7 +26,7 @@ internal static class EvalCommand
         var rejectedField = CliOption.Create<string?>("--rejected-field", "The other answer's field of a reward file (default rejected).", null);
         var command = new Command("eval", "Evaluate a model folder on a data file, printed and written as JSON in the names of training's evaluation lines: eval_loss and eval_perplexity (causal LM), eval_accuracy and eval_macro_f1 (classifier), eval_accuracy and eval_mean_margin (reward model).")
         {
-            model, data, output, dataFormat, promptField, answerField, textField, trainOn, maxSeqLen, batch, tokenizer,
+            model, data, output, dataFormat, promptField, answerField, textField, trainOn, chatTemplate, maxSeqLen, batch, tokenizer,
             task, labelField, chosenField, rejectedField,
         };
         command.SetAction(parse =>
@@ -40,6 +41,7 @@ internal static class EvalCommand
                 AnswerField = parse.GetValue(answerField),
                 TextField = parse.GetValue(textField),
                 TrainOn = parse.GetValue(trainOn)!,
+                ChatTemplate = parse.GetValue(chatTemplate),
                 MaxSeqLen = parse.GetValue(maxSeqLen),
                 BatchSize = parse.GetValue(batch),
                 Tokenizer = parse.GetValue(tokenizer),

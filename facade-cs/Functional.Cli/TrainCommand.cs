@@ -12,11 +12,12 @@ internal static class TrainCommand
         var model = CliOption.Create("--model", "Required for fine-tuning: a Hugging Face model folder (config.json + model.safetensors).", "", "--model_name_or_path", "--model-name-or-path");
         var data = CliOption.Create("--data", "Required for fine-tuning: training data, JSON or JSON Lines: prompt/chosen (DeepSpeed-Chat), from_human/from_gpt, instruction/input/output (Alpaca), text, or input_ids.", "", "--data_path", "--data-path", "--train_file", "--train-file");
         var evalData = CliOption.Create<string?>("--eval-data", "Evaluation data file (same formats).", null, "--validation_file", "--validation-file");
-        var dataFormat = CliOption.Create("--data-format", "auto, deepspeed-chat, phoenix, alpaca, text or input-ids.", d.DataFormat);
+        var dataFormat = CliOption.Create("--data-format", "auto, deepspeed-chat, phoenix, alpaca, text, input-ids or conversation (messages / ShareGPT conversations).", d.DataFormat);
         var promptField = CliOption.Create<string?>("--prompt-field", "Field holding the prompt (data of another shape).", null);
         var answerField = CliOption.Create<string?>("--answer-field", "Field holding the answer (data of another shape).", null);
         var textField = CliOption.Create<string?>("--text-field", "Field holding plain text (data of another shape).", null);
-        var trainOn = CliOption.Create("--train-on", "all (loss on prompt and answer) or completion (loss on the answer only).", d.TrainOn);
+        var trainOn = CliOption.Create("--train-on", "all (loss on prompt and answer), completion (loss on the answer only) or assistant (conversations: the assistant turns, each with its end-of-turn token).", d.TrainOn);
+        var chatTemplate = CliOption.Create<string?>("--chat-template", "A Jinja chat template file for conversation rows instead of the model's own (chat_template.jinja or tokenizer_config.json).", null, "--chat_template");
         var task = CliOption.Create("--task", "causal-lm (default), sequence-classification (rows of --text-field and --label-field) or reward-model (rows of --prompt-field, --chosen-field, --rejected-field).", d.Task);
         var labelField = CliOption.Create<string?>("--label-field", "Classification: the label field (default label): a name or an integer id.", null);
         var chosenField = CliOption.Create<string?>("--chosen-field", "Reward model: the preferred answer's field (default chosen).", null);
@@ -99,7 +100,7 @@ internal static class TrainCommand
             model, data, output, overwrite, batch, accumulation, lr, weightDecay, beta1, beta2, epsilon, optimizer,
             momentum, nesterov, scheduler, schedulerKwargs, warmupSteps, warmupRatio, epochs, maxSteps, maxGradNorm,
             maxSeqLen, seed, noShuffle, loggingSteps, threads, evalData, dataFormat, promptField, answerField, textField,
-            trainOn, packing, addBos, noAddBos, skipBadRows, dataSplit, evalSplitRatio, tokenizer, noDataCache, exactMatch, evalSteps, evalBatch,
+            trainOn, chatTemplate, packing, addBos, noAddBos, skipBadRows, dataSplit, evalSplitRatio, tokenizer, noDataCache, exactMatch, evalSteps, evalBatch,
             evalStrategy, saveStrategy, saveSteps, saveTotalLimit, metric, greaterIsBetter, loadBest, patience, resume,
             loraDim, loraAlpha, loraDropout, loraModuleName, loraTargets, onlyLora, loraLr, loraAdapter, recompute,
             prefixTuning, numPrefixTokens, prefixAdapter, disableDropout, resizeMultiple, maxShardSize,
@@ -136,6 +137,7 @@ internal static class TrainCommand
                     o.AnswerField = parse.GetValue(answerField);
                     o.TextField = parse.GetValue(textField);
                     o.TrainOn = parse.GetValue(trainOn)!;
+                    o.ChatTemplate = parse.GetValue(chatTemplate);
                     o.Packing = parse.GetValue(packing);
                     o.AddBos = parse.GetValue(addBos) ? true : parse.GetValue(noAddBos) ? false : null;
                     o.SkipBadRows = parse.GetValue(skipBadRows);

@@ -23,10 +23,16 @@ public sealed class DataOptions
     /// <value>Default: null (the format's own field).</value>
     public string? TextField { get; set; }
 
-    /// <summary>"all" (DeepSpeed-Chat: the loss covers prompt and answer) or "completion" (prompt tokens get
-    /// label -100) (--train-on).</summary>
+    /// <summary>"all" (DeepSpeed-Chat: the loss covers prompt and answer), "completion" (prompt tokens get
+    /// label -100) or "assistant" (conversation rows: the assistant turns and the end-of-turn text the chat
+    /// template writes after each; every other token gets label -100) (--train-on).</summary>
     /// <value>Default: "all".</value>
     public string TrainOn { get; set; } = "all";
+
+    /// <summary>A Jinja chat template file that renders conversation rows ("messages" or ShareGPT's
+    /// "conversations") instead of the model's own (--chat-template).</summary>
+    /// <value>Default: null (the model folder's chat_template.jinja or tokenizer_config.json's chat_template).</value>
+    public string? ChatTemplate { get; set; }
 
     /// <summary>Concatenate samples separated by eos into rows of <see cref="MaxSequenceLength"/> tokens (--packing).</summary>
     /// <value>Default: false.</value>

@@ -40,8 +40,12 @@ public sealed class FineTuneOptions
     /// <summary>Field holding plain text, for data of another shape (default none).</summary>
     public string? TextField { get; set; }
 
-    /// <summary>"all" (default, DeepSpeed-Chat: loss on prompt and answer) or "completion" (prompt tokens get label -100).</summary>
+    /// <summary>"all" (default, DeepSpeed-Chat: loss on prompt and answer), "completion" (prompt tokens get label -100)
+    /// or "assistant" (conversation rows: the assistant turns with their end-of-turn text only).</summary>
     public string TrainOn { get; set; } = "all";
+
+    /// <summary>A Jinja chat template file for conversation rows instead of the model's own (default none).</summary>
+    public string? ChatTemplate { get; set; }
 
     /// <summary>Concatenate samples separated by eos into rows of max-seq-len tokens (default false).</summary>
     public bool Packing { get; set; }

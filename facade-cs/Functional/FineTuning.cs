@@ -307,12 +307,7 @@ public static class FineTuning
 
     internal static DataSettings ToData(FineTuneOptions o)
     {
-        var trainOn = o.TrainOn.ToLowerInvariant() switch
-        {
-            "all" => Data.TrainOn.All,
-            "completion" => Data.TrainOn.Completion,
-            _ => throw new InvalidInputException("--train-on", "", $"expected all or completion, got '{o.TrainOn}'"),
-        };
+        var trainOn = Data.PromptDataset.parseTrainOn(o.TrainOn);
         var defaults = Data.PromptDataset.defaults;
         var prompt = new Data.PromptDataOptions(
             format: Data.PromptDataset.parseFormat(o.DataFormat),
@@ -324,7 +319,8 @@ public static class FineTuning
             skipBadRows: o.SkipBadRows,
             dataSplit: Optional(o.DataSplit),
             evalSplitRatio: o.EvalSplitRatio,
-            seed: defaults.Seed);
+            seed: defaults.Seed,
+            chatTemplateFile: Optional(o.ChatTemplate));
         if (o.ExactMatchSamples < 0)
         {
             throw new InvalidInputException("--exact-match-samples", "", $"must be >= 0, got {o.ExactMatchSamples}");

@@ -27,8 +27,12 @@ public sealed class EvaluateOptions
     /// <summary>A custom text field (--text-field).</summary>
     public string? TextField { get; set; }
 
-    /// <summary>all (the loss over prompt and answer) or completion (the answer only) (--train-on; default all).</summary>
+    /// <summary>all (the loss over prompt and answer), completion (the answer only) or assistant (the assistant turns of
+    /// conversation rows) (--train-on; default all).</summary>
     public string TrainOn { get; set; } = "all";
+
+    /// <summary>A Jinja chat template file for conversation rows instead of the model's own (--chat-template).</summary>
+    public string? ChatTemplate { get; set; }
 
     /// <summary>Rows are cut to this many tokens; 0: the model's context (--max-seq-len; default 0).</summary>
     public int MaxSeqLen { get; set; }
@@ -87,6 +91,7 @@ public static class ModelEvaluation
             AnswerField = options.AnswerField,
             TextField = options.TextField,
             TrainOn = options.TrainOn,
+            ChatTemplate = options.ChatTemplate,
             Tokenizer = options.Tokenizer,
         });
         FSharpOption<TrainingTask> task;

@@ -26,6 +26,7 @@ internal sealed class OptionNames
         ["--answer-field"] = new("UseData", nameof(DataOptions.AnswerField)),
         ["--text-field"] = new("UseData", nameof(DataOptions.TextField)),
         ["--train-on"] = new("UseData", nameof(DataOptions.TrainOn)),
+        ["--chat-template"] = new("UseData", nameof(DataOptions.ChatTemplate)),
         ["--packing"] = new("UseData", nameof(DataOptions.Packing)),
         ["--add-bos"] = new("UseData", nameof(DataOptions.AddBos)),
         ["--no-add-bos"] = new("UseData", nameof(DataOptions.AddBos)),

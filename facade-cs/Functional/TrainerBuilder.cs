@@ -65,6 +65,7 @@ public sealed class TrainerBuilder
         settings.AnswerField = o.AnswerField;
         settings.TextField = o.TextField;
         settings.TrainOn = o.TrainOn;
+        settings.ChatTemplate = o.ChatTemplate;
         settings.Packing = o.Packing;
         settings.AddBos = o.AddBos;
         settings.SkipBadRows = o.SkipBadRows;

@@ -259,6 +259,163 @@ let private cli =
         }
     ]
 
+// ---------------------------------------------------------------- assistant-only training and chat generation
+
+/// A real tokenizer (from the fidelity goldens, tokenizer.json unzipped) with a real chat template as the
+/// folder's chat_template.jinja.
+let private tokenizerFolder (folder: string) (tokenizer: string) (templateOf: string) =
+    Directory.CreateDirectory folder |> ignore
+    let source = Path.Combine(goldenDir "tokenizer-fidelity", tokenizer)
+    do
+        use input = File.OpenRead(Path.Combine(source, "tokenizer.json.gz"))
+        use gzip = new System.IO.Compression.GZipStream(input, System.IO.Compression.CompressionMode.Decompress)
+        use output = File.Create(Path.Combine(folder, "tokenizer.json"))
+        gzip.CopyTo output
+    File.Copy(Path.Combine(source, "tokenizer_config.json"), Path.Combine(folder, "tokenizer_config.json"))
+    let config = JsonDocument.Parse(File.ReadAllText(Path.Combine(root, templateOf, "tokenizer_config.json"))).RootElement
+    File.WriteAllText(Path.Combine(folder, ChatTemplate.TemplateFileName), config.GetProperty("chat_template").GetString())
+    folder
+
+/// Qwen3's tokenizer with Qwen2.5's template (ChatML: <|im_start|>role\n...<|im_end|>\n), cached per test run.
+let private qwen = lazy (tokenizerFolder (Path.Combine(Path.GetTempPath(), "functional-tests", "qwen-chat-" + Guid.NewGuid().ToString("N"))) "qwen3" "qwen2_5")
+
+let private conversationRow =
+    "{\"messages\": [{\"role\": \"system\", \"content\": \"Be brief.\"}, {\"role\": \"user\", \"content\": \"What is 2 + 2?\"}, {\"role\": \"assistant\", \"content\": \"4.\"}, {\"role\": \"user\", \"content\": \"梯度累积是什么？\"}, {\"role\": \"assistant\", \"content\": \"把多个微批次的梯度相加 🙂\"}]}"
+
+let private shareGptRow =
+    "{\"system\": \"Be brief.\", \"conversations\": [{\"from\": \"human\", \"value\": \"What is 2 + 2?\"}, {\"from\": \"gpt\", \"value\": \"4.\"}, {\"from\": \"human\", \"value\": \"梯度累积是什么？\"}, {\"from\": \"gpt\", \"value\": \"把多个微批次的梯度相加 🙂\"}]}"
+
+/// The runs of consecutive trained positions of a row, as id arrays.
+let private trainedRuns (ids: int64[]) (labels: int64[]) =
+    [ let mutable run = ResizeArray<int64>()
+      for t in 0 .. ids.Length - 1 do
+          if labels[t] <> Loss.IgnoreIndex then run.Add ids[t]
+          elif run.Count > 0 then
+              yield run.ToArray()
+              run <- ResizeArray()
+      if run.Count > 0 then yield run.ToArray() ]
+
+let private loadRows (folder: TempFolder) (lines: string list) (options: Functional.Data.PromptDataOptions) (tokenizer: TextTokenizer) =
+    File.WriteAllLines(folder.File "chat.jsonl", lines)
+    Functional.Data.PromptDataset.load (folder.File "chat.jsonl") options tokenizer
+
+let private assistantOnly =
+    { Functional.Data.PromptDataset.defaults with TrainOn = Functional.Data.TrainOn.Assistant; MaxSeqLen = 4096 }
+
+let private assistantTraining =
+    testList "assistant-only training" [
+        test "labels cover each assistant answer and its end-of-turn token, nothing else (Qwen, ChatML)" {
+            Functional.Runtime.TorchRuntime.ensure ()
+            let tokenizer = Tokenizers.fromFolder qwen.Value
+            use folder = new TempFolder()
+            let loaded = loadRows folder [ conversationRow; shareGptRow ] assistantOnly tokenizer
+            let data = loaded.Dataset
+            Expect.equal data.Rows.Length 2 "two rows"
+            let template = ChatTemplate.load qwen.Value None
+            let expectedIds = tokenizer.Encode(ChatTemplate.render template (parseJson conversationRow) false)
+            Expect.equal data.Rows[0] expectedIds "the ids of the rendered text, no special token added"
+            Expect.equal data.Rows[1] data.Rows[0] "ShareGPT's row is the same conversation"
+            use batch = Functional.Data.Batching.collate 4096 0L data [| 0; 1 |]
+            let labels = values batch.Labels |> Array.map int64
+            let width = int batch.Labels.shape[1]
+            let imEnd = tokenizer.Encode "<|im_end|>"
+            Expect.equal imEnd.Length 1 "<|im_end|> is one token"
+            for r in 0 .. 1 do
+                let runs = trainedRuns data.Rows[r] labels[r * width .. r * width + data.Rows[r].Length - 1]
+                Expect.equal runs [ tokenizer.Encode "4.<|im_end|>\n"; tokenizer.Encode "把多个微批次的梯度相加 🙂<|im_end|>\n" ] "the answers through <|im_end|> and its newline"
+            let predicted = (tokenizer.Encode "4.<|im_end|>\n").Length + (tokenizer.Encode "把多个微批次的梯度相加 🙂<|im_end|>\n").Length
+            Expect.equal batch.PredictedTokens (int64 (2 * predicted)) "the predicted tokens count the trained positions"
+        }
+        test "Llama 3.1's template: the answer and <|eot_id|>" {
+            use folder = new TempFolder()
+            let model = tokenizerFolder (folder.File "llama3") "llama3" "llama3_1"
+            let tokenizer = Tokenizers.fromFolder model
+            let row = "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Hello there.\"}]}"
+            let data = (loadRows folder [ row ] assistantOnly tokenizer).Dataset
+            let mask = data.TrainMasks[0]
+            let row = data.Rows[0]
+            let trained = Array.zip row mask |> Array.filter snd |> Array.map fst
+            Expect.equal trained (tokenizer.Encode "Hello there.<|eot_id|>") "the answer and the end of turn"
+            Expect.equal row[0] (Option.get tokenizer.Special.Bos) "the template's own <|begin_of_text|> first, once"
+            Expect.isFalse (row.Length > 1 && row[1] = row[0]) "bos is not doubled"
+        }
+        test "--train-on all trains every token of a conversation; the cache key follows the template file" {
+            let tokenizer = Tokenizers.fromFolder qwen.Value
+            use folder = new TempFolder()
+            let data = (loadRows folder [ conversationRow ] { assistantOnly with TrainOn = Functional.Data.TrainOn.All } tokenizer).Dataset
+            Expect.isEmpty data.TrainMasks "no masks"
+            Expect.equal data.PromptLengths [| 0 |] "every token"
+            File.WriteAllText(folder.File "t1.jinja", "{% for m in messages %}{{ m.content }}{% endfor %}")
+            File.WriteAllText(folder.File "t2.jinja", "{% for m in messages %}[{{ m.content }}]{% endfor %}")
+            let key file = Functional.Data.DataCache.key (folder.File "chat.jsonl") None { assistantOnly with ChatTemplateFile = Some file } tokenizer
+            Expect.notEqual (key (folder.File "t1.jinja")) (key (folder.File "t2.jinja")) "another template, another key"
+            let custom = (loadRows folder [ conversationRow ] { assistantOnly with TrainOn = Functional.Data.TrainOn.All; ChatTemplateFile = Some(folder.File "t1.jinja") } tokenizer).Dataset
+            Expect.equal custom.Rows[0] (tokenizer.Encode "Be brief.What is 2 + 2?4.梯度累积是什么？把多个微批次的梯度相加 🙂") "--chat-template renders the rows"
+        }
+        test "bad rows name the line and what is expected" {
+            let tokenizer = Tokenizers.fromFolder qwen.Value
+            use folder = new TempFolder()
+            let noAnswer = "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}"
+            expectInvalidInput (folder.File "chat.jsonl") "2" [ "no assistant turn" ] (fun () -> loadRows folder [ conversationRow; noAnswer ] assistantOnly tokenizer |> ignore)
+            let loaded = loadRows folder [ conversationRow; noAnswer ] { assistantOnly with SkipBadRows = true } tokenizer
+            Expect.equal (loaded.Dataset.Rows.Length, loaded.Skipped) (1, 1) "skipped under --skip-bad-rows"
+            expectInvalidInput (folder.File "chat.jsonl") "1" [ "conversation rows" ] (fun () ->
+                loadRows folder [ "{\"prompt\": \"a\", \"chosen\": \"b\"}" ] assistantOnly tokenizer |> ignore)
+            expectInvalidInput (folder.File "chat.jsonl") "1" [ "--train-on assistant" ] (fun () ->
+                loadRows folder [ conversationRow ] { assistantOnly with TrainOn = Functional.Data.TrainOn.Completion } tokenizer |> ignore)
+            expectInvalidInput (folder.File "chat.jsonl") "1" [ "messages[1].role" ] (fun () ->
+                loadRows folder [ "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"bot\", \"content\": \"x\"}]}" ] assistantOnly tokenizer |> ignore)
+            expectInvalidInput (folder.File "chat.jsonl") "1" [ "max-seq-len" ] (fun () ->
+                loadRows folder [ conversationRow ] { assistantOnly with MaxSeqLen = 8 } tokenizer |> ignore)
+        }
+        test "a template that renders earlier turns differently is refused naming the line (Qwen3 drops earlier reasoning)" {
+            use folder = new TempFolder()
+            let model = tokenizerFolder (folder.File "qwen3") "qwen3" "qwen3"
+            let tokenizer = Tokenizers.fromFolder model
+            let row = "{\"messages\": [{\"role\": \"user\", \"content\": \"Q1\"}, {\"role\": \"assistant\", \"content\": \"<think>\\nr\\n</think>\\n\\nA1\"}, {\"role\": \"user\", \"content\": \"Q2\"}, {\"role\": \"assistant\", \"content\": \"A2\"}]}"
+            expectInvalidInput (folder.File "chat.jsonl") "1" [ "messages[1]"; "generation" ] (fun () -> loadRows folder [ row ] assistantOnly tokenizer |> ignore)
+        }
+        test "chat prompts end with the generation prompt; the stop token is the template's end of turn" {
+            let tokenizer = Tokenizers.fromFolder qwen.Value
+            let template = ChatTemplate.load qwen.Value None
+            let prompts, stop = Functional.Generation.Generator.encodeChatPrompts template tokenizer (Some "Be brief.") [ "Hi" ]
+            Expect.equal prompts[0] (tokenizer.Encode "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n") "the rendered prompt"
+            Expect.equal stop [ (tokenizer.Encode "<|im_end|>")[0] ] "<|im_end|>"
+        }
+    ]
+
+/// A tiny LLaMA over the Qwen tokenizer (vocabulary 151k, width 16) in a model folder with its chat template.
+let private chatModel (folder: TempFolder) =
+    Functional.Runtime.TorchRuntime.ensure ()
+    let model = tokenizerFolder (folder.File "model") "qwen3" "qwen2_5"
+    let vocab = (Tokenizers.fromFolder model).VocabSize
+    let config =
+        sprintf """{"model_type": "llama", "vocab_size": %d, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                    "num_attention_heads": 2, "max_position_embeddings": 128, "tie_word_embeddings": true}""" vocab
+    let lm = Functional.Models.CausalLm.create (Functional.Models.ModelConfig.parse "test" config) 1L
+    Functional.Checkpoint.HfModelFolder.save (folder.File "weights") lm None []
+    for f in Directory.GetFiles(folder.File "weights") do File.Copy(f, Path.Combine(model, Path.GetFileName f))
+    model
+
+let private chatCli =
+    testList "chat cli" [
+        test "train --train-on assistant on conversations, then generate --chat with the trained folder" {
+            use folder = new TempFolder()
+            let model = chatModel folder
+            File.WriteAllLines(folder.File "chat.jsonl", [ conversationRow; shareGptRow ])
+            let train =
+                runCli [ "train"; "--model"; model; "--data"; folder.File "chat.jsonl"; "--train-on"; "assistant"; "--output"; folder.File "out"
+                         "--max-steps"; "3"; "--learning-rate"; "1e-2"; "--threads"; "1"; "--no-data-cache" ]
+            Expect.equal train.ExitCode 0 (sprintf "train (stderr: %s)" train.Stderr)
+            Expect.isTrue (File.Exists(folder.File "out/final/chat_template.jinja")) "the trained folder keeps the chat template"
+            let generate = runCli [ "generate"; "--model"; folder.File "out/final"; "--chat"; "--prompt"; "Hi"; "--greedy"; "--max-new-tokens"; "4" ]
+            Expect.equal generate.ExitCode 0 (sprintf "generate (stderr: %s)" generate.Stderr)
+            let refused = runCli [ "generate"; "--model"; folder.File "out/final"; "--system"; "x"; "--prompt"; "Hi" ]
+            Expect.equal refused.ExitCode 2 "--system without --chat is refused"
+            Expect.stringContains refused.Stderr "--chat" "says what is missing"
+        }
+    ]
+
 [<Tests>]
 let tests =
     testList "chat templates" [
@@ -266,5 +423,7 @@ let tests =
         goldenAgreement
         engine
         conversationsData
+        assistantTraining
         cli
+        chatCli
     ]

@@ -23,6 +23,7 @@ let endToEnd =
       [ "new user: training text"; "finding 9" ]
       [ "tokenizers"; "functional tokenize" ]
       [ "chat templates"; "chat-template command" ]
+      [ "chat templates"; "chat cli" ]
       [ "builder"; "fit" ]
       [ "mixed precision"; "LoRA" ]
       [ "prefix tuning"; "bad input" ]

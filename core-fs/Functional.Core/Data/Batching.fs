@@ -85,11 +85,22 @@ module Batching =
         let length = min row.Length maxSeqLen
         int64 (max 0 (length - max 1 promptLength))
 
+    /// Predicted tokens of a row with a train mask (TokenizedDataset.TrainMasks) after truncation to
+    /// maxSeqLen: positions after the first whose token the mask keeps.
+    let predictedTokensMasked (maxSeqLen: int) (mask: bool[]) : int64 =
+        let length = min mask.Length maxSeqLen
+        let mutable count = 0L
+        for t in 1 .. length - 1 do
+            if mask[t] then count <- count + 1L
+        count
+
     /// Collates the dataset rows at indices: truncates each to its first maxSeqLen tokens, right-pads
-    /// all to the longest with padId, and labels padding and prompt positions with -100.
+    /// all to the longest with padId, and labels padding and prompt positions (or, for rows with a train
+    /// mask, the positions it leaves out) with -100.
     let collate (maxSeqLen: int) (padId: int64) (dataset: TokenizedDataset) (indices: int[]) : MicroBatch =
         let rows = indices |> Array.map (fun i -> dataset.Rows[i])
         let prompts = indices |> Array.map (fun i -> dataset.PromptLengths[i])
+        let masks = if dataset.TrainMasks.Length = 0 then None else Some(indices |> Array.map (fun i -> dataset.TrainMasks[i]))
         let lengths = rows |> Array.map (fun r -> min r.Length maxSeqLen)
         let width = max 1 (Array.max lengths)
         let ids = Array.create (rows.Length * width) padId
@@ -97,10 +108,18 @@ module Batching =
         rows
         |> Array.iteri (fun r row ->
             Array.blit row 0 ids (r * width) lengths[r]
-            let first = min prompts[r] lengths[r]
-            Array.blit row first labels (r * width + first) (lengths[r] - first))
+            match masks with
+            | Some masks ->
+                for t in 0 .. lengths[r] - 1 do
+                    if masks[r][t] then labels[r * width + t] <- row[t]
+            | None ->
+                let first = min prompts[r] lengths[r]
+                Array.blit row first labels (r * width + first) (lengths[r] - first))
         let shape = ReadOnlySpan<int64>([| int64 rows.Length; int64 width |])
         { InputIds = torch.tensor(ids, shape)
           Labels = torch.tensor(labels, shape)
-          PredictedTokens = Array.map2 (predictedTokens maxSeqLen) prompts rows |> Array.sum
+          PredictedTokens =
+            match masks with
+            | Some masks -> masks |> Array.sumBy (predictedTokensMasked maxSeqLen)
+            | None -> Array.map2 (predictedTokens maxSeqLen) prompts rows |> Array.sum
           Tokens = lengths |> Array.sumBy int64 }

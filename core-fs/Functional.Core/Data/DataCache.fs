@@ -17,7 +17,8 @@ open Functional.Text
 ///   payload: skipped rows (int32), the training set, an evaluation flag (byte) and set, then the
 ///            evaluation samples (count, then line (int32), prompt and answer (length-prefixed UTF-8));
 ///   a set:   path, row count, per row its line, prompt length and length (int32 each), the id width
-///            (byte: 4 or 8), then all ids.
+///            (byte: 4 or 8), then all ids, then a train-mask flag (byte) and, when set, one byte per
+///            token of every row (1: the loss predicts it).
 /// An entry whose magic, version, key, length or checksum does not match is rebuilt, never trusted.
 /// Entries are written to a temporary file and renamed into place, so readers never see half a file.
 [<RequireQualifiedAccess>]
@@ -28,7 +29,7 @@ module DataCache =
     /// The version of the entry format and of the loading semantics; changing either bumps it, so old
     /// entries stop matching.
     [<Literal>]
-    let FormatVersion = 2
+    let FormatVersion = 3
 
     let private headerLength = 8 + 4 + 32 + 8 + 32
 
@@ -36,6 +37,13 @@ module DataCache =
         InvalidInput.requireFile path "the data file does not exist" "a data file (JSON or JSON Lines)"
         use stream = File.OpenRead path
         Convert.ToHexString(SHA256.HashData stream)
+
+    /// The file's hash, or "missing" (loading the data then says what is wrong).
+    let private hashIfThere (path: string) =
+        if File.Exists path then
+            use stream = File.OpenRead path
+            Convert.ToHexString(SHA256.HashData stream)
+        else "missing"
 
     let private describe (options: PromptDataOptions) =
         let option (value: string option) = defaultArg (value |> Option.map (sprintf "some:%s")) "none"
@@ -51,7 +59,8 @@ module DataCache =
             sprintf "skip-bad-rows=%b" options.SkipBadRows
             sprintf "data-split=%s" (option options.DataSplit)
             sprintf "eval-split-ratio=%s" (options.EvalSplitRatio.ToString("R", Globalization.CultureInfo.InvariantCulture))
-            sprintf "seed=%d" options.Seed ]
+            sprintf "seed=%d" options.Seed
+            sprintf "chat-template-file=%s" (options.ChatTemplateFile |> Option.map hashIfThere |> Option.defaultValue "none") ]
 
     /// The cache key (64 hex digits): SHA-256 of the format version, the content of the training file
     /// and of the evaluation file (if any), the tokenizer's Fingerprint and every option that decides
@@ -63,6 +72,11 @@ module DataCache =
                 sprintf "train=%s" (hashFile trainPath)
                 sprintf "eval=%s" (evalPath |> Option.map hashFile |> Option.defaultValue "none")
                 sprintf "tokenizer=%s" tokenizer.Fingerprint
+                // A model folder's chat_template.jinja renders conversation rows (tokenizer_config.json is in the
+                // tokenizer's fingerprint).
+                sprintf "chat-template=%s" (
+                    let file = Path.Combine(tokenizer.Name, ChatTemplate.TemplateFileName)
+                    if File.Exists file then hashIfThere file else "none")
                 describe options ]
         Convert.ToHexString(SHA256.HashData(Encoding.UTF8.GetBytes text)).ToLowerInvariant()
 
@@ -83,6 +97,9 @@ module DataCache =
         for row in d.Rows do
             for id in row do
                 if narrow then w.Write(int32 id) else w.Write id
+        w.Write(d.TrainMasks.Length > 0)
+        for mask in d.TrainMasks do
+            w.Write(mask |> Array.map (fun kept -> if kept then 1uy else 0uy))
 
     let private readDataset (r: BinaryReader) : TokenizedDataset =
         let path = r.ReadString()
@@ -102,7 +119,12 @@ module DataCache =
             |> Array.map (fun length ->
                 if length < 0 then raise (InvalidDataException "negative row length")
                 Array.init length (fun _ -> if width = 4uy then int64 (r.ReadInt32()) else r.ReadInt64()))
-        { Path = path; Rows = rows; Lines = lines; PromptLengths = prompts }
+        let masks =
+            if r.ReadBoolean() then rows |> Array.map (fun row -> r.ReadBytes row.Length |> Array.map (fun b -> b <> 0uy))
+            else [||]
+        if masks |> Array.exists2 (fun (row: int64[]) (mask: bool[]) -> mask.Length <> row.Length) (if masks.Length = 0 then [||] else rows) then
+            raise (InvalidDataException "truncated train masks")
+        { Path = path; Rows = rows; Lines = lines; PromptLengths = prompts; TrainMasks = masks }
 
     let private serialize (data: TrainAndEval) =
         use stream = new MemoryStream()

@@ -25,6 +25,9 @@ type DataFormat =
     | Text
     /// An "input_ids" array of token ids, used as they are (no bos or eos added).
     | PreTokenized
+    /// Conversations: "messages" (role/content objects: system, user, assistant, tool) or ShareGPT's
+    /// "conversations" (from/value), rendered with the model's chat template.
+    | Conversation
 
 /// Which fields hold the prompt and answer when a file has none of the known shapes (CLI:
 /// --prompt-field, --answer-field, --text-field). Text alone, or Answer with an optional Prompt.
@@ -43,6 +46,9 @@ type TrainOn =
     | All
     /// The answer (and end-of-text) only: the prompt's tokens get label -100.
     | Completion
+    /// Conversations: the assistant turns only, each with the end-of-turn text the chat template writes
+    /// after it (so the model learns to stop); every other token gets label -100.
+    | Assistant
 
 /// How a prompt data file becomes token rows.
 type PromptDataOptions =
@@ -70,7 +76,11 @@ type PromptDataOptions =
       /// (default 0: none).
       EvalSplitRatio: float
       /// Seeds the data-split shuffle and the evaluation hold-out (default 42, as --seed).
-      Seed: int64 }
+      Seed: int64
+      /// A Jinja file that renders conversation rows instead of the model's own chat template
+      /// (--chat-template; default None: the tokenizer folder's chat_template.jinja or
+      /// tokenizer_config.json's chat_template).
+      ChatTemplateFile: string option }
 
 /// One prompt/answer pair as read from a data file, before tokenization. Every text shape parses
 /// into these records; a text-only sample has Prompt = "".
@@ -138,7 +148,8 @@ module PromptDataset =
           SkipBadRows = false
           DataSplit = None
           EvalSplitRatio = 0.0
-          Seed = 42L }
+          Seed = 42L
+          ChatTemplateFile = None }
 
     /// Parses a --data-format value: auto, deepspeed-chat, phoenix, alpaca, text, input-ids
     /// (case-insensitive; "_" and "-" alike).
@@ -150,9 +161,18 @@ module PromptDataset =
         | "alpaca" -> DataFormat.Alpaca
         | "text" -> DataFormat.Text
         | "input-ids" | "pre-tokenized" | "tokens" -> DataFormat.PreTokenized
+        | "conversation" | "conversations" | "messages" | "sharegpt" | "chat" -> DataFormat.Conversation
         | _ ->
             InvalidInput.setting "data_format"
-                (sprintf "expected auto, deepspeed-chat, phoenix, alpaca, text or input-ids, found \"%s\"" value)
+                (sprintf "expected auto, deepspeed-chat, phoenix, alpaca, text, input-ids or conversation, found \"%s\"" value)
+
+    /// Parses a --train-on value: all, completion or assistant (case-insensitive).
+    let parseTrainOn (value: string) : TrainOn =
+        match value.Trim().ToLowerInvariant() with
+        | "all" -> TrainOn.All
+        | "completion" | "completion-only" | "completion_only" -> TrainOn.Completion
+        | "assistant" | "assistant-only" | "assistant_only" -> TrainOn.Assistant
+        | _ -> InvalidInput.setting "train_on" (sprintf "expected all, completion or assistant, found \"%s\"" value)
 
     // ---------------------------------------------------------------- data split (DeepSpeed-Chat)
 
@@ -210,6 +230,7 @@ module PromptDataset =
     type private Record =
         | TextRecord of Sample
         | IdsRecord of line: int * ids: int64[]
+        | ConversationRecord of line: int * conversation: Conversation
 
     /// One object of the file: its Line, where an error message points (Location) and its JSON
     /// (Error when it is not JSON).
@@ -296,6 +317,7 @@ module PromptDataset =
         | HumanGpt
         | Instruction
         | Ids
+        | Conversations
 
     let private shapeName shape =
         match shape with
@@ -303,6 +325,7 @@ module PromptDataset =
         | HumanGpt -> "phoenix-sft (\"from_human\", \"from_gpt\")"
         | Instruction -> "Alpaca (\"instruction\", \"input\", \"output\")"
         | Ids -> "pre-tokenized (\"input_ids\")"
+        | Conversations -> "conversation (\"messages\" or \"conversations\")"
 
     let private deepSpeedChat = Fields("DeepSpeed-Chat (\"prompt\", \"chosen\")", Some "prompt", "chosen")
     let private plainText = Fields("text (\"text\")", None, "text")
@@ -314,6 +337,7 @@ module PromptDataset =
         | DataFormat.Alpaca -> Some Instruction
         | DataFormat.Text -> Some plainText
         | DataFormat.PreTokenized -> Some Ids
+        | DataFormat.Conversation -> Some Conversations
         | DataFormat.Auto -> None
 
     let private shapeOfFields (fields: FieldMap) =
@@ -333,13 +357,14 @@ module PromptDataset =
         let keys = element.EnumerateObject() |> Seq.map (fun p -> p.Name) |> Set.ofSeq
         let has (names: string list) = names |> List.forall keys.Contains
         if has [ "input_ids" ] then Ids
+        elif ChatTemplate.isConversation element then Conversations
         elif has [ "prompt"; "chosen" ] then deepSpeedChat
         elif has [ "from_human"; "from_gpt" ] then HumanGpt
         elif has [ "instruction"; "output" ] then Instruction
         elif has [ "text" ] then plainText
         else
             InvalidInput.fail path record.Location
-                (sprintf "cannot tell the data's shape from the keys of the first object (%s); expected \"prompt\"/\"chosen\", \"from_human\"/\"from_gpt\", \"instruction\"/\"output\", \"text\" or \"input_ids\", or name the fields with {prompt_field}/{answer_field} or {text_field}"
+                (sprintf "cannot tell the data's shape from the keys of the first object (%s); expected \"prompt\"/\"chosen\", \"from_human\"/\"from_gpt\", \"instruction\"/\"output\", \"text\", \"input_ids\" or \"messages\"/\"conversations\", or name the fields with {prompt_field}/{answer_field} or {text_field}"
                     (keys |> Seq.map (sprintf "\"%s\"") |> String.concat ", "))
 
     let private field (shape: Shape) (element: JsonElement) (name: string) : Result<JsonElement, string> =
@@ -422,14 +447,15 @@ module PromptDataset =
             | HumanGpt -> humanGpt raw.Line element
             | Instruction -> instruction raw.Line element
             | Ids -> tokenIds raw.Line element
+            | Conversations -> ChatTemplate.parseConversation element |> Result.map (fun c -> ConversationRecord(raw.Line, c))
 
     let private validateOptions (options: PromptDataOptions) =
         if options.MaxSeqLen < 1 then
             InvalidInput.setting "max_seq_len" (sprintf "must be at least 1, found %d" options.MaxSeqLen)
         if not (options.EvalSplitRatio >= 0.0 && options.EvalSplitRatio < 1.0) then
             InvalidInput.setting "eval_split_ratio" (sprintf "must be in [0, 1), found %g" options.EvalSplitRatio)
-        if options.Packing && options.TrainOn = TrainOn.Completion then
-            InvalidInput.setting "packing" "packed rows train on every token; packing cannot be combined with completion-only training"
+        if options.Packing && options.TrainOn <> TrainOn.All then
+            InvalidInput.setting "packing" "packed rows train on every token; packing cannot be combined with completion-only or assistant-only training"
         match shapeOfFields options.Fields, options.Format with
         | Some _, format when format <> DataFormat.Auto ->
             InvalidInput.setting "data_format" "custom fields ({prompt_field}, {answer_field}, {text_field}) decide the shape; leave the format at auto"
@@ -478,14 +504,48 @@ module PromptDataset =
         |> Array.map (fun (location, record) ->
             match record with
             | TextRecord sample -> sample
-            | IdsRecord _ -> InvalidInput.fail path location "the file holds token ids (\"input_ids\"), not text samples")
+            | IdsRecord _ -> InvalidInput.fail path location "the file holds token ids (\"input_ids\"), not text samples"
+            | ConversationRecord _ -> InvalidInput.fail path location "the file holds conversations, not prompt/answer samples")
 
     // ---------------------------------------------------------------- tokenization
 
-    /// A record's ids (before truncation) and its prompt length (bos and the tokens lying in the prompt).
-    let private encode (options: PromptDataOptions) (tokenizer: TextTokenizer) (record: Record) =
+    /// The ids and train mask of a conversation: the chat template's text encoded with no special tokens
+    /// added (the template writes them; bos is put first only when --add-bos asks for it and the
+    /// template did not), the assistant turns masked in under TrainOn.Assistant. Error: the problem.
+    let private encodeConversation (options: PromptDataOptions) (tokenizer: TextTokenizer) (template: Lazy<ChatTemplate>) (conversation: Conversation) =
+        let bos (ids: int64[]) (mask: bool[]) =
+            match options.AddBos, tokenizer.Special.Bos with
+            | Some true, Some b when ids.Length = 0 || ids[0] <> b -> Array.append [| b |] ids, Array.append [| false |] mask
+            | Some true, None -> InvalidInput.setting "add_bos" (sprintf "the tokenizer %s has no bos token" tokenizer.Name)
+            | _ -> ids, mask
+        try
+            match options.TrainOn with
+            | TrainOn.Assistant ->
+                match ChatTemplate.renderWithAssistantSpans template.Value conversation with
+                | Error e -> Error e
+                | Ok rendered when rendered.AssistantSpans.Length = 0 ->
+                    Error "the conversation has no assistant turn to train on (--train-on assistant)"
+                | Ok rendered -> Ok(ChatTemplate.tokenizeWithAssistantMask tokenizer rendered ||> bos)
+            | TrainOn.Completion ->
+                Error "completion-only training takes prompt/answer rows; for conversations use --train-on assistant (or all)"
+            | TrainOn.All ->
+                let ids = tokenizer.Encode(ChatTemplate.render template.Value conversation false)
+                Ok(bos ids (Array.create ids.Length true))
+        with :? JinjaException as e -> Error(sprintf "the chat template cannot render this conversation: %s" e.Message)
+
+    /// A record's ids (before truncation), its prompt length (bos and the tokens lying in the prompt)
+    /// and, for a conversation trained on its assistant turns, its train mask. Error: a conversation the
+    /// template refuses (or, with no assistant turn, cannot train on).
+    let private encode (options: PromptDataOptions) (tokenizer: TextTokenizer) (template: Lazy<ChatTemplate>) (record: Record) : Result<int64[] * int * bool[] option, string> =
         match record with
-        | IdsRecord(_, ids) -> ids, 0
+        | IdsRecord(_, ids) when options.TrainOn = TrainOn.Assistant ->
+            Error "assistant-only training (--train-on assistant) takes conversation rows (\"messages\" or \"conversations\"), not token ids"
+        | TextRecord _ when options.TrainOn = TrainOn.Assistant ->
+            Error "assistant-only training (--train-on assistant) takes conversation rows (\"messages\" or \"conversations\"); for prompt/answer rows use --train-on completion"
+        | IdsRecord(_, ids) -> Ok(ids, 0, None)
+        | ConversationRecord(_, conversation) ->
+            encodeConversation options tokenizer template conversation
+            |> Result.map (fun (ids, mask) -> ids, 0, (if options.TrainOn = TrainOn.Assistant then Some mask else None))
         | TextRecord sample ->
             let joined = tokenizer.EncodeJoined sample.Prompt sample.Answer
             let bos = TextTokenizer.leadingBos options.AddBos tokenizer
@@ -495,49 +555,73 @@ module PromptDataset =
                 | None -> InvalidInput.fail tokenizer.Name "" "the tokenizer has no end-of-text (eos) token; text samples need one to mark where they end"
             let text = Array.append bos joined.Ids
             let ids = if text.Length > 0 && text[text.Length - 1] = eos then text else Array.append text [| eos |]
-            ids, bos.Length + joined.PromptTokens
+            Ok(ids, bos.Length + joined.PromptTokens, None)
+
+    let private lineOf (record: Record) =
+        match record with
+        | TextRecord s -> s.Line
+        | IdsRecord(line, _) -> line
+        | ConversationRecord(line, _) -> line
 
     /// One row per record, truncated to MaxSeqLen; rows with nothing to train on are bad.
-    let private tokenizeRows (path: string) (options: PromptDataOptions) (tokenizer: TextTokenizer) (records: (string * Record)[]) =
+    let private tokenizeRows (path: string) (options: PromptDataOptions) (tokenizer: TextTokenizer) (template: Lazy<ChatTemplate>) (records: (string * Record)[]) =
         let rows = ResizeArray()
         let lines = ResizeArray()
         let prompts = ResizeArray()
+        let masks = ResizeArray()
         let kept = ResizeArray()
         let mutable skipped = 0
+        let bad location problem =
+            if not options.SkipBadRows then InvalidInput.fail path location problem
+            skipped <- skipped + 1
+        let cut (a: 'T[]) = if a.Length > options.MaxSeqLen then a[.. options.MaxSeqLen - 1] else a
         for location, record in records do
-            let ids, promptLength = encode options tokenizer record
-            let row = if ids.Length > options.MaxSeqLen then ids[.. options.MaxSeqLen - 1] else ids
-            let promptLength = if options.TrainOn = TrainOn.Completion then promptLength else 0
-            let isText = match record with TextRecord _ -> true | IdsRecord _ -> false
-            if isText && Batching.predictedTokens options.MaxSeqLen promptLength row = 0L then
-                if not options.SkipBadRows then
-                    let problem =
-                        if promptLength >= options.MaxSeqLen then
-                            sprintf "nothing left to train on: the prompt has %d tokens and max-seq-len is %d (raise {max_seq_len}, shorten the prompt or use {skip_bad_rows})" promptLength options.MaxSeqLen
-                        else sprintf "nothing to train on: the sample has %d tokens (at least 2 are needed to predict one)" row.Length
-                    InvalidInput.fail path location problem
-                skipped <- skipped + 1
-            else
-                rows.Add row
-                lines.Add(match record with TextRecord s -> s.Line | IdsRecord(line, _) -> line)
-                prompts.Add promptLength
-                kept.Add record
-        { Path = path; Rows = rows.ToArray(); Lines = lines.ToArray(); PromptLengths = prompts.ToArray() }, kept.ToArray(), skipped
+            match encode options tokenizer template record with
+            | Error problem -> bad location problem
+            | Ok(ids, promptLength, mask) ->
+                let row = cut ids
+                let promptLength = if options.TrainOn = TrainOn.Completion then promptLength else 0
+                let isText = match record with IdsRecord _ -> false | TextRecord _ | ConversationRecord _ -> true
+                match mask with
+                | Some mask when Batching.predictedTokensMasked options.MaxSeqLen mask = 0L ->
+                    if Array.contains true mask && row.Length < ids.Length then
+                        bad location (sprintf "nothing left to train on: the assistant turns start after max-seq-len (%d tokens; the conversation has %d) (raise {max_seq_len} or use {skip_bad_rows})" options.MaxSeqLen ids.Length)
+                    else bad location "nothing to train on: the assistant turns have no tokens"
+                | None when isText && Batching.predictedTokens options.MaxSeqLen promptLength row = 0L ->
+                    if promptLength >= options.MaxSeqLen then
+                        bad location (sprintf "nothing left to train on: the prompt has %d tokens and max-seq-len is %d (raise {max_seq_len}, shorten the prompt or use {skip_bad_rows})" promptLength options.MaxSeqLen)
+                    else bad location (sprintf "nothing to train on: the sample has %d tokens (at least 2 are needed to predict one)" row.Length)
+                | _ ->
+                    rows.Add row
+                    lines.Add(lineOf record)
+                    prompts.Add promptLength
+                    mask |> Option.iter (cut >> masks.Add)
+                    kept.Add record
+        { Path = path
+          Rows = rows.ToArray()
+          Lines = lines.ToArray()
+          PromptLengths = prompts.ToArray()
+          TrainMasks = if options.TrainOn = TrainOn.Assistant then masks.ToArray() else [||] },
+        kept.ToArray(),
+        skipped
 
     /// Concatenates every record's ids, each followed by eos (added to a pre-tokenized row unless it
     /// already ends with one), and cuts the stream into rows of MaxSeqLen tokens; a row's line is the
     /// line of the sample it starts in.
-    let private packRows (path: string) (options: PromptDataOptions) (tokenizer: TextTokenizer) (records: (string * Record)[]) =
+    let private packRows (path: string) (options: PromptDataOptions) (tokenizer: TextTokenizer) (template: Lazy<ChatTemplate>) (records: (string * Record)[]) =
         let eos =
             match tokenizer.Special.Eos with
             | Some eos -> eos
             | None -> InvalidInput.fail tokenizer.Name "" "the tokenizer has no end-of-text (eos) token; packing separates samples with it"
         let stream = ResizeArray<int64>()
         let starts = ResizeArray<int>()
-        for _, record in records do
-            let ids, _ = encode options tokenizer record
+        for location, record in records do
+            let ids =
+                match encode options tokenizer template record with
+                | Ok(ids, _, _) -> ids
+                | Error problem -> InvalidInput.fail path location problem
             let ids = if ids.Length > 0 && ids[ids.Length - 1] = eos then ids else Array.append ids [| eos |]
-            let line = match record with TextRecord s -> s.Line | IdsRecord(line, _) -> line
+            let line = lineOf record
             for id in ids do
                 stream.Add id
                 starts.Add line
@@ -546,17 +630,18 @@ module PromptDataset =
         { Path = path
           Rows = rows
           Lines = Array.init rows.Length (fun r -> starts[r * options.MaxSeqLen])
-          PromptLengths = Array.zeroCreate rows.Length },
+          PromptLengths = Array.zeroCreate rows.Length
+          TrainMasks = [||] },
         records |> Array.map snd
 
-    let private tokenize path options tokenizer records =
+    let private tokenize path options tokenizer template records =
         if options.Packing then
-            let dataset, kept = packRows path options tokenizer records
+            let dataset, kept = packRows path options tokenizer template records
             dataset, kept, 0
-        else tokenizeRows path options tokenizer records
+        else tokenizeRows path options tokenizer template records
 
     let private textSamples (records: Record[]) =
-        records |> Array.choose (fun r -> match r with TextRecord s -> Some s | IdsRecord _ -> None)
+        records |> Array.choose (fun r -> match r with TextRecord s -> Some s | IdsRecord _ | ConversationRecord _ -> None)
 
     let private nonEmpty (path: string) (skipped: int) (dataset: TokenizedDataset) =
         if dataset.Rows.Length = 0 then
@@ -605,11 +690,14 @@ module PromptDataset =
                 Some(trainPath, pick true), pick false, 0
             | None -> None, trainRecords, 0
         let evalPart, trainPart, evalBad = evalSource
-        let train, _, trainSkipped = tokenize trainPath options tokenizer trainPart
+        // Conversation rows are rendered with the tokenizer folder's chat template (or ChatTemplateFile),
+        // loaded when the first one is met.
+        let template = lazy (ChatTemplate.load tokenizer.Name options.ChatTemplateFile)
+        let train, _, trainSkipped = tokenize trainPath options tokenizer template trainPart
         let eval, evalSamples, evalSkipped =
             match evalPart with
             | Some(path, records) ->
-                let dataset, kept, skipped = tokenize path options tokenizer records
+                let dataset, kept, skipped = tokenize path options tokenizer template records
                 Some(nonEmpty path (evalBad + skipped) dataset), textSamples kept, skipped
             | None -> None, [||], 0
         { Train = nonEmpty trainPath (trainBad + trainSkipped) train

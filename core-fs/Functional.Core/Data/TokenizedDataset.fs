@@ -18,7 +18,10 @@ type TokenizedDataset =
       Lines: int[]
       /// Leading tokens of each row that the loss ignores (the prompt when training on the
       /// completion only; 0 when every token is trained on).
-      PromptLengths: int[] }
+      PromptLengths: int[]
+      /// Per row, per token, whether the loss predicts it (assistant-only training: the tokens of the
+      /// assistant turns); PromptLengths is then 0. Empty (no entry at all) when PromptLengths decide.
+      TrainMasks: bool[][] }
 
 /// Checks of tokenized data.
 [<RequireQualifiedAccess>]

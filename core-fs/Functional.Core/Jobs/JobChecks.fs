@@ -15,7 +15,7 @@ module internal JobChecks =
     /// The files that hold a model folder's tokenizer.
     let internal tokenizerFiles =
         [ "tokenizer.json"; "vocab.json"; "merges.txt"; "tokenizer.model"; "tokenizer_config.json"
-          "special_tokens_map.json"; "generation_config.json" ]
+          "special_tokens_map.json"; "generation_config.json"; "chat_template.jinja" ]
 
     let internal hasTokenizer (folder: string) =
         [ "tokenizer.json"; "vocab.json"; "tokenizer.model" ] |> List.exists (fun f -> File.Exists(Path.Combine(folder, f)))

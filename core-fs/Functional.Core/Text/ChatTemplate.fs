@@ -247,3 +247,34 @@ module ChatTemplate =
         let text = (renderRaw template probe None false).Text
         let at = text.LastIndexOf(answer, StringComparison.Ordinal)
         if at < 0 then "" else text.Substring(at + answer.Length)
+
+    /// The ids of a rendered conversation and, per id, whether it lies in an assistant turn: the ids are
+    /// the tokenizer's of the whole text with no special tokens added (the template writes bos and the
+    /// turn markers itself, as apply_chat_template(tokenize=True) encodes it). A token is in a turn when it
+    /// holds any of the turn's characters, as HF's assistant mask (char_to_token over the span) has it. A
+    /// span's edges are found by encoding the text before them: where those ids are a prefix of the whole
+    /// text's, the edge falls between tokens; otherwise the first differing token straddles the edge and,
+    /// holding characters of the turn, belongs to it.
+    let tokenizeWithAssistantMask (tokenizer: TextTokenizer) (rendered: RenderedConversation) : int64[] * bool[] =
+        let text = rendered.Text
+        let ids = tokenizer.Encode text
+        let agreeing (prefix: int64[]) =
+            let n = min prefix.Length ids.Length
+            let mutable i = 0
+            while i < n && prefix[i] = ids[i] do
+                i <- i + 1
+            i
+        let edge (at: int) (isEnd: bool) =
+            if at <= 0 then 0
+            elif at >= text.Length then ids.Length
+            else
+                let prefix = tokenizer.Encode(text.Substring(0, at))
+                let common = agreeing prefix
+                if common = prefix.Length then common
+                elif isEnd then min ids.Length (common + 1)
+                else common
+        let mask = Array.zeroCreate ids.Length
+        for span in rendered.AssistantSpans do
+            for i in edge span.Start false .. edge span.End true - 1 do
+                mask[i] <- true
+        ids, mask

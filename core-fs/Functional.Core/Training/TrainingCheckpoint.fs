@@ -66,13 +66,15 @@ module TrainingCheckpoint =
 
     let private number (x: float) = x.ToString("R", Globalization.CultureInfo.InvariantCulture)
 
-    /// A hash of the training rows and their prompt lengths.
+    /// A hash of the training rows, their prompt lengths and their train masks (when they have them).
     let dataFingerprint (dataset: TokenizedDataset) =
         use sha = IncrementalHash.CreateHash HashAlgorithmName.SHA256
         for row, prompt in Array.zip dataset.Rows dataset.PromptLengths do
             sha.AppendData(BitConverter.GetBytes row.Length)
             for id in row do sha.AppendData(BitConverter.GetBytes id)
             sha.AppendData(BitConverter.GetBytes prompt)
+        for mask in dataset.TrainMasks do
+            sha.AppendData(mask |> Array.map (fun kept -> if kept then 1uy else 0uy))
         Convert.ToHexString(sha.GetHashAndReset()).ToLowerInvariant()
 
     /// The signature format this version writes: 2 stores each entry under its setting's snake_case key
