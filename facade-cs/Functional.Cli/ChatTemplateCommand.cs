@@ -18,7 +18,7 @@ internal static class ChatTemplateCommand
         };
         var messages = new Option<string>("--messages")
         {
-            Description = "A JSON Lines file, one conversation per line: {\"messages\": [{\"role\", \"content\"}], \"tools\"?: [...]} or ShareGPT's {\"conversations\": [{\"from\", \"value\"}]}.",
+            Description = "A JSON Lines file (or a JSON array), one conversation per line: {\"messages\": [{\"role\", \"content\"}], \"tools\"?: [...]} or ShareGPT's {\"conversations\": [{\"from\", \"value\"}]}.",
             Required = true,
         };
         var addGenerationPrompt = new Option<bool>("--add-generation-prompt", "--add_generation_prompt")
@@ -43,26 +43,20 @@ internal static class ChatTemplateCommand
             }
             var generationPrompt = parse.GetValue(addGenerationPrompt);
             using var output = new StreamWriter(Console.OpenStandardOutput()) { AutoFlush = false, NewLine = "\n" };
-            var number = 0;
-            foreach (var line in File.ReadLines(path))
+            foreach (var (location, row) in Rows(path))
             {
-                number++;
-                if (string.IsNullOrWhiteSpace(line))
-                {
-                    continue;
-                }
                 string rendered;
                 try
                 {
-                    rendered = template.Render(line, generationPrompt);
+                    rendered = template.Render(row, generationPrompt);
                 }
                 catch (InvalidInputException e) when (e.Origin == "conversation")
                 {
-                    throw new InvalidInputException(path, $"line {number}", e.Problem);
+                    throw new InvalidInputException(path, location, e.Problem);
                 }
                 catch (InvalidInputException e)
                 {
-                    throw new InvalidInputException(path, $"line {number}", $"{e.Message}");
+                    throw new InvalidInputException(path, location, $"{e.Message}");
                 }
                 output.WriteLine(JsonSerializer.Serialize(rendered, Output));
             }
@@ -70,5 +64,42 @@ internal static class ChatTemplateCommand
             return 0;
         });
         return command;
+    }
+
+    /// <summary>The conversations of a JSON Lines file ("line N") or of a JSON array ("element N").</summary>
+    private static IEnumerable<(string Location, string Json)> Rows(string path)
+    {
+        var text = File.ReadAllText(path);
+        if (text.TrimStart().StartsWith('['))
+        {
+            JsonDocument document;
+            try
+            {
+                document = JsonDocument.Parse(text);
+            }
+            catch (JsonException e)
+            {
+                throw new InvalidInputException(path, e.LineNumber is long line ? $"line {line + 1}" : "", $"not valid JSON ({e.Message})");
+            }
+            using (document)
+            {
+                var number = 0;
+                foreach (var element in document.RootElement.EnumerateArray())
+                {
+                    number++;
+                    yield return ($"element {number}", element.GetRawText());
+                }
+            }
+            yield break;
+        }
+        var lineNumber = 0;
+        foreach (var line in text.Split('\n'))
+        {
+            lineNumber++;
+            if (!string.IsNullOrWhiteSpace(line))
+            {
+                yield return ($"line {lineNumber}", line.TrimEnd('\r'));
+            }
+        }
     }
 }
