@@ -191,7 +191,8 @@ module TrainingBenchmark =
         { Path = "synthetic"
           Rows = rows
           Lines = Array.init rows.Length (fun i -> i + 1)
-          PromptLengths = Array.zeroCreate rows.Length }
+          PromptLengths = Array.zeroCreate rows.Length
+          Segments = [||] }
 
     let private lookupOnly (lm: CausalLm) (name: string) =
         (ModelFamily.traits lm.Config).LookupOnly |> List.contains name

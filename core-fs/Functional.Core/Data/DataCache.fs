@@ -17,7 +17,8 @@ open Functional.Text
 ///   payload: skipped rows (int32), the training set, an evaluation flag (byte) and set, then the
 ///            evaluation samples (count, then line (int32), prompt and answer (length-prefixed UTF-8));
 ///   a set:   path, row count, per row its line, prompt length and length (int32 each), the id width
-///            (byte: 4 or 8), then all ids.
+///            (byte: 4 or 8), then all ids, then a flag (byte 1: packed in isolation, 0: not) and for
+///            packed rows, per row its segment count and each segment's length and prompt length (int32).
 /// An entry whose magic, version, key, length or checksum does not match is rebuilt, never trusted.
 /// Entries are written to a temporary file and renamed into place, so readers never see half a file.
 [<RequireQualifiedAccess>]
@@ -28,7 +29,7 @@ module DataCache =
     /// The version of the entry format and of the loading semantics; changing either bumps it, so old
     /// entries stop matching.
     [<Literal>]
-    let FormatVersion = 2
+    let FormatVersion = 3
 
     let private headerLength = 8 + 4 + 32 + 8 + 32
 
@@ -47,6 +48,7 @@ module DataCache =
             sprintf "max-seq-len=%d" options.MaxSeqLen
             sprintf "train-on=%A" options.TrainOn
             sprintf "packing=%b" options.Packing
+            sprintf "packing-attention=%s" (PromptDataset.packingAttentionName options.PackingAttention)
             sprintf "add-bos=%s" (options.AddBos |> Option.map string |> Option.defaultValue "tokenizer")
             sprintf "skip-bad-rows=%b" options.SkipBadRows
             sprintf "data-split=%s" (option options.DataSplit)
@@ -83,6 +85,14 @@ module DataCache =
         for row in d.Rows do
             for id in row do
                 if narrow then w.Write(int32 id) else w.Write id
+        if TokenizedDataset.isPackedInIsolation d then
+            w.Write 1uy
+            for segments in d.Segments do
+                w.Write segments.Length
+                for s in segments do
+                    w.Write s.Length
+                    w.Write s.PromptLength
+        else w.Write 0uy
 
     let private readDataset (r: BinaryReader) : TokenizedDataset =
         let path = r.ReadString()
@@ -102,7 +112,19 @@ module DataCache =
             |> Array.map (fun length ->
                 if length < 0 then raise (InvalidDataException "negative row length")
                 Array.init length (fun _ -> if width = 4uy then int64 (r.ReadInt32()) else r.ReadInt64()))
-        { Path = path; Rows = rows; Lines = lines; PromptLengths = prompts }
+        let segments =
+            match r.ReadByte() with
+            | 0uy -> [||]
+            | 1uy ->
+                rows
+                |> Array.map (fun row ->
+                    let n = r.ReadInt32()
+                    if n < 0 then raise (InvalidDataException "negative segment count")
+                    let segments = Array.init n (fun _ -> let length = r.ReadInt32() in { Length = length; PromptLength = r.ReadInt32() })
+                    if segments |> Array.sumBy (fun s -> s.Length) <> row.Length then raise (InvalidDataException "segments do not cover the row")
+                    segments)
+            | _ -> raise (InvalidDataException "bad packing flag")
+        { Path = path; Rows = rows; Lines = lines; PromptLengths = prompts; Segments = segments }
 
     let private serialize (data: TrainAndEval) =
         use stream = new MemoryStream()

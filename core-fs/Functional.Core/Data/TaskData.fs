@@ -195,7 +195,8 @@ module TaskData =
         { Path = path
           Rows = rows
           Lines = records |> Array.map (fun r -> r.Line)
-          PromptLengths = Array.zeroCreate records.Length }
+          PromptLengths = Array.zeroCreate records.Length
+          Segments = [||] }
 
     /// The preference rows of a file as a dataset of pairs: row i is the ids of prompt + chosen followed
     /// by those of prompt + rejected (each one string tokenized once, cut to maxSeqLen), PromptLengths[i]
@@ -213,4 +214,5 @@ module TaskData =
         { Path = path
           Rows = pairs |> Array.map (fun (c, r) -> Array.append c r)
           Lines = records |> Array.map (fun r -> r.Line)
-          PromptLengths = pairs |> Array.map (fun (c, _) -> c.Length) }
+          PromptLengths = pairs |> Array.map (fun (c, _) -> c.Length)
+          Segments = [||] }

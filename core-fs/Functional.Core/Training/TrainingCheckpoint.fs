@@ -66,13 +66,19 @@ module TrainingCheckpoint =
 
     let private number (x: float) = x.ToString("R", Globalization.CultureInfo.InvariantCulture)
 
-    /// A hash of the training rows and their prompt lengths.
+    /// A hash of the training rows, their prompt lengths and, for rows packed in isolation, their segments.
     let dataFingerprint (dataset: TokenizedDataset) =
         use sha = IncrementalHash.CreateHash HashAlgorithmName.SHA256
         for row, prompt in Array.zip dataset.Rows dataset.PromptLengths do
             sha.AppendData(BitConverter.GetBytes row.Length)
             for id in row do sha.AppendData(BitConverter.GetBytes id)
             sha.AppendData(BitConverter.GetBytes prompt)
+        // Rows packed in isolation also hash their samples' boundaries (unpacked data hashes as before).
+        for segments in dataset.Segments do
+            sha.AppendData(BitConverter.GetBytes segments.Length)
+            for s in segments do
+                sha.AppendData(BitConverter.GetBytes s.Length)
+                sha.AppendData(BitConverter.GetBytes s.PromptLength)
         Convert.ToHexString(sha.GetHashAndReset()).ToLowerInvariant()
 
     /// The signature format this version writes: 2 stores each entry under its setting's snake_case key
