@@ -27,6 +27,7 @@ internal sealed class OptionNames
         ["--text-field"] = new("UseData", nameof(DataOptions.TextField)),
         ["--train-on"] = new("UseData", nameof(DataOptions.TrainOn)),
         ["--packing"] = new("UseData", nameof(DataOptions.Packing)),
+        ["--packing-attention"] = new("UseData", nameof(DataOptions.PackingAttention)),
         ["--add-bos"] = new("UseData", nameof(DataOptions.AddBos)),
         ["--no-add-bos"] = new("UseData", nameof(DataOptions.AddBos)),
         ["--skip-bad-rows"] = new("UseData", nameof(DataOptions.SkipBadRows)),

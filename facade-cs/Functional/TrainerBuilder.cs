@@ -66,6 +66,7 @@ public sealed class TrainerBuilder
         settings.TextField = o.TextField;
         settings.TrainOn = o.TrainOn;
         settings.Packing = o.Packing;
+        settings.PackingAttention = o.PackingAttention;
         settings.AddBos = o.AddBos;
         settings.SkipBadRows = o.SkipBadRows;
         settings.DataSplit = o.DataSplit;
