@@ -262,8 +262,33 @@ let private dataTests =
         }
     ]
 
+let private benchTests =
+    testList "bench" [
+        torchTest "the packing comparison trains the same samples padded and packed, and packing needs fewer rows and less padding" (fun () ->
+            let config = Benchmarks.TrainingBenchmark.resize 1 64 4 32 Benchmarks.TrainingBenchmark.gpt2Small
+            let settings: Benchmarks.BenchmarkSettings = { Steps = 3; WarmupSteps = 1; Threads = 1; LearningRate = 1e-3 }
+            let c = Benchmarks.TrainingBenchmark.packingComparison config "fp32" settings ignore
+            Expect.equal c.Samples 16 "batch x (warm-up + steps) samples"
+            Expect.equal c.Padded.Rows 16 "one sample per padded row"
+            Expect.isLessThan c.Packed.Rows c.Padded.Rows "packed into fewer rows"
+            Expect.isLessThan c.Packed.PaddingShare c.Padded.PaddingShare "less padding"
+            for r in [ c.Padded; c.Packed ] do
+                Expect.isGreaterThan r.RealTokensPerSecond 0.0 (r.Mode + ": a speed")
+                Expect.isTrue (Double.IsFinite r.FirstLoss) (r.Mode + ": a finite loss")
+            let table = Benchmarks.TrainingBenchmark.formatPackingComparison c
+            Expect.stringContains table "real tokens/s" "the table")
+    ]
+
 let private cliTests =
     testList "cli" [
+        test "functional bench train --packing-compare prints real tokens/s padded and packed" {
+            let run =
+                runCli [ "bench"; "train"; "--packing-compare"; "--config"; "gpt2-small"; "--layers"; "1"; "--width"; "64"; "--batch"; "4"
+                         "--seq-len"; "32"; "--steps"; "2"; "--warmup"; "1"; "--precision"; "fp32"; "--threads"; "1" ]
+            Expect.equal run.ExitCode 0 (sprintf "exit code 0 (stderr: %s)" run.Stderr)
+            for part in [ "real tokens/s"; "padded"; "packed"; "packed / padded" ] do
+                Expect.stringContains run.Stdout part "the comparison table"
+        }
         test "functional train --packing (isolated): one step over all rows has the loss and gradient norm of the rows unpacked" {
             use folder = new TempFolder()
             let golden = goldenDir "llama-cosine"
@@ -290,4 +315,4 @@ let private cliTests =
     ]
 
 [<Tests>]
-let tests = testList "isolated packing" [ dataTests; modelTests; cliTests ]
+let tests = testList "isolated packing" [ dataTests; modelTests; benchTests; cliTests ]
