@@ -522,7 +522,9 @@ type IDecoderLayer =
 
     /// The layer over T_new new positions: x (B, T_new, C), the mask of IncrementalDecoding.keyMask
     /// (B, 1 or heads, T_new, T_total) or null, the layer's cached keys and values (B, kv_heads, T_past,
-    /// head_dim) -> (B, T_new, C) and the keys and values of all T_total positions.
+    /// head_dim) -> (B, T_new, C) and the keys and values of all T_total positions. Without a cache and
+    /// with PackedAttention.mask (B, 1 or heads, T, T) it is the masked training forward of packed rows
+    /// (DecoderBackbone.ForwardPacked), in training mode with dropout.
     abstract ForwardCached:
         x: torch.Tensor * extras: torch.Tensor[] * mask: torch.Tensor * past: (torch.Tensor * torch.Tensor) option ->
             torch.Tensor * torch.Tensor * torch.Tensor
