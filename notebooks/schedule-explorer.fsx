@@ -88,7 +88,7 @@ model.Module.eval () |> ignore
 let random = Random 7
 let lengths = [| 40; 3; 25; 6; 12; 33 |]
 let rows = lengths |> Array.map (fun n -> Array.init n (fun _ -> int64 (random.Next 96)))
-let dataset = { Path = "six rows"; Rows = rows; Lines = [| 1 .. rows.Length |]; PromptLengths = Array.zeroCreate rows.Length; TrainMasks = [||] }
+let dataset = { Path = "six rows"; Rows = rows; Lines = [| 1 .. rows.Length |]; PromptLengths = Array.zeroCreate rows.Length; Segments = [||]; TrainMasks = [||] }
 let collate (indices: int[]) = Batching.collate 64 0L dataset indices
 
 /// The gradient of every parameter after running backward, flattened into one vector.

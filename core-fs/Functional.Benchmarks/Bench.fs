@@ -80,7 +80,7 @@ type Bench =
             Array.init (batch * steps) (fun _ ->
                 let start = random.Next 8192
                 Array.init sequenceLength (fun i -> int64 ((start + i) % 8192)))
-        let data = { Path = "bench"; Rows = rows; Lines = Array.init rows.Length (fun i -> i + 1); PromptLengths = Array.zeroCreate rows.Length; TrainMasks = [||] }
+        let data = { Path = "bench"; Rows = rows; Lines = Array.init rows.Length (fun i -> i + 1); PromptLengths = Array.zeroCreate rows.Length; Segments = [||]; TrainMasks = [||] }
         [| for name, precision in [ "fp32", Precision.Fp32; "bf16", Precision.Bf16 ] ->
             let lm = Bench.Gpt2(layers, width)
             let options =
@@ -148,6 +148,16 @@ type Bench =
         : TrainingBenchmarkResult =
         let settings = { Steps = steps; WarmupSteps = warmupSteps; Threads = threads; LearningRate = 1e-3 }
         TrainingBenchmark.run config (List.ofArray precisions) settings (fun line -> if not (isNull onLine) then onLine.Invoke line)
+
+    /// `bench train --packing-compare` of one configuration (TrainingBenchmark.packingComparison) at a
+    /// constant learning rate of 1e-3; onLine hears the progress lines.
+    static member PackingComparison(config: BenchmarkConfig, precision: string, steps: int, warmupSteps: int, threads: int, onLine: Action<string>)
+        : PackingComparison =
+        let settings = { Steps = steps; WarmupSteps = warmupSteps; Threads = threads; LearningRate = 1e-3 }
+        TrainingBenchmark.packingComparison config precision settings (fun line -> if not (isNull onLine) then onLine.Invoke line)
+
+    /// The table of a packing comparison (TrainingBenchmark.formatPackingComparison).
+    static member FormatPackingComparison(comparison: PackingComparison) : string = TrainingBenchmark.formatPackingComparison comparison
 
     /// The peak resident bytes of a loop, or null where the system does not tell.
     static member PeakBytes(figures: LoopFigures) : Nullable<int64> = Option.toNullable figures.PeakResidentBytes

@@ -120,6 +120,53 @@ type TrainingBenchmarkResult =
       /// One entry per precision measured, in the order asked.
       Precisions: PrecisionFigures list }
 
+/// One way of batching variable-length samples in `bench train --packing-compare`.
+[<NoComparison>]
+type PackingRun =
+    { /// "padded" (one sample per row, right-padded to the longest of its micro-batch) or "packed"
+      /// (isolated packing: whole samples packed into rows of up to the sequence length).
+      Mode: string
+      /// Rows of the epoch.
+      Rows: int
+      /// Optimizer steps of the epoch (one micro-batch each).
+      Steps: int
+      /// Steps timed (after the warm-up).
+      TimedSteps: int
+      /// Real (non-padding) tokens of the timed steps.
+      RealTokens: int64
+      /// Input tokens of the timed steps, padding included (rows x longest row of each micro-batch).
+      InputTokens: int64
+      /// Seconds of the timed steps.
+      Seconds: float
+      /// Seconds of the whole epoch (every sample trained on once), warm-up steps included.
+      EpochSeconds: float
+      /// The token-weighted loss of the first step.
+      FirstLoss: float }
+
+    /// Real tokens per second over the timed steps.
+    member this.RealTokensPerSecond = float this.RealTokens / max this.Seconds 1e-9
+
+    /// The share of the input tokens that are padding.
+    member this.PaddingShare = 1.0 - float this.RealTokens / float (max 1L this.InputTokens)
+
+/// `bench train --packing-compare`: the same variable-length samples trained on padded and packed.
+[<NoComparison>]
+type PackingComparison =
+    { /// The configuration (its batch size and sequence length: rows per step and the packed rows' length).
+      Config: BenchmarkConfig
+      /// "fp32" or "bf16".
+      Precision: string
+      /// The samples of the epoch.
+      Samples: int
+      /// The shortest sample's tokens.
+      MinLength: int
+      /// The longest sample's tokens (the sequence length).
+      MaxLength: int
+      /// One sample per row, right-padded.
+      Padded: PackingRun
+      /// Rows packed in isolation.
+      Packed: PackingRun }
+
 /// `functional bench train`: our trainer's throughput, step split, MFU and memory against a plain
 /// TorchSharp loop (and, from the CLI, PyTorch: tools/reference/bench_torch.py).
 [<RequireQualifiedAccess>]
@@ -191,7 +238,21 @@ module TrainingBenchmark =
         { Path = "synthetic"
           Rows = rows
           Lines = Array.init rows.Length (fun i -> i + 1)
-          PromptLengths = Array.zeroCreate rows.Length; TrainMasks = [||] }
+          PromptLengths = Array.zeroCreate rows.Length
+          Segments = [||]
+          TrainMasks = [||] }
+
+    /// count synthetic samples whose lengths are drawn uniformly from [minLength, maxLength] by a
+    /// generator seeded with seed; sample r's tokens are syntheticToken's for row r.
+    let variableLengthDataset (vocabulary: int) (count: int) (minLength: int) (maxLength: int) (seed: int) : TokenizedDataset =
+        let random = Random seed
+        let rows = Array.init count (fun r -> Array.init (random.Next(minLength, maxLength + 1)) (syntheticToken vocabulary r))
+        { Path = "synthetic variable-length"
+          Rows = rows
+          Lines = Array.init rows.Length (fun i -> i + 1)
+          PromptLengths = Array.zeroCreate rows.Length
+          Segments = [||]
+          TrainMasks = [||] }
 
     let private lookupOnly (lm: CausalLm) (name: string) =
         (ModelFamily.traits lm.Config).LookupOnly |> List.contains name
@@ -491,3 +552,91 @@ module TrainingBenchmark =
           PeakFp32 = peakFp32
           PeakBf16 = peakBf16
           Precisions = List.map measure precisions }
+
+    /// One epoch of our Trainer over data (rows in order, batch rows per step, one micro-batch per step)
+    /// on a fresh model of the configuration (seed 1), timing the steps after the warm-up (at most all
+    /// but the last).
+    let private packingRun (config: BenchmarkConfig) (precision: string) (settings: BenchmarkSettings) (mode: string) (data: TokenizedDataset) : PackingRun =
+        let batch = config.BatchSize
+        let chunks = Batching.microBatches batch (Sampler.sequential data.Rows.Length)
+        let steps = chunks.Length
+        let warmup = min settings.WarmupSteps (steps - 1)
+        let options =
+            { benchmarkOptions batch config.SequenceLength settings.LearningRate steps settings.Threads with
+                Precision = precisionOf precision }
+        let plan = TrainingLoop.plan options data.Rows.Length
+        let lm = CausalLm.create config.Model 1L
+        use _ = lm.Module
+        let real (chunk: int[]) = chunk |> Array.sumBy (fun i -> int64 (min data.Rows[i].Length config.SequenceLength))
+        let input (chunk: int[]) = int64 chunk.Length * (chunk |> Array.map (fun i -> int64 (min data.Rows[i].Length config.SequenceLength)) |> Array.max)
+        let epoch = Stopwatch.StartNew()
+        let timed = Stopwatch()
+        let mutable firstLoss = nan
+        let afterStep (context: StepContext) =
+            if context.Log.Step = 1 then firstLoss <- context.Log.Loss
+            if context.Log.Step = warmup then timed.Start()
+            if context.Log.Step = steps then
+                timed.Stop()
+                epoch.Stop()
+            StepDecision.Continue
+        if warmup = 0 then timed.Start()
+        let result = TrainingLoop.train plan lm data None { OnLog = ignore; AfterStep = afterStep }
+        result.Parameters.Dispose()
+        let timedChunks = chunks[warmup..]
+        { Mode = mode
+          Rows = data.Rows.Length
+          Steps = steps
+          TimedSteps = timedChunks.Length
+          RealTokens = timedChunks |> Array.sumBy real
+          InputTokens = timedChunks |> Array.sumBy input
+          Seconds = timed.Elapsed.TotalSeconds
+          EpochSeconds = epoch.Elapsed.TotalSeconds
+          FirstLoss = firstLoss }
+
+    /// `bench train --packing-compare`: batch x (warm-up + timed steps) synthetic samples of uniformly
+    /// random lengths between min(16, T) and T (the configuration's sequence length), trained on for one
+    /// epoch twice by our Trainer in the precision: one sample per row, right-padded to the longest of
+    /// its micro-batch, then packed in isolation into rows of up to T tokens (fewer steps over the same
+    /// samples). Each run reports real tokens per second (padding excluded) over its steps after the
+    /// warm-up, and the seconds of its whole epoch; both run Rounds times, alternating, and each keeps
+    /// its faster round (whichever runs first in a process is slower). progress hears one line per run.
+    let packingComparison (config: BenchmarkConfig) (precision: string) (settings: BenchmarkSettings) (progress: string -> unit) : PackingComparison =
+        checkSettings settings
+        Runtime.TorchRuntime.ensure ()
+        torch.set_num_threads settings.Threads
+        precisionOf precision |> ignore
+        let maxLength = config.SequenceLength
+        let minLength = min 16 maxLength
+        let count = config.BatchSize * (settings.WarmupSteps + settings.Steps)
+        let samples = variableLengthDataset (ModelConfig.vocabSize config.Model) count minLength maxLength 11
+        let packed = TokenizedDataset.packIsolated maxLength samples
+        let faster (a: PackingRun) (b: PackingRun) = if b.RealTokensPerSecond > a.RealTokensPerSecond then b else a
+        let rounds =
+            List.init Rounds (fun k ->
+                progress (sprintf "%s %s, round %d of %d: padded, %d samples in %d rows" config.Name precision (k + 1) Rounds count samples.Rows.Length)
+                let padded = packingRun config precision settings "padded" samples
+                progress (sprintf "%s %s, round %d of %d: packed (isolated), %d samples in %d rows" config.Name precision (k + 1) Rounds count packed.Rows.Length)
+                padded, packingRun config precision settings "packed" packed)
+        let padded = rounds |> List.map fst |> List.reduce faster
+        let packedRun = rounds |> List.map snd |> List.reduce faster
+        { Config = config
+          Precision = precision
+          Samples = count
+          MinLength = minLength
+          MaxLength = maxLength
+          Padded = padded
+          Packed = packedRun }
+
+    /// The table of a packing comparison: per run its rows, steps, padding share, real tokens/s and the
+    /// seconds of the epoch, and the packed run's speed-up in both.
+    let formatPackingComparison (c: PackingComparison) : string =
+        let b = Text.StringBuilder()
+        let line (text: string) = b.Append(text).Append('\n') |> ignore
+        line (sprintf "%s %s: %d samples of %d to %d tokens, %d rows per step, packed rows of up to %d tokens"
+                  c.Config.Name c.Precision c.Samples c.MinLength c.MaxLength c.Config.BatchSize c.MaxLength)
+        line (sprintf "%-8s %6s %6s %9s %16s %14s" "batching" "rows" "steps" "padding" "real tokens/s" "epoch seconds")
+        for r in [ c.Padded; c.Packed ] do
+            line (sprintf "%-8s %6d %6d %8.1f%% %16.0f %14.2f" r.Mode r.Rows r.Steps (100.0 * r.PaddingShare) r.RealTokensPerSecond r.EpochSeconds)
+        line (sprintf "packed / padded: %.2fx real tokens/s, %.2fx epoch time"
+                  (c.Packed.RealTokensPerSecond / max c.Padded.RealTokensPerSecond 1e-9) (c.Packed.EpochSeconds / max c.Padded.EpochSeconds 1e-9))
+        b.ToString()

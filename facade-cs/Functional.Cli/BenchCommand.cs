@@ -244,6 +244,9 @@ internal static class BenchCommand
         var width = CliOption.Create("--width", "Override the configuration's width (heads: width / 64).", 0);
         var batch = CliOption.Create("--batch", "Override the configuration's rows per step.", 0);
         var sequence = CliOption.Create("--seq-len", "Override the configuration's tokens per row.", 0);
+        var packingCompare = CliOption.Create("--packing-compare",
+            "Instead: real tokens/s (padding excluded) of our trainer on variable-length samples (16 to --seq-len tokens) "
+            + "one per padded row against packed in isolation (--packing), the same samples for one epoch each.", false);
         foreach (var hidden in new Option[] { layers, width, batch, sequence })
         {
             hidden.Hidden = true;
@@ -252,7 +255,7 @@ internal static class BenchCommand
             "Training tokens/s, step split (forward, backward, optimizer, other), MFU against the measured matmul peak and peak memory: " +
             "our trainer against a plain TorchSharp loop and, with --pytorch, PyTorch.")
         {
-            config, precision, steps, warmup, threads, pytorch, json, layers, width, batch, sequence,
+            config, precision, steps, warmup, threads, pytorch, json, layers, width, batch, sequence, packingCompare,
         };
         command.SetAction(parse =>
         {
@@ -267,6 +270,20 @@ internal static class BenchCommand
             };
             int timedSteps = parse.GetValue(steps), warmupSteps = parse.GetValue(warmup), threadCount = parse.GetValue(threads);
             var all = new List<object>();
+            if (parse.GetValue(packingCompare))
+            {
+                foreach (var c in configs)
+                {
+                    foreach (var p in precisions)
+                    {
+                        var comparison = Bench.PackingComparison(c, p, timedSteps, warmupSteps, threadCount, line => Console.Error.WriteLine(line));
+                        Console.Write(Bench.FormatPackingComparison(comparison));
+                        all.Add(PackingFigures(comparison));
+                    }
+                }
+                WriteFigures(parse.GetValue(json), all);
+                return 0;
+            }
             foreach (var c in configs)
             {
                 var result = Bench.Train(c, precisions, timedSteps, warmupSteps, threadCount, line => Console.Error.WriteLine(line));
@@ -289,14 +306,50 @@ internal static class BenchCommand
                 Print(result, reference);
                 all.Add(Figures(result, reference));
             }
-            if (parse.GetValue(json) is { } path)
-            {
-                File.WriteAllText(path, JsonSerializer.Serialize(all, new JsonSerializerOptions { WriteIndented = true }) + "\n");
-                Console.WriteLine($"figures: {path}");
-            }
+            WriteFigures(parse.GetValue(json), all);
             return 0;
         });
         return command;
+    }
+
+    /// <summary>Writes the figures of `bench train` to path, when given.</summary>
+    private static void WriteFigures(string? path, List<object> all)
+    {
+        if (path is { })
+        {
+            File.WriteAllText(path, JsonSerializer.Serialize(all, new JsonSerializerOptions { WriteIndented = true }) + "\n");
+            Console.WriteLine($"figures: {path}");
+        }
+    }
+
+    /// <summary>The figures of a packing comparison, for --json.</summary>
+    private static object PackingFigures(PackingComparison c)
+    {
+        object Run(PackingRun r) => new
+        {
+            mode = r.Mode,
+            rows = r.Rows,
+            steps = r.Steps,
+            timed_steps = r.TimedSteps,
+            real_tokens = r.RealTokens,
+            input_tokens = r.InputTokens,
+            padding_share = r.PaddingShare,
+            seconds = r.Seconds,
+            epoch_seconds = r.EpochSeconds,
+            real_tokens_per_second = r.RealTokensPerSecond,
+            first_loss = r.FirstLoss,
+        };
+        return new
+        {
+            config = c.Config.Name,
+            precision = c.Precision,
+            batch = c.Config.BatchSize,
+            seq_len = c.MaxLength,
+            min_length = c.MinLength,
+            samples = c.Samples,
+            padded = Run(c.Padded),
+            packed = Run(c.Packed),
+        };
     }
 
     /// <summary>The ZeRO stages of --stages ("0,1,2,3").</summary>

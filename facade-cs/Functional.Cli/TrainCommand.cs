@@ -24,7 +24,10 @@ internal static class TrainCommand
         var rejectedField = CliOption.Create<string?>("--rejected-field", "Reward model: the other answer's field (default rejected).", null);
         var numLabels = CliOption.Create<int?>("--num-labels", "Classification: num_labels when config.json names no labels and the labels are ids.", null, "--num_labels");
         var padTokenId = CliOption.Create<long?>("--pad-token-id", "Classification and reward model: the pad id (over config.json's pad_token_id).", null, "--pad_token_id");
-        var packing = CliOption.Create("--packing", "Concatenate samples separated by eos into rows of --max-seq-len tokens.", false);
+        var packing = CliOption.Create("--packing", "Pack several samples into each row of up to --max-seq-len tokens (how they attend: --packing-attention).", false);
+        var packingAttention = CliOption.Create("--packing-attention",
+            "With --packing: isolated (default: whole samples packed, positions restart, each attends only to itself; the loss and gradients of the samples unpacked) "
+            + "or cross (the eos-separated stream cut into rows of exactly --max-seq-len, attention across samples).", d.PackingAttention);
         var addBos = CliOption.Create("--add-bos", "Start every sample with the tokenizer's bos token (default: the tokenizer's own rule, as HF: LLaMA's adds it, GPT-2's does not).", false);
         var noAddBos = CliOption.Create("--no-add-bos", "Start no sample with bos, whatever the tokenizer's rule.", false);
         var skipBadRows = CliOption.Create("--skip-bad-rows", "Skip (and count) bad rows instead of stopping.", false);
@@ -100,7 +103,7 @@ internal static class TrainCommand
             model, data, output, overwrite, batch, accumulation, lr, weightDecay, beta1, beta2, epsilon, optimizer,
             momentum, nesterov, scheduler, schedulerKwargs, warmupSteps, warmupRatio, epochs, maxSteps, maxGradNorm,
             maxSeqLen, seed, noShuffle, loggingSteps, threads, evalData, dataFormat, promptField, answerField, textField,
-            trainOn, chatTemplate, packing, addBos, noAddBos, skipBadRows, dataSplit, evalSplitRatio, tokenizer, noDataCache, exactMatch, evalSteps, evalBatch,
+            trainOn, chatTemplate, packing, packingAttention, addBos, noAddBos, skipBadRows, dataSplit, evalSplitRatio, tokenizer, noDataCache, exactMatch, evalSteps, evalBatch,
             evalStrategy, saveStrategy, saveSteps, saveTotalLimit, metric, greaterIsBetter, loadBest, patience, resume,
             loraDim, loraAlpha, loraDropout, loraModuleName, loraTargets, onlyLora, loraLr, loraAdapter, recompute,
             prefixTuning, numPrefixTokens, prefixAdapter, disableDropout, resizeMultiple, maxShardSize,
@@ -139,6 +142,7 @@ internal static class TrainCommand
                     o.TrainOn = parse.GetValue(trainOn)!;
                     o.ChatTemplate = parse.GetValue(chatTemplate);
                     o.Packing = parse.GetValue(packing);
+                    o.PackingAttention = parse.GetValue(packingAttention)!;
                     o.AddBos = parse.GetValue(addBos) ? true : parse.GetValue(noAddBos) ? false : null;
                     o.SkipBadRows = parse.GetValue(skipBadRows);
                     o.DataSplit = parse.GetValue(dataSplit);

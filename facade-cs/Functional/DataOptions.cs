@@ -34,9 +34,18 @@ public sealed class DataOptions
     /// <value>Default: null (the model folder's chat_template.jinja or tokenizer_config.json's chat_template).</value>
     public string? ChatTemplate { get; set; }
 
-    /// <summary>Concatenate samples separated by eos into rows of <see cref="MaxSequenceLength"/> tokens (--packing).</summary>
+    /// <summary>Pack several samples into each row of up to <see cref="MaxSequenceLength"/> tokens (--packing), attending
+    /// as <see cref="PackingAttention"/> says.</summary>
     /// <value>Default: false.</value>
     public bool Packing { get; set; }
+
+    /// <summary>How packed rows attend (--packing-attention): "isolated" packs whole samples, restarts their positions
+    /// and lets each attend only to itself (a block-diagonal causal mask), so a packed micro-batch gives the loss and
+    /// gradients of its samples unpacked, with <see cref="TrainOn"/> "completion" too; "cross" cuts the eos-separated
+    /// stream into rows of exactly <see cref="MaxSequenceLength"/> tokens that attend across samples (every token
+    /// trained on).</summary>
+    /// <value>Default: "isolated".</value>
+    public string PackingAttention { get; set; } = "isolated";
 
     /// <summary>Whether every sample starts with the tokenizer's bos token: true (--add-bos), false (--no-add-bos) or
     /// null for the tokenizer's own rule, as Hugging Face's tokenizer(text) (tokenizer_config.json's add_bos_token,

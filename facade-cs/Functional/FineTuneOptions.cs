@@ -47,8 +47,15 @@ public sealed class FineTuneOptions
     /// <summary>A Jinja chat template file for conversation rows instead of the model's own (default none).</summary>
     public string? ChatTemplate { get; set; }
 
-    /// <summary>Concatenate samples separated by eos into rows of max-seq-len tokens (default false).</summary>
+    /// <summary>Pack several samples into each row of up to max-seq-len tokens, as <see cref="PackingAttention"/> says
+    /// (default false).</summary>
     public bool Packing { get; set; }
+
+    /// <summary>How packed rows attend: "isolated" (default: whole samples packed, positions restart and each sample
+    /// attends only to itself, so the loss and gradients are those of the samples unpacked; completion-only training
+    /// allowed) or "cross" (the eos-separated stream cut into rows of exactly max-seq-len, tokens attending across
+    /// samples; every token trained on).</summary>
+    public string PackingAttention { get; set; } = "isolated";
 
     /// <summary>Start every sample with the tokenizer's bos token: true (--add-bos), false (--no-add-bos) or null
     /// (default) for the tokenizer's own rule, as Hugging Face's tokenizer(text).</summary>

@@ -315,6 +315,7 @@ public static class FineTuning
             maxSeqLen: defaults.MaxSeqLen,
             trainOn: trainOn,
             packing: o.Packing,
+            packingAttention: Data.PromptDataset.parsePackingAttention(o.PackingAttention),
             addBos: o.AddBos is bool addBos ? FSharpOption<bool>.Some(addBos) : FSharpOption<bool>.None,
             skipBadRows: o.SkipBadRows,
             dataSplit: Optional(o.DataSplit),

@@ -28,6 +28,7 @@ internal sealed class OptionNames
         ["--train-on"] = new("UseData", nameof(DataOptions.TrainOn)),
         ["--chat-template"] = new("UseData", nameof(DataOptions.ChatTemplate)),
         ["--packing"] = new("UseData", nameof(DataOptions.Packing)),
+        ["--packing-attention"] = new("UseData", nameof(DataOptions.PackingAttention)),
         ["--add-bos"] = new("UseData", nameof(DataOptions.AddBos)),
         ["--no-add-bos"] = new("UseData", nameof(DataOptions.AddBos)),
         ["--skip-bad-rows"] = new("UseData", nameof(DataOptions.SkipBadRows)),

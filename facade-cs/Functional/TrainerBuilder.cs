@@ -67,6 +67,7 @@ public sealed class TrainerBuilder
         settings.TrainOn = o.TrainOn;
         settings.ChatTemplate = o.ChatTemplate;
         settings.Packing = o.Packing;
+        settings.PackingAttention = o.PackingAttention;
         settings.AddBos = o.AddBos;
         settings.SkipBadRows = o.SkipBadRows;
         settings.DataSplit = o.DataSplit;

@@ -325,6 +325,13 @@ let private assistantTraining =
                 Expect.equal runs [ tokenizer.Encode "4.<|im_end|>\n"; tokenizer.Encode "把多个微批次的梯度相加 🙂<|im_end|>\n" ] "the answers through <|im_end|> and its newline"
             let predicted = (tokenizer.Encode "4.<|im_end|>\n").Length + (tokenizer.Encode "把多个微批次的梯度相加 🙂<|im_end|>\n").Length
             Expect.equal batch.PredictedTokens (int64 (2 * predicted)) "the predicted tokens count the trained positions"
+            // Packed in isolation, the two conversations share a row and keep their labels.
+            let packed = (loadRows folder [ conversationRow; shareGptRow ] { assistantOnly with Packing = true } tokenizer).Dataset
+            Expect.equal packed.Rows.Length 1 "one packed row"
+            use packedBatch = Functional.Data.Batching.collate 4096 0L packed [| 0 |]
+            Expect.equal packedBatch.PredictedTokens batch.PredictedTokens "the same trained tokens"
+            let packedLabels = values packedBatch.Labels |> Array.map int64
+            Expect.equal (trainedRuns packed.Rows[0] packedLabels) (trainedRuns data.Rows[0] labels[.. data.Rows[0].Length - 1] @ trainedRuns data.Rows[1] labels[width .. width + data.Rows[1].Length - 1]) "the same runs"
         }
         test "Llama 3.1's template: the answer and <|eot_id|>" {
             use folder = new TempFolder()

@@ -96,6 +96,7 @@ let tests =
                       "max-seq-len", { options with MaxSeqLen = 100 }
                       "train on", { options with TrainOn = TrainOn.All }
                       "packing", { options with Packing = true }
+                      "packing attention", { options with PackingAttention = PackingAttention.Cross }
                       "bos", { options with AddBos = Some true }
                       "skip bad rows", { options with SkipBadRows = true }
                       "data split", { options with DataSplit = Some "2,4,4" }

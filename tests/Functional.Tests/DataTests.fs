@@ -85,7 +85,7 @@ let tests =
             TorchRuntime.ensure ()
             let random = System.Random seed
             let prompts = rows |> Array.map (fun r -> random.Next(0, r.Length + 2))
-            let dataset = { Path = "mem"; Rows = rows; Lines = Array.init rows.Length ((+) 1); PromptLengths = prompts; TrainMasks = [||] }
+            let dataset = { Path = "mem"; Rows = rows; Lines = Array.init rows.Length ((+) 1); PromptLengths = prompts; Segments = [||]; TrainMasks = [||] }
             use batch = Batching.collate maxSeqLen 0L dataset (Array.init rows.Length id)
             let width = int batch.InputIds.shape[1]
             let ids = batch.InputIds.data<int64>().ToArray()

@@ -35,7 +35,8 @@ let endToEnd =
       [ "distributed training" ]
       [ "two hosts" ]
       [ "launch" ]
-      [ "distributed benchmark" ] ]
+      [ "distributed benchmark" ]
+      [ "isolated packing"; "cli" ] ]
 
 let private isEndToEnd (names: string list) =
     endToEnd |> List.exists (fun prefix -> List.length prefix <= List.length names && List.take prefix.Length names = prefix)

@@ -151,16 +151,17 @@ let tests =
                 let all = encode (String.replicate 50 "word ")
                 Expect.equal row all[..6] "first 7 tokens")
         }
-        test "packing cuts the eos-separated stream into rows of exactly max-seq-len" {
+        test "cross packing cuts the eos-separated stream into rows of exactly max-seq-len" {
             let texts = [| for i in 1 .. 9 -> sprintf "Sample number %d says %s." i (String.replicate i "la ") |]
             withData "t.jsonl" (jsonLines (texts |> Array.map (fun t -> box {| text = t |}))) (fun path ->
-                let dataset = (PromptDataset.load path { options with Packing = true; MaxSeqLen = 16 } (cl100k (ref 0) None)).Dataset
+                let dataset = (PromptDataset.load path { options with Packing = true; PackingAttention = PackingAttention.Cross; MaxSeqLen = 16 } (cl100k (ref 0) None)).Dataset
                 let stream = texts |> Array.collect (fun t -> Array.append (encode t) [| endOfText |])
                 Expect.equal (Array.concat dataset.Rows) stream "the concatenation of all samples, each followed by eos"
                 Expect.isTrue (dataset.Rows[.. dataset.Rows.Length - 2] |> Array.forall (fun r -> r.Length = 16)) "full rows"
                 Expect.isTrue (dataset.Rows[dataset.Rows.Length - 1].Length <= 16) "last row"
                 Expect.equal (dataset.Rows |> Array.sumBy (Array.filter ((=) endOfText) >> Array.length)) texts.Length "one eos per sample"
                 Expect.isTrue (dataset.PromptLengths |> Array.forall ((=) 0)) "every token trained on"
+                Expect.isEmpty dataset.Segments "one sequence per row"
                 Expect.equal dataset.Lines[0] 1 "the first row starts in line 1")
         }
         test "data split boundaries equal DeepSpeed-Chat's get_raw_dataset_split_index (values from its Python)" {
@@ -265,7 +266,7 @@ let tests =
         test "conflicting options name the option" {
             withData "d.jsonl" "{\"text\": \"a\"}\n" (fun path ->
                 let load opts () = PromptDataset.load path opts (cl100k (ref 0) None) |> ignore
-                expectInvalid "--packing" "" "completion" (load { options with Packing = true; TrainOn = TrainOn.Completion })
+                expectInvalid "--packing" "" "--packing-attention isolated" (load { options with Packing = true; PackingAttention = PackingAttention.Cross; TrainOn = TrainOn.Completion })
                 expectInvalid "--data-format" "" "auto" (load { options with Format = DataFormat.Text; Fields = { PromptDataset.noFields with Text = Some "text" } })
                 expectInvalid "--data-split" "" "2,4,4" (load { options with DataSplit = Some "2,x" })
                 expectInvalid "--eval-split-ratio" "" "[0, 1)" (load { options with EvalSplitRatio = 1.0 })

@@ -171,7 +171,8 @@ let private communicatorTests =
                         Rows = rows |> Array.map (fun i -> dataset.Rows[i])
                         Lines = rows |> Array.map (fun i -> dataset.Lines[i])
                         PromptLengths = rows |> Array.map (fun i -> dataset.PromptLengths[i])
-                        TrainMasks = if dataset.TrainMasks.Length = 0 then [||] else rows |> Array.map (fun i -> dataset.TrainMasks[i]) }
+                        TrainMasks = if dataset.TrainMasks.Length = 0 then [||] else rows |> Array.map (fun i -> dataset.TrainMasks[i])
+                        Segments = [||] }
                 let alone = TrainingLoop.plan options subset.Rows.Length
                 let subsetLogs, subsetValues = train (TrainingLoop.setup alone (model ()) subset) ignore
                 Expect.equal (figures logs) (figures subsetLogs) (sprintf "rank %d: the logs of one process on the rank's rows" rank)

@@ -52,6 +52,17 @@ module Sampler =
         let perRank = (rowCount + worldSize - 1) / worldSize
         Array.init perRank (fun i -> order[(rank + i * worldSize) % rowCount])
 
+/// What a micro-batch of rows packed in isolation adds to its ids: where each token's sample starts
+/// over (positions) and which sample it belongs to (segments), so the model attends within samples.
+[<NoEquality; NoComparison>]
+type PackedInputs =
+    { /// Position ids (B, T) int64: 0 at each sample's first token, counting up within the sample;
+      /// padding counts from 0 again.
+      PositionIds: torch.Tensor
+      /// Segment ids (B, T) int64: k for the tokens of the row's k-th sample (from 0), -1 for padding. A
+      /// token attends to the tokens at or before it with the same id (padding to padding only).
+      SegmentIds: torch.Tensor }
+
 /// One micro-batch: right-padded token ids and their labels.
 [<NoEquality; NoComparison>]
 type MicroBatch =
@@ -64,11 +75,18 @@ type MicroBatch =
       /// Positions the causal loss predicts: labels after the shift that are not -100.
       PredictedTokens: int64
       /// Real (non-padding) tokens in the micro-batch.
-      Tokens: int64 }
+      Tokens: int64
+      /// Rows packed in isolation: their positions and segments (the model's packed forward); None for
+      /// rows that are one sequence each (the plain causal forward).
+      Packed: PackedInputs option }
     interface IDisposable with
         member this.Dispose() =
             this.InputIds.Dispose()
             this.Labels.Dispose()
+            this.Packed
+            |> Option.iter (fun p ->
+                p.PositionIds.Dispose()
+                p.SegmentIds.Dispose())
 
 /// Turning rows of token ids into padded micro-batches.
 [<RequireQualifiedAccess>]
@@ -96,7 +114,11 @@ module Batching =
 
     /// Collates the dataset rows at indices: truncates each to its first maxSeqLen tokens, right-pads
     /// all to the longest with padId, and labels padding and prompt positions (or, for rows with a train
-    /// mask, the positions it leaves out) with -100.
+    /// mask, the positions it leaves out) with -100. Rows packed in isolation (TokenizedDataset.Segments)
+    /// also label each sample's first token -100 (it must not be predicted from the previous sample's
+    /// last, as HF's DataCollatorWithFlattening does) and each sample's prompt (or what its train mask
+    /// leaves out), and carry PackedInputs: positions restarting at every sample and segment ids. So a
+    /// packed row's summed loss and PredictedTokens equal those of its samples as separate rows.
     let collate (maxSeqLen: int) (padId: int64) (dataset: TokenizedDataset) (indices: int[]) : MicroBatch =
         let rows = indices |> Array.map (fun i -> dataset.Rows[i])
         let prompts = indices |> Array.map (fun i -> dataset.PromptLengths[i])
@@ -105,21 +127,54 @@ module Batching =
         let width = max 1 (Array.max lengths)
         let ids = Array.create (rows.Length * width) padId
         let labels = Array.create (rows.Length * width) Loss.IgnoreIndex
-        rows
-        |> Array.iteri (fun r row ->
-            Array.blit row 0 ids (r * width) lengths[r]
-            match masks with
-            | Some masks ->
-                for t in 0 .. lengths[r] - 1 do
-                    if masks[r][t] then labels[r * width + t] <- row[t]
-            | None ->
-                let first = min prompts[r] lengths[r]
-                Array.blit row first labels (r * width + first) (lengths[r] - first))
         let shape = ReadOnlySpan<int64>([| int64 rows.Length; int64 width |])
-        { InputIds = torch.tensor(ids, shape)
-          Labels = torch.tensor(labels, shape)
-          PredictedTokens =
-            match masks with
-            | Some masks -> masks |> Array.sumBy (predictedTokensMasked maxSeqLen)
-            | None -> Array.map2 (predictedTokens maxSeqLen) prompts rows |> Array.sum
-          Tokens = lengths |> Array.sumBy int64 }
+        rows |> Array.iteri (fun r row -> Array.blit row 0 ids (r * width) lengths[r])
+        if TokenizedDataset.isPackedInIsolation dataset then
+            let segments = indices |> Array.map (fun i -> dataset.Segments[i])
+            let positions = Array.zeroCreate (rows.Length * width)
+            let segmentIds = Array.create (rows.Length * width) -1L
+            let mutable predicted = 0L
+            for r in 0 .. rows.Length - 1 do
+                let mutable start = 0
+                for k in 0 .. segments[r].Length - 1 do
+                    let s = segments[r][k]
+                    let length = min s.Length (lengths[r] - start)
+                    match masks with
+                    | Some masks ->
+                        for t in 1 .. length - 1 do
+                            if masks[r][start + t] then
+                                labels[r * width + start + t] <- rows[r][start + t]
+                                predicted <- predicted + 1L
+                    | None ->
+                        let first = min (max 1 s.PromptLength) length
+                        Array.blit rows[r] (start + first) labels (r * width + start + first) (length - first)
+                        predicted <- predicted + int64 (length - first)
+                    for t in 0 .. length - 1 do
+                        positions[r * width + start + t] <- int64 t
+                        segmentIds[r * width + start + t] <- int64 k
+                    start <- start + length
+                for t in start .. width - 1 do
+                    positions[r * width + t] <- int64 (t - start)
+            { InputIds = torch.tensor(ids, shape)
+              Labels = torch.tensor(labels, shape)
+              PredictedTokens = predicted
+              Tokens = lengths |> Array.sumBy int64
+              Packed = Some { PositionIds = torch.tensor(positions, shape); SegmentIds = torch.tensor(segmentIds, shape) } }
+        else
+            rows
+            |> Array.iteri (fun r row ->
+                match masks with
+                | Some masks ->
+                    for t in 0 .. lengths[r] - 1 do
+                        if masks[r][t] then labels[r * width + t] <- row[t]
+                | None ->
+                    let first = min prompts[r] lengths[r]
+                    Array.blit row first labels (r * width + first) (lengths[r] - first))
+            { InputIds = torch.tensor(ids, shape)
+              Labels = torch.tensor(labels, shape)
+              PredictedTokens =
+                match masks with
+                | Some masks -> masks |> Array.sumBy (predictedTokensMasked maxSeqLen)
+                | None -> Array.map2 (predictedTokens maxSeqLen) prompts rows |> Array.sum
+              Tokens = lengths |> Array.sumBy int64
+              Packed = None }

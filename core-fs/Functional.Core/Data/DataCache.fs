@@ -17,8 +17,10 @@ open Functional.Text
 ///   payload: skipped rows (int32), the training set, an evaluation flag (byte) and set, then the
 ///            evaluation samples (count, then line (int32), prompt and answer (length-prefixed UTF-8));
 ///   a set:   path, row count, per row its line, prompt length and length (int32 each), the id width
-///            (byte: 4 or 8), then all ids, then a train-mask flag (byte) and, when set, one byte per
-///            token of every row (1: the loss predicts it).
+///            (byte: 4 or 8), then all ids, then a flag (byte 1: packed in isolation, 0: not) and for
+///            packed rows, per row its segment count and each segment's length and prompt length (int32),
+///            then a train-mask flag (byte) and, when set, one byte per token of every row (1: the loss
+///            predicts it).
 /// An entry whose magic, version, key, length or checksum does not match is rebuilt, never trusted.
 /// Entries are written to a temporary file and renamed into place, so readers never see half a file.
 [<RequireQualifiedAccess>]
@@ -29,7 +31,7 @@ module DataCache =
     /// The version of the entry format and of the loading semantics; changing either bumps it, so old
     /// entries stop matching.
     [<Literal>]
-    let FormatVersion = 3
+    let FormatVersion = 4
 
     let private headerLength = 8 + 4 + 32 + 8 + 32
 
@@ -55,6 +57,7 @@ module DataCache =
             sprintf "max-seq-len=%d" options.MaxSeqLen
             sprintf "train-on=%A" options.TrainOn
             sprintf "packing=%b" options.Packing
+            sprintf "packing-attention=%s" (PromptDataset.packingAttentionName options.PackingAttention)
             sprintf "add-bos=%s" (options.AddBos |> Option.map string |> Option.defaultValue "tokenizer")
             sprintf "skip-bad-rows=%b" options.SkipBadRows
             sprintf "data-split=%s" (option options.DataSplit)
@@ -97,6 +100,14 @@ module DataCache =
         for row in d.Rows do
             for id in row do
                 if narrow then w.Write(int32 id) else w.Write id
+        if TokenizedDataset.isPackedInIsolation d then
+            w.Write 1uy
+            for segments in d.Segments do
+                w.Write segments.Length
+                for s in segments do
+                    w.Write s.Length
+                    w.Write s.PromptLength
+        else w.Write 0uy
         w.Write(d.TrainMasks.Length > 0)
         for mask in d.TrainMasks do
             w.Write(mask |> Array.map (fun kept -> if kept then 1uy else 0uy))
@@ -119,12 +130,24 @@ module DataCache =
             |> Array.map (fun length ->
                 if length < 0 then raise (InvalidDataException "negative row length")
                 Array.init length (fun _ -> if width = 4uy then int64 (r.ReadInt32()) else r.ReadInt64()))
+        let segments =
+            match r.ReadByte() with
+            | 0uy -> [||]
+            | 1uy ->
+                rows
+                |> Array.map (fun row ->
+                    let n = r.ReadInt32()
+                    if n < 0 then raise (InvalidDataException "negative segment count")
+                    let segments = Array.init n (fun _ -> let length = r.ReadInt32() in { Length = length; PromptLength = r.ReadInt32() })
+                    if segments |> Array.sumBy (fun s -> s.Length) <> row.Length then raise (InvalidDataException "segments do not cover the row")
+                    segments)
+            | _ -> raise (InvalidDataException "bad packing flag")
         let masks =
             if r.ReadBoolean() then rows |> Array.map (fun row -> r.ReadBytes row.Length |> Array.map (fun b -> b <> 0uy))
             else [||]
         if masks |> Array.exists2 (fun (row: int64[]) (mask: bool[]) -> mask.Length <> row.Length) (if masks.Length = 0 then [||] else rows) then
             raise (InvalidDataException "truncated train masks")
-        { Path = path; Rows = rows; Lines = lines; PromptLengths = prompts; TrainMasks = masks }
+        { Path = path; Rows = rows; Lines = lines; PromptLengths = prompts; Segments = segments; TrainMasks = masks }
 
     let private serialize (data: TrainAndEval) =
         use stream = new MemoryStream()

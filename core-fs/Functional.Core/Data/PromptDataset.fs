@@ -50,6 +50,21 @@ type TrainOn =
     /// after it (so the model learns to stop); every other token gets label -100.
     | Assistant
 
+/// What a packed row's tokens attend to (CLI: --packing-attention).
+[<RequireQualifiedAccess>]
+type PackingAttention =
+    /// The samples are concatenated, each ending in eos, and the stream is cut into rows of exactly
+    /// max-seq-len tokens: a sample may be split across rows, positions run on through the row and each
+    /// token attends to every earlier token of the row, other samples included (the packing of
+    /// DeepSpeed-Chat and of HF's group_texts). Every token is trained on.
+    | Cross
+    /// Whole samples (each cut to max-seq-len) are packed into rows of at most max-seq-len tokens
+    /// (TokenizedDataset.packIsolated): positions restart at every sample, each sample attends only to
+    /// itself (a block-diagonal causal mask) and no label is predicted across a boundary, so a packed
+    /// micro-batch gives the loss and gradients of the same samples unpacked. Completion-only training
+    /// keeps each sample's prompt masked.
+    | Isolated
+
 /// How a prompt data file becomes token rows.
 type PromptDataOptions =
     { /// The objects' shape; Auto (default) tells it from the first object's keys.
@@ -60,9 +75,11 @@ type PromptDataOptions =
       MaxSeqLen: int
       /// Which tokens are trained on (default All).
       TrainOn: TrainOn
-      /// Concatenate all samples (each ending in eos) and cut into rows of exactly MaxSeqLen tokens
-      /// (the last may be shorter), every token trained on (default false).
+      /// Pack several samples into each row of up to MaxSeqLen tokens, as PackingAttention says
+      /// (default false: one sample per row).
       Packing: bool
+      /// How packed rows attend (default Isolated); only read when Packing is on.
+      PackingAttention: PackingAttention
       /// Whether every sample starts with the tokenizer's bos token (CLI: --add-bos / --no-add-bos).
       /// None (default): the tokenizer's own rule (TextTokenizer.AddsBos: LLaMA's adds bos, GPT-2's and
       /// tiktoken's do not); Some true needs a tokenizer with a bos token.
@@ -136,14 +153,15 @@ module PromptDataset =
     /// No custom fields.
     let noFields : FieldMap = { Prompt = None; Answer = None; Text = None }
 
-    /// The defaults: Auto format, max-seq-len 512, train on all tokens, no packing, bos by the
-    /// tokenizer's rule, fail on bad rows, no data split, no evaluation hold-out, seed 42.
+    /// The defaults: Auto format, max-seq-len 512, train on all tokens, no packing (isolated attention
+    /// when it is turned on), bos by the tokenizer's rule, fail on bad rows, no data split, no evaluation hold-out, seed 42.
     let defaults : PromptDataOptions =
         { Format = DataFormat.Auto
           Fields = noFields
           MaxSeqLen = 512
           TrainOn = TrainOn.All
           Packing = false
+          PackingAttention = PackingAttention.Isolated
           AddBos = None
           SkipBadRows = false
           DataSplit = None
@@ -173,6 +191,20 @@ module PromptDataset =
         | "completion" | "completion-only" | "completion_only" -> TrainOn.Completion
         | "assistant" | "assistant-only" | "assistant_only" -> TrainOn.Assistant
         | _ -> InvalidInput.setting "train_on" (sprintf "expected all, completion or assistant, found \"%s\"" value)
+
+    /// Parses a --packing-attention value: cross or isolated (case-insensitive); raises
+    /// InvalidInputException naming packing_attention and the allowed values otherwise.
+    let parsePackingAttention (value: string) : PackingAttention =
+        match (if isNull value then "" else value.Trim().ToLowerInvariant()) with
+        | "cross" -> PackingAttention.Cross
+        | "isolated" -> PackingAttention.Isolated
+        | _ -> InvalidInput.setting "packing_attention" (sprintf "expected cross or isolated, found \"%s\"" value)
+
+    /// The --packing-attention spelling of a mode: "cross" or "isolated".
+    let packingAttentionName (mode: PackingAttention) : string =
+        match mode with
+        | PackingAttention.Cross -> "cross"
+        | PackingAttention.Isolated -> "isolated"
 
     // ---------------------------------------------------------------- data split (DeepSpeed-Chat)
 
@@ -454,8 +486,9 @@ module PromptDataset =
             InvalidInput.setting "max_seq_len" (sprintf "must be at least 1, found %d" options.MaxSeqLen)
         if not (options.EvalSplitRatio >= 0.0 && options.EvalSplitRatio < 1.0) then
             InvalidInput.setting "eval_split_ratio" (sprintf "must be in [0, 1), found %g" options.EvalSplitRatio)
-        if options.Packing && options.TrainOn <> TrainOn.All then
-            InvalidInput.setting "packing" "packed rows train on every token; packing cannot be combined with completion-only or assistant-only training"
+        if options.Packing && options.PackingAttention = PackingAttention.Cross && options.TrainOn <> TrainOn.All then
+            InvalidInput.setting "packing"
+                "rows packed with {packing_attention} cross train on every token; completion-only and assistant-only training need {packing_attention} isolated"
         match shapeOfFields options.Fields, options.Format with
         | Some _, format when format <> DataFormat.Auto ->
             InvalidInput.setting "data_format" "custom fields ({prompt_field}, {answer_field}, {text_field}) decide the shape; leave the format at auto"
@@ -601,6 +634,7 @@ module PromptDataset =
           Rows = rows.ToArray()
           Lines = lines.ToArray()
           PromptLengths = prompts.ToArray()
+          Segments = [||]
           TrainMasks = if options.TrainOn = TrainOn.Assistant then masks.ToArray() else [||] },
         kept.ToArray(),
         skipped
@@ -631,14 +665,19 @@ module PromptDataset =
           Rows = rows
           Lines = Array.init rows.Length (fun r -> starts[r * options.MaxSeqLen])
           PromptLengths = Array.zeroCreate rows.Length
+          Segments = [||]
           TrainMasks = [||] },
         records |> Array.map snd
 
     let private tokenize path options tokenizer template records =
-        if options.Packing then
+        match options.Packing, options.PackingAttention with
+        | true, PackingAttention.Cross ->
             let dataset, kept = packRows path options tokenizer template records
             dataset, kept, 0
-        else tokenizeRows path options tokenizer template records
+        | true, PackingAttention.Isolated ->
+            let dataset, kept, skipped = tokenizeRows path options tokenizer template records
+            TokenizedDataset.packIsolated options.MaxSeqLen dataset, kept, skipped
+        | false, _ -> tokenizeRows path options tokenizer template records
 
     let private textSamples (records: Record[]) =
         records |> Array.choose (fun r -> match r with TextRecord s -> Some s | IdsRecord _ | ConversationRecord _ -> None)
@@ -659,6 +698,9 @@ module PromptDataset =
     ///   prompt + chosen and Alpaca's source + target), so its ids are HF's ids of that text: [bos when
     ///   AddBos says so, by default the tokenizer's rule] + EncodeJoined(prompt, answer) + [eos] (the
     ///   eos is not doubled when the text already ends with it), cut to MaxSeqLen;
+    /// - Packing with PackingAttention.Cross: the samples' ids, each ending in eos, concatenated and cut
+    ///   into rows of MaxSeqLen; with PackingAttention.Isolated: the rows above (bad rows skipped or
+    ///   raised alike) packed whole by TokenizedDataset.packIsolated, each keeping its prompt length;
     /// - TrainOn.Completion: PromptLength = bos + the tokens whose characters all lie in the prompt
     ///   (from the tokenizer's offsets); a token spanning the boundary is trained on, since it holds the
     ///   answer's first characters; a row whose prompt leaves nothing to train on is bad;

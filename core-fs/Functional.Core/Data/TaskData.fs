@@ -196,6 +196,7 @@ module TaskData =
           Rows = rows
           Lines = records |> Array.map (fun r -> r.Line)
           PromptLengths = Array.zeroCreate records.Length
+          Segments = [||]
           TrainMasks = [||] }
 
     /// The preference rows of a file as a dataset of pairs: row i is the ids of prompt + chosen followed
@@ -215,4 +216,5 @@ module TaskData =
           Rows = pairs |> Array.map (fun (c, r) -> Array.append c r)
           Lines = records |> Array.map (fun r -> r.Line)
           PromptLengths = pairs |> Array.map (fun (c, _) -> c.Length)
+          Segments = [||]
           TrainMasks = [||] }

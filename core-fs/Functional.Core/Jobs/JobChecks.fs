@@ -155,6 +155,10 @@ module internal JobChecks =
             if request.GradientCheckpointing then
                 InvalidInput.setting "gradient_checkpointing"
                     "cannot be combined with {prefix_tuning}: the prefix runs through the key/value-cache path, which does not recompute blocks"
+            let prompt = request.Data.Prompt
+            if prompt.Packing && prompt.PackingAttention = Data.PackingAttention.Isolated then
+                InvalidInput.setting "packing_attention"
+                    "isolated cannot be combined with {prefix_tuning}: the prefix is every sample's past, which packed samples cannot share; use {packing_attention} cross or no {packing}"
 
     /// The model's context must cover the prefix and the longest row (the rows' positions start at N), for
     /// every family: GPT-2's n_positions, LLaMA's max_position_embeddings (see TrainOptions.sequenceLength).

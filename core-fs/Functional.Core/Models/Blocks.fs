@@ -113,6 +113,35 @@ module AttentionMask =
         let allowed = positions.unsqueeze(0).le(positions.unsqueeze 1).unsqueeze(0).unsqueeze 0 // (1, 1, T, T)
         scope.MoveToOuter(additive bias allowed (positions.unsqueeze 0))
 
+/// The masks of rows that pack several samples (isolated packing, Data.PackedInputs): each token
+/// attends causally within its own sample only, so the packed row computes what each sample would
+/// alone.
+[<RequireQualifiedAccess>]
+module PackedAttention =
+
+    /// The allowed keys of segment ids (B, T) int64 (one id per sample of a row, padding its own):
+    /// query i sees key j when j <= i and both carry the same id, a block-diagonal causal mask.
+    /// Built with torch ops on the ids' device. -> (B, 1, T, T) bool.
+    let allowed (segmentIds: torch.Tensor) : torch.Tensor =
+        use scope = torch.NewDisposeScope()
+        let T = segmentIds.shape[1]
+        let positions = torch.arange(T, dtype = torch.int64, device = segmentIds.device)
+        let causal = positions.unsqueeze(0).le(positions.unsqueeze 1) // (T, T): key <= query
+        let same = segmentIds.unsqueeze(2).eq(segmentIds.unsqueeze 1) // (B, T, T)
+        scope.MoveToOuter(torch.logical_and(same, causal.unsqueeze 0).unsqueeze 1)
+
+    /// The mask a layer's attention takes for packed rows under a bias: the allowed keys (bool) for
+    /// NoBias; for a sliding window or ALiBi the additive fp32 mask of AttentionMask.additive, ALiBi's
+    /// key positions being the restarted position ids (B, T), so each sample sees the biases it would
+    /// alone. -> (B, 1 or heads, T, T).
+    let mask (bias: AttentionBias) (segmentIds: torch.Tensor) (positionIds: torch.Tensor) : torch.Tensor =
+        match bias with
+        | NoBias -> allowed segmentIds
+        | Window _
+        | Alibi _ ->
+            use keys = allowed segmentIds
+            AttentionMask.additive bias keys positionIds
+
 /// Position ids, attention masks and cache growth for incremental decoding, as HF transformers'
 /// generate computes them.
 [<RequireQualifiedAccess>]
@@ -493,7 +522,9 @@ type IDecoderLayer =
 
     /// The layer over T_new new positions: x (B, T_new, C), the mask of IncrementalDecoding.keyMask
     /// (B, 1 or heads, T_new, T_total) or null, the layer's cached keys and values (B, kv_heads, T_past,
-    /// head_dim) -> (B, T_new, C) and the keys and values of all T_total positions.
+    /// head_dim) -> (B, T_new, C) and the keys and values of all T_total positions. Without a cache and
+    /// with PackedAttention.mask (B, 1 or heads, T, T) it is the masked training forward of packed rows
+    /// (DecoderBackbone.ForwardPacked), in training mode with dropout.
     abstract ForwardCached:
         x: torch.Tensor * extras: torch.Tensor[] * mask: torch.Tensor * past: (torch.Tensor * torch.Tensor) option ->
             torch.Tensor * torch.Tensor * torch.Tensor
@@ -540,6 +571,21 @@ type DecoderBackbone(name: string) =
     abstract CheckLength: length: int64 * cached: bool -> unit
     default _.CheckLength(_, _) = ()
 
+    /// Runs the layers of a training-style forward over x and the extras, as activation checkpointing
+    /// and the layer execution (ZeRO stage 3) say; layerForward runs one layer on its inputs (the hidden
+    /// state first, then the extras).
+    member private this.RunLayers(x: torch.Tensor, extras: torch.Tensor[], layerForward: IDecoderLayer -> torch.Tensor[] -> torch.Tensor) =
+        let runLayer (x: torch.Tensor) (index: int, (block: torch.nn.Module, layer: IDecoderLayer)) =
+            let checkpointing = gradientCheckpointing && this.training
+            let forward = layerForward layer
+            let inputs = Array.append [| x |] extras
+            match layerExecution with
+            | Some execution when this.training -> execution.Run(index, block, forward, inputs, checkpointing)
+            | _ ->
+                if checkpointing then ActivationCheckpointing.run block forward inputs
+                else forward inputs
+        this.Layers |> Array.indexed |> Array.fold runLayer x
+
     /// input_ids (B, T) int64 -> hidden states (B, T, C).
     override this.forward(inputIds) =
         let T = inputIds.shape[1]
@@ -547,15 +593,29 @@ type DecoderBackbone(name: string) =
         use scope = torch.NewDisposeScope()
         let positions = torch.arange(T, dtype = torch.int64, device = inputIds.device) // (T)
         let x, extras = this.Embed(inputIds, positions)
-        let runLayer (x: torch.Tensor) (index: int, (block: torch.nn.Module, layer: IDecoderLayer)) =
-            let checkpointing = gradientCheckpointing && this.training
-            let forward (inputs: torch.Tensor[]) = layer.Forward(inputs[0], inputs[1..])
-            match layerExecution with
-            | Some execution when this.training -> execution.Run(index, block, forward, Array.append [| x |] extras, checkpointing)
-            | _ ->
-                if checkpointing then ActivationCheckpointing.run block forward (Array.append [| x |] extras)
-                else layer.Forward(x, extras)
-        let x = this.Layers |> Array.indexed |> Array.fold runLayer x
+        let x = this.RunLayers(x, extras, fun layer inputs -> layer.Forward(inputs[0], inputs[1..]))
+        scope.MoveToOuter(this.FinalNorm x)
+
+    /// The training forward of rows that pack several samples (isolated packing): input_ids, position
+    /// ids and segment ids, each (B, T) int64 (Data.PackedInputs) -> hidden states (B, T, C). Positions
+    /// restart at every sample, and each token attends causally within its sample only
+    /// (PackedAttention.mask, built once on the ids' device for every layer), so each sample's hidden
+    /// states are those of the sample run alone. Each layer runs its masked path (IDecoderLayer.
+    /// ForwardCached without a cache), with activation checkpointing and the layer execution as forward.
+    member this.ForwardPacked(inputIds: torch.Tensor, positionIds: torch.Tensor, segmentIds: torch.Tensor) =
+        let T = inputIds.shape[1]
+        this.CheckLength(T, false)
+        if positionIds.shape[0] <> inputIds.shape[0] || positionIds.shape[1] <> T || segmentIds.shape[0] <> inputIds.shape[0] || segmentIds.shape[1] <> T then
+            invalidArg "positionIds" (sprintf "expected position and segment ids shaped as the input ids %A, found %A and %A" inputIds.shape positionIds.shape segmentIds.shape)
+        use scope = torch.NewDisposeScope()
+        let mask = PackedAttention.mask this.Bias segmentIds positionIds // (B, 1 or nh, T, T)
+        let x, extras = this.Embed(inputIds, positionIds)
+        let masked (layer: IDecoderLayer) (inputs: torch.Tensor[]) =
+            use layerScope = torch.NewDisposeScope()
+            let n = inputs.Length
+            let y, _, _ = layer.ForwardCached(inputs[0], inputs[1 .. n - 2], inputs[n - 1], None)
+            layerScope.MoveToOuter y
+        let x = this.RunLayers(x, Array.append extras [| mask |], masked)
         scope.MoveToOuter(this.FinalNorm x)
 
     /// Incremental forward (see IIncrementalDecoder): input_ids (B, T_new), attention_mask
@@ -597,6 +657,12 @@ type DecoderBackbone(name: string) =
             with get () = gradientCheckpointing
             and set enabled = gradientCheckpointing <- enabled
 
+/// A causal LM that trains on rows packing several samples in isolation (Data.PackedInputs).
+type IPackedCausalLm =
+    /// input_ids, position_ids and segment_ids, each (B, T) int64 -> logits (B, T, vocab_size): every
+    /// sample's logits as if it ran alone (DecoderBackbone.ForwardPacked).
+    abstract ForwardPacked: inputIds: torch.Tensor * positionIds: torch.Tensor * segmentIds: torch.Tensor -> torch.Tensor
+
 /// A causal LM: a backbone and an LM head, as HF's GPT2LMHeadModel and LlamaForCausalLM. name is the
 /// module's name ("GPT2LMHeadModel"), backboneName the backbone's registered name and so the state-dict
 /// prefix ("transformer", "model"). A tied head (lmHead None) computes logits = h @ embedding^T and owns
@@ -628,6 +694,12 @@ type CausalLmHead(name: string, backboneName: string, backbone: DecoderBackbone,
     override this.forward(inputIds) =
         use hidden = backbone.forward inputIds // (B, T, C)
         this.Logits hidden
+
+    interface IPackedCausalLm with
+        /// See IPackedCausalLm.ForwardPacked.
+        member this.ForwardPacked(inputIds, positionIds, segmentIds) =
+            use hidden = backbone.ForwardPacked(inputIds, positionIds, segmentIds) // (B, T, C)
+            this.Logits hidden
 
     interface IIncrementalDecoder with
         /// See IIncrementalDecoder.ForwardCached.

@@ -114,6 +114,24 @@ module CausalLm =
         use logits = logits
         logits.squeeze 1L, newCache
 
+    /// Whether the model trains on rows packed in isolation (its module is an IPackedCausalLm: every
+    /// family's causal LM, LoRA included; not a prefix-tuned model or a classifier head).
+    let supportsIsolatedPacking (lm: CausalLm) : bool =
+        match box lm.Module with
+        | :? IPackedCausalLm -> true
+        | _ -> false
+
+    /// The forward of rows that pack several samples in isolation: input_ids, position_ids (restarting
+    /// at every sample) and segment_ids (one id per sample, padding its own), each (B, T) int64 ->
+    /// logits (B, T, vocab_size), each sample's as if it ran alone (IPackedCausalLm.ForwardPacked).
+    /// Raises InvalidInputException naming packing_attention for a model without a packed forward.
+    let forwardPacked (lm: CausalLm) (inputIds: torch.Tensor) (positionIds: torch.Tensor) (segmentIds: torch.Tensor) : torch.Tensor =
+        match box lm.Module with
+        | :? IPackedCausalLm as packed -> packed.ForwardPacked(inputIds, positionIds, segmentIds)
+        | _ ->
+            Functional.InvalidInput.setting "packing_attention"
+                (sprintf "the %s module has no packed forward: isolated packing needs a plain causal LM (not prefix tuning); use {packing_attention} cross or no {packing}" (lm.Module.GetName()))
+
     /// Switches activation checkpointing (HF's gradient_checkpointing_enable / _disable, PaddleNLP's
     /// recompute) on or off: in training mode with gradients enabled, each transformer block keeps only its
     /// input and is recomputed in backward (see ActivationCheckpointing.run). Losses and gradients are

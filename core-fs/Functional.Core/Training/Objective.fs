@@ -27,12 +27,20 @@ type Objective =
 [<RequireQualifiedAccess>]
 module Objective =
 
+    /// The causal LM's logits of a micro-batch (B, T, V): the plain forward, or for rows packed in
+    /// isolation (MicroBatch.Packed) the packed forward (CausalLm.forwardPacked).
+    let causalLmLogits (model: CausalLm) (batch: MicroBatch) : torch.Tensor =
+        match batch.Packed with
+        | Some packed -> CausalLm.forwardPacked model batch.InputIds packed.PositionIds packed.SegmentIds
+        | None -> model.Module.forward batch.InputIds
+
     /// Causal language modelling: the next-token cross-entropy summed over the predicted tokens
-    /// (Loss.causalLmSum of the model's logits), counted as MicroBatch.PredictedTokens.
+    /// (Loss.causalLmSum of the model's logits, causalLmLogits), counted as MicroBatch.PredictedTokens.
+    /// A micro-batch packed in isolation gives the sum and count of its samples as separate rows.
     let causalLm: Objective =
         { LossSum =
             fun model batch ->
-                use logits = model.Module.forward batch.InputIds // (B, T, V)
+                use logits = causalLmLogits model batch // (B, T, V)
                 Loss.causalLmSum logits batch.Labels
           Count = fun batch -> batch.PredictedTokens
           Collate = Batching.collate }
@@ -83,7 +91,7 @@ module Objective =
                     match head.ProblemType with
                     | ProblemType.SingleLabel -> torch.tensor(values |> Array.map int64)
                     | ProblemType.Regression -> torch.tensor(values |> Array.map float32)
-                { InputIds = ids; Labels = labels; PredictedTokens = int64 indices.Length; Tokens = tokens } }
+                { InputIds = ids; Labels = labels; PredictedTokens = int64 indices.Length; Tokens = tokens; Packed = None } }
 
     /// The pair rows of a reward dataset: row i holds chosen ++ rejected, PromptLengths[i] the chosen
     /// length (RewardData). Returns the chosen and the rejected token ids.
@@ -116,4 +124,4 @@ module Objective =
                 let pairs = indices |> Array.map (splitPair dataset)
                 let rows = Array.append (Array.map fst pairs) (Array.map snd pairs)
                 let ids, tokens = padRows maxSeqLen (defaultArg head.PadTokenId 0L) rows
-                { InputIds = ids; Labels = torch.zeros([| int64 indices.Length |], dtype = torch.int64); PredictedTokens = int64 indices.Length; Tokens = tokens } }
+                { InputIds = ids; Labels = torch.zeros([| int64 indices.Length |], dtype = torch.int64); PredictedTokens = int64 indices.Length; Tokens = tokens; Packed = None } }

@@ -66,7 +66,8 @@ module TrainingCheckpoint =
 
     let private number (x: float) = x.ToString("R", Globalization.CultureInfo.InvariantCulture)
 
-    /// A hash of the training rows, their prompt lengths and their train masks (when they have them).
+    /// A hash of the training rows, their prompt lengths, their train masks (when they have them) and, for rows
+    /// packed in isolation, their segments.
     let dataFingerprint (dataset: TokenizedDataset) =
         use sha = IncrementalHash.CreateHash HashAlgorithmName.SHA256
         for row, prompt in Array.zip dataset.Rows dataset.PromptLengths do
@@ -75,6 +76,12 @@ module TrainingCheckpoint =
             sha.AppendData(BitConverter.GetBytes prompt)
         for mask in dataset.TrainMasks do
             sha.AppendData(mask |> Array.map (fun kept -> if kept then 1uy else 0uy))
+        // Rows packed in isolation also hash their samples' boundaries (unpacked data hashes as before).
+        for segments in dataset.Segments do
+            sha.AppendData(BitConverter.GetBytes segments.Length)
+            for s in segments do
+                sha.AppendData(BitConverter.GetBytes s.Length)
+                sha.AppendData(BitConverter.GetBytes s.PromptLength)
         Convert.ToHexString(sha.GetHashAndReset()).ToLowerInvariant()
 
     /// The signature format this version writes: 2 stores each entry under its setting's snake_case key
