@@ -155,6 +155,9 @@ module internal JobChecks =
             if request.GradientCheckpointing then
                 InvalidInput.setting "gradient_checkpointing"
                     "cannot be combined with {prefix_tuning}: the prefix runs through the key/value-cache path, which does not recompute blocks"
+            if request.Options.LossChunkSize > 0 then
+                InvalidInput.setting "loss_chunk_size"
+                    "cannot be combined with {prefix_tuning}: the prefix runs through the key/value-cache path, which computes the full logits"
 
     /// The model's context must cover the prefix and the longest row (the rows' positions start at N), for
     /// every family: GPT-2's n_positions, LLaMA's max_position_embeddings (see TrainOptions.sequenceLength).
