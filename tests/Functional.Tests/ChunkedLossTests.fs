@@ -135,7 +135,7 @@ let private equality =
             use chunked = ChunkedLoss.causalLmSum 2 hidden weight labels
             use expected = full labels hidden weight
             Expect.isFalse chunked.requires_grad "no graph"
-            Expect.floatClose Accuracy.high (float (chunked.item<float32> ())) (float (expected.item<float32> ())) "the same sum")
+            Expect.floatClose { absolute = 1e-5; relative = 1e-6 } (float (chunked.item<float32> ())) (float (expected.item<float32> ())) "the same sum")
 
         torchTest "bad arguments are refused" (fun () ->
             use scope = torch.NewDisposeScope()
@@ -216,9 +216,33 @@ let private models =
             let batch = Batching.collate 16 TrainingLoop.PadId (goldenData "llama-cosine") [| 0 |]
             expectInvalidInput "--loss-chunk-size" "" [ "set it to 0" ] (fun () -> (Objective.causalLmChunked 4).LossSum prefixed batch |> ignore))
 
+        test "the builder's UseLossChunkSize(-1) is refused, naming the builder call" {
+            let builder = Functional.Trainer.CreateBuilder().UseModel("model").UseData("data.jsonl").UseOutput("out").UseLossChunkSize(-1)
+            let e = Expect.throwsC (fun () -> builder.Build() |> ignore) id
+            match e with
+            | :? InvalidInputException as e ->
+                Expect.equal (e.Origin, e.Location) ("UseLossChunkSize", "positions") "the builder call and its argument"
+                Expect.stringContains e.Message ">= 0" "says what is allowed"
+            | other -> failtestf "expected InvalidInputException, got %O" other
+            let plan = Functional.Trainer.CreateBuilder().UseModel("model").UseData("data.jsonl").UseOutput("out").UseLossChunkSize(512).Build()
+            Expect.equal (plan.ToFineTuneOptions().LossChunkSize) 512 "the setting reaches the options"
+        }
+
         torchTest "causalLmWith 0 is the full objective; a negative chunk size fails validation, naming --loss-chunk-size" (fun () ->
             Expect.isTrue (obj.ReferenceEquals((Objective.causalLmWith 0).LossSum, Objective.causalLm.LossSum)) "0: the full logits"
             expectInvalidInput "--loss-chunk-size" "" [ "must be >= 0"; "-3" ] (fun () -> TrainOptions.validate { TrainOptions.defaults with LossChunkSize = -3 }))
+    ]
+
+let private benchmark =
+    testList "benchmark" [
+        torchTest "bench memory's loss section: both paths give the same loss and gradients, and a peak on Linux" (fun () ->
+            let full, chunked = Functional.Benchmarks.LossMemoryBenchmark.measure 500 8 2 32 5 "fp32"
+            Expect.equal (full.Path, chunked.Path) ("full logits", "chunked 5") "the paths"
+            Expect.floatClose { absolute = 1e-4; relative = 1e-5 } chunked.Loss full.Loss "the same loss"
+            Expect.isLessThan chunked.GradientDifference 1e-5 "the same gradients"
+            if OperatingSystem.IsLinux() then
+                Expect.isSome full.PeakBytes "a peak where /proc/self/clear_refs is writable"
+            Expect.equal (Functional.Benchmarks.LossMemoryBenchmark.logitsBytes 128256 4 512) 1050673152L "4 x 512 x 128256 x 4 bytes")
     ]
 
 /// The small runs of the trainer: 13 rows in micro-batches of 2, windows of 3.
@@ -296,4 +320,4 @@ let private commandLine =
     ]
 
 [<Tests>]
-let tests = testList "chunked cross-entropy" [ equality; property; models; training; commandLine ]
+let tests = testList "chunked cross-entropy" [ equality; property; models; benchmark; training; commandLine ]

@@ -11,10 +11,44 @@ open Functional.Runtime
 // B x T x V logits of the model's forward. The backward recomputes each chunk's logits from the saved
 // hidden rows and the head weight: one extra head matmul per chunk for memory that no longer grows with V.
 
+/// The buffers one pass over the chunks reuses, allocated once per forward or backward, so that no
+/// per-chunk allocation of chunk x V elements reaches the allocator (glibc keeps freed blocks of a heap
+/// whose mmap threshold is raised, see TorchRuntime, and fresh ones per chunk made the resident peak grow
+/// with the number of chunks).
+[<NoEquality; NoComparison>]
+type private ChunkBuffers =
+    { /// (chunk, V) fp32: the chunk's logits, then in place their softmax and its gradient.
+      Logits: torch.Tensor
+      /// (chunk, V) in the compute dtype when that is not fp32 (the logits before the upcast and the
+      /// gradient after the downcast), else null.
+      Narrow: torch.Tensor }
+
+    /// Buffers for chunks of chunk rows of a (V, C) weight.
+    static member Create(chunk: int64, weight: torch.Tensor) =
+        let vocab = weight.shape[0]
+        { Logits = torch.empty([| chunk; vocab |], dtype = torch.float32, device = weight.device)
+          Narrow =
+            if weight.dtype = torch.ScalarType.Float32 then null
+            else torch.empty([| chunk; vocab |], dtype = weight.dtype, device = weight.device) }
+
+    /// The fp32 logits (length, V) of rows (length, C): rows @ weight^T computed in the compute dtype
+    /// (as the model's head computes them) into the buffers, upcast to fp32. A view of Logits.
+    member this.LogitsOf(rows: torch.Tensor, weight: torch.Tensor) =
+        let length = rows.shape[0]
+        let logits = this.Logits.narrow(0L, 0L, length)
+        if isNull this.Narrow then
+            // beta 0: the buffer's old values are ignored (NaN included), as torch.addmm documents.
+            logits.addmm_(rows, weight.t (), beta = 0.0f, alpha = 1.0f) |> ignore
+        else
+            use narrow = this.Narrow.narrow(0L, 0L, length)
+            narrow.addmm_(rows, weight.t (), beta = 0.0f, alpha = 1.0f) |> ignore
+            logits.copy_ narrow |> ignore
+        logits
+
 /// The autograd function of the chunked loss. Arguments: the hidden rows of the predicted positions (N, C)
 /// in the compute dtype, the head weight (V, C) in the same dtype, their targets (N) int64 and the chunk
-/// size (an int). Returns the summed cross-entropy (0-dim fp32). Saves the rows, the weight, the targets and
-/// each row's fp32 logsumexp (N); nothing of size V survives the forward.
+/// size (an int64). Returns the summed cross-entropy (0-dim fp32). Saves the rows, the weight, the targets
+/// and each row's fp32 logsumexp (N); nothing of size V survives the forward.
 type private ChunkedCrossEntropy() =
     inherit torch.autograd.SingleTensorFunction<ChunkedCrossEntropy>()
 
@@ -32,14 +66,16 @@ type private ChunkedCrossEntropy() =
         let count = rows.shape[0]
         let logSumExp = torch.empty([| count |], dtype = torch.float32, device = rows.device)
         let total = torch.zeros([||], dtype = torch.float32, device = rows.device)
+        let buffers = ChunkBuffers.Create(min chunk (max 1L count), weight)
         let mutable start = 0L
         while start < count do
             use _ = torch.NewDisposeScope()
             let length = min chunk (count - start)
-            let logits = torch.nn.functional.linear(rows.narrow(0L, start, length), weight) // (n, V), compute dtype
-            let logits = if logits.dtype = torch.ScalarType.Float32 then logits else logits.to_type torch.ScalarType.Float32
-            let lse = torch.logsumexp(logits, 1L) // (n)
+            let logits = buffers.LogitsOf(rows.narrow(0L, start, length), weight) // (n, V) fp32
             let target = logits.gather(1L, targets.narrow(0L, start, length).unsqueeze 1L).squeeze 1L // (n)
+            // logsumexp in place: max + log sum exp(logits - max), as torch.logsumexp computes it.
+            let largest = logits.amax([| 1L |], keepdim = true) // (n, 1)
+            let lse = logits.sub_(largest).exp_().sum(1L).log_().add_(largest.squeeze 1L) // (n)
             logSumExp.narrow(0L, start, length).copy_ lse |> ignore
             total.add_((lse - target).sum()) |> ignore
             start <- start + length
@@ -62,38 +98,45 @@ type private ChunkedCrossEntropy() =
         let rowsNeedGrad = ctx.get_data "rowsNeedGrad" :?> bool
         let weightNeedsGrad = ctx.get_data "weightNeedsGrad" :?> bool
         let count = rows.shape[0]
-        let dtype = rows.dtype
+        let fp32 = rows.dtype = torch.ScalarType.Float32
         let rowGradient = if rowsNeedGrad then torch.empty_like rows else null
         let weightGradient =
             if weightNeedsGrad then torch.zeros(weight.shape, dtype = torch.float32, device = weight.device) else null
+        // Compute-dtype partial weight gradients and their fp32 copy, reused by every chunk.
+        let part, wide =
+            if weightNeedsGrad && not fp32 then torch.empty_like weight, torch.empty_like weightGradient else null, null
+        let buffers = ChunkBuffers.Create(min chunk (max 1L count), weight)
         let gradient = outputGradient.to_type torch.ScalarType.Float32
         let mutable start = 0L
         while start < count do
             use _ = torch.NewDisposeScope()
             let length = min chunk (count - start)
             let chunkRows = rows.narrow(0L, start, length)
-            let logits = torch.nn.functional.linear(chunkRows, weight)
-            let logits = if logits.dtype = torch.ScalarType.Float32 then logits else logits.to_type torch.ScalarType.Float32
-            // softmax = exp(logits - logsumexp), in place on the fresh fp32 logits; minus 1 at the target.
+            let logits = buffers.LogitsOf(chunkRows, weight) // (n, V) fp32
+            // softmax = exp(logits - logsumexp), in place; minus 1 at the target; times the output gradient.
             let probabilities = logits.sub_(logSumExp.narrow(0L, start, length).unsqueeze 1L).exp_()
             let index = targets.narrow(0L, start, length).unsqueeze 1L
             probabilities.scatter_add_(1L, index, torch.full(length, 1L, -1.0f, dtype = torch.float32, device = rows.device)) |> ignore
             let logitsGradient = probabilities.mul_ gradient // (n, V) fp32
-            let logitsGradient = if dtype = torch.ScalarType.Float32 then logitsGradient else logitsGradient.to_type dtype
+            let logitsGradient =
+                if fp32 then logitsGradient
+                else
+                    let narrow = buffers.Narrow.narrow(0L, 0L, length)
+                    narrow.copy_ logitsGradient
             if rowsNeedGrad then
-                rowGradient.narrow(0L, start, length).copy_(logitsGradient.mm weight) |> ignore
+                rowGradient.narrow(0L, start, length).addmm_(logitsGradient, weight, beta = 0.0f, alpha = 1.0f) |> ignore
             if weightNeedsGrad then
-                if dtype = torch.ScalarType.Float32 then
+                if fp32 then
                     weightGradient.addmm_(logitsGradient.t (), chunkRows) |> ignore
                 else
-                    use part = logitsGradient.t().mm chunkRows // (V, C), compute dtype
-                    use wide = part.to_type torch.ScalarType.Float32
+                    part.addmm_(logitsGradient.t (), chunkRows, beta = 0.0f, alpha = 1.0f) |> ignore // (V, C), compute dtype
+                    wide.copy_ part |> ignore
                     weightGradient.add_ wide |> ignore
             start <- start + length
         let rowGradient = if rowsNeedGrad then scope.MoveToOuter rowGradient else null
         let weightGradient =
             if not weightNeedsGrad then null
-            elif weight.dtype = torch.ScalarType.Float32 then scope.MoveToOuter weightGradient
+            elif fp32 then scope.MoveToOuter weightGradient
             else scope.MoveToOuter(weightGradient.to_type weight.dtype)
         // One entry per argument of forward: the rows, the weight, none for the targets and the chunk size.
         List<torch.Tensor>([| rowGradient; weightGradient; null; null |])
