@@ -245,6 +245,58 @@ let private benchmark =
             Expect.equal (Functional.Benchmarks.LossMemoryBenchmark.logitsBytes 128256 4 512) 1050673152L "4 x 512 x 128256 x 4 bytes")
     ]
 
+/// A fine-tuning job of the golden LLaMA (an untied lm_head) with chunks of 4 positions.
+let private job (output: string) : FineTuneRequest =
+    let golden = goldenDir "llama-cosine"
+    { ModelPath = Path.Combine(golden, "model")
+      DataPath = Path.Combine(golden, "data.jsonl")
+      OutputPath = output
+      PublishedOutputPath = None
+      OverwriteOutputDir = false
+      Options = { TrainOptions.defaults with PerDeviceTrainBatchSize = 2; MaxSteps = 1; MaxSeqLen = 32; LossChunkSize = 4; ReportToTensorBoard = false }
+      Data = FineTune.defaultData
+      ResumeFromCheckpoint = None
+      Lora = None
+      Prefix = None
+      GradientCheckpointing = false
+      ModelHandling = FineTune.defaultModelHandling
+      Distributed = FineTune.defaultDistributed
+      Task = TrainingTask.CausalLm
+      Plot = None }
+
+let private jobs =
+    testList "jobs" [
+        torchTest "a job refuses --loss-chunk-size with prefix tuning, LoRA on lm_head and another task, before writing anything" (fun () ->
+            use folder = new TempFolder()
+            let output = folder.File "run"
+            let plain = job output
+            expectInvalidInput "--loss-chunk-size" "" [ "--prefix-tuning" ] (fun () ->
+                FineTune.run { plain with Prefix = Some { NumPrefixTokens = 4; AdapterPath = None } } ignore |> ignore)
+            let lora targets =
+                Some { Config = { R = 2; Alpha = 4.0; Dropout = 0.0; TargetModules = targets; ModuleNameSubstring = None }; OnlyOptimizeLora = false; LearningRate = None; AdapterPath = None }
+            expectInvalidInput "--loss-chunk-size" "" [ "lm_head"; "--lora-target-modules" ] (fun () ->
+                FineTune.run { plain with Lora = lora [ "q_proj"; "lm_head" ] } ignore |> ignore)
+            let classification = TrainingTask.SequenceClassification { TextField = "text"; LabelField = "label"; NumLabels = None; PadTokenId = None }
+            expectInvalidInput "--loss-chunk-size" "" [ "causal language models only" ] (fun () ->
+                FineTune.run { plain with Task = classification } ignore |> ignore)
+            Expect.isFalse (Directory.Exists output) "nothing is written")
+
+        torchTest "a job with LoRA on q_proj and --loss-chunk-size trains and evaluates with the full run's losses" (fun () ->
+            use folder = new TempFolder()
+            let lora = Some { Config = { R = 2; Alpha = 4.0; Dropout = 0.0; TargetModules = [ "q_proj" ]; ModuleNameSubstring = None }; OnlyOptimizeLora = true; LearningRate = None; AdapterPath = None }
+            let run name chunk =
+                let request = job (folder.File name)
+                let options = { request.Options with LossChunkSize = chunk; MaxSteps = 2; EvalSteps = 1 }
+                let data = { request.Data with EvalDataPath = Some request.DataPath }
+                let result = FineTune.run { request with Options = options; Lora = lora; Data = data } ignore
+                result.FinalLoss, result.After |> Option.map (fun e -> e.Eval.Loss)
+            let chunkedLoss, chunkedEval = run "chunked" 4
+            let plainLoss, plainEval = run "plain" 0
+            Expect.floatClose { absolute = 1e-5; relative = 1e-5 } chunkedLoss plainLoss "the final training loss"
+            Expect.isSome plainEval "an evaluation"
+            Expect.floatClose { absolute = 1e-5; relative = 1e-5 } chunkedEval.Value plainEval.Value "the final evaluation loss")
+    ]
+
 /// The small runs of the trainer: 13 rows in micro-batches of 2, windows of 3.
 let private trainLosses (case: string) (options: TrainOptions) =
     let data = goldenData case
@@ -320,4 +372,4 @@ let private commandLine =
     ]
 
 [<Tests>]
-let tests = testList "chunked cross-entropy" [ equality; property; models; benchmark; training; commandLine ]
+let tests = testList "chunked cross-entropy" [ equality; property; models; benchmark; jobs; training; commandLine ]
