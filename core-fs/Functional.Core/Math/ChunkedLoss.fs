@@ -154,9 +154,10 @@ module ChunkedLoss =
     /// Loss.causalLmSum takes them: position t predicts labels[:, t + 1], -100 skips a position. Only the
     /// positions with a target are computed; each chunk's logits are computed in the compute dtype and
     /// upcast to fp32 for the loss, as the full path does, and the backward recomputes them chunk by chunk
-    /// (a custom autograd function), so no tensor of B x T x V elements exists at any time: at most chunkSize
-    /// x V logits in the compute dtype, their fp32 copy, and in backward their softmax. The weight's
-    /// gradient is accumulated over the chunks in fp32. Returns a fresh 0-dim fp32 tensor carrying the graph
+    /// (a custom autograd function), so no tensor of B x T x V elements exists at any time: one chunkSize x V
+    /// fp32 buffer (the logits, then in place their softmax and its gradient) and, for a bf16/fp16 model,
+    /// one in the compute dtype, each allocated once per forward and per backward and reused by every
+    /// chunk. The weight's gradient is accumulated over the chunks in fp32 (one V x C buffer). Returns a fresh 0-dim fp32 tensor carrying the graph
     /// to hidden and weight, 0 when nothing is predicted; it equals Loss.causalLmSum on the full logits to
     /// float rounding, and so do the gradients. Raises ArgumentException for chunkSize < 1 or shapes that
     /// disagree.
