@@ -122,6 +122,23 @@ type Bench =
         let adapterParameters = Peft.Lora.parameters adapters |> List.sumBy (fun (_, p) -> p.numel ())
         { Parameters = parameters; Plain = plain; Checkpointed = checkpointed; AdapterParameters = adapterParameters }
 
+    /// `bench memory`'s vocabulary section: the peak memory of the causal-LM loss and its backward over
+    /// final hidden states (batch, sequenceLength, width) and a head of vocabulary rows, with the full
+    /// logits and with chunked cross-entropy (chunks of chunkSize positions), in each of the precisions
+    /// ("fp32", "bf16"; LossMemoryBenchmark.measure): the full row, then the chunked row, per precision.
+    static member LossMemory(vocabulary: int, width: int, batch: int, sequenceLength: int, chunkSize: int, precisions: string[]) : LossMemoryRow[] =
+        [| for precision in precisions do
+               let full, chunked = LossMemoryBenchmark.measure vocabulary width batch sequenceLength chunkSize precision
+               yield full
+               yield chunked |]
+
+    /// The bytes of the fp32 logits the full path materializes (LossMemoryBenchmark.logitsBytes).
+    static member LogitsBytes(vocabulary: int, batch: int, sequenceLength: int) : int64 =
+        LossMemoryBenchmark.logitsBytes vocabulary batch sequenceLength
+
+    /// A loss row's peak resident growth, or null where the system does not tell.
+    static member LossPeakBytes(row: LossMemoryRow) : Nullable<int64> = Option.toNullable row.PeakBytes
+
     /// The `bench train` configurations: the preset of that name (or all of them for "all"), with the depth,
     /// width, rows per step and tokens per row given (> 0) instead of the preset's.
     static member TrainConfigs(name: string, layers: int, width: int, batch: int, sequenceLength: int) : BenchmarkConfig[] =

@@ -295,7 +295,7 @@ module TrainingBenchmark =
     extern int private mallocTrim(unativeint pad)
 
     /// Resident bytes after a full GC with glibc's freed heap returned to the system.
-    let private residentBytes () =
+    let residentBytes () =
         GC.Collect()
         GC.WaitForPendingFinalizers()
         try
@@ -307,7 +307,7 @@ module TrainingBenchmark =
         p.WorkingSet64
 
     /// Resets the resident high-water mark (writing 5 to /proc/self/clear_refs); false where refused.
-    let private resetPeak () =
+    let resetPeak () =
         try
             File.WriteAllText("/proc/self/clear_refs", "5")
             true
@@ -316,7 +316,7 @@ module TrainingBenchmark =
         | :? UnauthorizedAccessException -> false
 
     /// VmHWM of /proc/self/status in bytes.
-    let private peakResident () =
+    let peakResident () =
         File.ReadAllLines "/proc/self/status"
         |> Array.tryFind (fun line -> line.StartsWith "VmHWM:")
         |> Option.map (fun line -> 1024L * int64 (line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]))

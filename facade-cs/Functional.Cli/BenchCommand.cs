@@ -45,28 +45,90 @@ internal static class BenchCommand
         var sequence = CliOption.Create("--seq-len", "Tokens per row.", 256);
         var loraDim = CliOption.Create("--lora-dim", "LoRA rank for the optimizer-state comparison.", 8);
         var threads = CliOption.Create("--threads", "Intra-op threads (0: all cores).", 0);
-        var command = new Command("memory", "Activation memory and step time with and without gradient checkpointing; LoRA vs full fine-tuning optimizer state.")
+        var vocab = CliOption.Create("--vocab", "Vocabulary of the loss section (Llama 3: 128256).", 128256);
+        var lossWidth = CliOption.Create("--loss-width", "Hidden size of the loss section.", 256);
+        var lossBatch = CliOption.Create("--loss-batch", "Rows of the loss section.", 4);
+        var lossSequence = CliOption.Create("--loss-seq-len", "Tokens per row of the loss section.", 512);
+        var lossChunk = CliOption.Create("--loss-chunk-size", "Positions per chunk of the chunked cross-entropy.", 1024);
+        var lossPrecisions = CliOption.Create("--loss-precision", "Precisions of the loss section, comma separated: fp32, bf16 (bf16 matmuls are slow on CPUs without AVX-512 BF16).", "fp32");
+        var section = CliOption.Create("--section", "all, checkpointing (gradient checkpointing and LoRA) or loss (full logits vs chunked cross-entropy).", "all");
+        var command = new Command("memory", "Activation memory and step time with and without gradient checkpointing; LoRA vs full fine-tuning optimizer state; "
+            + "peak memory of the loss and its backward for a large vocabulary with the full logits and with chunked cross-entropy.")
         {
-            layers, width, batch, sequence, loraDim, threads,
+            layers, width, batch, sequence, loraDim, threads, vocab, lossWidth, lossBatch, lossSequence, lossChunk, lossPrecisions, section,
         };
         command.SetAction(parse =>
         {
             var threadCount = Bench.SetThreads(parse.GetValue(threads));
-            var m = Bench.Memory(parse.GetValue(layers), parse.GetValue(width), parse.GetValue(batch), parse.GetValue(sequence), parse.GetValue(loraDim));
-            var parameters = m.Parameters;
-            Console.WriteLine($"GPT-2, {parse.GetValue(layers)} layers, width {parse.GetValue(width)}, vocabulary 8192: {parameters:N0} parameters; " +
-                $"batch {parse.GetValue(batch)} x {parse.GetValue(sequence)} tokens, {threadCount} threads, fp32");
-            var (plain, checkpointed) = (m.Plain, m.Checkpointed);
-            Console.WriteLine("                          activations kept   step (fwd+bwd)");
-            Console.WriteLine($"plain                     {plain.RetainedBytes / 1e6,12:F0} MB   {plain.Seconds,10:F2} s");
-            Console.WriteLine($"gradient checkpointing    {checkpointed.RetainedBytes / 1e6,12:F0} MB   {checkpointed.Seconds,10:F2} s");
-            Console.WriteLine($"activation memory {100.0 * (1 - (double)checkpointed.RetainedBytes / plain.RetainedBytes):F0}% lower; step time {100.0 * (checkpointed.Seconds / plain.Seconds - 1):+0;-0}%");
-            var adapterParameters = m.AdapterParameters;
-            // AdamW keeps two fp32 moments per trained parameter.
-            Console.WriteLine($"optimizer state: full fine-tuning {2 * 4 * parameters / 1e6:F1} MB, LoRA r={parse.GetValue(loraDim)} on c_attn {2 * 4 * adapterParameters / 1e6:F2} MB ({100.0 * adapterParameters / parameters:F2}%)");
+            var which = parse.GetValue(section)!.Trim().ToLowerInvariant();
+            if (which is not ("all" or "checkpointing" or "loss"))
+            {
+                throw new InvalidInputException("--section", "", $"expected all, checkpointing or loss, got '{which}'");
+            }
+            if (which != "loss")
+            {
+                Checkpointing(parse, layers, width, batch, sequence, loraDim, threadCount);
+            }
+            if (which != "checkpointing")
+            {
+                foreach (var (option, name) in new[] { (vocab, "--vocab"), (lossWidth, "--loss-width"), (lossBatch, "--loss-batch"), (lossSequence, "--loss-seq-len"), (lossChunk, "--loss-chunk-size") })
+                {
+                    if (parse.GetValue(option) < 1)
+                    {
+                        throw new InvalidInputException(name, "", $"must be at least 1, got {parse.GetValue(option)}");
+                    }
+                }
+                var precisions = parse.GetValue(lossPrecisions)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+                if (precisions.Length == 0 || precisions.Any(p => p is not ("fp32" or "bf16")))
+                {
+                    throw new InvalidInputException("--loss-precision", "", $"expected fp32, bf16 or fp32,bf16, got '{parse.GetValue(lossPrecisions)}'");
+                }
+                LossSection(parse.GetValue(vocab), parse.GetValue(lossWidth), parse.GetValue(lossBatch), parse.GetValue(lossSequence), parse.GetValue(lossChunk), precisions, threadCount);
+            }
             return 0;
         });
         return command;
+    }
+
+    /// <summary>The loss section of `bench memory`: peak memory of the loss and its backward, full logits vs chunked.</summary>
+    private static void LossSection(int vocabulary, int width, int rows, int length, int chunk, string[] precisions, int threadCount)
+    {
+        Console.WriteLine($"causal-LM loss + backward, vocabulary {vocabulary:N0}, hidden {width}, batch {rows} x {length} tokens (every 8th label -100), {threadCount} threads; " +
+            $"the full fp32 logits alone are {Bench.LogitsBytes(vocabulary, rows, length) / 1e6:F0} MB");
+        Console.WriteLine("precision  path              peak MB    seconds        loss   max grad diff");
+        var results = Bench.LossMemory(vocabulary, width, rows, length, chunk, precisions);
+        static string Peak(LossMemoryRow row) => Bench.LossPeakBytes(row) is { } bytes ? $"{bytes / 1e6,10:F0}" : "         -";
+        foreach (var row in results)
+        {
+            Console.WriteLine($"{row.Precision,-9}  {row.Path,-14} {Peak(row)} {row.Seconds,10:F2} {row.Loss,11:F3} {row.GradientDifference,15:E1}");
+        }
+        for (var i = 0; i + 1 < results.Length; i += 2)
+        {
+            var (full, chunked) = (results[i], results[i + 1]);
+            if (Bench.LossPeakBytes(full) is { } f && Bench.LossPeakBytes(chunked) is { } c && f > 0)
+            {
+                Console.WriteLine($"{full.Precision}: chunked peak {100.0 * (1 - (double)c / f):F0}% lower ({f / 1e6:F0} MB -> {c / 1e6:F0} MB); loss relative difference {Math.Abs(chunked.Loss / full.Loss - 1):E1}");
+            }
+        }
+        Console.WriteLine("peak MB: the process's resident high-water mark during the loss and backward above the resident memory before it " +
+            "(freed heap returned first); the head weight's gradient exists before, as the trainer's gradient buffer does.");
+    }
+
+    /// <summary>The gradient-checkpointing and LoRA section of `bench memory`.</summary>
+    private static void Checkpointing(ParseResult parse, Option<int> layers, Option<int> width, Option<int> batch, Option<int> sequence, Option<int> loraDim, int threadCount)
+    {
+        var m = Bench.Memory(parse.GetValue(layers), parse.GetValue(width), parse.GetValue(batch), parse.GetValue(sequence), parse.GetValue(loraDim));
+        var parameters = m.Parameters;
+        Console.WriteLine($"GPT-2, {parse.GetValue(layers)} layers, width {parse.GetValue(width)}, vocabulary 8192: {parameters:N0} parameters; " +
+            $"batch {parse.GetValue(batch)} x {parse.GetValue(sequence)} tokens, {threadCount} threads, fp32");
+        var (plain, checkpointed) = (m.Plain, m.Checkpointed);
+        Console.WriteLine("                          activations kept   step (fwd+bwd)");
+        Console.WriteLine($"plain                     {plain.RetainedBytes / 1e6,12:F0} MB   {plain.Seconds,10:F2} s");
+        Console.WriteLine($"gradient checkpointing    {checkpointed.RetainedBytes / 1e6,12:F0} MB   {checkpointed.Seconds,10:F2} s");
+        Console.WriteLine($"activation memory {100.0 * (1 - (double)checkpointed.RetainedBytes / plain.RetainedBytes):F0}% lower; step time {100.0 * (checkpointed.Seconds / plain.Seconds - 1):+0;-0}%");
+        var adapterParameters = m.AdapterParameters;
+        // AdamW keeps two fp32 moments per trained parameter.
+        Console.WriteLine($"optimizer state: full fine-tuning {2 * 4 * parameters / 1e6:F1} MB, LoRA r={parse.GetValue(loraDim)} on c_attn {2 * 4 * adapterParameters / 1e6:F2} MB ({100.0 * adapterParameters / parameters:F2}%)");
     }
 
     /// <summary>The interpreter that runs the PyTorch reference (Debian's python3-torch).</summary>

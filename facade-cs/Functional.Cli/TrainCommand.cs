@@ -54,6 +54,7 @@ internal static class TrainCommand
         var hysteresis = CliOption.Create("--hysteresis", "fp16: overflows tolerated before the scale halves.", d.Hysteresis);
         var minScale = CliOption.Create("--min-loss-scale", "fp16: the smallest scale.", d.MinLossScale);
         var recompute = CliOption.Create("--gradient-checkpointing", "Recompute each block in backward: less activation memory, same gradients.", false, "--recompute");
+        var lossChunkSize = CliOption.Create("--loss-chunk-size", "Compute the loss and its gradient in chunks of N predicted positions, without the batch x positions x vocabulary logits: the same values, far less memory for large vocabularies (0: the full logits).", d.LossChunkSize);
         var disableDropout = CliOption.Create("--disable-dropout", "Build the model with every dropout probability at 0 (DeepSpeed-Chat); the saved config.json holds 0.", false);
         var resizeMultiple = CliOption.Create("--resize-token-embeddings-to-multiple-of", "Resize the embeddings to N * ceil(len(tokenizer) / N) (HF's pad_to_multiple_of; DeepSpeed-Chat: 8). 0: only for added tokens.", d.ResizeTokenEmbeddingsToMultipleOf);
         var maxShardSize = CliOption.Create("--max-shard-size", "The largest weight shard of final/ (HF's max_shard_size: 5GB = 5e9 bytes, 2GiB, 500MB).", d.MaxShardSize);
@@ -105,7 +106,7 @@ internal static class TrainCommand
             maxSeqLen, seed, noShuffle, loggingSteps, threads, evalData, dataFormat, promptField, answerField, textField,
             trainOn, chatTemplate, packing, packingAttention, addBos, noAddBos, skipBadRows, dataSplit, evalSplitRatio, tokenizer, noDataCache, exactMatch, evalSteps, evalBatch,
             evalStrategy, saveStrategy, saveSteps, saveTotalLimit, metric, greaterIsBetter, loadBest, patience, resume,
-            loraDim, loraAlpha, loraDropout, loraModuleName, loraTargets, onlyLora, loraLr, loraAdapter, recompute,
+            loraDim, loraAlpha, loraDropout, loraModuleName, loraTargets, onlyLora, loraLr, loraAdapter, recompute, lossChunkSize,
             prefixTuning, numPrefixTokens, prefixAdapter, disableDropout, resizeMultiple, maxShardSize,
             task, labelField, chosenField, rejectedField, numLabels, padTokenId,
             bf16, fp16, lossScale, scalePower, scaleWindow, hysteresis, minScale,
@@ -218,6 +219,10 @@ internal static class TrainCommand
             if (parse.GetValue(recompute))
             {
                 builder.UseGradientCheckpointing();
+            }
+            if (CliOption.Given(parse, lossChunkSize))
+            {
+                builder.UseLossChunkSize(parse.GetValue(lossChunkSize));
             }
             if (parse.GetValue(disableDropout))
             {

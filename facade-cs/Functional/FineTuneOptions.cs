@@ -219,6 +219,11 @@ public sealed class FineTuneOptions
     /// <summary>Recompute each transformer block in backward instead of keeping its activations (default false).</summary>
     public bool GradientCheckpointing { get; set; }
 
+    /// <summary>Compute the causal-LM loss and its gradient from the final hidden states in chunks of this many
+    /// predicted positions, without the batch x positions x vocabulary logits (--loss-chunk-size); the same loss and
+    /// gradients. 0 (default): the full logits.</summary>
+    public int LossChunkSize { get; set; }
+
     /// <summary>Build the model with every dropout probability of its config at 0; the saved config.json holds 0 too
     /// (DeepSpeed-Chat's disable_dropout; default false).</summary>
     public bool DisableDropout { get; set; }

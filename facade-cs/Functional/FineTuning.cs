@@ -387,6 +387,7 @@ public static class FineTuning
                 minLossScale: o.MinLossScale)),
             loggingStrategy: TrainOptionsModule.parseStrategy("--logging-strategy", o.LoggingStrategy),
             reportToTensorBoard: o.ReportToTensorBoard,
-            loggingDir: o.LoggingDir);
+            loggingDir: o.LoggingDir,
+            lossChunkSize: o.LossChunkSize);
     }
 }

@@ -70,6 +70,7 @@ internal sealed class OptionNames
         ["--hysteresis"] = new("UseFp16", nameof(LossScaleOptions.Hysteresis)),
         ["--min-loss-scale"] = new("UseFp16", nameof(LossScaleOptions.MinScale)),
         ["--gradient-checkpointing"] = new("UseGradientCheckpointing", ""),
+        ["--loss-chunk-size"] = new("UseLossChunkSize", "positions"),
         ["--disable-dropout"] = new("DisableDropout", ""),
         ["--resize-token-embeddings-to-multiple-of"] = new("ResizeTokenEmbeddingsToMultipleOf", "multiple"),
         ["--max-shard-size"] = new("UseMaxShardSize", "size"),

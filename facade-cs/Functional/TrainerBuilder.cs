@@ -331,6 +331,17 @@ public sealed class TrainerBuilder
         return this;
     }
 
+    /// <summary>Computes the causal-LM loss and its gradient from the final hidden states in chunks of this many
+    /// predicted positions, so that the batch x positions x vocabulary logits never exist (--loss-chunk-size): the same
+    /// loss and gradients, far less memory for a large vocabulary, one extra LM-head matmul per chunk in backward.
+    /// 0 (the default) computes the full logits.</summary>
+    /// <param name="positions">Positions per chunk (at least 1; 0 turns chunking off).</param>
+    public TrainerBuilder UseLossChunkSize(int positions)
+    {
+        settings.LossChunkSize = positions;
+        return this;
+    }
+
     /// <summary>Builds the model with every dropout probability at 0; the saved config.json holds 0 too
     /// (--disable-dropout, DeepSpeed-Chat's disable_dropout).</summary>
     public TrainerBuilder DisableDropout()

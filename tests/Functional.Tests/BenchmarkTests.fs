@@ -114,6 +114,19 @@ let tests =
                         Expect.isGreaterThan (figures.GetProperty(field).GetDouble()) 0.0 (sprintf "%s %s" loop field)
                 Expect.isGreaterThan (run.GetProperty("memory_estimate").GetProperty("total").GetInt64()) 0L "memory estimate"
         }
+        test "bench memory --section loss prints the peak of the full logits and of the chunked loss" {
+            let run =
+                runCli
+                    [ "bench"; "memory"; "--section"; "loss"; "--vocab"; "3000"; "--loss-width"; "16"; "--loss-batch"; "2"
+                      "--loss-seq-len"; "64"; "--loss-chunk-size"; "16"; "--loss-precision"; "fp32,bf16"; "--threads"; "1" ]
+            Expect.equal run.ExitCode 0 (sprintf "exit code (stderr: %s)" run.Stderr)
+            for text in [ "vocabulary 3,000"; "the full fp32 logits alone are 2 MB"; "peak MB"; "fp32       full logits"; "fp32       chunked 16"
+                          "bf16       full logits"; "bf16       chunked 16"; "fp32: chunked peak"; "bf16: chunked peak" ] do
+                Expect.stringContains run.Stdout text (sprintf "prints %s" text)
+            let bad = runCli [ "bench"; "memory"; "--section"; "loss"; "--loss-chunk-size"; "0" ]
+            Expect.equal bad.ExitCode 2 "a chunk size of 0 is refused"
+            Expect.stringContains bad.Stderr "--loss-chunk-size" "naming the option"
+        }
         test "a training run's last metrics line carries HF's train_runtime and throughput fields" {
             use folder = new TempFolder()
             let model = folder.File "model"

@@ -44,18 +44,21 @@ let private gradients (lm: CausalLm) =
     [ for name, p in lm.Module.named_parameters () -> name, (if isNull p.grad then torch.zeros_like p else p.grad.clone ()) ]
 
 /// The loss sum, the predicted tokens and every parameter's gradient of one micro-batch of all rows.
-let private lossAndGradients (lm: CausalLm) (dataset: TokenizedDataset) =
+let private lossAndGradientsWith (objective: Objective) (lm: CausalLm) (dataset: TokenizedDataset) =
     lm.Module.zero_grad ()
-    use batch = Objective.causalLm.Collate width 0L dataset (all dataset)
-    use loss = Objective.causalLm.LossSum lm batch
+    use batch = objective.Collate width 0L dataset (all dataset)
+    use loss = objective.LossSum lm batch
     loss.backward ()
     float (loss.item<float32> ()), batch.PredictedTokens, gradients lm
 
-/// Expects the packed micro-batch's token-weighted loss and gradients to equal the unpacked one's.
-let private expectSameTraining (lm: CausalLm) (dataset: TokenizedDataset) =
+let private lossAndGradients = lossAndGradientsWith Objective.causalLm
+
+/// Expects the packed micro-batch's token-weighted loss and gradients under packedObjective to equal the
+/// unpacked one's under the full causal-LM loss.
+let private expectSameTrainingWith (packedObjective: Objective) (lm: CausalLm) (dataset: TokenizedDataset) =
     lm.Module.train ()
     let lossUnpacked, countUnpacked, gradUnpacked = lossAndGradients lm dataset
-    let lossPacked, countPacked, gradPacked = lossAndGradients lm (packed dataset)
+    let lossPacked, countPacked, gradPacked = lossAndGradientsWith packedObjective lm (packed dataset)
     Expect.equal countPacked countUnpacked "the same predicted tokens"
     Expect.isGreaterThan countUnpacked 0L "something is predicted"
     let mean sum = sum / float countUnpacked
@@ -66,6 +69,8 @@ let private expectSameTraining (lm: CausalLm) (dataset: TokenizedDataset) =
         expectClose tolerance packedGrad unpackedGrad (sprintf "gradient of %s" name)
     // The gradients are not all zero: the comparison says something.
     Expect.isTrue (gradUnpacked |> List.exists (fun (_, g) -> maxAbsDiff g (torch.zeros_like g) > 1e-6)) "the gradients move"
+
+let private expectSameTraining = expectSameTrainingWith Objective.causalLm
 
 /// Expects every sample's logits in the packed rows to equal the sample's logits run alone.
 let private expectSameLogits (lm: CausalLm) (dataset: TokenizedDataset) =
@@ -132,6 +137,10 @@ let private modelTests =
             let packedData = packed data
             Expect.equal (packedData.TrainMasks |> Array.sumBy Array.length) (packedData.Rows |> Array.sumBy Array.length) "the masks follow the rows"
             expectSameTraining lm data)
+        torchTest "LLaMA with chunked cross-entropy (--loss-chunk-size): packed rows use the packed forward" (fun () ->
+            let lm = CausalLm.create (Llama tinyLlama) 7L
+            use _ = lm.Module
+            expectSameTrainingWith (Objective.causalLmChunked 3) lm (samples tinyLlama.VocabSize 9 9))
         torchTest "LLaMA with activation checkpointing: packed gradients still equal the unpacked ones" (fun () ->
             let lm = CausalLm.create (Llama tinyLlama) 5L
             use _ = lm.Module

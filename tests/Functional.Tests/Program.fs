@@ -15,6 +15,7 @@ let endToEnd =
       [ "packages" ]
       [ "scripts" ]
       [ "benchmarks" ]
+      [ "chunked cross-entropy"; "cli" ]
       [ "checkpoint signature" ]
       [ "new user (issue 12)" ]
       [ "new user: signals and resume" ]

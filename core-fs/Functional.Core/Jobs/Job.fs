@@ -105,6 +105,11 @@ module Job =
             match lora.AdapterPath with
             | Some path -> Lora.load path model
             | None -> Lora.wrap lora.Config model options.Seed
+        // The chunked loss multiplies the final hidden states by the head's weight itself: an adapter's hook
+        // on lm_head would not run.
+        if options.LossChunkSize > 0 && adapters.Adapters |> List.exists (fun a -> a.ModuleName = "lm_head") then
+            InvalidInput.setting "loss_chunk_size"
+                "cannot be combined with a LoRA adapter on lm_head: the chunked loss computes the head's logits from its weight alone (leave lm_head out of {lora_target_modules}, or set {loss_chunk_size} 0)"
         let adapter = Lora.asAdapter adapters model lora.OnlyOptimizeLora lora.LearningRate options.LearningRate
         let rate = defaultArg lora.LearningRate options.LearningRate
         adapter, (adapter.Signature, sprintf "%A only=%b lr=%g" adapters.Config lora.OnlyOptimizeLora rate)
@@ -209,6 +214,8 @@ module Job =
         | TrainingTask.CausalLm -> ()
         | _ ->
             if request.Prefix.IsSome then InvalidInput.setting "prefix_tuning" "trains causal language models only; not with {task}"
+            if request.Options.LossChunkSize > 0 then
+                InvalidInput.setting "loss_chunk_size" "chunks the language-modelling head's cross-entropy of causal language models only; not with {task}"
             if request.Data.ExactMatchSamples > 0 then InvalidInput.setting "exact_match_samples" "scores generated answers of causal language models; not with {task}"
             match request.Task with
             | TrainingTask.SequenceClassification _ when request.Data.Prompt.DataSplit.IsSome ->
@@ -238,8 +245,10 @@ module Job =
             // From here on MaxSeqLen is the row length of the run: the model's context when it was 0.
             let options = contextOptions model.Config prefixTokens
             let data = loadData request options model tokenizer
-            let evaluate model eval = Evaluation.evaluate model eval options.PerDeviceEvalBatchSize options.MaxSeqLen TrainingLoop.PadId
-            model, options, tokenizer, data, Objective.causalLm, evaluate, []
+            // --loss-chunk-size: the chunked loss in training and evaluation alike (the same values, less memory).
+            let objective = Objective.causalLmWith options.LossChunkSize
+            let evaluate model eval = Evaluation.evaluateWith objective model eval options.PerDeviceEvalBatchSize options.MaxSeqLen TrainingLoop.PadId
+            model, options, tokenizer, data, objective, evaluate, []
         | task ->
             let config = ModelConfig.load (Path.Combine(request.ModelPath, "config.json"))
             let options = contextOptions config 0

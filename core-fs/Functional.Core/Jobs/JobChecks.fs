@@ -159,6 +159,9 @@ module internal JobChecks =
             if prompt.Packing && prompt.PackingAttention = Data.PackingAttention.Isolated then
                 InvalidInput.setting "packing_attention"
                     "isolated cannot be combined with {prefix_tuning}: the prefix is every sample's past, which packed samples cannot share; use {packing_attention} cross or no {packing}"
+            if request.Options.LossChunkSize > 0 then
+                InvalidInput.setting "loss_chunk_size"
+                    "cannot be combined with {prefix_tuning}: the prefix runs through the key/value-cache path, which computes the full logits"
 
     /// The model's context must cover the prefix and the longest row (the rows' positions start at N), for
     /// every family: GPT-2's n_positions, LLaMA's max_position_embeddings (see TrainOptions.sequenceLength).

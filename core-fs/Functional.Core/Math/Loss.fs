@@ -29,6 +29,16 @@ module Loss =
                 )
             )
 
+    /// The target of every position of labels (B, T) int64, flattened to (B*T): labels shifted one
+    /// position left with -100 after the last (HF's ForCausalLMLoss shift), so position t of row b is
+    /// predicted against labels[b, t + 1] and the last position of every row against nothing.
+    let shiftedTargets (labels: torch.Tensor) : torch.Tensor =
+        use scope = torch.NewDisposeScope()
+        let batch, time = labels.shape[0], labels.shape[1]
+        let shifted = max 0L (time - 1L)
+        let ignored = torch.full(batch, time - shifted, IgnoreIndex, dtype = torch.int64, device = labels.device)
+        scope.MoveToOuter(torch.cat([| labels.narrow(1L, 1L, shifted); ignored |], 1L).reshape(batch * time))
+
     /// The summed next-token cross-entropy of a batch: logits (B, T, V) at position t predict
     /// labels (B, T) at t + 1 (logits[:, :-1] against labels[:, 1:], computed as HF does by shifting the
     /// labels instead of copying the logits); positions whose label is -100 are skipped. Computed in fp32 whatever the logits' dtype (they are upcast, as HF's loss does) with
@@ -42,12 +52,9 @@ module Loss =
         let batch, time, vocab = logits.shape[0], logits.shape[1], logits.shape[2]
         // As HF's ForCausalLMLoss: the labels move one position left, with -100 after the last, so
         // the logits stay whole (a view, not a copy of B*T*V values) and their last position is ignored.
-        let shifted = max 0L (time - 1L)
         let rows = logits.reshape(batch * time, vocab) // (B*T, V)
         let predictions = if rows.dtype = torch.ScalarType.Float32 then rows else rows.to_type torch.ScalarType.Float32
-        let targets =
-            let ignored = torch.full(batch, time - shifted, IgnoreIndex, dtype = torch.int64, device = labels.device)
-            torch.cat([| labels.narrow(1L, 1L, shifted); ignored |], 1L).reshape(batch * time).``to``(predictions.device) // (B*T)
+        let targets = (shiftedTargets labels).``to``(predictions.device) // (B*T)
         let sum =
             torch.nn.functional.cross_entropy(
                 predictions,

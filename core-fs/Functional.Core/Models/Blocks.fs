@@ -684,6 +684,23 @@ type CausalLmHead(name: string, backboneName: string, backbone: DecoderBackbone,
     /// other heads over the same backbone (SequenceClassifierHead) register it under this name too.
     member _.BackboneName = backboneName
 
+    /// The weight the head multiplies the final hidden states by, (vocab_size, C): lm_head.weight, or the
+    /// token embedding's for a tied head. The head has no bias, scaling or soft-capping in any family, so
+    /// logits = linear(hidden, HeadWeight) (what ChunkedLoss.causalLmSum computes chunk by chunk).
+    member _.HeadWeight: torch.Tensor =
+        match lmHead with
+        | Some head -> head.weight
+        | None -> backbone.TokenEmbedding.weight
+
+    /// The final hidden states of input_ids (B, T) int64: (B, T, C), the backbone's output after its final
+    /// norm, what forward turns into logits.
+    member _.HiddenStates(inputIds: torch.Tensor) : torch.Tensor = backbone.forward inputIds
+
+    /// The final hidden states of rows packed in isolation (see IPackedCausalLm.ForwardPacked): (B, T, C),
+    /// each sample's as if it ran alone.
+    member _.HiddenStatesPacked(inputIds: torch.Tensor, positionIds: torch.Tensor, segmentIds: torch.Tensor) : torch.Tensor =
+        backbone.ForwardPacked(inputIds, positionIds, segmentIds)
+
     /// Logits of hidden states: (B, T, C) -> (B, T, vocab_size).
     member private _.Logits(hidden: torch.Tensor) =
         match lmHead with

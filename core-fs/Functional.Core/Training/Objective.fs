@@ -45,6 +45,35 @@ module Objective =
           Count = fun batch -> batch.PredictedTokens
           Collate = Batching.collate }
 
+    /// Causal language modelling with the chunked loss (ChunkedLoss.causalLmSum): the model's final hidden
+    /// states (CausalLmHead.HiddenStates) and its head weight give the loss chunkSize predicted positions at
+    /// a time, so the B x T x V logits never exist, in the forward or the backward; the loss and gradients
+    /// equal causalLm's to float rounding, the count is the same. The model must be a CausalLmHead (every
+    /// family's causal LM, also its mixed-precision compute copy and with LoRA hooks on other projections):
+    /// another module (a prefix-tuned model) raises InvalidInputException naming {loss_chunk_size}. Raises
+    /// ArgumentException for chunkSize < 1.
+    let causalLmChunked (chunkSize: int) : Objective =
+        if chunkSize < 1 then
+            raise (ArgumentOutOfRangeException(nameof chunkSize, chunkSize, "the chunk size must be at least 1 position"))
+        { causalLm with
+            LossSum =
+                fun model batch ->
+                    match box model.Module with
+                    | :? CausalLmHead as head ->
+                        use hidden =
+                            match batch.Packed with
+                            | Some packed -> head.HiddenStatesPacked(batch.InputIds, packed.PositionIds, packed.SegmentIds) // (B, T, C)
+                            | None -> head.HiddenStates batch.InputIds // (B, T, C)
+                        ChunkedLoss.causalLmSum chunkSize hidden head.HeadWeight batch.Labels
+                    | _ ->
+                        InvalidInput.setting "loss_chunk_size"
+                            (sprintf "needs a causal LM whose head multiplies the final hidden states (%s is not one): set it to 0" (model.Module.GetName())) }
+
+    /// The causal language-modelling objective of a run's LossChunkSize (TrainOptions): causalLm for 0
+    /// (the full logits), causalLmChunked lossChunkSize otherwise.
+    let causalLmWith (lossChunkSize: int) : Objective =
+        if lossChunkSize = 0 then causalLm else causalLmChunked lossChunkSize
+
     /// Right-pads rows (each cut to maxSeqLen) with padId into (rows, longest) ids.
     let private padRows (maxSeqLen: int) (padId: int64) (rows: int64[][]) =
         let lengths = rows |> Array.map (fun r -> min r.Length maxSeqLen)

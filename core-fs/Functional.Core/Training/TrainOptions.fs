@@ -119,7 +119,11 @@ type TrainOptions =
       /// Write TensorBoard events (HF's report_to "tensorboard"; default true).
       ReportToTensorBoard: bool
       /// The folder of the TensorBoard event file (HF's logging_dir); None: the output folder (default).
-      LoggingDir: string option }
+      LoggingDir: string option
+      /// Compute the causal-LM loss and its gradient from the final hidden states in chunks of this many
+      /// predicted positions (ChunkedLoss.causalLmSum), so that no B x T x V logits exist in training or
+      /// evaluation; the same loss and gradients. 0 (default): the model's full logits, then the loss.
+      LossChunkSize: int }
 
 /// Defaults and validation of TrainOptions.
 [<RequireQualifiedAccess>]
@@ -162,7 +166,8 @@ module TrainOptions =
           Precision = Precision.Fp32
           LoggingStrategy = IntervalStrategy.Steps
           ReportToTensorBoard = true
-          LoggingDir = None }
+          LoggingDir = None
+          LossChunkSize = 0 }
 
     /// TrainOptions from named values, for C# callers: they cannot copy-and-update an F# record, and a
     /// 36-argument constructor called positionally compiles even when two ints are swapped. Call it with
@@ -205,7 +210,8 @@ module TrainOptions =
             precision: Precision,
             loggingStrategy: IntervalStrategy,
             reportToTensorBoard: bool,
-            loggingDir: string
+            loggingDir: string,
+            lossChunkSize: int
         ) : TrainOptions =
         { PerDeviceTrainBatchSize = perDeviceTrainBatchSize
           GradientAccumulationSteps = gradientAccumulationSteps
@@ -242,7 +248,8 @@ module TrainOptions =
           Precision = precision
           LoggingStrategy = loggingStrategy
           ReportToTensorBoard = reportToTensorBoard
-          LoggingDir = if String.IsNullOrWhiteSpace loggingDir then None else Some loggingDir }
+          LoggingDir = if String.IsNullOrWhiteSpace loggingDir then None else Some loggingDir
+          LossChunkSize = lossChunkSize }
 
     /// The evaluation strategy in force: the given one, else steps when EvalSteps > 0, else no.
     let evalStrategy (o: TrainOptions) =
@@ -313,6 +320,8 @@ module TrainOptions =
             sprintf "must be a multiple of {eval_steps} (%d) with {load_best_model_at_end}, so every checkpoint has a metric" o.EvalSteps)
         check (o.EarlyStoppingPatience = 0 || evalStrategy <> IntervalStrategy.No) "{early_stopping_patience}" (fun () ->
             "needs evaluations during the run ({eval_strategy} steps or epoch)")
+        check (o.LossChunkSize >= 0) "{loss_chunk_size}" (fun () ->
+            sprintf "must be >= 0 (positions per chunk of the loss; 0 computes the full logits), got %d" o.LossChunkSize)
         check (not (String.IsNullOrWhiteSpace o.MetricForBestModel)) "{metric_for_best_model}" (fun () -> "must name a metric such as eval_loss")
         match o.Precision with
         | Precision.Fp16 scaler -> LossScaler.validate scaler

@@ -222,7 +222,7 @@ type TrainRun =
       LearningRate: string -> float
       /// The training rows.
       Dataset: TokenizedDataset
-      /// What the step minimizes (Objective.causalLm).
+      /// What the step minimizes (Objective.causalLm, or Objective.causalLmWith the options' LossChunkSize).
       Objective: Objective
       /// The processes of the run (Communicator.singleProcess): the step all-reduces the window's count,
       /// the gradients and the logged loss through it, and reads only its rank's rows.
@@ -411,7 +411,7 @@ module TrainingLoop =
 
     /// The usual run of model on dataset as planned: every parameter of model trains at the options'
     /// learning rate, nothing is attached to a compute copy, the objective is causal language modelling
-    /// and the run has one process. Change fields with `{ TrainingLoop.setup plan model dataset with ... }`.
+    /// (chunked when the options' LossChunkSize > 0, Objective.causalLmWith) and the run has one process. Change fields with `{ TrainingLoop.setup plan model dataset with ... }`.
     let setup (plan: LoopPlan) (model: CausalLm) (dataset: TokenizedDataset) : TrainRun =
         { Plan = plan
           Model = model
@@ -419,7 +419,7 @@ module TrainingLoop =
           Parameters = model.Module.named_parameters ()
           LearningRate = fun _ -> plan.Options.LearningRate
           Dataset = dataset
-          Objective = Objective.causalLm
+          Objective = Objective.causalLmWith plan.Options.LossChunkSize
           Communicator = Communicator.singleProcess
           ZeroStage = 0
           Buckets = CollectiveBuckets.defaults }
