@@ -80,7 +80,7 @@ type Bench =
             Array.init (batch * steps) (fun _ ->
                 let start = random.Next 8192
                 Array.init sequenceLength (fun i -> int64 ((start + i) % 8192)))
-        let data = { Path = "bench"; Rows = rows; Lines = Array.init rows.Length (fun i -> i + 1); PromptLengths = Array.zeroCreate rows.Length; Segments = [||]; TrainMasks = [||] }
+        let data = TokenizedDataset.ofRows "bench" rows
         [| for name, precision in [ "fp32", Precision.Fp32; "bf16", Precision.Bf16 ] ->
             let lm = Bench.Gpt2(layers, width)
             let options =

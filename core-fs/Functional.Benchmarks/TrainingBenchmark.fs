@@ -234,25 +234,14 @@ module TrainingBenchmark =
 
     /// A training set of count synthetic rows of length tokens (syntheticRows from the first row), as a dataset.
     let syntheticDataset (vocabulary: int) (count: int) (length: int) : TokenizedDataset =
-        let rows = syntheticRows vocabulary 0 count length
-        { Path = "synthetic"
-          Rows = rows
-          Lines = Array.init rows.Length (fun i -> i + 1)
-          PromptLengths = Array.zeroCreate rows.Length
-          Segments = [||]
-          TrainMasks = [||] }
+        TokenizedDataset.ofRows "synthetic" (syntheticRows vocabulary 0 count length)
 
     /// count synthetic samples whose lengths are drawn uniformly from [minLength, maxLength] by a
     /// generator seeded with seed; sample r's tokens are syntheticToken's for row r.
     let variableLengthDataset (vocabulary: int) (count: int) (minLength: int) (maxLength: int) (seed: int) : TokenizedDataset =
         let random = Random seed
-        let rows = Array.init count (fun r -> Array.init (random.Next(minLength, maxLength + 1)) (syntheticToken vocabulary r))
-        { Path = "synthetic variable-length"
-          Rows = rows
-          Lines = Array.init rows.Length (fun i -> i + 1)
-          PromptLengths = Array.zeroCreate rows.Length
-          Segments = [||]
-          TrainMasks = [||] }
+        Array.init count (fun r -> Array.init (random.Next(minLength, maxLength + 1)) (syntheticToken vocabulary r))
+        |> TokenizedDataset.ofRows "synthetic variable-length"
 
     let private lookupOnly (lm: CausalLm) (name: string) =
         (ModelFamily.traits lm.Config).LookupOnly |> List.contains name

@@ -44,6 +44,16 @@ type TokenizedDataset =
 [<RequireQualifiedAccess>]
 module TokenizedDataset =
 
+    /// Unpacked rows of one sample each, every token trained on: lines 1, 2, ... (synthetic and in-memory
+    /// data: benchmarks, notebooks).
+    let ofRows (path: string) (rows: int64[][]) : TokenizedDataset =
+        { Path = path
+          Rows = rows
+          Lines = Array.init rows.Length (fun i -> i + 1)
+          PromptLengths = Array.zeroCreate rows.Length
+          Segments = [||]
+          TrainMasks = [||] }
+
     /// Whether the rows are packed in isolation (Segments holds one entry per row).
     let isPackedInIsolation (dataset: TokenizedDataset) : bool = dataset.Segments.Length > 0
 
