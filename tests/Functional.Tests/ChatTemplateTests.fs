@@ -1,7 +1,7 @@
-/// Chat templates (the list "chat templates"): the real templates of eight models rendered by our Jinja subset
+/// Chat templates (the list "chat templates"): the real templates of nine models rendered by our Jinja subset
 /// equal the goldens of tools/reference (make_chat_template_golden.mjs: @huggingface/jinja, the renderer of
 /// transformers.js; make_chat_template_jinja2.py: Python's Jinja2, the renderer of transformers'
-/// apply_chat_template). Where the two disagree (8 of 192 renders) we follow Python's: transformers is what
+/// apply_chat_template). Where the two disagree (8 of 216 renders) we follow Python's: transformers is what
 /// training data is rendered with.
 module Functional.Tests.ChatTemplateTests
 
@@ -15,7 +15,7 @@ open Functional.Tests.TestUtil
 
 let private root = goldenDir "chat-templates"
 
-let private models = [ "llama3"; "llama3_1"; "qwen2_5"; "qwen3"; "deepseek_v3"; "mistral_nemo"; "gemma3"; "chatglm3" ]
+let private models = [ "llama3"; "llama3_1"; "qwen2_5"; "qwen3"; "deepseek_v3"; "mistral_nemo"; "gemma3"; "chatglm3"; "internlm2" ]
 
 let private conversations =
     lazy (JsonDocument.Parse(File.ReadAllText(Path.Combine(root, "conversations.json"))).RootElement)
@@ -106,7 +106,7 @@ let private goldenAgreement =
               "chatglm3", "two tool calls with string arguments" ]
             "null content prints None in Python (JavaScript: empty, or an error of trim); selectattr on a missing attribute"
         let checkedCases = models.Length * conversations.Value.GetProperty("conversations").GetArrayLength() * 2
-        Expect.equal checkedCases 192 "eight models, twelve conversations, with and without the generation prompt"
+        Expect.equal checkedCases 216 "nine models, twelve conversations, with and without the generation prompt"
     }
 
 let private template (source: string) = ChatTemplate.ofSource source "test.jinja" [ "eos_token", "</s>"; "bos_token", "<s>" ]

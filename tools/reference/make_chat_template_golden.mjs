@@ -18,7 +18,7 @@ const plain = (o) => {
 const out = process.argv[2];
 if (!out) throw new Error("usage: node make_chat_template_golden.mjs OUT_DIR");
 
-const models = ["llama3", "llama3_1", "qwen2_5", "qwen3", "deepseek_v3", "mistral_nemo", "gemma3", "chatglm3"];
+const models = ["llama3", "llama3_1", "qwen2_5", "qwen3", "deepseek_v3", "mistral_nemo", "gemma3", "chatglm3", "internlm2"];
 const input = JSON.parse(fs.readFileSync(new URL("./chat_conversations.json", import.meta.url), "utf8"));
 
 const tokenText = (t) => (t == null ? null : typeof t === "string" ? t : t.content);
