@@ -15,7 +15,7 @@ public static partial class Program
 
     /// <summary>The commands that compute with tensors: TorchSharp's native libraries start only for these (tokenize
     /// needs none, so it answers without the 2-3 s start).</summary>
-    private static readonly HashSet<string> TensorCommands = ["train", "generate", "bench", "export", "eval"];
+    private static readonly HashSet<string> TensorCommands = ["train", "generate", "bench", "export", "eval", "doctor"];
 
     /// <summary>The command tree. The root is a plain command named `functional` (a RootCommand would be named after
     /// the executable, Functional.Cli), with help and --version; alone, it prints the help.</summary>
@@ -31,6 +31,7 @@ public static partial class Program
             ExportCommand.Create(),
             EvalCommand.Create(),
             LaunchCommand.Create(),
+            DoctorCommand.Create(),
             new HelpOption(),
             new VersionOption(),
         };
@@ -41,6 +42,10 @@ public static partial class Program
     /// <summary>Runs the command line; returns the process exit code.</summary>
     public static int Main(string[] args)
     {
+        if (args.Length > 0 && args[0].StartsWith("[suggest", StringComparison.Ordinal))
+        {
+            return Suggest(args.Length > 1 ? args[1] : "");
+        }
         // No response files: a text argument such as "@dataclass" is text, not a file to expand.
         var parsed = CreateRoot().Parse(args, new ParserConfiguration { ResponseFileTokenReplacer = null });
         if (parsed.Errors.Count > 0)
@@ -77,6 +82,25 @@ public static partial class Program
             Console.Error.WriteLine($"error: the run failed unexpectedly; please report this with the details below.\n{e}");
             return Fail(1, $"{e.GetType().FullName}: {e.Message.ReplaceLineEndings(" ")}");
         }
+    }
+
+    /// <summary>Shell completion: `functional "[suggest]" "LINE"` prints, one per line, what may follow LINE (the
+    /// command line typed so far, starting with the program's name): commands, options and option values. The
+    /// shells' hooks (README) call it on every Tab.</summary>
+    private static int Suggest(string line)
+    {
+        var tokens = System.CommandLine.Parsing.CommandLineParser.SplitCommandLine(line).ToList();
+        if (tokens.Count > 0 && Path.GetFileNameWithoutExtension(tokens[0]) is "functional" or "Functional.Cli")
+        {
+            tokens.RemoveAt(0);
+        }
+        var endsInSpace = line.Length > 0 && char.IsWhiteSpace(line[^1]);
+        var parsed = CreateRoot().Parse(endsInSpace ? [.. tokens, ""] : tokens, new ParserConfiguration { ResponseFileTokenReplacer = null });
+        foreach (var completion in parsed.GetCompletions())
+        {
+            Console.WriteLine(completion.Label);
+        }
+        return 0;
     }
 
     /// <summary>Ends a failed command with code. In a multi-process (mpirun) run this process's peers would wait

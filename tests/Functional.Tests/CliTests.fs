@@ -185,6 +185,27 @@ let private textData =
 let tests =
     testList "cli" [
         textData
+        test "functional doctor prints the versions, the backend, threads, the libstdc++ workaround, MPI and the cache folder" {
+            use folder = new TempFolder()
+            let run = runCliWith [ "FUNCTIONAL_CACHE", Some(folder.File "cache") ] [ "doctor" ]
+            Expect.equal run.ExitCode 0 run.Stderr
+            for name in [ "functional:"; ".NET:"; "TorchSharp:"; "libtorch:"; "backend:"; "threads:"; "libstdc++ workaround:"; "malloc tuning:"; "MPI library:"; "mpirun:"; "data cache:" ] do
+                Expect.stringContains run.Stdout name (sprintf "a %s line" name)
+            Expect.stringContains run.Stdout (folder.File "cache") "the cache folder $FUNCTIONAL_CACHE names"
+            Expect.stringContains run.Stdout "cpu" "the backend"
+            let version = runCli [ "--version" ]
+            Expect.equal version.ExitCode 0 version.Stderr
+            Expect.stringContains run.Stdout (version.Stdout.Trim().Split('+')[0]) "doctor's version is --version's"
+        }
+        test "shell completion: [suggest] prints what may follow the line typed so far" {
+            let suggest line =
+                let run = runCli [ "[suggest]"; line ]
+                Expect.equal run.ExitCode 0 run.Stderr
+                run.Stdout.Split('\n', StringSplitOptions.RemoveEmptyEntries) |> Array.map (fun s -> s.Trim()) |> Set.ofArray
+            Expect.equal (suggest "functional tr") (set [ "train" ]) "a command"
+            Expect.isTrue (Set.isSubset (set [ "--lr-scheduler-type"; "--lr-scheduler-kwargs" ]) (suggest "functional train --lr-sch")) "options"
+            Expect.isTrue (Set.isSubset (set [ "memory"; "train"; "generation" ]) (suggest "functional bench ")) "subcommands after a space"
+        }
         test "train writes metrics.jsonl and an HF model folder; snake_case aliases work" {
             use s = new Scratch()
             let output = s.File "fresh"

@@ -156,7 +156,29 @@ module TorchRuntime =
             | :? DllNotFoundException
             | :? EntryPointNotFoundException -> ()
 
-    let private start () =
+    /// What starting the native libraries did (for `functional doctor`).
+    type StartInfo =
+        { /// The GLIBCXX versions the system's libstdc++ lacks, for which a patched copy of
+          /// libLibTorchSharp.so was loaded (the libstdc++ workaround); empty when none was needed.
+          PatchedVersions: string list
+          /// Whether glibc's mmap and trim thresholds were raised (MallocTuningVariable not "0").
+          MallocTuned: bool
+          /// The libtorch packages found in NuGet's folder ("libtorch-cpu-linux-x64 2.10.0").
+          LibTorchPackages: string list }
+
+    let private libTorchPackages () =
+        nativeSearchDirectories ()
+        |> List.choose (fun dir ->
+            // .../<package>/<version>/runtimes/linux-x64/native
+            let parts = dir.Split(Path.DirectorySeparatorChar)
+            if parts.Length >= 5 && parts[parts.Length - 5].StartsWith "libtorch-" then
+                Some(sprintf "%s %s" parts[parts.Length - 5] parts[parts.Length - 4])
+            else None)
+        |> List.distinct
+
+    let private start () : StartInfo =
+        let tuned = RuntimeInformation.IsOSPlatform OSPlatform.Linux && Environment.GetEnvironmentVariable MallocTuningVariable <> "0"
+        let mutable patched = []
         if RuntimeInformation.IsOSPlatform OSPlatform.Linux then
             tuneAllocator ()
             let dirs = nativeSearchDirectories ()
@@ -177,10 +199,15 @@ module TorchRuntime =
                         | Some path -> NativeLibrary.Load path |> ignore
                         | None -> ()
                     NativeLibrary.Load(patchedCopy torchSharp missing) |> ignore
+                    patched <- missing
             | _ -> ()
+        { PatchedVersions = patched; MallocTuned = tuned; LibTorchPackages = libTorchPackages () }
 
     let private started = lazy (start ())
 
     /// Makes sure TorchSharp's native libraries can start on this system. Idempotent and thread-safe;
     /// every entry point of the library calls it before touching a tensor.
-    let ensure () = started.Force()
+    let ensure () = started.Force() |> ignore
+
+    /// What starting did (starting first if needed).
+    let startInfo () : StartInfo = started.Force()
