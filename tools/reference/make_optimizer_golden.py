@@ -130,8 +130,10 @@ def main():
     grads = gradient_sequence()
     lr, wd = 0.01, 0.1
     cases = [
-        ("adamw_amsgrad", {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": wd, "amsgrad": True},
-         lambda ps: torch.optim.AdamW(ps, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd, amsgrad=True)),
+        # beta2 0.9: the second moment follows the shrinking gradients closely, so its running maximum
+        # (AMSGrad) differs clearly from it.
+        ("adamw_amsgrad", {"lr": lr, "betas": [0.9, 0.9], "eps": 1e-8, "weight_decay": wd, "amsgrad": True},
+         lambda ps: torch.optim.AdamW(ps, lr=lr, betas=(0.9, 0.9), eps=1e-8, weight_decay=wd, amsgrad=True)),
         ("adamw_maximize", {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": wd, "maximize": True},
          lambda ps: torch.optim.AdamW(ps, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd, maximize=True)),
         ("sgd_dampening", {"lr": lr, "momentum": 0.9, "dampening": 0.5, "weight_decay": wd},
