@@ -352,6 +352,18 @@ let private optionTests =
             TrainOptions.validate { d with Optimizer = OptimizerKind.Sgd; Momentum = 0.9; Dampening = 0.5 }
             TrainOptions.validate { d with Amsgrad = true; Maximize = true }
         }
+        torchTest "the trainer refuses Adafactor on ZeRO's blocks of parameters and builds every optimizer otherwise" (fun () ->
+            use w = new Modules.Parameter(torch.zeros([| 2L; 3L |]))
+            use flat = FlatParameters.create [ struct ("w", w) ]
+            use mask = FlatParameters.uniform flat 1.0f
+            let options = { TrainOptions.defaults with Optimizer = OptimizerKind.Adafactor }
+            expectInvalidInput "--optim" "" [ "adafactor"; "ZeRO" ] (fun () ->
+                TrainingLoop.optimizerWith Transform.localNorm options constant mask None None |> ignore)
+            for _, kind in OptimizerKind.names do
+                let optimizer =
+                    TrainingLoop.optimizer { TrainOptions.defaults with Optimizer = kind } constant mask None (Some(Transform.slotsOf flat))
+                use state = optimizer.Transform.Init flat.Values
+                Expect.isTrue (Optimizer.appliedUpdates state = 0) (sprintf "%A: a fresh state has applied no update" kind))
     ]
 
 [<Tests>]

@@ -96,9 +96,9 @@ type TrainOptions =
       AdamBeta2: float
       /// Adam's epsilon, added after bias correction as torch.optim.AdamW does (default 1e-8).
       AdamEpsilon: float
-      /// AdamW (default) or SGD.
+      /// The optimizer: AdamW (default), SGD, Adafactor, Lion or RMSprop (`--optim`, OptimizerKind.parse).
       Optimizer: OptimizerKind
-      /// SGD momentum (default 0).
+      /// SGD and RMSprop momentum (default 0).
       Momentum: float
       /// SGD Nesterov momentum (default false).
       Nesterov: bool
