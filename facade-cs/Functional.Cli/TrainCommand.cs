@@ -1,4 +1,5 @@
 using System.CommandLine;
+using Functional.Training;
 
 namespace Functional.Cli;
 
@@ -79,9 +80,12 @@ internal static class TrainCommand
         var beta1 = CliOption.Create("--adam-beta1", "Adam beta1.", d.AdamBeta1);
         var beta2 = CliOption.Create("--adam-beta2", "Adam beta2.", d.AdamBeta2);
         var epsilon = CliOption.Create("--adam-epsilon", "Adam epsilon.", d.AdamEpsilon);
-        var optimizer = CliOption.Create("--optimizer", "adamw or sgd.", "adamw", "--optim");
-        var momentum = CliOption.Create("--momentum", "SGD momentum.", d.Momentum);
+        var optimizer = CliOption.Create("--optimizer", "HF optim name: " + string.Join(", ", OptimizerKindModule.names.Select(n => n.Item1)) + ".", "adamw", "--optim");
+        var momentum = CliOption.Create("--momentum", "SGD or RMSprop momentum.", d.Momentum);
         var nesterov = CliOption.Create("--nesterov", "SGD Nesterov momentum.", false);
+        var dampening = CliOption.Create("--dampening", "SGD dampening of the momentum buffer (torch.optim.SGD's).", d.Dampening, "--sgd-dampening");
+        var amsgrad = CliOption.Create("--amsgrad", "AdamW's AMSGrad variant (torch.optim.AdamW's amsgrad).", false);
+        var maximize = CliOption.Create("--maximize", "AdamW maximizes the objective (torch.optim.AdamW's maximize).", false);
         var scheduler = CliOption.Create("--lr-scheduler-type", "linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt, cosine_with_min_lr or warmup_stable_decay.", d.LrSchedulerType);
         var schedulerKwargs = CliOption.Create<string?>("--lr-scheduler-kwargs", "Schedule parameters as JSON, e.g. {\"num_cycles\": 2}.", null);
         var warmupSteps = CliOption.Create("--num-warmup-steps", "Warmup optimizer steps.", d.NumWarmupSteps, "--warmup_steps", "--warmup-steps");
@@ -102,7 +106,7 @@ internal static class TrainCommand
             + "(only --output, --seed, --threads and --max-steps apply). HF Trainer and DeepSpeed flags are accepted in their snake_case spelling.")
         {
             model, data, output, overwrite, batch, accumulation, lr, weightDecay, beta1, beta2, epsilon, optimizer,
-            momentum, nesterov, scheduler, schedulerKwargs, warmupSteps, warmupRatio, epochs, maxSteps, maxGradNorm,
+            momentum, nesterov, dampening, amsgrad, maximize, scheduler, schedulerKwargs, warmupSteps, warmupRatio, epochs, maxSteps, maxGradNorm,
             maxSeqLen, seed, noShuffle, loggingSteps, threads, evalData, dataFormat, promptField, answerField, textField,
             trainOn, chatTemplate, packing, packingAttention, addBos, noAddBos, skipBadRows, dataSplit, evalSplitRatio, tokenizer, noDataCache, exactMatch, evalSteps, evalBatch,
             evalStrategy, saveStrategy, saveSteps, saveTotalLimit, metric, greaterIsBetter, loadBest, patience, resume,
@@ -183,23 +187,37 @@ internal static class TrainCommand
                 .UseLogging(parse.GetValue(loggingSteps), hf.LoggingStrategy(parse))
                 .UseTensorBoard(hf.TensorBoard(parse), hf.LoggingDir(parse))
                 .UseThreads(parse.GetValue(threads));
-            _ = optimizerName.ToLowerInvariant() switch
+            var optimizerKind = OptimizerKindModule.parse("--optim", optimizerName);
+            _ = optimizerKind.Tag switch
             {
-                "adamw" or "adamw_torch" => builder.UseAdamW(values.Get(lr), o =>
+                OptimizerKind.Tags.AdamW => builder.UseAdamW(values.Get(lr), o =>
                 {
                     o.Beta1 = values.Get(beta1);
                     o.Beta2 = values.Get(beta2);
                     o.Epsilon = values.Get(epsilon);
                     o.WeightDecay = values.Get(weightDecay);
+                    o.Amsgrad = parse.GetValue(amsgrad);
+                    o.Maximize = parse.GetValue(maximize);
                 }),
-                "sgd" => builder.UseSgd(values.Get(lr), o =>
+                OptimizerKind.Tags.Sgd => builder.UseSgd(values.Get(lr), o =>
                 {
                     o.Momentum = parse.GetValue(momentum);
                     o.Nesterov = parse.GetValue(nesterov);
+                    o.Dampening = parse.GetValue(dampening);
                     o.WeightDecay = values.Get(weightDecay);
                 }),
-                _ => throw new InvalidInputException("--optimizer", "", $"expected adamw or sgd, got '{optimizerName}'"),
+                OptimizerKind.Tags.Lion => builder.UseLion(values.Get(lr), values.Get(beta1), values.Get(beta2), values.Get(weightDecay)),
+                OptimizerKind.Tags.Adafactor => builder.UseAdafactor(values.Get(lr), values.Get(weightDecay)),
+                _ => builder.UseRmsProp(values.Get(lr), parse.GetValue(momentum), values.Get(weightDecay)),
             };
+            if (optimizerKind.Tag != OptimizerKind.Tags.AdamW && (parse.GetValue(amsgrad) || parse.GetValue(maximize)))
+            {
+                throw new InvalidInputException(parse.GetValue(amsgrad) ? "--amsgrad" : "--maximize", "", "applies to the adamw optimizers only");
+            }
+            if (optimizerKind.Tag != OptimizerKind.Tags.Sgd && parse.GetValue(dampening) != 0.0)
+            {
+                throw new InvalidInputException("--dampening", "", "applies to the sgd optimizer only");
+            }
             if (values.Get(maxSteps) != -1)
             {
                 builder.TrainForSteps(values.Get(maxSteps));

@@ -21,4 +21,13 @@ public sealed class AdamWOptions
     /// <summary>Decoupled weight decay, never applied to biases and normalization weights (--weight-decay).</summary>
     /// <value>Default: 0.</value>
     public double WeightDecay { get; set; }
+
+    /// <summary>AMSGrad: the denominator uses the running maximum of the second moment, as torch.optim.AdamW's
+    /// amsgrad (--amsgrad).</summary>
+    /// <value>Default: false.</value>
+    public bool Amsgrad { get; set; }
+
+    /// <summary>Maximize the objective instead of minimizing it, as torch.optim.AdamW's maximize (--maximize).</summary>
+    /// <value>Default: false.</value>
+    public bool Maximize { get; set; }
 }

@@ -5,8 +5,17 @@ public enum OptimizerType
 {
     /// <summary>torch.optim.AdamW: decoupled weight decay (the default).</summary>
     AdamW,
-    /// <summary>torch.optim.SGD with optional momentum and Nesterov; weight decay is coupled (L2).</summary>
+    /// <summary>torch.optim.SGD with optional momentum, dampening and Nesterov; weight decay is coupled (L2).</summary>
     Sgd,
+    /// <summary>transformers' Adafactor as HF Trainer's optim="adafactor": factored second moments, no first
+    /// moment, the scheduled learning rate.</summary>
+    Adafactor,
+    /// <summary>Lion (HF's optim="lion_32bit"): sign updates, decoupled weight decay, betas from
+    /// <see cref="FineTuneOptions.AdamBeta1"/> and <see cref="FineTuneOptions.AdamBeta2"/>.</summary>
+    Lion,
+    /// <summary>torch.optim.RMSprop (alpha 0.99, eps 1e-8, not centered) with <see cref="FineTuneOptions.Momentum"/>;
+    /// weight decay is coupled (L2).</summary>
+    RmsProp,
 }
 
 /// <summary>
@@ -106,7 +115,7 @@ public sealed class FineTuneOptions
     /// <summary>Adam's epsilon (default 1e-8).</summary>
     public double AdamEpsilon { get; set; } = 1e-8;
 
-    /// <summary>AdamW (default) or SGD.</summary>
+    /// <summary>AdamW (default), SGD, Adafactor, Lion or RMSprop.</summary>
     public OptimizerType Optimizer { get; set; } = OptimizerType.AdamW;
 
     /// <summary>SGD momentum (default 0).</summary>
@@ -114,6 +123,15 @@ public sealed class FineTuneOptions
 
     /// <summary>SGD Nesterov momentum (default false).</summary>
     public bool Nesterov { get; set; }
+
+    /// <summary>SGD dampening of the momentum buffer after its first update, as torch.optim.SGD (default 0).</summary>
+    public double Dampening { get; set; }
+
+    /// <summary>AdamW's AMSGrad variant, as torch.optim.AdamW's amsgrad (default false).</summary>
+    public bool Amsgrad { get; set; }
+
+    /// <summary>AdamW maximizes the objective, as torch.optim.AdamW's maximize (default false).</summary>
+    public bool Maximize { get; set; }
 
     /// <summary>HF schedule name: linear (default), cosine, constant, constant_with_warmup, cosine_with_restarts,
     /// polynomial, inverse_sqrt, cosine_with_min_lr, warmup_stable_decay.</summary>

@@ -356,7 +356,14 @@ public static class FineTuning
             adamBeta1: o.AdamBeta1,
             adamBeta2: o.AdamBeta2,
             adamEpsilon: o.AdamEpsilon,
-            optimizer: o.Optimizer == OptimizerType.Sgd ? OptimizerKind.Sgd : OptimizerKind.AdamW,
+            optimizer: o.Optimizer switch
+            {
+                OptimizerType.Sgd => OptimizerKind.Sgd,
+                OptimizerType.Adafactor => OptimizerKind.Adafactor,
+                OptimizerType.Lion => OptimizerKind.Lion,
+                OptimizerType.RmsProp => OptimizerKind.RmsProp,
+                _ => OptimizerKind.AdamW,
+            },
             momentum: o.Momentum,
             nesterov: o.Nesterov,
             lrSchedulerType: kind.Value,
@@ -388,6 +395,9 @@ public static class FineTuning
             loggingStrategy: TrainOptionsModule.parseStrategy("--logging-strategy", o.LoggingStrategy),
             reportToTensorBoard: o.ReportToTensorBoard,
             loggingDir: o.LoggingDir,
-            lossChunkSize: o.LossChunkSize);
+            lossChunkSize: o.LossChunkSize,
+            dampening: o.Dampening,
+            amsgrad: o.Amsgrad,
+            maximize: o.Maximize);
     }
 }

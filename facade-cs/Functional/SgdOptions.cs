@@ -14,6 +14,11 @@ public sealed class SgdOptions
     /// <value>Default: false.</value>
     public bool Nesterov { get; set; }
 
+    /// <summary>Dampening of the momentum buffer after its first update, as torch.optim.SGD's dampening
+    /// (--dampening); Nesterov needs 0.</summary>
+    /// <value>Default: 0.</value>
+    public double Dampening { get; set; }
+
     /// <summary>Weight decay, coupled (L2) as torch.optim.SGD, never applied to biases and normalization weights
     /// (--weight-decay).</summary>
     /// <value>Default: 0.</value>

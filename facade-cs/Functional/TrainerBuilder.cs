@@ -133,6 +133,9 @@ public sealed class TrainerBuilder
         settings.WeightDecay = o.WeightDecay;
         settings.Momentum = sgd.Momentum;
         settings.Nesterov = sgd.Nesterov;
+        settings.Dampening = sgd.Dampening;
+        settings.Amsgrad = o.Amsgrad;
+        settings.Maximize = o.Maximize;
         names.Set("--learning-rate", nameof(UseAdamW), nameof(learningRate));
         names.Set("--weight-decay", nameof(UseAdamW), nameof(AdamWOptions.WeightDecay));
         return this;
@@ -153,12 +156,80 @@ public sealed class TrainerBuilder
         settings.LearningRate = learningRate;
         settings.Momentum = o.Momentum;
         settings.Nesterov = o.Nesterov;
+        settings.Dampening = o.Dampening;
+        settings.Amsgrad = adam.Amsgrad;
+        settings.Maximize = adam.Maximize;
         settings.WeightDecay = o.WeightDecay;
         settings.AdamBeta1 = adam.Beta1;
         settings.AdamBeta2 = adam.Beta2;
         settings.AdamEpsilon = adam.Epsilon;
         names.Set("--learning-rate", nameof(UseSgd), nameof(learningRate));
         names.Set("--weight-decay", nameof(UseSgd), nameof(SgdOptions.WeightDecay));
+        return this;
+    }
+
+    /// <summary>The optimizer settings other than the kind and the learning rate, back to their defaults.</summary>
+    private void ResetOptimizerSettings(OptimizerType kind, double learningRate, double weightDecay)
+    {
+        var adam = new AdamWOptions();
+        var sgd = new SgdOptions();
+        settings.Optimizer = kind;
+        settings.LearningRate = learningRate;
+        settings.WeightDecay = weightDecay;
+        settings.AdamBeta1 = adam.Beta1;
+        settings.AdamBeta2 = adam.Beta2;
+        settings.AdamEpsilon = adam.Epsilon;
+        settings.Amsgrad = adam.Amsgrad;
+        settings.Maximize = adam.Maximize;
+        settings.Momentum = sgd.Momentum;
+        settings.Nesterov = sgd.Nesterov;
+        settings.Dampening = sgd.Dampening;
+    }
+
+    /// <summary>Lion (HF's optim="lion_32bit"): p = p (1 - lr wd) - lr sign(b1 m + (1 - b1) g), then
+    /// m = b2 m + (1 - b2) g (--optim lion_32bit).</summary>
+    /// <param name="learningRate">The peak learning rate (--learning-rate).</param>
+    /// <param name="beta1">The interpolation factor of the update (--adam-beta1, as HF Trainer passes it).</param>
+    /// <param name="beta2">The decay rate of the momentum (--adam-beta2; Lion's published default 0.99, HF
+    /// Trainer's adam_beta2 default 0.999).</param>
+    /// <param name="weightDecay">Decoupled weight decay, never applied to biases and normalization weights (--weight-decay).</param>
+    public TrainerBuilder UseLion(double learningRate, double beta1 = 0.9, double beta2 = 0.99, double weightDecay = 0.0)
+    {
+        ResetOptimizerSettings(OptimizerType.Lion, learningRate, weightDecay);
+        settings.AdamBeta1 = beta1;
+        settings.AdamBeta2 = beta2;
+        names.Set("--learning-rate", nameof(UseLion), nameof(learningRate));
+        names.Set("--weight-decay", nameof(UseLion), nameof(weightDecay));
+        names.Set("--adam-beta1", nameof(UseLion), nameof(beta1));
+        names.Set("--adam-beta2", nameof(UseLion), nameof(beta2));
+        return this;
+    }
+
+    /// <summary>transformers' Adafactor as HF Trainer's optim="adafactor" makes it: factored second moments for
+    /// parameters of two or more dimensions, no first moment, update clipping at RMS 1, the scheduled learning rate
+    /// (--optim adafactor).</summary>
+    /// <param name="learningRate">The peak learning rate (--learning-rate).</param>
+    /// <param name="weightDecay">Decoupled weight decay, never applied to biases and normalization weights (--weight-decay).</param>
+    public TrainerBuilder UseAdafactor(double learningRate, double weightDecay = 0.0)
+    {
+        ResetOptimizerSettings(OptimizerType.Adafactor, learningRate, weightDecay);
+        names.Set("--learning-rate", nameof(UseAdafactor), nameof(learningRate));
+        names.Set("--weight-decay", nameof(UseAdafactor), nameof(weightDecay));
+        return this;
+    }
+
+    /// <summary>torch.optim.RMSprop with its defaults alpha 0.99, eps 1e-8, not centered (--optim rmsprop).</summary>
+    /// <param name="learningRate">The peak learning rate (--learning-rate).</param>
+    /// <param name="momentum">The momentum factor (--momentum).</param>
+    /// <param name="weightDecay">Weight decay, coupled (L2) as torch.optim.RMSprop, never applied to biases and
+    /// normalization weights (--weight-decay).</param>
+    public TrainerBuilder UseRmsProp(double learningRate, double momentum = 0.0, double weightDecay = 0.0)
+    {
+        ResetOptimizerSettings(OptimizerType.RmsProp, learningRate, weightDecay);
+        settings.Momentum = momentum;
+        names.Set("--learning-rate", nameof(UseRmsProp), nameof(learningRate));
+        names.Set("--weight-decay", nameof(UseRmsProp), nameof(weightDecay));
+        names.Set("--momentum", nameof(UseRmsProp), nameof(momentum));
         return this;
     }
 

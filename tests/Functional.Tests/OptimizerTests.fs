@@ -524,7 +524,9 @@ let private fusedConfig maxNorm schedule beta1 beta2 eps weightDecay mask factor
       DecayMask = mask
       MaxGradNorm = maxNorm
       NormReduction = Transform.localNorm
-      Factors = factors }
+      Factors = factors
+      Amsgrad = false
+      Maximize = false }
 
 /// Runs Optimizer.fusedAdamW and the same transform unfused side by side over the case's steps on flat
 /// buffers of c.Size elements (the gradients repeated to fill them), with clipping at maxNorm and,

@@ -37,7 +37,8 @@ let endToEnd =
       [ "two hosts" ]
       [ "launch" ]
       [ "distributed benchmark" ]
-      [ "isolated packing"; "cli" ] ]
+      [ "isolated packing"; "cli" ]
+      [ "optimizer cli" ] ]
 
 let private isEndToEnd (names: string list) =
     endToEnd |> List.exists (fun prefix -> List.length prefix <= List.length names && List.take prefix.Length names = prefix)

@@ -263,7 +263,9 @@ let private adamW (rate: float) (mask: torch.Tensor) : AdamWConfig =
       DecayMask = mask
       MaxGradNorm = 1.0
       NormReduction = Transform.localNorm
-      Factors = None }
+      Factors = None
+      Amsgrad = false
+      Maximize = false }
 
 let private normTests =
     testList "norm reduction" [

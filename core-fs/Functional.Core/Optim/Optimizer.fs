@@ -47,6 +47,11 @@ type AdamWConfig =
         /// Per-parameter learning-rate factors (Transform.scaleByFactors) laid out as the parameters,
         /// or None.
         Factors: torch.Tensor option
+        /// AMSGrad (torch's amsgrad = True): the denominator uses the running maximum of the second
+        /// moment. Steps through the unfused chain.
+        Amsgrad: bool
+        /// Maximize the objective (torch's maximize = True): the gradient is negated.
+        Maximize: bool
     }
 
 /// Optimizers as chains of transforms, equal to torch.optim's, and their application to flat buffers.
@@ -71,6 +76,23 @@ module Optimizer =
               Transform.addDecayedWeights weightDecay mask
               Transform.scaleByLearningRate schedule ]
 
+    /// adamW with torch.optim.AdamW's amsgrad and maximize options (Transform.scaleByAdamWith); the state
+    /// names are adamW's, plus "0.adam.max_exp_avg_sq" with amsgrad.
+    let adamWWith
+        (schedule: int -> float)
+        (b1: float)
+        (b2: float)
+        (eps: float)
+        (weightDecay: float)
+        (mask: torch.Tensor)
+        (amsgrad: bool)
+        (maximize: bool)
+        : Transform =
+        Transform.chain
+            [ Transform.scaleByAdamWith b1 b2 eps amsgrad maximize
+              Transform.addDecayedWeights weightDecay mask
+              Transform.scaleByLearningRate schedule ]
+
     /// torch.optim.SGD with dampening 0: coupled L2 weight decay first (g = g + wd mask p), then
     /// momentum (plain or Nesterov; left out when momentum is 0), then p = p - lr g, as
     /// chain [addDecayedWeights weightDecay mask; trace momentum nesterov; scaleByLearningRate schedule].
@@ -85,6 +107,65 @@ module Optimizer =
             [ yield Transform.addDecayedWeights weightDecay mask
               if momentum <> 0.0 || nesterov then yield Transform.trace momentum nesterov
               yield Transform.scaleByLearningRate schedule ]
+
+    /// torch.optim.SGD with dampening: as sgd, with the momentum buffer updated as
+    /// buf = momentum * buf + (1 - dampening) * g after its first update (Transform.traceWithDampening).
+    /// With dampening 0 this is sgd, state names included.
+    let sgdWith
+        (schedule: int -> float)
+        (momentum: float)
+        (dampening: float)
+        (nesterov: bool)
+        (weightDecay: float)
+        (mask: torch.Tensor)
+        : Transform =
+        Transform.chain
+            [ yield Transform.addDecayedWeights weightDecay mask
+              if momentum <> 0.0 || nesterov then yield Transform.traceWithDampening momentum dampening nesterov
+              yield Transform.scaleByLearningRate schedule ]
+
+    /// Lion (HF Trainer's "lion_32bit"): p = p (1 - lr wd mask) - lr sign(b1 m + (1 - b1) g), then
+    /// m = b2 m + (1 - b2) g, as chain [scaleByLion b1 b2; addDecayedWeights weightDecay mask;
+    /// scaleByLearningRate schedule]. Published defaults b1 = 0.9, b2 = 0.99 (HF Trainer passes its
+    /// adam_beta1 and adam_beta2).
+    let lion (schedule: int -> float) (b1: float) (b2: float) (weightDecay: float) (mask: torch.Tensor) : Transform =
+        Transform.chain
+            [ Transform.scaleByLion b1 b2
+              Transform.addDecayedWeights weightDecay mask
+              Transform.scaleByLearningRate schedule ]
+
+    /// torch.optim.RMSprop (HF Trainer's "rmsprop"): coupled weight decay g = g + wd mask p, then
+    /// Transform.scaleByRms alpha eps centered, momentum buf = momentum buf + u (left out when momentum
+    /// is 0), then p = p - lr u, as chain [addDecayedWeights; scaleByRms; trace momentum false;
+    /// scaleByLearningRate]. torch defaults: alpha = 0.99, eps = 1e-8, momentum = 0, centered = false.
+    let rmsprop
+        (schedule: int -> float)
+        (alpha: float)
+        (eps: float)
+        (momentum: float)
+        (centered: bool)
+        (weightDecay: float)
+        (mask: torch.Tensor)
+        : Transform =
+        Transform.chain
+            [ yield Transform.addDecayedWeights weightDecay mask
+              yield Transform.scaleByRms alpha eps centered
+              if momentum <> 0.0 then yield Transform.trace momentum false
+              yield Transform.scaleByLearningRate schedule ]
+
+    /// transformers' Adafactor without first moment: chain [scaleByAdafactor slots settings mask;
+    /// scaleByLearningRate], on the schedule, or on a constant 1 when settings.RelativeStep (the step
+    /// size is then Adafactor's own, as transformers' lr = None). HF Trainer's optim="adafactor" uses
+    /// RelativeStep = false and ScaleParameter = false with the scheduled learning rate.
+    let adafactor
+        (schedule: int -> float)
+        (slots: Transform.ParameterSlot list)
+        (settings: Transform.AdafactorSettings)
+        (mask: torch.Tensor)
+        : Transform =
+        Transform.chain
+            [ Transform.scaleByAdafactor slots settings mask
+              Transform.scaleByLearningRate (if settings.RelativeStep then (fun _ -> 1.0) else schedule) ]
 
     /// The optimizer preceded by gradient clipping at maxNorm (Transform.clipByGlobalNorm; 0 only
     /// measures the norm), as HF Trainer clips before optimizer.step(). The state's names get a "1."
@@ -133,7 +214,7 @@ module Optimizer =
     /// checkpoint keys.
     let adamWChain (config: AdamWConfig) : Transform =
         trainerChain config.NormReduction config.MaxGradNorm
-            (adamW config.Schedule config.Beta1 config.Beta2 config.Epsilon config.WeightDecay config.DecayMask)
+            (adamWWith config.Schedule config.Beta1 config.Beta2 config.Epsilon config.WeightDecay config.DecayMask config.Amsgrad config.Maximize)
             config.Factors
 
     /// The updates an optimizer state has applied: its learning-rate schedule's count
@@ -152,6 +233,9 @@ module Optimizer =
     /// unfused transforms, so results agree to float rounding (libtorch may fuse a multiply-add where .NET
     /// does not). The step finds the states it advances by type (Transform.tryFindState), so it does not
     /// depend on how the chain nests them.
+    ///
+    /// With config.Maximize the kernel takes the negated (clipped) gradient; with config.Amsgrad every
+    /// step takes the unfused chain (the kernel keeps no running maximum).
     ///
     /// Buffers that are not contiguous CPU tensors (parameters on an accelerator, for instance) take
     /// the unfused path (Optimizer.unfused); so does a mask that is not when the weight decay is not 0 (the
@@ -175,6 +259,7 @@ module Optimizer =
                 plain flat.Values && plain flat.Grads && plain adam.ExpAvg && plain adam.ExpAvgSq
                 && (config.WeightDecay = 0.0 || plain config.DecayMask)
                 && (config.Factors |> Option.forall plain)
+                && not config.Amsgrad
                 && flat.Values.numel () = flat.Grads.numel ()
                 && (bf16Copy |> Option.forall (fun c -> c.numel () = flat.Values.numel ()))
             if not fusable then fallback.Step flat state compute
@@ -183,8 +268,9 @@ module Optimizer =
                 let norm = Transform.reducedNorm config.NormReduction flat.Grads
                 let t = adam.Count + 1
                 let stepScale, scaledEps = Transform.adamScales config.Beta1 config.Beta2 config.Epsilon t
+                let clipScale = Transform.clipCoefficient config.MaxGradNorm norm |> Option.map float32 |> Option.defaultValue 1.0f
                 let constants: AdamWConstants =
-                    { GradScale = Transform.clipCoefficient config.MaxGradNorm norm |> Option.map float32 |> Option.defaultValue 1.0f
+                    { GradScale = if config.Maximize then -clipScale else clipScale
                       Beta1 = float32 config.Beta1
                       OneMinusBeta1 = float32 (1.0 - config.Beta1)
                       Beta2 = float32 config.Beta2

@@ -114,24 +114,35 @@ module Transform =
             ExpAvg: torch.Tensor
             /// Second moment v (torch's "exp_avg_sq").
             ExpAvgSq: torch.Tensor
+            /// With AMSGrad, the running maximum of v (torch's "max_exp_avg_sq"); None otherwise.
+            MaxExpAvgSq: torch.Tensor option
         }
 
         interface ITransformState with
-            member _.Names = [ "adam.exp_avg"; "adam.exp_avg_sq"; "adam.step" ]
+            member s.Names =
+                [ yield "adam.exp_avg"
+                  yield "adam.exp_avg_sq"
+                  if s.MaxExpAvgSq.IsSome then yield "adam.max_exp_avg_sq"
+                  yield "adam.step" ]
 
             member s.Export() =
-                [ "adam.exp_avg", s.ExpAvg.alias ()
-                  "adam.exp_avg_sq", s.ExpAvgSq.alias ()
-                  "adam.step", countTensor s.Count ]
+                [ yield "adam.exp_avg", s.ExpAvg.alias ()
+                  yield "adam.exp_avg_sq", s.ExpAvgSq.alias ()
+                  match s.MaxExpAvgSq with
+                  | Some m -> yield "adam.max_exp_avg_sq", m.alias ()
+                  | None -> ()
+                  yield "adam.step", countTensor s.Count ]
 
             member s.Import entry =
                 { Count = readCount "adam.step" (entry "adam.step")
                   ExpAvg = copyInto "adam.exp_avg" s.ExpAvg (entry "adam.exp_avg")
-                  ExpAvgSq = copyInto "adam.exp_avg_sq" s.ExpAvgSq (entry "adam.exp_avg_sq") }
+                  ExpAvgSq = copyInto "adam.exp_avg_sq" s.ExpAvgSq (entry "adam.exp_avg_sq")
+                  MaxExpAvgSq = s.MaxExpAvgSq |> Option.map (fun m -> copyInto "adam.max_exp_avg_sq" m (entry "adam.max_exp_avg_sq")) }
 
             member s.Dispose() =
                 s.ExpAvg.Dispose()
                 s.ExpAvgSq.Dispose()
+                s.MaxExpAvgSq |> Option.iter (fun m -> m.Dispose())
 
     /// The factors of Adam's update t (from 1) as scaleByAdam applies them: the step scale
     /// sqrt(1 - b2^t) / (1 - b1^t) and the scaled epsilon eps sqrt(1 - b2^t).
@@ -140,12 +151,12 @@ module Transform =
         let biasCorrection2Sqrt = Math.Sqrt(1.0 - Math.Pow(b2, float t))
         biasCorrection2Sqrt / biasCorrection1, eps * biasCorrection2Sqrt
 
-    /// Adam's scaling, with torch.optim.Adam(W)'s formula: m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
-    /// t = Count + 1; u = (m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps), eps added after the bias
-    /// correction of sqrt(v). Computed in place into the updates as
-    /// u = m * (sqrt(1 - b2^t) / (1 - b1^t)) / (sqrt(v) + eps sqrt(1 - b2^t)), the same quantity.
-    /// HF defaults: b1 = 0.9, b2 = 0.999, eps = 1e-8.
-    let scaleByAdam (b1: float) (b2: float) (eps: float) : Transform =
+    /// Adam's scaling with torch.optim.Adam(W)'s options: with maximize the gradient is negated first
+    /// (the parameters climb the objective, as torch's maximize = True); with amsgrad the denominator
+    /// uses the running maximum of the second moment, vmax = max(vmax, v), instead of v (torch's
+    /// amsgrad = True, the maximum taken before bias correction). scaleByAdam is scaleByAdamWith with
+    /// both off.
+    let scaleByAdamWith (b1: float) (b2: float) (eps: float) (amsgrad: bool) (maximize: bool) : Transform =
         checkOption (b1 >= 0.0 && b1 < 1.0) "{adam_beta1}" (fun () -> sprintf "must lie in [0, 1), got %g" b1)
         checkOption (b2 >= 0.0 && b2 < 1.0) "{adam_beta2}" (fun () -> sprintf "must lie in [0, 1), got %g" b2)
         checkOption (Double.IsFinite eps && eps >= 0.0) "{adam_epsilon}" (fun () ->
@@ -157,19 +168,38 @@ module Transform =
         let oneMinusBeta2 = (1.0 - b2).ToScalar()
         { Init =
             fun parameters ->
-                { Count = 0; ExpAvg = buffer parameters; ExpAvgSq = buffer parameters } :> ITransformState
+                { Count = 0
+                  ExpAvg = buffer parameters
+                  ExpAvgSq = buffer parameters
+                  MaxExpAvgSq = if amsgrad then Some(buffer parameters) else None }
+                :> ITransformState
           Update =
             fun updates state _ ->
                 let s = own<AdamState> "scaleByAdam" state
                 let t = s.Count + 1
+                if maximize then updates.neg_ () |> ignore
                 s.ExpAvg.mul_(beta1).add_(updates, oneMinusBeta1) |> ignore
                 s.ExpAvgSq.mul_(beta2).addcmul_(updates, updates, oneMinusBeta2) |> ignore
+                let denominator =
+                    match s.MaxExpAvgSq with
+                    | Some m ->
+                        use larger = torch.maximum(m, s.ExpAvgSq)
+                        m.copy_ larger |> ignore
+                        m
+                    | None -> s.ExpAvgSq
                 let stepFactor, epsFactor = adamScales b1 b2 eps t
                 use scaledEps = epsFactor.ToScalar()
                 use stepScale = stepFactor.ToScalar()
-                updates.copy_(s.ExpAvgSq).sqrt_().add_(scaledEps).reciprocal_().mul_(s.ExpAvg).mul_(stepScale)
+                updates.copy_(denominator).sqrt_().add_(scaledEps).reciprocal_().mul_(s.ExpAvg).mul_(stepScale)
                 |> ignore
                 updates, { s with Count = t } :> ITransformState }
+
+    /// Adam's scaling, with torch.optim.Adam(W)'s formula: m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+    /// t = Count + 1; u = (m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps), eps added after the bias
+    /// correction of sqrt(v). Computed in place into the updates as
+    /// u = m * (sqrt(1 - b2^t) / (1 - b1^t)) / (sqrt(v) + eps sqrt(1 - b2^t)), the same quantity.
+    /// HF defaults: b1 = 0.9, b2 = 0.999, eps = 1e-8.
+    let scaleByAdam (b1: float) (b2: float) (eps: float) : Transform = scaleByAdamWith b1 b2 eps false false
 
     /// Adds decayed weights: u = u + weightDecay * mask * parameters. The mask is a flat 0/1 tensor laid
     /// out as the parameters (FlatParameters.mask); it is read at every update, so it must stay alive
@@ -296,34 +326,370 @@ module Transform =
         {
             /// buf = momentum * buf + u; starts at zero, so the first update gives buf = u as torch.
             MomentumBuffer: torch.Tensor
+            /// With a dampening other than 0, whether the buffer was set by a first update (exported as the
+            /// 0/1 counter "trace.started"); None without dampening, where a zero buffer already makes
+            /// the first update buf = u.
+            Started: bool option
         }
 
         interface ITransformState with
-            member _.Names = [ "trace.momentum_buffer" ]
-            member s.Export() = [ "trace.momentum_buffer", s.MomentumBuffer.alias () ]
+            member s.Names =
+                [ yield "trace.momentum_buffer"
+                  if s.Started.IsSome then yield "trace.started" ]
+
+            member s.Export() =
+                [ yield "trace.momentum_buffer", s.MomentumBuffer.alias ()
+                  match s.Started with
+                  | Some started -> yield "trace.started", countTensor (if started then 1 else 0)
+                  | None -> () ]
 
             member s.Import entry =
-                { MomentumBuffer = copyInto "trace.momentum_buffer" s.MomentumBuffer (entry "trace.momentum_buffer") }
+                { MomentumBuffer = copyInto "trace.momentum_buffer" s.MomentumBuffer (entry "trace.momentum_buffer")
+                  Started =
+                    s.Started
+                    |> Option.map (fun _ ->
+                        match readCount "trace.started" (entry "trace.started") with
+                        | 0 -> false
+                        | 1 -> true
+                        | n -> InvalidInput.fail stateOrigin "trace.started" (sprintf "expected 0 or 1, found %d" n)) }
 
             member s.Dispose() = s.MomentumBuffer.Dispose()
+
+    /// Momentum with dampening, as torch.optim.SGD: buf = u on the first update (undampened, as torch
+    /// initializes its buffer with the gradient), then buf = momentum * buf + (1 - dampening) * u; the
+    /// result is u + momentum * buf with Nesterov, else buf. Nesterov needs momentum > 0 and dampening 0
+    /// (as torch). With dampening 0 this is trace.
+    let traceWithDampening (momentum: float) (dampening: float) (nesterov: bool) : Transform =
+        checkOption (Double.IsFinite momentum && momentum >= 0.0) "{momentum}" (fun () ->
+            sprintf "must be a finite number >= 0, got %g" momentum)
+        checkOption (Double.IsFinite dampening) "{dampening}" (fun () -> sprintf "must be a finite number, got %g" dampening)
+        checkOption (not nesterov || momentum > 0.0) "{nesterov}" (fun () -> "needs a momentum > 0 (as torch.optim.SGD)")
+        checkOption (not nesterov || dampening = 0.0) "{nesterov}" (fun () -> "needs a dampening of 0 (as torch.optim.SGD)")
+        TorchRuntime.ensure ()
+        let mu = momentum.ToScalar()
+        let damped = (1.0 - dampening).ToScalar()
+        { Init =
+            fun parameters ->
+                { MomentumBuffer = buffer parameters; Started = if dampening <> 0.0 then Some false else None }
+                :> ITransformState
+          Update =
+            fun updates state _ ->
+                let s = own<TraceState> "trace" state
+                match s.Started with
+                | Some false -> s.MomentumBuffer.copy_ updates |> ignore
+                | Some true -> s.MomentumBuffer.mul_(mu).add_(updates, damped) |> ignore
+                | None -> s.MomentumBuffer.mul_(mu).add_ updates |> ignore
+                if nesterov then updates.add_(s.MomentumBuffer, mu) |> ignore
+                else updates.copy_ s.MomentumBuffer |> ignore
+                updates, { s with Started = s.Started |> Option.map (fun _ -> true) } :> ITransformState }
 
     /// Momentum, as torch.optim.SGD with dampening 0: buf = u on the first update, then
     /// buf = momentum * buf + u; the result is u + momentum * buf with Nesterov, else buf.
     /// Nesterov needs momentum > 0 (as torch).
-    let trace (momentum: float) (nesterov: bool) : Transform =
-        checkOption (Double.IsFinite momentum && momentum >= 0.0) "{momentum}" (fun () ->
-            sprintf "must be a finite number >= 0, got %g" momentum)
-        checkOption (not nesterov || momentum > 0.0) "{nesterov}" (fun () -> "needs a momentum > 0 (as torch.optim.SGD)")
+    let trace (momentum: float) (nesterov: bool) : Transform = traceWithDampening momentum 0.0 nesterov
+
+    /// scaleByLion's state: the momentum (Lion's "exp_avg").
+    [<NoEquality; NoComparison>]
+    type LionState =
+        {
+            /// m = b2 m + (1 - b2) g, starting at zero.
+            ExpAvg: torch.Tensor
+        }
+
+        interface ITransformState with
+            member _.Names = [ "lion.exp_avg" ]
+            member s.Export() = [ "lion.exp_avg", s.ExpAvg.alias () ]
+            member s.Import entry = { ExpAvg = copyInto "lion.exp_avg" s.ExpAvg (entry "lion.exp_avg") }
+            member s.Dispose() = s.ExpAvg.Dispose()
+
+    /// Lion's sign update (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"):
+    /// u = sign(b1 m + (1 - b1) g), then m = b2 m + (1 - b2) g. Every entry of the result is -1, 0 or 1;
+    /// chained with addDecayedWeights and scaleByLearningRate it is Lion with decoupled weight decay,
+    /// p = p (1 - lr wd) - lr u. Published defaults: b1 = 0.9, b2 = 0.99.
+    let scaleByLion (b1: float) (b2: float) : Transform =
+        checkOption (b1 >= 0.0 && b1 <= 1.0) "{adam_beta1}" (fun () -> sprintf "must lie in [0, 1], got %g" b1)
+        checkOption (b2 >= 0.0 && b2 <= 1.0) "{adam_beta2}" (fun () -> sprintf "must lie in [0, 1], got %g" b2)
         TorchRuntime.ensure ()
-        let mu = momentum.ToScalar()
-        { Init = fun parameters -> { MomentumBuffer = buffer parameters } :> ITransformState
+        let beta1 = b1.ToScalar()
+        let oneMinusBeta1 = (1.0 - b1).ToScalar()
+        let beta2 = b2.ToScalar()
+        let oneMinusBeta2 = (1.0 - b2).ToScalar()
+        { Init = fun parameters -> { ExpAvg = buffer parameters } :> ITransformState
           Update =
             fun updates state _ ->
-                let s = own<TraceState> "trace" state
-                s.MomentumBuffer.mul_(mu).add_ updates |> ignore
-                if nesterov then updates.add_(s.MomentumBuffer, mu) |> ignore
-                else updates.copy_ s.MomentumBuffer |> ignore
+                let s = own<LionState> "scaleByLion" state
+                use interpolated = s.ExpAvg.mul(beta1).add_(updates, oneMinusBeta1)
+                s.ExpAvg.mul_(beta2).add_(updates, oneMinusBeta2) |> ignore
+                updates.copy_(interpolated).sign_ () |> ignore
                 updates, state }
+
+    /// scaleByRms's state: the running averages of torch.optim.RMSprop.
+    [<NoEquality; NoComparison>]
+    type RmsState =
+        {
+            /// v = alpha v + (1 - alpha) g^2 (torch's "square_avg").
+            SquareAvg: torch.Tensor
+            /// When centered, the running mean of g (torch's "grad_avg"); None otherwise.
+            GradAvg: torch.Tensor option
+        }
+
+        interface ITransformState with
+            member s.Names =
+                [ yield "rmsprop.square_avg"
+                  if s.GradAvg.IsSome then yield "rmsprop.grad_avg" ]
+
+            member s.Export() =
+                [ yield "rmsprop.square_avg", s.SquareAvg.alias ()
+                  match s.GradAvg with
+                  | Some g -> yield "rmsprop.grad_avg", g.alias ()
+                  | None -> () ]
+
+            member s.Import entry =
+                { SquareAvg = copyInto "rmsprop.square_avg" s.SquareAvg (entry "rmsprop.square_avg")
+                  GradAvg = s.GradAvg |> Option.map (fun g -> copyInto "rmsprop.grad_avg" g (entry "rmsprop.grad_avg")) }
+
+            member s.Dispose() =
+                s.SquareAvg.Dispose()
+                s.GradAvg |> Option.iter (fun g -> g.Dispose())
+
+    /// RMSprop's scaling, as torch.optim.RMSprop: v = alpha v + (1 - alpha) g^2; u = g / (sqrt(v) + eps),
+    /// or, centered, with a = alpha a + (1 - alpha) g, u = g / (sqrt(v - a^2) + eps). Momentum, coupled
+    /// weight decay and the learning rate are separate transforms (Optimizer.rmsprop). torch defaults:
+    /// alpha = 0.99, eps = 1e-8, centered = false.
+    let scaleByRms (alpha: float) (eps: float) (centered: bool) : Transform =
+        checkOption (alpha >= 0.0 && alpha <= 1.0) "{rmsprop_alpha}" (fun () -> sprintf "must lie in [0, 1], got %g" alpha)
+        checkOption (Double.IsFinite eps && eps >= 0.0) "{adam_epsilon}" (fun () ->
+            sprintf "must be a finite number >= 0, got %g" eps)
+        TorchRuntime.ensure ()
+        let decay = alpha.ToScalar()
+        let oneMinusDecay = (1.0 - alpha).ToScalar()
+        let epsilon = eps.ToScalar()
+        let minusOne = (-1.0).ToScalar()
+        { Init =
+            fun parameters ->
+                { SquareAvg = buffer parameters; GradAvg = if centered then Some(buffer parameters) else None }
+                :> ITransformState
+          Update =
+            fun updates state _ ->
+                let s = own<RmsState> "scaleByRms" state
+                s.SquareAvg.mul_(decay).addcmul_(updates, updates, oneMinusDecay) |> ignore
+                use denominator =
+                    match s.GradAvg with
+                    | Some g ->
+                        g.mul_(decay).add_(updates, oneMinusDecay) |> ignore
+                        s.SquareAvg.addcmul(g, g, minusOne).sqrt_().add_ epsilon
+                    | None -> s.SquareAvg.sqrt().add_ epsilon
+                updates.div_ denominator |> ignore
+                updates, state }
+
+    /// One parameter's place in a flat buffer: its first element and its shape (FlatParameters'
+    /// Offsets and Shapes); what a transform with per-tensor statistics (scaleByAdafactor) needs.
+    [<NoComparison>]
+    type ParameterSlot =
+        {
+            /// The parameter's first element in the flat buffer.
+            Offset: int64
+            /// The parameter's shape.
+            Shape: int64[]
+        }
+
+    /// The slots of every parameter of flat buffers, in order.
+    let slotsOf (flat: FlatParameters) : ParameterSlot list =
+        List.map2 (fun offset shape -> { Offset = offset; Shape = shape }) flat.Offsets flat.Shapes
+
+    /// scaleByAdafactor's settings, named after transformers' Adafactor (fairseq's).
+    [<NoComparison>]
+    type AdafactorSettings =
+        {
+            /// Added to the squared gradient (default 1e-30).
+            Eps1: float
+            /// The least parameter scale (default 1e-3).
+            Eps2: float
+            /// Updates are scaled down to this root mean square (default 1.0).
+            ClipThreshold: float
+            /// The second moment's decay at step t is 1 - t^DecayRate (default -0.8).
+            DecayRate: float
+            /// Multiply the step by the relative step size min(1e-2, 1 / sqrt t) (transformers' default true;
+            /// HF Trainer's optim="adafactor" turns it off and uses the learning rate).
+            RelativeStep: bool
+            /// Multiply the step by max(Eps2, RMS(p)) of each parameter (transformers' default true; off
+            /// in HF Trainer's optim="adafactor").
+            ScaleParameter: bool
+            /// With RelativeStep, the relative step is min(1e-6 t, 1 / sqrt t) (default false).
+            WarmupInit: bool
+            /// Decoupled weight decay, scaled by the step size (default 0).
+            WeightDecay: float
+        }
+
+    /// transformers' Adafactor defaults (lr = None: relative steps, parameter scale), no weight decay.
+    let adafactorDefaults: AdafactorSettings =
+        { Eps1 = 1e-30
+          Eps2 = 1e-3
+          ClipThreshold = 1.0
+          DecayRate = -0.8
+          RelativeStep = true
+          ScaleParameter = true
+          WarmupInit = false
+          WeightDecay = 0.0 }
+
+    /// scaleByAdafactor's state: the update count and the second-moment statistics of all parameters,
+    /// each kind concatenated in parameter order in one [1, n] buffer (two-dimensional, so that
+    /// checkpoints keep them whole instead of splitting them as parameter-shaped buffers).
+    [<NoEquality; NoComparison>]
+    type AdafactorState =
+        {
+            /// Updates done so far (transformers' "step"); the next update uses t = Count + 1.
+            Count: int
+            /// Row statistics of the factored parameters (two or more dimensions): shape[:-1] each.
+            ExpAvgSqRow: torch.Tensor
+            /// Column statistics of the factored parameters: shape[:-2] + shape[-1:] each.
+            ExpAvgSqCol: torch.Tensor
+            /// Full second moments of the other parameters.
+            ExpAvgSq: torch.Tensor
+        }
+
+        interface ITransformState with
+            member _.Names = [ "adafactor.exp_avg_sq_row"; "adafactor.exp_avg_sq_col"; "adafactor.exp_avg_sq"; "adafactor.step" ]
+
+            member s.Export() =
+                [ "adafactor.exp_avg_sq_row", s.ExpAvgSqRow.alias ()
+                  "adafactor.exp_avg_sq_col", s.ExpAvgSqCol.alias ()
+                  "adafactor.exp_avg_sq", s.ExpAvgSq.alias ()
+                  "adafactor.step", countTensor s.Count ]
+
+            member s.Import entry =
+                { Count = readCount "adafactor.step" (entry "adafactor.step")
+                  ExpAvgSqRow = copyInto "adafactor.exp_avg_sq_row" s.ExpAvgSqRow (entry "adafactor.exp_avg_sq_row")
+                  ExpAvgSqCol = copyInto "adafactor.exp_avg_sq_col" s.ExpAvgSqCol (entry "adafactor.exp_avg_sq_col")
+                  ExpAvgSq = copyInto "adafactor.exp_avg_sq" s.ExpAvgSq (entry "adafactor.exp_avg_sq") }
+
+            member s.Dispose() =
+                s.ExpAvgSqRow.Dispose()
+                s.ExpAvgSqCol.Dispose()
+                s.ExpAvgSq.Dispose()
+
+    /// Where one parameter's statistics lie in AdafactorState's buffers.
+    [<NoComparison>]
+    type private AdafactorSlot =
+        { Slot: ParameterSlot
+          Count: int64
+          Factored: bool
+          /// Offset and shape in the row buffer (factored), or in the full buffer (otherwise).
+          RowOffset: int64
+          RowShape: int64[]
+          ColOffset: int64
+          ColShape: int64[] }
+
+    let private adafactorLayout (slots: ParameterSlot list) =
+        let mutable rows = 0L
+        let mutable cols = 0L
+        let mutable full = 0L
+        let placed =
+            [ for slot in slots ->
+                let count = Array.fold (*) 1L slot.Shape
+                if slot.Shape.Length >= 2 then
+                    let rowShape = slot.Shape[.. slot.Shape.Length - 2]
+                    let colShape = Array.append slot.Shape[.. slot.Shape.Length - 3] [| slot.Shape[slot.Shape.Length - 1] |]
+                    let placedSlot =
+                        { Slot = slot; Count = count; Factored = true
+                          RowOffset = rows; RowShape = rowShape; ColOffset = cols; ColShape = colShape }
+                    rows <- rows + Array.fold (*) 1L rowShape
+                    cols <- cols + Array.fold (*) 1L colShape
+                    placedSlot
+                else
+                    let placedSlot =
+                        { Slot = slot; Count = count; Factored = false
+                          RowOffset = full; RowShape = slot.Shape; ColOffset = 0L; ColShape = [||] }
+                    full <- full + count
+                    placedSlot ]
+        placed, rows, cols, full
+
+    /// Adafactor's scaling (Shazeer and Stern 2018) with transformers' (fairseq's) conventions, without
+    /// first moment: at t = Count + 1, beta2t = 1 - t^DecayRate and s = g^2 + Eps1; a parameter of two or
+    /// more dimensions keeps row and column means R = beta2t R + (1 - beta2t) mean_-1(s) and
+    /// C = beta2t C + (1 - beta2t) mean_-2(s) and takes u = g / sqrt((R / mean(R)) C) (factored), any other
+    /// keeps V = beta2t V + (1 - beta2t) s and takes u = g / sqrt(V); then u = u / max(1, RMS(u) / ClipThreshold),
+    /// and the result is alpha (u + WeightDecay mask p) with alpha = the relative step (when RelativeStep)
+    /// times max(Eps2, RMS(p)) (when ScaleParameter), per parameter. Chained with scaleByLearningRate
+    /// (the schedule, or 1 with relative steps) it is transformers' Adafactor step. The slots must cover
+    /// the parameters (Transform.slotsOf); the mask is read only when WeightDecay is not 0.
+    let scaleByAdafactor (slots: ParameterSlot list) (settings: AdafactorSettings) (mask: torch.Tensor) : Transform =
+        checkOption (Double.IsFinite settings.Eps1 && settings.Eps1 >= 0.0) "{adafactor_eps1}" (fun () ->
+            sprintf "must be a finite number >= 0, got %g" settings.Eps1)
+        checkOption (Double.IsFinite settings.Eps2 && settings.Eps2 >= 0.0) "{adafactor_eps2}" (fun () ->
+            sprintf "must be a finite number >= 0, got %g" settings.Eps2)
+        checkOption (Double.IsFinite settings.ClipThreshold && settings.ClipThreshold > 0.0) "{adafactor_clip_threshold}" (fun () ->
+            sprintf "must be a finite number > 0, got %g" settings.ClipThreshold)
+        checkOption (Double.IsFinite settings.DecayRate && settings.DecayRate < 0.0) "{adafactor_decay_rate}" (fun () ->
+            sprintf "must be a finite number < 0, got %g" settings.DecayRate)
+        checkOption (Double.IsFinite settings.WeightDecay && settings.WeightDecay >= 0.0) "{weight_decay}" (fun () ->
+            sprintf "must be a finite number >= 0, got %g" settings.WeightDecay)
+        TorchRuntime.ensure ()
+        let placed, rows, cols, full = adafactorLayout slots
+        let total = placed |> List.sumBy (fun p -> p.Count)
+        let eps1 = settings.Eps1.ToScalar()
+        let clip = settings.ClipThreshold.ToScalar()
+        let one = (1.0).ToScalar()
+        let statistics (parameters: torch.Tensor) (n: int64) =
+            (torch.zeros([| 1L; n |], dtype = parameters.dtype, device = parameters.device)).DetachFromDisposeScope()
+        { Init =
+            fun parameters ->
+                if parameters.numel () <> total then
+                    invalidArg (nameof slots) (sprintf "the slots cover %d elements, the parameters have %d" total (parameters.numel ()))
+                if settings.WeightDecay <> 0.0 && mask.numel () <> parameters.numel () then
+                    invalidArg (nameof mask) (sprintf "the weight-decay mask has %d elements, the parameters %d" (mask.numel ()) (parameters.numel ()))
+                { Count = 0
+                  ExpAvgSqRow = statistics parameters rows
+                  ExpAvgSqCol = statistics parameters cols
+                  ExpAvgSq = statistics parameters full }
+                :> ITransformState
+          Update =
+            fun updates state parameters ->
+                let s = own<AdafactorState> "scaleByAdafactor" state
+                let t = s.Count + 1
+                let beta2t = 1.0 - Math.Pow(float t, settings.DecayRate)
+                let relativeStep =
+                    if settings.RelativeStep then
+                        let least = if settings.WarmupInit then 1e-6 * float t else 1e-2
+                        Math.Min(least, 1.0 / Math.Sqrt(float t))
+                    else 1.0
+                for p in placed do
+                    use _ = torch.NewDisposeScope()
+                    let g = updates.narrow(0, p.Slot.Offset, p.Count).view p.Slot.Shape
+                    let value = parameters.narrow(0, p.Slot.Offset, p.Count).view p.Slot.Shape
+                    use root = (Math.Sqrt(float p.Count)).ToScalar()
+                    let rms (x: torch.Tensor) = x.norm(2.0f).div_ root
+                    let scale =
+                        if settings.ScaleParameter then Math.Max(settings.Eps2, (rms value).to_type(torch.float64).item<float> ())
+                        else 1.0
+                    let alpha = scale * relativeStep
+                    let squared = g.mul(g).add_ eps1
+                    use keep = beta2t.ToScalar()
+                    use blend = (1.0 - beta2t).ToScalar()
+                    use step = alpha.ToScalar()
+                    use decay = (settings.WeightDecay * alpha).ToScalar()
+                    let u =
+                        if p.Factored then
+                            let rowCount = Array.fold (*) 1L p.RowShape
+                            let colCount = Array.fold (*) 1L p.ColShape
+                            let row = s.ExpAvgSqRow.narrow(1, p.RowOffset, rowCount).view p.RowShape
+                            let col = s.ExpAvgSqCol.narrow(1, p.ColOffset, colCount).view p.ColShape
+                            row.mul_(keep).add_(squared.mean([| -1L |]), blend) |> ignore
+                            col.mul_(keep).add_(squared.mean([| -2L |]), blend) |> ignore
+                            let rowFactor = row.div(row.mean([| -1L |], keepdim = true)).rsqrt_().unsqueeze(-1L)
+                            let colFactor = col.unsqueeze(-2L).rsqrt()
+                            rowFactor.mul(colFactor).mul_ g
+                        else
+                            let second = s.ExpAvgSq.narrow(1, p.RowOffset, p.Count).view p.Slot.Shape
+                            second.mul_(keep).add_(squared, blend) |> ignore
+                            second.rsqrt().mul_ g
+                    let divisor = (rms u).div_(clip).clamp_min one
+                    u.div_(divisor).mul_ step |> ignore
+                    if settings.WeightDecay <> 0.0 then
+                        let decayMask = mask.narrow(0, p.Slot.Offset, p.Count).view p.Slot.Shape
+                        u.addcmul_(decayMask, value, decay) |> ignore
+                    g.copy_ u |> ignore
+                updates, { s with Count = t } :> ITransformState }
 
     /// chain's state: one state per transform of the chain, in order.
     [<NoEquality; NoComparison>]

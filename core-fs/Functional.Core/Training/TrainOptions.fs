@@ -4,13 +4,54 @@ open System
 open Functional
 open Functional.Optim
 
-/// The optimizer of a run (`--optimizer`).
+/// The optimizer of a run (`--optim`, HF TrainingArguments.optim; see OptimizerKind.parse).
 [<RequireQualifiedAccess>]
 type OptimizerKind =
-    /// torch.optim.AdamW: decoupled weight decay (HF Trainer's default, "adamw_torch").
+    /// torch.optim.AdamW: decoupled weight decay (HF Trainer's default, "adamw_torch"), optionally
+    /// with AMSGrad and maximize.
     | AdamW
-    /// torch.optim.SGD with optional momentum and Nesterov; its weight decay is coupled (L2).
+    /// torch.optim.SGD with optional momentum, dampening and Nesterov; its weight decay is coupled (L2).
     | Sgd
+    /// transformers' Adafactor as HF Trainer's optim="adafactor" makes it: factored second moments,
+    /// no first moment, the scheduled learning rate (relative_step and scale_parameter off).
+    | Adafactor
+    /// Lion (HF's "lion_32bit"): sign updates with decoupled weight decay, betas from adam_beta1/2.
+    | Lion
+    /// torch.optim.RMSprop with its defaults (alpha 0.99, eps 1e-8, not centered), momentum from
+    /// --momentum, coupled weight decay (HF's "rmsprop").
+    | RmsProp
+
+/// The optimizer names `--optim` accepts (HF TrainingArguments.optim's, for the optimizers here).
+[<RequireQualifiedAccess>]
+module OptimizerKind =
+
+    /// Every accepted name and its optimizer, in the order listed to users.
+    let names: (string * OptimizerKind) list =
+        [ "adamw_torch", OptimizerKind.AdamW
+          "adamw_torch_fused", OptimizerKind.AdamW
+          "adamw_hf", OptimizerKind.AdamW
+          "adamw", OptimizerKind.AdamW
+          "sgd", OptimizerKind.Sgd
+          "adafactor", OptimizerKind.Adafactor
+          "lion_32bit", OptimizerKind.Lion
+          "lion", OptimizerKind.Lion
+          "rmsprop", OptimizerKind.RmsProp ]
+
+    /// The optimizer of an HF optim name (case and surrounding blanks ignored), or None.
+    let tryParse (name: string) : OptimizerKind option =
+        if isNull name then None
+        else
+            let key = name.Trim().ToLowerInvariant()
+            names |> List.tryFind (fun (n, _) -> n = key) |> Option.map snd
+
+    /// The optimizer of an HF optim name; an unknown name raises InvalidInputException naming the
+    /// option and listing the supported names.
+    let parse (option: string) (name: string) : OptimizerKind =
+        match tryParse name with
+        | Some kind -> kind
+        | None ->
+            InvalidInput.failSetting option
+                (sprintf "expected one of %s, got '%s'" (String.Join(", ", names |> List.map fst)) name)
 
 /// When something happens during a run (HF's IntervalStrategy: "no", "steps", "epoch").
 [<RequireQualifiedAccess>]
@@ -55,12 +96,18 @@ type TrainOptions =
       AdamBeta2: float
       /// Adam's epsilon, added after bias correction as torch.optim.AdamW does (default 1e-8).
       AdamEpsilon: float
-      /// AdamW (default) or SGD.
+      /// The optimizer: AdamW (default), SGD, Adafactor, Lion or RMSprop (`--optim`, OptimizerKind.parse).
       Optimizer: OptimizerKind
-      /// SGD momentum (default 0).
+      /// SGD and RMSprop momentum (default 0).
       Momentum: float
       /// SGD Nesterov momentum (default false).
       Nesterov: bool
+      /// SGD dampening of the momentum buffer after its first update (default 0, torch's).
+      Dampening: float
+      /// AdamW's AMSGrad variant (default false, torch's amsgrad).
+      Amsgrad: bool
+      /// AdamW maximizes the objective (default false, torch's maximize).
+      Maximize: bool
       /// The learning-rate schedule (default linear, as HF).
       LrSchedulerType: SchedulerKind
       /// Schedule-specific parameters (HF's lr_scheduler_kwargs).
@@ -141,6 +188,9 @@ module TrainOptions =
           Optimizer = OptimizerKind.AdamW
           Momentum = 0.0
           Nesterov = false
+          Dampening = 0.0
+          Amsgrad = false
+          Maximize = false
           LrSchedulerType = SchedulerKind.Linear
           LrSchedulerOptions = ScheduleOptions.Defaults
           NumWarmupSteps = 0
@@ -211,7 +261,10 @@ module TrainOptions =
             loggingStrategy: IntervalStrategy,
             reportToTensorBoard: bool,
             loggingDir: string,
-            lossChunkSize: int
+            lossChunkSize: int,
+            dampening: float,
+            amsgrad: bool,
+            maximize: bool
         ) : TrainOptions =
         { PerDeviceTrainBatchSize = perDeviceTrainBatchSize
           GradientAccumulationSteps = gradientAccumulationSteps
@@ -223,6 +276,9 @@ module TrainOptions =
           Optimizer = optimizer
           Momentum = momentum
           Nesterov = nesterov
+          Dampening = dampening
+          Amsgrad = amsgrad
+          Maximize = maximize
           LrSchedulerType = lrSchedulerType
           LrSchedulerOptions = lrSchedulerOptions
           NumWarmupSteps = numWarmupSteps
@@ -290,6 +346,11 @@ module TrainOptions =
         check (finite o.Momentum && o.Momentum >= 0.0) "{momentum}" (fun () ->
             sprintf "must be a finite number >= 0, got %g" o.Momentum)
         check (not o.Nesterov || o.Momentum > 0.0) "{nesterov}" (fun () -> "needs {momentum} > 0 (as torch.optim.SGD)")
+        check (finite o.Dampening) "{dampening}" (fun () -> sprintf "must be a finite number, got %g" o.Dampening)
+        check (not o.Nesterov || o.Dampening = 0.0) "{nesterov}" (fun () -> "needs {dampening} 0 (as torch.optim.SGD)")
+        check (o.Optimizer = OptimizerKind.Sgd || o.Dampening = 0.0) "{dampening}" (fun () -> "applies to the sgd optimizer only")
+        check (o.Optimizer = OptimizerKind.AdamW || not o.Amsgrad) "{amsgrad}" (fun () -> "applies to the adamw optimizers only")
+        check (o.Optimizer = OptimizerKind.AdamW || not o.Maximize) "{maximize}" (fun () -> "applies to the adamw optimizers only")
         check (o.NumWarmupSteps >= 0) "{num_warmup_steps}" (fun () -> sprintf "must be >= 0, got %d" o.NumWarmupSteps)
         check (o.WarmupRatio >= 0.0 && o.WarmupRatio <= 1.0) "{warmup_ratio}" (fun () ->
             sprintf "must lie in [0, 1], got %g" o.WarmupRatio)

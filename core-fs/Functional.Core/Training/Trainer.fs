@@ -332,7 +332,19 @@ module TrainingLoop =
 
     /// TrainingLoop.optimizer with the clip norm reduced by reduction: Transform.localNorm when the
     /// optimizer sees the whole gradient, the sum over the processes when it sees a block of it (ZeRO).
-    let optimizerWith (reduction: NormReduction) (options: TrainOptions) (schedule: int -> float) (decayMask: torch.Tensor) (learningRateRatios: torch.Tensor option) : FlatOptimizer =
+    /// slots are the parameters' places in the flat buffers the optimizer steps (Transform.slotsOf),
+    /// which Adafactor's factored moments need; None when the optimizer sees blocks of parameters
+    /// (ZeRO), where Adafactor is refused.
+    let optimizerWith
+        (reduction: NormReduction)
+        (options: TrainOptions)
+        (schedule: int -> float)
+        (decayMask: torch.Tensor)
+        (learningRateRatios: torch.Tensor option)
+        (slots: Transform.ParameterSlot list option)
+        : FlatOptimizer =
+        let chained optimizer =
+            Optimizer.unfused (Optimizer.trainerChain reduction options.MaxGradNorm optimizer learningRateRatios)
         match options.Optimizer with
         | OptimizerKind.AdamW ->
             Optimizer.fusedAdamW
@@ -344,17 +356,41 @@ module TrainingLoop =
                   DecayMask = decayMask
                   MaxGradNorm = options.MaxGradNorm
                   NormReduction = reduction
-                  Factors = learningRateRatios }
+                  Factors = learningRateRatios
+                  Amsgrad = options.Amsgrad
+                  Maximize = options.Maximize }
         | OptimizerKind.Sgd ->
-            let sgd = Optimizer.sgd schedule options.Momentum options.Nesterov options.WeightDecay decayMask
-            Optimizer.unfused (Optimizer.trainerChain reduction options.MaxGradNorm sgd learningRateRatios)
+            chained (Optimizer.sgdWith schedule options.Momentum options.Dampening options.Nesterov options.WeightDecay decayMask)
+        | OptimizerKind.Lion ->
+            chained (Optimizer.lion schedule options.AdamBeta1 options.AdamBeta2 options.WeightDecay decayMask)
+        | OptimizerKind.RmsProp ->
+            chained (Optimizer.rmsprop schedule 0.99 1e-8 options.Momentum false options.WeightDecay decayMask)
+        | OptimizerKind.Adafactor ->
+            match slots with
+            | Some slots ->
+                let settings =
+                    { Transform.adafactorDefaults with
+                        RelativeStep = false
+                        ScaleParameter = false
+                        WeightDecay = options.WeightDecay }
+                chained (Optimizer.adafactor schedule slots settings decayMask)
+            | None ->
+                InvalidInput.failSetting "{optim}"
+                    "adafactor keeps factored statistics of whole parameters and cannot run on ZeRO's blocks of them"
 
-    /// The optimizer for the options: clipping (or only measuring the norm), AdamW or SGD on the
+    /// The optimizer for the options: clipping (or only measuring the norm), the optimizer on the
     /// schedule, and, when some parameters have their own learning rate, the per-parameter ratio, as
-    /// chain [clipByGlobalNorm; adamW or sgd; scaleByFactors]. AdamW steps through the fused kernel
-    /// (Optimizer.fusedAdamW), SGD through the chain.
-    let optimizer (options: TrainOptions) (schedule: int -> float) (decayMask: torch.Tensor) (learningRateRatios: torch.Tensor option) : FlatOptimizer =
-        optimizerWith Transform.localNorm options schedule decayMask learningRateRatios
+    /// chain [clipByGlobalNorm; adamW, sgd, lion, rmsprop or adafactor; scaleByFactors]. AdamW steps
+    /// through the fused kernel (Optimizer.fusedAdamW, the chain with amsgrad), the others through the
+    /// chain. slots: as optimizerWith.
+    let optimizer
+        (options: TrainOptions)
+        (schedule: int -> float)
+        (decayMask: torch.Tensor)
+        (learningRateRatios: torch.Tensor option)
+        (slots: Transform.ParameterSlot list option)
+        : FlatOptimizer =
+        optimizerWith Transform.localNorm options schedule decayMask learningRateRatios slots
 
     /// The micro-batches of one epoch in the order this process visits them: its rank's share of the
     /// epoch's order (Sampler.distributed; with one process, the whole order: file order, or shuffled
@@ -812,7 +848,8 @@ module TrainingLoop =
         let narrow (t: torch.Tensor) = if sync.Sharded && zero3.IsNone then Sharding.view t sync.Shard else t
         let reduction = if sync.Sharded then (fun squared -> Communicator.sumFloat run.Communicator squared) else Transform.localNorm
         let ratios = learningRateRatios options run.LearningRate flat |> Option.map narrow
-        let optimizer = optimizerWith reduction options plan.Schedule (narrow decayMask) ratios
+        let slots = if sync.Sharded || zero3.IsSome then None else Some(Transform.slotsOf flat)
+        let optimizer = optimizerWith reduction options plan.Schedule (narrow decayMask) ratios slots
         let backbone = zero3 |> Option.bind (fun _ -> ZeroThree.backbone (compute |> Option.map (fun c -> c.Model) |> Option.defaultValue model))
         backbone |> Option.iter (fun b -> b.LayerExecution <- zero3 |> Option.map (fun z -> z.LayerExecution))
         use _ = { new IDisposable with member _.Dispose() = backbone |> Option.iter (fun b -> b.LayerExecution <- None) }

@@ -132,6 +132,16 @@ module TrainingCheckpoint =
     let private entry key label value legacy = { Key = key; Label = label; Value = value; LegacyValue = legacy }
     let private same key label value = entry key label value value
 
+    /// The optimizer's signature value: its kind, followed by its variants when any is on ("AdamW (amsgrad,
+    /// maximize)", "Sgd (dampening 0.5)"), so checkpoints of runs without them keep their value.
+    let private optimizerSignature (o: TrainOptions) =
+        let variants =
+            [ if o.Amsgrad then yield "amsgrad"
+              if o.Maximize then yield "maximize"
+              if o.Dampening <> 0.0 then yield sprintf "dampening %s" (number o.Dampening) ]
+        if variants.IsEmpty then string o.Optimizer
+        else sprintf "%O (%s)" o.Optimizer (String.Join(", ", variants))
+
     /// What a resumed run must share with the run that saved the checkpoint, one entry per setting. The
     /// run's length (max_steps / num_train_epochs) is not part of it: as with HF, a resume may train
     /// further than the saved run planned, the schedule (and a warmup_ratio's warmup) following the new
@@ -145,7 +155,7 @@ module TrainingCheckpoint =
     and signatureFor (worldSize: int) (plan: LoopPlan) (model: CausalLm) (dataset: TokenizedDataset) : SignatureEntry list =
         let o = plan.Options
         [ same "model_config" "{model} (config.json)" (ModelConfig.toJson model.Config)
-          same "optimizer" "{optimizer}" (string o.Optimizer)
+          same "optimizer" "{optimizer}" (optimizerSignature o)
           same "learning_rate" "{learning_rate}" (number o.LearningRate)
           same "weight_decay" "{weight_decay}" (number o.WeightDecay)
           same "adam_beta1" "{adam_beta1}" (number o.AdamBeta1)
