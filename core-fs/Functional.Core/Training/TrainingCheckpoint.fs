@@ -109,7 +109,8 @@ module TrainingCheckpoint =
               match o.NumStableSteps with Some v -> "num_stable_steps", string v | None -> ()
               match o.WarmupShape with Some v -> "warmup_type", shape v | None -> ()
               match o.DecayShape with Some v -> "decay_type", shape v | None -> ()
-              match o.MinLrRatio with Some v -> "min_lr_ratio", number v | None -> () ]
+              match o.MinLrRatio with Some v -> "min_lr_ratio", number v | None -> ()
+              match o.WarmupLrRate with Some v -> "warmup_lr_rate", number v | None -> () ]
 
     let private precisionName (p: Precision) =
         match p with
