@@ -305,7 +305,7 @@ let private names =
                 match Schedule.parseName n with
                 | Some kind -> Expect.equal (Schedule.name kind) n "round trip"
                 | None -> failtestf "%s did not parse" n
-            Expect.equal (List.length Schedule.names) 10 "ten schedules"
+            Expect.equal (List.length Schedule.names) 11 "eleven schedules"
         }
         test "unknown or miscased names do not parse and the problem lists the valid names" {
             Expect.isNone (Schedule.parseName "Cosine") "case-sensitive like HF"
@@ -381,7 +381,9 @@ let private validation =
                 Expect.equal (accepted |> List.filter (fun k -> not (List.contains k (Schedule.givenKwargs
                     { NumCycles = Some 1.0; LrEnd = Some 0.0; Power = Some 1.0; Timescale = Some 1
                       MinLr = None; NumDecaySteps = Some 1; NumStableSteps = Some 1; WarmupShape = Some PhaseShape.Linear
-                      DecayShape = Some PhaseShape.Linear; MinLrRatio = Some 0.0; WarmupLrRate = Some 0.0 } @ [ "min_lr"; "min_lr_rate" ]))))
+                      DecayShape = Some PhaseShape.Linear; MinLrRatio = Some 0.0; WarmupLrRate = Some 0.0
+                      Mode = Some PlateauMode.Min; Factor = Some 0.1; Patience = Some 1; Threshold = Some 0.0
+                      ThresholdMode = Some ThresholdMode.Absolute; Cooldown = Some 0; Eps = Some 0.0 } @ [ "min_lr"; "min_lr_rate" ]))))
                     [] "every accepted key is one ScheduleOptions can hold"
         }
         test "a negative step is out of range" {

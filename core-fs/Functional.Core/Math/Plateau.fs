@@ -123,3 +123,24 @@ module Plateau =
             { LearningRate = rate; Best = best; BadEvaluations = 0; CooldownLeft = options.Cooldown; Evaluations = evaluations }
         else
             { LearningRate = state.LearningRate; Best = best; BadEvaluations = bad; CooldownLeft = cooldownLeft; Evaluations = evaluations }
+
+/// A reduce_lr_on_plateau schedule during a run: the state the evaluations step (Observe) and the
+/// optimizer reads (Rate), shared by both. The one mutable piece of a plan; everything it computes is
+/// Plateau.step's.
+[<Sealed; AllowNullLiteral(false)>]
+type PlateauSchedule(options: PlateauOptions, baseLr: float) =
+    let mutable state = Plateau.init options baseLr
+
+    /// The settings.
+    member _.Options = options
+
+    /// The state now (store it in checkpoints); set it to resume a run.
+    member _.State
+        with get () = state
+        and set (value: PlateauState) = state <- value
+
+    /// Steps the schedule with one evaluation's metric.
+    member _.Observe(metric: float) = state <- Plateau.step options state metric
+
+    /// The learning rate of optimizer step k: the rate now, whatever k is.
+    member _.Rate(_step: int) : float = state.LearningRate

@@ -26,6 +26,10 @@ type SchedulerKind =
     | CosineWarmupWithMinLr
     /// "warmup_stable_decay": warmup, a constant phase, then a decay to a minimum ratio.
     | WarmupStableDecay
+    /// "reduce_lr_on_plateau": the base rate, multiplied by a factor whenever the evaluation metric stops
+    /// improving (torch's ReduceLROnPlateau, stepped after each evaluation; no warmup). Driven by
+    /// evaluations, so not a function of the step: see PlateauSchedule.
+    | ReduceLrOnPlateau
 
 /// How the warmup phase of a warmup-stable-decay schedule rises, or how its decay phase falls
 /// (HF's warmup_type and decay_type: "linear", "cosine", "1-sqrt").
@@ -78,6 +82,20 @@ type ScheduleOptions =
         /// Cosine_warmup_with_min_lr: the first warmup step's learning rate as a fraction of the base
         /// (HF's warmup_lr_rate); None: the warmup rises (k + 1) / warmupSteps.
         WarmupLrRate: float option
+        /// Reduce_lr_on_plateau: torch's mode (default min).
+        Mode: PlateauMode option
+        /// Reduce_lr_on_plateau: torch's factor (default 0.1).
+        Factor: float option
+        /// Reduce_lr_on_plateau: torch's patience (default 10).
+        Patience: int option
+        /// Reduce_lr_on_plateau: torch's threshold (default 1e-4).
+        Threshold: float option
+        /// Reduce_lr_on_plateau: torch's threshold_mode (default rel).
+        ThresholdMode: ThresholdMode option
+        /// Reduce_lr_on_plateau: torch's cooldown (default 0).
+        Cooldown: int option
+        /// Reduce_lr_on_plateau: torch's eps (default 1e-8). Its min_lr is MinLr's absolute form.
+        Eps: float option
     }
 
     /// Every field None: each schedule's defaults.
@@ -92,7 +110,14 @@ type ScheduleOptions =
           WarmupShape = None
           DecayShape = None
           MinLrRatio = None
-          WarmupLrRate = None }
+          WarmupLrRate = None
+          Mode = None
+          Factor = None
+          Patience = None
+          Threshold = None
+          ThresholdMode = None
+          Cooldown = None
+          Eps = None }
 
 /// Learning-rate schedules as plain functions of the optimizer step, with Hugging Face's formulas
 /// (transformers/optimization.py, the lr_lambda of each get_*_schedule_with_warmup) and its step
@@ -350,7 +375,8 @@ module Schedule =
           "inverse_sqrt"
           "cosine_with_min_lr"
           "cosine_warmup_with_min_lr"
-          "warmup_stable_decay" ]
+          "warmup_stable_decay"
+          "reduce_lr_on_plateau" ]
 
     let private kinds =
         [ SchedulerKind.Constant
@@ -362,7 +388,8 @@ module Schedule =
           SchedulerKind.InverseSqrt
           SchedulerKind.CosineWithMinLr
           SchedulerKind.CosineWarmupWithMinLr
-          SchedulerKind.WarmupStableDecay ]
+          SchedulerKind.WarmupStableDecay
+          SchedulerKind.ReduceLrOnPlateau ]
 
     /// The kind HF calls name (exact, case-sensitive, as HF's SchedulerType), or None.
     let parseName (name: string) : SchedulerKind option =
@@ -421,7 +448,14 @@ module Schedule =
           if options.WarmupShape.IsSome then "warmup_type"
           if options.DecayShape.IsSome then "decay_type"
           if options.MinLrRatio.IsSome then "min_lr_ratio"
-          if options.WarmupLrRate.IsSome then "warmup_lr_rate" ]
+          if options.WarmupLrRate.IsSome then "warmup_lr_rate"
+          if options.Mode.IsSome then "mode"
+          if options.Factor.IsSome then "factor"
+          if options.Patience.IsSome then "patience"
+          if options.Threshold.IsSome then "threshold"
+          if options.ThresholdMode.IsSome then "threshold_mode"
+          if options.Cooldown.IsSome then "cooldown"
+          if options.Eps.IsSome then "eps" ]
 
     /// The lr_scheduler_kwargs keys a kind takes: the keyword parameters of HF's schedule function
     /// besides the optimizer, the step counts and last_epoch (inverse_sqrt's timescale included, which
@@ -439,6 +473,8 @@ module Schedule =
         | SchedulerKind.CosineWarmupWithMinLr -> [ "num_cycles"; "min_lr"; "min_lr_rate"; "warmup_lr_rate" ]
         | SchedulerKind.WarmupStableDecay ->
             [ "num_stable_steps"; "num_decay_steps"; "warmup_type"; "decay_type"; "min_lr_ratio"; "num_cycles" ]
+        | SchedulerKind.ReduceLrOnPlateau ->
+            [ "mode"; "factor"; "patience"; "threshold"; "threshold_mode"; "cooldown"; "min_lr"; "eps" ]
 
     /// Raises ArgumentException, named after the first key, when options set a kwarg the kind does not
     /// take (HF raises TypeError for an unexpected keyword argument); the message names the key, the
@@ -453,6 +489,27 @@ module Schedule =
                 else sprintf "takes %s" (String.Join(", ", accepted))
             argument (List.head unexpected)
                 (sprintf "%s does not take %s (it %s)." (name kind) (String.Join(", ", unexpected)) takes)
+
+    /// The settings of reduce_lr_on_plateau from its options (torch's defaults for those not set; min_lr
+    /// is MinLr's absolute form), checked by Plateau.validate. Raises ArgumentException naming a kwarg the
+    /// schedule does not take (checkKwargs), min_lr_rate included.
+    let plateauOptions (options: ScheduleOptions) : PlateauOptions =
+        checkKwargs SchedulerKind.ReduceLrOnPlateau options
+        let d = PlateauOptions.Defaults
+        let o =
+            { Mode = options.Mode |> Option.defaultValue d.Mode
+              Factor = options.Factor |> Option.defaultValue d.Factor
+              Patience = options.Patience |> Option.defaultValue d.Patience
+              Threshold = options.Threshold |> Option.defaultValue d.Threshold
+              ThresholdMode = options.ThresholdMode |> Option.defaultValue d.ThresholdMode
+              Cooldown = options.Cooldown |> Option.defaultValue d.Cooldown
+              MinLr =
+                (match options.MinLr with
+                 | Some(MinLearningRate.Absolute lr) -> lr
+                 | _ -> d.MinLr)
+              Eps = options.Eps |> Option.defaultValue d.Eps }
+        Plateau.validate o
+        o
 
     /// The schedule of a kind as HF's get_scheduler builds it from the base learning rate, the warmup
     /// and total optimizer steps and the schedule-specific options (ScheduleOptions documents each
@@ -499,3 +556,5 @@ module Schedule =
                     (options.DecayShape |> Option.defaultValue PhaseShape.Cosine)
                     (options.MinLrRatio |> Option.defaultValue 0.0)
                     (cycles 0.5)
+        | SchedulerKind.ReduceLrOnPlateau ->
+            argument "kind" "reduce_lr_on_plateau is driven by evaluations, not by the step: build a PlateauSchedule (plateauOptions)."
