@@ -6,6 +6,7 @@ module Functional.Tests.ScheduleCliTests
 
 open System.IO
 open Expecto
+open Functional
 open Functional.Tests.TestUtil
 
 /// Trains the small golden LLaMA for 10 optimizer steps of one row each with a schedule and returns the
@@ -66,6 +67,26 @@ let private hfCases =
       "cosine_with_min_lr", common @ [ "--lr-scheduler-kwargs"; """{"min_lr_rate": 0.1}""" ],
       [ 0.0; 5.0; 10.0; 9.649; 8.677; 7.219; 5.5; 3.772; 2.314; 1.342 ] ]
 
+/// Trains the golden LLaMA 12 steps with reduce_lr_on_plateau (patience 0, factor 0.5), evaluating every 2
+/// steps and saving at step 6; extra adds arguments (e.g. a resume). Returns metrics.jsonl's lines.
+let private plateauRun (root: TempFolder) (name: string) (extra: string list) =
+    let g = goldenDir "llama-cosine"
+    let run =
+        runCli (
+            [ "train"; "--model"; Path.Combine(g, "model"); "--data"; Path.Combine(g, "data.jsonl")
+              "--eval-data"; Path.Combine(g, "data.jsonl"); "--output"; root.File name
+              "--per-device-train-batch-size"; "1"; "--max-steps"; "12"; "--max-seq-len"; "16"; "--learning-rate"; "0.05"
+              "--lr-scheduler-type"; "reduce_lr_on_plateau"; "--lr-scheduler-kwargs"; """{"patience": 0, "factor": 0.5}"""
+              "--eval-steps"; "2"; "--save-steps"; "6"; "--report-to"; "none"; "--threads"; "1" ]
+            @ extra)
+    Expect.equal run.ExitCode 0 (sprintf "%s: exit code 0 (stderr: %s)" name run.Stderr)
+    readJsonLines (Path.Combine(root.File name, "metrics.jsonl"))
+
+let private has (field: string) (l: System.Text.Json.JsonElement) = fst (l.TryGetProperty field)
+
+let private stepLrs (lines: System.Text.Json.JsonElement[]) =
+    lines |> Array.filter (has "lr") |> Array.map (fun l -> l.GetProperty("step").GetInt32(), l.GetProperty("lr").GetDouble())
+
 [<Tests>]
 let tests =
     testList "schedules cli" [
@@ -91,6 +112,37 @@ let tests =
             let lrs = trainLrs root "ratio" [ "--lr-scheduler-type"; "linear"; "--learning-rate"; "10"; "--warmup-steps"; "0.3" ]
             expectLrs "warmup 0.3" 1e-9 [ 0.0; 10.0 / 3.0; 20.0 / 3.0; 10.0; 60.0 / 7.0; 50.0 / 7.0; 40.0 / 7.0; 30.0 / 7.0; 20.0 / 7.0; 10.0 / 7.0 ] lrs
         }
+        test "reduce_lr_on_plateau steps with each evaluation during the run, as torch's ReduceLROnPlateau" {
+            use root = new TempFolder()
+            let lines = plateauRun root "plateau" []
+            let evals =
+                lines |> Array.filter (fun l -> has "eval_loss" l && not (has "train_runtime" l)) |> Array.map (fun l -> l.GetProperty("step").GetInt32(), l.GetProperty("eval_loss").GetDouble())
+            Expect.equal (Array.map fst evals) [| 0; 2; 4; 6; 8; 10; 12 |] "evaluated before training and every 2 steps"
+            let options = { PlateauOptions.Defaults with Patience = 0; Factor = 0.5 }
+            // The evaluation before training does not step the schedule; step s + 1 uses the rate after the
+            // evaluations of steps <= s.
+            let expected =
+                [ for s in 1 .. 12 ->
+                    evals
+                    |> Array.filter (fun (at, _) -> at >= 1 && at < s)
+                    |> Array.fold (fun state (_, loss) -> Functional.Plateau.step options state loss) (Functional.Plateau.init options 0.05)
+                    |> fun state -> s, state.LearningRate ]
+            Expect.sequenceEqual (stepLrs lines) expected "the logged lr of every step"
+            Expect.isLessThan (snd (List.last expected)) 0.05 "this run reduces the rate"
+        }
+        test "a resumed reduce_lr_on_plateau run goes on from its checkpoint's state" {
+            use root = new TempFolder()
+            let whole = plateauRun root "whole" []
+            let resumedOutput = root.File "resumed"
+            Directory.CreateDirectory resumedOutput |> ignore
+            copyFolder (Path.Combine(root.File "whole", "checkpoint-6")) (Path.Combine(resumedOutput, "checkpoint-6"))
+            let resumed = plateauRun root "resumed" [ "--resume-from-checkpoint"; Path.Combine(resumedOutput, "checkpoint-6") ]
+            let after (lines: System.Text.Json.JsonElement[]) = stepLrs lines |> Array.filter (fun (s, _) -> s > 6)
+            Expect.equal (after resumed |> Array.map fst) [| 7 .. 12 |] "steps 7 to 12 trained after the resume"
+            Expect.sequenceEqual (after resumed) (after whole) "the same rates as the uninterrupted run"
+            let firstAfter = (after whole).[0]
+            Expect.isLessThan (snd firstAfter) 0.05 "the rate was already reduced at the checkpoint"
+        }
         test "schedule arguments are checked as strictly as HF does" {
             use root = new TempFolder()
             refused root "a" [ "--lr-scheduler-type"; "linear"; "--lr-scheduler-kwargs"; """{"num_cycles": 2}""" ]
@@ -101,5 +153,14 @@ let tests =
             refused root "c" [ "--lr-scheduler-type"; "cosine_with_min_lr" ] [ "min_lr or min_lr_rate" ]
             refused root "d" [ "--warmup-steps"; "2.5" ] [ "--num-warmup-steps"; "whole number" ]
             refused root "e" [ "--warmup-steps"; "0.3"; "--warmup-ratio"; "0.1" ] [ "--num-warmup-steps"; "--warmup-ratio" ]
+            refused root "f" [ "--lr-scheduler-type"; "reduce_lr_on_plateau" ] [ "--lr-scheduler-type"; "--eval-strategy" ]
+            refused root "g"
+                [ "--lr-scheduler-type"; "reduce_lr_on_plateau"; "--eval-steps"; "2"; "--eval-data"; Path.Combine(goldenDir "llama-cosine", "data.jsonl")
+                  "--lr-scheduler-kwargs"; """{"min_lr_rate": 0.1}""" ]
+                [ "min_lr_rate"; "reduce_lr_on_plateau does not take" ]
+            refused root "h"
+                [ "--lr-scheduler-type"; "reduce_lr_on_plateau"; "--eval-steps"; "2"; "--eval-data"; Path.Combine(goldenDir "llama-cosine", "data.jsonl")
+                  "--lr-scheduler-kwargs"; """{"factor": 1.5}""" ]
+                [ "factor" ]
         }
     ]
