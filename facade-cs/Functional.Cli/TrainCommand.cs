@@ -82,7 +82,7 @@ internal static class TrainCommand
         var optimizer = CliOption.Create("--optimizer", "adamw or sgd.", "adamw", "--optim");
         var momentum = CliOption.Create("--momentum", "SGD momentum.", d.Momentum);
         var nesterov = CliOption.Create("--nesterov", "SGD Nesterov momentum.", false);
-        var scheduler = CliOption.Create("--lr-scheduler-type", "linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt, cosine_with_min_lr, cosine_warmup_with_min_lr or warmup_stable_decay.", d.LrSchedulerType);
+        var scheduler = CliOption.Create("--lr-scheduler-type", "linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt, cosine_with_min_lr, cosine_warmup_with_min_lr, warmup_stable_decay or reduce_lr_on_plateau (needs evaluations).", d.LrSchedulerType);
         var schedulerKwargs = CliOption.Create<string?>("--lr-scheduler-kwargs", "Schedule parameters as JSON, e.g. {\"num_cycles\": 2}.", null);
         var warmupSteps = CliOption.Create("--num-warmup-steps", "Warmup optimizer steps; a value below 1 is a ratio of all steps, rounded up (HF v5's warmup_steps).", (double)d.NumWarmupSteps, "--warmup_steps", "--warmup-steps");
         var warmupRatio = CliOption.Create("--warmup-ratio", "Warmup as a fraction of all steps (rounded up).", d.WarmupRatio);

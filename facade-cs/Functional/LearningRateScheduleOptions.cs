@@ -8,8 +8,9 @@ namespace Functional;
 public sealed class LearningRateScheduleOptions
 {
     /// <summary>HF's scheduler name: "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-    /// "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr" or "warmup_stable_decay"
-    /// (--lr-scheduler-type).</summary>
+    /// "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay"
+    /// or "reduce_lr_on_plateau" (stepped with the evaluation metric after each evaluation; needs an evaluation
+    /// strategy) (--lr-scheduler-type).</summary>
     /// <value>Default: "linear".</value>
     public string Name { get; set; } = "linear";
 
