@@ -86,9 +86,9 @@ internal static class TrainCommand
         var dampening = CliOption.Create("--dampening", "SGD dampening of the momentum buffer (torch.optim.SGD's).", d.Dampening, "--sgd-dampening");
         var amsgrad = CliOption.Create("--amsgrad", "AdamW's AMSGrad variant (torch.optim.AdamW's amsgrad).", false);
         var maximize = CliOption.Create("--maximize", "AdamW maximizes the objective (torch.optim.AdamW's maximize).", false);
-        var scheduler = CliOption.Create("--lr-scheduler-type", "linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt, cosine_with_min_lr or warmup_stable_decay.", d.LrSchedulerType);
+        var scheduler = CliOption.Create("--lr-scheduler-type", "linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt, cosine_with_min_lr, cosine_warmup_with_min_lr, warmup_stable_decay or reduce_lr_on_plateau (needs evaluations).", d.LrSchedulerType);
         var schedulerKwargs = CliOption.Create<string?>("--lr-scheduler-kwargs", "Schedule parameters as JSON, e.g. {\"num_cycles\": 2}.", null);
-        var warmupSteps = CliOption.Create("--num-warmup-steps", "Warmup optimizer steps.", d.NumWarmupSteps, "--warmup_steps", "--warmup-steps");
+        var warmupSteps = CliOption.Create("--num-warmup-steps", "Warmup optimizer steps; a value below 1 is a ratio of all steps, rounded up (HF v5's warmup_steps).", (double)d.NumWarmupSteps, "--warmup_steps", "--warmup-steps");
         var warmupRatio = CliOption.Create("--warmup-ratio", "Warmup as a fraction of all steps (rounded up).", d.WarmupRatio);
         var epochs = CliOption.Create("--num-train-epochs", "Epochs (when --max-steps is not set).", d.NumTrainEpochs);
         var maxSteps = CliOption.Create("--max-steps", "Total optimizer steps (-1: use epochs).", d.MaxSteps);
@@ -167,8 +167,9 @@ internal static class TrainCommand
                 {
                     o.Name = values.Get(scheduler)!;
                     o.Kwargs = parse.GetValue(schedulerKwargs);
-                    o.WarmupSteps = values.Get(warmupSteps);
-                    o.WarmupRatio = parse.GetValue(warmupRatio);
+                    var warmup = Functional.Training.TrainOptionsModule.warmupOfSteps(values.Get(warmupSteps), parse.GetValue(warmupRatio));
+                    o.WarmupSteps = warmup.Item1;
+                    o.WarmupRatio = warmup.Item2;
                 })
                 .UseCheckpoints(parse.GetValue(saveSteps), o =>
                 {

@@ -8,7 +8,9 @@ namespace Functional;
 public sealed class LearningRateScheduleOptions
 {
     /// <summary>HF's scheduler name: "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-    /// "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr" or "warmup_stable_decay" (--lr-scheduler-type).</summary>
+    /// "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay"
+    /// or "reduce_lr_on_plateau" (stepped with the evaluation metric after each evaluation; needs an evaluation
+    /// strategy) (--lr-scheduler-type).</summary>
     /// <value>Default: "linear".</value>
     public string Name { get; set; } = "linear";
 
@@ -21,7 +23,8 @@ public sealed class LearningRateScheduleOptions
     public double WarmupRatio { get; set; }
 
     /// <summary>The schedule's parameters as HF's lr_scheduler_kwargs JSON object, with HF's names, e.g.
-    /// {"num_cycles": 2} or {"min_lr_rate": 0.1} (--lr-scheduler-kwargs).</summary>
+    /// {"num_cycles": 2} or {"min_lr_rate": 0.1} (--lr-scheduler-kwargs). A key the schedule does not take, and
+    /// min_lr together with min_lr_rate, are refused.</summary>
     /// <value>Default: null (HF's defaults for the schedule).</value>
     public string? Kwargs { get; set; }
 }

@@ -9,6 +9,7 @@ open Expecto.Impl
 /// test of the library in this process.
 let endToEnd =
     [ [ "cli" ]
+      [ "schedules cli" ]
       [ "resume" ]
       [ "embedded" ]
       [ "notebooks" ]

@@ -62,6 +62,15 @@ let private hfCosineMinLr k w t c rate =
         let p = float (k - w) / float (max 1 (t - w))
         max 0.0 ((0.5 * (1.0 + cos (Math.PI * c * 2.0 * p))) * (1.0 - rate) + rate)
 
+let private hfCosineWarmupMinLr k w t c rate (warmupRate: float option) =
+    if k < w then
+        match warmupRate with
+        | None -> (float k + 1.0) / float (max 1 w)
+        | Some r -> r + (1.0 - r) * float k / float (max 1 (w - 1))
+    else
+        let p = (float k - float w + 1.0) / float (max 1 (t - w))
+        max 0.0 ((0.5 * (1.0 + cos (Math.PI * c * 2.0 * p))) * (1.0 - rate) + rate)
+
 let private hfWsd k w s d warmupShape decayShape ratio c =
     let lift f = max 0.0 (f * (1.0 - ratio) + ratio)
     if k < w then
@@ -144,6 +153,11 @@ let private closedForms =
             close (r.BaseLr * hfCosineMinLr r.Step r.Warmup r.Total 0.5 rate) (fromRate r.Step)
             && close (r.BaseLr * hfCosineMinLr r.Step r.Warmup r.Total 0.5 (minLr / r.BaseLr)) (fromAbsolute r.Step))
 
+        testPropertyWithConfig config "cosine_warmup_with_min_lr with and without warmup_lr_rate"
+        <| Prop.forAll (Arb.zip (runs, Arb.zip (cycles, ratios))) (fun (r, (c, rate)) ->
+            let warmupRate = if r.Step % 2 = 0 then None else Some(rate / 2.0)
+            let s = Schedule.cosineWarmupWithMinLr r.BaseLr r.Warmup r.Total c (MinLearningRate.RatioOfBase rate) warmupRate
+            close (r.BaseLr * hfCosineWarmupMinLr r.Step r.Warmup r.Total c rate warmupRate) (s r.Step))
         testPropertyWithConfig config "warmup_stable_decay for every warmup and decay shape"
         <| Prop.forAll (Arb.zip (Arb.zip (runs, ratios), Arb.zip (shapes, shapes))) (fun ((r, ratio), (up, down)) ->
             let stable = r.Total / 3
@@ -262,6 +276,19 @@ let private examples =
             let sqrtDecay = Schedule.warmupStableDecay 1.0 2 2 4 PhaseShape.Linear PhaseShape.OneMinusSqrt 0.2 0.5
             Expect.floatClose Accuracy.veryHigh (sqrtDecay 5) 0.6 "(1 - sqrt 0.25) * 0.8 + 0.2"
         }
+        test "cosine_warmup_with_min_lr: HF's trainer test (lr 0.2, warmup 2, 10 steps, min_lr 1e-5)" {
+            let s = Schedule.cosineWarmupWithMinLr 0.2 2 10 0.5 (MinLearningRate.Absolute 1e-5) None
+            Expect.equal (s 0) 0.1 "the first update already has half the base rate"
+            Expect.equal (s 1) 0.2 "the base on the last warmup step"
+            Expect.equal (s 9) 1e-5 "min_lr exactly on the last update"
+            Expect.isLessThan (s 2) 0.2 "decay starts one step ahead"
+        }
+        test "cosine_warmup_with_min_lr ramps from warmup_lr_rate to the base over the warmup" {
+            let s = Schedule.cosineWarmupWithMinLr 1.0 5 20 0.5 (MinLearningRate.RatioOfBase 0.1) (Some 0.2)
+            let warmup = [ 0 .. 4 ] |> List.map (fun k -> Math.Round(s k, 12))
+            Expect.sequenceEqual warmup [ 0.2; 0.4; 0.6; 0.8; 1.0 ] "0.2 + 0.8 k / 4"
+            Expect.floatClose Accuracy.veryHigh (s 19) 0.1 "the floor on the last update"
+        }
         test "warmup ratio uses HF's floating-point ceil" {
             Expect.equal (Schedule.warmupSteps 10 None (Some 0.25)) 3 "ceil 2.5"
             Expect.equal (Schedule.warmupSteps 1000 None (Some 0.03)) 30 "exactly 30"
@@ -278,7 +305,7 @@ let private names =
                 match Schedule.parseName n with
                 | Some kind -> Expect.equal (Schedule.name kind) n "round trip"
                 | None -> failtestf "%s did not parse" n
-            Expect.equal (List.length Schedule.names) 9 "nine schedules"
+            Expect.equal (List.length Schedule.names) 11 "eleven schedules"
         }
         test "unknown or miscased names do not parse and the problem lists the valid names" {
             Expect.isNone (Schedule.parseName "Cosine") "case-sensitive like HF"
@@ -337,10 +364,64 @@ let private validation =
             throwsArgument "NumDecaySteps" (fun () ->
                 box (Schedule.create SchedulerKind.WarmupStableDecay 1.0 5 10 { ScheduleOptions.Defaults with NumDecaySteps = Some 6 }))
         }
+        test "a kwarg the schedule does not take is refused naming it" {
+            let d = ScheduleOptions.Defaults
+            throwsArgument "num_cycles" (fun () -> box (Schedule.create SchedulerKind.Linear 1.0 0 10 { d with NumCycles = Some 2.0 }))
+            throwsArgument "lr_end" (fun () -> box (Schedule.create SchedulerKind.Cosine 1.0 0 10 { d with LrEnd = Some 0.0 }))
+            throwsArgument "warmup_lr_rate" (fun () ->
+                box (Schedule.create SchedulerKind.CosineWithMinLr 1.0 0 10
+                    { d with MinLr = Some(MinLearningRate.RatioOfBase 0.1); WarmupLrRate = Some 0.1 }))
+            throwsArgument "min_lr" (fun () ->
+                box (Schedule.create SchedulerKind.WarmupStableDecay 1.0 0 10
+                    { d with NumDecaySteps = Some 2; MinLr = Some(MinLearningRate.Absolute 0.1) }))
+            let ex = Expect.throwsC (fun () -> Schedule.checkKwargs SchedulerKind.Constant { d with Power = Some 2.0 }) id
+            Expect.stringContains ex.Message "constant does not take power (it takes none)" "names the key and the schedule"
+            for kind in Schedule.names |> List.choose Schedule.parseName do
+                let accepted = Schedule.acceptedKwargs kind
+                Expect.equal (accepted |> List.filter (fun k -> not (List.contains k (Schedule.givenKwargs
+                    { NumCycles = Some 1.0; LrEnd = Some 0.0; Power = Some 1.0; Timescale = Some 1
+                      MinLr = None; NumDecaySteps = Some 1; NumStableSteps = Some 1; WarmupShape = Some PhaseShape.Linear
+                      DecayShape = Some PhaseShape.Linear; MinLrRatio = Some 0.0; WarmupLrRate = Some 0.0
+                      Mode = Some PlateauMode.Min; Factor = Some 0.1; Patience = Some 1; Threshold = Some 0.0
+                      ThresholdMode = Some ThresholdMode.Absolute; Cooldown = Some 0; Eps = Some 0.0 } @ [ "min_lr"; "min_lr_rate" ]))))
+                    [] "every accepted key is one ScheduleOptions can hold"
+        }
         test "a negative step is out of range" {
             Expect.throwsT<ArgumentOutOfRangeException> (fun () -> Schedule.linear 1.0 0 10 -1 |> ignore) "step -1"
         }
     ]
 
+/// The InvalidInputException f raises.
+let private invalidInput (f: unit -> unit) : InvalidInputException =
+    match Expect.throwsC f id with
+    | :? InvalidInputException as e -> e
+    | other -> failtestf "expected InvalidInputException, got %O" other
+
+let private settings =
+    testList "settings" [
+        test "lr_scheduler_kwargs refuses min_lr together with min_lr_rate, naming both" {
+            for json in [ """{"min_lr": 1e-5, "min_lr_rate": 0.1}"""; """{"min_lr_rate": 0.1, "min_lr": 1e-5}""" ] do
+                let e = invalidInput (fun () -> Training.SchedulerKwargs.parse "--lr-scheduler-kwargs" json |> ignore)
+                Expect.equal e.Origin "--lr-scheduler-kwargs" "the option"
+                Expect.stringContains e.Message "min_lr and min_lr_rate are both given" "names both"
+        }
+        test "lr_scheduler_kwargs reads warmup_lr_rate and refuses unknown keys" {
+            let o = Training.SchedulerKwargs.parse "k" """{"min_lr": 1e-5, "warmup_lr_rate": 0.25}"""
+            Expect.equal (o.MinLr, o.WarmupLrRate) (Some(MinLearningRate.Absolute 1e-5), Some 0.25) "both read"
+            let e = invalidInput (fun () -> Training.SchedulerKwargs.parse "k" """{"warmup_rate": 0.1}""" |> ignore)
+            Expect.stringContains e.Message "warmup_rate" "names the key"
+        }
+        test "warmup_steps below 1 is a ratio of the run (HF v5), whole numbers are steps" {
+            Expect.equal (Training.TrainOptions.warmupOfSteps 0.3 0.0) (0, 0.3) "a ratio"
+            Expect.equal (Training.TrainOptions.warmupOfSteps 3.0 0.0) (3, 0.0) "steps"
+            Expect.equal (Training.TrainOptions.warmupOfSteps 0.0 0.1) (0, 0.1) "warmup_ratio kept"
+            Expect.equal (Training.TrainOptions.warmupOfSteps 2.0 0.1) (2, 0.1) "steps win later, as HF"
+            Expect.equal (Schedule.warmupSteps 10 (Some 0) (Some 0.25)) 3 "0.25 of 10 steps: ceil 2.5"
+            for bad, ratio in [ 2.5, 0.0; -1.0, 0.0; nan, 0.0; 0.3, 0.1 ] do
+                let e = invalidInput (fun () -> Training.TrainOptions.warmupOfSteps bad ratio |> ignore)
+                Expect.stringContains e.Message "num_warmup_steps" (sprintf "%g names the setting" bad)
+        }
+    ]
+
 [<Tests>]
-let tests = testList "schedule" [ closedForms; phases; examples; names; validation ]
+let tests = testList "schedule" [ closedForms; phases; examples; names; validation; settings ]

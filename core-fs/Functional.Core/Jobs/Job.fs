@@ -284,6 +284,10 @@ module Job =
         let observer = if isMain then observer else quiet
         let restored = restore request observer model trainable adapters signature
         let startStep = checkResume options plan observer restored
+        // A resumed reduce_lr_on_plateau goes on from the state its checkpoint stored.
+        match restored, plan.Plateau with
+        | Some r, Some plateau -> r.Record.Plateau |> Option.iter (fun state -> plateau.State <- state)
+        | _ -> ()
         // Every process has checked everything before any writes (a process that failed has ended the run).
         communicator.Barrier()
         { Request = request
@@ -380,7 +384,8 @@ module Job =
               EarlyStopping = progress.Policy.EarlyStoppingCounter, progress.Policy.EarlyStoppingBest
               InputTokensSeen = progress.InputTokensSeen
               TotalFlos = totalFlos job progress
-              TrainLoss = progress.TrainLoss }
+              TrainLoss = progress.TrainLoss
+              Plateau = job.Plan.Plateau |> Option.map (fun p -> p.State) }
         let adapterWriters =
             if job.Adapters.IsEmpty then []
             else [ PeftFolder.ConfigFileName, (fun (path: string) -> for a in job.Adapters do a.Save (Path.GetDirectoryName path) (Some job.Request.ModelPath)) ]
@@ -410,6 +415,11 @@ module Job =
                 logEval log observer step { Eval = result; ExactMatch = None }
                 Some result
             | _ -> None
+        // reduce_lr_on_plateau steps with each evaluation's metric during the run, as HF's Trainer does in
+        // its evaluation, so the next update uses the new rate and a checkpoint of this step stores it.
+        match evaluated, job.Plan.Plateau with
+        | Some result, Some plateau -> plateau.Observe(metricOf job.Options result)
+        | _ -> ()
         let facts = { Step = step; EpochEnded = context.EpochEnded; Cancelled = cancellation.IsCancellationRequested; Metric = evaluated |> Option.map (metricOf job.Options) }
         let decision, policy = CheckpointPolicy.decide job.Policy progress.Policy facts
         let progress =

@@ -21,8 +21,15 @@ type SchedulerKind =
     | InverseSqrt
     /// "cosine_with_min_lr": linear warmup, then cosine decay to a minimum learning rate.
     | CosineWithMinLr
+    /// "cosine_warmup_with_min_lr": a warmup that starts above 0 (at warmup_lr_rate, or one warmup step's
+    /// share), then cosine decay to a minimum learning rate, one step ahead of cosine_with_min_lr.
+    | CosineWarmupWithMinLr
     /// "warmup_stable_decay": warmup, a constant phase, then a decay to a minimum ratio.
     | WarmupStableDecay
+    /// "reduce_lr_on_plateau": the base rate, multiplied by a factor whenever the evaluation metric stops
+    /// improving (torch's ReduceLROnPlateau, stepped after each evaluation; no warmup). Driven by
+    /// evaluations, so not a function of the step: see PlateauSchedule.
+    | ReduceLrOnPlateau
 
 /// How the warmup phase of a warmup-stable-decay schedule rises, or how its decay phase falls
 /// (HF's warmup_type and decay_type: "linear", "cosine", "1-sqrt").
@@ -72,6 +79,23 @@ type ScheduleOptions =
         DecayShape: PhaseShape option
         /// Warmup_stable_decay: the floor as a fraction of the base learning rate (default 0).
         MinLrRatio: float option
+        /// Cosine_warmup_with_min_lr: the first warmup step's learning rate as a fraction of the base
+        /// (HF's warmup_lr_rate); None: the warmup rises (k + 1) / warmupSteps.
+        WarmupLrRate: float option
+        /// Reduce_lr_on_plateau: torch's mode (default min).
+        Mode: PlateauMode option
+        /// Reduce_lr_on_plateau: torch's factor (default 0.1).
+        Factor: float option
+        /// Reduce_lr_on_plateau: torch's patience (default 10).
+        Patience: int option
+        /// Reduce_lr_on_plateau: torch's threshold (default 1e-4).
+        Threshold: float option
+        /// Reduce_lr_on_plateau: torch's threshold_mode (default rel).
+        ThresholdMode: ThresholdMode option
+        /// Reduce_lr_on_plateau: torch's cooldown (default 0).
+        Cooldown: int option
+        /// Reduce_lr_on_plateau: torch's eps (default 1e-8). Its min_lr is MinLr's absolute form.
+        Eps: float option
     }
 
     /// Every field None: each schedule's defaults.
@@ -85,7 +109,15 @@ type ScheduleOptions =
           NumStableSteps = None
           WarmupShape = None
           DecayShape = None
-          MinLrRatio = None }
+          MinLrRatio = None
+          WarmupLrRate = None
+          Mode = None
+          Factor = None
+          Patience = None
+          Threshold = None
+          ThresholdMode = None
+          Cooldown = None
+          Eps = None }
 
 /// Learning-rate schedules as plain functions of the optimizer step, with Hugging Face's formulas
 /// (transformers/optimization.py, the lr_lambda of each get_*_schedule_with_warmup) and its step
@@ -233,6 +265,17 @@ module Schedule =
         scaled baseLr (withWarmup warmupSteps (fun sinceWarmup ->
             1.0 / Math.Sqrt(float (sinceWarmup + timescale) / float timescale)))
 
+    /// The rate minLr / baseLr of an absolute floor, or the given ratio.
+    let private minLrRate (baseLr: float) (minLr: MinLearningRate) =
+        match minLr with
+        | MinLearningRate.Absolute lr ->
+            finiteNonNegative "minLr" lr
+            if baseLr = 0.0 then argument "minLr" "An absolute minLr needs a base learning rate > 0."
+            lr / baseLr
+        | MinLearningRate.RatioOfBase ratio ->
+            finiteNonNegative "minLr" ratio
+            ratio
+
     /// Linear warmup, then cosine decay from baseLr to a floor (HF's
     /// get_cosine_with_min_lr_schedule_with_warmup): with rate = minLr / baseLr (or the given ratio),
     /// f(k) = max(0, c * (1 - rate) + rate), c = 0.5 (1 + cos(pi * numCycles * 2 * p)).
@@ -241,19 +284,42 @@ module Schedule =
         nonNegative "warmupSteps" warmupSteps
         nonNegative "totalSteps" totalSteps
         finiteNonNegative "numCycles" numCycles
-        let rate =
-            match minLr with
-            | MinLearningRate.Absolute lr ->
-                finiteNonNegative "minLr" lr
-                if baseLr = 0.0 then argument "minLr" "An absolute minLr needs a base learning rate > 0."
-                lr / baseLr
-            | MinLearningRate.RatioOfBase ratio ->
-                finiteNonNegative "minLr" ratio
-                ratio
+        let rate = minLrRate baseLr minLr
         scaled baseLr (withWarmup warmupSteps (fun sinceWarmup ->
             let p = progress warmupSteps totalSteps sinceWarmup
             let factor = 0.5 * (1.0 + Math.Cos(Math.PI * numCycles * 2.0 * p))
             max 0.0 (factor * (1.0 - rate) + rate)))
+
+    /// A warmup that starts above 0, then cosine decay from baseLr to a floor, counted one step ahead
+    /// (HF's get_cosine_with_min_lr_schedule_with_warmup_lr_rate). With rate = minLr / baseLr (or the
+    /// given ratio): for k < w, f(k) = (k + 1) / max(1, w) without warmupLrRate, else
+    /// r + (1 - r) k / max(1, w - 1) with r = warmupLrRate (so the ramp ends at the base on step w - 1);
+    /// from k = w on, f(k) = max(0, c (1 - rate) + rate), c = 0.5 (1 + cos(pi * numCycles * 2 * p)),
+    /// p = (k - w + 1) / max(1, T - w): the floor is reached at k = T - 1, the last update of a T-step
+    /// run, and like HF the wave is not clamped after it.
+    let cosineWarmupWithMinLr
+        (baseLr: float)
+        (warmupSteps: int)
+        (totalSteps: int)
+        (numCycles: float)
+        (minLr: MinLearningRate)
+        (warmupLrRate: float option)
+        : Schedule =
+        checkBaseLr baseLr
+        nonNegative "warmupSteps" warmupSteps
+        nonNegative "totalSteps" totalSteps
+        finiteNonNegative "numCycles" numCycles
+        warmupLrRate |> Option.iter (finiteNonNegative "warmupLrRate")
+        let rate = minLrRate baseLr minLr
+        let warmup (step: int) =
+            match warmupLrRate with
+            | None -> (float step + 1.0) / float (max 1 warmupSteps)
+            | Some r -> r + (1.0 - r) * float step / float (max 1 (warmupSteps - 1))
+        let decay (sinceWarmup: int) =
+            let p = (float sinceWarmup + 1.0) / float (max 1 (totalSteps - warmupSteps))
+            let factor = 0.5 * (1.0 + Math.Cos(Math.PI * numCycles * 2.0 * p))
+            max 0.0 (factor * (1.0 - rate) + rate)
+        scaled baseLr (join [ warmup; decay ] [ warmupSteps ])
 
     /// Warmup over warmupSteps, constant over stableSteps, decay over decaySteps, then minLrRatio (HF's
     /// get_wsd_schedule). Warmup and decay follow their shapes and are lifted to the floor:
@@ -308,7 +374,9 @@ module Schedule =
           "polynomial"
           "inverse_sqrt"
           "cosine_with_min_lr"
-          "warmup_stable_decay" ]
+          "cosine_warmup_with_min_lr"
+          "warmup_stable_decay"
+          "reduce_lr_on_plateau" ]
 
     let private kinds =
         [ SchedulerKind.Constant
@@ -319,7 +387,9 @@ module Schedule =
           SchedulerKind.Polynomial
           SchedulerKind.InverseSqrt
           SchedulerKind.CosineWithMinLr
-          SchedulerKind.WarmupStableDecay ]
+          SchedulerKind.CosineWarmupWithMinLr
+          SchedulerKind.WarmupStableDecay
+          SchedulerKind.ReduceLrOnPlateau ]
 
     /// The kind HF calls name (exact, case-sensitive, as HF's SchedulerType), or None.
     let parseName (name: string) : SchedulerKind option =
@@ -350,7 +420,7 @@ module Schedule =
 
     /// The warmup steps of a run, as HF's TrainingArguments.get_warmup_steps: warmupSteps when given
     /// and > 0, else ceil(totalSteps * warmupRatio) computed in floating point exactly as HF does (so
-    /// 10 * 0.3 = 3.0000000000000004 rounds up to 4), else 0. The ratio must lie in [0, 1].
+    /// 100 * 0.07 = 7.000000000000001 rounds up to 8), else 0. The ratio must lie in [0, 1].
     let warmupSteps (totalSteps: int) (warmupSteps: int option) (warmupRatio: float option) : int =
         nonNegative "totalSteps" totalSteps
         warmupSteps |> Option.iter (nonNegative "warmupSteps")
@@ -363,12 +433,91 @@ module Schedule =
         | _, Some ratio -> int (Math.Ceiling(float totalSteps * ratio))
         | _ -> 0
 
+    /// The HF names (lr_scheduler_kwargs keys) of the options that are set, in ScheduleOptions' order.
+    let givenKwargs (options: ScheduleOptions) : string list =
+        [ if options.NumCycles.IsSome then "num_cycles"
+          if options.LrEnd.IsSome then "lr_end"
+          if options.Power.IsSome then "power"
+          if options.Timescale.IsSome then "timescale"
+          match options.MinLr with
+          | Some(MinLearningRate.Absolute _) -> "min_lr"
+          | Some(MinLearningRate.RatioOfBase _) -> "min_lr_rate"
+          | None -> ()
+          if options.NumDecaySteps.IsSome then "num_decay_steps"
+          if options.NumStableSteps.IsSome then "num_stable_steps"
+          if options.WarmupShape.IsSome then "warmup_type"
+          if options.DecayShape.IsSome then "decay_type"
+          if options.MinLrRatio.IsSome then "min_lr_ratio"
+          if options.WarmupLrRate.IsSome then "warmup_lr_rate"
+          if options.Mode.IsSome then "mode"
+          if options.Factor.IsSome then "factor"
+          if options.Patience.IsSome then "patience"
+          if options.Threshold.IsSome then "threshold"
+          if options.ThresholdMode.IsSome then "threshold_mode"
+          if options.Cooldown.IsSome then "cooldown"
+          if options.Eps.IsSome then "eps" ]
+
+    /// The lr_scheduler_kwargs keys a kind takes: the keyword parameters of HF's schedule function
+    /// besides the optimizer, the step counts and last_epoch (inverse_sqrt's timescale included, which
+    /// HF's get_scheduler never passes on but is honoured here).
+    let acceptedKwargs (kind: SchedulerKind) : string list =
+        match kind with
+        | SchedulerKind.Constant
+        | SchedulerKind.ConstantWithWarmup
+        | SchedulerKind.Linear -> []
+        | SchedulerKind.Cosine
+        | SchedulerKind.CosineWithRestarts -> [ "num_cycles" ]
+        | SchedulerKind.Polynomial -> [ "lr_end"; "power" ]
+        | SchedulerKind.InverseSqrt -> [ "timescale" ]
+        | SchedulerKind.CosineWithMinLr -> [ "num_cycles"; "min_lr"; "min_lr_rate" ]
+        | SchedulerKind.CosineWarmupWithMinLr -> [ "num_cycles"; "min_lr"; "min_lr_rate"; "warmup_lr_rate" ]
+        | SchedulerKind.WarmupStableDecay ->
+            [ "num_stable_steps"; "num_decay_steps"; "warmup_type"; "decay_type"; "min_lr_ratio"; "num_cycles" ]
+        | SchedulerKind.ReduceLrOnPlateau ->
+            [ "mode"; "factor"; "patience"; "threshold"; "threshold_mode"; "cooldown"; "min_lr"; "eps" ]
+
+    /// Raises ArgumentException, named after the first key, when options set a kwarg the kind does not
+    /// take (HF raises TypeError for an unexpected keyword argument); the message names the key, the
+    /// schedule and the keys it takes.
+    let checkKwargs (kind: SchedulerKind) (options: ScheduleOptions) : unit =
+        let accepted = acceptedKwargs kind
+        match givenKwargs options |> List.filter (fun k -> not (List.contains k accepted)) with
+        | [] -> ()
+        | unexpected ->
+            let takes =
+                if List.isEmpty accepted then "takes none"
+                else sprintf "takes %s" (String.Join(", ", accepted))
+            argument (List.head unexpected)
+                (sprintf "%s does not take %s (it %s)." (name kind) (String.Join(", ", unexpected)) takes)
+
+    /// The settings of reduce_lr_on_plateau from its options (torch's defaults for those not set; min_lr
+    /// is MinLr's absolute form), checked by Plateau.validate. Raises ArgumentException naming a kwarg the
+    /// schedule does not take (checkKwargs), min_lr_rate included.
+    let plateauOptions (options: ScheduleOptions) : PlateauOptions =
+        checkKwargs SchedulerKind.ReduceLrOnPlateau options
+        let d = PlateauOptions.Defaults
+        let o =
+            { Mode = options.Mode |> Option.defaultValue d.Mode
+              Factor = options.Factor |> Option.defaultValue d.Factor
+              Patience = options.Patience |> Option.defaultValue d.Patience
+              Threshold = options.Threshold |> Option.defaultValue d.Threshold
+              ThresholdMode = options.ThresholdMode |> Option.defaultValue d.ThresholdMode
+              Cooldown = options.Cooldown |> Option.defaultValue d.Cooldown
+              MinLr =
+                (match options.MinLr with
+                 | Some(MinLearningRate.Absolute lr) -> lr
+                 | _ -> d.MinLr)
+              Eps = options.Eps |> Option.defaultValue d.Eps }
+        Plateau.validate o
+        o
+
     /// The schedule of a kind as HF's get_scheduler builds it from the base learning rate, the warmup
     /// and total optimizer steps and the schedule-specific options (ScheduleOptions documents each
     /// default). Raises ArgumentException naming the bad argument or option (cosine_with_min_lr needs
     /// MinLr; warmup_stable_decay needs NumDecaySteps and, without NumStableSteps, warmup + decay
-    /// steps <= total steps).
+    /// steps <= total steps; a kwarg the kind does not take raises, see checkKwargs).
     let create (kind: SchedulerKind) (baseLr: float) (warmupSteps: int) (totalSteps: int) (options: ScheduleOptions) : Schedule =
+        checkKwargs kind options
         let cycles defaultValue = options.NumCycles |> Option.defaultValue defaultValue
         match kind with
         | SchedulerKind.Constant -> constant baseLr
@@ -384,6 +533,10 @@ module Schedule =
             match options.MinLr with
             | Some minLr -> cosineWithMinLr baseLr warmupSteps totalSteps (cycles 0.5) minLr
             | None -> argument "MinLr" "cosine_with_min_lr needs min_lr or min_lr_rate."
+        | SchedulerKind.CosineWarmupWithMinLr ->
+            match options.MinLr with
+            | Some minLr -> cosineWarmupWithMinLr baseLr warmupSteps totalSteps (cycles 0.5) minLr options.WarmupLrRate
+            | None -> argument "MinLr" "cosine_warmup_with_min_lr needs min_lr or min_lr_rate."
         | SchedulerKind.WarmupStableDecay ->
             match options.NumDecaySteps with
             | None -> argument "NumDecaySteps" "warmup_stable_decay needs num_decay_steps."
@@ -403,3 +556,5 @@ module Schedule =
                     (options.DecayShape |> Option.defaultValue PhaseShape.Cosine)
                     (options.MinLrRatio |> Option.defaultValue 0.0)
                     (cycles 0.5)
+        | SchedulerKind.ReduceLrOnPlateau ->
+            argument "kind" "reduce_lr_on_plateau is driven by evaluations, not by the step: build a PlateauSchedule (plateauOptions)."

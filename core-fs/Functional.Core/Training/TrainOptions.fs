@@ -379,6 +379,8 @@ module TrainOptions =
             "needs {eval_strategy} and {save_strategy} to be the same (steps or epoch), as in HF Trainer")
         check (not o.LoadBestModelAtEnd || o.SaveStrategy <> IntervalStrategy.Steps || o.SaveSteps % o.EvalSteps = 0) "{save_steps}" (fun () ->
             sprintf "must be a multiple of {eval_steps} (%d) with {load_best_model_at_end}, so every checkpoint has a metric" o.EvalSteps)
+        check (o.LrSchedulerType <> SchedulerKind.ReduceLrOnPlateau || evalStrategy <> IntervalStrategy.No) "{lr_scheduler_type}" (fun () ->
+            "reduce_lr_on_plateau needs evaluations during the run ({eval_strategy} steps or epoch), as in HF Trainer")
         check (o.EarlyStoppingPatience = 0 || evalStrategy <> IntervalStrategy.No) "{early_stopping_patience}" (fun () ->
             "needs evaluations during the run ({eval_strategy} steps or epoch)")
         check (o.LossChunkSize >= 0) "{loss_chunk_size}" (fun () ->
@@ -426,6 +428,26 @@ module TrainOptions =
         if o.MaxSteps > 0 then o.MaxSteps
         else max 1 (int (Math.Ceiling(o.NumTrainEpochs * float stepsPerEpoch)))
 
+    /// Reads HF v5's warmup_steps, which may be a ratio: a value in (0, 1) is a fraction of the run's
+    /// optimizer steps (rounded up, as warmup_ratio), 0 or a whole number is a step count. Returns the
+    /// (NumWarmupSteps, WarmupRatio) pair for a run that also got warmupRatio (the older warmup_ratio
+    /// setting). Raises InvalidInputException naming num_warmup_steps for a negative, non-finite or
+    /// fractional value above 1, or for a ratio given together with a warmup_ratio above 0.
+    let warmupOfSteps (warmupSteps: float) (warmupRatio: float) : int * float =
+        if not (Double.IsFinite warmupSteps) || warmupSteps < 0.0 then
+            InvalidInput.setting "num_warmup_steps"
+                (sprintf "must be >= 0 (optimizer steps, or a ratio of the run's steps below 1), got %g" warmupSteps)
+        elif warmupSteps > 0.0 && warmupSteps < 1.0 then
+            if warmupRatio > 0.0 then
+                InvalidInput.setting "num_warmup_steps"
+                    (sprintf "%g is a ratio of the run's steps (below 1), and {warmup_ratio} = %g is given too: set only one"
+                        warmupSteps warmupRatio)
+            (0, warmupSteps)
+        elif warmupSteps <> Math.Floor warmupSteps || warmupSteps > float Int32.MaxValue then
+            InvalidInput.setting "num_warmup_steps"
+                (sprintf "must be a whole number of optimizer steps, or a ratio of the run's steps below 1, got %g" warmupSteps)
+        else (int warmupSteps, warmupRatio)
+
     /// Warmup steps for a run of totalSteps; raises InvalidInputException when the warmup is longer than the run.
     let warmupSteps (o: TrainOptions) (totalSteps: int) =
         let warmup =
@@ -443,7 +465,9 @@ module SchedulerKwargs =
 
     /// Parses e.g. {"num_cycles": 2, "min_lr_rate": 0.1} with HF's key names: num_cycles, lr_end, power,
     /// timescale, min_lr, min_lr_rate, num_decay_steps, num_stable_steps, warmup_type, decay_type,
-    /// min_lr_ratio. origin names the option for errors.
+    /// min_lr_ratio, warmup_lr_rate, and reduce_lr_on_plateau's mode, factor, patience, threshold,
+    /// threshold_mode, cooldown, eps (its min_lr is min_lr). origin names the option for errors; min_lr together with min_lr_rate
+    /// is refused naming both. Whether the chosen schedule takes each key is Schedule.checkKwargs' part.
     let parse (origin: string) (json: string) : ScheduleOptions =
         let root =
             match JsonInput.tryParse json with
@@ -470,8 +494,27 @@ module SchedulerKwargs =
             | "lr_end" -> { o with LrEnd = Some(number p) }
             | "power" -> { o with Power = Some(number p) }
             | "timescale" -> { o with Timescale = Some(integer p) }
+            | "min_lr" | "min_lr_rate" when o.MinLr.IsSome ->
+                InvalidInput.fail origin p.Name
+                    "min_lr and min_lr_rate are both given: set only one of them (as HF requires)"
             | "min_lr" -> { o with MinLr = Some(MinLearningRate.Absolute(number p)) }
             | "min_lr_rate" -> { o with MinLr = Some(MinLearningRate.RatioOfBase(number p)) }
+            | "warmup_lr_rate" -> { o with WarmupLrRate = Some(number p) }
+            | "mode" ->
+                match (if p.Value.ValueKind = JsonValueKind.String then p.Value.GetString() else "") with
+                | "min" -> { o with Mode = Some PlateauMode.Min }
+                | "max" -> { o with Mode = Some PlateauMode.Max }
+                | _ -> InvalidInput.fail origin p.Name (sprintf "expected \"min\" or \"max\", found %s" (p.Value.GetRawText()))
+            | "threshold_mode" ->
+                match (if p.Value.ValueKind = JsonValueKind.String then p.Value.GetString() else "") with
+                | "rel" -> { o with ThresholdMode = Some ThresholdMode.Relative }
+                | "abs" -> { o with ThresholdMode = Some ThresholdMode.Absolute }
+                | _ -> InvalidInput.fail origin p.Name (sprintf "expected \"rel\" or \"abs\", found %s" (p.Value.GetRawText()))
+            | "factor" -> { o with Factor = Some(number p) }
+            | "patience" -> { o with Patience = Some(integer p) }
+            | "threshold" -> { o with Threshold = Some(number p) }
+            | "cooldown" -> { o with Cooldown = Some(integer p) }
+            | "eps" -> { o with Eps = Some(number p) }
             | "num_decay_steps" -> { o with NumDecaySteps = Some(integer p) }
             | "num_stable_steps" -> { o with NumStableSteps = Some(integer p) }
             | "warmup_type" -> { o with WarmupShape = Some(shape p) }
@@ -479,5 +522,5 @@ module SchedulerKwargs =
             | "min_lr_ratio" -> { o with MinLrRatio = Some(number p) }
             | other ->
                 InvalidInput.fail origin other
-                    "unknown key (expected num_cycles, lr_end, power, timescale, min_lr, min_lr_rate, num_decay_steps, num_stable_steps, warmup_type, decay_type or min_lr_ratio)")
+                    "unknown key (expected num_cycles, lr_end, power, timescale, min_lr, min_lr_rate, num_decay_steps, num_stable_steps, warmup_type, decay_type, min_lr_ratio, warmup_lr_rate, mode, factor, patience, threshold, threshold_mode, cooldown or eps)")
             ScheduleOptions.Defaults

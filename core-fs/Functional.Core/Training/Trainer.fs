@@ -105,6 +105,9 @@ type LoopPlan =
       WarmupSteps: int
       /// The learning rate of update k (from 0).
       Schedule: int -> float
+      /// With reduce_lr_on_plateau: the schedule's state, which Schedule reads and each evaluation during
+      /// the run steps (with the metric of metric_for_best_model); None for the other schedules.
+      Plateau: PlateauSchedule option
       /// When set, the trainer charges the time of every step's phases to it (benchmarks); None (what
       /// plan gives) costs nothing.
       PhaseClock: PhaseClock option }
@@ -408,14 +411,20 @@ module TrainingLoop =
         let accumulation = Accumulation.plan microBatchesPerEpoch options.GradientAccumulationSteps
         let totalSteps = TrainOptions.totalSteps options (Accumulation.stepsPerEpoch accumulation)
         let warmup = TrainOptions.warmupSteps options totalSteps
-        let schedule =
-            try Schedule.create options.LrSchedulerType options.LearningRate warmup totalSteps options.LrSchedulerOptions
+        let schedule, plateau =
+            try
+                match options.LrSchedulerType with
+                | SchedulerKind.ReduceLrOnPlateau ->
+                    let plateau = PlateauSchedule(Schedule.plateauOptions options.LrSchedulerOptions, options.LearningRate)
+                    plateau.Rate, Some plateau
+                | kind -> Schedule.create kind options.LearningRate warmup totalSteps options.LrSchedulerOptions, None
             with :? ArgumentException as e -> InvalidInput.setting "lr_scheduler_kwargs" e.Message
         { Options = options
           Accumulation = accumulation
           TotalSteps = totalSteps
           WarmupSteps = warmup
           Schedule = schedule
+          Plateau = plateau
           PhaseClock = None }
 
     /// Plans a run of worldSize processes over rowCount rows: plan over the rows each process trains

@@ -40,7 +40,10 @@ type CheckpointRecord =
       TotalFlos: float
       /// The sum of the per-step losses so far and the steps it holds: the summary's train_loss is their
       /// mean (HF's average training loss of the run).
-      TrainLoss: float * int }
+      TrainLoss: float * int
+      /// With reduce_lr_on_plateau: the schedule's state after this step's evaluation (a resumed run goes
+      /// on from it); None for the other schedules.
+      Plateau: PlateauState option }
 
 /// What a checkpoint gives back to resume a run.
 [<NoComparison; NoEquality>]
@@ -109,7 +112,18 @@ module TrainingCheckpoint =
               match o.NumStableSteps with Some v -> "num_stable_steps", string v | None -> ()
               match o.WarmupShape with Some v -> "warmup_type", shape v | None -> ()
               match o.DecayShape with Some v -> "decay_type", shape v | None -> ()
-              match o.MinLrRatio with Some v -> "min_lr_ratio", number v | None -> () ]
+              match o.MinLrRatio with Some v -> "min_lr_ratio", number v | None -> ()
+              match o.WarmupLrRate with Some v -> "warmup_lr_rate", number v | None -> ()
+              match o.Mode with Some PlateauMode.Min -> "mode", "min" | Some PlateauMode.Max -> "mode", "max" | None -> ()
+              match o.Factor with Some v -> "factor", number v | None -> ()
+              match o.Patience with Some v -> "patience", string v | None -> ()
+              match o.Threshold with Some v -> "threshold", number v | None -> ()
+              match o.ThresholdMode with
+              | Some ThresholdMode.Relative -> "threshold_mode", "rel"
+              | Some ThresholdMode.Absolute -> "threshold_mode", "abs"
+              | None -> ()
+              match o.Cooldown with Some v -> "cooldown", string v | None -> ()
+              match o.Eps with Some v -> "eps", number v | None -> () ]
 
     let private precisionName (p: Precision) =
         match p with
@@ -365,6 +379,7 @@ module TrainingCheckpoint =
                       "early_stopping_counter", raw (fst record.EarlyStopping)
                       "train_loss_sum", raw (fst record.TrainLoss)
                       "train_loss_steps", raw (snd record.TrainLoss)
+                      "lr_scheduler_plateau", (match record.Plateau with Some state -> raw state | None -> "null")
                       "early_stopping_best", (match snd record.EarlyStopping with Some v -> raw v | None -> "null") ] }
         let communicator = context.Communicator
         let size = communicator.Size
@@ -494,6 +509,10 @@ module TrainingCheckpoint =
                     (functionalField statePath state "train_loss_sum").Deserialize<float>(jsonOptions),
                     (functionalField statePath state "train_loss_steps").GetInt32()
                 | _ -> 0.0, 0
+              Plateau =
+                match state.Functional.TryFind "lr_scheduler_plateau" with
+                | Some json when json <> "null" -> Some(JsonSerializer.Deserialize<PlateauState>(json, jsonOptions))
+                | _ -> None
               EarlyStopping =
                 (functionalField statePath state "early_stopping_counter").GetInt32(),
                 (match (functionalField statePath state "early_stopping_best").ValueKind with
