@@ -15,7 +15,7 @@ open Expecto
 open Functional.Tests.TestUtil
 open Functional.Tests.ScriptTests
 
-/// A notebook the runner cannot run, with the reason.
+/// A notebook this repository does not accept (before the kernel runs it), with the reason.
 type NotebookRejectedException(message: string) =
     inherit Exception(message)
 
@@ -34,7 +34,7 @@ type Cell =
       /// metadata.tags.
       Tags: string list }
 
-/// What the runner reads of an .ipynb file.
+/// What the checks read of an .ipynb file.
 type Notebook =
     { /// The file.
       Path: string
@@ -47,7 +47,7 @@ type Notebook =
       /// The cells in order.
       Cells: Cell list }
 
-/// The languages the runner runs.
+/// The languages of this repository's notebooks.
 type NotebookLanguage =
     | FSharp
     | CSharp
@@ -117,7 +117,7 @@ let languageOf (name: string) =
     | _ -> None
 
 /// The code cells and their one language: each cell's own language, else the notebook's kernel.
-/// Rejects a notebook without code cells, with a cell in a language the runner does not run, or
+/// Rejects a notebook without code cells, with a cell in another language than F# and C#, or
 /// mixing F# and C#.
 let codeCells (notebook: Notebook) : NotebookLanguage * Cell list =
     let cells = notebook.Cells |> List.filter (fun c -> c.Kind = "code" && not (String.IsNullOrWhiteSpace c.Source))
@@ -133,11 +133,11 @@ let codeCells (notebook: Notebook) : NotebookLanguage * Cell list =
                 | Some language -> language
                 | None ->
                     reject notebook.Path
-                        (sprintf "code cell %d is in the unknown kernel language \"%s\" (the runner runs fsharp and csharp)" (i + 1) name))
+                        (sprintf "code cell %d is in the unknown kernel language \"%s\" (this repository's notebooks use fsharp or csharp)" (i + 1) name))
         |> List.distinct
     match languages with
     | [ language ] -> language, cells
-    | _ -> reject notebook.Path "the notebook mixes F# and C# code cells; the runner runs one language per notebook"
+    | _ -> reject notebook.Path "the notebook mixes F# and C# code cells; this repository's notebooks use one language each (their metadata and .fsx twins assume it)"
 
 /// A run's time limit: far more than any notebook needs, so a hang fails instead of blocking CI.
 let private timeLimit = TimeSpan.FromMinutes 10.0
