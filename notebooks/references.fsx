@@ -14,6 +14,11 @@
 #r "../core-fs/Functional.Reporting/bin/Release/net10.0/Functional.Reporting.dll"
 #r "../core-fs/Functional.Demo/bin/Release/net10.0/Functional.Demo.dll"
 
+// Start TorchSharp's native libraries now (on systems with an older libstdc++ this loads a patched copy
+// of libLibTorchSharp.so first), so that any first cell may touch torch directly, before any call into
+// the library does it.
+Functional.Runtime.TorchRuntime.ensure ()
+
 /// The repository's folders that scripts and notebooks read from and write to.
 [<RequireQualifiedAccess>]
 module Repository =

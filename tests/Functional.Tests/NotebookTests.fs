@@ -1,15 +1,13 @@
-/// Runs every Polyglot notebook and F# script of the repository without the .NET Interactive kernel
-/// (which cannot be installed here): an F# notebook's code cells, joined in order, through `dotnet fsi`;
-/// a C# notebook's code cells as a .NET 10 file-based program (`dotnet run --file`); each
-/// notebooks/*.fsx through `dotnet fsi`. Any error fails the notebook's test with the output.
-/// The scripts use the Release build of Functional.Core (and Functional for C#), which CI builds first.
+/// Checks the repository's Polyglot notebooks and F# scripts: every notebook runs in the real .NET
+/// Interactive kernel (NotebookKernel: `dotnet interactive stdio`, the local tool pinned in
+/// .config/dotnet-tools.json), cell by cell, and fails on its first failing cell with the notebook, the
+/// cell and the error; every notebooks/*.fsx runs under `dotnet fsi`. Notebooks carry nbformat 4.5 cell
+/// ids and the kernel metadata, and each F# notebook holds the same cells as its script.
+/// The notebooks use the Release build of the library, which CI builds first.
 module Functional.Tests.NotebookTests
 
 open System
 open System.IO
-open System.Runtime.InteropServices
-open System.Security.Cryptography
-open System.Text
 open System.Text.Json
 open System.Text.Json.Nodes
 open System.Text.RegularExpressions
@@ -17,7 +15,7 @@ open Expecto
 open Functional.Tests.TestUtil
 open Functional.Tests.ScriptTests
 
-/// A notebook the runner cannot run, with the reason.
+/// A notebook this repository does not accept (before the kernel runs it), with the reason.
 type NotebookRejectedException(message: string) =
     inherit Exception(message)
 
@@ -36,7 +34,7 @@ type Cell =
       /// metadata.tags.
       Tags: string list }
 
-/// What the runner reads of an .ipynb file.
+/// What the checks read of an .ipynb file.
 type Notebook =
     { /// The file.
       Path: string
@@ -49,7 +47,7 @@ type Notebook =
       /// The cells in order.
       Cells: Cell list }
 
-/// The languages the runner runs.
+/// The languages of this repository's notebooks.
 type NotebookLanguage =
     | FSharp
     | CSharp
@@ -119,7 +117,7 @@ let languageOf (name: string) =
     | _ -> None
 
 /// The code cells and their one language: each cell's own language, else the notebook's kernel.
-/// Rejects a notebook without code cells, with a cell in a language the runner does not run, or
+/// Rejects a notebook without code cells, with a cell in another language than F# and C#, or
 /// mixing F# and C#.
 let codeCells (notebook: Notebook) : NotebookLanguage * Cell list =
     let cells = notebook.Cells |> List.filter (fun c -> c.Kind = "code" && not (String.IsNullOrWhiteSpace c.Source))
@@ -135,129 +133,38 @@ let codeCells (notebook: Notebook) : NotebookLanguage * Cell list =
                 | Some language -> language
                 | None ->
                     reject notebook.Path
-                        (sprintf "code cell %d is in the unknown kernel language \"%s\" (the runner runs fsharp and csharp)" (i + 1) name))
+                        (sprintf "code cell %d is in the unknown kernel language \"%s\" (this repository's notebooks use fsharp or csharp)" (i + 1) name))
         |> List.distinct
     match languages with
     | [ language ] -> language, cells
-    | _ -> reject notebook.Path "the notebook mixes F# and C# code cells; the runner runs one language per notebook"
-
-/// Rejects .NET Interactive magic commands (#!...), which only the kernel understands.
-let private rejectMagics (path: string) (cells: Cell list) =
-    cells
-    |> List.iteri (fun i cell ->
-        for line in cell.Source.Split '\n' do
-            if line.TrimStart().StartsWith "#!" then
-                reject path (sprintf "code cell %d uses the magic command %s, which only the .NET Interactive kernel runs" (i + 1) (line.Trim())))
-
-/// Stand-ins for the display helpers of the .NET Interactive F# kernel, which dotnet fsi lacks.
-let private fsharpStandIns =
-    """// Stand-ins for the .NET Interactive F# kernel's display helpers, which dotnet fsi lacks.
-let HTML (html: string) = html
-let display (value: obj) = printfn "display: %s" (let text = string value in if text.Length > 120 then text.Substring(0, 120) + "..." else text)
-"""
-
-/// The F# script that runs a notebook's code cells in order under dotnet fsi: the display stand-ins,
-/// then each cell after a comment with its number (so an error's line is easy to place).
-let fsharpProgram (path: string) (cells: Cell list) : string =
-    rejectMagics path cells
-    let text = StringBuilder(fsharpStandIns)
-    cells |> List.iteri (fun i cell -> text.Append(sprintf "\n// ---- code cell %d ----\n%s\n" (i + 1) cell.Source) |> ignore)
-    text.ToString()
-
-let private nugetReference = Regex(@"^\s*#r\s+""nuget:\s*([^,""\s]+)\s*(?:,\s*([^""\s]+))?\s*""\s*$")
-let private fileReference = Regex(@"^\s*#r\s+""([^""]+)""\s*$")
-let private usingDirective =
-    Regex(@"^\s*(global\s+)?using\s+((static\s+)?[A-Za-z_][\w.]*|[A-Za-z_]\w*\s*=\s*[^;]+)\s*;\s*$")
-
-/// Stand-ins for the display helpers of the .NET Interactive C# kernel, which a program lacks.
-let private csharpStandIns =
-    """
-/// <summary>Stand-ins for the .NET Interactive C# kernel's display helpers, which a program lacks.</summary>
-static class NotebookStandIns
-{
-    public static void display(object? value)
-    {
-        var text = value?.ToString() ?? "null";
-        Console.WriteLine("display: " + (text.Length > 120 ? text[..120] + "..." : text));
-    }
-
-    public static string HTML(string html) => html;
-}
-"""
-
-/// The .NET 10 file-based program that runs a C# notebook's code cells in order, built for this
-/// machine's runtime identifier: `#r "nuget: Name, Version"` becomes `#:package Name@Version`, `#r "file.dll"` (relative to the notebook's folder)
-/// becomes `#:include` of its full path, using directives move to the top, and the rest of every cell
-/// follows as top-level statements, each after a comment with its cell number. Other `#r`, `#i`,
-/// `#load` and magic commands are rejected.
-let csharpProgram (path: string) (cells: Cell list) : string =
-    rejectMagics path cells
-    let folder = Path.GetDirectoryName(Path.GetFullPath path)
-    let directives = ResizeArray<string>()
-    let usings = ResizeArray<string>()
-    let body = StringBuilder()
-    cells
-    |> List.iteri (fun i cell ->
-        body.Append(sprintf "// ---- code cell %d ----\n" (i + 1)) |> ignore
-        for line in cell.Source.Replace("\r\n", "\n").Split '\n' do
-            let nuget = nugetReference.Match line
-            let file = fileReference.Match line
-            if nuget.Success then
-                let version = if nuget.Groups[2].Success then nuget.Groups[2].Value else "*"
-                directives.Add(sprintf "#:package %s@%s" nuget.Groups[1].Value version)
-            elif file.Success then
-                directives.Add(sprintf "#:include %s" (Path.GetFullPath(Path.Combine(folder, file.Groups[1].Value))))
-            elif Regex.IsMatch(line, @"^\s*#(r|i|load)\b") then
-                reject path (sprintf "code cell %d has a directive the runner does not translate: %s" (i + 1) (line.Trim()))
-            elif usingDirective.IsMatch line then
-                usings.Add(line.Trim())
-            else
-                body.Append(line).Append('\n') |> ignore)
-    let program = StringBuilder()
-    program.Append("#!/usr/bin/env dotnet\n") |> ignore
-    program.Append("#:property PublishAot=false\n") |> ignore
-    // Only this platform's native libraries are copied (TorchSharp-cpu brings libtorch for three).
-    program.Append(sprintf "#:property RuntimeIdentifier=%s\n" RuntimeInformation.RuntimeIdentifier) |> ignore
-    for d in Seq.distinct directives do program.Append(d).Append('\n') |> ignore
-    program.Append(sprintf "// Generated by the notebook tests from %s.\n" path) |> ignore
-    for u in Seq.distinct usings do program.Append(u).Append('\n') |> ignore
-    program.Append("using static NotebookStandIns;\n\n").Append(body).Append(csharpStandIns) |> ignore
-    program.ToString()
+    | _ -> reject notebook.Path "the notebook mixes F# and C# code cells; this repository's notebooks use one language each (their metadata and .fsx twins assume it)"
 
 /// A run's time limit: far more than any notebook needs, so a hang fails instead of blocking CI.
 let private timeLimit = TimeSpan.FromMinutes 10.0
 
-let private fingerprint (text: string) =
-    Convert.ToHexString(SHA256.HashData(Encoding.UTF8.GetBytes text)).Substring(0, 16).ToLowerInvariant()
-
-/// Runs a notebook (F# or C#) or an F# script with $FUNCTIONAL_NOTEBOOK_OUTPUT set to a fresh temporary
-/// folder, in the file's own folder (so relative paths resolve as they do for the notebook).
-let run (path: string) : ProcessRun =
+/// Runs an F# script under `dotnet fsi` with $FUNCTIONAL_NOTEBOOK_OUTPUT set to a fresh temporary folder,
+/// in the script's own folder (so relative paths resolve as they do for the notebook).
+let runScript (path: string) : ProcessRun =
     let path = Path.GetFullPath path
-    let folder = Path.GetDirectoryName path
-    let name = Path.GetFileNameWithoutExtension path
     use output = new TempFolder()
-    let environment = [ "FUNCTIONAL_NOTEBOOK_OUTPUT", output.Path ]
-    if path.EndsWith ".fsx" then
-        runProcess "dotnet" [ "fsi"; path ] folder environment timeLimit
-    else
-        match codeCells (parseNotebook path (File.ReadAllText path)) with
-        | FSharp, cells ->
-            // Beside the notebook, so #load "references.fsx" and relative paths resolve as for the notebook.
-            let script = Path.Combine(folder, sprintf ".%s.%s.run.fsx" name (Guid.NewGuid().ToString "N"))
-            File.WriteAllText(script, fsharpProgram path cells)
-            try runProcess "dotnet" [ "fsi"; script ] folder environment timeLimit
-            finally File.Delete script
-        | CSharp, cells ->
-            // Outside the repository (its Directory.Build.props would apply), at a path that stays the same
-            // between runs of the same program, so dotnet reuses its build. The path follows the program's
-            // text too: dotnet's up-to-date check of a file-based program misses a new #:include.
-            let text = csharpProgram path cells
-            let programFolder = Path.Combine(Path.GetTempPath(), "functional-notebooks", name + "-" + fingerprint (path + "\n" + text))
-            Directory.CreateDirectory programFolder |> ignore
-            let program = Path.Combine(programFolder, name + ".cs")
-            File.WriteAllText(program, text)
-            runProcess "dotnet" [ "run"; "--file"; program ] folder environment timeLimit
+    runProcess "dotnet" [ "fsi"; path ] (Path.GetDirectoryName path) [ "FUNCTIONAL_NOTEBOOK_OUTPUT", output.Path ] timeLimit
+
+/// Runs a notebook in the real .NET Interactive kernel (NotebookKernel.runNotebook) with
+/// $FUNCTIONAL_NOTEBOOK_OUTPUT set to a fresh temporary folder.
+let runInKernel (root: string) (path: string) : NotebookKernel.NotebookRun =
+    use output = new TempFolder()
+    NotebookKernel.runNotebook root path [ "FUNCTIONAL_NOTEBOOK_OUTPUT", output.Path ]
+
+/// Fails the test with the notebook, cell and error of a failed kernel run (and the end of what the
+/// kernel wrote to stderr), or with the compiler warnings of its cells.
+let expectKernelSuccess (run: NotebookKernel.NotebookRun) =
+    match run.Failure with
+    | Some failure -> failtestf "%s\n--- kernel stderr ---\n%s" failure (tail 4000 run.KernelStderr)
+    | None ->
+        let warnings =
+            [ for cell in run.Cells do
+                  for w in cell.Warnings -> sprintf "%s cell %d: %s" (Path.GetFileName run.Path) cell.Number w ]
+        Expect.isEmpty warnings "the notebook's cells compile without warnings"
 
 /// The cells of a literate F# script: `(**` ... `*)` blocks (each marker on its own line) are markdown
 /// cells, the code between them a code cell (blank lines at either end dropped).
@@ -305,7 +212,7 @@ let discover (root: string) =
 /// A notebook's JSON from cells given as (kind, language, source); language "" leaves the cell's
 /// metadata empty.
 let private notebookJson (kernel: string) (cells: (string * string * string) list) =
-    let cell (kind: string, language: string, source: string) =
+    let cell (index: int) (kind: string, language: string, source: string) =
         let metadata = JsonObject()
         if language <> "" then
             metadata["dotnet_interactive"] <- JsonObject(dict [ "language", JsonValue.Create language :> JsonNode ])
@@ -314,13 +221,15 @@ let private notebookJson (kernel: string) (cells: (string * string * string) lis
         JsonObject(
             dict
                 [ "cell_type", JsonValue.Create kind :> JsonNode
+                  "id", JsonValue.Create(sprintf "cell-%d" (index + 1))
                   "metadata", metadata
                   "source", JsonArray(lines) ])
         :> JsonNode
     let notebook = JsonObject()
-    notebook["cells"] <- JsonArray(cells |> List.map cell |> Array.ofList)
+    notebook["cells"] <- JsonArray(cells |> List.mapi cell |> Array.ofList)
     notebook["metadata"] <- JsonObject(dict [ "kernelspec", JsonObject(dict [ "name", JsonValue.Create kernel :> JsonNode ]) :> JsonNode ])
     notebook["nbformat"] <- JsonValue.Create 4
+    notebook["nbformat_minor"] <- JsonValue.Create 5
     notebook.ToJsonString()
 
 let private rejection (action: unit -> 'T) =
@@ -350,42 +259,6 @@ let private unitTests =
           let notebook = parseNotebook "mixed.ipynb" (notebookJson ".net-fsharp" [ "code", "fsharp", "1"; "code", "csharp", "1;" ])
           Expect.stringContains (rejection (fun () -> codeCells notebook)) "mixes F# and C#" "the message says why"
       }
-      test "F# cells run in order after the display stand-ins, each marked with its number" {
-          let notebook =
-              parseNotebook "f.ipynb" (notebookJson ".net-fsharp" [ "code", "fsharp", "let a = 1"; "markdown", "", "text"; "code", "fsharp", "printfn \"%d\" a" ])
-          let program = fsharpProgram notebook.Path (snd (codeCells notebook))
-          let first = program.IndexOf "// ---- code cell 1 ----\nlet a = 1"
-          let second = program.IndexOf "// ---- code cell 2 ----\nprintfn \"%d\" a"
-          Expect.isGreaterThan first (program.IndexOf "let HTML") "the stand-ins come first"
-          Expect.isGreaterThan second first "cells keep their order; markdown is left out"
-      }
-      test "C# cells become a file-based program: #r lines turn into directives and using directives move up" {
-          let notebook =
-              parseNotebook "/repo/notebooks/c.ipynb"
-                  (notebookJson ".net-csharp"
-                      [ "code", "csharp", "#r \"nuget: TorchSharp-cpu, 0.107.0\"\n#r \"../lib/Functional.dll\"\nusing System.IO;\nusing Functional;\nvar a = 1;"
-                        "code", "csharp", "using static System.Math;\nusing var stream = new MemoryStream();\nConsole.WriteLine(Abs(a));" ])
-          let program = csharpProgram notebook.Path (snd (codeCells notebook))
-          let lines = program.Split '\n' |> List.ofArray
-          let index (line: string) =
-              match List.tryFindIndex ((=) line) lines with
-              | Some i -> i
-              | None -> failtestf "the program lacks the line %s:\n%s" line program
-          Expect.equal (index "#!/usr/bin/env dotnet") 0 "a file-based program's entry file starts with a shebang"
-          let package = index "#:package TorchSharp-cpu@0.107.0"
-          let dll = index "#:include /repo/lib/Functional.dll"
-          let usings = [ index "using System.IO;"; index "using Functional;"; index "using static System.Math;" ]
-          let statements = [ index "var a = 1;"; index "using var stream = new MemoryStream();"; index "Console.WriteLine(Abs(a));" ]
-          Expect.isLessThan (max package dll) (List.min usings) "#: directives come before any C# code"
-          Expect.isLessThan (List.max usings) (List.min statements) "using directives come before the statements"
-          Expect.equal statements (List.sort statements) "statements keep their order (a using declaration stays a statement)"
-      }
-      test "a magic command is rejected with the cell named" {
-          let notebook = parseNotebook "m.ipynb" (notebookJson ".net-csharp" [ "code", "csharp", "var a = 1;"; "code", "csharp", "#!time\nvar b = 2;" ])
-          let message = rejection (fun () -> csharpProgram notebook.Path (snd (codeCells notebook)))
-          Expect.stringContains message "code cell 2" "the cell"
-          Expect.stringContains message "#!time" "and the command"
-      }
       test "a literate script splits into markdown and code cells" {
           let script = "(**\n# Title\n*)\n#load \"references.fsx\"\n\nlet a = 1\n\n(**\ntext\n*)\nprintfn \"%d\" a\n"
           Expect.equal
@@ -394,23 +267,85 @@ let private unitTests =
               "cells in order"
       } ]
 
-let private failingRuns =
-    [ test "an F# notebook whose cell throws fails its run, with the error in the output" {
-          use folder = new TempFolder()
-          let path = folder.File "throws.ipynb"
-          File.WriteAllText(path, notebookJson ".net-fsharp" [ "code", "fsharp", "printfn \"first cell\""; "code", "fsharp", "failwith \"raised by cell 2\" |> ignore" ])
-          let result = run path
-          Expect.notEqual result.ExitCode 0 "the run fails"
-          Expect.stringContains (describe result) "raised by cell 2" "the message holds the cell's error"
-          Expect.isEmpty (Directory.GetFiles(folder.Path, "*.run.fsx")) "the temporary script is removed"
+/// Runs a notebook made of cells in the kernel, from a temporary folder.
+let private runCells (root: string) (kernel: string) (cells: (string * string * string) list) =
+    use folder = new TempFolder()
+    let path = folder.File "broken.ipynb"
+    File.WriteAllText(path, notebookJson kernel cells)
+    runInKernel root path
+
+let private failingRuns (root: string) =
+    [ test "an F# notebook with a cell that does not compile fails at that cell, with the compiler's error" {
+          let run =
+              runCells root ".net-fsharp"
+                  [ "markdown", "", "# A broken notebook"
+                    "code", "fsharp", "printfn \"first cell\""
+                    "code", "fsharp", "let count: int = \"not a number\""
+                    "code", "fsharp", "printfn \"never runs\"" ]
+          let failure = Expect.wantSome run.Failure "the run fails"
+          Expect.stringContains failure "broken.ipynb" "the message names the notebook"
+          Expect.stringContains failure "cell 3 (id cell-3)" "and the failing cell (markdown cells count)"
+          Expect.stringContains failure "FS0001" "and holds the compiler's error"
+          Expect.equal (run.Cells |> List.map (fun c -> c.Number)) [ 2; 3 ] "the run stops at the failing cell"
+          Expect.contains (run.Cells[0].Outputs) (NotebookKernel.Stream("stdout", "first cell")) "the first cell ran in the kernel"
+          Expect.throwsT<AssertException> (fun () -> expectKernelSuccess run) "the test of such a notebook fails"
       }
-      test "a C# notebook that does not compile fails its run, with the compiler's error" {
+      test "a C# notebook whose cell throws fails at that cell, with the exception" {
+          let run =
+              runCells root ".net-csharp"
+                  [ "code", "csharp", "var answer = 42;"
+                    "code", "csharp", "throw new InvalidOperationException($\"raised by cell 2 after {answer}\");"
+                    "code", "csharp", "Console.WriteLine(\"never runs\");" ]
+          let failure = Expect.wantSome run.Failure "the run fails"
+          Expect.stringContains failure "cell 2 (id cell-2)" "the message names the failing cell"
+          Expect.stringContains failure "raised by cell 2 after 42" "and holds the exception's message (state from cell 1 is kept)"
+          Expect.equal run.Cells.Length 2 "the run stops at the failing cell"
+      }
+      test "a notebook whose cells compile with a warning fails its test" {
+          let run = runCells root ".net-fsharp" [ "code", "fsharp", "let f x = match x with 1 -> \"one\"\nf 1" ]
+          Expect.isNone run.Failure "the cell runs"
+          Expect.exists run.Cells[0].Warnings (fun w -> w.Contains "FS0025") "the kernel reports the incomplete match"
+          Expect.throwsT<AssertException> (fun () -> expectKernelSuccess run) "and the test fails on it"
+      }
+      test "a first cell may use TorchSharp directly after loading references.fsx" {
+          let references = Path.Combine(root, "notebooks", "references.fsx").Replace('\\', '/')
+          let run =
+              runCells root ".net-fsharp"
+                  [ "code", "fsharp", sprintf "#load \"%s\"\nlet total = TorchSharp.torch.ones(3L).sum().item<float32>()\nprintfn \"total %%g\" total" references ]
+          expectKernelSuccess run
+          let printed =
+              run.Cells[0].Outputs
+              |> List.choose (function
+                  | NotebookKernel.Stream("stdout", text) -> Some text
+                  | _ -> None)
+              |> String.concat ""
+          Expect.stringContains printed "total 3" "the tensor was made and summed"
+      }
+      test "without the kernel's tool manifest the run fails (no fallback)" {
+          // A root without .config/dotnet-tools.json: `dotnet interactive` does not exist there.
+          use elsewhere = new TempFolder()
+          let run = runCells elsewhere.Path ".net-fsharp" [ "code", "fsharp", "1 + 1" ]
+          let failure = Expect.wantSome run.Failure "the run fails"
+          Expect.stringContains failure "dotnet tool restore" "the message says how to install the kernel"
+      }
+      test "an executed copy carries each cell's outputs and execution count" {
+          let original = notebookJson ".net-fsharp" [ "code", "fsharp", "printfn \"hello\""; "code", "fsharp", "failwith \"stop\"" ]
           use folder = new TempFolder()
-          let path = folder.File "broken.ipynb"
-          File.WriteAllText(path, notebookJson ".net-csharp" [ "code", "csharp", "using System;\nint count = \"not a number\";" ])
-          let result = run path
-          Expect.notEqual result.ExitCode 0 "the run fails"
-          Expect.stringContains (describe result) "CS0029" "the message holds the compiler's error"
+          let path = folder.File "copy.ipynb"
+          File.WriteAllText(path, original)
+          let run = runInKernel root path
+          let copy = JsonNode.Parse(NotebookKernel.executedCopy original run)
+          let cells = copy["cells"].AsArray()
+          let first, second = cells[0], cells[1]
+          let count = first["execution_count"].GetValue<int>()
+          Expect.equal count 1 "the first cell's execution count"
+          let output = first["outputs"].AsArray()[0]
+          let kind = output["output_type"].GetValue<string>()
+          let text = output["text"].GetValue<string>()
+          Expect.equal kind "stream" "a stream output"
+          Expect.stringContains text "hello" "with the printed text"
+          let second = second["outputs"].AsArray() |> Seq.map (fun o -> o["output_type"].GetValue<string>()) |> List.ofSeq
+          Expect.contains second "error" "the failing cell gets an error output"
       } ]
 
 /// Kernel metadata: the kernelspec and language_info of the notebook's language, and every code cell
@@ -444,7 +379,26 @@ let tests =
         let notebooks = files |> List.filter (fun f -> f.EndsWith ".ipynb")
         testList "notebooks" [
             yield! unitTests
-            yield testSequenced (testList "failing runs" failingRuns)
+            yield testSequenced (testList "failing runs" (failingRuns root))
+            yield test "every notebook has nbformat 4.5 cell ids, unique within it" {
+                Expect.isNonEmpty notebooks "notebooks are found"
+                let valid = Regex("^[a-zA-Z0-9_-]{1,64}$")
+                let problems =
+                    [ for file in notebooks do
+                          let json = JsonNode.Parse(File.ReadAllText(Path.Combine(root, file)))
+                          let minor = json["nbformat_minor"]
+                          if isNull minor || minor.GetValue<int>() < 5 then yield sprintf "%s: nbformat_minor is below 5" file
+                          let ids =
+                              [ for i, cell in Seq.indexed (json["cells"].AsArray()) ->
+                                    match cell["id"] with
+                                    | :? JsonValue as id when id.GetValueKind() = JsonValueKind.String -> i, id.GetValue<string>()
+                                    | _ -> i, "" ]
+                          for i, id in ids do
+                              if not (valid.IsMatch id) then yield sprintf "%s: cell %d has no valid id (%A)" file (i + 1) id
+                          for id, count in ids |> List.countBy snd do
+                              if count > 1 && id <> "" then yield sprintf "%s: the id %s is used %d times" file id count ]
+                Expect.isEmpty problems "cell ids"
+            }
             yield test "every notebook has the .NET Interactive kernel metadata" {
                 Expect.isNonEmpty notebooks "notebooks are found"
                 let problems =
@@ -473,9 +427,17 @@ let tests =
                 testSequenced (
                     testList "run" [
                         for file in files ->
-                            test (sprintf "%s runs without error" (file.Replace('\\', '/'))) {
-                                expectSuccess (run (Path.Combine(root, file)))
-                            }
+                            if file.EndsWith ".ipynb" then
+                                test (sprintf "%s runs in the .NET Interactive kernel without error" (file.Replace('\\', '/'))) {
+                                    let path = Path.Combine(root, file)
+                                    // Unknown kernel languages are refused with a clear message before the kernel starts.
+                                    codeCells (parseNotebook path (File.ReadAllText path)) |> ignore
+                                    expectKernelSuccess (runInKernel root path)
+                                }
+                            else
+                                test (sprintf "%s runs under dotnet fsi without error" (file.Replace('\\', '/'))) {
+                                    expectSuccess (runScript (Path.Combine(root, file)))
+                                }
                     ]
                 )
         ]
