@@ -25,24 +25,29 @@ let output = Repository.output "schedule-explorer"
 `Schedule.create` builds a schedule as HF's `get_scheduler` does: the base learning rate, the warmup
 and total optimizer steps, and the schedule's own options (HF's `lr_scheduler_kwargs`). A schedule is a
 function from the optimizer step (from 0) to the learning rate. Here: base rate 1e-3, 10 warmup steps,
-2 cycles for the restarts, a floor of 10% for `cosine_with_min_lr`, 30 decay steps for
-`warmup_stable_decay`.
+2 cycles for the restarts, a floor of 10% for `cosine_with_min_lr` and `cosine_warmup_with_min_lr`,
+30 decay steps for `warmup_stable_decay`.
 *)
 let totalSteps = 100
 let warmupSteps = 10
 let baseLr = 1e-3
 
-let scheduleOptions =
-    { ScheduleOptions.Defaults with
-        MinLr = Some(MinLearningRate.RatioOfBase 0.1)
-        NumDecaySteps = Some 30 }
+/// Each schedule's own options: a schedule refuses the ones it does not take, as HF's do.
+let optionsFor (kind: SchedulerKind) =
+    match kind with
+    | SchedulerKind.CosineWithRestarts -> { ScheduleOptions.Defaults with NumCycles = Some 2.0 }
+    | SchedulerKind.CosineWithMinLr
+    | SchedulerKind.CosineWarmupWithMinLr -> { ScheduleOptions.Defaults with MinLr = Some(MinLearningRate.RatioOfBase 0.1) }
+    | SchedulerKind.WarmupStableDecay -> { ScheduleOptions.Defaults with NumDecaySteps = Some 30 }
+    | _ -> ScheduleOptions.Defaults
 
+// reduce_lr_on_plateau follows the evaluations, not the step, so it has no curve here.
 let schedules =
     Schedule.names
+    |> List.filter (fun name -> name <> "reduce_lr_on_plateau")
     |> List.map (fun name ->
         let kind = Schedule.parseOption "--lr-scheduler-type" name
-        let options = if kind = SchedulerKind.CosineWithRestarts then { scheduleOptions with NumCycles = Some 2.0 } else scheduleOptions
-        name, Schedule.create kind baseLr warmupSteps totalSteps options)
+        name, Schedule.create kind baseLr warmupSteps totalSteps (optionsFor kind))
 
 let steps = [| 0 .. totalSteps |]
 let shownSteps = [ 0; 5; 10; 30; 50; 70; 90; 100 ]

@@ -144,6 +144,33 @@ module TrainingCheckpoint =
     let private legacyKey (label: string) = SettingText.render (fun name -> "--" + name.Replace('_', '-')) label
 
     let private entry key label value legacy = { Key = key; Label = label; Value = value; LegacyValue = legacy }
+
+    /// ScheduleOptions as signature format version 1 knew it: its %A text is what those checkpoints hold
+    /// (the fields added since, all None for a run that could have written one, are left out).
+    type private ScheduleOptionsV1 =
+        { NumCycles: float option
+          LrEnd: float option
+          Power: float option
+          Timescale: int option
+          MinLr: MinLearningRate option
+          NumDecaySteps: int option
+          NumStableSteps: int option
+          WarmupShape: PhaseShape option
+          DecayShape: PhaseShape option
+          MinLrRatio: float option }
+
+    let private legacyScheduleKwargs (o: ScheduleOptions) =
+        sprintf "%A"
+            { ScheduleOptionsV1.NumCycles = o.NumCycles
+              LrEnd = o.LrEnd
+              Power = o.Power
+              Timescale = o.Timescale
+              MinLr = o.MinLr
+              NumDecaySteps = o.NumDecaySteps
+              NumStableSteps = o.NumStableSteps
+              WarmupShape = o.WarmupShape
+              DecayShape = o.DecayShape
+              MinLrRatio = o.MinLrRatio }
     let private same key label value = entry key label value value
 
     /// The optimizer's signature value: its kind, followed by its variants when any is on ("AdamW (amsgrad,
@@ -179,7 +206,7 @@ module TrainingCheckpoint =
           same "nesterov" "{nesterov}" (string o.Nesterov)
           same "max_grad_norm" "{max_grad_norm}" (number o.MaxGradNorm)
           same "lr_scheduler_type" "{lr_scheduler_type}" (Schedule.name o.LrSchedulerType)
-          entry "lr_scheduler_kwargs" "{lr_scheduler_kwargs}" (scheduleKwargs o.LrSchedulerOptions) (sprintf "%A" o.LrSchedulerOptions)
+          entry "lr_scheduler_kwargs" "{lr_scheduler_kwargs}" (scheduleKwargs o.LrSchedulerOptions) (legacyScheduleKwargs o.LrSchedulerOptions)
           same "warmup" "{num_warmup_steps} / {warmup_ratio}" (sprintf "%d / %s" o.NumWarmupSteps (number o.WarmupRatio))
           same "per_device_train_batch_size" "{per_device_train_batch_size}" (string (o.PerDeviceTrainBatchSize * worldSize))
           same "gradient_accumulation_steps" "{gradient_accumulation_steps}" (string o.GradientAccumulationSteps)
