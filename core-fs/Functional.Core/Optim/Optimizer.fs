@@ -58,25 +58,7 @@ type AdamWConfig =
 [<RequireQualifiedAccess>]
 module Optimizer =
 
-    /// torch.optim.AdamW (HF Trainer's "adamw_torch"): p = p (1 - lr wd mask) - lr mhat / (sqrt(vhat) + eps)
-    /// with decoupled weight decay scaled by the scheduled lr, as
-    /// chain [scaleByAdam b1 b2 eps; addDecayedWeights weightDecay mask; scaleByLearningRate schedule].
-    /// The mask (FlatParameters.mask) selects the parameters that decay. HF defaults: b1 = 0.9,
-    /// b2 = 0.999, eps = 1e-8, weightDecay = 0.
-    let adamW
-        (schedule: int -> float)
-        (b1: float)
-        (b2: float)
-        (eps: float)
-        (weightDecay: float)
-        (mask: torch.Tensor)
-        : Transform =
-        Transform.chain
-            [ Transform.scaleByAdam b1 b2 eps
-              Transform.addDecayedWeights weightDecay mask
-              Transform.scaleByLearningRate schedule ]
-
-    /// adamW with torch.optim.AdamW's amsgrad and maximize options (Transform.scaleByAdamWith); the state
+    /// torch.optim.AdamW with its amsgrad and maximize options (Transform.scaleByAdamWith); the state
     /// names are adamW's, plus "0.adam.max_exp_avg_sq" with amsgrad.
     let adamWWith
         (schedule: int -> float)
@@ -93,24 +75,18 @@ module Optimizer =
               Transform.addDecayedWeights weightDecay mask
               Transform.scaleByLearningRate schedule ]
 
-    /// torch.optim.SGD with dampening 0: coupled L2 weight decay first (g = g + wd mask p), then
-    /// momentum (plain or Nesterov; left out when momentum is 0), then p = p - lr g, as
-    /// chain [addDecayedWeights weightDecay mask; trace momentum nesterov; scaleByLearningRate schedule].
-    let sgd
-        (schedule: int -> float)
-        (momentum: float)
-        (nesterov: bool)
-        (weightDecay: float)
-        (mask: torch.Tensor)
-        : Transform =
-        Transform.chain
-            [ yield Transform.addDecayedWeights weightDecay mask
-              if momentum <> 0.0 || nesterov then yield Transform.trace momentum nesterov
-              yield Transform.scaleByLearningRate schedule ]
+    /// torch.optim.AdamW (HF Trainer's "adamw_torch"; adamWWith without amsgrad and maximize):
+    /// p = p (1 - lr wd mask) - lr mhat / (sqrt(vhat) + eps) with decoupled weight decay scaled by the
+    /// scheduled lr, as
+    /// chain [scaleByAdam b1 b2 eps; addDecayedWeights weightDecay mask; scaleByLearningRate schedule].
+    /// The mask (FlatParameters.mask) selects the parameters that decay. HF defaults: b1 = 0.9,
+    /// b2 = 0.999, eps = 1e-8, weightDecay = 0.
+    let adamW (schedule: int -> float) (b1: float) (b2: float) (eps: float) (weightDecay: float) (mask: torch.Tensor) : Transform =
+        adamWWith schedule b1 b2 eps weightDecay mask false false
 
-    /// torch.optim.SGD with dampening: as sgd, with the momentum buffer updated as
-    /// buf = momentum * buf + (1 - dampening) * g after its first update (Transform.traceWithDampening).
-    /// With dampening 0 this is sgd, state names included.
+    /// torch.optim.SGD: coupled L2 weight decay first (g = g + wd mask p), then momentum (plain or
+    /// Nesterov; left out when momentum is 0), the buffer updated as buf = momentum * buf +
+    /// (1 - dampening) * g after its first update (Transform.traceWithDampening), then p = p - lr g.
     let sgdWith
         (schedule: int -> float)
         (momentum: float)
@@ -123,6 +99,11 @@ module Optimizer =
             [ yield Transform.addDecayedWeights weightDecay mask
               if momentum <> 0.0 || nesterov then yield Transform.traceWithDampening momentum dampening nesterov
               yield Transform.scaleByLearningRate schedule ]
+
+    /// torch.optim.SGD with dampening 0 (sgdWith), as chain [addDecayedWeights weightDecay mask;
+    /// trace momentum nesterov; scaleByLearningRate schedule].
+    let sgd (schedule: int -> float) (momentum: float) (nesterov: bool) (weightDecay: float) (mask: torch.Tensor) : Transform =
+        sgdWith schedule momentum 0.0 nesterov weightDecay mask
 
     /// Lion (HF Trainer's "lion_32bit"): p = p (1 - lr wd mask) - lr sign(b1 m + (1 - b1) g), then
     /// m = b2 m + (1 - b2) g, as chain [scaleByLion b1 b2; addDecayedWeights weightDecay mask;
