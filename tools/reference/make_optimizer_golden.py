@@ -143,6 +143,10 @@ def main():
         ("rmsprop_centered_momentum",
          {"lr": lr, "alpha": 0.99, "eps": 1e-8, "momentum": 0.9, "centered": True, "weight_decay": wd},
          lambda ps: torch.optim.RMSprop(ps, lr=lr, alpha=0.99, eps=1e-8, weight_decay=wd, momentum=0.9, centered=True)),
+        # --optim rmsprop --optim-args "alpha=0.9,eps=1e-6,centered=True"
+        ("rmsprop_alpha_eps_centered",
+         {"lr": lr, "alpha": 0.9, "eps": 1e-6, "momentum": 0.0, "centered": True, "weight_decay": wd},
+         lambda ps: torch.optim.RMSprop(ps, lr=lr, alpha=0.9, eps=1e-6, weight_decay=wd, centered=True)),
     ]
     results = []
     for name, settings, make in cases:
@@ -157,6 +161,12 @@ def main():
     results.append({"name": "adafactor_relative", "source": "reference update written in this script",
                     "settings": {"lr": None, "weight_decay": wd, "relative_step": True, "scale_parameter": True},
                     "steps": [to_lists(h) for h in adafactor_reference(None, wd, True, True, grads)]})
+    # --optim adafactor --optim-args "clip_threshold=0.5,decay_rate=-0.6,scale_parameter=True"
+    results.append({"name": "adafactor_clip_decay_scaled", "source": "reference update written in this script",
+                    "settings": {"lr": lr, "weight_decay": wd, "relative_step": False, "scale_parameter": True,
+                                 "clip_threshold": 0.5, "decay_rate": -0.6},
+                    "steps": [to_lists(h) for h in adafactor_reference(lr, wd, False, True, grads,
+                                                                       decay_rate=-0.6, clip_threshold=0.5)]})
     document = {
         "generator": "tools/reference/make_optimizer_golden.py",
         "torch": torch.__version__,
