@@ -30,6 +30,8 @@ internal static class GenerateCommand
         {
             model, prompts, promptFile, maxNewTokens, temperature, topK, topP, seed, greedy, threads, prefixAdapter, chat, system, chatTemplate,
         };
+        HelpGroups.Add(command, "Model and prompts", model, prompts, promptFile, prefixAdapter, chat, system, chatTemplate);
+        HelpGroups.Add(command, "Decoding", maxNewTokens, greedy, temperature, topK, topP, seed, threads);
         command.SetAction(parse =>
         {
             var modelPath = parse.GetValue(model)!;

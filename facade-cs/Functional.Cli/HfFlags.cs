@@ -34,6 +34,18 @@ internal sealed class HfFlags
     private readonly Option<bool> printLoss = CliOption.Create("--print-loss", "DeepSpeed-Chat's print_loss: the loss is printed anyway (accepted, no effect).", false);
     private readonly Option<int?> numPaddingAtBeginning = CliOption.Create<int?>("--num-padding-at-beginning", "A DeepSpeed-Chat reward-model option (accepted, no effect on fine-tuning).", null);
 
+    /// <summary>The logging flags, in the train help's Logging group.</summary>
+    public Option[] Logging => [loggingStrategy, reportTo, loggingDir];
+
+    /// <summary>The precision spellings, in the train help's precision group.</summary>
+    public Option[] PrecisionFlags => [torchDtype, dtype];
+
+    /// <summary>DeepSpeed's config and ZeRO flags and the launcher's rank, in the train help's distributed group.</summary>
+    public Option[] Distributed => [deepspeed, zeroStage, reduceBucketSize, allgatherBucketSize, localRank];
+
+    /// <summary>The flags accepted with no effect, in the train help's last group.</summary>
+    public Option[] Inert => [offload, doTrain, dataloaderWorkers, saveSafetensors, printLoss, numPaddingAtBeginning];
+
     /// <summary>The options, to add to the train command.</summary>
     public IEnumerable<Option> Options =>
     [

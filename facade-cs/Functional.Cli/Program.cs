@@ -21,6 +21,8 @@ public static partial class Program
     /// the executable, Functional.Cli), with help and --version; alone, it prints the help.</summary>
     internal static Command CreateRoot()
     {
+        var help = new HelpOption();
+        HelpGroups.Install(help);
         var root = new Command("functional", "Functional: train and fine-tune language models from .NET.")
         {
             TrainCommand.Create(),
@@ -32,10 +34,11 @@ public static partial class Program
             EvalCommand.Create(),
             LaunchCommand.Create(),
             DoctorCommand.Create(),
-            new HelpOption(),
+            help,
             new VersionOption(),
         };
         root.SetAction(parse => new HelpAction().Invoke(parse));
+        HelpGroups.GroupTheRest(root);
         return root;
     }
 
@@ -59,7 +62,7 @@ public static partial class Program
         }
         try
         {
-            if (TensorCommands.Contains(parsed.CommandResult.Command.Name) && parsed.Action is not HelpAction)
+            if (TensorCommands.Contains(parsed.CommandResult.Command.Name) && parsed.Action is not (HelpAction or HelpGroups.GroupedHelpAction))
             {
                 // These commands touch TorchSharp directly (thread settings, benchmarks): start it first.
                 Runtime.TorchRuntime.ensure();

@@ -86,6 +86,9 @@ internal static class TrainCommand
         var dampening = CliOption.Create("--dampening", "SGD dampening of the momentum buffer (torch.optim.SGD's).", d.Dampening, "--sgd-dampening");
         var amsgrad = CliOption.Create("--amsgrad", "AdamW's AMSGrad variant (torch.optim.AdamW's amsgrad).", false);
         var maximize = CliOption.Create("--maximize", "AdamW maximizes the objective (torch.optim.AdamW's maximize).", false);
+        var optimArgs = CliOption.Create<string?>("--optim-args",
+            "HF's optim_args: the optimizer's constructor keywords as key=value pairs, e.g. \"alpha=0.9,centered=True\" "
+            + "(adamw: amsgrad, maximize; sgd: dampening, nesterov; rmsprop: alpha, eps, centered; adafactor: clip_threshold, decay_rate, scale_parameter).", null);
         var scheduler = CliOption.Create("--lr-scheduler-type", "linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt, cosine_with_min_lr, cosine_warmup_with_min_lr, warmup_stable_decay or reduce_lr_on_plateau (needs evaluations).", d.LrSchedulerType);
         var schedulerKwargs = CliOption.Create<string?>("--lr-scheduler-kwargs", "Schedule parameters as JSON, e.g. {\"num_cycles\": 2}.", null);
         var warmupSteps = CliOption.Create("--num-warmup-steps", "Warmup optimizer steps; a value below 1 is a ratio of all steps, rounded up (HF v5's warmup_steps).", (double)d.NumWarmupSteps, "--warmup_steps", "--warmup-steps");
@@ -97,6 +100,9 @@ internal static class TrainCommand
         var seed = CliOption.Create("--seed", "Random seed.", d.Seed);
         var noShuffle = CliOption.Create("--no-shuffle", "Keep rows in file order.", false);
         var loggingSteps = CliOption.Create("--logging-steps", "Write metrics every N optimizer steps.", d.LoggingSteps);
+        var tensorParallel = CliOption.Create("--tensor-parallel-degree", "Processes that split each layer (PaddleNLP's tensor_parallel_degree; Megatron's layout) under mpirun: LLaMA-family causal LMs, fp32; checkpoints are one process's (gathered), so they resume on any layout; the other processes are data parallel.", 1, "--tp");
+        var pipelineParallel = CliOption.Create("--pipeline-parallel-degree", "Pipeline stages (PaddleNLP's pipeline_parallel_degree): only 1 for now (the pipeline runtime is not in the trainer yet).", 1, "--pp");
+        var logEachRank = CliOption.Create("--log-each-rank", "Every process writes OUTPUT/metrics-rank-R.jsonl: per logged step its own loss over its rows and their token count (HF's log_on_each_node); by default only process 0 logs.", false);
         var threads = CliOption.Create("--threads", "Intra-op threads (0: adapt to the cores other programs leave free, or OMP_NUM_THREADS).", d.Threads);
         var hf = new HfFlags();
 
@@ -106,8 +112,8 @@ internal static class TrainCommand
             + "(only --output, --seed, --threads and --max-steps apply). HF Trainer and DeepSpeed flags are accepted in their snake_case spelling.")
         {
             model, data, output, overwrite, batch, accumulation, lr, weightDecay, beta1, beta2, epsilon, optimizer,
-            momentum, nesterov, dampening, amsgrad, maximize, scheduler, schedulerKwargs, warmupSteps, warmupRatio, epochs, maxSteps, maxGradNorm,
-            maxSeqLen, seed, noShuffle, loggingSteps, threads, evalData, dataFormat, promptField, answerField, textField,
+            momentum, nesterov, dampening, amsgrad, maximize, optimArgs, scheduler, schedulerKwargs, warmupSteps, warmupRatio, epochs, maxSteps, maxGradNorm,
+            maxSeqLen, seed, noShuffle, loggingSteps, logEachRank, tensorParallel, pipelineParallel, threads, evalData, dataFormat, promptField, answerField, textField,
             trainOn, chatTemplate, packing, packingAttention, addBos, noAddBos, skipBadRows, dataSplit, evalSplitRatio, tokenizer, noDataCache, exactMatch, evalSteps, evalBatch,
             evalStrategy, saveStrategy, saveSteps, saveTotalLimit, metric, greaterIsBetter, loadBest, patience, resume,
             loraDim, loraAlpha, loraDropout, loraModuleName, loraTargets, onlyLora, loraLr, loraAdapter, recompute, lossChunkSize,
@@ -119,6 +125,20 @@ internal static class TrainCommand
         {
             command.Add(option);
         }
+        // The help's groups are the README's option tables of `functional train` (a test keeps them equal).
+        HelpGroups.Add(command, "Model and task", model, task, labelField, chosenField, rejectedField, numLabels, padTokenId, tokenizer, disableDropout, resizeMultiple);
+        HelpGroups.Add(command, "Data", data, evalData, dataFormat, promptField, answerField, textField, trainOn, chatTemplate, packing, packingAttention,
+            addBos, noAddBos, maxSeqLen, dataSplit, evalSplitRatio, skipBadRows, noShuffle, noDataCache);
+        HelpGroups.Add(command, "Batch, steps, seed and threads", batch, accumulation, epochs, maxSteps, seed, threads);
+        HelpGroups.Add(command, "Optimizer", optimizer, lr, weightDecay, beta1, beta2, epsilon, amsgrad, maximize, momentum, nesterov, dampening, optimArgs, maxGradNorm);
+        HelpGroups.Add(command, "Learning-rate schedule", scheduler, schedulerKwargs, warmupSteps, warmupRatio);
+        HelpGroups.Add(command, "Evaluation and early stopping", evalStrategy, evalSteps, evalBatch, exactMatch, metric, greaterIsBetter, loadBest, patience);
+        HelpGroups.Add(command, "Output, checkpoints and resume", output, overwrite, saveStrategy, saveSteps, saveTotalLimit, resume, maxShardSize);
+        HelpGroups.Add(command, "Precision and memory", [bf16, fp16, .. hf.PrecisionFlags, lossScale, scalePower, scaleWindow, hysteresis, minScale, recompute, lossChunkSize]);
+        HelpGroups.Add(command, "LoRA and prefix tuning", loraDim, loraAlpha, loraDropout, loraTargets, loraModuleName, onlyLora, loraLr, loraAdapter, prefixTuning, numPrefixTokens, prefixAdapter);
+        HelpGroups.Add(command, "Logging", [loggingSteps, .. hf.Logging]);
+        HelpGroups.Add(command, "Distributed and DeepSpeed", [.. hf.Distributed, logEachRank, tensorParallel, pipelineParallel]);
+        HelpGroups.Add(command, "Accepted from HF and DeepSpeed-Chat scripts, no effect here", hf.Inert);
         command.SetAction(parse =>
         {
             if (!CliOption.Given(parse, model) && !CliOption.Given(parse, data)
@@ -211,6 +231,12 @@ internal static class TrainCommand
                 OptimizerKind.Tags.Adafactor => builder.UseAdafactor(values.Get(lr), values.Get(weightDecay)),
                 _ => builder.UseRmsProp(values.Get(lr), parse.GetValue(momentum), values.Get(weightDecay)),
             };
+            builder.UseOptimizerArgs(parse.GetValue(optimArgs));
+            if (parse.GetValue(pipelineParallel) != 1)
+            {
+                throw new InvalidInputException("--pipeline-parallel-degree", "",
+                    $"is {parse.GetValue(pipelineParallel)}, but pipeline parallelism is not in the trainer yet (its schedule and stages are, see docs/distributed.md): only 1 is accepted");
+            }
             if (optimizerKind.Tag != OptimizerKind.Tags.AdamW && (parse.GetValue(amsgrad) || parse.GetValue(maximize)))
             {
                 throw new InvalidInputException(parse.GetValue(amsgrad) ? "--amsgrad" : "--maximize", "", "applies to the adamw optimizers only");
@@ -257,13 +283,17 @@ internal static class TrainCommand
             }
             if (values.ZeroStage != 0
                 || values.ReduceBucketSize != Functional.Distributed.CollectiveBucketsModule.DefaultElements
-                || values.AllgatherBucketSize != Functional.Distributed.CollectiveBucketsModule.DefaultElements)
+                || values.AllgatherBucketSize != Functional.Distributed.CollectiveBucketsModule.DefaultElements
+                || parse.GetValue(logEachRank)
+                || parse.GetValue(tensorParallel) != 1)
             {
                 builder.UseDistributed(d =>
                 {
                     d.ZeroStage = values.ZeroStage;
                     d.ReduceBucketSize = values.ReduceBucketSize;
                     d.AllgatherBucketSize = values.AllgatherBucketSize;
+                    d.LogEachRank = parse.GetValue(logEachRank);
+                    d.TensorParallelDegree = parse.GetValue(tensorParallel);
                 });
             }
             if (values.Precision == "bf16")

@@ -17,6 +17,16 @@ public sealed class DistributedOptions
     /// default 5e8).</summary>
     public long AllgatherBucketSize { get; set; } = Functional.Distributed.CollectiveBucketsModule.DefaultElements;
 
+    /// <summary>Every process writes OUTPUT/metrics-rank-R.jsonl (R its rank): per logged step, its own token-weighted
+    /// loss over its rows of the window and their predicted tokens (--log-each-rank; HF's log_on_each_node). Default
+    /// false: only process 0 logs (metrics.jsonl, the loss over all processes).</summary>
+    public bool LogEachRank { get; set; }
+
+    /// <summary>Processes that split each layer of the model (PaddleNLP's tensor_parallel_degree,
+    /// --tensor-parallel-degree; Megatron's layout): LLaMA-family causal LMs, fp32, with checkpoints in one process's layout; the
+    /// remaining processes are data parallel. Default 1: every process holds the whole model.</summary>
+    public int TensorParallelDegree { get; set; } = 1;
+
     /// <summary>The processes of the run; null (default): from the launcher's environment. Implement
     /// <see cref="Functional.Distributed.ICommunicator"/> to bring another transport.</summary>
     public Functional.Distributed.ICommunicator? Communicator { get; set; }

@@ -133,6 +133,29 @@ public sealed class FineTuneOptions
     /// <summary>AdamW maximizes the objective, as torch.optim.AdamW's maximize (default false).</summary>
     public bool Maximize { get; set; }
 
+    /// <summary>RMSprop's smoothing constant, as torch.optim.RMSprop's alpha (default 0.99).</summary>
+    public double RmsPropAlpha { get; set; } = 0.99;
+
+    /// <summary>RMSprop's epsilon, as torch.optim.RMSprop's eps (default 1e-8).</summary>
+    public double RmsPropEpsilon { get; set; } = 1e-8;
+
+    /// <summary>Centered RMSprop, as torch.optim.RMSprop's centered (default false).</summary>
+    public bool RmsPropCentered { get; set; }
+
+    /// <summary>Adafactor's update clipping threshold, as transformers' clip_threshold (default 1.0).</summary>
+    public double AdafactorClipThreshold { get; set; } = 1.0;
+
+    /// <summary>Adafactor's second-moment decay exponent, as transformers' decay_rate (default -0.8).</summary>
+    public double AdafactorDecayRate { get; set; } = -0.8;
+
+    /// <summary>Adafactor scales each step by the parameter's RMS, as transformers' scale_parameter (default false,
+    /// as HF Trainer makes it).</summary>
+    public bool AdafactorScaleParameter { get; set; }
+
+    /// <summary>HF's optim_args: the optimizer's constructor keywords as "key=value,key=value" (e.g.
+    /// "alpha=0.9,centered=True" for RMSprop), applied over the settings above; null: none (default).</summary>
+    public string? OptimArgs { get; set; }
+
     /// <summary>HF schedule name: linear (default), cosine, constant, constant_with_warmup, cosine_with_restarts,
     /// polynomial, inverse_sqrt, cosine_with_min_lr, warmup_stable_decay.</summary>
     public string LrSchedulerType { get; set; } = "linear";
@@ -262,6 +285,14 @@ public sealed class FineTuneOptions
 
     /// <summary>Elements per all-gather of the parameters (DeepSpeed's zero_optimization.allgather_bucket_size; default 5e8).</summary>
     public long AllgatherBucketSize { get; set; } = Functional.Distributed.CollectiveBucketsModule.DefaultElements;
+
+    /// <summary>Every process writes OUTPUT/metrics-rank-R.jsonl (R its rank): per logged step, its own token-weighted
+    /// loss over its rows of the window and their predicted tokens (--log-each-rank; HF's log_on_each_node). Default
+    /// false: only process 0 logs.</summary>
+    public bool LogEachRank { get; set; }
+
+    /// <summary>Processes that split each layer of the model (--tensor-parallel-degree; default 1).</summary>
+    public int TensorParallelDegree { get; set; } = 1;
 
     /// <summary>The processes of the run; null (default): from the launcher's environment (mpirun's or torchrun's
     /// variables; one process without them).</summary>

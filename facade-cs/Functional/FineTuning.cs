@@ -161,7 +161,7 @@ public static class FineTuning
             gradientCheckpointing: options.GradientCheckpointing,
             modelHandling: ToModelHandling(options),
             task: ToTask(options),
-            distributed: new DistributedSettings(options.ZeroStage, new Functional.Distributed.CollectiveBuckets(options.ReduceBucketSize, options.AllgatherBucketSize), Optional(options.Communicator)),
+            distributed: new DistributedSettings(options.ZeroStage, new Functional.Distributed.CollectiveBuckets(options.ReduceBucketSize, options.AllgatherBucketSize), Optional(options.Communicator), options.LogEachRank, options.TensorParallelDegree),
             plot: Reporting.MetricsPlot.drawer);
         Functional.Distributed.ZeroStage.validate(options.ZeroStage);
         Functional.Distributed.CollectiveBucketsModule.validate(request.Distributed.Buckets);
@@ -348,7 +348,7 @@ public static class FineTuning
         var scheduleOptions = o.LrSchedulerKwargs is null
             ? ScheduleOptions.Defaults
             : SchedulerKwargs.parse("--lr-scheduler-kwargs", o.LrSchedulerKwargs);
-        return TrainOptionsModule.create(
+        var options = TrainOptionsModule.create(
             perDeviceTrainBatchSize: o.PerDeviceTrainBatchSize,
             gradientAccumulationSteps: o.GradientAccumulationSteps,
             learningRate: o.LearningRate,
@@ -398,6 +398,13 @@ public static class FineTuning
             lossChunkSize: o.LossChunkSize,
             dampening: o.Dampening,
             amsgrad: o.Amsgrad,
-            maximize: o.Maximize);
+            maximize: o.Maximize,
+            rmsPropAlpha: o.RmsPropAlpha,
+            rmsPropEpsilon: o.RmsPropEpsilon,
+            rmsPropCentered: o.RmsPropCentered,
+            adafactorClipThreshold: o.AdafactorClipThreshold,
+            adafactorDecayRate: o.AdafactorDecayRate,
+            adafactorScaleParameter: o.AdafactorScaleParameter);
+        return o.OptimArgs is null ? options : OptimizerArgs.apply("{optim_args}", o.OptimArgs, options);
     }
 }

@@ -51,6 +51,8 @@ internal sealed class OptionNames
         ["--dampening"] = new("UseSgd", nameof(SgdOptions.Dampening)),
         ["--amsgrad"] = new("UseAdamW", nameof(AdamWOptions.Amsgrad)),
         ["--maximize"] = new("UseAdamW", nameof(AdamWOptions.Maximize)),
+        ["--optim-args"] = new("UseOptimizerArgs", "optimArgs"),
+        ["--tensor-parallel-degree"] = new("UseDistributed", nameof(DistributedOptions.TensorParallelDegree)),
         ["--lr-scheduler-type"] = new("UseSchedule", nameof(LearningRateScheduleOptions.Name)),
         ["--lr-scheduler-kwargs"] = new("UseSchedule", nameof(LearningRateScheduleOptions.Kwargs)),
         ["--num-warmup-steps"] = new("UseSchedule", nameof(LearningRateScheduleOptions.WarmupSteps)),

@@ -184,6 +184,13 @@ public sealed class TrainerBuilder
         settings.Momentum = sgd.Momentum;
         settings.Nesterov = sgd.Nesterov;
         settings.Dampening = sgd.Dampening;
+        var defaults = new FineTuneOptions();
+        settings.RmsPropAlpha = defaults.RmsPropAlpha;
+        settings.RmsPropEpsilon = defaults.RmsPropEpsilon;
+        settings.RmsPropCentered = defaults.RmsPropCentered;
+        settings.AdafactorClipThreshold = defaults.AdafactorClipThreshold;
+        settings.AdafactorDecayRate = defaults.AdafactorDecayRate;
+        settings.AdafactorScaleParameter = defaults.AdafactorScaleParameter;
     }
 
     /// <summary>Lion (HF's optim="lion_32bit"): p = p (1 - lr wd) - lr sign(b1 m + (1 - b1) g), then
@@ -210,26 +217,50 @@ public sealed class TrainerBuilder
     /// (--optim adafactor).</summary>
     /// <param name="learningRate">The peak learning rate (--learning-rate).</param>
     /// <param name="weightDecay">Decoupled weight decay, never applied to biases and normalization weights (--weight-decay).</param>
-    public TrainerBuilder UseAdafactor(double learningRate, double weightDecay = 0.0)
+    /// <param name="clipThreshold">The update's RMS is capped at this (transformers' clip_threshold; --optim-args clip_threshold=).</param>
+    /// <param name="decayRate">beta2 at step t is 1 - t^decayRate (transformers' decay_rate; --optim-args decay_rate=).</param>
+    /// <param name="scaleParameter">Scale each step by max(1e-3, RMS(p)) (transformers' scale_parameter, off in HF Trainer;
+    /// --optim-args scale_parameter=).</param>
+    public TrainerBuilder UseAdafactor(double learningRate, double weightDecay = 0.0, double clipThreshold = 1.0, double decayRate = -0.8, bool scaleParameter = false)
     {
         ResetOptimizerSettings(OptimizerType.Adafactor, learningRate, weightDecay);
+        settings.AdafactorClipThreshold = clipThreshold;
+        settings.AdafactorDecayRate = decayRate;
+        settings.AdafactorScaleParameter = scaleParameter;
         names.Set("--learning-rate", nameof(UseAdafactor), nameof(learningRate));
         names.Set("--weight-decay", nameof(UseAdafactor), nameof(weightDecay));
         return this;
     }
 
-    /// <summary>torch.optim.RMSprop with its defaults alpha 0.99, eps 1e-8, not centered (--optim rmsprop).</summary>
+    /// <summary>torch.optim.RMSprop, by default with torch's alpha 0.99, eps 1e-8, not centered (--optim rmsprop).</summary>
     /// <param name="learningRate">The peak learning rate (--learning-rate).</param>
     /// <param name="momentum">The momentum factor (--momentum).</param>
     /// <param name="weightDecay">Weight decay, coupled (L2) as torch.optim.RMSprop, never applied to biases and
     /// normalization weights (--weight-decay).</param>
-    public TrainerBuilder UseRmsProp(double learningRate, double momentum = 0.0, double weightDecay = 0.0)
+    /// <param name="alpha">The square average's smoothing constant (torch's alpha; --optim-args alpha=).</param>
+    /// <param name="epsilon">Added to the root of the square average (torch's eps; --optim-args eps=).</param>
+    /// <param name="centered">Divide by the centered second moment (torch's centered; --optim-args centered=).</param>
+    public TrainerBuilder UseRmsProp(double learningRate, double momentum = 0.0, double weightDecay = 0.0, double alpha = 0.99, double epsilon = 1e-8, bool centered = false)
     {
         ResetOptimizerSettings(OptimizerType.RmsProp, learningRate, weightDecay);
         settings.Momentum = momentum;
+        settings.RmsPropAlpha = alpha;
+        settings.RmsPropEpsilon = epsilon;
+        settings.RmsPropCentered = centered;
         names.Set("--learning-rate", nameof(UseRmsProp), nameof(learningRate));
         names.Set("--weight-decay", nameof(UseRmsProp), nameof(weightDecay));
         names.Set("--momentum", nameof(UseRmsProp), nameof(momentum));
+        return this;
+    }
+
+    /// <summary>HF's optim_args (--optim-args): constructor keywords of the chosen optimizer as "key=value,key=value",
+    /// applied over what the Use* optimizer call set: adamw amsgrad, maximize; sgd dampening, nesterov; rmsprop alpha,
+    /// eps, centered; adafactor clip_threshold, decay_rate, scale_parameter. An unknown key, or one its own setting
+    /// sets (lr, weight_decay, betas, momentum), is refused when the trainer is built.</summary>
+    /// <param name="optimArgs">The pairs, e.g. "alpha=0.9,centered=True"; null or blank: none.</param>
+    public TrainerBuilder UseOptimizerArgs(string? optimArgs)
+    {
+        settings.OptimArgs = string.IsNullOrWhiteSpace(optimArgs) ? null : optimArgs;
         return this;
     }
 
@@ -442,6 +473,8 @@ public sealed class TrainerBuilder
         settings.ZeroStage = o.ZeroStage;
         settings.ReduceBucketSize = o.ReduceBucketSize;
         settings.AllgatherBucketSize = o.AllgatherBucketSize;
+        settings.LogEachRank = o.LogEachRank;
+        settings.TensorParallelDegree = o.TensorParallelDegree;
         settings.Communicator = o.Communicator;
         return this;
     }

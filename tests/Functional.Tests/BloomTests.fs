@@ -34,7 +34,8 @@ let private tinyBloom : BloomConfig =
       AttentionDropout = 0.0
       PretrainingTp = 1
       SeqLength = 64
-      TieWordEmbeddings = false }
+      TieWordEmbeddings = false
+      PadTokenId = None }
 
 let private variants =
     [ "BLOOM", Bloom tinyBloom
@@ -90,7 +91,7 @@ let private configTests =
                 (Bloom
                     { VocabSize = 250880; HiddenSize = 1024; NLayer = 24; NHead = 16; LayerNormEpsilon = 1e-5
                       InitializerRange = 0.02; ApplyResidualConnectionPostLayernorm = false; HiddenDropout = 0.0
-                      AttentionDropout = 0.0; PretrainingTp = 1; SeqLength = 2048; TieWordEmbeddings = true })
+                      AttentionDropout = 0.0; PretrainingTp = 1; SeqLength = 2048; TieWordEmbeddings = true; PadTokenId = Some 3 })
                 "bloomz-560m"
         }
         test "absent fields take BloomConfig's defaults" {
@@ -121,6 +122,13 @@ let private configTests =
             Expect.equal c.PretrainingTp 4 "pretraining_tp"
             let again = bloomOf (parse """{"model_type": "bloom", "pretraining_tp": 1, "slow_but_exact": true}""")
             Expect.equal again.PretrainingTp 1 "slow_but_exact with one slice is the plain computation"
+        }
+        test "pad_token_id is read, written back (bloom-560m's 3), left out when absent, and refused outside the vocabulary" {
+            Expect.equal (bloomOf (parse """{"model_type": "bloom", "vocab_size": 10, "pad_token_id": 3}""")).PadTokenId (Some 3) "read"
+            Expect.equal (bloomOf (parse """{"model_type": "bloom"}""")).PadTokenId None "absent"
+            Expect.isFalse ((ModelConfig.toJson (Bloom tinyBloom)).Contains "pad_token_id") "a config without one writes none"
+            expectInvalidInput "config.json" "pad_token_id" [ "[0, 10)" ] (fun () ->
+                parse """{"model_type": "bloom", "vocab_size": 10, "pad_token_id": 10}""" |> ignore)
         }
         test "toJson writes BloomForCausalLM and model_type bloom, and parse reads it back equal" {
             for _, config in variants @ [ "bloomz-560m", parse bloomz560m; "dropout", Bloom { tinyBloom with HiddenDropout = 0.1; AttentionDropout = 0.2; PretrainingTp = 4 } ] do

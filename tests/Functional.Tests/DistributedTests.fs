@@ -92,9 +92,10 @@ let mpirunInfo (processes: int) (assembly: string) (arguments: string list) : Pr
     info.Environment["TERM"] <- "dumb"
     info
 
-/// Runs the launch check (this test assembly with --launch-check) under `mpirun -np processes`.
-let private runLaunchCheck (processes: int) =
-    use p = Process.Start(mpirunInfo processes "Functional.Tests.dll" [ "--launch-check" ])
+/// Runs a self-check of this test assembly (--launch-check, --tensor-parallel-check, --pipeline-check)
+/// under `mpirun -np processes`: its exit code, standard output and error.
+let private runCheck (processes: int) (check: string) =
+    use p = Process.Start(mpirunInfo processes "Functional.Tests.dll" [ check ])
     let stdout = p.StandardOutput.ReadToEndAsync()
     let stderr = p.StandardError.ReadToEndAsync()
     if not (p.WaitForExit(TimeSpan.FromMinutes 3.0)) then
@@ -106,15 +107,30 @@ let private runLaunchCheck (processes: int) =
 let mpiTests =
     testSequenced <| testList "mpi" [
         test "mpirun -np 2: every collective on float32, float64 and int64 on both ranks" {
-            let code, out, err = runLaunchCheck 2
+            let code, out, err = runCheck 2 "--launch-check"
             let report = sprintf "exit %d\nstdout:\n%s\nstderr:\n%s" code out err
             Expect.equal code 0 report
             for rank in 0 .. 1 do
                 Expect.stringContains out (sprintf "launch-check rank %d of 2 (local rank %d): ok" rank rank) report
             Expect.isFalse (out.Contains "FAILED") report
         }
+        for processes in [ 2; 3 ] do
+            for check, what, lines in
+                [ "--tensor-parallel-check", "a SwiGLU MLP, a LLaMA and a Qwen3 split over the tensor-parallel group equal the whole ones on every rank",
+                  [ "tensor-parallel-check"; "tensor-parallel-model-check" ]
+                  "--tensor-parallel-training-check", "4 accumulated AdamW steps of a LLaMA and a Qwen3 split over the tensor-parallel group equal one process (loss, grad norm, final weights)",
+                  [ "tensor-parallel-training-check" ]
+                  "--pipeline-check", "a LLaMA in pipeline stages under 1F1B gives the whole model's loss and each stage's gradients", [ "pipeline-check" ] ] do
+                test (sprintf "mpirun -np %d: %s" processes what) {
+                    let code, out, err = runCheck processes check
+                    let report = sprintf "exit %d\nstdout:\n%s\nstderr:\n%s" code out err
+                    Expect.equal code 0 report
+                    for rank in 0 .. processes - 1 do
+                        for line in lines do
+                            Expect.stringContains out (sprintf "%s rank %d of %d: ok" line rank processes) report
+                }
         test "mpirun -np 1: the single-process communicator, MPI not loaded" {
-            let code, out, err = runLaunchCheck 1
+            let code, out, err = runCheck 1 "--launch-check"
             let report = sprintf "exit %d\nstdout:\n%s\nstderr:\n%s" code out err
             Expect.equal code 0 report
             Expect.stringContains out "launch-check rank 0 of 1 (local rank 0): ok" report

@@ -108,9 +108,61 @@ let internal expectSameWeightsWithin (tolerance: float) (actual: string) (expect
 
 let internal expectSameWeights = expectSameWeightsWithin 1e-5
 
+/// The step lines (step, loss, num_tokens) of a run's metrics.jsonl, or of process rank's
+/// metrics-rank-R.jsonl (--log-each-rank).
+let internal lossesAndTokens (output: string) (rank: int option) =
+    let file = match rank with Some r -> sprintf "metrics-rank-%d.jsonl" r | None -> "metrics.jsonl"
+    readJsonLines (Path.Combine(output, file))
+    |> Array.filter (fun (e: JsonElement) -> e.TryGetProperty("loss") |> fst)
+    |> Array.toList
+    |> List.map (fun (e: JsonElement) ->
+        e.GetProperty("step").GetInt32(), e.GetProperty("loss").GetDouble(), e.GetProperty("num_tokens").GetInt64())
+
 [<Tests>]
 let tests =
     testSequenced <| testList "distributed training" [
+        test "--tensor-parallel-degree 2 on 2 processes, and 2 x 2 (data x tensor) on 4, equal one process: every step's loss and grad norm, final weights" {
+            mpirun () |> ignore
+            use s = new Setup()
+            let args output batch = replace "--save-steps" "1" (s.Args output batch) @ [ "--save-strategy"; "no" ]
+            train 1 (args "single" 4) |> ignore
+            for processes, batch in [ 2, 4; 4, 2 ] do
+                let output = sprintf "tp2-on-%d" processes
+                let out = train processes (args output batch @ [ "--tensor-parallel-degree"; "2" ])
+                let what = sprintf "TP 2 on %d processes" processes
+                expectSameSteps (s.File output) (s.File "single") what
+                expectSameWeights (Path.Combine(s.File output, "final")) (Path.Combine(s.File "single", "final")) what
+                Expect.equal (out.Split('\n') |> Array.filter (fun l -> l.StartsWith "metrics: ") |> Array.length) 1 (what + ": one final report\n" + out)
+        }
+        test "a TP 2 run's checkpoints are one process's: it resumes on 1 process, and 1 process's checkpoint resumes on TP 2, to the same final weights" {
+            mpirun () |> ignore
+            use s = new Setup()
+            train 1 (s.Args "single" 4) |> ignore
+            train 2 (s.Args "tp" 4 @ [ "--tp"; "2" ]) |> ignore
+            expectSameSteps (s.File "tp") (s.File "single") "TP 2 with checkpoints"
+            expectSameWeights (Path.Combine(s.File "tp", "final")) (Path.Combine(s.File "single", "final")) "TP 2 with checkpoints"
+            for rank in 0 .. 1 do
+                Expect.isFalse (File.Exists(Path.Combine(s.File "tp", "checkpoint-2", sprintf "optimizer-rank-%05d-of-00002.safetensors" rank))) "no per-rank files"
+            expectSameWeights (Path.Combine(s.File "tp", "checkpoint-2")) (Path.Combine(s.File "single", "checkpoint-2")) "TP 2's checkpoint-2 (model and optimizer state)"
+            for source, processes, extra, what in [ "tp", 1, [], "TP 2's checkpoint on 1 process"; "single", 2, [ "--tp"; "2" ], "1 process's checkpoint on TP 2" ] do
+                let output = s.File(source + "-resumed")
+                copyFolder (s.File source) output
+                for name in [ "checkpoint-4"; "final" ] do Directory.Delete(Path.Combine(output, name), true)
+                train processes (s.Args (source + "-resumed") 4 @ extra @ [ "--overwrite-output-dir"; "--resume-from-checkpoint"; Path.Combine(output, "checkpoint-2") ]) |> ignore
+                expectSameWeights (Path.Combine(output, "final")) (Path.Combine(s.File "single", "final")) what
+        }
+        test "--tensor-parallel-degree refuses what it does not support yet, and --pipeline-parallel-degree above 1, before writing anything" {
+            use s = new Setup()
+            let refused (extra: string list) (parts: string list) =
+                let run = runCli (s.Args "refused" 4 @ extra)
+                Expect.equal run.ExitCode 2 (sprintf "exit 2 for %A (stderr: %s)" extra run.Stderr)
+                for part in parts do Expect.stringContains run.Stderr part (sprintf "the message for %A" extra)
+                Expect.isFalse (Directory.Exists(s.File "refused")) "no output folder"
+            refused [ "--tensor-parallel-degree"; "2"; "--gradient-checkpointing" ] [ "--tensor-parallel-degree"; "--gradient-checkpointing" ]
+            refused [ "--tp"; "2"; "--save-strategy"; "no"; "--bf16" ] [ "--tensor-parallel-degree"; "--bf16" ]
+            refused [ "--tp"; "2"; "--save-strategy"; "no" ] [ "--tensor-parallel-degree"; "must divide the 1 processes" ]
+            refused [ "--pp"; "2" ] [ "--pipeline-parallel-degree"; "only 1" ]
+        }
         test "ZeRO stages 0, 1, 2 and 3 on 2 processes equal one process with the same global batch" {
             mpirun () |> ignore
             use s = new Setup()
@@ -128,6 +180,38 @@ let tests =
                     for rank in 0 .. 1 do
                         Expect.isTrue (File.Exists(Path.Combine(checkpoint, sprintf "optimizer-rank-%05d-of-00002.safetensors" rank))) (sprintf "%s: rank %d's optimizer block" what rank)
                     Expect.isFalse (File.Exists(Path.Combine(checkpoint, "optimizer.safetensors"))) (what + ": no whole optimizer file")
+        }
+        test "--log-each-rank: each of 2 processes logs its own loss and tokens, which add up to the global loss; one process's equals it" {
+            mpirun () |> ignore
+            use s = new Setup()
+            train 2 (s.Args "two" 2 @ [ "--log-each-rank"; "--zero-stage"; "2" ]) |> ignore
+            train 2 (s.Args "plain" 2) |> ignore
+            train 1 (s.Args "single" 4 @ [ "--log_each_rank" ]) |> ignore
+            let ranks = [ for r in 0 .. 1 -> lossesAndTokens (s.File "two") (Some r) ]
+            let global' = lossesAndTokens (s.File "two") None
+            Expect.equal (global' |> List.map (fun (step, _, _) -> step)) [ 1 .. 5 ] "every step is logged"
+            for r in 0 .. 1 do
+                Expect.equal (ranks[r] |> List.map (fun (step, _, _) -> step)) [ 1 .. 5 ] (sprintf "rank %d logs every step" r)
+                let line = File.ReadLines(Path.Combine(s.File "two", sprintf "metrics-rank-%d.jsonl" r)) |> Seq.head
+                Expect.stringContains line (sprintf "\"rank\":%d" r) "each line names its rank"
+            for i, (step, loss, tokens) in List.indexed global' do
+                let parts = [ for r in 0 .. 1 -> ranks[r][i] ]
+                Expect.equal (parts |> List.sumBy (fun (_, _, t) -> t)) tokens (sprintf "step %d: the ranks' tokens add up to the window's" step)
+                Expect.isTrue (parts |> List.forall (fun (_, _, t) -> t > 0L)) (sprintf "step %d: both ranks predicted tokens" step)
+                // sum over ranks of rank_loss * rank_tokens / total tokens = the global loss.
+                let weighted = (parts |> List.sumBy (fun (_, l, t) -> l * float t)) / float tokens
+                Expect.isLessThanOrEqual (relative weighted loss) 1e-9 (sprintf "step %d: token-weighted rank losses %.12g vs loss %.12g" step weighted loss)
+                let l0, l1 = (let _, a, _ = parts[0] in a), (let _, b, _ = parts[1] in b)
+                Expect.notEqual l0 l1 (sprintf "step %d: the ranks' own losses differ (different rows)" step)
+            // The flag changes no figure of the run.
+            expectSameSteps (s.File "two") (s.File "plain") "with and without --log-each-rank"
+            Expect.isEmpty (Directory.GetFiles(s.File "plain", "metrics-rank-*")) "without the flag no rank file is written"
+            Expect.equal (Directory.GetFiles(s.File "single", "metrics-rank-*") |> Array.map Path.GetFileName) [| "metrics-rank-0.jsonl" |] "one process writes rank 0's file"
+            Expect.equal (lossesAndTokens (s.File "single") (Some 0)) (lossesAndTokens (s.File "single") None) "one process: rank 0's loss and tokens are the run's"
+            // A resume keeps the lines up to its checkpoint and logs the later steps again, the same.
+            let before = File.ReadAllLines(Path.Combine(s.File "two", "metrics-rank-1.jsonl"))
+            train 2 (s.Args "two" 2 @ [ "--log-each-rank"; "--zero-stage"; "2"; "--resume-from-checkpoint"; Path.Combine(s.File "two", "checkpoint-2") ]) |> ignore
+            Expect.sequenceEqual (File.ReadAllLines(Path.Combine(s.File "two", "metrics-rank-1.jsonl"))) before "the resumed run's rank file"
         }
         test "LoRA at stages 1 and 3 on 2 processes equals one process" {
             mpirun () |> ignore

@@ -483,7 +483,7 @@ let private numericTests =
                 let k_proj = torch.nn.Linear(hidden, kvWidth, hasBias = true)
                 let v_proj = torch.nn.Linear(hidden, kvWidth, hasBias = true)
                 let o_proj = torch.nn.Linear(heads * hd, hidden, hasBias = true)
-                use attention = new LlamaAttention(q_proj, k_proj, v_proj, o_proj, None, 4, kvHeads, 4, 0.0, NoBias)
+                use attention = new LlamaAttention(q_proj, k_proj, v_proj, o_proj, None, 4, kvHeads, 4, 0.0, NoBias, ParallelRegion.whole)
                 use x = torch.randn(2L, T, hidden)
                 use invFreq = Rotary.inverseFrequencies 4 10000.0
                 let cos, sin = Rotary.cosSin invFreq (torch.arange(T, dtype = torch.int64))

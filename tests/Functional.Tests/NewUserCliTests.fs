@@ -335,12 +335,17 @@ let private finding10 =
             let run = runCli [ "train"; "--help" ]
             expectExit 0 run
             Expect.stringContains run.Stdout "functional train [options]" "usage names functional"
-            Expect.stringContains run.Stdout "on text, prompt/answer or pre-tokenized data" "not pre-tokenized data only"
-            Expect.stringContains run.Stdout "embedded default run" "the embedded default"
-            Expect.stringContains run.Stdout "--model, --data and --output required" "says what fine-tuning requires"
+            // The description as one line: help wraps it to the terminal's width.
+            let flat = System.Text.RegularExpressions.Regex.Replace(run.Stdout, @"\s+", " ")
+            Expect.stringContains flat "on text, prompt/answer or pre-tokenized data" "not pre-tokenized data only"
+            Expect.stringContains flat "embedded default run" "the embedded default"
+            Expect.stringContains flat "--model, --data and --output required" "says what fine-tuning requires"
             for option in [ "--model"; "--data"; "--output" ] do
-                let line = run.Stdout.Split('\n') |> Array.find (fun l -> l.TrimStart().StartsWith(option + ","))
-                Expect.stringContains line "Required for fine-tuning" (sprintf "%s is marked required" option)
+                // The option's row, with the line after it (a long label puts the description there).
+                let lines = run.Stdout.Split('\n')
+                let at = lines |> Array.findIndex (fun l -> l.TrimStart().StartsWith(option + ","))
+                let row = lines[at] + " " + lines[min (at + 1) (lines.Length - 1)]
+                Expect.stringContains row "Required for fine-tuning" (sprintf "%s is marked required" option)
             for flag in [ "--deepspeed"; "--report-to"; "--torch-dtype"; "--zero-stage" ] do
                 Expect.stringContains run.Stdout flag (sprintf "lists %s" flag)
         }

@@ -78,9 +78,13 @@ let private transformOf (flat: FlatParameters) (mask: torch.Tensor) (name: strin
     | "sgd_dampening" -> Optimizer.sgdWith constant 0.9 0.5 false 0.1 mask
     | "rmsprop" -> Optimizer.rmsprop constant 0.99 1e-8 0.0 false 0.1 mask
     | "rmsprop_centered_momentum" -> Optimizer.rmsprop constant 0.99 1e-8 0.9 true 0.1 mask
+    | "rmsprop_alpha_eps_centered" -> Optimizer.rmsprop constant 0.9 1e-6 0.0 true 0.1 mask
     | "lion" -> Optimizer.lion constant 0.9 0.99 0.1 mask
     | "adafactor" -> Optimizer.adafactor constant (Transform.slotsOf flat) (adafactorSettings false) mask
     | "adafactor_relative" -> Optimizer.adafactor constant (Transform.slotsOf flat) (adafactorSettings true) mask
+    | "adafactor_clip_decay_scaled" ->
+        let settings = { adafactorSettings false with ScaleParameter = true; ClipThreshold = 0.5; DecayRate = -0.6 }
+        Optimizer.adafactor constant (Transform.slotsOf flat) settings mask
     | other -> failwithf "no transform for golden case %s" other
 
 let private tolerance = 2e-6f
@@ -114,7 +118,8 @@ let private unfusedCase (name: string) =
     runGolden name (fun flat mask -> Optimizer.unfused (transformOf flat mask name))
 
 let private goldenNames =
-    [ "adamw_amsgrad"; "adamw_maximize"; "sgd_dampening"; "rmsprop"; "rmsprop_centered_momentum"; "lion"; "adafactor"; "adafactor_relative" ]
+    [ "adamw_amsgrad"; "adamw_maximize"; "sgd_dampening"; "rmsprop"; "rmsprop_centered_momentum"; "rmsprop_alpha_eps_centered"
+      "lion"; "adafactor"; "adafactor_relative"; "adafactor_clip_decay_scaled" ]
 
 /// The fused AdamW of the trainer (clipping only measuring, maxNorm 0) for a golden AdamW case.
 let private fusedConfig (mask: torch.Tensor) (beta2: float) (amsgrad: bool) (maximize: bool) : AdamWConfig =
@@ -136,6 +141,24 @@ let private goldenTests =
             torchTest (sprintf "%s matches the reference step by step" name) (fun () -> unfusedCase name)
         torchTest "fused AdamW with maximize matches torch.optim.AdamW(maximize=True)" (fun () ->
             runGolden "adamw_maximize" (fun _ mask -> Optimizer.fusedAdamW (fusedConfig mask 0.999 false true)))
+        for optim, optimArgs, name in
+            [ OptimizerKind.RmsProp, "alpha=0.9, eps=1e-6, centered=True", "rmsprop_alpha_eps_centered"
+              OptimizerKind.Adafactor, "clip_threshold=0.5,decay_rate=-0.6,scale_parameter=True", "adafactor_clip_decay_scaled"
+              OptimizerKind.Sgd, "dampening=0.5", "sgd_dampening"
+              OptimizerKind.AdamW, "amsgrad=True", "adamw_amsgrad" ] do
+            torchTest (sprintf "the trainer's optimizer from --optim-args \"%s\" matches %s" optimArgs name) (fun () ->
+                let c = case name
+                let settings = c.Settings
+                let options =
+                    { TrainOptions.defaults with
+                        Optimizer = optim
+                        WeightDecay = 0.1
+                        MaxGradNorm = 0.0
+                        Momentum = (match settings.TryGetProperty "momentum" with | true, m -> m.GetDouble() | _ -> 0.0)
+                        AdamBeta2 = (match settings.TryGetProperty "betas" with | true, b -> b[1].GetDouble() | _ -> 0.999) }
+                    |> OptimizerArgs.apply "{optim_args}" optimArgs
+                TrainOptions.validate options
+                runGolden name (fun flat mask -> TrainingLoop.optimizer options constant mask None (Some(Transform.slotsOf flat))))
         torchTest "the trainer's AdamW with amsgrad matches torch.optim.AdamW(amsgrad=True)" (fun () ->
             runGolden "adamw_amsgrad" (fun _ mask -> Optimizer.fusedAdamW (fusedConfig mask 0.9 true false)))
         test "the golden file holds every case with six steps of both parameters" {
@@ -352,6 +375,40 @@ let private optionTests =
             TrainOptions.validate { d with Optimizer = OptimizerKind.Sgd; Momentum = 0.9; Dampening = 0.5 }
             TrainOptions.validate { d with Amsgrad = true; Maximize = true }
         }
+        test "--optim-args: each optimizer takes its constructor's keywords; everything else is refused, saying why" {
+            let d = TrainOptions.defaults
+            let rms = { d with Optimizer = OptimizerKind.RmsProp }
+            let applied = OptimizerArgs.apply "{optim_args}" " alpha = 0.5 ,EPS=1e-5,centered=yes" rms
+            Expect.equal (applied.RmsPropAlpha, applied.RmsPropEpsilon, applied.RmsPropCentered) (0.5, 1e-5, true) "rmsprop's keys, blanks and case ignored"
+            Expect.equal (OptimizerArgs.apply "{optim_args}" "" rms) rms "an empty text changes nothing"
+            let fails text options location (parts: string list) =
+                expectInvalidInput "--optim-args" location parts (fun () -> OptimizerArgs.apply "{optim_args}" text options |> ignore)
+            fails "beta=0.5" rms "beta" [ "rmsprop"; "alpha, eps, centered" ]
+            fails "momentum=0.9" rms "momentum" [ "set by --momentum" ]
+            fails "lr=0.1" d "lr" [ "set by --learning-rate" ]
+            fails "betas=0.9" d "betas" [ "--adam-beta1" ]
+            fails "eps=1e-6" d "eps" [ "--adam-epsilon" ]
+            fails "alpha" rms "" [ "key=value"; "'alpha'" ]
+            fails "alpha=0.5,alpha=0.6" rms "alpha" [ "twice" ]
+            fails "centered=maybe" rms "centered" [ "True or False"; "maybe" ]
+            fails "alpha=nan" rms "alpha" [ "finite" ]
+            fails "betas=0.9" { d with Optimizer = OptimizerKind.Lion } "betas" [ "--adam-beta1" ]
+            fails "foo=1" { d with Optimizer = OptimizerKind.Lion } "foo" [ "lion_32bit"; "takes no" ]
+            fails "relative_step=True" { d with Optimizer = OptimizerKind.Adafactor } "relative_step" [ "lr=None" ]
+            fails "beta1=0.9" { d with Optimizer = OptimizerKind.Adafactor } "beta1" [ "first moment" ]
+            fails "fused=True" d "fused" [ "kernel" ]
+            fails "amsgrad=False" { d with Amsgrad = true } "amsgrad" [ "contradicts --amsgrad" ]
+            fails "dampening=0.3" { d with Optimizer = OptimizerKind.Sgd; Dampening = 0.5 } "dampening" [ "contradicts --dampening" ]
+            let sgd = OptimizerArgs.apply "{optim_args}" "dampening=0.5" { d with Optimizer = OptimizerKind.Sgd; Dampening = 0.5 }
+            Expect.equal sgd.Dampening 0.5 "the same value as the flag is accepted"
+            let ada = OptimizerArgs.apply "{optim_args}" "clip_threshold=2,decay_rate=-0.5,scale_parameter=1" { d with Optimizer = OptimizerKind.Adafactor }
+            Expect.equal (ada.AdafactorClipThreshold, ada.AdafactorDecayRate, ada.AdafactorScaleParameter) (2.0, -0.5, true) "adafactor's keys"
+            expectInvalidInput "--optim-args" "alpha" [ "[0, 1]" ] (fun () -> TrainOptions.validate { rms with RmsPropAlpha = 1.5 })
+            expectInvalidInput "--optim-args" "decay_rate" [ "< 0" ] (fun () ->
+                TrainOptions.validate { d with Optimizer = OptimizerKind.Adafactor; AdafactorDecayRate = 0.5 })
+            expectInvalidInput "--optim-args" "" [ "rmsprop" ] (fun () -> TrainOptions.validate { d with RmsPropCentered = true })
+            expectInvalidInput "--optim-args" "" [ "adafactor" ] (fun () -> TrainOptions.validate { rms with AdafactorScaleParameter = true })
+        }
         torchTest "the trainer refuses Adafactor on ZeRO's blocks of parameters and builds every optimizer otherwise" (fun () ->
             use w = new Modules.Parameter(torch.zeros([| 2L; 3L |]))
             use flat = FlatParameters.create [ struct ("w", w) ]
@@ -378,23 +435,51 @@ let private trainArgs (model: string) (data: string) (output: string) (optim: st
 [<Tests>]
 let cliTests =
     testList "optimizer cli" [
-        for optim in [ "adafactor"; "lion_32bit"; "rmsprop"; "adamw_torch_fused" ] do
-            test (sprintf "functional train --optim %s trains two steps and resumes to the same weights" optim) {
+        for optim, extra in
+            [ "adafactor", []
+              "lion_32bit", []
+              "rmsprop", []
+              "adamw_torch_fused", []
+              "rmsprop", [ "--optim-args"; "alpha=0.9,eps=1e-6,centered=True" ]
+              "adafactor", [ "--optim_args"; "clip_threshold=0.5,scale_parameter=True" ] ] do
+            test (sprintf "functional train --optim %s %s trains two steps and resumes to the same weights" optim (String.Join(" ", extra))) {
                 use folder = new TempFolder()
                 copyFolder (Path.Combine(goldenDir "llama-cosine", "model")) (folder.File "model")
                 let data = folder.File "data.jsonl"
                 File.Copy(Path.Combine(goldenDir "llama-cosine", "data.jsonl"), data)
                 let full = folder.File "full"
-                let run = runCli (trainArgs (folder.File "model") data full optim)
+                let run = runCli (trainArgs (folder.File "model") data full optim @ extra)
                 Expect.equal run.ExitCode 0 (sprintf "exit code (stderr: %s)" run.Stderr)
                 let weights (output: string) = File.ReadAllBytes(Path.Combine(output, "final", "model.safetensors"))
                 let resumed = folder.File "resumed"
                 copyFolder full resumed
                 for name in [ "checkpoint-2"; "final" ] do Directory.Delete(Path.Combine(resumed, name), true)
-                let again = runCli (trainArgs (folder.File "model") data resumed optim @ [ "--overwrite-output-dir"; "--resume-from-checkpoint"; "latest" ])
+                let again = runCli (trainArgs (folder.File "model") data resumed optim @ extra @ [ "--overwrite-output-dir"; "--resume-from-checkpoint"; "latest" ])
                 Expect.equal again.ExitCode 0 (sprintf "resume exit code (stderr: %s)" again.Stderr)
                 Expect.isTrue (weights resumed = weights full) "resuming from checkpoint-1 gives the same final weights"
+                if not extra.IsEmpty then
+                    let plain = folder.File "plain"
+                    let without = runCli (trainArgs (folder.File "model") data plain optim)
+                    Expect.equal without.ExitCode 0 (sprintf "exit code without --optim-args (stderr: %s)" without.Stderr)
+                    Expect.isFalse (weights plain = weights full) "--optim-args changes the update"
+                    let other = folder.File "other"
+                    copyFolder full other
+                    for name in [ "checkpoint-2"; "final" ] do Directory.Delete(Path.Combine(other, name), true)
+                    let mismatch = runCli (trainArgs (folder.File "model") data other optim @ [ "--overwrite-output-dir"; "--resume-from-checkpoint"; "latest" ])
+                    Expect.equal mismatch.ExitCode 2 (sprintf "resuming without the --optim-args is refused (stderr: %s)" mismatch.Stderr)
+                    Expect.stringContains mismatch.Stderr "--optimizer" "the refusal names the optimizer setting"
             }
+        test "functional train refuses an --optim-args key the optimizer does not take, listing the ones it takes" {
+            use folder = new TempFolder()
+            copyFolder (Path.Combine(goldenDir "llama-cosine", "model")) (folder.File "model")
+            let data = folder.File "data.jsonl"
+            File.Copy(Path.Combine(goldenDir "llama-cosine", "data.jsonl"), data)
+            let output = folder.File "out"
+            let run = runCli (trainArgs (folder.File "model") data output "rmsprop" @ [ "--optim-args"; "alpha=0.9,betas=0.9" ])
+            Expect.equal run.ExitCode 2 (sprintf "exit code 2 (stderr: %s)" run.Stderr)
+            Expect.stringContains run.Stderr "--optim-args:betas: unknown key for the rmsprop optimizer (expected alpha, eps, centered)" "one clear line"
+            Expect.isFalse (Directory.Exists output) "no output folder is created"
+        }
         test "functional train refuses an unknown --optim, listing the supported names" {
             use folder = new TempFolder()
             copyFolder (Path.Combine(goldenDir "llama-cosine", "model")) (folder.File "model")

@@ -9,6 +9,7 @@ open Expecto.Impl
 /// test of the library in this process.
 let endToEnd =
     [ [ "cli" ]
+      [ "cli help" ]
       [ "schedules cli" ]
       [ "resume" ]
       [ "embedded" ]
@@ -52,6 +53,15 @@ let main argv =
     // `--launch-check`: the distributed self-check (LaunchCheck, docs/distributed.md) instead of the tests,
     // for `mpirun -np N dotnet Functional.Tests.dll --launch-check` (the test lists "mpi" and "two hosts"
     // start it; the latter has each rank record where it ran).
+    // `--tensor-parallel-check`: TensorParallelCheck over all the processes of the launch (the "mpi" list).
+    // `--pipeline-check`: PipelineCheck with every process of the launch a stage (the "mpi" list).
+    // `--tensor-parallel-training-check`: TensorParallelTrainingCheck over every process of the launch.
+    if argv |> Array.contains "--tensor-parallel-training-check" then
+        exit (Functional.Training.TensorParallelTrainingCheck.run ())
+    if argv |> Array.contains "--pipeline-check" then
+        exit (Functional.Distributed.PipelineCheck.run ())
+    if argv |> Array.contains "--tensor-parallel-check" then
+        exit (Functional.Distributed.TensorParallelChecks.run ())
     if argv |> Array.contains "--launch-check" then
         TwoHosts.recordLaunch ()
         exit (Functional.Distributed.LaunchCheck.run ())

@@ -36,6 +36,28 @@ type ICommunicator =
     /// Returns once every process has called it.
     abstract Barrier: unit -> unit
 
+/// A communicator whose processes can be divided into sub-communicators (MPI_Comm_split): the process
+/// groups of tensor, pipeline and data parallelism (ProcessGrid).
+type ISplittableCommunicator =
+    inherit ICommunicator
+
+    /// Divides the processes by color: those that pass the same color get one new communicator, ranked by
+    /// key (ties by their rank here). Every process calls it, in the same order as every other collective;
+    /// returns this process's sub-communicator, itself splittable.
+    abstract Split: color: int * key: int -> ISplittableCommunicator
+
+/// Point-to-point messages between two processes of a communicator (pipeline parallelism's activations
+/// and their gradients).
+type IPointToPoint =
+    inherit ICommunicator
+
+    /// Sends tensor (contiguous) to process destination; returns when the tensor may be reused. Each Send
+    /// is matched by one Receive of destination with this process as source, of the same size and dtype.
+    abstract Send: tensor: torch.Tensor * destination: int -> unit
+
+    /// Receives into tensor (contiguous, of the sent size and dtype) what process source sends.
+    abstract Receive: tensor: torch.Tensor * source: int -> unit
+
 /// The communicator of a run with one process (rank 0 of 1): every sum is the tensor itself, so
 /// AllReduce, Broadcast and Barrier leave everything as it is, and ReduceScatter and AllGather copy
 /// input into output (the one part). Shapes are checked as a real communicator would check them.
@@ -70,5 +92,8 @@ type SingleProcess() =
             if root <> 0 then invalidArg (nameof root) (sprintf "the root must be rank 0 of a single process, got %d" root)
 
         member _.Barrier() = ()
+
+    interface ISplittableCommunicator with
+        member this.Split(_, _) = this :> ISplittableCommunicator
 
 // The Communicator module (singleProcess, fromEnvironment, the sums) is in Mpi.fs, after the MPI communicator.

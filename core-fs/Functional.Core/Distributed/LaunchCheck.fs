@@ -69,12 +69,4 @@ module LaunchCheck =
     /// otherwise.
     let run () : int =
         let communicator = Communicator.fromEnvironment ()
-        let passed, line =
-            try check communicator
-            finally ()
-        Console.Out.WriteLine line
-        Console.Out.Flush()
-        match communicator with
-        | :? IDisposable as d -> d.Dispose()
-        | _ -> ()
-        if passed then 0 else 1
+        Communicator.finishCheck communicator (check communicator)

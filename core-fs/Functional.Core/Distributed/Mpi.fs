@@ -37,6 +37,15 @@ module internal MpiNative =
     type Barrier = delegate of nativeint -> int
 
     [<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
+    type CommSplit = delegate of nativeint * int * int * nativeint byref -> int
+
+    [<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
+    type Send = delegate of nativeint * int * nativeint * int * int * nativeint -> int
+
+    [<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
+    type Recv = delegate of nativeint * int * nativeint * int * int * nativeint * nativeint -> int
+
+    [<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
     type Abort = delegate of nativeint * int -> int
 
     [<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
@@ -93,6 +102,9 @@ type MpiLibrary private (handle: nativeint, path: string) =
     let allgather = Marshal.GetDelegateForFunctionPointer<MpiNative.Allgather>(call "MPI_Allgather")
     let bcast = Marshal.GetDelegateForFunctionPointer<MpiNative.Bcast>(call "MPI_Bcast")
     let barrier = Marshal.GetDelegateForFunctionPointer<MpiNative.Barrier>(call "MPI_Barrier")
+    let commSplit = Marshal.GetDelegateForFunctionPointer<MpiNative.CommSplit>(call "MPI_Comm_split")
+    let send = Marshal.GetDelegateForFunctionPointer<MpiNative.Send>(call "MPI_Send")
+    let recv = Marshal.GetDelegateForFunctionPointer<MpiNative.Recv>(call "MPI_Recv")
     let abort = Marshal.GetDelegateForFunctionPointer<MpiNative.Abort>(call "MPI_Abort")
     let errorString = Marshal.GetDelegateForFunctionPointer<MpiNative.ErrorString>(call "MPI_Error_string")
     let commWorld = export "ompi_mpi_comm_world"
@@ -165,15 +177,31 @@ type MpiLibrary private (handle: nativeint, path: string) =
     member this.FinalizeMpi() =
         if not aborting && this.IsInitialized && not this.IsFinalized then this.Check "Finalize" (finalize.Invoke())
 
-    member this.Rank =
+    /// The world communicator's handle (ompi_mpi_comm_world).
+    member _.World = commWorld
+
+    /// This process's rank in the communicator comm.
+    member this.RankIn(comm: nativeint) =
         let mutable r = 0
-        this.Check "Comm_rank" (commRank.Invoke(commWorld, &r))
+        this.Check "Comm_rank" (commRank.Invoke(comm, &r))
         r
 
-    member this.Size =
+    /// The number of processes of the communicator comm.
+    member this.SizeOf(comm: nativeint) =
         let mutable s = 0
-        this.Check "Comm_size" (commSize.Invoke(commWorld, &s))
+        this.Check "Comm_size" (commSize.Invoke(comm, &s))
         s
+
+    member this.Rank = this.RankIn commWorld
+
+    member this.Size = this.SizeOf commWorld
+
+    /// MPI_Comm_split of comm by color and key: the new communicator's handle (it lives until MPI is
+    /// finalized).
+    member this.Split(comm: nativeint, color: int, key: int) =
+        let mutable created = 0n
+        this.Check "Comm_split" (commSplit.Invoke(comm, color, key, &created))
+        created
 
     /// The MPI datatype handle of a tensor dtype (float32, float64, int64).
     member _.Datatype(dtype: torch.ScalarType) =
@@ -183,20 +211,27 @@ type MpiLibrary private (handle: nativeint, path: string) =
         | torch.ScalarType.Int64 -> int64Type
         | other -> invalidArg "dtype" (sprintf "the MPI communicator handles float32, float64 and int64 tensors, got %O" other)
 
-    member this.AllreduceSumInPlace(buffer: nativeint, count: int, datatype: nativeint) =
+    member this.AllreduceSumInPlace(comm: nativeint, buffer: nativeint, count: int, datatype: nativeint) =
         // Open MPI's MPI_IN_PLACE is (void*)1.
-        this.Check "Allreduce" (allreduce.Invoke(1n, buffer, count, datatype, opSum, commWorld))
+        this.Check "Allreduce" (allreduce.Invoke(1n, buffer, count, datatype, opSum, comm))
 
-    member this.ReduceScatterBlockSum(send: nativeint, receive: nativeint, count: int, datatype: nativeint) =
-        this.Check "Reduce_scatter_block" (reduceScatterBlock.Invoke(send, receive, count, datatype, opSum, commWorld))
+    member this.ReduceScatterBlockSum(comm: nativeint, send: nativeint, receive: nativeint, count: int, datatype: nativeint) =
+        this.Check "Reduce_scatter_block" (reduceScatterBlock.Invoke(send, receive, count, datatype, opSum, comm))
 
-    member this.Allgather(send: nativeint, receive: nativeint, count: int, datatype: nativeint) =
-        this.Check "Allgather" (allgather.Invoke(send, count, datatype, receive, count, datatype, commWorld))
+    member this.Allgather(comm: nativeint, send: nativeint, receive: nativeint, count: int, datatype: nativeint) =
+        this.Check "Allgather" (allgather.Invoke(send, count, datatype, receive, count, datatype, comm))
 
-    member this.Bcast(buffer: nativeint, count: int, datatype: nativeint, root: int) =
-        this.Check "Bcast" (bcast.Invoke(buffer, count, datatype, root, commWorld))
+    member this.Bcast(comm: nativeint, buffer: nativeint, count: int, datatype: nativeint, root: int) =
+        this.Check "Bcast" (bcast.Invoke(buffer, count, datatype, root, comm))
 
-    member this.Barrier() = this.Check "Barrier" (barrier.Invoke commWorld)
+    member this.Barrier(comm: nativeint) = this.Check "Barrier" (barrier.Invoke comm)
+
+    member this.Send(comm: nativeint, buffer: nativeint, count: int, datatype: nativeint, destination: int) =
+        this.Check "Send" (send.Invoke(buffer, count, datatype, destination, 0, comm))
+
+    /// MPI_Recv with tag 0 and MPI_STATUS_IGNORE (Open MPI's is a null pointer).
+    member this.Receive(comm: nativeint, buffer: nativeint, count: int, datatype: nativeint, source: int) =
+        this.Check "Recv" (recv.Invoke(buffer, count, datatype, source, 0, comm, 0n))
 
     /// MPI_Abort on the world communicator: ends every process of the run with code (mpirun exits
     /// with it). From here on FinalizeMpi does nothing.
@@ -204,25 +239,17 @@ type MpiLibrary private (handle: nativeint, path: string) =
         aborting <- true
         abort.Invoke(commWorld, code) |> ignore
 
-/// A communicator over MPI's world communicator (Open MPI, loaded at run time).
+/// The collectives of ICommunicator over one MPI communicator handle: the world communicator
+/// (MpiCommunicator) or a sub-communicator split from it (ISplittableCommunicator.Split).
 ///
 /// CPU ONLY for now: every tensor must be a contiguous CPU tensor of float32, float64 or int64, and MPI
 /// reads and writes its memory directly (no staging copy). Tensors on other devices raise; a NCCL
-/// communicator will sit behind the same ICommunicator seam. Dispose finalizes MPI.
-///
-/// Faults: a process that fails must not leave its peers waiting inside a collective or in
-/// MPI_Finalize. Fail (Faults.abortRun) writes one line naming the rank and ends the whole run with
-/// MPI_Abort. Start arranges the same for a process that leaves through an unhandled exception, or that
-/// exits with a failing code without calling Fail; a process that exits with 0 finalizes MPI.
+/// communicator will sit behind the same ICommunicator seam.
 [<Sealed>]
-type MpiCommunicator private (library: MpiLibrary, localRank: int) =
-    static let mutable current: MpiCommunicator option = None
-    let rank = library.Rank
-    let size = library.Size
-    let gate = obj ()
-    let mutable failing = false
-
-    static let plain (operation: string) (name: string) (t: torch.Tensor) =
+type MpiGroup internal (library: MpiLibrary, comm: nativeint, localRank: int) =
+    let rank = library.RankIn comm
+    let size = library.SizeOf comm
+    let plain (operation: string) (name: string) (t: torch.Tensor) =
         if t.device_type <> DeviceType.CPU then
             invalidArg name
                 (sprintf "%s: the MPI communicator works on CPU tensors only (got one on %O); move it to the CPU (a NCCL communicator for GPUs is not there yet)"
@@ -243,6 +270,73 @@ type MpiCommunicator private (library: MpiLibrary, localRank: int) =
         if whole.numel () <> part.numel () * int64 size then
             invalidArg (nameof output)
                 (sprintf "%s with %d processes needs %s of %d x the %s's %d elements, got %d" operation size wholeLabel size partName (part.numel ()) (whole.numel ()))
+
+    /// Checks a point-to-point message: a plain tensor, and another rank of the group (role names it).
+    let peer (operation: string) (tensor: torch.Tensor) (other: int) (role: string) =
+        plain operation (nameof tensor) tensor
+        if other < 0 || other >= size || other = rank then
+            invalidArg role (sprintf "%s: the %s must be another rank below %d, got %d" operation role size other)
+
+    /// The MPI communicator handle.
+    member internal _.Handle = comm
+
+    interface ICommunicator with
+        member _.Rank = rank
+        member _.Size = size
+        member _.LocalRank = localRank
+
+        member _.AllReduce tensor =
+            plain "AllReduce" (nameof tensor) tensor
+            if tensor.numel () > 0L then
+                library.AllreduceSumInPlace(comm, TensorMemory.address tensor, int (tensor.numel ()), datatype tensor)
+
+        member _.ReduceScatter(input, output) =
+            parts "ReduceScatter" input output "an input" "output" input output
+            library.ReduceScatterBlockSum(comm, TensorMemory.address input, TensorMemory.address output, int (output.numel ()), datatype output)
+
+        member _.AllGather(input, output) =
+            parts "AllGather" input output "an output" "input" output input
+            library.Allgather(comm, TensorMemory.address input, TensorMemory.address output, int (input.numel ()), datatype input)
+
+        member _.Broadcast(tensor, root) =
+            plain "Broadcast" (nameof tensor) tensor
+            if root < 0 || root >= size then invalidArg (nameof root) (sprintf "the root must be a rank below %d, got %d" size root)
+            if tensor.numel () > 0L then
+                library.Bcast(comm, TensorMemory.address tensor, int (tensor.numel ()), datatype tensor, root)
+
+        member _.Barrier() = library.Barrier comm
+
+    interface ISplittableCommunicator with
+        member _.Split(color, key) =
+            if color < 0 then invalidArg (nameof color) (sprintf "a split's color must be >= 0, got %d" color)
+            MpiGroup(library, library.Split(comm, color, key), localRank) :> ISplittableCommunicator
+
+    interface IPointToPoint with
+        member _.Send(tensor, destination) =
+            peer "Send" tensor destination "destination"
+            if tensor.numel () > 0L then
+                library.Send(comm, TensorMemory.address tensor, int (tensor.numel ()), datatype tensor, destination)
+
+        member _.Receive(tensor, source) =
+            peer "Receive" tensor source "source"
+            if tensor.numel () > 0L then
+                library.Receive(comm, TensorMemory.address tensor, int (tensor.numel ()), datatype tensor, source)
+
+/// A communicator over MPI's world communicator (Open MPI, loaded at run time); its collectives are
+/// MpiGroup's (CPU tensors only for now), Split divides it into sub-communicators. Dispose finalizes MPI.
+///
+/// Faults: a process that fails must not leave its peers waiting inside a collective or in
+/// MPI_Finalize. Fail (Faults.abortRun) writes one line naming the rank and ends the whole run with
+/// MPI_Abort. Start arranges the same for a process that leaves through an unhandled exception, or that
+/// exits with a failing code without calling Fail; a process that exits with 0 finalizes MPI.
+[<Sealed>]
+type MpiCommunicator private (library: MpiLibrary, localRank: int) =
+    static let mutable current: MpiCommunicator option = None
+    let world = MpiGroup(library, library.World, localRank)
+    let rank = library.Rank
+    let size = library.Size
+    let gate = obj ()
+    let mutable failing = false
 
     /// The line a failing process writes before it aborts the run: "rank R of N failed: message".
     static member FailureLine(rank: int, size: int, message: string) =
@@ -305,30 +399,21 @@ type MpiCommunicator private (library: MpiLibrary, localRank: int) =
             Threading.Thread.Sleep(Threading.Timeout.Infinite)
 
     interface ICommunicator with
-        member _.Rank = rank
-        member _.Size = size
+        member _.Rank = (world :> ICommunicator).Rank
+        member _.Size = (world :> ICommunicator).Size
         member _.LocalRank = localRank
+        member _.AllReduce tensor = (world :> ICommunicator).AllReduce tensor
+        member _.ReduceScatter(input, output) = (world :> ICommunicator).ReduceScatter(input, output)
+        member _.AllGather(input, output) = (world :> ICommunicator).AllGather(input, output)
+        member _.Broadcast(tensor, root) = (world :> ICommunicator).Broadcast(tensor, root)
+        member _.Barrier() = (world :> ICommunicator).Barrier()
 
-        member _.AllReduce tensor =
-            plain "AllReduce" (nameof tensor) tensor
-            if tensor.numel () > 0L then
-                library.AllreduceSumInPlace(TensorMemory.address tensor, int (tensor.numel ()), datatype tensor)
+    interface ISplittableCommunicator with
+        member _.Split(color, key) = (world :> ISplittableCommunicator).Split(color, key)
 
-        member _.ReduceScatter(input, output) =
-            parts "ReduceScatter" input output "an input" "output" input output
-            library.ReduceScatterBlockSum(TensorMemory.address input, TensorMemory.address output, int (output.numel ()), datatype output)
-
-        member _.AllGather(input, output) =
-            parts "AllGather" input output "an output" "input" output input
-            library.Allgather(TensorMemory.address input, TensorMemory.address output, int (input.numel ()), datatype input)
-
-        member _.Broadcast(tensor, root) =
-            plain "Broadcast" (nameof tensor) tensor
-            if root < 0 || root >= size then invalidArg (nameof root) (sprintf "the root must be a rank below %d, got %d" size root)
-            if tensor.numel () > 0L then
-                library.Bcast(TensorMemory.address tensor, int (tensor.numel ()), datatype tensor, root)
-
-        member _.Barrier() = library.Barrier()
+    interface IPointToPoint with
+        member _.Send(tensor, destination) = (world :> IPointToPoint).Send(tensor, destination)
+        member _.Receive(tensor, source) = (world :> IPointToPoint).Receive(tensor, source)
 
     interface IDisposable with
         member _.Dispose() = library.FinalizeMpi()
@@ -414,3 +499,14 @@ module Communicator =
     /// loaded, or when MPI's size disagrees with the environment's. Made on the first call; every later call returns the same
     /// communicator (MPI starts once per process).
     let fromEnvironment () : ICommunicator = launched.Force()
+
+    /// Ends a self-check of a launch (LaunchCheck, TensorParallelChecks, PipelineCheck): prints its line on
+    /// standard output, finalizes MPI (the world communicator's Dispose), and returns the exit code, 0 when
+    /// the check passed and 1 otherwise.
+    let finishCheck (world: ICommunicator) (passed: bool, line: string) : int =
+        Console.Out.WriteLine(line: string)
+        Console.Out.Flush()
+        match world with
+        | :? IDisposable as d -> d.Dispose()
+        | _ -> ()
+        if passed then 0 else 1

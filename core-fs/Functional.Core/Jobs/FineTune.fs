@@ -26,9 +26,11 @@ module FineTune =
           ResizeTokenEmbeddingsToMultipleOf = 0
           MaxShardSize = Functional.Checkpoint.WeightsFormat.defaultMaxShardSize }
 
-    /// A request to fine-tune every weight of the model folder on the data file into the output folder, with
-    /// The processes from the launcher's environment (Communicator.fromEnvironment), ZeRO stage 0.
-    let defaultDistributed: DistributedSettings = { ZeroStage = 0; Buckets = Functional.Distributed.CollectiveBuckets.defaults; Communicator = None }
+    /// A job's distributed settings unless told otherwise: the processes from the launcher's environment
+    /// (Communicator.fromEnvironment), ZeRO stage 0, DeepSpeed's bucket sizes, only process 0 logging (no
+    /// metrics-rank-R.jsonl).
+    let defaultDistributed: DistributedSettings =
+        { ZeroStage = 0; Buckets = Functional.Distributed.CollectiveBuckets.defaults; Communicator = None; LogEachRank = false; TensorParallelDegree = 1 }
 
     /// TrainOptions.defaults and defaultData, no resume, no LoRA, no prefix tuning, no gradient
     /// checkpointing and an output folder that must be empty. Scripts start from it and change what they

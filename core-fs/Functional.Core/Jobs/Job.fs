@@ -59,8 +59,25 @@ type PreparedJob =
       IsMainProcess: bool
       /// The processes of the run (one, or those of mpirun).
       Communicator: ICommunicator
+      /// Under tensor parallelism (DistributedSettings.TensorParallelDegree > 1), this process's groups
+      /// and hooks; None when every process holds the whole model.
+      TensorParallel: TensorParallelJob option
       /// Started when the job was.
       Clock: Stopwatch }
+
+/// What a tensor-parallel job adds: Trained is this process's part (TensorParallelLlama.shard) and Model
+/// the whole model, refreshed from the parts by Gather before final/ is written.
+and [<NoComparison; NoEquality>] TensorParallelJob =
+    { /// The process grid's groups (the data group trains as the run's communicator).
+      Groups: ParallelGroups
+      /// The partial-gradient and clip-norm hooks of the trainer.
+      Hooks: ModelParallelHooks
+      /// Copies the gathered parts into Model's parameters (every process calls it: it all-gathers).
+      Gather: unit -> unit
+      /// The whole model's config.
+      Config: LlamaConfig
+      /// Copies this process's blocks of Model's parameters into its part (after Model was loaded).
+      Scatter: unit -> unit }
 
 /// A fine-tuning job as a pipeline: prepare (check and load everything, write nothing), then run (train,
 /// evaluate, save).
@@ -261,6 +278,54 @@ module Job =
             checkSettings request setup.Data.Eval.IsSome
             setup.Model, options, tokenizer, setup.Data, setup.Objective, setup.Evaluate, setup.Signature
 
+    /// Under --tensor-parallel-degree N > 1: the process grid's groups, this process's part of the whole
+    /// model (TensorParallelLlama.shard) as the trained CausalLm, and the first index of its vocabulary
+    /// block. What is not supported yet with it is refused, naming the setting: a task other than causal
+    /// LM, a family other than LLaMA's, adapters, load_best_model_at_end, bf16/fp16, ZeRO, packing, the
+    /// chunked loss, gradient checkpointing and exact-match scoring. Checkpoints are those of one process
+    /// (the whole model and optimizer state, gathered), so a run resumes on any layout.
+    let private tensorParallelPart (request: FineTuneRequest) (options: TrainOptions) (world: ICommunicator) (model: CausalLm) =
+        let degree = request.Distributed.TensorParallelDegree
+        if degree < 1 then InvalidInput.setting "tensor_parallel_degree" (sprintf "must be at least 1, got %d" degree)
+        if degree = 1 then None
+        else
+            let refuse (what: string) = InvalidInput.setting "tensor_parallel_degree" (sprintf "is not supported with %s yet" what)
+            if request.Task <> TrainingTask.CausalLm then refuse "{task} other than causal-lm"
+            if request.Lora.IsSome || request.Prefix.IsSome then refuse "LoRA or prefix tuning"
+            if options.LoadBestModelAtEnd then refuse "{load_best_model_at_end}"
+            if options.Precision <> Precision.Fp32 then refuse "{bf16} or {fp16}"
+            if request.Distributed.ZeroStage <> 0 then refuse "{zero_stage} above 0"
+            if request.Data.Prompt.Packing then refuse "{packing}"
+            if options.LossChunkSize > 0 then refuse "{loss_chunk_size}"
+            if request.GradientCheckpointing then refuse "{gradient_checkpointing}"
+            if request.Data.ExactMatchSamples > 0 then refuse "{exact_match_samples}"
+            let config =
+                match model.Config with
+                | ModelConfig.Llama c -> c
+                | _ -> refuse "this model family (LLaMA, Qwen2, Qwen3 and Mistral only)"
+            let splittable =
+                match world with
+                | :? ISplittableCommunicator as s -> s
+                | _ -> invalidArg (nameof world) "the run's communicator cannot be split into tensor-parallel groups"
+            let groups = ProcessGrid.groups splittable degree 1
+            let whole = model.Module :?> CausalLmHead
+            let part = TensorParallelLlama.shard groups.Tensor config whole
+            let gather () =
+                let values = dict [ for name, p in whole.named_parameters () -> name, p ]
+                use _ = torch.no_grad ()
+                for name, t in TensorParallelLlama.gather groups.Tensor part do
+                    values[name].copy_ t |> ignore
+                    t.Dispose()
+            let job =
+                { Groups = groups
+                  Hooks =
+                    { ReduceGradients = fun () -> TensorParallelLlama.reducePartialGradients groups.Tensor part
+                      NormReduction = TensorParallelTraining.normReduction groups.Tensor part }
+                  Gather = gather
+                  Config = config
+                  Scatter = fun () -> TensorParallelLlama.copyInto groups.Tensor config whole part }
+            Some(job, CausalLm.ofModule model.Config part [], TensorParallelLlama.vocabStart config groups.Tensor.Rank groups.Tensor.Size)
+
     /// The events of a process other than the main one: it reports nothing (rank 0 speaks for the run).
     let private quiet: FineTuneEvents = { OnStep = ignore; OnEvaluation = (fun _ _ -> ()); OnMessage = ignore }
 
@@ -273,16 +338,44 @@ module Job =
         CollectiveBuckets.validate request.Distributed.Buckets
         let communicator = request.Distributed.Communicator |> Option.defaultWith Communicator.fromEnvironment
         let model, options, tokenizer, data, objective, evaluate, taskSignature = loadTask request
-        let plan = TrainingLoop.planFor communicator.Size options data.Train.Rows.Length
+        let tensorParallel = tensorParallelPart request options communicator model
+        let dataProcesses = tensorParallel |> Option.map (fun (t, _, _) -> t.Groups.Data.Size) |> Option.defaultValue communicator.Size
+        let objective, evaluate =
+            match tensorParallel with
+            | Some(t, _, start) ->
+                let objective = TensorParallelTraining.objective t.Groups.Tensor start
+                objective, (fun model eval -> Evaluation.evaluateWith objective model eval options.PerDeviceEvalBatchSize options.MaxSeqLen TrainingLoop.PadId)
+            | None -> objective, evaluate
+        let plan = TrainingLoop.planFor dataProcesses options data.Train.Rows.Length
         let adapters, adapterSignature = attachAdapters request options model data
-        let trained = adapters |> List.tryLast |> Option.map (fun a -> a.Model) |> Option.defaultValue model
+        let trained =
+            match tensorParallel with
+            | Some(_, part, _) -> part
+            | None -> adapters |> List.tryLast |> Option.map (fun a -> a.Model) |> Option.defaultValue model
         CausalLm.setGradientCheckpointing model request.GradientCheckpointing
-        let trainable = trainableParameters model adapters
+        let trainable =
+            match tensorParallel with
+            | Some(_, part, _) -> [ for name, p in part.Module.named_parameters () -> name, p ]
+            | None -> trainableParameters model adapters
         let learningRate = learningRates options adapters
-        let signature = TrainingCheckpoint.signatureFor communicator.Size plan model data.Train @ adapterSignature @ taskSignature
+        let signature = TrainingCheckpoint.signatureFor dataProcesses plan model data.Train @ adapterSignature @ taskSignature
         let isMain = communicator.Rank = 0
         let observer = if isMain then observer else quiet
-        let restored = restore request observer model trainable adapters signature
+        let restored =
+            match tensorParallel with
+            | Some(t, _, _) ->
+                // A whole checkpoint (any layout's): the whole model, then this process's blocks of it and of
+                // the optimizer state.
+                let restored =
+                    request.ResumeFromCheckpoint
+                    |> Option.map (fun spec ->
+                        let skipped (folder: string) (problem: string) = observer.OnMessage(sprintf "skipped %s: %s" (Path.GetFileName folder) problem)
+                        let path = CheckpointFolder.resolveReporting request.OutputPath spec skipped
+                        let blocks = TensorParallelLlama.optimizerBlocks t.Config t.Groups.Tensor.Rank t.Groups.Tensor.Size
+                        TrainingCheckpoint.restoreWith blocks path model (List.map fst trainable) ignore signature)
+                if restored.IsSome then t.Scatter()
+                restored
+            | None -> restore request observer model trainable adapters signature
         let startStep = checkResume options plan observer restored
         // A resumed reduce_lr_on_plateau goes on from the state its checkpoint stored.
         match restored, plan.Plateau with
@@ -313,6 +406,7 @@ module Job =
           Policy = policySettings request options plan data.Eval.IsSome isMain
           IsMainProcess = isMain
           Communicator = communicator
+          TensorParallel = tensorParallel |> Option.map (fun (t, _, _) -> t)
           Clock = clock }
 
     // ---- run ----
@@ -390,7 +484,16 @@ module Job =
             if job.Adapters.IsEmpty then []
             else [ PeftFolder.ConfigFileName, (fun (path: string) -> for a in job.Adapters do a.Save (Path.GetDirectoryName path) (Some job.Request.ModelPath)) ]
         let output = job.Request.OutputPath
-        TrainingCheckpoint.save output job.Plan job.Model (Some job.SourceConfig) job.TokenizerCopies job.Signature adapterWriters context record |> ignore
+        match job.TensorParallel with
+        | Some t ->
+            // The checkpoint of one process: the whole model and the whole optimizer state, gathered from
+            // the parts on every process; process 0 of the world writes it.
+            t.Gather()
+            let tensors = TensorParallelLlama.gatherOptimizerTensors t.Groups.Tensor (TrainingCheckpoint.optimizerTensors context.Parameters context.OptimizerState)
+            let whole = { context with Communicator = job.Communicator }
+            TrainingCheckpoint.saveWith (Some tensors) output job.Plan job.Model (Some job.SourceConfig) job.TokenizerCopies job.Signature adapterWriters whole record |> ignore
+        | None ->
+            TrainingCheckpoint.save output job.Plan job.Model (Some job.SourceConfig) job.TokenizerCopies job.Signature adapterWriters context record |> ignore
         for victim in CheckpointPolicy.toRotate job.Policy progress.Policy (CheckpointFolder.list output) do
             CheckpointFolder.delete victim
 
@@ -449,9 +552,10 @@ module Job =
                 Objective = job.Objective
                 Parameters = [ for name, p in job.Trainable -> struct (name, p) ]
                 LearningRate = job.LearningRate
-                Communicator = job.Communicator
+                Communicator = (match job.TensorParallel with Some t -> t.Groups.Data :> ICommunicator | None -> job.Communicator)
                 ZeroStage = job.Request.Distributed.ZeroStage
-                Buckets = job.Request.Distributed.Buckets }
+                Buckets = job.Request.Distributed.Buckets
+                ModelParallel = job.TensorParallel |> Option.map (fun t -> t.Hooks) }
             (job.Restored |> Option.map (fun r -> r.Resume))
             hooks
 
@@ -513,13 +617,20 @@ module Job =
         let history = job.Restored |> Option.map (fun r -> r.Record.History |> List.map RunLog.ofJson) |> Option.defaultValue []
         let board = if job.Options.ReportToTensorBoard then Some(defaultArg job.Options.LoggingDir output) else None
         let log = new RunLogWriter(metricsPath, board, job.IsMainProcess, history)
+        // --log-each-rank: every process also logs its own loss and tokens.
+        let rankLog =
+            if job.Request.Distributed.LogEachRank then
+                let rank = job.Communicator.Rank
+                Some(new RankLogWriter(Path.Combine(output, RunLog.rankFileName rank), rank, job.StartStep))
+            else None
         let trainClock = Stopwatch()
         let result, before, progress =
             use _ = log
+            use _ = rankLog |> Option.map (fun r -> r :> IDisposable) |> Option.defaultValue { new IDisposable with member _.Dispose() = () }
             let before = evaluateBefore job log observer
             let progress = ref (startProgress job)
             let hooks =
-                { OnLog = fun l -> log.Step l; observer.OnStep l
+                { OnLog = fun l -> log.Step l; rankLog |> Option.iter (fun r -> r.Step l); observer.OnStep l
                   AfterStep =
                     fun context ->
                         let next, decision = afterStep job log observer cancellation progress.Value context
@@ -534,6 +645,8 @@ module Job =
         let summary = summary job result progress runtime after
         if not progress.Interrupted then
             TrainingLoop.ensureFinite job.Options result.Steps result.Parameters
+            // Tensor parallel: the whole model from every process's part, for final/.
+            job.TensorParallel |> Option.iter (fun t -> t.Gather())
             RunLogFinish.summary job.IsMainProcess metricsPath summary
             if job.IsMainProcess then saveFinal job finalPath
         RunLogFinish.plot job.Request.Plot job.IsMainProcess plotPath log.History

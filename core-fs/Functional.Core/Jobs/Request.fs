@@ -107,7 +107,16 @@ type DistributedSettings =
       Buckets: Functional.Distributed.CollectiveBuckets
       /// The processes of the run; None (default): Communicator.fromEnvironment () (mpirun's, or
       /// torchrun's, variables; one process without them).
-      Communicator: Functional.Distributed.ICommunicator option }
+      Communicator: Functional.Distributed.ICommunicator option
+      /// Every process writes OUTPUT/metrics-rank-R.jsonl (R its rank): per logged step, its own
+      /// token-weighted loss over its rows of the window and their predicted tokens (StepLog.RankLoss and
+      /// RankTokens), besides the global loss process 0 writes to metrics.jsonl (HF's log_on_each_node,
+      /// Lightning's rank_zero_only=False). Default false: only process 0 logs.
+      LogEachRank: bool
+      /// Processes that split each layer of the model (PaddleNLP's tensor_parallel_degree; Megatron's
+      /// layout, Distributed.TensorParallelLlama): LLaMA-family causal LMs for now; the rest of the processes
+      /// are data parallel. Default 1: every process holds the whole model.
+      TensorParallelDegree: int }
 
 /// A fine-tuning job: where the model, data and output are, and how to train.
 [<NoComparison>]

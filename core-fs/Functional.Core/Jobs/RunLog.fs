@@ -138,6 +138,17 @@ module RunLog =
                   Metrics = [ for n in names do if n.StartsWith "eval_" && not (List.contains n known) then yield n.Substring 5, get n ] })
         else Other line
 
+    /// The name of process rank's own log in the output folder under --log-each-rank
+    /// (DistributedSettings.LogEachRank): metrics-rank-R.jsonl.
+    let rankFileName (rank: int) : string = sprintf "metrics-rank-%d.jsonl" rank
+
+    /// A logged step as its line in process rank's own log: step, rank, that process's token-weighted loss
+    /// over its rows of the window (StepLog.RankLoss; "NaN" when it predicted no token) and its predicted
+    /// tokens (num_tokens). Summed over the processes, loss * num_tokens / metrics.jsonl's num_tokens is
+    /// metrics.jsonl's loss.
+    let rankJson (rank: int) (log: StepLog) : string =
+        jsonLine [ "step", box log.Step; "rank", box rank; "loss", box log.RankLoss; "num_tokens", box log.RankTokens ]
+
     /// The evaluation before training (step 0) in a history.
     let before (history: LogRecord list) : EvalRecord option =
         history |> List.tryPick (function Evaluated e when e.Step = 0 -> Some e | _ -> None)
@@ -180,6 +191,36 @@ type RunLogWriter(metricsPath: string, tensorBoardFolder: string option, isMainP
         member _.Dispose() =
             metrics |> Option.iter (fun m -> m.Dispose())
             events |> Option.iter (fun e -> (e :> IDisposable).Dispose())
+
+/// Process rank's own log under --log-each-rank (DistributedSettings.LogEachRank): path
+/// (OUTPUT/metrics-rank-R.jsonl), one RunLog.rankJson line per logged step, written by every process. A run
+/// that resumes from step startStep keeps the lines of an earlier file up to that step and drops the later
+/// ones (as metrics.jsonl is rewritten from the checkpoint's history); a fresh run (startStep 0) starts it
+/// empty.
+type RankLogWriter(path: string, rank: int, startStep: int) =
+    let earlier =
+        if startStep > 0 && File.Exists path then
+            [ for line in File.ReadAllLines path do
+                  match Functional.JsonInput.tryParse line with
+                  | Ok root when root.ValueKind = JsonValueKind.Object ->
+                      match root.TryGetProperty "step" with
+                      | true, step when step.ValueKind = JsonValueKind.Number && step.GetInt32() <= startStep -> yield line
+                      | _ -> ()
+                  | _ -> () ]
+        else []
+    let writer = new StreamWriter(path, false)
+    do
+        for line in earlier do writer.WriteLine line
+        writer.Flush()
+
+    /// Writes a logged step's line.
+    member _.Step(log: StepLog) =
+        writer.WriteLine(RunLog.rankJson rank log)
+        writer.Flush()
+
+    /// Closes the file.
+    interface IDisposable with
+        member _.Dispose() = writer.Dispose()
 
 /// What is written once a run has finished.
 [<RequireQualifiedAccess>]

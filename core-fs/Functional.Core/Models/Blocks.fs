@@ -500,6 +500,24 @@ type LlamaRotaryEmbedding(headDim: int, theta: float) as this =
         let perRow (t: torch.Tensor) = scope.MoveToOuter(t.view(B, 1L, T, -1L)) // (B, 1, T, hd)
         perRow cos, perRow sin
 
+/// Where a tensor-parallel block's split projections begin and end (Megatron's f and g): Enter runs on
+/// the block's input before its column-parallel projections (q/k/v, gate/up), Leave on the output of its
+/// row-parallel projection (o, down). ParallelRegion.whole, for a model that is not split, leaves both as
+/// they are; Distributed.TensorParallel makes the split ones.
+[<NoEquality; NoComparison>]
+type ParallelRegion =
+    { /// Before the column-parallel projections: the identity forward (f).
+      Enter: torch.Tensor -> torch.Tensor
+      /// After the row-parallel projection: the sum of the ranks' partial outputs (g).
+      Leave: torch.Tensor -> torch.Tensor }
+
+/// The regions of blocks.
+[<RequireQualifiedAccess>]
+module ParallelRegion =
+
+    /// The region of a block that is not split: both functions return their input.
+    let whole: ParallelRegion = { Enter = id; Leave = id }
+
 /// Repeats each key/value head nRep times, as HF's repeat_kv: (B, nkv, T, hd) -> (B, nkv * nRep, T, hd).
 [<RequireQualifiedAccess>]
 module GroupedQuery =
@@ -702,10 +720,23 @@ type CausalLmHead(name: string, backboneName: string, backbone: DecoderBackbone,
         backbone.ForwardPacked(inputIds, positionIds, segmentIds)
 
     /// Logits of hidden states: (B, T, C) -> (B, T, vocab_size).
-    member private _.Logits(hidden: torch.Tensor) =
-        match lmHead with
-        | Some head -> head.call hidden
-        | None -> torch.nn.functional.linear(hidden, backbone.TokenEmbedding.weight)
+    member val private HeadInputHook: torch.Tensor -> torch.Tensor = id with get, set
+
+    /// What runs on the final hidden states before the head multiplies them (the identity; Megatron's f
+    /// when a tensor-parallel rank's head holds a block of the vocabulary and its logits are that block's,
+    /// see Distributed.TensorParallelLlama).
+    member this.HeadInput
+        with get () = this.HeadInputHook
+        and set (hook: torch.Tensor -> torch.Tensor) = this.HeadInputHook <- hook
+
+    member private this.Logits(hidden: torch.Tensor) =
+        use scope = torch.NewDisposeScope()
+        let hidden = this.HeadInputHook hidden
+        let logits =
+            match lmHead with
+            | Some head -> head.call hidden
+            | None -> torch.nn.functional.linear(hidden, backbone.TokenEmbedding.weight)
+        scope.MoveToOuter logits
 
     /// input_ids (B, T) int64 -> logits (B, T, vocab_size).
     override this.forward(inputIds) =

@@ -218,7 +218,9 @@ module Bloom =
         let tp = r.Int "pretraining_tp" (Some 1) |> r.Positive "pretraining_tp"
         if tp > 1 && r.Bool "slow_but_exact" false then
             r.Fail "slow_but_exact" (sprintf "true with pretraining_tp = %d (sliced output projections) is not supported yet; expected false" tp)
-        { VocabSize = r.Int "vocab_size" (Some 250880) |> r.Positive "vocab_size"
+        let vocabSize = r.Int "vocab_size" (Some 250880) |> r.Positive "vocab_size"
+        let padTokenId = r.TokenId "pad_token_id" vocabSize
+        { VocabSize = vocabSize
           HiddenSize = hidden
           NLayer = aliased r "n_layer" "num_hidden_layers" 2
           NHead = nHead
@@ -229,7 +231,8 @@ module Bloom =
           AttentionDropout = r.Float "attention_dropout" 0.0 |> r.Probability "attention_dropout"
           PretrainingTp = tp
           SeqLength = r.Int "seq_length" (Some 2048) |> r.Positive "seq_length"
-          TieWordEmbeddings = r.Bool "tie_word_embeddings" true }
+          TieWordEmbeddings = r.Bool "tie_word_embeddings" true
+          PadTokenId = padTokenId }
 
     /// Writes BloomConfig's fields into a config.json object (after "architectures", before torch_dtype);
     /// read reads them back to an equal value.
@@ -249,6 +252,7 @@ module Bloom =
         // Not a BloomConfig field: written only when it is not the default, so a plain config stays HF's.
         if c.SeqLength <> 2048 then w.WriteNumber("seq_length", c.SeqLength)
         w.WriteBoolean("tie_word_embeddings", c.TieWordEmbeddings)
+        c.PadTokenId |> Option.iter (fun id -> w.WriteNumber("pad_token_id", id))
 
     /// The config with every dropout probability zero (hidden_dropout, attention_dropout).
     let withoutDropout (c: BloomConfig) : BloomConfig = { c with HiddenDropout = 0.0; AttentionDropout = 0.0 }

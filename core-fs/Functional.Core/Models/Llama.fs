@@ -17,10 +17,12 @@ open Functional.Runtime
 /// biased as the variant says), rotary embeddings on q and k, k and v repeated to the query heads.
 /// qkNorm: Qwen3's q_norm and k_norm, RMSNorms over each head's head_dim applied to the queries and keys
 /// before the rotary embedding (None for the other variants). attentionDropout applies to the attention
-/// probabilities in training only; bias is NoBias, or Mistral's sliding Window.
+/// probabilities in training only; bias is NoBias, or Mistral's sliding Window. region: where a
+/// tensor-parallel rank's part begins and ends (its q/k/v hold its heads, o its columns; numHeads and
+/// numKeyValueHeads are then the rank's); ParallelRegion.whole otherwise.
 type LlamaAttention
     (q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear, qkNorm: (RmsNorm * RmsNorm) option,
-     numHeads: int, numKeyValueHeads: int, headDim: int, attentionDropout: float, bias: AttentionBias) as this =
+     numHeads: int, numKeyValueHeads: int, headDim: int, attentionDropout: float, bias: AttentionBias, region: ParallelRegion) as this =
     inherit torch.nn.Module<torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor>("LlamaAttention")
     do
         this.register_module("q_proj", q_proj)
@@ -40,6 +42,7 @@ type LlamaAttention
         let shape = x.shape
         let B, T = shape[0], shape[1]
         let nh, nkv, hd = int64 numHeads, int64 numKeyValueHeads, int64 headDim
+        let x = region.Enter x
         // (B, T, heads * hd) -> (B, heads, T, hd); with one position a view gives the same tensor.
         let split (t: torch.Tensor) (heads: int64) =
             if T = 1L then t.view(B, heads, 1L, hd) else t.view(B, T, heads, hd).transpose(1, 2)
@@ -71,7 +74,7 @@ type LlamaAttention
             use grouped = q.reshape(B, nkv, nRep, hd)
             use y = CausalAttention.applyCached grouped k v allowed p
             use merged = y.reshape(B, 1L, nh * hd)
-            o_proj.call merged
+            region.Leave(o_proj.call merged)
         else
             let k = GroupedQuery.repeatKv k nRep // (B, nh, T_total, hd)
             let v = GroupedQuery.repeatKv v nRep // (B, nh, T_total, hd)
@@ -79,7 +82,7 @@ type LlamaAttention
                 if causal then CausalAttention.apply q k v { Dropout = p; Bias = bias } // (B, nh, T, hd)
                 else CausalAttention.applyCached q k v allowed p
             let y = y.transpose(1, 2).reshape(B, T, nh * hd) // (B, T, nh * hd)
-            o_proj.call y
+            region.Leave(o_proj.call y)
 
     /// x (B, T, hidden) with the rotary cos and signed sin (Rotary.signHalf), (T, hd) -> (B, T, hidden).
     override this.forward(x, cos, signedSin) =
@@ -100,8 +103,10 @@ type LlamaAttention
         let v = IncrementalDecoding.append (Option.map snd past) v // (B, nkv, T_total, hd)
         scope.MoveToOuter(this.Attend(q, k, v, allowed, false)), scope.MoveToOuter k, scope.MoveToOuter v
 
-/// LLaMA's gated MLP (SwiGLU with silu): down_proj(act(gate_proj(x)) * up_proj(x)).
-type LlamaMlp(gate_proj: Linear, up_proj: Linear, down_proj: Linear, activation: Activation) as this =
+/// LLaMA's gated MLP (SwiGLU with silu): down_proj(act(gate_proj(x)) * up_proj(x)). region: where a
+/// tensor-parallel rank's part (its block of the inner features) begins and ends; ParallelRegion.whole
+/// otherwise.
+type LlamaMlp(gate_proj: Linear, up_proj: Linear, down_proj: Linear, activation: Activation, region: ParallelRegion) as this =
     inherit torch.nn.Module<torch.Tensor, torch.Tensor>("LlamaMLP")
     do
         this.register_module("gate_proj", gate_proj)
@@ -112,8 +117,9 @@ type LlamaMlp(gate_proj: Linear, up_proj: Linear, down_proj: Linear, activation:
     /// (B, T, hidden) -> (B, T, hidden).
     override _.forward(x) =
         use scope = torch.NewDisposeScope()
+        let x = region.Enter x
         let gate = Activation.apply activation (gate_proj.call x) // (B, T, intermediate)
-        scope.MoveToOuter(down_proj.call (gate * up_proj.call x))
+        scope.MoveToOuter(region.Leave(down_proj.call (gate * up_proj.call x)))
 
 /// A pre-norm decoder layer: x + self_attn(input_layernorm(x)), then h + mlp(post_attention_layernorm(h)).
 type LlamaDecoderLayer(self_attn: LlamaAttention, mlp: LlamaMlp, input_layernorm: RmsNorm, post_attention_layernorm: RmsNorm) as this =
@@ -144,9 +150,12 @@ type LlamaDecoderLayer(self_attn: LlamaAttention, mlp: LlamaMlp, input_layernorm
 
 /// LlamaModel: token embedding, the decoder layers, a final RMSNorm; rotary embeddings shared by all
 /// layers. Returns the last hidden states (the layer loop is DecoderBackbone's). bias: the attention
-/// bias of every layer (Mistral's sliding window), for the cached forward's mask.
+/// bias of every layer (Mistral's sliding window), for the cached forward's mask. lookup: how token ids
+/// become embeddings through embed_tokens (its forward; a tensor-parallel rank's block of the vocabulary
+/// looks up its own rows and sums over the ranks, see Distributed.VocabParallel).
 type LlamaModel
-    (embed_tokens: Embedding, layers: ModuleList<LlamaDecoderLayer>, norm: RmsNorm, rotary_emb: LlamaRotaryEmbedding, bias: AttentionBias) as this =
+    (embed_tokens: Embedding, layers: ModuleList<LlamaDecoderLayer>, norm: RmsNorm, rotary_emb: LlamaRotaryEmbedding, bias: AttentionBias,
+     lookup: Embedding -> torch.Tensor -> torch.Tensor) as this =
     inherit DecoderBackbone("LlamaModel")
     let stack = [| for layer in layers -> (layer :> torch.nn.Module), (layer :> IDecoderLayer) |]
     do
@@ -175,7 +184,7 @@ type LlamaModel
         use scope = torch.NewDisposeScope()
         let cos, sin = if positions.dim () = 1L then rotary_emb.CosSin positions else rotary_emb.CosSinPerRow positions
         let signedSin = Rotary.signHalf sin
-        let x = Autocast.residual (embed_tokens.forward inputIds) // (B, T, hidden)
+        let x = Autocast.residual (lookup embed_tokens inputIds) // (B, T, hidden)
         scope.MoveToOuter x, [| scope.MoveToOuter cos; scope.MoveToOuter signedSin |]
 
     /// norm.
@@ -269,14 +278,7 @@ module Llama =
                     (sprintf "hidden_size (%d) must be divisible by num_attention_heads (%d) when head_dim is absent" hidden heads)
         if headDim % 2 <> 0 then
             r.Fail "head_dim" (sprintf "rotary embeddings need an even head dimension, found %d" headDim)
-        let padTokenId =
-            match r.TryGet "pad_token_id" with
-            | Some _ ->
-                let id = r.Int "pad_token_id" None
-                if id < 0 || id >= vocabSize then
-                    r.Fail "pad_token_id" (sprintf "expected a token id in [0, %d), found %d" vocabSize id)
-                Some id
-            | None -> None
+        let padTokenId = r.TokenId "pad_token_id" vocabSize
         { VocabSize = vocabSize
           HiddenSize = hidden
           IntermediateSize = r.Int "intermediate_size" None |> r.Positive "intermediate_size"
@@ -352,7 +354,13 @@ module Llama =
     /// initialized as HF does from a generator seeded with seed. q/k/v are biased when attention_bias or
     /// the variant's QkvBias, o_proj when attention_bias or OutputBias; Qwen3's QkNorm gives every layer
     /// q_norm and k_norm (head_dim wide); Mistral's window becomes every layer's AttentionBias.Window.
-    let build (config: LlamaConfig) (seed: int64) : CausalLmHead =
+    let rec build (config: LlamaConfig) (seed: int64) : CausalLmHead =
+        buildIn ParallelRegion.whole (fun embedding ids -> embedding.forward ids) config seed
+
+    /// build with every layer's attention and MLP in region and the token embedding looked up by lookup
+    /// (a tensor-parallel rank's part: the config then holds the rank's heads, key/value heads,
+    /// intermediate size and block of the vocabulary).
+    and buildIn (region: ParallelRegion) (lookup: Embedding -> torch.Tensor -> torch.Tensor) (config: LlamaConfig) (seed: int64) : CausalLmHead =
         TorchRuntime.ensure ()
         let hidden = int64 config.HiddenSize
         let intermediate = int64 config.IntermediateSize
@@ -375,13 +383,14 @@ module Llama =
                     (if config.Variant.QkNorm then
                          Some(new RmsNorm(int64 config.HeadDim, config.RmsNormEps), new RmsNorm(int64 config.HeadDim, config.RmsNormEps))
                      else None),
-                    config.NumAttentionHeads, config.NumKeyValueHeads, config.HeadDim, config.AttentionDropout, bias)
+                    config.NumAttentionHeads, config.NumKeyValueHeads, config.HeadDim, config.AttentionDropout, bias, region)
             let mlp =
                 new LlamaMlp(
                     linear hidden intermediate config.MlpBias,
                     linear hidden intermediate config.MlpBias,
                     linear intermediate hidden config.MlpBias,
-                    config.HiddenAct)
+                    config.HiddenAct,
+                    region)
             new LlamaDecoderLayer(attention, mlp, new RmsNorm(hidden, config.RmsNormEps), new RmsNorm(hidden, config.RmsNormEps))
         let embedding =
             match config.PadTokenId with
@@ -393,7 +402,8 @@ module Llama =
                 torch.nn.ModuleList<LlamaDecoderLayer>([| for _ in 1 .. config.NumHiddenLayers -> layer () |]),
                 new RmsNorm(hidden, config.RmsNormEps),
                 new LlamaRotaryEmbedding(config.HeadDim, config.RopeTheta),
-                bias)
+                bias,
+                lookup)
         let lmHead =
             if config.TieWordEmbeddings then None
             else Some(linear hidden (int64 config.VocabSize) false)

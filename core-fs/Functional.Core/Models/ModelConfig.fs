@@ -222,7 +222,11 @@ type BloomConfig =
       /// ALiBi itself has no position table.
       SeqLength: int
       /// "tie_word_embeddings" (default true): the LM head reuses the word embedding matrix.
-      TieWordEmbeddings: bool }
+      TieWordEmbeddings: bool
+      /// "pad_token_id" (default null; bloom-560m's is 3): BLOOM's embedding has no padding row, so it
+      /// changes no computation; sequence classification pools at the last token that is not it, and it
+      /// is written back so that a saved config keeps it.
+      PadTokenId: int option }
 /// The fields of an HF OPTConfig that OPTForCausalLM's forward pass and initialization use.
 /// Each field names its config.json key; defaults are HF's.
 type OptConfig =
@@ -351,6 +355,17 @@ module ConfigJson =
                 | None ->
                     r.Fail field (sprintf "unsupported activation \"%s\"; expected one of %s"
                                       name (String.Join(", ", Activation.supportedNames)))
+
+        /// The field as a token id of a vocabulary of vocabSize tokens; None when absent or null (pad_token_id:
+        /// HF's default of most configs); an id outside [0, vocabSize) raises naming the field.
+        member r.TokenId (field: string) (vocabSize: int) : int option =
+            match r.TryGet field with
+            | Some _ ->
+                let id = r.Int field None
+                if id < 0 || id >= vocabSize then
+                    r.Fail field (sprintf "expected a token id in [0, %d), found %d" vocabSize id)
+                Some id
+            | None -> None
 
         /// value when it is a positive integer; raises naming the field otherwise.
         member r.Positive (field: string) (value: int) =

@@ -240,12 +240,8 @@ module Opt =
         let layerdrop = r.Float "layerdrop" 0.0 |> r.Probability "layerdrop"
         if layerdrop > 0.0 then
             r.Fail "layerdrop" (sprintf "LayerDrop is not supported yet; expected 0, found %g" layerdrop)
-        let padTokenId =
-            if not (r.Has "pad_token_id") then Some 1
-            else
-                match r.TryGet "pad_token_id" with
-                | Some _ -> Some(r.Int "pad_token_id" None)
-                | None -> None
+        // OPTConfig's default is 1; an explicit null means none.
+        let padTokenId = if not (r.Has "pad_token_id") then Some 1 else r.TokenId "pad_token_id" vocabSize
         match padTokenId with
         | Some id when id < 0 || id >= vocabSize ->
             r.Fail "pad_token_id" (sprintf "expected a token id in [0, %d), found %d" vocabSize id)

@@ -108,6 +108,23 @@ type TrainOptions =
       Amsgrad: bool
       /// AdamW maximizes the objective (default false, torch's maximize).
       Maximize: bool
+      /// RMSprop's smoothing constant alpha (default 0.99, torch's; `--optim-args alpha=`).
+      RmsPropAlpha: float
+      /// RMSprop's epsilon, added to the root of the running square average (default 1e-8, torch's;
+      /// `--optim-args eps=`).
+      RmsPropEpsilon: float
+      /// Centered RMSprop: the square average less the squared gradient average (default false, torch's;
+      /// `--optim-args centered=`).
+      RmsPropCentered: bool
+      /// Adafactor's update clipping: the update's RMS is capped at this (default 1.0, transformers';
+      /// `--optim-args clip_threshold=`).
+      AdafactorClipThreshold: float
+      /// Adafactor's second-moment decay exponent: beta2 at step t is 1 - t^decay_rate (default -0.8,
+      /// transformers'; `--optim-args decay_rate=`).
+      AdafactorDecayRate: float
+      /// Adafactor scales each step by max(eps2, RMS(p)) (default false, as HF Trainer makes it;
+      /// `--optim-args scale_parameter=`).
+      AdafactorScaleParameter: bool
       /// The learning-rate schedule (default linear, as HF).
       LrSchedulerType: SchedulerKind
       /// Schedule-specific parameters (HF's lr_scheduler_kwargs).
@@ -191,6 +208,12 @@ module TrainOptions =
           Dampening = 0.0
           Amsgrad = false
           Maximize = false
+          RmsPropAlpha = 0.99
+          RmsPropEpsilon = 1e-8
+          RmsPropCentered = false
+          AdafactorClipThreshold = 1.0
+          AdafactorDecayRate = -0.8
+          AdafactorScaleParameter = false
           LrSchedulerType = SchedulerKind.Linear
           LrSchedulerOptions = ScheduleOptions.Defaults
           NumWarmupSteps = 0
@@ -264,7 +287,13 @@ module TrainOptions =
             lossChunkSize: int,
             dampening: float,
             amsgrad: bool,
-            maximize: bool
+            maximize: bool,
+            rmsPropAlpha: float,
+            rmsPropEpsilon: float,
+            rmsPropCentered: bool,
+            adafactorClipThreshold: float,
+            adafactorDecayRate: float,
+            adafactorScaleParameter: bool
         ) : TrainOptions =
         { PerDeviceTrainBatchSize = perDeviceTrainBatchSize
           GradientAccumulationSteps = gradientAccumulationSteps
@@ -279,6 +308,12 @@ module TrainOptions =
           Dampening = dampening
           Amsgrad = amsgrad
           Maximize = maximize
+          RmsPropAlpha = rmsPropAlpha
+          RmsPropEpsilon = rmsPropEpsilon
+          RmsPropCentered = rmsPropCentered
+          AdafactorClipThreshold = adafactorClipThreshold
+          AdafactorDecayRate = adafactorDecayRate
+          AdafactorScaleParameter = adafactorScaleParameter
           LrSchedulerType = lrSchedulerType
           LrSchedulerOptions = lrSchedulerOptions
           NumWarmupSteps = numWarmupSteps
@@ -351,6 +386,20 @@ module TrainOptions =
         check (o.Optimizer = OptimizerKind.Sgd || o.Dampening = 0.0) "{dampening}" (fun () -> "applies to the sgd optimizer only")
         check (o.Optimizer = OptimizerKind.AdamW || not o.Amsgrad) "{amsgrad}" (fun () -> "applies to the adamw optimizers only")
         check (o.Optimizer = OptimizerKind.AdamW || not o.Maximize) "{maximize}" (fun () -> "applies to the adamw optimizers only")
+        let checkArg condition key (problem: unit -> string) =
+            if not condition then InvalidInput.fail "{optim_args}" key (problem ())
+        checkArg (o.RmsPropAlpha >= 0.0 && o.RmsPropAlpha <= 1.0) "alpha" (fun () -> sprintf "must lie in [0, 1], got %g" o.RmsPropAlpha)
+        checkArg (finite o.RmsPropEpsilon && o.RmsPropEpsilon > 0.0) "eps" (fun () -> sprintf "must be a finite number > 0, got %g" o.RmsPropEpsilon)
+        checkArg (finite o.AdafactorClipThreshold && o.AdafactorClipThreshold > 0.0) "clip_threshold" (fun () ->
+            sprintf "must be a finite number > 0, got %g" o.AdafactorClipThreshold)
+        checkArg (finite o.AdafactorDecayRate && o.AdafactorDecayRate < 0.0) "decay_rate" (fun () ->
+            sprintf "must be a finite number < 0 (beta2 at step t is 1 - t^decay_rate), got %g" o.AdafactorDecayRate)
+        let rmsPropVariant = o.RmsPropAlpha <> 0.99 || o.RmsPropEpsilon <> 1e-8 || o.RmsPropCentered
+        check (o.Optimizer = OptimizerKind.RmsProp || not rmsPropVariant) "{optim_args}" (fun () ->
+            "alpha, eps and centered apply to the rmsprop optimizer only")
+        let adafactorVariant = o.AdafactorClipThreshold <> 1.0 || o.AdafactorDecayRate <> -0.8 || o.AdafactorScaleParameter
+        check (o.Optimizer = OptimizerKind.Adafactor || not adafactorVariant) "{optim_args}" (fun () ->
+            "clip_threshold, decay_rate and scale_parameter apply to the adafactor optimizer only")
         check (o.NumWarmupSteps >= 0) "{num_warmup_steps}" (fun () -> sprintf "must be >= 0, got %d" o.NumWarmupSteps)
         check (o.WarmupRatio >= 0.0 && o.WarmupRatio <= 1.0) "{warmup_ratio}" (fun () ->
             sprintf "must lie in [0, 1], got %g" o.WarmupRatio)
@@ -524,3 +573,121 @@ module SchedulerKwargs =
                 InvalidInput.fail origin other
                     "unknown key (expected num_cycles, lr_end, power, timescale, min_lr, min_lr_rate, num_decay_steps, num_stable_steps, warmup_type, decay_type, min_lr_ratio, warmup_lr_rate, mode, factor, patience, threshold, threshold_mode, cooldown or eps)")
             ScheduleOptions.Defaults
+
+/// HF TrainingArguments' optim_args (`--optim-args "alpha=0.9,centered=True"`): keyword arguments of the
+/// optimizer's constructor, as comma-separated key=value pairs (blanks ignored, as HF removes them), for
+/// what no flag of its own sets. Each optimizer takes its constructor's names:
+/// adamw: amsgrad, maximize; sgd: dampening, nesterov; rmsprop: alpha, eps, centered; adafactor:
+/// clip_threshold, decay_rate, scale_parameter; lion: none. Booleans are read as Python's strtobool
+/// (true/false, yes/no, on/off, 1/0, any case).
+[<RequireQualifiedAccess>]
+module OptimizerArgs =
+
+    /// The keys each optimizer takes, in the order listed in messages.
+    let accepted (kind: OptimizerKind) : string list =
+        match kind with
+        | OptimizerKind.AdamW -> [ "amsgrad"; "maximize" ]
+        | OptimizerKind.Sgd -> [ "dampening"; "nesterov" ]
+        | OptimizerKind.RmsProp -> [ "alpha"; "eps"; "centered" ]
+        | OptimizerKind.Adafactor -> [ "clip_threshold"; "decay_rate"; "scale_parameter" ]
+        | OptimizerKind.Lion -> []
+
+    /// Constructor keywords that a flag of its own sets (HF Trainer passes them from TrainingArguments).
+    let private ownFlags (kind: OptimizerKind) : (string * string) list =
+        [ yield "lr", "{learning_rate}"
+          yield "weight_decay", "{weight_decay}"
+          match kind with
+          | OptimizerKind.AdamW -> yield! [ "betas", "{adam_beta1} and {adam_beta2}"; "eps", "{adam_epsilon}" ]
+          | OptimizerKind.Lion -> yield "betas", "{adam_beta1} and {adam_beta2}"
+          | OptimizerKind.Sgd
+          | OptimizerKind.RmsProp -> yield "momentum", "{momentum}"
+          | OptimizerKind.Adafactor -> () ]
+
+    /// Why a keyword of the reference constructor is not taken here, when it is one.
+    let private unsupported (kind: OptimizerKind) (key: string) : string option =
+        match kind, key with
+        | OptimizerKind.Adafactor, ("relative_step" | "warmup_init") ->
+            Some "is not taken: HF Trainer's adafactor runs on the scheduled --learning-rate (relative_step False); Adafactor's own relative step needs lr=None"
+        | OptimizerKind.Adafactor, "beta1" -> Some "is not taken: this Adafactor keeps no first moment (transformers' beta1=None)"
+        | OptimizerKind.Adafactor, "eps" -> Some "is not taken: transformers' eps is a pair (1e-30, 1e-3), which key=value pairs cannot hold"
+        | OptimizerKind.AdamW, ("fused" | "foreach" | "capturable" | "differentiable") ->
+            Some "is not taken: it chooses torch's kernel, not the update (ours is one fused pass on the flat buffer)"
+        | _ -> None
+
+    /// The pairs of an optim_args text, in order; an entry without '=' or a key given twice is refused.
+    let parsePairs (origin: string) (text: string) : (string * string) list =
+        if String.IsNullOrWhiteSpace text then []
+        else
+            let compact = String(text.ToCharArray() |> Array.filter (fun c -> not (Char.IsWhiteSpace c)))
+            let pairs =
+                compact.Split(',', StringSplitOptions.RemoveEmptyEntries)
+                |> Array.map (fun entry ->
+                    match entry.IndexOf '=' with
+                    | i when i > 0 && i < entry.Length - 1 -> entry.Substring(0, i).ToLowerInvariant(), entry.Substring(i + 1)
+                    | _ ->
+                        InvalidInput.failSetting origin
+                            (sprintf "expected key=value pairs separated by commas (HF's optim_args, e.g. \"alpha=0.9,centered=True\"), got '%s'" entry))
+                |> Array.toList
+            match pairs |> List.countBy fst |> List.tryFind (fun (_, n) -> n > 1) with
+            | Some(key, _) -> InvalidInput.fail origin key "is given twice"
+            | None -> pairs
+
+    let private boolean (origin: string) (key: string) (value: string) =
+        match value.ToLowerInvariant() with
+        | "y" | "yes" | "t" | "true" | "on" | "1" -> true
+        | "n" | "no" | "f" | "false" | "off" | "0" -> false
+        | _ -> InvalidInput.fail origin key (sprintf "expected True or False, got '%s'" value)
+
+    let private number (origin: string) (key: string) (value: string) =
+        match Double.TryParse(value, Globalization.NumberStyles.Float, Globalization.CultureInfo.InvariantCulture) with
+        | true, x when Double.IsFinite x -> x
+        | _ -> InvalidInput.fail origin key (sprintf "expected a finite number, got '%s'" value)
+
+    /// options with the optim_args text applied for options.Optimizer. A key the optimizer does not take is
+    /// refused, naming it and listing the keys it takes; so is a key a flag of its own sets (naming that
+    /// flag), and a value that contradicts a flag given with another value (--amsgrad with amsgrad=False,
+    /// --dampening 0.5 with dampening=0.3). origin names the option for errors ("{optim_args}").
+    let apply (origin: string) (text: string) (options: TrainOptions) : TrainOptions =
+        let kind = options.Optimizer
+        let name = OptimizerKind.names |> List.find (fun (_, k) -> k = kind) |> fst
+        let takes = accepted kind
+        let agree (flag: string) (given: bool) (key: string) =
+            if given then
+                InvalidInput.fail origin key (sprintf "contradicts %s, which sets another value" flag)
+        parsePairs origin text
+        |> List.fold
+            (fun (o: TrainOptions) (key, value) ->
+                match ownFlags kind |> List.tryFind (fun (k, _) -> k = key) with
+                | Some(_, flag) -> InvalidInput.fail origin key (sprintf "is set by %s, not by {optim_args}" flag)
+                | None ->
+                    match unsupported kind key with
+                    | Some problem -> InvalidInput.fail origin key problem
+                    | None ->
+                        if not (List.contains key takes) then
+                            InvalidInput.fail origin key
+                                (if takes.IsEmpty then sprintf "the %s optimizer takes no {optim_args}" name
+                                 else sprintf "unknown key for the %s optimizer (expected %s)" name (String.Join(", ", takes)))
+                        match key with
+                        | "amsgrad" ->
+                            let v = boolean origin key value
+                            agree "{amsgrad}" (o.Amsgrad && not v) key
+                            { o with Amsgrad = v }
+                        | "maximize" ->
+                            let v = boolean origin key value
+                            agree "{maximize}" (o.Maximize && not v) key
+                            { o with Maximize = v }
+                        | "dampening" ->
+                            let v = number origin key value
+                            agree "{dampening}" (o.Dampening <> 0.0 && o.Dampening <> v) key
+                            { o with Dampening = v }
+                        | "nesterov" ->
+                            let v = boolean origin key value
+                            agree "{nesterov}" (o.Nesterov && not v) key
+                            { o with Nesterov = v }
+                        | "alpha" -> { o with RmsPropAlpha = number origin key value }
+                        | "eps" -> { o with RmsPropEpsilon = number origin key value }
+                        | "centered" -> { o with RmsPropCentered = boolean origin key value }
+                        | "clip_threshold" -> { o with AdafactorClipThreshold = number origin key value }
+                        | "decay_rate" -> { o with AdafactorDecayRate = number origin key value }
+                        | _ -> { o with AdafactorScaleParameter = boolean origin key value })
+            options

@@ -31,6 +31,12 @@ type StepLog =
       GradNorm: float
       /// Predicted tokens in the window.
       PredictedTokens: int64
+      /// This process's own token-weighted mean loss over its rows of the window: its loss sum / RankTokens
+      /// (NaN when it predicted no token). With one process it equals Loss; over N processes the sum of
+      /// RankLoss * RankTokens over the processes / PredictedTokens is Loss (--log-each-rank writes it).
+      RankLoss: float
+      /// Predicted tokens of this process's rows of the window (their sum over the processes is PredictedTokens).
+      RankTokens: int64
       /// Real tokens processed per second since training started in this process.
       TokensPerSecond: float
       /// Seconds since training started.
@@ -239,7 +245,20 @@ type TrainRun =
       ZeroStage: int
       /// The bucket sizes of the gradient reductions and parameter gathers (CollectiveBuckets.defaults:
       /// DeepSpeed's 5e8 elements each).
-      Buckets: CollectiveBuckets }
+      Buckets: CollectiveBuckets
+      /// Model parallelism within each process's copy of the model (None, what setup gives: the model is
+      /// whole). Communicator is then the data-parallel group.
+      ModelParallel: ModelParallelHooks option }
+
+/// What a run whose model is split over several processes (tensor parallelism, Distributed.
+/// TensorParallelLlama) adds to the step.
+and [<NoComparison; NoEquality>] ModelParallelHooks =
+    { /// After the window's gradients are reduced over the data-parallel group, before clipping: sums
+      /// the gradients that are partial on each process of the model's group (Qwen3's q/k norms).
+      ReduceGradients: unit -> unit
+      /// The squared gradient norm of the whole model from this process's squared norm (the clip norm
+      /// of the split model).
+      NormReduction: NormReduction }
 
 /// The rows of one epoch as micro-batches of row indices, in the order this process visits them.
 [<NoComparison; NoEquality>]
@@ -297,6 +316,9 @@ type StepEnv =
       LossScaler: LossScalerConfig option
       /// Started when training started in this process (StepLog.ElapsedSeconds, TokensPerSecond).
       Clock: Stopwatch
+      /// After the window's gradients are reduced (ModelParallelHooks.ReduceGradients; nothing for a whole
+      /// model).
+      AfterGradientReduction: unit -> unit
       /// The step this process started from (StepLog.StartStep).
       StartStep: int
       /// The updates applied before this process started (the weights are checked after its first one).
@@ -367,14 +389,16 @@ module TrainingLoop =
         | OptimizerKind.Lion ->
             chained (Optimizer.lion schedule options.AdamBeta1 options.AdamBeta2 options.WeightDecay decayMask)
         | OptimizerKind.RmsProp ->
-            chained (Optimizer.rmsprop schedule 0.99 1e-8 options.Momentum false options.WeightDecay decayMask)
+            chained (Optimizer.rmsprop schedule options.RmsPropAlpha options.RmsPropEpsilon options.Momentum options.RmsPropCentered options.WeightDecay decayMask)
         | OptimizerKind.Adafactor ->
             match slots with
             | Some slots ->
                 let settings =
                     { Transform.adafactorDefaults with
                         RelativeStep = false
-                        ScaleParameter = false
+                        ScaleParameter = options.AdafactorScaleParameter
+                        ClipThreshold = options.AdafactorClipThreshold
+                        DecayRate = options.AdafactorDecayRate
                         WeightDecay = options.WeightDecay }
                 chained (Optimizer.adafactor schedule slots settings decayMask)
             | None ->
@@ -467,7 +491,8 @@ module TrainingLoop =
           Objective = Objective.causalLmWith plan.Options.LossChunkSize
           Communicator = Communicator.singleProcess
           ZeroStage = 0
-          Buckets = CollectiveBuckets.defaults }
+          Buckets = CollectiveBuckets.defaults
+          ModelParallel = None }
 
     /// What the micro-batches of a window have left so far: the accumulation state, the window's
     /// report (after its last micro-batch), and this process's loss sum and token counts.
@@ -567,7 +592,7 @@ module TrainingLoop =
         if next.Updates = env.UpdatesAtStart + 1 then ensureFinite options step env.Flat
 
     /// The figures of the step from state to next that ended the window of report.
-    let private stepLog (env: StepEnv) (state: TrainState) (next: TrainState) (report: StepReport) : StepLog =
+    let private stepLog (env: StepEnv) (state: TrainState) (next: TrainState) (report: StepReport) (rankLossSum: float, rankTokens: int64) : StepLog =
         let applied = next.Updates > state.Updates
         let seconds = env.Clock.Elapsed.TotalSeconds
         { Step = report.OptimizerStep
@@ -578,6 +603,8 @@ module TrainingLoop =
           LearningRate = env.Plan.Schedule state.Updates
           GradNorm = if applied then Transform.lastGradNorm next.OptimizerState else nan
           PredictedTokens = report.Tokens
+          RankLoss = if rankTokens = 0L then nan else rankLossSum / float rankTokens
+          RankTokens = rankTokens
           TokensPerSecond = float next.TokensSeen / max seconds 1e-9
           ElapsedSeconds = seconds
           LossScale = state.LossScale |> Option.map (fun s -> s.Scale)
@@ -618,6 +645,7 @@ module TrainingLoop =
         // Stage 3 reduce-scattered every unit's gradients as its backward finished.
         | None, Some _ -> ()
         | None, None -> Sharding.allReduce env.Communicator env.Sync.Buckets.Reduce env.Flat.Grads
+        env.AfterGradientReduction ()
         let lossSum = Communicator.sumFloat env.Communicator progress.LossSum
         mark env TrainingPhase.Communication
         let applied, optimizerState, lossScale = update env state report.OptimizerStep
@@ -633,7 +661,7 @@ module TrainingLoop =
                 LastLoss = if report.Tokens = 0L then nan else lossSum / float report.Tokens
                 Order = order }
         if applied then checkFinite env next report.OptimizerStep report.Tokens
-        next, stepLog env state next report
+        next, stepLog env state next report (progress.LossSum, localTokens)
 
     /// One step and the hooks after it in one dispose scope, which releases every tensor the step and
     /// the hooks made and did not keep. Returns the next state and whether a hook stopped the run.
@@ -855,7 +883,11 @@ module TrainingLoop =
         use _ = { new IDisposable with member _.Dispose() = disposeSync sync }
         // Stages 1 and 2 narrow the whole buffers' masks to the block; stage 3's are laid out as its blocks.
         let narrow (t: torch.Tensor) = if sync.Sharded && zero3.IsNone then Sharding.view t sync.Shard else t
-        let reduction = if sync.Sharded then (fun squared -> Communicator.sumFloat run.Communicator squared) else Transform.localNorm
+        let reduction =
+            match run.ModelParallel with
+            | Some hooks when not sync.Sharded -> hooks.NormReduction
+            | Some _ -> invalidArg (nameof run) "model parallelism with ZeRO stages above 0 is not supported yet"
+            | None -> if sync.Sharded then (fun squared -> Communicator.sumFloat run.Communicator squared) else Transform.localNorm
         let ratios = learningRateRatios options run.LearningRate flat |> Option.map narrow
         let slots = if sync.Sharded || zero3.IsSome then None else Some(Transform.slotsOf flat)
         let optimizer = optimizerWith reduction options plan.Schedule (narrow decayMask) ratios slots
@@ -880,6 +912,7 @@ module TrainingLoop =
               Optimizer = optimizer
               Sync = sync
               LossScaler = scaler
+              AfterGradientReduction = run.ModelParallel |> Option.map (fun p -> p.ReduceGradients) |> Option.defaultValue ignore
               Clock = Stopwatch.StartNew()
               StartStep = state.Accumulation.OptimizerStep
               UpdatesAtStart = state.Updates }

@@ -179,7 +179,13 @@ module TrainingCheckpoint =
         let variants =
             [ if o.Amsgrad then yield "amsgrad"
               if o.Maximize then yield "maximize"
-              if o.Dampening <> 0.0 then yield sprintf "dampening %s" (number o.Dampening) ]
+              if o.Dampening <> 0.0 then yield sprintf "dampening %s" (number o.Dampening)
+              if o.RmsPropAlpha <> 0.99 then yield sprintf "alpha %s" (number o.RmsPropAlpha)
+              if o.RmsPropEpsilon <> 1e-8 then yield sprintf "eps %s" (number o.RmsPropEpsilon)
+              if o.RmsPropCentered then yield "centered"
+              if o.AdafactorClipThreshold <> 1.0 then yield sprintf "clip_threshold %s" (number o.AdafactorClipThreshold)
+              if o.AdafactorDecayRate <> -0.8 then yield sprintf "decay_rate %s" (number o.AdafactorDecayRate)
+              if o.AdafactorScaleParameter then yield "scale_parameter" ]
         if variants.IsEmpty then string o.Optimizer
         else sprintf "%O (%s)" o.Optimizer (String.Join(", ", variants))
 
@@ -360,7 +366,23 @@ module TrainingCheckpoint =
     /// writes its block's optimizer-rank-R-of-N.safetensors into `.checkpoint-N.staging-rankR`, and process 0
     /// moves them into the checkpoint before its manifest (which lists every file) is written. Returns on
     /// every process once the checkpoint is complete.
-    let save
+    let rec save
+        (outputDir: string)
+        (plan: LoopPlan)
+        (model: CausalLm)
+        (sourceConfig: string option)
+        (extraFiles: string list)
+        (signature: SignatureEntry list)
+        (extraWriters: (string * (string -> unit)) list)
+        (context: StepContext)
+        (record: CheckpointRecord)
+        : string =
+        saveWith None outputDir plan model sourceConfig extraFiles signature extraWriters context record
+
+    /// save, with the optimizer tensors to write given (Some: optimizerTensors' layout, whole per parameter;
+    /// a tensor-parallel run gathers its ranks' blocks into them) instead of taken from context's state.
+    and saveWith
+        (optimizerOverride: (string * torch.Tensor) list option)
         (outputDir: string)
         (plan: LoopPlan)
         (model: CausalLm)
@@ -437,7 +459,8 @@ module TrainingCheckpoint =
         let optimizerWriters =
             if not sharded then
                 [ "optimizer.safetensors", (fun (path: string) ->
-                      Safetensors.save path (Map [ "format", "pt" ]) (optimizerTensors context.Parameters context.OptimizerState)) ]
+                      let tensors = optimizerOverride |> Option.defaultWith (fun () -> optimizerTensors context.Parameters context.OptimizerState)
+                      Safetensors.save path (Map [ "format", "pt" ]) tensors) ]
             else
                 [ yield optimizerShardFile 0 size, writeBlock
                   for rank in 1 .. size - 1 ->
@@ -470,7 +493,19 @@ module TrainingCheckpoint =
     /// current run, loads the weights into the model (and, through loadExtra, e.g. LoRA adapters), and
     /// returns the optimizer state of the trainable parameters (in trainableNames' order), the random
     /// state and the data position.
-    let restore
+    let rec restore
+        (path: string)
+        (model: CausalLm)
+        (trainableNames: string list)
+        (loadExtra: string -> unit)
+        (signature: SignatureEntry list)
+        : RestoredCheckpoint =
+        restoreWith id path model trainableNames loadExtra signature
+
+    /// restore, with the stored optimizer tensors (whole "PARAMETER:STATE" tensors and counters) passed
+    /// through adjust before they become flat buffers: a tensor-parallel run keeps its blocks of them.
+    and restoreWith
+        (adjust: Map<string, torch.Tensor> -> Map<string, torch.Tensor>)
         (path: string)
         (model: CausalLm)
         (trainableNames: string list)
@@ -502,7 +537,7 @@ module TrainingCheckpoint =
             | true, v when v.ValueKind = JsonValueKind.Number -> v.GetInt32()
             | _ -> InvalidInput.fail statePath ("functional.data_position." + name) "expected an integer"
         let optimizerPath, stored = readOptimizerState path
-        let optimizer = flatOptimizerTensors optimizerPath trainableNames stored
+        let optimizer = flatOptimizerTensors optimizerPath trainableNames (adjust stored)
         let rng = Safetensors.load (Path.Combine(path, "rng_state.safetensors"))
         { Path = path
           Resume =
