@@ -101,7 +101,7 @@ internal static class TrainCommand
         var noShuffle = CliOption.Create("--no-shuffle", "Keep rows in file order.", false);
         var loggingSteps = CliOption.Create("--logging-steps", "Write metrics every N optimizer steps.", d.LoggingSteps);
         var tensorParallel = CliOption.Create("--tensor-parallel-degree", "Processes that split each layer (PaddleNLP's tensor_parallel_degree; Megatron's layout) under mpirun: LLaMA-family causal LMs, fp32; checkpoints are one process's (gathered), so they resume on any layout; the other processes are data parallel.", 1, "--tp");
-        var pipelineParallel = CliOption.Create("--pipeline-parallel-degree", "Pipeline stages (PaddleNLP's pipeline_parallel_degree): only 1 for now (the pipeline runtime is not in the trainer yet).", 1, "--pp");
+        var pipelineParallel = CliOption.Create("--pipeline-parallel-degree", "Pipeline stages, one process each (PaddleNLP's pipeline_parallel_degree): the layers divided by parameter count, 1F1B over the accumulation window; LLaMA families, fp32, not with tensor parallel yet.", 1, "--pp");
         var logEachRank = CliOption.Create("--log-each-rank", "Every process writes OUTPUT/metrics-rank-R.jsonl: per logged step its own loss over its rows and their token count (HF's log_on_each_node); by default only process 0 logs.", false);
         var threads = CliOption.Create("--threads", "Intra-op threads (0: adapt to the cores other programs leave free, or OMP_NUM_THREADS).", d.Threads);
         var hf = new HfFlags();
@@ -232,11 +232,6 @@ internal static class TrainCommand
                 _ => builder.UseRmsProp(values.Get(lr), parse.GetValue(momentum), values.Get(weightDecay)),
             };
             builder.UseOptimizerArgs(parse.GetValue(optimArgs));
-            if (parse.GetValue(pipelineParallel) != 1)
-            {
-                throw new InvalidInputException("--pipeline-parallel-degree", "",
-                    $"is {parse.GetValue(pipelineParallel)}, but pipeline parallelism is not in the trainer yet (its schedule and stages are, see docs/distributed.md): only 1 is accepted");
-            }
             if (optimizerKind.Tag != OptimizerKind.Tags.AdamW && (parse.GetValue(amsgrad) || parse.GetValue(maximize)))
             {
                 throw new InvalidInputException(parse.GetValue(amsgrad) ? "--amsgrad" : "--maximize", "", "applies to the adamw optimizers only");
@@ -285,7 +280,8 @@ internal static class TrainCommand
                 || values.ReduceBucketSize != Functional.Distributed.CollectiveBucketsModule.DefaultElements
                 || values.AllgatherBucketSize != Functional.Distributed.CollectiveBucketsModule.DefaultElements
                 || parse.GetValue(logEachRank)
-                || parse.GetValue(tensorParallel) != 1)
+                || parse.GetValue(tensorParallel) != 1
+                || parse.GetValue(pipelineParallel) != 1)
             {
                 builder.UseDistributed(d =>
                 {
@@ -294,6 +290,7 @@ internal static class TrainCommand
                     d.AllgatherBucketSize = values.AllgatherBucketSize;
                     d.LogEachRank = parse.GetValue(logEachRank);
                     d.TensorParallelDegree = parse.GetValue(tensorParallel);
+                    d.PipelineParallelDegree = parse.GetValue(pipelineParallel);
                 });
             }
             if (values.Precision == "bf16")

@@ -27,6 +27,12 @@ public sealed class DistributedOptions
     /// remaining processes are data parallel. Default 1: every process holds the whole model.</summary>
     public int TensorParallelDegree { get; set; } = 1;
 
+    /// <summary>Stages the model's layers are divided into, one process each (PaddleNLP's pipeline_parallel_degree,
+    /// --pipeline-parallel-degree; 1F1B over the accumulation window's micro-batches, balanced by parameter count):
+    /// LLaMA-family causal LMs, fp32, not together with tensor parallelism yet, with checkpoints in one process's
+    /// layout; the remaining processes are data parallel. Default 1: every process runs every layer.</summary>
+    public int PipelineParallelDegree { get; set; } = 1;
+
     /// <summary>The processes of the run; null (default): from the launcher's environment. Implement
     /// <see cref="Functional.Distributed.ICommunicator"/> to bring another transport.</summary>
     public Functional.Distributed.ICommunicator? Communicator { get; set; }

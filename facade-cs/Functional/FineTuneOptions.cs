@@ -294,6 +294,9 @@ public sealed class FineTuneOptions
     /// <summary>Processes that split each layer of the model (--tensor-parallel-degree; default 1).</summary>
     public int TensorParallelDegree { get; set; } = 1;
 
+    /// <summary>Pipeline stages, one process each (--pipeline-parallel-degree; default 1).</summary>
+    public int PipelineParallelDegree { get; set; } = 1;
+
     /// <summary>The processes of the run; null (default): from the launcher's environment (mpirun's or torchrun's
     /// variables; one process without them).</summary>
     public Functional.Distributed.ICommunicator? Communicator { get; set; }

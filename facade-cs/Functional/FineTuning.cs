@@ -161,7 +161,7 @@ public static class FineTuning
             gradientCheckpointing: options.GradientCheckpointing,
             modelHandling: ToModelHandling(options),
             task: ToTask(options),
-            distributed: new DistributedSettings(options.ZeroStage, new Functional.Distributed.CollectiveBuckets(options.ReduceBucketSize, options.AllgatherBucketSize), Optional(options.Communicator), options.LogEachRank, options.TensorParallelDegree),
+            distributed: new DistributedSettings(options.ZeroStage, new Functional.Distributed.CollectiveBuckets(options.ReduceBucketSize, options.AllgatherBucketSize), Optional(options.Communicator), options.LogEachRank, options.TensorParallelDegree, options.PipelineParallelDegree),
             plot: Reporting.MetricsPlot.drawer);
         Functional.Distributed.ZeroStage.validate(options.ZeroStage);
         Functional.Distributed.CollectiveBucketsModule.validate(request.Distributed.Buckets);

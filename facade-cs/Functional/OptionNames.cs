@@ -53,6 +53,7 @@ internal sealed class OptionNames
         ["--maximize"] = new("UseAdamW", nameof(AdamWOptions.Maximize)),
         ["--optim-args"] = new("UseOptimizerArgs", "optimArgs"),
         ["--tensor-parallel-degree"] = new("UseDistributed", nameof(DistributedOptions.TensorParallelDegree)),
+        ["--pipeline-parallel-degree"] = new("UseDistributed", nameof(DistributedOptions.PipelineParallelDegree)),
         ["--lr-scheduler-type"] = new("UseSchedule", nameof(LearningRateScheduleOptions.Name)),
         ["--lr-scheduler-kwargs"] = new("UseSchedule", nameof(LearningRateScheduleOptions.Kwargs)),
         ["--num-warmup-steps"] = new("UseSchedule", nameof(LearningRateScheduleOptions.WarmupSteps)),

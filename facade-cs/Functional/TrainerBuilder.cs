@@ -475,6 +475,7 @@ public sealed class TrainerBuilder
         settings.AllgatherBucketSize = o.AllgatherBucketSize;
         settings.LogEachRank = o.LogEachRank;
         settings.TensorParallelDegree = o.TensorParallelDegree;
+        settings.PipelineParallelDegree = o.PipelineParallelDegree;
         settings.Communicator = o.Communicator;
         return this;
     }

@@ -120,7 +120,9 @@ let mpiTests =
                   [ "tensor-parallel-check"; "tensor-parallel-model-check" ]
                   "--tensor-parallel-training-check", "4 accumulated AdamW steps of a LLaMA and a Qwen3 split over the tensor-parallel group equal one process (loss, grad norm, final weights)",
                   [ "tensor-parallel-training-check" ]
-                  "--pipeline-check", "a LLaMA in pipeline stages under 1F1B gives the whole model's loss and each stage's gradients", [ "pipeline-check" ] ] do
+                  "--pipeline-check", "a LLaMA in pipeline stages under 1F1B gives the whole model's loss and each stage's gradients", [ "pipeline-check" ]
+                  "--pipeline-training-check", "4 steps of 4 accumulated micro-batches of a LLaMA (untied and tied) in 1F1B pipeline stages equal one process (loss, grad norm, final weights)",
+                  [ "pipeline-training-check" ] ] do
                 test (sprintf "mpirun -np %d: %s" processes what) {
                     let code, out, err = runCheck processes check
                     let report = sprintf "exit %d\nstdout:\n%s\nstderr:\n%s" code out err

@@ -134,7 +134,22 @@ let tests =
                 expectSameWeights (Path.Combine(s.File output, "final")) (Path.Combine(s.File "single", "final")) what
                 Expect.equal (out.Split('\n') |> Array.filter (fun l -> l.StartsWith "metrics: ") |> Array.length) 1 (what + ": one final report\n" + out)
         }
-        test "a TP 2 run's checkpoints are one process's: it resumes on 1 process, and 1 process's checkpoint resumes on TP 2, to the same final weights" {
+        test "--pipeline-parallel-degree 2 on 2 processes equals one process (every step, checkpoint-2 with its optimizer state, final weights); its checkpoint resumes on 1 process" {
+            mpirun () |> ignore
+            use s = new Setup()
+            train 1 (s.Args "single" 4) |> ignore
+            let out = train 2 (s.Args "pp" 4 @ [ "--pipeline-parallel-degree"; "2" ])
+            expectSameSteps (s.File "pp") (s.File "single") "PP 2"
+            expectSameWeights (Path.Combine(s.File "pp", "final")) (Path.Combine(s.File "single", "final")) "PP 2"
+            expectSameWeights (Path.Combine(s.File "pp", "checkpoint-2")) (Path.Combine(s.File "single", "checkpoint-2")) "PP 2's checkpoint-2 (model and optimizer state)"
+            Expect.equal (out.Split('\n') |> Array.filter (fun l -> l.StartsWith "metrics: ") |> Array.length) 1 ("PP 2: one final report\n" + out)
+            let output = s.File "pp-resumed"
+            copyFolder (s.File "pp") output
+            for name in [ "checkpoint-4"; "final" ] do Directory.Delete(Path.Combine(output, name), true)
+            train 1 (s.Args "pp-resumed" 4 @ [ "--overwrite-output-dir"; "--resume-from-checkpoint"; Path.Combine(output, "checkpoint-2") ]) |> ignore
+            expectSameWeights (Path.Combine(output, "final")) (Path.Combine(s.File "single", "final")) "PP 2's checkpoint on 1 process"
+        }
+        test "a TP 2 run's checkpoints are one process's: it resumes on 1 process and on PP 2, and 1 process's checkpoint resumes on TP 2, to the same final weights" {
             mpirun () |> ignore
             use s = new Setup()
             train 1 (s.Args "single" 4) |> ignore
@@ -144,14 +159,17 @@ let tests =
             for rank in 0 .. 1 do
                 Expect.isFalse (File.Exists(Path.Combine(s.File "tp", "checkpoint-2", sprintf "optimizer-rank-%05d-of-00002.safetensors" rank))) "no per-rank files"
             expectSameWeights (Path.Combine(s.File "tp", "checkpoint-2")) (Path.Combine(s.File "single", "checkpoint-2")) "TP 2's checkpoint-2 (model and optimizer state)"
-            for source, processes, extra, what in [ "tp", 1, [], "TP 2's checkpoint on 1 process"; "single", 2, [ "--tp"; "2" ], "1 process's checkpoint on TP 2" ] do
-                let output = s.File(source + "-resumed")
+            for source, target, processes, extra, what in
+                [ "tp", "tp-on-1", 1, [], "TP 2's checkpoint on 1 process"
+                  "tp", "tp-on-pp2", 2, [ "--pp"; "2" ], "TP 2's checkpoint on PP 2"
+                  "single", "single-on-tp2", 2, [ "--tp"; "2" ], "1 process's checkpoint on TP 2" ] do
+                let output = s.File target
                 copyFolder (s.File source) output
                 for name in [ "checkpoint-4"; "final" ] do Directory.Delete(Path.Combine(output, name), true)
-                train processes (s.Args (source + "-resumed") 4 @ extra @ [ "--overwrite-output-dir"; "--resume-from-checkpoint"; Path.Combine(output, "checkpoint-2") ]) |> ignore
+                train processes (s.Args target 4 @ extra @ [ "--overwrite-output-dir"; "--resume-from-checkpoint"; Path.Combine(output, "checkpoint-2") ]) |> ignore
                 expectSameWeights (Path.Combine(output, "final")) (Path.Combine(s.File "single", "final")) what
         }
-        test "--tensor-parallel-degree refuses what it does not support yet, and --pipeline-parallel-degree above 1, before writing anything" {
+        test "--tensor-parallel-degree and --pipeline-parallel-degree refuse what they do not support yet, before writing anything" {
             use s = new Setup()
             let refused (extra: string list) (parts: string list) =
                 let run = runCli (s.Args "refused" 4 @ extra)
@@ -161,7 +179,10 @@ let tests =
             refused [ "--tensor-parallel-degree"; "2"; "--gradient-checkpointing" ] [ "--tensor-parallel-degree"; "--gradient-checkpointing" ]
             refused [ "--tp"; "2"; "--save-strategy"; "no"; "--bf16" ] [ "--tensor-parallel-degree"; "--bf16" ]
             refused [ "--tp"; "2"; "--save-strategy"; "no" ] [ "--tensor-parallel-degree"; "must divide the 1 processes" ]
-            refused [ "--pp"; "2" ] [ "--pipeline-parallel-degree"; "only 1" ]
+            refused [ "--pp"; "2"; "--save-strategy"; "no" ] [ "--pipeline-parallel-degree"; "must divide the 1 processes" ]
+            refused [ "--pp"; "2"; "--save-strategy"; "no"; "--bf16" ] [ "--pipeline-parallel-degree"; "--bf16" ]
+            refused [ "--pp"; "2"; "--tp"; "2"; "--save-strategy"; "no" ] [ "--pipeline-parallel-degree"; "--tensor-parallel-degree"; "together" ]
+            refused [ "--pp"; "0" ] [ "--pipeline-parallel-degree"; "at least 1" ]
         }
         test "ZeRO stages 0, 1, 2 and 3 on 2 processes equal one process with the same global batch" {
             mpirun () |> ignore

@@ -56,6 +56,9 @@ let main argv =
     // `--tensor-parallel-check`: TensorParallelCheck over all the processes of the launch (the "mpi" list).
     // `--pipeline-check`: PipelineCheck with every process of the launch a stage (the "mpi" list).
     // `--tensor-parallel-training-check`: TensorParallelTrainingCheck over every process of the launch.
+    // `--pipeline-training-check`: PipelineTrainingCheck with every process of the launch a stage.
+    if argv |> Array.contains "--pipeline-training-check" then
+        exit (Functional.Training.PipelineTrainingCheck.run ())
     if argv |> Array.contains "--tensor-parallel-training-check" then
         exit (Functional.Training.TensorParallelTrainingCheck.run ())
     if argv |> Array.contains "--pipeline-check" then

@@ -58,6 +58,12 @@ type IPointToPoint =
     /// Receives into tensor (contiguous, of the sent size and dtype) what process source sends.
     abstract Receive: tensor: torch.Tensor * source: int -> unit
 
+    /// Starts sending tensor (contiguous) to process destination and returns at once (MPI_Isend): the
+    /// tensor must stay alive and unchanged until the returned request's Dispose, which waits for the
+    /// send to finish. A pipeline stage sends this way so that two neighbours that send to each other
+    /// (an activation forward, a gradient backward) never wait on each other.
+    abstract StartSend: tensor: torch.Tensor * destination: int -> IDisposable
+
 /// The communicator of a run with one process (rank 0 of 1): every sum is the tensor itself, so
 /// AllReduce, Broadcast and Barrier leave everything as it is, and ReduceScatter and AllGather copy
 /// input into output (the one part). Shapes are checked as a real communicator would check them.

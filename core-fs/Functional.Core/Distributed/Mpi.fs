@@ -46,6 +46,12 @@ module internal MpiNative =
     type Recv = delegate of nativeint * int * nativeint * int * int * nativeint * nativeint -> int
 
     [<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
+    type Isend = delegate of nativeint * int * nativeint * int * int * nativeint * nativeint byref -> int
+
+    [<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
+    type Wait = delegate of nativeint byref * nativeint -> int
+
+    [<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
     type Abort = delegate of nativeint * int -> int
 
     [<UnmanagedFunctionPointer(CallingConvention.Cdecl)>]
@@ -105,6 +111,8 @@ type MpiLibrary private (handle: nativeint, path: string) =
     let commSplit = Marshal.GetDelegateForFunctionPointer<MpiNative.CommSplit>(call "MPI_Comm_split")
     let send = Marshal.GetDelegateForFunctionPointer<MpiNative.Send>(call "MPI_Send")
     let recv = Marshal.GetDelegateForFunctionPointer<MpiNative.Recv>(call "MPI_Recv")
+    let isend = Marshal.GetDelegateForFunctionPointer<MpiNative.Isend>(call "MPI_Isend")
+    let wait = Marshal.GetDelegateForFunctionPointer<MpiNative.Wait>(call "MPI_Wait")
     let abort = Marshal.GetDelegateForFunctionPointer<MpiNative.Abort>(call "MPI_Abort")
     let errorString = Marshal.GetDelegateForFunctionPointer<MpiNative.ErrorString>(call "MPI_Error_string")
     let commWorld = export "ompi_mpi_comm_world"
@@ -229,6 +237,17 @@ type MpiLibrary private (handle: nativeint, path: string) =
     member this.Send(comm: nativeint, buffer: nativeint, count: int, datatype: nativeint, destination: int) =
         this.Check "Send" (send.Invoke(buffer, count, datatype, destination, 0, comm))
 
+    /// MPI_Isend with tag 0: the request handle to pass to Wait.
+    member this.StartSend(comm: nativeint, buffer: nativeint, count: int, datatype: nativeint, destination: int) =
+        let mutable request = 0n
+        this.Check "Isend" (isend.Invoke(buffer, count, datatype, destination, 0, comm, &request))
+        request
+
+    /// MPI_Wait on a request with MPI_STATUS_IGNORE (Open MPI's is a null pointer).
+    member this.Wait(request: nativeint) =
+        let mutable handle = request
+        this.Check "Wait" (wait.Invoke(&handle, 0n))
+
     /// MPI_Recv with tag 0 and MPI_STATUS_IGNORE (Open MPI's is a null pointer).
     member this.Receive(comm: nativeint, buffer: nativeint, count: int, datatype: nativeint, source: int) =
         this.Check "Recv" (recv.Invoke(buffer, count, datatype, source, 0, comm, 0n))
@@ -322,6 +341,18 @@ type MpiGroup internal (library: MpiLibrary, comm: nativeint, localRank: int) =
             if tensor.numel () > 0L then
                 library.Receive(comm, TensorMemory.address tensor, int (tensor.numel ()), datatype tensor, source)
 
+        member _.StartSend(tensor, destination) =
+            peer "StartSend" tensor destination "destination"
+            if tensor.numel () = 0L then { new IDisposable with member _.Dispose() = () }
+            else
+                let request = library.StartSend(comm, TensorMemory.address tensor, int (tensor.numel ()), datatype tensor, destination)
+                let mutable waited = false
+                { new IDisposable with
+                    member _.Dispose() =
+                        if not waited then
+                            waited <- true
+                            library.Wait request }
+
 /// A communicator over MPI's world communicator (Open MPI, loaded at run time); its collectives are
 /// MpiGroup's (CPU tensors only for now), Split divides it into sub-communicators. Dispose finalizes MPI.
 ///
@@ -414,6 +445,7 @@ type MpiCommunicator private (library: MpiLibrary, localRank: int) =
     interface IPointToPoint with
         member _.Send(tensor, destination) = (world :> IPointToPoint).Send(tensor, destination)
         member _.Receive(tensor, source) = (world :> IPointToPoint).Receive(tensor, source)
+        member _.StartSend(tensor, destination) = (world :> IPointToPoint).StartSend(tensor, destination)
 
     interface IDisposable with
         member _.Dispose() = library.FinalizeMpi()

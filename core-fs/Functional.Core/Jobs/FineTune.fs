@@ -30,7 +30,7 @@ module FineTune =
     /// (Communicator.fromEnvironment), ZeRO stage 0, DeepSpeed's bucket sizes, only process 0 logging (no
     /// metrics-rank-R.jsonl).
     let defaultDistributed: DistributedSettings =
-        { ZeroStage = 0; Buckets = Functional.Distributed.CollectiveBuckets.defaults; Communicator = None; LogEachRank = false; TensorParallelDegree = 1 }
+        { ZeroStage = 0; Buckets = Functional.Distributed.CollectiveBuckets.defaults; Communicator = None; LogEachRank = false; TensorParallelDegree = 1; PipelineParallelDegree = 1 }
 
     /// TrainOptions.defaults and defaultData, no resume, no LoRA, no prefix tuning, no gradient
     /// checkpointing and an output folder that must be empty. Scripts start from it and change what they

@@ -59,25 +59,35 @@ type PreparedJob =
       IsMainProcess: bool
       /// The processes of the run (one, or those of mpirun).
       Communicator: ICommunicator
-      /// Under tensor parallelism (DistributedSettings.TensorParallelDegree > 1), this process's groups
-      /// and hooks; None when every process holds the whole model.
-      TensorParallel: TensorParallelJob option
+      /// Under tensor or pipeline parallelism (DistributedSettings.TensorParallelDegree or
+      /// PipelineParallelDegree > 1), this process's groups and hooks; None when every process trains the
+      /// whole model.
+      ModelParallel: ModelParallelJob option
       /// Started when the job was.
       Clock: Stopwatch }
 
-/// What a tensor-parallel job adds: Trained is this process's part (TensorParallelLlama.shard) and Model
-/// the whole model, refreshed from the parts by Gather before final/ is written.
-and [<NoComparison; NoEquality>] TensorParallelJob =
+/// What a tensor- or pipeline-parallel job adds. Tensor parallel: Trained is this process's part
+/// (TensorParallelLlama.shard) and Model the whole model. Pipeline parallel: Trained is Model, of which
+/// this process trains its stage's parameters (PipelineTraining). Either way Gather refreshes Model from
+/// every process before a checkpoint or final/ is written, so both are in one process's layout.
+and [<NoComparison; NoEquality>] ModelParallelJob =
     { /// The process grid's groups (the data group trains as the run's communicator).
       Groups: ParallelGroups
-      /// The partial-gradient and clip-norm hooks of the trainer.
+      /// The trainer's hooks (partial gradients, clip norm, the pipeline's window).
       Hooks: ModelParallelHooks
-      /// Copies the gathered parts into Model's parameters (every process calls it: it all-gathers).
+      /// Makes Model whole from every process's part (every process calls it: it all-gathers).
       Gather: unit -> unit
-      /// The whole model's config.
-      Config: LlamaConfig
-      /// Copies this process's blocks of Model's parameters into its part (after Model was loaded).
-      Scatter: unit -> unit }
+      /// The whole model's optimizer tensors (TrainingCheckpoint.optimizerTensors' layout) from this
+      /// process's (every process calls it).
+      GatherOptimizer: (string * torch.Tensor) list -> (string * torch.Tensor) list
+      /// This process's part of a checkpoint's whole optimizer tensors.
+      OptimizerPart: Map<string, torch.Tensor> -> Map<string, torch.Tensor>
+      /// After Model was loaded from a checkpoint: copies this process's blocks of it into its part.
+      Scatter: unit -> unit
+      /// Before an evaluation during training: what makes Trained evaluable (the pipeline joins the
+      /// stages' parameters, every process evaluates the whole model; nothing under tensor parallelism,
+      /// whose parts evaluate with the vocabulary-parallel loss).
+      BeforeEvaluation: unit -> unit }
 
 /// A fine-tuning job as a pipeline: prepare (check and load everything, write nothing), then run (train,
 /// evaluate, save).
@@ -290,6 +300,8 @@ module Job =
         if degree = 1 then None
         else
             let refuse (what: string) = InvalidInput.setting "tensor_parallel_degree" (sprintf "is not supported with %s yet" what)
+            if request.Distributed.PipelineParallelDegree > 1 then
+                InvalidInput.setting "pipeline_parallel_degree" "is not supported together with {tensor_parallel_degree} above 1 yet (tensor and pipeline parallel together)"
             if request.Task <> TrainingTask.CausalLm then refuse "{task} other than causal-lm"
             if request.Lora.IsSome || request.Prefix.IsSome then refuse "LoRA or prefix tuning"
             if options.LoadBestModelAtEnd then refuse "{load_best_model_at_end}"
@@ -320,11 +332,61 @@ module Job =
                 { Groups = groups
                   Hooks =
                     { ReduceGradients = fun () -> TensorParallelLlama.reducePartialGradients groups.Tensor part
-                      NormReduction = TensorParallelTraining.normReduction groups.Tensor part }
+                      NormReduction = TensorParallelTraining.normReduction groups.Tensor part
+                      RunWindow = None }
                   Gather = gather
-                  Config = config
-                  Scatter = fun () -> TensorParallelLlama.copyInto groups.Tensor config whole part }
-            Some(job, CausalLm.ofModule model.Config part [], TensorParallelLlama.vocabStart config groups.Tensor.Rank groups.Tensor.Size)
+                  GatherOptimizer = TensorParallelLlama.gatherOptimizerTensors groups.Tensor
+                  OptimizerPart = TensorParallelLlama.optimizerBlocks config groups.Tensor.Rank groups.Tensor.Size
+                  Scatter = fun () -> TensorParallelLlama.copyInto groups.Tensor config whole part
+                  BeforeEvaluation = ignore }
+            let objective = TensorParallelTraining.objective groups.Tensor (TensorParallelLlama.vocabStart config groups.Tensor.Rank groups.Tensor.Size)
+            let evaluate model eval = Evaluation.evaluateWith objective model eval options.PerDeviceEvalBatchSize options.MaxSeqLen TrainingLoop.PadId
+            Some(job, CausalLm.ofModule model.Config part [], [ for name, p in part.named_parameters () -> name, p ], Some(objective, evaluate))
+
+    /// Under --pipeline-parallel-degree N > 1: the process grid's groups, and the parameters of this
+    /// process's stage (PipelineTraining.stageOf) of the whole model, which every process holds and which
+    /// trains. Refused, naming the setting, as under tensor parallelism (tensorParallelPart), and together
+    /// with tensor parallelism for now. Checkpoints are those of one process (the stages' parameters and
+    /// optimizer state joined), so a run resumes on any layout.
+    let private pipelineParallelPart (request: FineTuneRequest) (options: TrainOptions) (world: ICommunicator) (model: CausalLm) =
+        let degree = request.Distributed.PipelineParallelDegree
+        if degree < 1 then InvalidInput.setting "pipeline_parallel_degree" (sprintf "must be at least 1, got %d" degree)
+        if degree = 1 then None
+        else
+            let refuse (what: string) = InvalidInput.setting "pipeline_parallel_degree" (sprintf "is not supported with %s yet" what)
+            if request.Task <> TrainingTask.CausalLm then refuse "{task} other than causal-lm"
+            if request.Lora.IsSome || request.Prefix.IsSome then refuse "LoRA or prefix tuning"
+            if options.LoadBestModelAtEnd then refuse "{load_best_model_at_end}"
+            if options.Precision <> Precision.Fp32 then refuse "{bf16} or {fp16}"
+            if request.Distributed.ZeroStage <> 0 then refuse "{zero_stage} above 0"
+            if request.Data.Prompt.Packing then refuse "{packing}"
+            if request.GradientCheckpointing then refuse "{gradient_checkpointing}"
+            if request.Data.ExactMatchSamples > 0 then refuse "{exact_match_samples}"
+            match model.Config with
+            | ModelConfig.Llama _ -> ()
+            | _ -> refuse "this model family (LLaMA, Qwen2, Qwen3 and Mistral only)"
+            let splittable =
+                match world with
+                | :? ISplittableCommunicator as s -> s
+                | _ -> invalidArg (nameof world) "the run's communicator cannot be split into pipeline groups"
+            let groups = ProcessGrid.groups splittable 1 degree
+            let pipeline =
+                match groups.Pipeline with
+                | :? IPointToPoint as p -> p
+                | _ -> invalidArg (nameof world) "the run's communicator cannot send point to point between stages"
+            let head = model.Module :?> CausalLmHead
+            let stage = PipelineTraining.stageOf head degree groups.Pipeline.Rank
+            let gather () = PipelineTraining.gather groups.Pipeline head stage
+            let job =
+                { Groups = groups
+                  Hooks = PipelineTraining.hooks pipeline head stage options.LossChunkSize
+                  Gather = gather
+                  GatherOptimizer = PipelineTraining.gatherOptimizerTensors groups.Pipeline head stage
+                  OptimizerPart = id
+                  Scatter = ignore
+                  BeforeEvaluation = gather }
+            let parameters = dict [ for name, p in head.named_parameters () -> name, p ]
+            Some(job, model, [ for name in stage.Trained -> name, parameters[name] ], None)
 
     /// The events of a process other than the main one: it reports nothing (rank 0 speaks for the run).
     let private quiet: FineTuneEvents = { OnStep = ignore; OnEvaluation = (fun _ _ -> ()); OnMessage = ignore }
@@ -338,32 +400,33 @@ module Job =
         CollectiveBuckets.validate request.Distributed.Buckets
         let communicator = request.Distributed.Communicator |> Option.defaultWith Communicator.fromEnvironment
         let model, options, tokenizer, data, objective, evaluate, taskSignature = loadTask request
-        let tensorParallel = tensorParallelPart request options communicator model
-        let dataProcesses = tensorParallel |> Option.map (fun (t, _, _) -> t.Groups.Data.Size) |> Option.defaultValue communicator.Size
+        let modelParallel =
+            match tensorParallelPart request options communicator model with
+            | Some part -> Some part
+            | None -> pipelineParallelPart request options communicator model
+        let dataProcesses = modelParallel |> Option.map (fun (t, _, _, _) -> t.Groups.Data.Size) |> Option.defaultValue communicator.Size
         let objective, evaluate =
-            match tensorParallel with
-            | Some(t, _, start) ->
-                let objective = TensorParallelTraining.objective t.Groups.Tensor start
-                objective, (fun model eval -> Evaluation.evaluateWith objective model eval options.PerDeviceEvalBatchSize options.MaxSeqLen TrainingLoop.PadId)
-            | None -> objective, evaluate
+            match modelParallel with
+            | Some(_, _, _, Some(objective, evaluate)) -> objective, evaluate
+            | _ -> objective, evaluate
         let plan = TrainingLoop.planFor dataProcesses options data.Train.Rows.Length
         let adapters, adapterSignature = attachAdapters request options model data
         let trained =
-            match tensorParallel with
-            | Some(_, part, _) -> part
+            match modelParallel with
+            | Some(_, part, _, _) -> part
             | None -> adapters |> List.tryLast |> Option.map (fun a -> a.Model) |> Option.defaultValue model
         CausalLm.setGradientCheckpointing model request.GradientCheckpointing
         let trainable =
-            match tensorParallel with
-            | Some(_, part, _) -> [ for name, p in part.Module.named_parameters () -> name, p ]
+            match modelParallel with
+            | Some(_, _, parameters, _) -> parameters
             | None -> trainableParameters model adapters
         let learningRate = learningRates options adapters
         let signature = TrainingCheckpoint.signatureFor dataProcesses plan model data.Train @ adapterSignature @ taskSignature
         let isMain = communicator.Rank = 0
         let observer = if isMain then observer else quiet
         let restored =
-            match tensorParallel with
-            | Some(t, _, _) ->
+            match modelParallel with
+            | Some(t, _, _, _) ->
                 // A whole checkpoint (any layout's): the whole model, then this process's blocks of it and of
                 // the optimizer state.
                 let restored =
@@ -371,8 +434,7 @@ module Job =
                     |> Option.map (fun spec ->
                         let skipped (folder: string) (problem: string) = observer.OnMessage(sprintf "skipped %s: %s" (Path.GetFileName folder) problem)
                         let path = CheckpointFolder.resolveReporting request.OutputPath spec skipped
-                        let blocks = TensorParallelLlama.optimizerBlocks t.Config t.Groups.Tensor.Rank t.Groups.Tensor.Size
-                        TrainingCheckpoint.restoreWith blocks path model (List.map fst trainable) ignore signature)
+                        TrainingCheckpoint.restoreWith t.OptimizerPart path model (List.map fst trainable) ignore signature)
                 if restored.IsSome then t.Scatter()
                 restored
             | None -> restore request observer model trainable adapters signature
@@ -406,7 +468,7 @@ module Job =
           Policy = policySettings request options plan data.Eval.IsSome isMain
           IsMainProcess = isMain
           Communicator = communicator
-          TensorParallel = tensorParallel |> Option.map (fun (t, _, _) -> t)
+          ModelParallel = modelParallel |> Option.map (fun (t, _, _, _) -> t)
           Clock = clock }
 
     // ---- run ----
@@ -484,12 +546,12 @@ module Job =
             if job.Adapters.IsEmpty then []
             else [ PeftFolder.ConfigFileName, (fun (path: string) -> for a in job.Adapters do a.Save (Path.GetDirectoryName path) (Some job.Request.ModelPath)) ]
         let output = job.Request.OutputPath
-        match job.TensorParallel with
+        match job.ModelParallel with
         | Some t ->
             // The checkpoint of one process: the whole model and the whole optimizer state, gathered from
             // the parts on every process; process 0 of the world writes it.
             t.Gather()
-            let tensors = TensorParallelLlama.gatherOptimizerTensors t.Groups.Tensor (TrainingCheckpoint.optimizerTensors context.Parameters context.OptimizerState)
+            let tensors = t.GatherOptimizer(TrainingCheckpoint.optimizerTensors context.Parameters context.OptimizerState)
             let whole = { context with Communicator = job.Communicator }
             TrainingCheckpoint.saveWith (Some tensors) output job.Plan job.Model (Some job.SourceConfig) job.TokenizerCopies job.Signature adapterWriters whole record |> ignore
         | None ->
@@ -514,6 +576,7 @@ module Job =
             match job.Data.Eval with
             | Some eval when CheckpointPolicy.shouldEvaluate job.Policy step context.EpochEnded ->
                 whole ()
+                job.ModelParallel |> Option.iter (fun t -> t.BeforeEvaluation())
                 let result = evaluate job eval
                 logEval log observer step { Eval = result; ExactMatch = None }
                 Some result
@@ -552,10 +615,10 @@ module Job =
                 Objective = job.Objective
                 Parameters = [ for name, p in job.Trainable -> struct (name, p) ]
                 LearningRate = job.LearningRate
-                Communicator = (match job.TensorParallel with Some t -> t.Groups.Data :> ICommunicator | None -> job.Communicator)
+                Communicator = (match job.ModelParallel with Some t -> t.Groups.Data :> ICommunicator | None -> job.Communicator)
                 ZeroStage = job.Request.Distributed.ZeroStage
                 Buckets = job.Request.Distributed.Buckets
-                ModelParallel = job.TensorParallel |> Option.map (fun t -> t.Hooks) }
+                ModelParallel = job.ModelParallel |> Option.map (fun t -> t.Hooks) }
             (job.Restored |> Option.map (fun r -> r.Resume))
             hooks
 
@@ -645,8 +708,8 @@ module Job =
         let summary = summary job result progress runtime after
         if not progress.Interrupted then
             TrainingLoop.ensureFinite job.Options result.Steps result.Parameters
-            // Tensor parallel: the whole model from every process's part, for final/.
-            job.TensorParallel |> Option.iter (fun t -> t.Gather())
+            // Tensor or pipeline parallel: the whole model from every process's part, for final/.
+            job.ModelParallel |> Option.iter (fun t -> t.Gather())
             RunLogFinish.summary job.IsMainProcess metricsPath summary
             if job.IsMainProcess then saveFinal job finalPath
         RunLogFinish.plot job.Request.Plot job.IsMainProcess plotPath log.History

@@ -116,7 +116,12 @@ type DistributedSettings =
       /// Processes that split each layer of the model (PaddleNLP's tensor_parallel_degree; Megatron's
       /// layout, Distributed.TensorParallelLlama): LLaMA-family causal LMs for now; the rest of the processes
       /// are data parallel. Default 1: every process holds the whole model.
-      TensorParallelDegree: int }
+      TensorParallelDegree: int
+      /// Stages the model's layers are divided into, one process each (PaddleNLP's
+      /// pipeline_parallel_degree; Training.PipelineTraining, 1F1B over the accumulation window's
+      /// micro-batches): LLaMA-family causal LMs for now, not together with tensor parallelism; the rest of
+      /// the processes are data parallel. Default 1: every process runs every layer.
+      PipelineParallelDegree: int }
 
 /// A fine-tuning job: where the model, data and output are, and how to train.
 [<NoComparison>]

@@ -55,7 +55,8 @@ module TensorParallelTraining =
             ModelParallel =
                 Some
                     { ReduceGradients = fun () -> TensorParallelLlama.reducePartialGradients group part
-                      NormReduction = normReduction group part } }
+                      NormReduction = normReduction group part
+                      RunWindow = None } }
 
 /// A self-check of TensorParallelTraining for `mpirun -np N`: a small LLaMA and a small Qwen3 trained for
 /// 4 optimizer steps of 2 accumulated micro-batches (AdamW with weight decay, clipping at 1.0) split over

@@ -251,14 +251,20 @@ type TrainRun =
       ModelParallel: ModelParallelHooks option }
 
 /// What a run whose model is split over several processes (tensor parallelism, Distributed.
-/// TensorParallelLlama) adds to the step.
+/// TensorParallelLlama; pipeline parallelism, PipelineTraining) adds to the step.
 and [<NoComparison; NoEquality>] ModelParallelHooks =
     { /// After the window's gradients are reduced over the data-parallel group, before clipping: sums
-      /// the gradients that are partial on each process of the model's group (Qwen3's q/k norms).
+      /// the gradients that are partial on each process of the model's group (Qwen3's q/k norms under
+      /// tensor parallelism, a tied embedding's two uses under pipeline parallelism).
       ReduceGradients: unit -> unit
       /// The squared gradient norm of the whole model from this process's squared norm (the clip norm
       /// of the split model).
-      NormReduction: NormReduction }
+      NormReduction: NormReduction
+      /// Runs the forwards and backwards of a window's micro-batches itself (pipeline parallelism: this
+      /// process's stage of each, in its stage's schedule), each micro-batch's loss sum multiplied by the
+      /// given scale before its backward; returns every micro-batch's loss sum, the same on every process
+      /// of the model's group. None: the trainer runs each micro-batch's forward and backward itself.
+      RunWindow: (MicroBatch list -> float -> float list) option }
 
 /// The rows of one epoch as micro-batches of row indices, in the order this process visits them.
 [<NoComparison; NoEquality>]
@@ -319,6 +325,8 @@ type StepEnv =
       /// After the window's gradients are reduced (ModelParallelHooks.ReduceGradients; nothing for a whole
       /// model).
       AfterGradientReduction: unit -> unit
+      /// Pipeline parallelism's window (ModelParallelHooks.RunWindow); None: micro-batch by micro-batch.
+      RunWindow: (MicroBatch list -> float -> float list) option
       /// The step this process started from (StepLog.StartStep).
       StartStep: int
       /// The updates applied before this process started (the weights are checked after its first one).
@@ -508,7 +516,7 @@ module TrainingLoop =
 
     /// Forward and backward of one micro-batch of the window (its loss multiplied by scale), its
     /// gradients moved to the fp32 master under mixed precision, and its loss observed.
-    let private microBatch (env: StepEnv) (scale: float) (progress: WindowProgress) (index: int, batch: MicroBatch) : WindowProgress =
+    let rec private microBatch (env: StepEnv) (scale: float) (progress: WindowProgress) (index: int, batch: MicroBatch) : WindowProgress =
         mark env TrainingPhase.Other
         env.Sync.Zero3 |> Option.iter (fun z -> z.BeginMicroBatch())
         use lossSum = env.Objective.LossSum env.ComputeModel batch
@@ -527,7 +535,10 @@ module TrainingLoop =
             env.Compute |> Option.iter (fun c -> MixedPrecision.accumulateGradients c env.Flat (index = 0))
         mark env TrainingPhase.Backward
         collectives TrainingPhase.Backward
-        let loss = lossSum.item<float32> () |> float
+        observed env progress batch (lossSum.item<float32> () |> float)
+
+    /// The window's progress after a micro-batch whose loss sum was loss.
+    and private observed (env: StepEnv) (progress: WindowProgress) (batch: MicroBatch) (loss: float) : WindowProgress =
         let accumulation, event = Accumulation.observe env.Plan.Accumulation progress.Accumulation loss
         { Accumulation = accumulation
           Report =
@@ -636,7 +647,15 @@ module TrainingLoop =
               LossSum = 0.0
               Tokens = 0L
               InputTokens = 0L }
-        let progress = window |> List.indexed |> List.fold (microBatch env scale) start
+        let progress =
+            match env.RunWindow with
+            | Some runWindow ->
+                // Pipeline parallelism: the stages run the window together; every stage gets each loss.
+                mark env TrainingPhase.Other
+                let losses = runWindow window scale
+                mark env TrainingPhase.Forward
+                List.fold2 (observed env) start window losses
+            | None -> window |> List.indexed |> List.fold (microBatch env scale) start
         let report = progress.Report |> Option.defaultWith (fun () -> invalidOp "an accumulation window ended without an optimizer step")
         // Each process's gradients are of its loss sum / the global count: their sum is the window's gradient.
         mark env TrainingPhase.Other
@@ -913,6 +932,7 @@ module TrainingLoop =
               Sync = sync
               LossScaler = scaler
               AfterGradientReduction = run.ModelParallel |> Option.map (fun p -> p.ReduceGradients) |> Option.defaultValue ignore
+              RunWindow = run.ModelParallel |> Option.bind (fun p -> p.RunWindow)
               Clock = Stopwatch.StartNew()
               StartStep = state.Accumulation.OptimizerStep
               UpdatesAtStart = state.Updates }

@@ -1,0 +1,285 @@
+namespace Functional.Training
+
+open System
+open TorchSharp
+open Functional
+open Functional.Data
+open Functional.Distributed
+open Functional.Models
+open Functional.Runtime
+
+/// One process's stage of a pipeline: which of the model's layers it runs, and which parameters it trains.
+[<NoComparison; NoEquality>]
+type PipelineStage =
+    { /// This stage, from 0.
+      Stage: int
+      /// The stages of the pipeline (pipeline_parallel_degree).
+      Stages: int
+      /// The first of the stage's layers.
+      FirstLayer: int
+      /// How many consecutive layers the stage runs.
+      LayerCount: int
+      /// The parameters the stage trains, by name, in the model's order: its layers'; the token embedding on
+      /// the first stage; the final norm and the LM head on the last; a tied embedding on every stage (its
+      /// gradient is the sum of the first stage's and the last stage's, PipelineTraining.hooks).
+      Trained: string list
+      /// The parameter this stage is the one source of, when every stage's copies are joined
+      /// (PipelineTraining.gather): its Trained, but a tied embedding only on the first stage.
+      Owned: Set<string>
+      /// The parameters every stage trains (a tied embedding), whose gradients are summed over the
+      /// pipeline and whose squares count once in the clip norm.
+      Shared: string list }
+
+/// Pipeline parallelism in TrainingLoop (PaddleNLP's pipeline_parallel_degree, DeepSpeed's PipelineModule,
+/// Megatron's 1F1B): the layers of a causal LM divided into contiguous stages balanced by parameter count
+/// (Pipeline.partition), one process per stage; a window's micro-batches run the 1F1B schedule
+/// (Pipeline.oneForwardOneBackward), the hidden states sent forward and their gradients backward point to
+/// point (non-blocking sends). Every stage collates the same micro-batches (the stages of a pipeline are
+/// one data-parallel rank); the last computes each loss, which every stage then receives, so the
+/// token-weighted normalization, the logged loss and the optimizer step mean what they mean on one process.
+///
+/// Each process keeps the whole model's structure (it loads the whole checkpoint, and joins the stages'
+/// parameters for checkpoints and final/) but trains, and holds gradients and optimizer state for, only its
+/// stage's parameters. For causal LMs whose parameters outside the layers are the token embedding, the final
+/// norm and the LM head (the LLaMA families); fp32, without packing, ZeRO, adapters or gradient
+/// checkpointing for now.
+[<RequireQualifiedAccess>]
+module PipelineTraining =
+
+    // A parameter is known by its memory: TorchSharp may give one parameter several wrappers (handles).
+    let private identity (t: torch.Tensor) = Optim.TensorMemory.address t
+
+    let private handles (m: torch.nn.Module) = m.parameters () |> Seq.map identity |> Set.ofSeq
+
+    /// Stage `stage` of `stages` of model: the layers of Pipeline.partition by parameter count and the
+    /// parameters it trains. Raises InvalidInputException naming {pipeline_parallel_degree} when there are
+    /// more stages than layers.
+    let stageOf (model: CausalLmHead) (stages: int) (stage: int) : PipelineStage =
+        let backbone = model.Backbone
+        let layers = backbone.Layers
+        let weights = [| for block, _ in layers -> block.parameters () |> Seq.sumBy (fun p -> p.numel ()) |]
+        let plan = Pipeline.partition weights stages
+        let first, count = plan[stage]
+        let layerOf =
+            Map [ for index, (block, _) in Array.indexed layers do
+                      for h in handles block -> h, index ]
+        let embedding = identity backbone.TokenEmbedding.weight
+        let tied = model.LmHead.IsNone
+        let last = stage = stages - 1
+        let named = [ for name, p in model.named_parameters () -> name, identity p ]
+        let trains (handle: nativeint) =
+            match layerOf.TryFind handle with
+            | Some index -> index >= first && index < first + count
+            | None when handle = embedding -> stage = 0 || tied
+            | None -> last // the final norm and the LM head
+        let trained = [ for name, h in named do if trains h then yield name ]
+        let shared = if tied then [ for name, h in named do if h = embedding then yield name ] else []
+        { Stage = stage
+          Stages = stages
+          FirstLayer = first
+          LayerCount = count
+          Trained = trained
+          Owned = trained |> List.filter (fun name -> stage = 0 || not (List.contains name shared)) |> Set.ofList
+          Shared = shared }
+
+    /// The squares of the shared parameters' gradients (the same on every stage after ReduceGradients).
+    let private sharedSquares (model: CausalLmHead) (stage: PipelineStage) =
+        [ for name, p in model.named_parameters () do
+              if List.contains name stage.Shared && not (isNull p.grad) then
+                  use s = p.grad.to_type(torch.float64).square().sum ()
+                  yield s.item<float> () ]
+        |> List.sum
+
+    /// Runs a window's micro-batches through this stage in 1F1B order: the first stage embeds, every stage
+    /// runs its layers, the last applies the final norm, the head and the loss (chunked when lossChunkSize
+    /// > 0), scaled by scale before backward. Hidden states go to the next stage and their gradients come
+    /// back from it; the losses go from the last stage to all. Returns each micro-batch's loss sum.
+    let runWindow (group: IPointToPoint) (model: CausalLmHead) (stage: PipelineStage) (lossChunkSize: int) (window: MicroBatch list) (scale: float) : float list =
+        let batches = Array.ofList window
+        let n = batches.Length
+        let backbone = model.Backbone
+        let first, last = stage.Stage = 0, stage.Stage = stage.Stages - 1
+        let inputs = Array.create n (null: torch.Tensor)
+        let outputs = Array.create n (null: torch.Tensor)
+        let losses = Array.zeroCreate<float> n
+        let sends = Collections.Generic.List<IDisposable>()
+        let send (t: torch.Tensor) (destination: int) =
+            // The tensor stays referenced until its send has finished (at the window's end).
+            let message = t.detach().contiguous ()
+            sends.Add(group.StartSend(message, destination))
+            sends.Add message
+        let hiddenShape (batch: MicroBatch) = [| batch.InputIds.shape[0]; batch.InputIds.shape[1]; backbone.TokenEmbedding.weight.shape[1] |]
+        try
+            for step in Pipeline.oneForwardOneBackward stage.Stages stage.Stage n do
+                match step with
+                | PipelineStep.Forward i ->
+                    let batch = batches[i]
+                    let T = batch.InputIds.shape[1]
+                    backbone.CheckLength(T, false)
+                    let positions = torch.arange(T, dtype = torch.int64, device = batch.InputIds.device)
+                    let x, extras =
+                        if first then backbone.Embed(batch.InputIds, positions)
+                        else
+                            // The extras (rotary angles) only; the hidden state comes from the previous stage.
+                            let _, extras = (use _ = torch.no_grad () in backbone.Embed(batch.InputIds, positions))
+                            let received = torch.empty(hiddenShape batch, dtype = torch.float32, device = batch.InputIds.device)
+                            group.Receive(received, stage.Stage - 1)
+                            inputs[i] <- received.requires_grad_ true
+                            received, extras
+                    let mutable y = x
+                    for index in stage.FirstLayer .. stage.FirstLayer + stage.LayerCount - 1 do
+                        y <- (snd backbone.Layers[index]).Forward(y, extras)
+                    if last then
+                        use hidden = backbone.FinalNorm y
+                        use lossSum =
+                            if lossChunkSize > 0 then ChunkedLoss.causalLmSum lossChunkSize hidden model.HeadWeight batch.Labels
+                            else
+                                use logits = torch.nn.functional.linear(hidden, model.HeadWeight)
+                                Loss.causalLmSum logits batch.Labels
+                        losses[i] <- lossSum.item<float32> () |> float
+                        outputs[i] <- lossSum * scale
+                    else
+                        outputs[i] <- y
+                        send y (stage.Stage + 1)
+                | PipelineStep.Backward i ->
+                    if last then outputs[i].backward ()
+                    else
+                        use gradient = torch.empty(outputs[i].shape, dtype = outputs[i].dtype, device = outputs[i].device)
+                        group.Receive(gradient, stage.Stage + 1)
+                        torch.autograd.backward([| outputs[i] |], [| gradient |])
+                    if not first then send inputs[i].grad (stage.Stage - 1)
+                    outputs[i].Dispose()
+                    outputs[i] <- null
+        finally
+            for s in sends do s.Dispose()
+        use all = torch.tensor(losses, dtype = torch.float64)
+        group.Broadcast(all, stage.Stages - 1)
+        [ for i in 0 .. n - 1 -> all[i].item<float> () ]
+
+    /// The trainer's hooks of a stage: runWindow, the shared (tied) gradients summed over the pipeline,
+    /// and the clip norm of the whole model (the stages' squares summed, the shared ones once).
+    let hooks (group: IPointToPoint) (model: CausalLmHead) (stage: PipelineStage) (lossChunkSize: int) : ModelParallelHooks =
+        { ReduceGradients =
+            fun () ->
+                if not stage.Shared.IsEmpty then
+                    use _ = torch.no_grad ()
+                    for name, p in model.named_parameters () do
+                        if List.contains name stage.Shared then group.AllReduce p.grad
+          NormReduction =
+            fun squared ->
+                let shared = sharedSquares model stage
+                Communicator.sumFloat group (squared - shared) + shared
+          RunWindow = Some(runWindow group model stage lossChunkSize) }
+
+    /// Makes every stage's model whole: each parameter takes the value of the stage that owns it (an
+    /// all-reduce of the owner's value and the others' zeros, exact). Every stage calls it.
+    let gather (group: ICommunicator) (model: CausalLmHead) (stage: PipelineStage) : unit =
+        use _ = torch.no_grad ()
+        for name, p in model.named_parameters () do
+            use value = if stage.Owned.Contains name then p.detach().contiguous().clone () else torch.zeros_like p
+            group.AllReduce value
+            p.copy_ value |> ignore
+
+    /// The optimizer tensors of one process's checkpoint (TrainingCheckpoint.optimizerTensors' layout:
+    /// "PARAMETER:STATE" and counters) from a stage's (of its Trained parameters): every parameter's state
+    /// from the stage that owns it. Every stage calls it.
+    let gatherOptimizerTensors (group: ICommunicator) (model: CausalLmHead) (stage: PipelineStage) (tensors: (string * torch.Tensor) list) : (string * torch.Tensor) list =
+        let local = Map tensors
+        let states = [ for key, _ in tensors do match key.IndexOf ':' with -1 -> () | colon -> yield key.Substring(colon + 1) ] |> List.distinct
+        [ for key, t in tensors do if key.IndexOf ':' < 0 then yield key, t
+          for name, p in model.named_parameters () do
+              for state in states ->
+                  let key = name + ":" + state
+                  let value =
+                      match local.TryFind key with
+                      | Some t when stage.Owned.Contains name -> t.detach().contiguous().clone ()
+                      | _ -> torch.zeros_like(p, dtype = torch.float32)
+                  group.AllReduce value
+                  key, value ]
+
+/// A self-check of PipelineTraining for `mpirun -np N`: a small LLaMA (untied, and tied) trained for 4
+/// optimizer steps of 4 accumulated micro-batches (AdamW with weight decay, clipping at 1.0) as an N-stage
+/// pipeline, and the same training of the whole model in each process: every step's loss and gradient
+/// norm, and the final weights (joined), must agree within 1e-5 relative.
+[<RequireQualifiedAccess>]
+module PipelineTrainingCheck =
+
+    let private checkVariant (group: ISplittableCommunicator) (tied: bool) : string list * float =
+        use _ = torch.NewDisposeScope()
+        let json =
+            sprintf
+                """{"model_type": "llama", "vocab_size": 40, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": %d,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32,
+                    "tie_word_embeddings": %b, "initializer_range": 0.2}"""
+                (2 * group.Size + 1) tied
+        let config =
+            match ModelConfig.parse "pipeline training check" json with
+            | ModelConfig.Llama c -> c
+            | other -> failwithf "expected a LLaMA config, got %A" other
+        let rng = Random 23
+        let rows = Array.init 32 (fun _ -> Array.init (4 + rng.Next 9) (fun _ -> int64 (rng.Next config.VocabSize)))
+        let dataset = TokenizedDataset.ofRows "pipeline check" rows
+        let options =
+            { TrainOptions.defaults with
+                PerDeviceTrainBatchSize = 2
+                GradientAccumulationSteps = 4
+                LearningRate = 1e-2
+                WeightDecay = 0.01
+                MaxGradNorm = 1.0
+                MaxSteps = 4
+                MaxSeqLen = 16
+                SaveStrategy = IntervalStrategy.No
+                Threads = 1 }
+        let plan = TrainingLoop.plan options rows.Length
+        let train (run: TrainRun) =
+            let logs = Collections.Generic.List<StepLog>()
+            TrainingLoop.run run None { OnLog = logs.Add; AfterStep = fun _ -> StepDecision.Continue } |> ignore
+            List.ofSeq logs
+        let whole = Llama.build config 29L
+        let wholeLogs = train (TrainingLoop.setup plan (CausalLm.ofModule (ModelConfig.Llama config) whole []) dataset)
+        let model = Llama.build config 29L
+        let stage = PipelineTraining.stageOf model group.Size group.Rank
+        let parameters = dict [ for name, p in model.named_parameters () -> name, p ]
+        let p2p = group :?> IPointToPoint
+        let stageLogs =
+            train
+                { TrainingLoop.setup plan (CausalLm.ofModule (ModelConfig.Llama config) model []) dataset with
+                    Parameters = [ for name in stage.Trained -> struct (name, parameters[name]) ]
+                    ModelParallel = Some(PipelineTraining.hooks p2p model stage 0) }
+        PipelineTraining.gather group model stage
+        let relative (a: float) (b: float) = abs (a - b) / max 1e-12 (abs b)
+        let stepDifferences =
+            [ for w, p in List.zip wholeLogs stageLogs do
+                  yield sprintf "step %d loss" w.Step, relative p.Loss w.Loss
+                  yield sprintf "step %d grad norm" w.Step, relative p.GradNorm w.GradNorm ]
+        let wholeValues = dict [ for name, p in whole.named_parameters () -> name, p.detach () ]
+        let weightDifferences =
+            [ for name, p in model.named_parameters () ->
+                  use d = (p.detach () - wholeValues[name]).abs().max ()
+                  use m = wholeValues[name].abs().max ()
+                  sprintf "final %s" name, float (d.item<float32> ()) / max 1e-12 (float (m.item<float32> ())) ]
+        let checks = ("steps logged", if wholeLogs.Length = 4 && stageLogs.Length = 4 then 0.0 else 1.0) :: stepDifferences @ weightDifferences
+        [ for what, d in checks do if not (d <= 1e-5) then yield sprintf "%s %s differs by %g" (if tied then "tied" else "untied") what d ],
+        checks |> List.map snd |> List.max
+
+    /// Runs the check over group (every process of it a stage); returns (passed, line).
+    let check (group: ISplittableCommunicator) : bool * string =
+        TorchRuntime.ensure ()
+        let results = [ for tied in [ false; true ] -> checkVariant group tied ]
+        let failures = results |> List.collect fst
+        let largest = results |> List.map snd |> List.max
+        let status =
+            if failures.IsEmpty then
+                sprintf "ok (LLaMA untied and tied, 4 steps of 4 micro-batches 1F1B over %d stages: every step's loss and gradient norm and the final weights within %.1e of one process, relative)" group.Size largest
+            else "FAILED: " + String.Join("; ", failures)
+        failures.IsEmpty, sprintf "pipeline-training-check rank %d of %d: %s" group.Rank group.Size status
+
+    /// Runs check over this launch's processes as the stages of one pipeline; prints, finalizes MPI and
+    /// returns 0 when it passed, 1 otherwise.
+    let run () : int =
+        let world = Communicator.fromEnvironment ()
+        let result =
+            match world with
+            | :? ISplittableCommunicator as splittable when world.Size > 1 -> check (ProcessGrid.groups splittable 1 world.Size).Pipeline
+            | _ -> false, sprintf "pipeline-training-check rank %d of %d: FAILED: a pipeline needs at least 2 processes that can be split" world.Rank world.Size
+        Communicator.finishCheck world result
