@@ -137,16 +137,30 @@ let tests =
         test "--pipeline-parallel-degree 2 on 2 processes equals one process (every step, checkpoint-2 with its optimizer state, final weights); its checkpoint resumes on 1 process" {
             mpirun () |> ignore
             use s = new Setup()
-            train 1 (s.Args "single" 4) |> ignore
-            let out = train 2 (s.Args "pp" 4 @ [ "--pipeline-parallel-degree"; "2" ])
+            // Evaluations during training join the stages and evaluate the whole model.
+            let evaluating = [ "--eval-data"; s.File "data.jsonl"; "--eval-strategy"; "steps"; "--eval-steps"; "2" ]
+            train 1 (s.Args "single" 4 @ evaluating) |> ignore
+            let out = train 2 (s.Args "pp" 4 @ evaluating @ [ "--pipeline-parallel-degree"; "2" ])
             expectSameSteps (s.File "pp") (s.File "single") "PP 2"
+            let evalLosses output =
+                readJsonLines (Path.Combine(output, "metrics.jsonl"))
+                |> Array.choose (fun (e: JsonElement) ->
+                    match e.TryGetProperty "eval_loss" with
+                    | true, v -> Some(e.GetProperty("step").GetInt32(), v.GetDouble())
+                    | _ -> None)
+                |> Array.toList
+            let single, pipelined = evalLosses (s.File "single"), evalLosses (s.File "pp")
+            Expect.equal (List.map fst pipelined) (List.map fst single) "PP 2 evaluates when one process does"
+            Expect.containsAll (List.map fst pipelined) [ 0; 2; 4 ] "at steps 0, 2 and 4"
+            for (step, a), (_, b) in List.zip pipelined single do
+                Expect.isLessThanOrEqual (relative a b) 1e-5 (sprintf "PP 2's eval loss at step %d: %.9g vs %.9g" step a b)
             expectSameWeights (Path.Combine(s.File "pp", "final")) (Path.Combine(s.File "single", "final")) "PP 2"
             expectSameWeights (Path.Combine(s.File "pp", "checkpoint-2")) (Path.Combine(s.File "single", "checkpoint-2")) "PP 2's checkpoint-2 (model and optimizer state)"
             Expect.equal (out.Split('\n') |> Array.filter (fun l -> l.StartsWith "metrics: ") |> Array.length) 1 ("PP 2: one final report\n" + out)
             let output = s.File "pp-resumed"
             copyFolder (s.File "pp") output
             for name in [ "checkpoint-4"; "final" ] do Directory.Delete(Path.Combine(output, name), true)
-            train 1 (s.Args "pp-resumed" 4 @ [ "--overwrite-output-dir"; "--resume-from-checkpoint"; Path.Combine(output, "checkpoint-2") ]) |> ignore
+            train 1 (s.Args "pp-resumed" 4 @ evaluating @ [ "--overwrite-output-dir"; "--resume-from-checkpoint"; Path.Combine(output, "checkpoint-2") ]) |> ignore
             expectSameWeights (Path.Combine(output, "final")) (Path.Combine(s.File "single", "final")) "PP 2's checkpoint on 1 process"
         }
         test "a TP 2 run's checkpoints are one process's: it resumes on 1 process and on PP 2, and 1 process's checkpoint resumes on TP 2, to the same final weights" {

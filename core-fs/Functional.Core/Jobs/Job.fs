@@ -77,6 +77,9 @@ and [<NoComparison; NoEquality>] ModelParallelJob =
       Hooks: ModelParallelHooks
       /// Makes Model whole from every process's part (every process calls it: it all-gathers).
       Gather: unit -> unit
+      /// Frees the memory of what of Model this process does not train (the whole model's copy under
+      /// tensor parallelism, the other stages' parameters under pipeline parallelism) until the next Gather.
+      Release: unit -> unit
       /// The whole model's optimizer tensors (TrainingCheckpoint.optimizerTensors' layout) from this
       /// process's (every process calls it).
       GatherOptimizer: (string * torch.Tensor) list -> (string * torch.Tensor) list
@@ -326,8 +329,12 @@ module Job =
                 let values = dict [ for name, p in whole.named_parameters () -> name, p ]
                 use _ = torch.no_grad ()
                 for name, t in TensorParallelLlama.gather groups.Tensor part do
-                    values[name].copy_ t |> ignore
+                    values[name].set_ t |> ignore
                     t.Dispose()
+            let release () =
+                use _ = torch.no_grad ()
+                for _, p in whole.named_parameters () do
+                    if p.numel () > 0L then p.set_(torch.empty([| yield 0L; yield! p.shape[1..] |], dtype = p.dtype, device = p.device)) |> ignore
             let job =
                 { Groups = groups
                   Hooks =
@@ -335,6 +342,7 @@ module Job =
                       NormReduction = TensorParallelTraining.normReduction groups.Tensor part
                       RunWindow = None }
                   Gather = gather
+                  Release = release
                   GatherOptimizer = TensorParallelLlama.gatherOptimizerTensors groups.Tensor
                   OptimizerPart = TensorParallelLlama.optimizerBlocks config groups.Tensor.Rank groups.Tensor.Size
                   Scatter = fun () -> TensorParallelLlama.copyInto groups.Tensor config whole part
@@ -381,6 +389,7 @@ module Job =
                 { Groups = groups
                   Hooks = PipelineTraining.hooks pipeline head stage options.LossChunkSize
                   Gather = gather
+                  Release = fun () -> PipelineTraining.release head stage
                   GatherOptimizer = PipelineTraining.gatherOptimizerTensors groups.Pipeline head stage
                   OptimizerPart = id
                   Scatter = ignore
@@ -599,10 +608,15 @@ module Job =
             TrainingLoop.ensureFinite job.Options step context.Parameters
             // Every process takes part (each may hold a block of the optimizer state); process 0 writes.
             saveCheckpoint job log progress context
+        // What a model-parallel evaluation or checkpoint made whole goes back to this process's part.
+        if decision.Checkpoint || evaluated.IsSome then job.ModelParallel |> Option.iter (fun t -> t.Release())
         progress, (if decision.Interrupted || decision.StopEarly then StepDecision.Stop else StepDecision.Continue)
 
     /// The one call into the trainer: the job's plan, model, adapters' compute attachment and parameters.
     let private train (job: PreparedJob) (hooks: TrainHooks) : TrainResult =
+        // Under tensor or pipeline parallelism this process keeps only what it trains (Gather makes the
+        // model whole for checkpoints, evaluations and final/).
+        job.ModelParallel |> Option.iter (fun t -> t.Release())
         // Under bf16/fp16 the adapter is copied onto the low-precision compute copy.
         let attach =
             match job.Adapters with

@@ -28,7 +28,9 @@ type PipelineStage =
       Owned: Set<string>
       /// The parameters every stage trains (a tied embedding), whose gradients are summed over the
       /// pipeline and whose squares count once in the clip norm.
-      Shared: string list }
+      Shared: string list
+      /// Every parameter's shape in the whole model (what gather restores after release).
+      Shapes: Map<string, int64[]> }
 
 /// Pipeline parallelism in TrainingLoop (PaddleNLP's pipeline_parallel_degree, DeepSpeed's PipelineModule,
 /// Megatron's 1F1B): the layers of a causal LM divided into contiguous stages balanced by parameter count
@@ -80,7 +82,8 @@ module PipelineTraining =
           LayerCount = count
           Trained = trained
           Owned = trained |> List.filter (fun name -> stage = 0 || not (List.contains name shared)) |> Set.ofList
-          Shared = shared }
+          Shared = shared
+          Shapes = Map [ for name, p in model.named_parameters () -> name, p.shape ] }
 
     /// The squares of the shared parameters' gradients (the same on every stage after ReduceGradients).
     let private sharedSquares (model: CausalLmHead) (stage: PipelineStage) =
@@ -120,8 +123,10 @@ module PipelineTraining =
                     let x, extras =
                         if first then backbone.Embed(batch.InputIds, positions)
                         else
-                            // The extras (rotary angles) only; the hidden state comes from the previous stage.
-                            let _, extras = (use _ = torch.no_grad () in backbone.Embed(batch.InputIds, positions))
+                            // The extras (rotary angles) only, of no rows (the embedding may be released);
+                            // the hidden state comes from the previous stage.
+                            use none = batch.InputIds.narrow(0L, 0L, 0L)
+                            let _, extras = (use _ = torch.no_grad () in backbone.Embed(none, positions))
                             let received = torch.empty(hiddenShape batch, dtype = torch.float32, device = batch.InputIds.device)
                             group.Receive(received, stage.Stage - 1)
                             inputs[i] <- received.requires_grad_ true
@@ -171,14 +176,31 @@ module PipelineTraining =
                 Communicator.sumFloat group (squared - shared) + shared
           RunWindow = Some(runWindow group model stage lossChunkSize) }
 
-    /// Makes every stage's model whole: each parameter takes the value of the stage that owns it (an
-    /// all-reduce of the owner's value and the others' zeros, exact). Every stage calls it.
-    let gather (group: ICommunicator) (model: CausalLmHead) (stage: PipelineStage) : unit =
+    /// Frees the memory of every parameter the stage does not train (what the other stages hold): each
+    /// becomes an empty tensor of its trailing dimensions ([0; C] for the embedding), until gather makes the
+    /// model whole again.
+    let release (model: CausalLmHead) (stage: PipelineStage) : unit =
+        let trained = Set.ofList stage.Trained
         use _ = torch.no_grad ()
         for name, p in model.named_parameters () do
-            use value = if stage.Owned.Contains name then p.detach().contiguous().clone () else torch.zeros_like p
+            if not (trained.Contains name) && p.numel () > 0L then
+                p.set_(torch.empty([| yield 0L; yield! p.shape[1..] |], dtype = p.dtype, device = p.device)) |> ignore
+
+    /// Makes every stage's model whole (also after release): each parameter takes the value of the stage
+    /// that owns it (an all-reduce of the owner's value and the others' zeros, exact). Every stage calls it.
+    let gather (group: ICommunicator) (model: CausalLmHead) (stage: PipelineStage) : unit =
+        let trained = Set.ofList stage.Trained
+        use _ = torch.no_grad ()
+        for name, p in model.named_parameters () do
+            let value =
+                if stage.Owned.Contains name then p.detach().contiguous().clone ()
+                else torch.zeros(stage.Shapes[name], dtype = p.dtype, device = p.device)
             group.AllReduce value
-            p.copy_ value |> ignore
+            // A trained parameter aliases the trainer's flat buffer: its memory stays, its values are copied.
+            if trained.Contains name then
+                p.copy_ value |> ignore
+                value.Dispose()
+            else p.set_ value |> ignore
 
     /// The optimizer tensors of one process's checkpoint (TrainingCheckpoint.optimizerTensors' layout:
     /// "PARAMETER:STATE" and counters) from a stage's (of its Trained parameters): every parameter's state
@@ -193,7 +215,7 @@ module PipelineTraining =
                   let value =
                       match local.TryFind key with
                       | Some t when stage.Owned.Contains name -> t.detach().contiguous().clone ()
-                      | _ -> torch.zeros_like(p, dtype = torch.float32)
+                      | _ -> torch.zeros(stage.Shapes[name], dtype = torch.float32)
                   group.AllReduce value
                   key, value ]
 
@@ -240,6 +262,7 @@ module PipelineTrainingCheck =
         let model = Llama.build config 29L
         let stage = PipelineTraining.stageOf model group.Size group.Rank
         let parameters = dict [ for name, p in model.named_parameters () -> name, p ]
+        PipelineTraining.release model stage
         let p2p = group :?> IPointToPoint
         let stageLogs =
             train
