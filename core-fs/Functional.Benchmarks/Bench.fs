@@ -218,6 +218,34 @@ type Bench =
         let threads = if runs.Length > 0 then runs[0].ThreadsPerProcess else 1
         DistributedBenchmark.format config { Steps = steps; WarmupSteps = warmupSteps; Threads = threads; LearningRate = 1e-3 } (List.ofArray runs)
 
+    /// `bench parallel` on the processes of this launch: data, tensor and pipeline parallelism (layouts:
+    /// "dp", "tp", "pp") of the benchmark LLaMA (ModelParallelBenchmark.config) over them in turn, the same
+    /// global batch each; returns the table (ModelParallelBenchmark.format), which rank 0 prints. onLine
+    /// hears the progress lines on rank 0.
+    static member Parallel
+        (layers: int, width: int, vocabulary: int, globalRows: int, microBatch: int, sequenceLength: int, warmupSteps: int, steps: int, layouts: string[], onLine: Action<string>)
+        : string =
+        let world =
+            match Distributed.Communicator.fromEnvironment () with
+            | :? Distributed.ISplittableCommunicator as s when s.Size > 1 -> s
+            | other -> InvalidInput.setting "processes" (sprintf "bench parallel needs at least 2 processes of a launcher that can be split, found %d" other.Size)
+        let config = ModelParallelBenchmark.config layers width vocabulary
+        let parsed =
+            [ for l in layouts ->
+                  match l.Trim().ToLowerInvariant() with
+                  | "dp" -> ParallelLayout.Data
+                  | "tp" -> ParallelLayout.Tensor
+                  | "pp" -> ParallelLayout.Pipeline
+                  | other -> InvalidInput.setting "layouts" (sprintf "expected dp, tp or pp separated by commas, found '%s'" other) ]
+        let figures =
+            [ for layout in parsed ->
+                  if world.Rank = 0 && not (isNull onLine) then onLine.Invoke(sprintf "%s: %d + %d + 1 steps" (layout.Label world.Size) warmupSteps steps)
+                  let f = ModelParallelBenchmark.measure world config layout globalRows microBatch sequenceLength warmupSteps steps
+                  GC.Collect()
+                  GC.WaitForPendingFinalizers()
+                  f ]
+        ModelParallelBenchmark.format config world.Size globalRows microBatch sequenceLength warmupSteps steps figures
+
     /// A run as JSON (DistributedBenchmark.toJson).
     static member DistributedJson(run: DistributedRun) : string = DistributedBenchmark.toJson run
 

@@ -420,6 +420,58 @@ internal static class BenchCommand
             .Select(s => int.TryParse(s, out var n) && n is >= 0 and <= 3 ? n : throw new InvalidInputException("--stages", "", $"expected ZeRO stages 0 to 3 separated by commas, found '{s}'"))
             .ToArray();
 
+    private static Command ParallelCommand()
+    {
+        var layers = CliOption.Create("--layers", "Decoder layers of the benchmark LLaMA.", 4);
+        var width = CliOption.Create("--width", "Hidden size (a multiple of 128: heads of 64, half as many key/value heads).", 256);
+        var vocabulary = CliOption.Create("--vocab", "Vocabulary entries (divisible by the processes for tensor parallelism).", 8192);
+        var batch = CliOption.Create("--batch", "Rows per optimizer step over all processes (the same global batch in every layout).", 8);
+        var microBatch = CliOption.Create("--micro-batch", "Rows per micro-batch (the window accumulates batch / micro-batch of them, over the data-parallel processes).", 2);
+        var sequence = CliOption.Create("--seq-len", "Tokens per row.", 128);
+        var steps = CliOption.Create("--steps", "Timed optimizer steps per layout (one more measures the step's memory).", 3);
+        var warmup = CliOption.Create("--warmup", "Optimizer steps per layout before timing starts.", 1);
+        var processes = CliOption.Create("--processes", "Processes mpirun starts (when not started by a launcher).", 2);
+        var layouts = CliOption.Create("--layouts", "Layouts to measure, comma separated: dp (data parallel), tp (tensor parallel), pp (pipeline parallel).", "dp,tp,pp");
+        var command = new Command("parallel",
+            "Per-rank memory of parameters, gradients, optimizer state and one step's activations, and tokens/s, of data, tensor and pipeline " +
+            "parallelism over the same processes, model and global batch. Alone it starts mpirun -np N itself; under mpirun it measures the launch's ranks.")
+        {
+            layers, width, vocabulary, batch, microBatch, sequence, steps, warmup, processes, layouts,
+        };
+        command.SetAction(parse =>
+        {
+            if (Bench.LaunchedByLauncher())
+            {
+                var table = Bench.Parallel(parse.GetValue(layers), parse.GetValue(width), parse.GetValue(vocabulary), parse.GetValue(batch), parse.GetValue(microBatch),
+                    parse.GetValue(sequence), parse.GetValue(warmup), parse.GetValue(steps), parse.GetValue(layouts)!.Split(','), line => Console.Error.WriteLine(line));
+                if (Bench.IsMainProcess())
+                {
+                    Console.Write(table);
+                }
+                return 0;
+            }
+            var processCount = parse.GetValue(processes);
+            if (processCount < 2)
+            {
+                throw new InvalidInputException("--processes", "", $"expected at least 2 processes, got {processCount}");
+            }
+            var mpirun = Mpirun.Require("bench parallel");
+            var info = Mpirun.StartInfo(mpirun, processCount, null, [
+                "bench", "parallel", "--layers", $"{parse.GetValue(layers)}", "--width", $"{parse.GetValue(width)}", "--vocab", $"{parse.GetValue(vocabulary)}",
+                "--batch", $"{parse.GetValue(batch)}", "--micro-batch", $"{parse.GetValue(microBatch)}", "--seq-len", $"{parse.GetValue(sequence)}",
+                "--steps", $"{parse.GetValue(steps)}", "--warmup", $"{parse.GetValue(warmup)}", "--layouts", parse.GetValue(layouts)!]);
+            info.Environment["OMP_NUM_THREADS"] = "1";
+            using var ranks = Process.Start(info) ?? throw new InvalidOperationException($"{mpirun} did not start");
+            ranks.WaitForExit();
+            if (ranks.ExitCode != 0)
+            {
+                Console.Error.WriteLine($"error: the {processCount} ranks under mpirun failed (exit code {ranks.ExitCode}); their messages are above");
+            }
+            return ranks.ExitCode;
+        });
+        return command;
+    }
+
     private static Command DistributedCommand()
     {
         var config = CliOption.Create("--config", "gpt2-small, gpt2-base or llama (then resized by --layers, --width, --batch, --seq-len).", "gpt2-small");
@@ -577,6 +629,6 @@ internal static class BenchCommand
             }
             return 0;
         });
-        return new Command("bench", "Benchmarks that print figures.") { generation, MemoryCommand(), PrecisionCommand(), TrainBenchCommand(), DistributedCommand() };
+        return new Command("bench", "Benchmarks that print figures.") { generation, MemoryCommand(), PrecisionCommand(), TrainBenchCommand(), DistributedCommand(), ParallelCommand() };
     }
 }

@@ -118,6 +118,34 @@ let tests =
                 let share = s.GetProperty("communication_share").GetDouble()
                 Expect.isTrue (share >= 0.0 && share <= 1.0) (sprintf "stage %d's communication share is a share: %g" stage share)
         }
+        test "bench parallel prints each rank's memory for DP 2, TP 2 and PP 2: TP 2 and PP 2 hold half the parameters, gradients and optimizer state, TP 2 half the logits; every layout trains alike" {
+            LaunchTests.requireMpirun ()
+            let run =
+                runCli [ "bench"; "parallel"; "--layers"; "2"; "--width"; "256"; "--vocab"; "1024"; "--batch"; "4"; "--micro-batch"; "1"; "--seq-len"; "16"; "--steps"; "1"; "--warmup"; "0" ]
+            let report = sprintf "exit %d\nstdout:\n%s\nstderr:\n%s" run.ExitCode run.Stdout run.Stderr
+            Expect.equal run.ExitCode 0 report
+            let lines = run.Stdout.Split('\n')
+            let rows layout =
+                lines
+                |> Array.filter (fun l -> l.StartsWith(layout + " "))
+                |> Array.map (fun l -> l.Split(' ', System.StringSplitOptions.RemoveEmptyEntries))
+                |> Array.filter (fun cells -> cells.Length > 2 && fst (System.Int32.TryParse cells.[2]))
+            for layout in [ "DP"; "TP"; "PP" ] do
+                Expect.hasLength (rows layout) 2 (sprintf "%s 2: a row per rank\n%s" layout report)
+            // Columns: layout, degree, rank, params, grads, optim, state, step, logits, tokens/s, final loss.
+            let column layout (rank: int) (index: int) =
+                let cells = (rows layout).[rank]
+                float cells.[index]
+            for layout in [ "TP"; "PP" ] do
+                for rank in 0 .. 1 do
+                    for index, what in [ 3, "parameters"; 4, "gradients"; 5, "optimizer state" ] do
+                        let ratio = column layout rank index / column "DP" rank index
+                        Expect.isTrue (ratio > 0.4 && ratio < 0.6) (sprintf "%s 2 rank %d holds about half DP 2's %s: %g\n%s" layout rank what ratio report)
+            Expect.equal (column "PP" 0 8) 0.0 ("the first stage computes no logits\n" + report)
+            Expect.equal (column "TP" 0 10) (column "DP" 0 10) ("TP 2 trains as DP 2 (the final loss)\n" + report)
+            Expect.equal (column "PP" 0 10) (column "DP" 0 10) ("PP 2 trains as DP 2 (the final loss)\n" + report)
+            Expect.stringContains run.Stdout "TP 2 / DP 2, largest rank: parameters 0.50, gradients 0.50, optimizer state 0.50, logits 0.50;" report
+        }
         test "bench distributed refuses rows per step the processes do not share evenly, before starting them (exit 2)" {
             let run = runCli [ "bench"; "distributed"; "--layers"; "1"; "--width"; "64"; "--batch"; "3" ]
             Expect.equal run.ExitCode 2 (sprintf "exit code (stderr: %s)" run.Stderr)

@@ -12,7 +12,7 @@ open Functional.Tests.TestUtil
 /// Every command that runs something, as typed after `functional`.
 let private commands =
     [ "train"; "generate"; "chat-template"; "tokenize"; "eval"; "export"; "launch"
-      "bench generation"; "bench memory"; "bench precision"; "bench train"; "bench distributed" ]
+      "bench generation"; "bench memory"; "bench precision"; "bench train"; "bench distributed"; "bench parallel" ]
 
 /// One option row of the help: its spellings as shown and its text.
 type private HelpRow = { Names: string list; Text: string }
