@@ -121,15 +121,15 @@ let internal lossesAndTokens (output: string) (rank: int option) =
 [<Tests>]
 let tests =
     testSequenced <| testList "distributed training" [
-        test "--tensor-parallel-degree 2 on 2 processes, and 2 x 2 (data x tensor) on 4, equal one process: every step's loss and grad norm, final weights" {
+        test "--tensor-parallel-degree 2 on 2 processes, 2 x 2 (data x tensor) on 4, and 4 (the 2 key/value heads replicated) on 4 equal one process: every step's loss and grad norm, final weights" {
             mpirun () |> ignore
             use s = new Setup()
             let args output batch = replace "--save-steps" "1" (s.Args output batch) @ [ "--save-strategy"; "no" ]
             train 1 (args "single" 4) |> ignore
-            for processes, batch in [ 2, 4; 4, 2 ] do
-                let output = sprintf "tp2-on-%d" processes
-                let out = train processes (args output batch @ [ "--tensor-parallel-degree"; "2" ])
-                let what = sprintf "TP 2 on %d processes" processes
+            for processes, batch, degree in [ 2, 4, 2; 4, 2, 2; 4, 4, 4 ] do
+                let output = sprintf "tp%d-on-%d" degree processes
+                let out = train processes (args output batch @ [ "--tensor-parallel-degree"; string degree ])
+                let what = sprintf "TP %d on %d processes" degree processes
                 expectSameSteps (s.File output) (s.File "single") what
                 expectSameWeights (Path.Combine(s.File output, "final")) (Path.Combine(s.File "single", "final")) what
                 Expect.equal (out.Split('\n') |> Array.filter (fun l -> l.StartsWith "metrics: ") |> Array.length) 1 (what + ": one final report\n" + out)

@@ -258,8 +258,10 @@ module TensorParallelLlama =
         let refuse problem = InvalidInput.setting "tensor_parallel_degree" problem
         if config.NumAttentionHeads % size <> 0 then
             refuse (sprintf "(%d) must divide the %d attention heads" size config.NumAttentionHeads)
-        if config.NumKeyValueHeads % size <> 0 then
-            refuse (sprintf "(%d) must divide the %d key/value heads (fewer key/value heads than ranks are not supported yet)" size config.NumKeyValueHeads)
+        if config.NumKeyValueHeads >= size && config.NumKeyValueHeads % size <> 0 then
+            refuse (sprintf "(%d) must divide the %d key/value heads" size config.NumKeyValueHeads)
+        if config.NumKeyValueHeads < size && size % config.NumKeyValueHeads <> 0 then
+            refuse (sprintf "(%d) must be a multiple of the %d key/value heads when there are fewer of them than processes (each is then replicated)" size config.NumKeyValueHeads)
         if config.IntermediateSize % size <> 0 then
             refuse (sprintf "(%d) must divide the intermediate size %d" size config.IntermediateSize)
         if config.VocabSize % size <> 0 then
@@ -292,11 +294,33 @@ module TensorParallelLlama =
         elif endsWith ".self_attn.o_proj.weight" || endsWith ".mlp.down_proj.weight" then Some 1L
         else None
 
+    /// The ranks that hold each key/value head: 1 when the key/value heads divide over the ranks, else
+    /// size / key/value heads (Megatron's replication: consecutive ranks share one).
+    let kvReplicas (config: LlamaConfig) (size: int) : int =
+        if config.NumKeyValueHeads >= size then 1 else size / config.NumKeyValueHeads
+
+    let private isKeyValue (name: string) =
+        name.Contains(".self_attn.k_proj.", StringComparison.Ordinal) || name.Contains(".self_attn.v_proj.", StringComparison.Ordinal)
+
+    /// Whether a parameter is a key/value projection replicated over several ranks (kvReplicas > 1).
+    let private replicated (config: LlamaConfig) (size: int) (name: string) = isKeyValue name && kvReplicas config size > 1
+
+    /// The weight of a parameter's squared gradient in the rank's share of the whole model's squared norm
+    /// before the sum over the group: 1 / kvReplicas for a replicated key/value projection (its replicas
+    /// hold the same summed gradient, which counts once), 1 otherwise.
+    let normWeight (config: LlamaConfig) (size: int) (name: string) : float =
+        if replicated config size name then 1.0 / float (kvReplicas config size) else 1.0
+
     /// The rank's block of a whole parameter, by its name (splitDimension), a compact copy. The blocks are
     /// those of shard: with as many key/value heads as ranks or more, the r-th equal block of q's rows holds
-    /// the rank's query heads and of k's and v's its key/value heads.
-    let private part' (_: LlamaConfig) (rank: int) (size: int) (name: string) (whole: torch.Tensor) : torch.Tensor =
+    /// the rank's query heads and of k's and v's its key/value heads; with fewer, k and v hold the one
+    /// key/value head the rank's query heads read (rank / kvReplicas).
+    let private part' (config: LlamaConfig) (rank: int) (size: int) (name: string) (whole: torch.Tensor) : torch.Tensor =
         match splitDimension name with
+        | Some dimension when replicated config size name ->
+            let length = whole.shape[int dimension] / int64 config.NumKeyValueHeads
+            use block = whole.narrow(dimension, int64 (rank / kvReplicas config size) * length, length)
+            block.contiguous().clone ()
         | Some dimension ->
             let length = whole.shape[int dimension] / int64 size
             use block = whole.narrow(dimension, int64 rank * length, length)
@@ -335,27 +359,39 @@ module TensorParallelLlama =
             | _ -> failwithf "the whole model has no parameter %s" name
 
     /// Sums over group the gradients that are partial on every rank (Qwen3's q_norm and k_norm, see
-    /// shard): call after backward, before clipping and the optimizer. Other gradients are already the
+    /// shard), and a replicated key/value head's over the ranks that share it (each holds its query heads'
+    /// part): call after backward, before clipping and the optimizer. Other gradients are already the
     /// whole model's (replicated parameters) or the rank's block of it (split ones).
-    let reducePartialGradients (group: ICommunicator) (model: CausalLmHead) =
+    let reducePartialGradients (group: ICommunicator) (config: LlamaConfig) (model: CausalLmHead) =
         if group.Size > 1 then
             use _ = torch.no_grad ()
+            let replicas = kvReplicas config group.Size
             for name, p in model.named_parameters () do
                 if isPartialGradient name && not (isNull p.grad) then
                     group.AllReduce p.grad
+                elif replicated config group.Size name && not (isNull p.grad) then
+                    // Every rank places its gradient at its head's rows of a buffer of all the heads: the sum
+                    // over the group adds exactly the ranks that share each head.
+                    let rows = p.shape[0]
+                    use all = torch.zeros([| yield rows * int64 config.NumKeyValueHeads; yield! p.shape[1..] |], dtype = p.grad.dtype, device = p.grad.device)
+                    let head = int64 (group.Rank / replicas)
+                    (use mine = all.narrow(0L, head * rows, rows) in mine.copy_ p.grad |> ignore)
+                    group.AllReduce all
+                    use summed = all.narrow(0L, head * rows, rows)
+                    p.grad.copy_ summed |> ignore
 
     /// The whole model's parameters from every rank's part (the inverse of shard), in the part's
     /// named_parameters order: split parameters are all-gathered over group and joined along their
     /// dimension; whole ones are taken as they are. Every rank of group calls it and gets every tensor (for
     /// writing final/ or a checkpoint in the HF layout, or resharding to another degree).
-    let rec gather (group: ICommunicator) (model: CausalLmHead) : (string * torch.Tensor) list =
+    let rec gather (group: ICommunicator) (config: LlamaConfig) (model: CausalLmHead) : (string * torch.Tensor) list =
         use _ = torch.no_grad ()
-        [ for name, p in model.named_parameters () -> name, join group name p ]
+        [ for name, p in model.named_parameters () -> name, join group config name p ]
 
     /// The whole tensor of a parameter named name from every rank's block (an all-gather over group,
     /// joined along splitDimension name), or a copy of local for a parameter every rank holds whole.
     /// Every rank calls it, in the same order.
-    and private join (group: ICommunicator) (name: string) (local: torch.Tensor) : torch.Tensor =
+    and private join (group: ICommunicator) (config: LlamaConfig) (name: string) (local: torch.Tensor) : torch.Tensor =
         use scope = torch.NewDisposeScope()
         let joined =
             match splitDimension name with
@@ -363,6 +399,12 @@ module TensorParallelLlama =
                 let block = local.detach().contiguous ()
                 let blocks = torch.empty([| yield int64 group.Size; yield! local.shape |], dtype = local.dtype, device = local.device)
                 group.AllGather(block, blocks)
+                // A replicated key/value head: the first of the ranks that share it gives it.
+                let blocks =
+                    if replicated config group.Size name then
+                        let every = torch.arange(0L, int64 group.Size, int64 (kvReplicas config group.Size), dtype = torch.int64, device = local.device)
+                        blocks.index_select(0L, every)
+                    else blocks
                 if dimension = 0L then blocks.reshape([| yield -1L; yield! local.shape[1..] |])
                 else blocks.transpose(0L, 1L).reshape(local.shape[0], -1L)
             | _ -> local.detach ()
@@ -371,11 +413,11 @@ module TensorParallelLlama =
     /// The optimizer tensors of a checkpoint (TrainingCheckpoint.optimizerTensors' layout: "PARAMETER:STATE"
     /// tensors shaped as the parameter, and counters) from this rank's: each split parameter's state
     /// gathered whole, so the checkpoint is the one of a single process. Every rank calls it.
-    let gatherOptimizerTensors (group: ICommunicator) (tensors: (string * torch.Tensor) list) : (string * torch.Tensor) list =
+    let gatherOptimizerTensors (group: ICommunicator) (config: LlamaConfig) (tensors: (string * torch.Tensor) list) : (string * torch.Tensor) list =
         [ for key, t in tensors ->
               match key.IndexOf ':' with
               | -1 -> key, t
-              | colon -> key, join group (key.Substring(0, colon)) t ]
+              | colon -> key, join group config (key.Substring(0, colon)) t ]
 
     /// This rank's blocks of a checkpoint's whole optimizer tensors (the inverse of
     /// gatherOptimizerTensors): what a tensor-parallel run resumes from, saved by any layout.
@@ -398,13 +440,13 @@ module TensorParallelLlama =
 [<RequireQualifiedAccess>]
 module TensorParallelModelCheck =
 
-    let private config (modelType: string) (tied: bool) (size: int) =
+    let private config (modelType: string) (tied: bool) (kvHeads: int) (size: int) =
         let json =
             sprintf
                 """{"model_type": "%s", "vocab_size": %d, "hidden_size": 16, "intermediate_size": %d, "num_hidden_layers": 2,
                     "num_attention_heads": %d, "num_key_value_heads": %d, "head_dim": 4, "max_position_embeddings": 32,
                     "tie_word_embeddings": %b, "initializer_range": 0.2}"""
-                modelType (10 * size) (12 * size) (2 * size) size tied
+                modelType (10 * size) (12 * size) (2 * size) kvHeads tied
         match ModelConfig.parse "tensor-parallel check" json with
         | ModelConfig.Llama c -> c
         | other -> failwithf "expected a LLaMA-family config, got %A" other
@@ -415,10 +457,10 @@ module TensorParallelModelCheck =
         d.item<float32> () / max 1e-12f (m.item<float32> ()) |> float
 
     /// Checks one family variant; returns the failures and the largest relative difference.
-    let private checkVariant (group: ICommunicator) (modelType: string, tied: bool) : string list * float =
+    let private checkVariant (group: ICommunicator) (modelType: string, tied: bool, kvHeads: int) : string list * float =
         use _ = torch.NewDisposeScope()
-        let c = config modelType tied group.Size
-        let modelType = if tied then modelType + " (tied)" else modelType
+        let c = config modelType tied (if kvHeads = 0 then group.Size else kvHeads) group.Size
+        let modelType = (if tied then modelType + " (tied)" else modelType) + (if kvHeads = 0 then "" else sprintf " (%d key/value head)" kvHeads)
         let whole = Llama.build c 11L
         let part = TensorParallelLlama.shard group c whole
         use generator = new torch.Generator(5UL)
@@ -431,27 +473,26 @@ module TensorParallelModelCheck =
         let partLoss = VocabParallel.causalLmSum group start partLogits ids
         partLoss.backward ()
         let blockOfWhole = wholeLogits.narrow(2L, start, partLogits.shape[2])
-        TensorParallelLlama.reducePartialGradients group part
+        TensorParallelLlama.reducePartialGradients group c part
         let wholeGrads = dict [ for name, p in whole.named_parameters () -> name, p.grad ]
         let gradientDifferences =
             [ for name, p in part.named_parameters () ->
                   use expected = TensorParallelLlama.partOf c group.Rank group.Size name wholeGrads[name]
                   name, relative p.grad expected ]
         // The gradient norm: split parameters' squares summed over the ranks, whole ones counted once.
-        let wholeShapes = dict [ for name, p in whole.named_parameters () -> name, p.shape ]
         let splitSquares, wholeSquares =
             part.named_parameters ()
             |> Seq.fold
                 (fun (split, replicated) (struct (name, p)) ->
                     use s = p.grad.to_type(torch.float64).square().sum ()
-                    let v = s.item<float> ()
-                    if p.shape <> wholeShapes[name] then split + v, replicated else split, replicated + v)
+                    let v = s.item<float> () * TensorParallelLlama.normWeight c group.Size name
+                    if (TensorParallelLlama.splitDimension name).IsSome then split + v, replicated else split, replicated + v)
                 (0.0, 0.0)
         let norm = sqrt (Communicator.sumFloat group splitSquares + wholeSquares)
         let wholeNorm =
             whole.parameters () |> Seq.sumBy (fun p -> use s = p.grad.to_type(torch.float64).square().sum () in s.item<float> ()) |> sqrt
         // Gathering the parts gives back the whole model's parameters, bit for bit.
-        let gathered = TensorParallelLlama.gather group part
+        let gathered = TensorParallelLlama.gather group c part
         let wholeValues = dict [ for name, p in whole.named_parameters () -> name, p ]
         let gatherExact =
             gathered |> List.forall (fun (name, t) -> t.shape = wholeValues[name].shape && t.Equals(wholeValues[name].detach ()))
@@ -468,12 +509,13 @@ module TensorParallelModelCheck =
     /// Runs the check over group (every process of it calls this); returns (passed, line).
     let check (group: ICommunicator) : bool * string =
         TorchRuntime.ensure ()
-        let results = [ for variant in [ "llama", false; "qwen3", false; "llama", true ] -> checkVariant group variant ]
+        // 0 key/value heads: as many as the processes; 1: fewer than the processes, replicated.
+        let results = [ for variant in [ "llama", false, 0; "qwen3", false, 0; "llama", true, 0; "qwen3", false, 1 ] -> checkVariant group variant ]
         let failures = results |> List.collect fst
         let largest = results |> List.map snd |> List.max
         let status =
             if failures.IsEmpty then
-                sprintf "ok (LLaMA, Qwen3 and a tied LLaMA split over %d processes, vocabulary included: the rank's logits block, loss, gradient norm and every gradient block within %.1e of the whole model, relative)" group.Size largest
+                sprintf "ok (LLaMA, Qwen3, a tied LLaMA and a Qwen3 of 1 key/value head split over %d processes, vocabulary included: the rank's logits block, loss, gradient norm and every gradient block within %.1e of the whole model, relative)" group.Size largest
             else "FAILED: " + String.Join("; ", failures)
         failures.IsEmpty, sprintf "tensor-parallel-model-check rank %d of %d: %s" group.Rank group.Size status
 

@@ -328,7 +328,7 @@ module Job =
             let gather () =
                 let values = dict [ for name, p in whole.named_parameters () -> name, p ]
                 use _ = torch.no_grad ()
-                for name, t in TensorParallelLlama.gather groups.Tensor part do
+                for name, t in TensorParallelLlama.gather groups.Tensor config part do
                     values[name].set_ t |> ignore
                     t.Dispose()
             let release () =
@@ -338,12 +338,12 @@ module Job =
             let job =
                 { Groups = groups
                   Hooks =
-                    { ReduceGradients = fun () -> TensorParallelLlama.reducePartialGradients groups.Tensor part
-                      NormReduction = TensorParallelTraining.normReduction groups.Tensor part
+                    { ReduceGradients = fun () -> TensorParallelLlama.reducePartialGradients groups.Tensor config part
+                      NormReduction = TensorParallelTraining.normReduction groups.Tensor config part
                       RunWindow = None }
                   Gather = gather
                   Release = release
-                  GatherOptimizer = TensorParallelLlama.gatherOptimizerTensors groups.Tensor
+                  GatherOptimizer = TensorParallelLlama.gatherOptimizerTensors groups.Tensor config
                   OptimizerPart = TensorParallelLlama.optimizerBlocks config groups.Tensor.Rank groups.Tensor.Size
                   Scatter = fun () -> TensorParallelLlama.copyInto groups.Tensor config whole part
                   BeforeEvaluation = ignore }

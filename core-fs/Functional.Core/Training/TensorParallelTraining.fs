@@ -29,17 +29,21 @@ module TensorParallelTraining =
     /// The squared norm of the whole model's gradient from a rank's squared norm: the squares of its whole
     /// (replicated) parameters' gradients are the same on every rank, so they are taken out of the sum over
     /// the group and counted once.
-    let normReduction (group: ICommunicator) (part: CausalLmHead) : Optim.NormReduction =
-        let replicated = [ for name, p in part.named_parameters () do if (TensorParallelLlama.splitDimension name).IsNone then yield p ]
+    /// A key/value projection replicated over the ranks that share its head (fewer key/value heads than
+    /// ranks) counts once per head: its squares weigh 1 / replicas in the sum (TensorParallelLlama.normWeight).
+    let normReduction (group: ICommunicator) (config: LlamaConfig) (part: CausalLmHead) : Optim.NormReduction =
+        let squares (p: TorchSharp.Modules.Parameter) =
+            if isNull p.grad then 0.0
+            else
+                use s = p.grad.to_type(torch.float64).square().sum ()
+                s.item<float> ()
+        let parameters = [ for name, p in part.named_parameters () -> name, p ]
+        let replicated = [ for name, p in parameters do if (TensorParallelLlama.splitDimension name).IsNone then yield p ]
+        let shared = [ for name, p in parameters do if TensorParallelLlama.normWeight config group.Size name < 1.0 then yield TensorParallelLlama.normWeight config group.Size name, p ]
         fun squared ->
-            let replicatedSquares =
-                replicated
-                |> List.sumBy (fun p ->
-                    if isNull p.grad then 0.0
-                    else
-                        use s = p.grad.to_type(torch.float64).square().sum ()
-                        s.item<float> ())
-            Communicator.sumFloat group (squared - replicatedSquares) + replicatedSquares
+            let replicatedSquares = replicated |> List.sumBy squares
+            let sharedExcess = shared |> List.sumBy (fun (weight, p) -> (1.0 - weight) * squares p)
+            Communicator.sumFloat group (squared - replicatedSquares - sharedExcess) + replicatedSquares
 
     /// The run of a rank's part (TensorParallelLlama.shard of the whole model of config) on dataset as
     /// planned: TrainingLoop.setup with the vocabulary-parallel objective and the model-parallel hooks.
@@ -54,8 +58,8 @@ module TensorParallelTraining =
             Objective = objective group start
             ModelParallel =
                 Some
-                    { ReduceGradients = fun () -> TensorParallelLlama.reducePartialGradients group part
-                      NormReduction = normReduction group part
+                    { ReduceGradients = fun () -> TensorParallelLlama.reducePartialGradients group config part
+                      NormReduction = normReduction group config part
                       RunWindow = None } }
 
 /// A self-check of TensorParallelTraining for `mpirun -np N`: a small LLaMA and a small Qwen3 trained for
@@ -65,20 +69,21 @@ module TensorParallelTraining =
 [<RequireQualifiedAccess>]
 module TensorParallelTrainingCheck =
 
-    let private configOf (modelType: string) (size: int) =
+    let private configOf (modelType: string) (kvHeads: int) (size: int) =
         let json =
             sprintf
                 """{"model_type": "%s", "vocab_size": %d, "hidden_size": 16, "intermediate_size": %d, "num_hidden_layers": 2,
                     "num_attention_heads": %d, "num_key_value_heads": %d, "head_dim": 4, "max_position_embeddings": 32,
                     "tie_word_embeddings": false, "initializer_range": 0.2}"""
-                modelType (10 * size) (12 * size) (2 * size) size
+                modelType (10 * size) (12 * size) (2 * size) kvHeads
         match ModelConfig.parse "tensor-parallel training check" json with
         | ModelConfig.Llama c -> c
         | other -> failwithf "expected a LLaMA-family config, got %A" other
 
-    let private checkVariant (group: ICommunicator) (modelType: string) : string list * float =
+    let private checkVariant (group: ICommunicator) (modelType: string, kvHeads: int) : string list * float =
         use _ = torch.NewDisposeScope()
-        let config = configOf modelType group.Size
+        let config = configOf modelType (if kvHeads = 0 then group.Size else kvHeads) group.Size
+        let modelType = if kvHeads = 0 then modelType else sprintf "%s (%d key/value head)" modelType kvHeads
         let rng = Random 17
         let rows = Array.init 16 (fun _ -> Array.init (4 + rng.Next 6) (fun _ -> int64 (rng.Next config.VocabSize)))
         let dataset = TokenizedDataset.ofRows "tensor-parallel check" rows
@@ -109,7 +114,7 @@ module TensorParallelTrainingCheck =
                   yield sprintf "step %d grad norm" w.Step, relative p.GradNorm w.GradNorm ]
         let wholeValues = dict [ for name, p in whole.named_parameters () -> name, p.detach () ]
         let weightDifferences =
-            [ for name, t in TensorParallelLlama.gather group part ->
+            [ for name, t in TensorParallelLlama.gather group config part ->
                   use d = (t - wholeValues[name]).abs().max ()
                   use m = wholeValues[name].abs().max ()
                   sprintf "final %s" name, float (d.item<float32> ()) / max 1e-12 (float (m.item<float32> ())) ]
@@ -120,12 +125,13 @@ module TensorParallelTrainingCheck =
     /// Runs the check over group (every process of it calls this); returns (passed, line).
     let check (group: ICommunicator) : bool * string =
         TorchRuntime.ensure ()
-        let results = [ for variant in [ "llama"; "qwen3" ] -> checkVariant group variant ]
+        // 0 key/value heads: as many as the processes; 1: fewer than the processes, replicated.
+        let results = [ for variant in [ "llama", 0; "qwen3", 0; "llama", 1 ] -> checkVariant group variant ]
         let failures = results |> List.collect fst
         let largest = results |> List.map snd |> List.max
         let status =
             if failures.IsEmpty then
-                sprintf "ok (LLaMA and Qwen3, 4 steps of 2 micro-batches split over %d processes: every step's loss and gradient norm and the final weights within %.1e of one process, relative)" group.Size largest
+                sprintf "ok (LLaMA, Qwen3 and a LLaMA of 1 key/value head, 4 steps of 2 micro-batches split over %d processes: every step's loss and gradient norm and the final weights within %.1e of one process, relative)" group.Size largest
             else "FAILED: " + String.Join("; ", failures)
         failures.IsEmpty, sprintf "tensor-parallel-training-check rank %d of %d: %s" group.Rank group.Size status
 
