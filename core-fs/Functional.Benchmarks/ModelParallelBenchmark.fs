@@ -136,7 +136,7 @@ module ModelParallelBenchmark =
                 head :> torch.nn.Module,
                 { TrainingLoop.setup plan (CausalLm.ofModule model head []) data with
                     Parameters = [ for name in stage.Trained -> struct (name, parameters[name]) ]
-                    ModelParallel = Some(PipelineTraining.hooks p2p head stage 0) },
+                    ModelParallel = Some(PipelineTraining.hooks p2p head stage (PipelineTraining.causalLmLoss 0 head)) },
                 (if stage.Stage = n - 1 then int64 config.VocabSize else 0L)
         let losses = ResizeArray()
         let clock = Stopwatch()

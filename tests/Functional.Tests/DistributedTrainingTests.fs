@@ -134,7 +134,7 @@ let tests =
                 expectSameWeights (Path.Combine(s.File output, "final")) (Path.Combine(s.File "single", "final")) what
                 Expect.equal (out.Split('\n') |> Array.filter (fun l -> l.StartsWith "metrics: ") |> Array.length) 1 (what + ": one final report\n" + out)
         }
-        test "--pipeline-parallel-degree 2 on 2 processes equals one process (every step, checkpoint-2 with its optimizer state, final weights); its checkpoint resumes on 1 process" {
+        test "--pipeline-parallel-degree 2 on 2 processes, and TP 2 x PP 2 on 4, equal one process (every step, evaluations, checkpoint-2 with its optimizer state, final weights); PP 2's checkpoint resumes on 1 process" {
             mpirun () |> ignore
             use s = new Setup()
             // Evaluations during training join the stages and evaluate the whole model.
@@ -162,6 +162,11 @@ let tests =
             for name in [ "checkpoint-4"; "final" ] do Directory.Delete(Path.Combine(output, name), true)
             train 1 (s.Args "pp-resumed" 4 @ evaluating @ [ "--overwrite-output-dir"; "--resume-from-checkpoint"; Path.Combine(output, "checkpoint-2") ]) |> ignore
             expectSameWeights (Path.Combine(output, "final")) (Path.Combine(s.File "single", "final")) "PP 2's checkpoint on 1 process"
+            // Tensor and pipeline parallel together: 2 stages of 2 tensor ranks on 4 processes.
+            train 4 (s.Args "tp2-pp2" 4 @ evaluating @ [ "--tp"; "2"; "--pp"; "2" ]) |> ignore
+            expectSameSteps (s.File "tp2-pp2") (s.File "single") "TP 2 x PP 2"
+            expectSameWeights (Path.Combine(s.File "tp2-pp2", "final")) (Path.Combine(s.File "single", "final")) "TP 2 x PP 2"
+            expectSameWeights (Path.Combine(s.File "tp2-pp2", "checkpoint-2")) (Path.Combine(s.File "single", "checkpoint-2")) "TP 2 x PP 2's checkpoint-2 (model and optimizer state)"
         }
         test "a TP 2 run's checkpoints are one process's: it resumes on 1 process and on PP 2, and 1 process's checkpoint resumes on TP 2, to the same final weights" {
             mpirun () |> ignore
@@ -195,7 +200,7 @@ let tests =
             refused [ "--tp"; "2"; "--save-strategy"; "no" ] [ "--tensor-parallel-degree"; "must divide the 1 processes" ]
             refused [ "--pp"; "2"; "--save-strategy"; "no" ] [ "--pipeline-parallel-degree"; "must divide the 1 processes" ]
             refused [ "--pp"; "2"; "--save-strategy"; "no"; "--bf16" ] [ "--pipeline-parallel-degree"; "--bf16" ]
-            refused [ "--pp"; "2"; "--tp"; "2"; "--save-strategy"; "no" ] [ "--pipeline-parallel-degree"; "--tensor-parallel-degree"; "together" ]
+            refused [ "--pp"; "2"; "--tp"; "2"; "--save-strategy"; "no" ] [ "--pipeline-parallel-degree"; "--tensor-parallel-degree"; "(2 x 2 = 4) must divide the 1 processes" ]
             refused [ "--pp"; "0" ] [ "--pipeline-parallel-degree"; "at least 1" ]
         }
         test "ZeRO stages 0, 1, 2 and 3 on 2 processes equal one process with the same global batch" {

@@ -303,8 +303,8 @@ module Job =
         if degree = 1 then None
         else
             let refuse (what: string) = InvalidInput.setting "tensor_parallel_degree" (sprintf "is not supported with %s yet" what)
-            if request.Distributed.PipelineParallelDegree > 1 then
-                InvalidInput.setting "pipeline_parallel_degree" "is not supported together with {tensor_parallel_degree} above 1 yet (tensor and pipeline parallel together)"
+            let stages = request.Distributed.PipelineParallelDegree
+            if stages < 1 then InvalidInput.setting "pipeline_parallel_degree" (sprintf "must be at least 1, got %d" stages)
             if request.Task <> TrainingTask.CausalLm then refuse "{task} other than causal-lm"
             if request.Lora.IsSome || request.Prefix.IsSome then refuse "LoRA or prefix tuning"
             if options.LoadBestModelAtEnd then refuse "{load_best_model_at_end}"
@@ -322,34 +322,70 @@ module Job =
                 match world with
                 | :? ISplittableCommunicator as s -> s
                 | _ -> invalidArg (nameof world) "the run's communicator cannot be split into tensor-parallel groups"
-            let groups = ProcessGrid.groups splittable degree 1
+            if stages > 1 && config.TieWordEmbeddings then
+                InvalidInput.setting "pipeline_parallel_degree" "is not supported together with {tensor_parallel_degree} for tied embeddings (tie_word_embeddings) yet"
+            let groups = ProcessGrid.groups splittable degree stages
             let whole = model.Module :?> CausalLmHead
             let part = TensorParallelLlama.shard groups.Tensor config whole
-            let gather () =
+            let start = TensorParallelLlama.vocabStart config groups.Tensor.Rank groups.Tensor.Size
+            let wholeFromParts () =
                 let values = dict [ for name, p in whole.named_parameters () -> name, p ]
                 use _ = torch.no_grad ()
                 for name, t in TensorParallelLlama.gather groups.Tensor config part do
                     values[name].set_ t |> ignore
                     t.Dispose()
-            let release () =
+            let releaseWhole () =
                 use _ = torch.no_grad ()
                 for _, p in whole.named_parameters () do
                     if p.numel () > 0L then p.set_(torch.empty([| yield 0L; yield! p.shape[1..] |], dtype = p.dtype, device = p.device)) |> ignore
+            let tensorHooks =
+                { ReduceGradients = fun () -> TensorParallelLlama.reducePartialGradients groups.Tensor config part
+                  NormReduction = TensorParallelTraining.normReduction groups.Tensor config part
+                  RunWindow = None }
             let job =
                 { Groups = groups
-                  Hooks =
-                    { ReduceGradients = fun () -> TensorParallelLlama.reducePartialGradients groups.Tensor config part
-                      NormReduction = TensorParallelTraining.normReduction groups.Tensor config part
-                      RunWindow = None }
-                  Gather = gather
-                  Release = release
+                  Hooks = tensorHooks
+                  Gather = wholeFromParts
+                  Release = releaseWhole
                   GatherOptimizer = TensorParallelLlama.gatherOptimizerTensors groups.Tensor config
                   OptimizerPart = TensorParallelLlama.optimizerBlocks config groups.Tensor.Rank groups.Tensor.Size
                   Scatter = fun () -> TensorParallelLlama.copyInto groups.Tensor config whole part
                   BeforeEvaluation = ignore }
-            let objective = TensorParallelTraining.objective groups.Tensor (TensorParallelLlama.vocabStart config groups.Tensor.Rank groups.Tensor.Size)
+            let objective = TensorParallelTraining.objective groups.Tensor start
             let evaluate model eval = Evaluation.evaluateWith objective model eval options.PerDeviceEvalBatchSize options.MaxSeqLen TrainingLoop.PadId
-            Some(job, CausalLm.ofModule model.Config part [], [ for name, p in part.named_parameters () -> name, p ], Some(objective, evaluate))
+            let trained = CausalLm.ofModule model.Config part []
+            if stages = 1 then Some(job, trained, [ for name, p in part.named_parameters () -> name, p ], Some(objective, evaluate))
+            else
+                // Tensor and pipeline parallel: this process trains its stage of its tensor part. The
+                // stages' hidden states are whole on every rank of a tensor group (after g), so each rank
+                // exchanges them with the same tensor rank of the neighbouring stages.
+                let pipeline =
+                    match groups.Pipeline with
+                    | :? IPointToPoint as p -> p
+                    | _ -> invalidArg (nameof world) "the run's communicator cannot send point to point between stages"
+                let stage = PipelineTraining.stageOf part stages groups.Pipeline.Rank
+                let loss (hidden: torch.Tensor) (batch: MicroBatch) =
+                    use logits = torch.nn.functional.linear(part.HeadInput hidden, part.HeadWeight) // (B, T, V / N)
+                    VocabParallel.causalLmSum groups.Tensor start logits batch.Labels
+                let pipelineHooks = PipelineTraining.hooks pipeline part stage loss
+                let joinStages () = PipelineTraining.gather groups.Pipeline part stage
+                let parameters = dict [ for name, p in part.named_parameters () -> name, p ]
+                Some(
+                    { job with
+                        Hooks =
+                            { ReduceGradients = fun () -> tensorHooks.ReduceGradients(); pipelineHooks.ReduceGradients()
+                              NormReduction = fun squared -> pipelineHooks.NormReduction(tensorHooks.NormReduction squared)
+                              RunWindow = pipelineHooks.RunWindow }
+                        Gather = fun () -> joinStages (); wholeFromParts ()
+                        Release = fun () -> releaseWhole (); PipelineTraining.release part stage
+                        GatherOptimizer =
+                            fun tensors ->
+                                TensorParallelLlama.gatherOptimizerTensors groups.Tensor config (PipelineTraining.gatherOptimizerTensors groups.Pipeline part stage tensors)
+                        BeforeEvaluation = joinStages },
+                    trained,
+                    [ for name in stage.Trained -> name, parameters[name] ],
+                    Some(objective, evaluate)
+                )
 
     /// Under --pipeline-parallel-degree N > 1: the process grid's groups, and the parameters of this
     /// process's stage (PipelineTraining.stageOf) of the whole model, which every process holds and which
@@ -387,7 +423,7 @@ module Job =
             let gather () = PipelineTraining.gather groups.Pipeline head stage
             let job =
                 { Groups = groups
-                  Hooks = PipelineTraining.hooks pipeline head stage options.LossChunkSize
+                  Hooks = PipelineTraining.hooks pipeline head stage (PipelineTraining.causalLmLoss options.LossChunkSize head)
                   Gather = gather
                   Release = fun () -> PipelineTraining.release head stage
                   GatherOptimizer = PipelineTraining.gatherOptimizerTensors groups.Pipeline head stage

@@ -93,11 +93,28 @@ module PipelineTraining =
                   yield s.item<float> () ]
         |> List.sum
 
+    /// The last stage's loss of a micro-batch from the final hidden states (B, T, C): the head and the
+    /// causal-LM loss sum, the full logits (lossChunkSize 0) or ChunkedLoss.causalLmSum.
+    let causalLmLoss (lossChunkSize: int) (model: CausalLmHead) : torch.Tensor -> MicroBatch -> torch.Tensor =
+        fun hidden batch ->
+            if lossChunkSize > 0 then ChunkedLoss.causalLmSum lossChunkSize hidden model.HeadWeight batch.Labels
+            else
+                use logits = torch.nn.functional.linear(hidden, model.HeadWeight)
+                Loss.causalLmSum logits batch.Labels
+
     /// Runs a window's micro-batches through this stage in 1F1B order: the first stage embeds, every stage
-    /// runs its layers, the last applies the final norm, the head and the loss (chunked when lossChunkSize
-    /// > 0), scaled by scale before backward. Hidden states go to the next stage and their gradients come
-    /// back from it; the losses go from the last stage to all. Returns each micro-batch's loss sum.
-    let runWindow (group: IPointToPoint) (model: CausalLmHead) (stage: PipelineStage) (lossChunkSize: int) (window: MicroBatch list) (scale: float) : float list =
+    /// runs its layers, the last applies the final norm and loss (causalLmLoss, or under tensor parallelism
+    /// the vocabulary-parallel loss), scaled by scale before backward. Hidden states go to the next stage and
+    /// their gradients come back from it; the losses go from the last stage to all. Returns each
+    /// micro-batch's loss sum.
+    let runWindow
+        (group: IPointToPoint)
+        (model: CausalLmHead)
+        (stage: PipelineStage)
+        (loss: torch.Tensor -> MicroBatch -> torch.Tensor)
+        (window: MicroBatch list)
+        (scale: float)
+        : float list =
         let batches = Array.ofList window
         let n = batches.Length
         let backbone = model.Backbone
@@ -136,11 +153,7 @@ module PipelineTraining =
                         y <- (snd backbone.Layers[index]).Forward(y, extras)
                     if last then
                         use hidden = backbone.FinalNorm y
-                        use lossSum =
-                            if lossChunkSize > 0 then ChunkedLoss.causalLmSum lossChunkSize hidden model.HeadWeight batch.Labels
-                            else
-                                use logits = torch.nn.functional.linear(hidden, model.HeadWeight)
-                                Loss.causalLmSum logits batch.Labels
+                        use lossSum = loss hidden batch
                         losses[i] <- lossSum.item<float32> () |> float
                         outputs[i] <- lossSum * scale
                     else
@@ -161,9 +174,9 @@ module PipelineTraining =
         group.Broadcast(all, stage.Stages - 1)
         [ for i in 0 .. n - 1 -> all[i].item<float> () ]
 
-    /// The trainer's hooks of a stage: runWindow, the shared (tied) gradients summed over the pipeline,
-    /// and the clip norm of the whole model (the stages' squares summed, the shared ones once).
-    let hooks (group: IPointToPoint) (model: CausalLmHead) (stage: PipelineStage) (lossChunkSize: int) : ModelParallelHooks =
+    /// The trainer's hooks of a stage: runWindow with loss, the shared (tied) gradients summed over the
+    /// pipeline, and the clip norm of the whole model (the stages' squares summed, the shared ones once).
+    let hooks (group: IPointToPoint) (model: CausalLmHead) (stage: PipelineStage) (loss: torch.Tensor -> MicroBatch -> torch.Tensor) : ModelParallelHooks =
         { ReduceGradients =
             fun () ->
                 if not stage.Shared.IsEmpty then
@@ -174,7 +187,7 @@ module PipelineTraining =
             fun squared ->
                 let shared = sharedSquares model stage
                 Communicator.sumFloat group (squared - shared) + shared
-          RunWindow = Some(runWindow group model stage lossChunkSize) }
+          RunWindow = Some(runWindow group model stage loss) }
 
     /// Frees the memory of every parameter the stage does not train (what the other stages hold): each
     /// becomes an empty tensor of its trailing dimensions ([0; C] for the embedding), until gather makes the
@@ -268,7 +281,7 @@ module PipelineTrainingCheck =
             train
                 { TrainingLoop.setup plan (CausalLm.ofModule (ModelConfig.Llama config) model []) dataset with
                     Parameters = [ for name in stage.Trained -> struct (name, parameters[name]) ]
-                    ModelParallel = Some(PipelineTraining.hooks p2p model stage 0) }
+                    ModelParallel = Some(PipelineTraining.hooks p2p model stage (PipelineTraining.causalLmLoss 0 model)) }
         PipelineTraining.gather group model stage
         let relative (a: float) (b: float) = abs (a - b) / max 1e-12 (abs b)
         let stepDifferences =
