@@ -291,12 +291,14 @@ module Job =
             checkSettings request setup.Data.Eval.IsSome
             setup.Model, options, tokenizer, setup.Data, setup.Objective, setup.Evaluate, setup.Signature
 
-    /// Under --tensor-parallel-degree N > 1: the process grid's groups, this process's part of the whole
-    /// model (TensorParallelLlama.shard) as the trained CausalLm, and the first index of its vocabulary
-    /// block. What is not supported yet with it is refused, naming the setting: a task other than causal
-    /// LM, a family other than LLaMA's, adapters, load_best_model_at_end, bf16/fp16, ZeRO, packing, the
-    /// chunked loss, gradient checkpointing and exact-match scoring. Checkpoints are those of one process
-    /// (the whole model and optimizer state, gathered), so a run resumes on any layout.
+    /// Under --tensor-parallel-degree N > 1: the process grid's groups and hooks, this process's part of
+    /// the whole model (TensorParallelLlama.shard) as the trained CausalLm, the parameters it trains (with
+    /// --pipeline-parallel-degree above 1 too, those of its stage of the part: PipelineTraining), and the
+    /// vocabulary-parallel objective and evaluation. What is not supported yet with it is refused, naming
+    /// the setting: a task other than causal LM, a family other than LLaMA's, adapters,
+    /// load_best_model_at_end, bf16/fp16, ZeRO, packing, the chunked loss, gradient checkpointing,
+    /// exact-match scoring, and with pipelines tied embeddings. Checkpoints are those of one process (the
+    /// whole model and optimizer state, gathered), so a run resumes on any layout.
     let private tensorParallelPart (request: FineTuneRequest) (options: TrainOptions) (world: ICommunicator) (model: CausalLm) =
         let degree = request.Distributed.TensorParallelDegree
         if degree < 1 then InvalidInput.setting "tensor_parallel_degree" (sprintf "must be at least 1, got %d" degree)
@@ -389,9 +391,9 @@ module Job =
 
     /// Under --pipeline-parallel-degree N > 1: the process grid's groups, and the parameters of this
     /// process's stage (PipelineTraining.stageOf) of the whole model, which every process holds and which
-    /// trains. Refused, naming the setting, as under tensor parallelism (tensorParallelPart), and together
-    /// with tensor parallelism for now. Checkpoints are those of one process (the stages' parameters and
-    /// optimizer state joined), so a run resumes on any layout.
+    /// trains (tensorParallelPart handles --tensor-parallel-degree above 1 with pipelines). Refused, naming
+    /// the setting, as under tensor parallelism. Checkpoints are those of one process (the stages'
+    /// parameters and optimizer state joined), so a run resumes on any layout.
     let private pipelineParallelPart (request: FineTuneRequest) (options: TrainOptions) (world: ICommunicator) (model: CausalLm) =
         let degree = request.Distributed.PipelineParallelDegree
         if degree < 1 then InvalidInput.setting "pipeline_parallel_degree" (sprintf "must be at least 1, got %d" degree)
