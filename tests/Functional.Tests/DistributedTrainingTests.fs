@@ -188,6 +188,26 @@ let tests =
                 train processes (s.Args target 4 @ extra @ [ "--overwrite-output-dir"; "--resume-from-checkpoint"; Path.Combine(output, "checkpoint-2") ]) |> ignore
                 expectSameWeights (Path.Combine(output, "final")) (Path.Combine(s.File "single", "final")) what
         }
+        test "LoRA on every projection under TP 2 on 2 processes and TP 4 on 4 equals one process (steps, adapter and optimizer state of checkpoint-2, final adapter); TP 2's checkpoint resumes on 1 process" {
+            mpirun () |> ignore
+            use s = new Setup()
+            let lora = [ "--lora-dim"; "4"; "--lora-target-modules"; "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"; "--only-optimize-lora" ]
+            // A larger rate than the full fine-tuning runs': the adapters start from B = 0.
+            let args output = replace "--learning-rate" "3e-2" (s.Args output 4) @ lora
+            train 1 (args "single") |> ignore
+            for processes in [ 2; 4 ] do
+                let output = sprintf "lora-tp%d" processes
+                train processes (args output @ [ "--tp"; string processes ]) |> ignore
+                let what = sprintf "LoRA on TP %d" processes
+                expectSameSteps (s.File output) (s.File "single") what
+                expectSameWeights (Path.Combine(s.File output, "final")) (Path.Combine(s.File "single", "final")) what
+                expectSameWeights (Path.Combine(s.File output, "checkpoint-2")) (Path.Combine(s.File "single", "checkpoint-2")) (what + ": checkpoint-2")
+            let output = s.File "lora-tp2-resumed"
+            copyFolder (s.File "lora-tp2") output
+            for name in [ "checkpoint-4"; "final" ] do Directory.Delete(Path.Combine(output, name), true)
+            train 1 (args "lora-tp2-resumed" @ [ "--overwrite-output-dir"; "--resume-from-checkpoint"; Path.Combine(output, "checkpoint-2") ]) |> ignore
+            expectSameWeights (Path.Combine(output, "final")) (Path.Combine(s.File "single", "final")) "LoRA TP 2's checkpoint on 1 process"
+        }
         test "--tensor-parallel-degree and --pipeline-parallel-degree refuse what they do not support yet, before writing anything" {
             use s = new Setup()
             let refused (extra: string list) (parts: string list) =
@@ -202,6 +222,7 @@ let tests =
             refused [ "--pp"; "2"; "--save-strategy"; "no"; "--bf16" ] [ "--pipeline-parallel-degree"; "--bf16" ]
             refused [ "--pp"; "2"; "--tp"; "2"; "--save-strategy"; "no" ] [ "--pipeline-parallel-degree"; "--tensor-parallel-degree"; "(2 x 2 = 4) must divide the 1 processes" ]
             refused [ "--pp"; "0" ] [ "--pipeline-parallel-degree"; "at least 1" ]
+            refused [ "--tp"; "2"; "--save-strategy"; "no"; "--lora-dim"; "4"; "--lora-dropout"; "0.1" ] [ "--tensor-parallel-degree"; "--lora-dropout" ]
         }
         test "ZeRO stages 0, 1, 2 and 3 on 2 processes equal one process with the same global batch" {
             mpirun () |> ignore

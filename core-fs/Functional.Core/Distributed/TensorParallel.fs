@@ -294,6 +294,28 @@ module TensorParallelLlama =
         elif endsWith ".self_attn.o_proj.weight" || endsWith ".mlp.down_proj.weight" then Some 1L
         else None
 
+    /// The dimension a LoRA factor of a split projection is split along, by its PEFT key
+    /// ("base_model.model.MODULE.lora_A.weight" or "...lora_B.weight"): a column-parallel projection's B by
+    /// rows (0) with its output, a row-parallel projection's A by columns (1) with its input; the other
+    /// factor is replicated (None), as is every factor of a projection that is not split.
+    let loraSplitDimension (key: string) : int64 option =
+        let factor, suffix =
+            if key.EndsWith(".lora_A.weight", StringComparison.Ordinal) then 'A', ".lora_A.weight"
+            elif key.EndsWith(".lora_B.weight", StringComparison.Ordinal) then 'B', ".lora_B.weight"
+            else ' ', ""
+        if factor = ' ' then None
+        else
+            let moduleName = key.Substring(0, key.Length - suffix.Length)
+            match splitDimension (moduleName + ".weight"), factor with
+            | Some 0L, 'B' -> Some 0L
+            | Some 1L, 'A' -> Some 1L
+            | _ -> None
+
+    /// The split dimension of a parameter or a LoRA factor by its name (splitDimension, loraSplitDimension).
+    let dimensionOf (name: string) : int64 option =
+        if name.EndsWith(".lora_A.weight", StringComparison.Ordinal) || name.EndsWith(".lora_B.weight", StringComparison.Ordinal) then loraSplitDimension name
+        else splitDimension name
+
     /// The ranks that hold each key/value head: 1 when the key/value heads divide over the ranks, else
     /// size / key/value heads (Megatron's replication: consecutive ranks share one).
     let kvReplicas (config: LlamaConfig) (size: int) : int =
@@ -309,14 +331,17 @@ module TensorParallelLlama =
     /// before the sum over the group: 1 / kvReplicas for a replicated key/value projection (its replicas
     /// hold the same summed gradient, which counts once), 1 otherwise.
     let normWeight (config: LlamaConfig) (size: int) (name: string) : float =
-        if replicated config size name then 1.0 / float (kvReplicas config size) else 1.0
+        match dimensionOf name with
+        | None -> 1.0 / float size
+        | Some _ when replicated config size name -> 1.0 / float (kvReplicas config size)
+        | Some _ -> 1.0
 
     /// The rank's block of a whole parameter, by its name (splitDimension), a compact copy. The blocks are
     /// those of shard: with as many key/value heads as ranks or more, the r-th equal block of q's rows holds
     /// the rank's query heads and of k's and v's its key/value heads; with fewer, k and v hold the one
     /// key/value head the rank's query heads read (rank / kvReplicas).
     let private part' (config: LlamaConfig) (rank: int) (size: int) (name: string) (whole: torch.Tensor) : torch.Tensor =
-        match splitDimension name with
+        match dimensionOf name with
         | Some dimension when replicated config size name ->
             let length = whole.shape[int dimension] / int64 config.NumKeyValueHeads
             use block = whole.narrow(dimension, int64 (rank / kvReplicas config size) * length, length)
@@ -362,7 +387,7 @@ module TensorParallelLlama =
     /// shard), and a replicated key/value head's over the ranks that share it (each holds its query heads'
     /// part): call after backward, before clipping and the optimizer. Other gradients are already the
     /// whole model's (replicated parameters) or the rank's block of it (split ones).
-    let reducePartialGradients (group: ICommunicator) (config: LlamaConfig) (model: CausalLmHead) =
+    let rec reducePartialGradients (group: ICommunicator) (config: LlamaConfig) (model: CausalLmHead) =
         if group.Size > 1 then
             use _ = torch.no_grad ()
             let replicas = kvReplicas config group.Size
@@ -370,15 +395,33 @@ module TensorParallelLlama =
                 if isPartialGradient name && not (isNull p.grad) then
                     group.AllReduce p.grad
                 elif replicated config group.Size name && not (isNull p.grad) then
-                    // Every rank places its gradient at its head's rows of a buffer of all the heads: the sum
-                    // over the group adds exactly the ranks that share each head.
-                    let rows = p.shape[0]
-                    use all = torch.zeros([| yield rows * int64 config.NumKeyValueHeads; yield! p.shape[1..] |], dtype = p.grad.dtype, device = p.grad.device)
-                    let head = int64 (group.Rank / replicas)
-                    (use mine = all.narrow(0L, head * rows, rows) in mine.copy_ p.grad |> ignore)
-                    group.AllReduce all
-                    use summed = all.narrow(0L, head * rows, rows)
-                    p.grad.copy_ summed |> ignore
+                    sumOverSharers group config replicas p.grad
+
+    /// Sums a replicated key/value head's gradient (rows of k or v, or of their LoRA B) over the ranks that
+    /// share the head: every rank places it at its head's rows of a buffer of all the heads, so the sum over
+    /// the group adds exactly those ranks.
+    and private sumOverSharers (group: ICommunicator) (config: LlamaConfig) (replicas: int) (grad: torch.Tensor) =
+        let rows = grad.shape[0]
+        use all = torch.zeros([| yield rows * int64 config.NumKeyValueHeads; yield! grad.shape[1..] |], dtype = grad.dtype, device = grad.device)
+        let head = int64 (group.Rank / replicas)
+        (use mine = all.narrow(0L, head * rows, rows) in mine.copy_ grad |> ignore)
+        group.AllReduce all
+        use summed = all.narrow(0L, head * rows, rows)
+        grad.copy_ summed |> ignore
+
+    /// Sums over group the gradients of LoRA factors that are partial on every rank (loraSplitDimension):
+    /// a replicated factor (A of a column-parallel projection, B of a row-parallel one) over the whole
+    /// group, a replicated key/value head's B over the ranks that share it. Call with the rank's adapters
+    /// (PEFT key, parameter) after the window's reduction, before clipping.
+    let reduceLoraGradients (group: ICommunicator) (config: LlamaConfig) (factors: (string * TorchSharp.Modules.Parameter) list) =
+        if group.Size > 1 then
+            use _ = torch.no_grad ()
+            for key, p in factors do
+                if not (isNull p.grad) then
+                    match loraSplitDimension key with
+                    | None -> group.AllReduce p.grad
+                    | Some _ when replicated config group.Size key -> sumOverSharers group config (kvReplicas config group.Size) p.grad
+                    | Some _ -> ()
 
     /// The whole model's parameters from every rank's part (the inverse of shard), in the part's
     /// named_parameters order: split parameters are all-gathered over group and joined along their
@@ -391,10 +434,10 @@ module TensorParallelLlama =
     /// The whole tensor of a parameter named name from every rank's block (an all-gather over group,
     /// joined along splitDimension name), or a copy of local for a parameter every rank holds whole.
     /// Every rank calls it, in the same order.
-    and private join (group: ICommunicator) (config: LlamaConfig) (name: string) (local: torch.Tensor) : torch.Tensor =
+    and join (group: ICommunicator) (config: LlamaConfig) (name: string) (local: torch.Tensor) : torch.Tensor =
         use scope = torch.NewDisposeScope()
         let joined =
-            match splitDimension name with
+            match dimensionOf name with
             | Some dimension when group.Size > 1 ->
                 let block = local.detach().contiguous ()
                 let blocks = torch.empty([| yield int64 group.Size; yield! local.shape |], dtype = local.dtype, device = local.device)
@@ -480,15 +523,13 @@ module TensorParallelModelCheck =
                   use expected = TensorParallelLlama.partOf c group.Rank group.Size name wholeGrads[name]
                   name, relative p.grad expected ]
         // The gradient norm: split parameters' squares summed over the ranks, whole ones counted once.
-        let splitSquares, wholeSquares =
+        // Each gradient's squares weighted by normWeight: a block counts once, a replica 1 / its copies.
+        let weightedSquares =
             part.named_parameters ()
-            |> Seq.fold
-                (fun (split, replicated) (struct (name, p)) ->
-                    use s = p.grad.to_type(torch.float64).square().sum ()
-                    let v = s.item<float> () * TensorParallelLlama.normWeight c group.Size name
-                    if (TensorParallelLlama.splitDimension name).IsSome then split + v, replicated else split, replicated + v)
-                (0.0, 0.0)
-        let norm = sqrt (Communicator.sumFloat group splitSquares + wholeSquares)
+            |> Seq.sumBy (fun (struct (name, p)) ->
+                use s = p.grad.to_type(torch.float64).square().sum ()
+                s.item<float> () * TensorParallelLlama.normWeight c group.Size name)
+        let norm = sqrt (Communicator.sumFloat group weightedSquares)
         let wholeNorm =
             whole.parameters () |> Seq.sumBy (fun p -> use s = p.grad.to_type(torch.float64).square().sum () in s.item<float> ()) |> sqrt
         // Gathering the parts gives back the whole model's parameters, bit for bit.

@@ -299,7 +299,7 @@ module Job =
     /// load_best_model_at_end, bf16/fp16, ZeRO, packing, the chunked loss, gradient checkpointing,
     /// exact-match scoring, and with pipelines tied embeddings. Checkpoints are those of one process (the
     /// whole model and optimizer state, gathered), so a run resumes on any layout.
-    let private tensorParallelPart (request: FineTuneRequest) (options: TrainOptions) (world: ICommunicator) (model: CausalLm) =
+    let private tensorParallelPart (request: FineTuneRequest) (options: TrainOptions) (world: ICommunicator) (model: CausalLm) (adapters: Adapter list) =
         let degree = request.Distributed.TensorParallelDegree
         if degree < 1 then InvalidInput.setting "tensor_parallel_degree" (sprintf "must be at least 1, got %d" degree)
         if degree = 1 then None
@@ -308,7 +308,12 @@ module Job =
             let stages = request.Distributed.PipelineParallelDegree
             if stages < 1 then InvalidInput.setting "pipeline_parallel_degree" (sprintf "must be at least 1, got %d" stages)
             if request.Task <> TrainingTask.CausalLm then refuse "{task} other than causal-lm"
-            if request.Lora.IsSome || request.Prefix.IsSome then refuse "LoRA or prefix tuning"
+            if request.Prefix.IsSome then refuse "prefix tuning"
+            match request.Lora with
+            | Some lora when lora.Config.Dropout > 0.0 -> refuse "{lora_dropout} above 0 (the ranks would drop different elements of the inputs they share)"
+            | Some lora when lora.AdapterPath.IsSome -> refuse "a LoRA adapter folder to start from"
+            | Some _ when stages > 1 -> refuse "LoRA together with {pipeline_parallel_degree} above 1"
+            | _ -> ()
             if options.LoadBestModelAtEnd then refuse "{load_best_model_at_end}"
             if options.Precision <> Precision.Fp32 then refuse "{bf16} or {fp16}"
             if request.Distributed.ZeroStage <> 0 then refuse "{zero_stage} above 0"
@@ -330,19 +335,46 @@ module Job =
             let whole = model.Module :?> CausalLmHead
             let part = TensorParallelLlama.shard groups.Tensor config whole
             let start = TensorParallelLlama.vocabStart config groups.Tensor.Rank groups.Tensor.Size
+            let rank, size = groups.Tensor.Rank, groups.Tensor.Size
+            let trained = CausalLm.ofModule model.Config part []
+            // LoRA: the whole model's adapters (initialized as one process's) copied onto the part, each
+            // factor narrowed to the rank's block (loraSplitDimension): B with a column-parallel projection's
+            // rows, A with a row-parallel projection's columns, the other factor whole.
+            let lora =
+                match adapters with
+                | [] -> None
+                | [ adapter ] ->
+                    let attached = adapter.AttachToCompute trained
+                    let wholeFactors = dict adapter.Parameters
+                    (use _ = torch.no_grad ()
+                     for key, p in attached.Parameters do
+                         p.set_(TensorParallelLlama.partOf config rank size key wholeFactors[key]) |> ignore)
+                    if adapter.FreezesBase then for p in part.parameters () do p.requires_grad <- false
+                    Some(adapter, attached, wholeFactors)
+                | _ -> refuse "more than one adapter"
+            let factors = lora |> Option.map (fun (_, attached, _) -> attached.Parameters) |> Option.defaultValue []
             let wholeFromParts () =
                 let values = dict [ for name, p in whole.named_parameters () -> name, p ]
                 use _ = torch.no_grad ()
                 for name, t in TensorParallelLlama.gather groups.Tensor config part do
                     values[name].set_ t |> ignore
                     t.Dispose()
+                match lora with
+                | Some(_, attached, wholeFactors) ->
+                    for key, p in attached.Parameters do
+                        use joined = TensorParallelLlama.join groups.Tensor config key p
+                        wholeFactors[key].copy_ joined |> ignore
+                | None -> ()
             let releaseWhole () =
                 use _ = torch.no_grad ()
                 for _, p in whole.named_parameters () do
                     if p.numel () > 0L then p.set_(torch.empty([| yield 0L; yield! p.shape[1..] |], dtype = p.dtype, device = p.device)) |> ignore
             let tensorHooks =
-                { ReduceGradients = fun () -> TensorParallelLlama.reducePartialGradients groups.Tensor config part
-                  NormReduction = TensorParallelTraining.normReduction groups.Tensor config part
+                { ReduceGradients =
+                    fun () ->
+                        TensorParallelLlama.reducePartialGradients groups.Tensor config part
+                        TensorParallelLlama.reduceLoraGradients groups.Tensor config factors
+                  NormReduction = TensorParallelTraining.normReductionWith groups.Tensor config ([ for name, p in part.named_parameters () -> name, p ] @ factors)
                   RunWindow = None }
             let job =
                 { Groups = groups
@@ -351,12 +383,26 @@ module Job =
                   Release = releaseWhole
                   GatherOptimizer = TensorParallelLlama.gatherOptimizerTensors groups.Tensor config
                   OptimizerPart = TensorParallelLlama.optimizerBlocks config groups.Tensor.Rank groups.Tensor.Size
-                  Scatter = fun () -> TensorParallelLlama.copyInto groups.Tensor config whole part
+                  Scatter =
+                    fun () ->
+                        TensorParallelLlama.copyInto groups.Tensor config whole part
+                        match lora with
+                        | Some(_, attached, wholeFactors) ->
+                            use _ = torch.no_grad ()
+                            for key, p in attached.Parameters do
+                                use block = TensorParallelLlama.partOf config rank size key wholeFactors[key]
+                                p.copy_ block |> ignore
+                        | None -> ()
                   BeforeEvaluation = ignore }
             let objective = TensorParallelTraining.objective groups.Tensor start
             let evaluate model eval = Evaluation.evaluateWith objective model eval options.PerDeviceEvalBatchSize options.MaxSeqLen TrainingLoop.PadId
-            let trained = CausalLm.ofModule model.Config part []
-            if stages = 1 then Some(job, trained, [ for name, p in part.named_parameters () -> name, p ], Some(objective, evaluate))
+            let partParameters = [ for name, p in part.named_parameters () -> name, p ]
+            if stages = 1 then
+                let trainable =
+                    match lora with
+                    | Some(adapter, attached, _) -> (if adapter.FreezesBase then [] else partParameters) @ attached.Parameters
+                    | None -> partParameters
+                Some(job, trained, trainable, Some(objective, evaluate))
             else
                 // Tensor and pipeline parallel: this process trains its stage of its tensor part. The
                 // stages' hidden states are whole on every rank of a tensor group (after g), so each rank
@@ -447,8 +493,9 @@ module Job =
         CollectiveBuckets.validate request.Distributed.Buckets
         let communicator = request.Distributed.Communicator |> Option.defaultWith Communicator.fromEnvironment
         let model, options, tokenizer, data, objective, evaluate, taskSignature = loadTask request
+        let adapters, adapterSignature = attachAdapters request options model data
         let modelParallel =
-            match tensorParallelPart request options communicator model with
+            match tensorParallelPart request options communicator model adapters with
             | Some part -> Some part
             | None -> pipelineParallelPart request options communicator model
         let dataProcesses = modelParallel |> Option.map (fun (t, _, _, _) -> t.Groups.Data.Size) |> Option.defaultValue communicator.Size
@@ -457,7 +504,6 @@ module Job =
             | Some(_, _, _, Some(objective, evaluate)) -> objective, evaluate
             | _ -> objective, evaluate
         let plan = TrainingLoop.planFor dataProcesses options data.Train.Rows.Length
-        let adapters, adapterSignature = attachAdapters request options model data
         let trained =
             match modelParallel with
             | Some(_, part, _, _) -> part
@@ -481,7 +527,8 @@ module Job =
                     |> Option.map (fun spec ->
                         let skipped (folder: string) (problem: string) = observer.OnMessage(sprintf "skipped %s: %s" (Path.GetFileName folder) problem)
                         let path = CheckpointFolder.resolveReporting request.OutputPath spec skipped
-                        TrainingCheckpoint.restoreWith t.OptimizerPart path model (List.map fst trainable) ignore signature)
+                        let loadAdapters (folder: string) = for a in adapters do a.Load folder
+                        TrainingCheckpoint.restoreWith t.OptimizerPart path model (List.map fst trainable) loadAdapters signature)
                 if restored.IsSome then t.Scatter()
                 restored
             | None -> restore request observer model trainable adapters signature

@@ -31,19 +31,25 @@ module TensorParallelTraining =
     /// the group and counted once.
     /// A key/value projection replicated over the ranks that share its head (fewer key/value heads than
     /// ranks) counts once per head: its squares weigh 1 / replicas in the sum (TensorParallelLlama.normWeight).
-    let normReduction (group: ICommunicator) (config: LlamaConfig) (part: CausalLmHead) : Optim.NormReduction =
+    let rec normReduction (group: ICommunicator) (config: LlamaConfig) (part: CausalLmHead) : Optim.NormReduction =
+        normReductionWith group config [ for name, p in part.named_parameters () -> name, p ]
+
+    /// normReduction over the given parameters (a part's, and the LoRA factors on it, by PEFT key): each
+    /// one's squares weigh TensorParallelLlama.normWeight (1 for a block, 1 / its copies for a replica) in
+    /// the sum over the group.
+    and normReductionWith (group: ICommunicator) (config: LlamaConfig) (parameters: (string * TorchSharp.Modules.Parameter) list) : Optim.NormReduction =
         let squares (p: TorchSharp.Modules.Parameter) =
             if isNull p.grad then 0.0
             else
                 use s = p.grad.to_type(torch.float64).square().sum ()
                 s.item<float> ()
-        let parameters = [ for name, p in part.named_parameters () -> name, p ]
-        let replicated = [ for name, p in parameters do if (TensorParallelLlama.splitDimension name).IsNone then yield p ]
-        let shared = [ for name, p in parameters do if TensorParallelLlama.normWeight config group.Size name < 1.0 then yield TensorParallelLlama.normWeight config group.Size name, p ]
+        let weighted =
+            [ for name, p in parameters do
+                  let weight = TensorParallelLlama.normWeight config group.Size name
+                  if weight < 1.0 then yield weight, p ]
         fun squared ->
-            let replicatedSquares = replicated |> List.sumBy squares
-            let sharedExcess = shared |> List.sumBy (fun (weight, p) -> (1.0 - weight) * squares p)
-            Communicator.sumFloat group (squared - replicatedSquares - sharedExcess) + replicatedSquares
+            let excess = weighted |> List.sumBy (fun (weight, p) -> (1.0 - weight) * squares p)
+            Communicator.sumFloat group (squared - excess)
 
     /// The run of a rank's part (TensorParallelLlama.shard of the whole model of config) on dataset as
     /// planned: TrainingLoop.setup with the vocabulary-parallel objective and the model-parallel hooks.
