@@ -101,7 +101,7 @@ internal static class TrainCommand
         var noShuffle = CliOption.Create("--no-shuffle", "Keep rows in file order.", false);
         var loggingSteps = CliOption.Create("--logging-steps", "Write metrics every N optimizer steps.", d.LoggingSteps);
         var tensorParallel = CliOption.Create("--tensor-parallel-degree", "Processes that split each layer (PaddleNLP's tensor_parallel_degree; Megatron's layout) under mpirun: LLaMA-family causal LMs, fp32; checkpoints are one process's (gathered), so they resume on any layout; the other processes are data parallel.", 1, "--tp");
-        var pipelineParallel = CliOption.Create("--pipeline-parallel-degree", "Pipeline stages, one process each (PaddleNLP's pipeline_parallel_degree): the layers divided by parameter count, 1F1B over the accumulation window; LLaMA families, fp32, with --tp too (each stage split).", 1, "--pp");
+        var pipelineParallel = CliOption.Create("--pipeline-parallel-degree", "Pipeline stages, one process each (PaddleNLP's pipeline_parallel_degree): the layers divided by parameter count, 1F1B over the accumulation window; every family, fp32; with --tp too (LLaMA families, each stage split).", 1, "--pp");
         var logEachRank = CliOption.Create("--log-each-rank", "Every process writes OUTPUT/metrics-rank-R.jsonl: per logged step its own loss over its rows and their token count (HF's log_on_each_node); by default only process 0 logs.", false);
         var threads = CliOption.Create("--threads", "Intra-op threads (0: adapt to the cores other programs leave free, or OMP_NUM_THREADS).", d.Threads);
         var hf = new HfFlags();

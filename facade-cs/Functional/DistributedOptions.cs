@@ -29,7 +29,7 @@ public sealed class DistributedOptions
 
     /// <summary>Stages the model's layers are divided into, one process each (PaddleNLP's pipeline_parallel_degree,
     /// --pipeline-parallel-degree; 1F1B over the accumulation window's micro-batches, balanced by parameter count):
-    /// LLaMA-family causal LMs, fp32, with tensor parallelism too (each stage split), with checkpoints in one process's
+    /// every family's causal LM, fp32, with tensor parallelism too for the LLaMA families (each stage split), with checkpoints in one process's
     /// layout; the remaining processes are data parallel. Default 1: every process runs every layer.</summary>
     public int PipelineParallelDegree { get; set; } = 1;
 

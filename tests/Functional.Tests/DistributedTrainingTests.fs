@@ -168,6 +168,16 @@ let tests =
             expectSameWeights (Path.Combine(s.File "tp2-pp2", "final")) (Path.Combine(s.File "single", "final")) "TP 2 x PP 2"
             expectSameWeights (Path.Combine(s.File "tp2-pp2", "checkpoint-2")) (Path.Combine(s.File "single", "checkpoint-2")) "TP 2 x PP 2's checkpoint-2 (model and optimizer state)"
         }
+        test "--pipeline-parallel-degree 2 with GPT-2 (learned positions), OPT (project_in/out) and BLOOM (ALiBi, an embedding norm), all tied, equals one process" {
+            mpirun () |> ignore
+            for case in [ "gpt2-cosine"; "opt-cosine"; "bloom-cosine" ] do
+                use s = new Setup(case)
+                let args output = s.Args output 4 @ [ "--save-strategy"; "no" ]
+                train 1 (args "single") |> ignore
+                train 2 (args "pp" @ [ "--pp"; "2" ]) |> ignore
+                expectSameSteps (s.File "pp") (s.File "single") (case + " on PP 2")
+                expectSameWeights (Path.Combine(s.File "pp", "final")) (Path.Combine(s.File "single", "final")) (case + " on PP 2")
+        }
         test "a TP 2 run's checkpoints are one process's: it resumes on 1 process and on PP 2, and 1 process's checkpoint resumes on TP 2, to the same final weights" {
             mpirun () |> ignore
             use s = new Setup()

@@ -454,9 +454,7 @@ module Job =
             if request.Data.Prompt.Packing then refuse "{packing}"
             if request.GradientCheckpointing then refuse "{gradient_checkpointing}"
             if request.Data.ExactMatchSamples > 0 then refuse "{exact_match_samples}"
-            match model.Config with
-            | ModelConfig.Llama _ -> ()
-            | _ -> refuse "this model family (LLaMA, Qwen2, Qwen3 and Mistral only)"
+            if not (model.Module :? CausalLmHead) then refuse "this model (a causal LM of one of the families is needed)"
             let splittable =
                 match world with
                 | :? ISplittableCommunicator as s -> s

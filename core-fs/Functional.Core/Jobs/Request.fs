@@ -119,7 +119,7 @@ type DistributedSettings =
       TensorParallelDegree: int
       /// Stages the model's layers are divided into, one process each (PaddleNLP's
       /// pipeline_parallel_degree; Training.PipelineTraining, 1F1B over the accumulation window's
-      /// micro-batches): LLaMA-family causal LMs for now, with tensor parallelism too (each stage split); the rest of
+      /// micro-batches): every family's causal LM, with tensor parallelism too for the LLaMA families; the rest of
       /// the processes are data parallel. Default 1: every process runs every layer.
       PipelineParallelDegree: int }
 

@@ -580,6 +580,17 @@ type DecoderBackbone(name: string) =
     /// The final norm of the last layer's output: (B, T, C) -> (B, T, C).
     abstract FinalNorm: x: torch.Tensor -> torch.Tensor
 
+    /// The extras Embed gives the layers, without the residual stream (a pipeline stage after the first
+    /// receives that from the previous stage, and may hold no embedding): what rotary positions or ALiBi
+    /// need of the positions, nothing for learned positions. The default runs Embed (under no_grad) and
+    /// drops its stream; every family here overrides it so that it reads no parameter.
+    abstract LayerExtras: inputIds: torch.Tensor * positions: torch.Tensor -> torch.Tensor[]
+    default this.LayerExtras(inputIds, positions) =
+        use _ = torch.no_grad ()
+        let x, extras = this.Embed(inputIds, positions)
+        x.Dispose()
+        extras
+
     /// The attention bias every layer applies (what the cached forward's mask is built for).
     abstract Bias: AttentionBias
     default _.Bias = NoBias

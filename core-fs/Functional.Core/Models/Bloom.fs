@@ -185,6 +185,10 @@ type BloomModel(word_embeddings: Embedding, word_embeddings_layernorm: LayerNorm
     /// ln_f.
     override _.FinalNorm x = Autocast.layerNorm ln_f x
 
+    /// The ALiBi causal mask of Embed, without the embeddings.
+    override _.LayerExtras(inputIds, positions) =
+        if positions.dim () = 1L then [| AttentionMask.causal (Alibi alibi_slopes) positions.shape[0] inputIds.device |] else [||]
+
 /// Reading, writing and building BLOOM models.
 [<RequireQualifiedAccess>]
 module Bloom =

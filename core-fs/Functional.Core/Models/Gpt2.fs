@@ -130,6 +130,9 @@ type Gpt2Model(wte: Embedding, wpe: Embedding, drop: Dropout, h: ModuleList<Gpt2
     /// ln_f.
     override _.FinalNorm x = Autocast.layerNorm ln_f x
 
+    /// Learned positions: the layers take no extras.
+    override _.LayerExtras(_, _) = [||]
+
     /// The learned positions end at n_positions.
     override _.CheckLength(length, cached) =
         let nPositions = wpe.weight.shape[0]

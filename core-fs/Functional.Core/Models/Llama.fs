@@ -190,6 +190,13 @@ type LlamaModel
     /// norm.
     override _.FinalNorm x = norm.forward x
 
+    /// The rotary angles of Embed, without the token embedding.
+    override _.LayerExtras(_, positions) =
+        use scope = torch.NewDisposeScope()
+        let cos, sin = if positions.dim () = 1L then rotary_emb.CosSin positions else rotary_emb.CosSinPerRow positions
+        let signedSin = Rotary.signHalf sin
+        [| scope.MoveToOuter cos; scope.MoveToOuter signedSin |]
+
 /// Reading, writing and building LLaMA models and their variants (Qwen2, Qwen3, Mistral).
 [<RequireQualifiedAccess>]
 module Llama =

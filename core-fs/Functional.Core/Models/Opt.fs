@@ -212,6 +212,9 @@ type OptModel(decoder: OptDecoder) as this =
             | None -> h
         scope.MoveToOuter h
 
+    /// Learned positions: the layers take no extras.
+    override _.LayerExtras(_, _) = [||]
+
     /// The learned positions end at max_position_embeddings (the table's rows less the offset).
     override _.CheckLength(length, cached) =
         let limit = decoder.EmbedPositions.weight.shape[0] - offset

@@ -30,7 +30,10 @@ type PipelineStage =
       /// pipeline and whose squares count once in the clip norm.
       Shared: string list
       /// Every parameter's shape in the whole model (what gather restores after release).
-      Shapes: Map<string, int64[]> }
+      Shapes: Map<string, int64[]>
+      /// The width of the hidden states between stages (the embedding's stream: OPT's project_in makes it
+      /// the hidden size, not the embedding's).
+      Width: int64 }
 
 /// Pipeline parallelism in TrainingLoop (PaddleNLP's pipeline_parallel_degree, DeepSpeed's PipelineModule,
 /// Megatron's 1F1B): the layers of a causal LM divided into contiguous stages balanced by parameter count
@@ -42,9 +45,11 @@ type PipelineStage =
 ///
 /// Each process keeps the whole model's structure (it loads the whole checkpoint, and joins the stages'
 /// parameters for checkpoints and final/) but trains, and holds gradients and optimizer state for, only its
-/// stage's parameters. For causal LMs whose parameters outside the layers are the token embedding, the final
-/// norm and the LM head (the LLaMA families); fp32, without packing, ZeRO, adapters or gradient
-/// checkpointing for now.
+/// stage's parameters. Every family's causal LM: outside the layers, what Embed reads (the token embedding,
+/// learned positions, OPT's project_in, BLOOM's embedding norm; found by the gradient of one token's stream)
+/// goes to the first stage, the rest (the final norm, OPT's project_out, the LM head) to the last, and stages
+/// after the first take the layers' extras from DecoderBackbone.LayerExtras. fp32, without packing, ZeRO,
+/// adapters or gradient checkpointing for now.
 [<RequireQualifiedAccess>]
 module PipelineTraining =
 
@@ -52,6 +57,27 @@ module PipelineTraining =
     let private identity (t: torch.Tensor) = Optim.TensorMemory.address t
 
     let private handles (m: torch.nn.Module) = m.parameters () |> Seq.map identity |> Set.ofSeq
+
+    /// The parameters outside the layers that Embed reads (the token embedding, learned positions, an
+    /// embedding norm), by memory: those with a gradient of the stream of one token, taken in eval mode (no
+    /// dropout drawn) without touching any parameter's .grad.
+    /// Also returns the stream's width.
+    let private embeddingParameters (model: CausalLmHead) (inLayers: Set<nativeint>) : Set<nativeint> * int64 =
+        use _ = torch.NewDisposeScope()
+        let outer = [ for p in model.parameters () do if not (inLayers.Contains(identity p)) && p.requires_grad then yield p ]
+        let training = model.training
+        model.eval ()
+        try
+            let device = model.Backbone.TokenEmbedding.weight.device
+            let x, _ = model.Backbone.Embed(torch.zeros([| 1L; 1L |], dtype = torch.int64, device = device), torch.zeros([| 1L |], dtype = torch.int64, device = device))
+            let width = x.shape[2]
+            if outer.IsEmpty then Set.empty, width
+            else
+                let grads = torch.autograd.grad([| x.sum () |], [| for p in outer -> p :> torch.Tensor |], allow_unused = true)
+                let used (g: torch.Tensor) = not (isNull g) && (try g.numel () >= 0L with _ -> false)
+                (Seq.zip outer grads |> Seq.filter (fun (_, g) -> used g) |> Seq.map (fun (p, _) -> identity p) |> Set.ofSeq), width
+        finally
+            if training then model.train ()
 
     /// Stage `stage` of `stages` of model: the layers of Pipeline.partition by parameter count and the
     /// parameters it trains. Raises InvalidInputException naming {pipeline_parallel_degree} when there are
@@ -69,10 +95,12 @@ module PipelineTraining =
         let tied = model.LmHead.IsNone
         let last = stage = stages - 1
         let named = [ for name, p in model.named_parameters () -> name, identity p ]
+        let embedSide, width = embeddingParameters model (Set.ofSeq (Map.keys layerOf))
         let trains (handle: nativeint) =
             match layerOf.TryFind handle with
             | Some index -> index >= first && index < first + count
             | None when handle = embedding -> stage = 0 || tied
+            | None when embedSide.Contains handle -> stage = 0 // positions, an embedding norm
             | None -> last // the final norm and the LM head
         let trained = [ for name, h in named do if trains h then yield name ]
         let shared = if tied then [ for name, h in named do if h = embedding then yield name ] else []
@@ -83,7 +111,8 @@ module PipelineTraining =
           Trained = trained
           Owned = trained |> List.filter (fun name -> stage = 0 || not (List.contains name shared)) |> Set.ofList
           Shared = shared
-          Shapes = Map [ for name, p in model.named_parameters () -> name, p.shape ] }
+          Shapes = Map [ for name, p in model.named_parameters () -> name, p.shape ]
+          Width = width }
 
     /// The squares of the shared parameters' gradients (the same on every stage after ReduceGradients).
     let private sharedSquares (model: CausalLmHead) (stage: PipelineStage) =
@@ -128,22 +157,23 @@ module PipelineTraining =
             let message = t.detach().contiguous ()
             sends.Add(group.StartSend(message, destination))
             sends.Add message
-        let hiddenShape (batch: MicroBatch) = [| batch.InputIds.shape[0]; batch.InputIds.shape[1]; backbone.TokenEmbedding.weight.shape[1] |]
+        let hiddenShape (batch: MicroBatch) = [| batch.InputIds.shape[0]; batch.InputIds.shape[1]; stage.Width |]
         try
             for step in Pipeline.oneForwardOneBackward stage.Stages stage.Stage n do
                 match step with
                 | PipelineStep.Forward i ->
                     let batch = batches[i]
                     let T = batch.InputIds.shape[1]
-                    backbone.CheckLength(T, false)
+                    // The first stage checks the length (the others see the same batches, and may hold no
+                    // position table).
+                    if first then backbone.CheckLength(T, false)
                     let positions = torch.arange(T, dtype = torch.int64, device = batch.InputIds.device)
                     let x, extras =
                         if first then backbone.Embed(batch.InputIds, positions)
                         else
-                            // The extras (rotary angles) only, of no rows (the embedding may be released);
+                            // The layers' extras only (rotary angles, ALiBi; the embeddings may be released):
                             // the hidden state comes from the previous stage.
-                            use none = batch.InputIds.narrow(0L, 0L, 0L)
-                            let _, extras = (use _ = torch.no_grad () in backbone.Embed(none, positions))
+                            let extras = (use _ = torch.no_grad () in backbone.LayerExtras(batch.InputIds, positions))
                             let received = torch.empty(hiddenShape batch, dtype = torch.float32, device = batch.InputIds.device)
                             group.Receive(received, stage.Stage - 1)
                             inputs[i] <- received.requires_grad_ true
